@@ -1,0 +1,190 @@
+"""Adapter state in PEFT's file format, and the one place layouts are converted.
+
+PEFT layout (files, FX graphs): ``<site>.lora_A.weight`` ``[r, in]``, ``<site>.lora_B.weight``
+``[out, r]``, the scale ``alpha / r`` kept apart in the config.
+Deployment layout (ONNX graphs, ``.onnx_adapter`` files): ``lora_A`` ``[in, r]``, ``lora_B``
+``[r, out]`` with the scale folded into B, so the site's output gains exactly ``x @ A @ B``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_fx.config import ADAPTER_CONFIG_NAME, LoraConfig
+from lora_fx.errors import AdapterError, ConfigError
+from lora_fx.files import atomic_path
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def to_deployment_layout(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT ``A [r, in]``, ``B [out, r]``, scale → ONNX ``A [in, r]``, ``B [r, out]`` with the scale in B."""
+    return a.t().contiguous(), (b * scale).t().contiguous()
+
+
+def from_deployment_layout(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``to_deployment_layout`` for a known scale."""
+    return a.t().contiguous(), (b / scale).t().contiguous()
+
+
+def peft_key(site: str, which: str) -> str:
+    return f"{PEFT_PREFIX}{site}.lora_{which}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """``base_model.model.<site>.lora_A[.<adapter>].weight`` → (site, "A")."""
+    body = key.removeprefix(PEFT_PREFIX)
+    for which in ("A", "B"):
+        marker = f".lora_{which}."
+        if marker in body and body.endswith(".weight"):
+            return body.split(marker)[0], which
+    raise AdapterError(f"{key!r} is not a LoRA weight key (expected base_model.model.<site>.lora_A.weight)")
+
+
+def write_peft_dir(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors``; each file appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    return directory
+
+
+def read_peft_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA adapter directory (safetensors only: nothing is unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory} is not a directory; an adapter directory holds {ADAPTER_CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = LoraConfig.from_pretrained(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterError(f"{directory} holds adapter_model.bin, a pickle file lora_fx never reads; re-save it with safe_serialization=True")
+        raise AdapterError(f"{weights} not found")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
+    return config, tensors
+
+
+def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
+    """Save the model's LoRA adapter in PEFT's format (loads with ``PeftModel.from_pretrained``)."""
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        from lora_fx.api import _is_onnx
+
+        if _is_onnx(model):
+            from lora_fx.passes.onnx.adapter_state import save_onnx_adapter
+
+            return save_onnx_adapter(model, directory)
+        raise ConfigError(f"save_adapter takes a rewritten GraphModule or onnx_ir Model, got {type(model).__name__}")
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.targeting import resolve_target_modules
+
+    info = meta(model)
+    config: LoraConfig | None = info.get("adapters", {}).get("default")
+    lora_sites = info.get("lora_sites", {})
+    if config is None or not lora_sites:
+        raise AdapterError("this model has no LoRA adapter to save; call lora_fx.apply(model, LoraConfig(...)) first")
+    tensors = {}
+    for site in lora_sites:
+        module = model.get_submodule(site)
+        tensors[peft_key(site, "A")] = module.lora_A.weight
+        tensors[peft_key(site, "B")] = module.lora_B.weight
+    saved = LoraConfig.from_dict(config.to_dict())
+    if isinstance(saved.target_modules, str) and saved.target_modules.lower() == "all-linear" or saved.target_modules is None:
+        # PEFT stores the expanded names too, so the file means the same thing on any model.
+        saved.target_modules = sorted(lora_sites)
+    return write_peft_dir(directory, saved, tensors)
+
+
+def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
+    """Load a PEFT LoRA adapter directory onto ``model``.
+
+    If the model has no adapter yet, the adapter's config is applied first. Every tensor must fit
+    its site; a mismatch names the site, the expected and the found shape.
+    """
+    import torch.fx as fx
+
+    config, tensors = read_peft_dir(directory)
+    if not isinstance(model, fx.GraphModule):
+        from lora_fx.api import _is_onnx
+
+        if _is_onnx(model):
+            from lora_fx.passes.onnx.adapter_state import load_onnx_adapter
+
+            return load_onnx_adapter(model, config, tensors)
+        raise ConfigError(f"load_adapter takes a GraphModule or onnx_ir Model, got {type(model).__name__}")
+    from lora_fx.api import apply
+    from lora_fx.passes.fx.capture import meta
+
+    info = meta(model)
+    if not info.get("lora_sites"):
+        apply(model, config)
+    lora_sites = info["lora_sites"]
+    seen: set[str] = set()
+    updates = []
+    for key, value in tensors.items():
+        site, which = parse_peft_key(key)
+        if site not in lora_sites:
+            raise AdapterError(
+                f"adapter tensor {key!r} is for site {site!r}, which has no LoRA slot in this model; "
+                f"sites with LoRA: {', '.join(sorted(lora_sites)) or 'none'}"
+            )
+        param = getattr(model.get_submodule(site), f"lora_{which}").weight
+        if tuple(value.shape) != tuple(param.shape):
+            raise AdapterError(
+                f"adapter tensor {key!r} has shape {tuple(value.shape)}, but site {site} expects {tuple(param.shape)} "
+                f"(lora_A is [r, in_features], lora_B is [out_features, r]); was it trained with another rank or model?"
+            )
+        updates.append((param, value))
+        seen.add(f"{site}.{which}")
+    missing = [f"{s}.lora_{w}" for s in lora_sites for w in "AB" if f"{s}.{w}" not in seen]
+    if missing:
+        raise AdapterError(f"adapter in {directory} lacks tensors for: {', '.join(missing[:10])}")
+    with torch.no_grad():
+        for param, value in updates:
+            param.copy_(value.to(param.dtype))
+    # Scales come from the loaded config: refresh them in the graph.
+    _refresh_scales(model, config)
+    return model
+
+
+def _refresh_scales(gm: Any, config: LoraConfig) -> None:
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.targeting import pattern_value
+
+    info = meta(gm)
+    new_scales = {}
+    for site, rec in info["lora_sites"].items():
+        r = int(pattern_value(config.rank_pattern, site, config.r))
+        alpha = float(pattern_value(config.alpha_pattern, site, config.lora_alpha))
+        new_scales[site] = config.scaling(r, alpha)
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor and node.meta.get("lora_fx_inserted"):
+            lin = node.args[0]
+            b_attr = lin.args[1] if hasattr(lin, "args") else None
+            target = getattr(b_attr, "target", "")
+            if isinstance(target, str) and target.endswith(".lora_B.weight"):
+                site = target.removesuffix(".lora_B.weight")
+                if site in new_scales and node.args[1] != new_scales[site]:
+                    node.args = (node.args[0], new_scales[site])
+                    info["lora_sites"][site]["scale"] = new_scales[site]
+                    changed = True
+    if changed:
+        gm.recompile()
+    info.setdefault("adapters", {})["default"] = config

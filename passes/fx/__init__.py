@@ -1,0 +1,1 @@
+"""Passes on ``torch.fx`` GraphModules captured with ``torch.export``."""

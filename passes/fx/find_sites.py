@@ -1,0 +1,155 @@
+"""Find the linear and attention sites of a captured GraphModule.
+
+Matches (on the graph as ``torch.export`` leaves it, before decompositions):
+
+* linear: ``aten.linear(x, W[, b])`` with W a parameter ``[out, in]``;
+  ``aten.addmm(b, x, W)``, ``aten.mm(x, W)`` and ``aten.matmul(x, W)`` with W a parameter
+  ``[in, out]`` (GPT-2's Conv1D), flagged ``fan_in_fan_out``.
+* attention: ``aten.scaled_dot_product_attention`` and the eager form
+  ``matmul(q, kᵀ) → [scale] → [mask] → softmax → [dropout] → matmul(·, v)``.
+
+Nodes that lora_fx itself inserted (adapter branches) are never sites. Each site is named after the
+module that called it, from the node's ``nn_module_stack``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from lora_fx.passes.fx.capture import meta
+from lora_fx.sites import IRKind, Site, SiteKind
+
+aten = torch.ops.aten
+
+# Node.meta key marking nodes a lora_fx pass added, so later passes do not take them for sites.
+INSERTED = "lora_fx_inserted"
+
+_LINEAR_OPS = {aten.linear.default}
+_IN_OUT_OPS = {aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1}
+_SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+_PASS_THROUGH = {
+    aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.to.dtype, aten._to_copy.default,
+    aten.dropout.default, aten.type_as.default, aten.to.dtype_layout,
+}
+
+
+def module_path(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def _param(gm: fx.GraphModule, node: object) -> torch.nn.Parameter | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            value = gm.get_parameter(node.target)
+        except AttributeError:
+            return None
+        return value
+    return None
+
+
+def weight_node(node: fx.Node) -> fx.Node:
+    """The get_attr node holding a linear site's weight."""
+    return node.args[1] if node.target in _LINEAR_OPS else node.args[_IN_OUT_OPS[node.target]]
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _linear_site(gm: fx.GraphModule, node: fx.Node, output_layer: str | None) -> Site | None:
+    if node.target in _LINEAR_OPS:
+        w = _param(gm, node.args[1])
+        if w is None or w.dim() != 2:
+            return None
+        out_f, in_f = w.shape
+        fifo, op = False, "aten.linear"
+        bias = len(node.args) > 2 and node.args[2] is not None
+    elif node.target in _IN_OUT_OPS:
+        w_pos = _IN_OUT_OPS[node.target]
+        w = _param(gm, node.args[w_pos])
+        if w is None or w.dim() != 2:
+            return None
+        in_f, out_f = w.shape
+        fifo, op = True, f"aten.{node.target._opname}"
+        bias = node.target is aten.addmm.default
+    else:
+        return None
+    name = module_path(node) or str(weight_node(node).target).removesuffix(".weight")
+    return Site(
+        name=name, kind=SiteKind.LINEAR, ir=IRKind.FX, in_features=int(in_f), out_features=int(out_f),
+        dtype=_dtype(w), has_bias=bool(bias), fan_in_fan_out=fifo, is_output_layer=(name == output_layer),
+        op=op, handle=node,
+    )
+
+
+def _shape(node: object) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _static(d: object) -> int | None:
+    return d if isinstance(d, int) else None
+
+
+def _attention_site(node: fx.Node, q: object, k: object, op: str) -> Site:
+    qs, ks = _shape(q), _shape(k)
+    heads = _static(qs[-3]) if qs and len(qs) >= 3 else None
+    kv = _static(ks[-3]) if ks and len(ks) >= 3 else None
+    hd = _static(qs[-1]) if qs else None
+    val = node.meta.get("val")
+    return Site(
+        name=module_path(node) or node.name, kind=SiteKind.ATTENTION, ir=IRKind.FX,
+        num_heads=heads, kv_heads=kv, head_dim=hd,
+        dtype=_dtype(val) if isinstance(val, torch.Tensor) else "float32", op=op, handle=node,
+    )
+
+
+def _eager_attention(node: fx.Node) -> Site | None:
+    """``node`` is a softmax: walk back to matmul(q, kᵀ) and forward to matmul(p, v)."""
+    src = node.args[0]
+    for _ in range(8):
+        if not isinstance(src, fx.Node):
+            return None
+        if src.target is aten.matmul.default:
+            break
+        if src.target not in _PASS_THROUGH:
+            return None
+        src = src.args[0]
+    else:
+        return None
+    sink, hops = node, 0
+    while hops < 4:
+        users = list(sink.users)
+        if len(users) != 1:
+            return None
+        sink = users[0]
+        if sink.target is aten.matmul.default and sink.args[0] is not None:
+            q, kt = src.args[0], src.args[1]
+            return _attention_site(sink, q, kt, "eager")
+        if sink.target not in _PASS_THROUGH:
+            return None
+        hops += 1
+    return None
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every linear and attention site of ``gm``, in graph order."""
+    output_layer = meta(gm).get("output_layer")
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.meta.get(INSERTED):
+            continue
+        site = _linear_site(gm, node, output_layer)
+        if site is None and node.target is aten.scaled_dot_product_attention.default:
+            site = _attention_site(node, node.args[0], node.args[1], "sdpa")
+        elif site is None and node.target in _SOFTMAX_OPS:
+            site = _eager_attention(node)
+        if site is not None:
+            sites.append(site)
+    return sites

@@ -1,0 +1,1 @@
+"""Running rewritten graphs: the training loop, ONNX graphs executed by torch, ONNX Runtime sessions."""

@@ -1,0 +1,178 @@
+"""The training loop shared by every front end: AdamW on adapter parameters only.
+
+Gradient clipping, seeding, optional bf16 autocast, a progress bar on stderr, and the metrics of
+the run returned as a ``TrainResult``. The model is switched to training mode (dropout on) for the
+run and back to eval mode afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+from lora_fx.errors import ConfigError
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    steps: int
+    seconds: float
+    trainable_parameters: int
+    tokens_seen: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["final_loss"] = self.final_loss
+        return d
+
+
+def _set_mode(model: Any, training: bool) -> None:
+    if isinstance(model, fx.GraphModule):
+        from lora_fx.passes.fx.set_training_mode import set_training_mode
+
+        set_training_mode(model, training)
+    elif hasattr(model, "set_training_mode"):
+        model.set_training_mode(training)
+    elif isinstance(model, torch.nn.Module):
+        model.train(training)
+
+
+def _input_names(module: torch.nn.Module) -> set[str] | None:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def _batches(source: Sequence[Batch] | Iterable[Batch] | Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
+    if callable(source) and not isinstance(source, (list, tuple)):
+        return itertools.chain.from_iterable(source() for _ in itertools.count())
+    if isinstance(source, Sequence):
+        if len(source) == 0:
+            raise ConfigError("batches is empty")
+        return itertools.cycle(source)
+    return iter(source)
+
+
+def _torch_module(model: Any) -> torch.nn.Module:
+    if isinstance(model, torch.nn.Module):
+        return model
+    from lora_fx.api import _is_onnx
+
+    if _is_onnx(model):
+        from lora_fx.runtime.onnx_torch import trainable_module  # ONNX graphs train through torch
+
+        return trainable_module(model)
+    raise ConfigError(f"train takes a rewritten GraphModule or ONNX model, got {type(model).__name__}")
+
+
+def train(
+    model: Any,
+    batches: Sequence[Batch] | Iterable[Batch] | Callable[[], Iterable[Batch]],
+    loss_fn: Callable[[Any, Batch], torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    warmup_steps: int = 0,
+    seed: int | None = 0,
+    bf16: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the adapter parameters of ``model`` for ``steps`` steps.
+
+    ``batches``: a list (cycled), an iterable, or a callable returning a fresh iterable per epoch;
+    each batch is a dict whose keys that name model inputs are passed to the model.
+    ``loss_fn(outputs, batch)`` returns the scalar loss.
+    """
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
+    module = _torch_module(model)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters: apply a LoraConfig (or PrefixConfig) first")
+    if seed is not None:
+        torch.manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    names = _input_names(module)
+    source = _batches(batches)
+    losses: list[float] = []
+    norms: list[float] = []
+    tokens = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="train", file=sys.stderr, dynamic_ncols=True, leave=False)
+    _set_mode(model, True)
+    start = time.perf_counter()
+    try:
+        for step in range(steps):
+            try:
+                batch = next(source)
+            except StopIteration:
+                break
+            inputs = {k: v for k, v in batch.items() if names is None or k in names}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = module(**inputs)
+                loss = loss_fn(out, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            losses.append(value)
+            ids = batch.get("input_ids")
+            tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+            if on_step is not None:
+                on_step(step, value)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}")
+    finally:
+        _set_mode(model, False)
+        if bar is not None:
+            bar.close()
+    return TrainResult(
+        losses=losses, steps=len(losses), seconds=time.perf_counter() - start,
+        trainable_parameters=sum(p.numel() for p in params), tokens_seen=tokens, grad_norms=norms,
+    )
+
+
+def cross_entropy_on(output_key: str, target_key: str = "labels") -> Callable[[Any, Batch], torch.Tensor]:
+    """A loss_fn: cross entropy between ``output[output_key]`` and ``batch[target_key]``."""
+
+    def loss_fn(out: Any, batch: Batch) -> torch.Tensor:
+        logits = out[output_key] if not isinstance(out, torch.Tensor) else out
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[target_key].reshape(-1))
+
+    return loss_fn
+
+
+__all__ = ["TrainResult", "train", "cross_entropy_on"]
