@@ -1,0 +1,55 @@
+"""``lora-fx sites``: list the linear and attention sites of a model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sites",
+        help="list the linear and attention sites of a model",
+        description="List the linear and attention sites of a local transformers model folder (--hf DIR) "
+        "or an ONNX file: name (the source module path), kind, op and shapes.",
+    )
+    p.add_argument("model", nargs="?", help="an .onnx file")
+    p.add_argument("--hf", metavar="DIR", help="a local transformers model folder (config.json + *.safetensors)")
+    p.add_argument("--kind", choices=["linear", "attention"], help="only sites of this kind")
+    p.add_argument("--json", action="store_true", help="print a JSON list of site objects")
+    p.set_defaults(func=run)
+
+
+def load_sites(args: argparse.Namespace) -> list:
+    import lora_fx
+    from lora_fx.errors import ConfigError
+
+    if args.hf and args.model:
+        raise ConfigError("give either an .onnx file or --hf DIR, not both")
+    if args.hf:
+        from lora_fx.hf import example_inputs, load_hf_model
+
+        model = load_hf_model(args.hf)
+        gm = lora_fx.capture(model, kwargs=example_inputs(model))
+        return lora_fx.find_sites(gm)
+    if args.model:
+        if not Path(args.model).exists():
+            raise FileNotFoundError(f"{args.model}: no such file")
+        return lora_fx.find_sites(lora_fx.load(args.model))
+    raise ConfigError("name a model: lora-fx sites model.onnx, or lora-fx sites --hf DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lora_fx.cli import print_json
+    from lora_fx.sites import format_sites
+
+    sites = load_sites(args)
+    if args.kind:
+        sites = [s for s in sites if s.kind.value == args.kind]
+    if args.json:
+        print_json([s.to_dict() for s in sites])
+    else:
+        print(format_sites(sites))
+        n_lin = sum(s.kind.value == "linear" for s in sites)
+        print(f"\n{len(sites)} sites: {n_lin} linear, {len(sites) - n_lin} attention")
+    return 0
