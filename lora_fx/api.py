@@ -35,25 +35,35 @@ def find_sites(model: Any) -> list[Site]:
     )
 
 
-def apply(model: Any, config: LoraConfig, **options: Any) -> Any:
+def apply(model: Any, config: Any, *, quant: Any = None) -> Any:
     """Rewrite ``model`` with ``config`` and return it (modified in place).
 
-    For a GraphModule: LoRA branches at the selected linear sites, everything else frozen.
-    For an onnx_ir Model: LoRA initializers and nodes at the selected sites.
+    ``config`` is a ``LoraConfig`` (LoRA branches at the selected linear sites) or a
+    ``PrefixConfig`` (learned key/value prefixes at attention sites); ``quant`` (a ``QuantConfig``)
+    stores the frozen linear weights quantized (QLoRA). Everything but the adapters is frozen.
+    Works on a GraphModule from ``lora_fx.capture`` and on an onnx_ir Model from ``lora_fx.load``.
     """
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"apply takes a LoraConfig, got {type(config).__name__}")
-    if options:
-        raise ConfigError(f"unknown options for apply: {', '.join(sorted(options))}")
-    if isinstance(model, fx.GraphModule):
-        return _apply_fx(model, config)
-    if _is_onnx(model):
+    if not (isinstance(model, fx.GraphModule) or _is_onnx(model)):
+        raise ConfigError(
+            f"apply takes a GraphModule from lora_fx.capture(...) or a model from lora_fx.load(...), got {type(model).__name__}"
+        )
+    ir_name = "fx" if isinstance(model, fx.GraphModule) else "onnx"
+    if quant is not None:
+        # QLoRA: quantize first so the adapter branches attach to the dequantized weights' sites.
+        from importlib import import_module
+
+        import_module(f"lora_fx.passes.{ir_name}.quantize_weights").apply_quant(model, quant, config)
+    if isinstance(config, LoraConfig):
+        if ir_name == "fx":
+            return _apply_fx(model, config)
         from lora_fx.passes.onnx.insert_lora import apply_lora
 
         return apply_lora(model, config)
-    raise ConfigError(
-        f"apply takes a GraphModule from lora_fx.capture(...) or a model from lora_fx.load(...), got {type(model).__name__}"
-    )
+    if type(config).__name__ == "PrefixConfig":
+        from importlib import import_module
+
+        return import_module(f"lora_fx.passes.{ir_name}.insert_prefix").apply_prefix(model, config)
+    raise ConfigError(f"apply takes a LoraConfig or PrefixConfig, got {type(config).__name__}")
 
 
 def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
