@@ -1,0 +1,119 @@
+"""Target selection against PEFT itself: the set of modules PEFT wraps, and r / scaling per module."""
+
+from __future__ import annotations
+
+import pytest
+
+import lora_fx
+from lora_fx.errors import ConfigError, TargetNotFoundError
+from tests.models import peft_lora_modules, peft_wrap
+
+# (model, PEFT LoraConfig keywords): every selection feature, on the models whose names exercise it.
+CASES = [
+    ("bert", dict(target_modules=["query", "value"])),
+    ("bert", dict(target_modules=["encoder.layer.1.attention.self.query", "dense"])),
+    ("bert", dict(target_modules=["attention.self.key"])),
+    ("bert", dict(target_modules=r".*layer\.[01]\.attention\.self\.(query|key)")),
+    ("bert", dict(target_modules=r".*dense")),
+    ("bert", dict(target_modules="all-linear")),
+    ("bert", dict(target_modules=["query", "value", "dense"], exclude_modules=["output.dense"])),
+    ("bert", dict(target_modules="all-linear", exclude_modules=r".*intermediate.*")),
+    ("bert", dict(target_modules=["query", "value"], layers_to_transform=1)),
+    ("bert", dict(target_modules=["query", "value"], layers_to_transform=[0], layers_pattern="layer")),
+    ("bert", dict(target_modules=["query", "encoder.layer.0.attention.self.value"], layers_to_transform=[1])),
+    ("bert", dict(target_modules=None)),
+    ("gpt2", dict(target_modules="all-linear")),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"], layers_to_transform=[1], layers_pattern="h")),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], exclude_modules=["transformer.h.0.attn.c_attn"])),
+    ("gpt2", dict(target_modules=None)),
+    ("llama", dict(target_modules="all-linear")),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["mlp.down_proj", "o_proj"])),
+    ("llama", dict(target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=0, layers_pattern=["layers"])),
+    ("llama", dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[0, 1])),
+    ("llama", dict(target_modules=r"model\.layers\.1\..*_proj")),
+    ("llama", dict(target_modules=None)),
+    ("minilm", dict(target_modules=["query", "value"], layers_to_transform=[0, 5])),
+    ("minilm", dict(target_modules="all-linear", exclude_modules=r".*pooler.*")),
+]
+
+PATTERN_CASES = [
+    ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
+                  rank_pattern={"value": 2, r"layer\.1\.attention\.self\.query": 6},
+                  alpha_pattern={"dense": 3, "query": 12})),
+    ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear",
+                   rank_pattern={"mlp.*": 8, r"model\.layers\.0\.self_attn\.q_proj": 1},
+                   alpha_pattern={"v_proj": 32})),
+    ("gpt2", dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], rank_pattern={"c_fc": 2},
+                  alpha_pattern={r"h\.1\.attn\.c_attn": 2})),
+    ("llama", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])),
+]
+
+
+def _ids(cases):
+    return [f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}"[:90] for m, kw in cases]
+
+
+def _ours(zoo, name, kwargs):
+    gm = zoo.gm(name)
+    sites = lora_fx.find_sites(gm)
+    model_type = zoo.model(name).config.model_type
+    return lora_fx.select_targets(sites, lora_fx.LoraConfig(**kwargs), model_type=model_type)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=_ids(CASES))
+def test_selection_equals_peft(zoo, name, kwargs):
+    ours = {t.site.name for t in _ours(zoo, name, kwargs)}
+    theirs = set(peft_lora_modules(peft_wrap(zoo.model(name), r=2, **kwargs)))
+    assert ours == theirs
+    assert ours  # every case selects something, so equality is not vacuous
+
+
+def test_all_linear_leaves_out_the_output_layer(zoo):
+    for name in ("gpt2", "llama"):
+        names = {t.site.name for t in _ours(zoo, name, dict(target_modules="all-linear"))}
+        assert "lm_head" not in names
+        assert "lm_head" in {s.name for s in lora_fx.find_sites(zoo.gm(name))}
+
+
+@pytest.mark.parametrize("name,kwargs", PATTERN_CASES, ids=_ids(PATTERN_CASES))
+def test_rank_and_scale_per_site_equal_peft(zoo, name, kwargs):
+    ours = {t.site.name: (t.r, t.scale) for t in _ours(zoo, name, kwargs)}
+    wrapped = peft_lora_modules(peft_wrap(zoo.model(name), **kwargs))
+    theirs = {n: (m.r["default"], m.scaling["default"]) for n, m in wrapped.items()}
+    assert set(ours) == set(theirs)
+    for site, (r, scale) in ours.items():
+        assert r == theirs[site][0], site
+        assert scale == pytest.approx(theirs[site][1], rel=1e-12), site
+    assert len({v for v in ours.values()}) > 1 or kwargs.get("use_rslora")
+
+
+def test_unmatched_target_lists_sites_and_closest_matches(zoo):
+    with pytest.raises(TargetNotFoundError) as info:
+        _ours(zoo, "bert", dict(target_modules=["qurey", "valeu"]))
+    msg = str(info.value)
+    assert "closest to 'qurey': query" in msg
+    assert "closest to 'valeu': value" in msg
+    assert "encoder.layer.1.attention.self.key" in msg  # the available site names are listed
+    assert "intermediate" in msg
+
+
+def test_unmatched_regex_and_layers_are_refused(zoo):
+    with pytest.raises(TargetNotFoundError, match="matches no linear site"):
+        _ours(zoo, "llama", dict(target_modules=r".*attn"))
+    with pytest.raises(TargetNotFoundError, match="layers_to_transform=7"):
+        _ours(zoo, "llama", dict(target_modules=["q_proj"], layers_to_transform=7))
+
+
+def test_rank_above_site_dimensions_is_refused(zoo):
+    # tiny Llama: hidden 32, kv projections 32 -> 16 (2 kv heads of 8).
+    with pytest.raises(ConfigError, match=r"min\(in_features, out_features\)=16 of site model.layers.0.self_attn.k_proj"):
+        _ours(zoo, "llama", dict(r=17, target_modules=["k_proj"]))
+    assert {t.r for t in _ours(zoo, "llama", dict(r=16, target_modules=["k_proj"]))} == {16}
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        _ours(zoo, "llama", dict(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 33}))
+
+
+def test_unknown_model_type_without_targets_is_refused(zoo):
+    sites = lora_fx.find_sites(zoo.gm("bert"))
+    with pytest.raises(ConfigError, match="no default targets for model type 'mystery'"):
+        lora_fx.select_targets(sites, lora_fx.LoraConfig(), model_type="mystery")
