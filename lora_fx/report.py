@@ -51,12 +51,12 @@ def _op_name(target: Any) -> str:
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------
-def lora_flops_per_token(shapes: Iterable[tuple[int, int, int]]) -> int:
-    """Multiply-adds x2 a LoRA branch adds per token: ``x@A`` (in*r), ``@B`` (r*out), scale and add (2*out).
+def lora_flops_per_token(shapes: Iterable[tuple[int, int, int]], elementwise: bool = True) -> int:
+    """FLOPs a LoRA branch adds per token: ``x@A`` (2*in*r), ``@B`` (2*r*out), and the scale and add (2*out).
 
     ``shapes`` yields ``(in_features, out_features, r)`` per adapted site.
     """
-    return sum(2 * r * (i + o) + 2 * o for i, o, r in shapes)
+    return sum(2 * r * (i + o) + (2 * o if elementwise else 0) for i, o, r in shapes)
 
 
 def prefix_flops_per_token(attention: Iterable[tuple[int, int]], virtual_tokens: int) -> int:
