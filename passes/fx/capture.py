@@ -70,6 +70,22 @@ def _output_layer_name(model: torch.nn.Module) -> str | None:
     return next((name for name, m in model.named_modules() if m is emb), None)
 
 
+def _reason(exc: Exception) -> str:
+    """The first line of torch's message and the user's source line it points at.
+
+    torch.export's messages run to dozens of lines of debugging-flag advice; the user needs what
+    failed and where in their forward().
+    """
+    lines = [line.rstrip() for line in str(exc).strip().splitlines()]
+    if not lines:
+        return type(exc).__name__
+    marker = next((i for i, line in enumerate(lines) if line.startswith("The following call raised this error")), None)
+    if marker is None:
+        return "\n".join(lines[:12])
+    where = [line for line in lines[marker + 1 : marker + 3] if line.strip()]
+    return "\n".join([lines[0], "at:"] + where)
+
+
 def capture(
     model: torch.nn.Module,
     args: tuple = (),
@@ -93,8 +109,7 @@ def capture(
         with _no_cache(model), torch.no_grad():
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs, dynamic))
     except Exception as exc:  # torch raises many types; the user needs the reason, not the trace
-        lines = str(exc).strip().splitlines()
-        reason = "\n".join(lines[:12]) if lines else type(exc).__name__
+        reason = _reason(exc)
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {reason}\n"
             "Ways out: pass example inputs the model accepts (kwargs such as input_ids=..., attention_mask=...); "
