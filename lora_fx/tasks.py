@@ -10,17 +10,34 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+
+from lora_fx.errors import ConfigError
 
 LABEL_PROMPTS = ["This happened in the past.", "This is happening now.", "This will happen in the future."]
 TEMPERATURE = 20.0  # sentence-transformers' usual scale for cosine logits
 
 
-def load_rows(split: str) -> list[dict]:
-    text = resources.files("lora_fx.data").joinpath("tense.jsonl").read_text()
-    return [r for r in map(json.loads, text.splitlines()) if r["split"] == split]
+def load_rows(split: str, path: str | Path | None = None) -> list[dict]:
+    """Rows ``{"text", "label", "split"}`` of a JSONL file (default: the shipped tense set)."""
+    if path is None:
+        text = resources.files("lora_fx.data").joinpath("tense.jsonl").read_text()
+    else:
+        text = Path(path).read_text()
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            _ = row["text"], int(row["label"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path or 'tense.jsonl'} line {i}: expected a JSON object with 'text' and an integer 'label' (and 'split')") from None
+        rows.append(row)
+    return [r for r in rows if r.get("split", "train") == split]
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,6 +52,8 @@ class TenseTask:
     tokenizer: Any
     max_length: int = 32
     batch_size: int = 16
+    data: str | None = None  # a JSONL file of {"text", "label", "split"}; None = the shipped tense set
+    label_prompts: tuple[str, ...] = tuple(LABEL_PROMPTS)
 
     @classmethod
     def from_model_dir(cls, directory: Any, **kw: Any) -> "TenseTask":
@@ -43,11 +62,13 @@ class TenseTask:
         return cls(AutoTokenizer.from_pretrained(str(directory), local_files_only=True), **kw)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts + LABEL_PROMPTS, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(texts + list(self.label_prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "token_type_ids": enc["token_type_ids"]}
 
     def batches(self, split: str = "train", seed: int = 0) -> list[dict[str, torch.Tensor]]:
-        rows = load_rows(split)
+        rows = load_rows(split, self.data)
+        if not rows:
+            raise ConfigError(f"{self.data or 'tense.jsonl'} has no rows with split={split!r}")
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(rows), generator=gen).tolist()
         out = []
@@ -58,10 +79,9 @@ class TenseTask:
             out.append(batch)
         return out
 
-    @staticmethod
-    def logits(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         emb = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
-        n = len(LABEL_PROMPTS)
+        n = len(self.label_prompts)
         return TEMPERATURE * emb[:-n] @ emb[-n:].T
 
     def loss_fn(self, out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -79,10 +99,8 @@ class TenseTask:
         return correct / total
 
     def example(self) -> dict[str, torch.Tensor]:
-        b = self.batches("train")[0]
-        return {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        return model_inputs(self.batches("train")[0])
 
 
-def iter_model_inputs(batches: list[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-    for b in batches:
-        yield {k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
