@@ -6,7 +6,9 @@ Matches (on the graph as ``torch.export`` leaves it, before decompositions):
   ``aten.addmm(b, x, W)``, ``aten.mm(x, W)`` and ``aten.matmul(x, W)`` with W a parameter
   ``[in, out]`` (GPT-2's Conv1D), flagged ``fan_in_fan_out``.
 * attention: ``aten.scaled_dot_product_attention`` and the eager form
-  ``matmul(q, kᵀ) → [scale] → [mask] → softmax → [dropout] → matmul(·, v)``.
+  ``matmul(q, kᵀ) → [scale] → [mask] → softmax → [dropout] → matmul(·, v)``. ``kv_heads`` is the
+  model's key/value head count, looking through ``repeat_kv`` (GQA), so it can be below the head
+  count of the K the node itself receives.
 
 Nodes that lora_fx itself inserted (adapter branches) are never sites. Each site is named after the
 module that called it, from the node's ``nn_module_stack``.
@@ -97,10 +99,33 @@ def _static(d: object) -> int | None:
     return d if isinstance(d, int) else None
 
 
+_VIEWS = {aten.reshape.default, aten.view.default, aten.transpose.int, aten._unsafe_view.default,
+          aten.clone.default, aten.contiguous.default}
+
+
+def _repeated_kv_heads(k: object) -> int | None:
+    """K's head count before transformers' ``repeat_kv`` (grouped-query attention), if K went through it.
+
+    ``repeat_kv`` is ``unsqueeze -> expand [b, kv, n_rep, s, d] -> reshape [b, kv * n_rep, s, d]``, so
+    the node itself sees ``num_heads`` heads; the model has ``kv`` (what prefixes and caches are sized by).
+    """
+    node = k
+    for _ in range(4):
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None
+        if node.target is aten.expand.default:
+            s = _shape(node)
+            return _static(s[1]) if s and len(s) == 5 else None
+        if node.target not in _VIEWS:
+            return None
+        node = node.args[0]
+    return None
+
+
 def _attention_site(node: fx.Node, q: object, k: object, op: str) -> Site:
     qs, ks = _shape(q), _shape(k)
     heads = _static(qs[-3]) if qs and len(qs) >= 3 else None
-    kv = _static(ks[-3]) if ks and len(ks) >= 3 else None
+    kv = _repeated_kv_heads(k) or (_static(ks[-3]) if ks and len(ks) >= 3 else None)
     hd = _static(qs[-1]) if qs else None
     val = node.meta.get("val")
     return Site(
@@ -125,7 +150,8 @@ def _eager_attention(node: fx.Node) -> Site | None:
         return None
     sink, hops = node, 0
     while hops < 4:
-        users = list(sink.users)
+        # torch.export adds _assert_tensor_metadata checks as extra users; they compute nothing.
+        users = [u for u in sink.users if u.target is not aten._assert_tensor_metadata.default]
         if len(users) != 1:
             return None
         sink = users[0]

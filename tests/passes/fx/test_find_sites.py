@@ -1,0 +1,106 @@
+"""find_sites: every linear module of the source model is a site with its shapes; attention per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.sites import SiteKind
+from tests.models import ALL, build, inputs
+
+ATTENTION = {  # model: (layers, heads, kv heads, head dim)
+    "minilm": (6, 12, 12, 32),
+    "bert": (2, 4, 4, 8),
+    "gpt2": (2, 4, 4, 8),
+    "llama": (2, 4, 2, 8),
+}
+
+
+def _linear_modules(model: torch.nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """The source model's linear layers: name -> (in, out, weight stored [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out[name] = (m.in_features, m.out_features, False)
+        elif isinstance(m, Conv1D):
+            out[name] = (m.weight.shape[0], m.weight.shape[1], True)
+    return out
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "minilm" else n for n in ALL])
+def test_linear_sites_are_the_models_linear_layers(zoo, name):
+    sites = [s for s in lora_fx.find_sites(zoo.gm(name)) if s.kind is SiteKind.LINEAR]
+    expected = _linear_modules(zoo.model(name))
+    assert [s.name for s in sites] == list(expected)  # graph order is module order for these models
+    for s in sites:
+        assert (s.in_features, s.out_features, s.fan_in_fan_out) == expected[s.name], s.name
+        assert s.handle is not None and s.dtype == "float32"
+        assert s.is_output_layer == (s.name == "lm_head")
+    if name == "gpt2":
+        assert {s.op for s in sites} == {"aten.addmm", "aten.linear"}  # Conv1D and the tied lm_head
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_attention_sites_have_head_shapes(zoo, name):
+    layers, heads, kv, hd = ATTENTION[name]
+    sites = [s for s in lora_fx.find_sites(zoo.gm(name)) if s.kind is SiteKind.ATTENTION]
+    assert len(sites) == layers
+    for s in sites:
+        assert (s.num_heads, s.kv_heads, s.head_dim, s.op) == (heads, kv, hd, "sdpa"), s.name
+
+
+@pytest.mark.slow
+def test_eager_attention_is_found():
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    gm = lora_fx.capture(tf.LlamaForCausalLM(cfg).eval(), kwargs=inputs(2, 8))
+    att = [s for s in lora_fx.find_sites(gm) if s.kind is SiteKind.ATTENTION]
+    assert [s.name for s in att] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    # Eager Llama repeats K/V to all 4 heads before the matmul; the site still reports the model's 2.
+    assert {(s.op, s.num_heads, s.kv_heads, s.head_dim) for s in att} == {("eager", 4, 2, 8)}
+
+
+def test_eager_bert_attention_is_found():
+    import transformers as tf
+
+    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, attn_implementation="eager")
+    gm = lora_fx.capture(tf.BertModel(cfg).eval(), kwargs=inputs(2, 8))
+    att = [s for s in lora_fx.find_sites(gm) if s.kind is SiteKind.ATTENTION]
+    assert [(s.name, s.op, s.num_heads, s.kv_heads, s.head_dim) for s in att] == [
+        (f"encoder.layer.{i}.attention.self", "eager", 4, 4, 8) for i in (0, 1)
+    ]
+
+
+def test_a_parameter_free_matmul_is_not_a_site():
+    class Mixer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 4)
+            self.mix = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x, y):
+            return self.proj(x @ y.transpose(-1, -2) @ x) + (x @ self.mix).sum()
+
+    gm = lora_fx.capture(Mixer(), args=(torch.randn(2, 8), torch.randn(2, 8)))
+    sites = lora_fx.find_sites(gm)
+    # proj (aten.linear) and mix (a matmul on a parameter, weight [in, out]); x @ yT @ x has no weight.
+    assert [(s.name, s.in_features, s.out_features, s.fan_in_fan_out) for s in sites] == [
+        ("proj", 8, 4, False), ("mix", 8, 8, True),
+    ]
+
+
+def test_site_dict_has_the_public_fields(zoo):
+    d = lora_fx.find_sites(zoo.gm("llama"))[0].to_dict()
+    assert {"name", "kind", "in_features", "out_features", "op", "dtype", "fan_in_fan_out"} <= set(d)
+    assert d["kind"] == "linear" and d["name"] == "model.layers.0.self_attn.q_proj"
+
+
+def test_find_sites_refuses_other_objects():
+    with pytest.raises(lora_fx.ConfigError, match="takes a GraphModule"):
+        lora_fx.find_sites(build("bert"))
