@@ -1,0 +1,316 @@
+"""``lora-fx compare``: one base, one task, several methods, the same budget and seed, side by side.
+
+Each method trains in a fresh subprocess so its peak resident memory is its own. The parent then
+times every exported model in ONNX Runtime in one interleaved loop, so latency ratios share the
+machine's state. Output: ``report.md``, ``report.json``, PNG plots and per-method site drawings.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_fx.errors import ConfigError, LoraFxError
+from lora_fx.files import atomic_write_text
+
+
+class Method(enum.Enum):
+    LORA = "lora"
+    QLORA_NF4 = "qlora-nf4"
+    QLORA_INT4 = "qlora-int4"
+    QLORA_INT8 = "qlora-int8"
+    PREFIX = "prefix"
+
+    @classmethod
+    def parse_list(cls, text: str | list[str]) -> list["Method"]:
+        names = text.split(",") if isinstance(text, str) else list(text)
+        out = []
+        for name in (n.strip() for n in names if n.strip()):
+            try:
+                out.append(cls(name))
+            except ValueError:
+                raise ConfigError(f"unknown method {name!r}; choose from {', '.join(m.value for m in cls)}") from None
+        if not out:
+            raise ConfigError("no methods given")
+        return out
+
+    @property
+    def quant_dtype(self) -> str | None:
+        return self.value.split("-", 1)[1] if self.value.startswith("qlora-") else None
+
+
+@dataclass
+class CompareConfig:
+    hf_dir: str
+    out_dir: str = "report"
+    methods: list[Method] = field(default_factory=lambda: [Method.LORA, Method.QLORA_NF4, Method.PREFIX])
+    data: str | None = None  # JSONL {"text","label","split"}; None = the shipped tense set
+    label_prompts: list[str] | None = None
+    steps: int = 60
+    lr: float = 2e-3
+    seed: int = 0
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: str | list[str] = "all-linear"
+    num_virtual_tokens: int = 16
+    max_length: int = 32
+    batch_size: int = 16
+    latency_runs: int = 30
+    export: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = [m.value for m in self.methods]
+        return d
+
+
+def _task(cfg: CompareConfig):
+    from lora_fx.tasks import LABEL_PROMPTS, TenseTask
+
+    prompts = tuple(cfg.label_prompts or LABEL_PROMPTS)
+    return TenseTask.from_model_dir(cfg.hf_dir, max_length=cfg.max_length, batch_size=cfg.batch_size, data=cfg.data, label_prompts=prompts)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _adapter_config(cfg: CompareConfig, method: Method):
+    import lora_fx
+
+    if method is Method.PREFIX:
+        return lora_fx.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens), None
+    lora = lora_fx.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+    quant = lora_fx.QuantConfig(dtype=method.quant_dtype) if method.quant_dtype else None
+    return lora, quant
+
+
+def run_method(cfg_dict: dict[str, Any], method_value: str) -> dict[str, Any]:
+    """Train one method in this process and export it; returns its measurements (JSON-able)."""
+    import torch
+
+    import lora_fx
+    from lora_fx.hf import load_hf_model
+    from lora_fx.report import fx_op_counts, fx_site_dot, lora_flops_per_token, nodes_added, prefix_flops_per_token, render_dot
+    from lora_fx.sites import SiteKind
+    from lora_fx.tasks import model_inputs
+
+    cfg = CompareConfig(**{**cfg_dict, "methods": Method.parse_list(cfg_dict["methods"])})
+    method = Method(method_value)
+    out = Path(cfg.out_dir) / method.value
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    task = _task(cfg)
+    model = load_hf_model(cfg.hf_dir)
+    example = task.example()
+    gm = lora_fx.capture(model, kwargs=example)
+    sites = lora_fx.find_sites(gm)
+    before_ops = fx_op_counts(gm)
+    config, quant = _adapter_config(cfg, method)
+    lora_fx.apply(gm, config, quant=quant)
+    after_ops = fx_op_counts(gm)
+    if method is Method.PREFIX:
+        attn = [s for s in sites if s.kind is SiteKind.ATTENTION]
+        flops = prefix_flops_per_token([(s.num_heads or 0, s.head_dim or 0) for s in attn], cfg.num_virtual_tokens)
+        drawn = attn[0].name
+    else:
+        targets = lora_fx.select_targets(sites, config)
+        flops = lora_flops_per_token([(t.site.in_features, t.site.out_features, t.r) for t in targets])
+        drawn = targets[0].site.name
+    # the "before" drawing comes from a fresh capture so it shows the unrewritten site
+    base_gm = lora_fx.capture(load_hf_model(cfg.hf_dir), kwargs=example)
+    drawings = {
+        "before": str(render_dot(fx_site_dot(base_gm, drawn, f"{drawn} before"), out / "site_before")),
+        "after": str(render_dot(fx_site_dot(gm, drawn, f"{drawn} after {method.value}"), out / "site_after")),
+    }
+    del base_gm
+
+    def forward(batch):
+        return gm(**model_inputs(batch))["last_hidden_state"]
+
+    acc_before = task.accuracy(forward)
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(step: int, loss: float) -> None:
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    rss_before = _rss_mb()
+    result = lora_fx.train(gm, task.batches("train", seed=cfg.seed), task.loss_fn, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, on_step=on_step, progress=False)
+    rss_peak = _rss_mb()
+    acc_after = task.accuracy(forward)
+    adapter_dir = lora_fx.save_adapter(gm, out / "adapter")
+    adapter_bytes = sum(p.stat().st_size for p in Path(adapter_dir).iterdir() if p.is_file())
+    exported: dict[str, str] = {}
+    if cfg.export:
+        exported["adapters"] = str(lora_fx.export_onnx(gm, out / "model.onnx", kwargs=example, mode="adapters"))
+        if method is Method.LORA:
+            exported["merged"] = str(lora_fx.export_onnx(gm, out / "merged.onnx", kwargs=example, mode="merged"))
+    return {
+        "method": method.value,
+        "trainable_parameters": result.trainable_parameters,
+        "adapter_file_bytes": adapter_bytes,
+        "nodes_added": nodes_added(before_ops, after_ops),
+        "flops_per_token_added": flops,
+        "median_step_seconds": statistics.median(step_times[1:] or step_times),
+        "peak_rss_mb": rss_peak,
+        "rss_before_training_mb": rss_before,
+        "accuracy_before": acc_before,
+        "accuracy_after": acc_after,
+        "losses": result.losses,
+        "final_loss": result.final_loss,
+        "drawings": drawings,
+        "exported": exported,
+        "adapter_dir": str(adapter_dir),
+    }
+
+
+def _child(cfg_dict: dict[str, Any], method: str, queue: Any) -> None:
+    try:
+        queue.put(("ok", run_method(cfg_dict, method)))
+    except LoraFxError as exc:
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:  # report, don't hang the parent
+        import traceback
+
+        queue.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"))
+
+
+def _run_isolated(cfg: CompareConfig, method: Method) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(cfg.to_dict(), method.value, queue))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise LoraFxError(f"method {method.value} failed: {payload}")
+    return payload
+
+
+def _base_onnx(cfg: CompareConfig) -> Path:
+    import lora_fx
+    from lora_fx.hf import load_hf_model
+
+    task = _task(cfg)
+    gm = lora_fx.capture(load_hf_model(cfg.hf_dir), kwargs=task.example())
+    return Path(lora_fx.export_onnx(gm, Path(cfg.out_dir) / "base.onnx", kwargs=task.example(), mode="merged"))
+
+
+def measure_latency(models: dict[str, tuple[str, str | None]], feeds: dict[str, Any], runs: int) -> dict[str, float]:
+    """Median ONNX Runtime latency (ms) per model, timed round-robin in one loop.
+
+    ``models`` maps a label to (model path, adapter file or None).
+    """
+    from lora_fx.runtime import Session
+
+    sessions = {}
+    for label, (path, adapter) in models.items():
+        sess = Session(path)
+        if adapter:
+            sess.add_adapter(label, adapter)
+        sessions[label] = (sess, label if adapter else None)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(3):  # warm-up
+        for label, (sess, adapter) in sessions.items():
+            sess.run(_feeds_for(sess, feeds), adapter=adapter)
+    for _ in range(runs):
+        for label, (sess, adapter) in sessions.items():
+            f = _feeds_for(sess, feeds)
+            t = time.perf_counter()
+            sess.run(f, adapter=adapter)
+            times[label].append((time.perf_counter() - t) * 1000)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _feeds_for(sess: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+    names = set(sess.input_names)
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every method of ``cfg``, then write the report. Returns the report dict."""
+    from lora_fx.report import markdown_table, plot_bars, plot_losses
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.steps < 1:
+        raise ConfigError("steps must be at least 1")
+    results = []
+    for i, method in enumerate(cfg.methods, 1):
+        print(f"[{i}/{len(cfg.methods)}] {method.value}: rewrite, train {cfg.steps} steps, export", file=sys.stderr, flush=True)
+        results.append(_run_isolated(cfg, method))
+        r = results[-1]
+        print(f"      accuracy {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f}, median step {r['median_step_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
+    latency: dict[str, float] = {}
+    if cfg.export:
+        print("[latency] ONNX Runtime, all models in one interleaved loop", file=sys.stderr, flush=True)
+        task = _task(cfg)
+        feeds = {k: v.numpy() for k, v in task.example().items()}
+        models: dict[str, tuple[str, str | None]] = {"base": (str(_base_onnx(cfg)), None)}
+        for r in results:
+            if "merged" in r["exported"]:
+                models[f"{r['method']} merged"] = (r["exported"]["merged"], None)
+            adapters = sorted(Path(r["exported"]["adapters"]).parent.glob(f"{Path(r['exported']['adapters']).stem}.adapters/*.onnx_adapter"))
+            models[f"{r['method']} adapter-slot"] = (r["exported"]["adapters"], str(adapters[0]) if adapters else None)
+        latency = measure_latency(models, feeds, cfg.latency_runs)
+    plots = {
+        "loss": str(plot_losses({r["method"]: r["losses"] for r in results}, out / "loss_curves.png")),
+        "memory": str(plot_bars({r["method"]: r["peak_rss_mb"] for r in results}, out / "memory.png", "peak RSS (MB)", "Peak resident memory of the training process")),
+    }
+    if latency:
+        plots["latency"] = str(plot_bars(latency, out / "latency.png", "median latency (ms)", "ONNX Runtime latency"))
+    report = {"config": cfg.to_dict(), "methods": results, "ort_latency_ms": latency, "plots": plots}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    from lora_fx.report import markdown_table
+
+    cfg = report["config"]
+    rows = []
+    for r in report["methods"]:
+        rows.append({**r, "step_ms": r["median_step_seconds"] * 1000, "nodes": ", ".join(f"{k} {v:+d}" for k, v in r["nodes_added"].items())})
+    cols = [
+        ("method", "method"), ("trainable_parameters", "trainable params"), ("adapter_file_bytes", "adapter bytes"),
+        ("flops_per_token_added", "FLOPs/token added"), ("step_ms", "median step (ms)"), ("peak_rss_mb", "peak RSS (MB)"),
+        ("accuracy_before", "accuracy before"), ("accuracy_after", "accuracy after"), ("final_loss", "final loss"),
+    ]
+    parts = [
+        "# lora_fx compare report",
+        "",
+        f"Base: `{cfg['hf_dir']}`; data: `{cfg['data'] or 'lora_fx/data/tense.jsonl'}`; {cfg['steps']} steps, lr {cfg['lr']}, seed {cfg['seed']} for every method.",
+        "",
+        markdown_table(rows, cols),
+        "",
+        "## Nodes added to the graph (by op type)",
+        "",
+        markdown_table(rows, [("method", "method"), ("nodes", "added (+) / removed (−)")]),
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![peak memory](memory.png)",
+    ]
+    lat = report.get("ort_latency_ms") or {}
+    if lat:
+        base = lat.get("base")
+        parts += ["", "## ONNX Runtime latency (median, one interleaved loop)", ""]
+        parts.append(markdown_table([{"model": k, "ms": v, "ratio": (v / base if base else None)} for k, v in lat.items()], [("model", "model"), ("ms", "median ms"), ("ratio", "/ base")]))
+        parts += ["", "![latency](latency.png)"]
+    parts += ["", "## One rewritten site per method", ""]
+    for r in report["methods"]:
+        d = r["drawings"]
+        parts.append(f"- {r['method']}: before `{Path(d['before']).name}`, after `{Path(d['after']).name}` (in `{r['method']}/`)")
+    return "\n".join(parts) + "\n"
