@@ -175,3 +175,199 @@ class LoraConfig:
         path = Path(directory) / ADAPTER_CONFIG_NAME
         atomic_write_text(path, self.to_json())
         return path
+
+
+# PromptLearningConfig/PrefixTuningConfig fields with the value lora_fx implements; others are refused.
+_PEFT_PREFIX_FIELDS_AT_DEFAULT: dict[str, Any] = {
+    "num_transformer_submodules": 1,
+    "modules_to_save": None,
+}
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix-tuning with PEFT's ``PrefixTuningConfig`` names and semantics.
+
+    ``num_virtual_tokens`` (T) learned key and value vectors per attention site, ``[kv_heads, T,
+    head_dim]``, are placed in front of the site's keys and values. With ``prefix_projection`` the
+    prefixes come from PEFT's reparameterization, an embedding ``[T, token_dim]`` followed by
+    ``Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(encoder_hidden_size,
+    num_layers * 2 * token_dim)``; it is folded to raw prefixes when saved.
+    ``token_dim``, ``num_layers`` and ``num_attention_heads`` are recorded as PEFT records them
+    (for grouped-query models: ``kv_heads * head_dim`` and ``kv_heads``) and filled in from the
+    model's attention sites when left ``None``.
+    ``target_modules`` (not a PEFT field) restricts the attention sites: a list of names or dotted
+    suffixes, or a regex over the whole site name; ``None`` means every attention site, as in PEFT.
+    """
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    target_modules: list[str] | str | None = None
+    init_weights: str | None = None  # PEFT: None (random normal, as nn.Embedding) or "zero"
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        t = self.num_virtual_tokens
+        if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+            raise ConfigError(
+                f"num_virtual_tokens must be a positive integer (the number T of prefix tokens per attention site), got {t!r}"
+            )
+        for name in ("encoder_hidden_size", "token_dim", "num_layers", "num_attention_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None (taken from the model), got {value!r}")
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"init_weights must be None (random) or 'zero', as in PEFT; got {self.init_weights!r}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list: leave it None for every attention site, or name some")
+
+    # ---- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` content (loads with ``peft.PrefixTuningConfig.from_pretrained``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out["target_modules"] is None:
+            # Not a PEFT field: written only when set, so PEFT reads our files unchanged.
+            del out["target_modules"]
+        out["peft_type"] = "PREFIX_TUNING"
+        out.update(_PEFT_PREFIX_FIELDS_AT_DEFAULT)
+        out["inference_mode"] = True
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrefixConfig":
+        data = dict(data)
+        peft_type = str(data.pop("peft_type", "PREFIX_TUNING")).upper()
+        if peft_type != "PREFIX_TUNING":
+            raise ConfigError(f"this is a {peft_type} adapter config, not prefix-tuning; use the config class for {peft_type}")
+        for key, default in _PEFT_PREFIX_FIELDS_AT_DEFAULT.items():
+            value = data.pop(key, default)
+            if value is not None and value != default:
+                raise ConfigError(
+                    f"PEFT option {key}={value!r} is not supported by lora_fx prefix-tuning (decoder-only and encoder-only "
+                    f"models: only {default!r})"
+                )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, text: str) -> "PrefixConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "PrefixConfig":
+        """Read a PEFT prefix-tuning ``adapter_config.json`` from an adapter directory."""
+        return cls.from_dict(read_adapter_config(directory))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from lora_fx.files import atomic_write_text
+
+        path = Path(directory) / ADAPTER_CONFIG_NAME
+        atomic_write_text(path, self.to_json())
+        return path
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory, with clear errors."""
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: an adapter directory holds {ADAPTER_CONFIG_NAME} and adapter_model.safetensors")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return data
+
+
+class QuantDType(str, enum.Enum):
+    """Storage format of a quantized frozen weight (QLoRA)."""
+
+    NF4 = "nf4"  # QLoRA's 16-value normal-float code book, absmax per block
+    INT4 = "int4"  # block-wise 4-bit integers, symmetric or affine
+    INT8 = "int8"  # 8-bit integers, one scale per output channel
+
+    @classmethod
+    def parse(cls, value: "QuantDType | str") -> "QuantDType":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        raise ConfigError(f"quant dtype {value!r} is not supported; use one of {', '.join(m.value for m in cls)}")
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen linear weights are stored (QLoRA): packed in 4 or 8 bits, dequantized before the matmul.
+
+    ``block_size``: weights per absmax/scale block for nf4 and int4 (blocks run over the weight
+    flattened row-major, as torchao and bitsandbytes do). ``double_quant``: nf4 block absmaxes are
+    themselves stored in 8 bits, ``double_quant_block_size`` of them per scale (about 4.127 bits a
+    weight). ``symmetric``: int4 without a zero point (zero point 8, as ONNX Runtime's MatMulNBits).
+    ``pad``: a weight whose size is not a multiple of ``block_size`` gets a zero-padded last block;
+    with ``pad=False`` such a weight is refused. ``target_modules`` / ``exclude_modules`` select the
+    sites with LoraConfig's language; the default is every linear site except the output layer.
+    """
+
+    dtype: QuantDType = QuantDType.NF4
+    block_size: int = 64
+    double_quant: bool = False
+    double_quant_block_size: int = 256
+    symmetric: bool = True
+    pad: bool = True
+    target_modules: list[str] | str = ALL_LINEAR
+    exclude_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        self.dtype = QuantDType.parse(self.dtype)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("block_size", "double_quant_block_size"):
+            value = getattr(self, name)
+            # Two 4-bit codes share a byte, so a block must hold an even number of weights.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value % 2:
+                raise ConfigError(f"{name} must be an even integer >= 2, got {value!r} (QLoRA uses 64 and 256)")
+        if self.double_quant and self.dtype is not QuantDType.NF4:
+            raise ConfigError(f"double_quant applies to nf4 block absmaxes only, not to {self.dtype.value}; drop double_quant")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list: name at least one module, a regex or 'all-linear'")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["dtype"] = self.dtype.value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,466 @@
+"""Insert learned key/value prefixes (prefix-tuning) at the attention sites of a captured GraphModule.
+
+At each attention site, ``T`` learned vectors ``P_k``, ``P_v`` ``[kv_heads, T, head_dim]`` are
+broadcast over the batch and concatenated in front of the site's keys and values, after rotary
+embedding (the prefixes take none, as under PEFT where they sit in the KV cache). The attention
+mask gains T always-visible columns; ``is_causal`` becomes an explicit mask offset by T. Positions
+of the real tokens move to ``T .. T+n-1``, which is what PEFT's cache of length T does to
+transformers models, so PEFT's prefix adapters give PEFT's outputs here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from lora_fx.config import PrefixConfig
+from lora_fx.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedError
+from lora_fx.passes.fx.capture import meta
+from lora_fx.passes.fx.find_sites import INSERTED, _PASS_THROUGH, _SOFTMAX_OPS, find_sites
+from lora_fx.passes.result import PassResult
+from lora_fx.sites import Site, SiteKind
+
+aten = torch.ops.aten
+
+PREFIXED = "lora_fx_prefixed"
+# Where the pass keeps its record in ``meta(gm)``: T, the sites (in layer order) and their shapes.
+META_PREFIX = "prefix"
+ENCODER = "prefix_encoder"
+KEY, VALUE = "prefix_key", "prefix_value"
+
+_SDPA = aten.scaled_dot_product_attention.default
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_RESHAPES = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+_TRANSPOSES = {aten.transpose.int, aten.permute.default}
+# Nodes a position index may flow through before it reaches rotary cos/sin or a position embedding.
+_STOP = {aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default, _SDPA, aten.bmm.default}
+
+
+@dataclass
+class PrefixSite:
+    """An attention site as the pass rewrites it: the shapes of its prefixes."""
+
+    site: Site
+    kv_heads: int
+    head_dim: int
+    repeats: int  # repeat_kv before the attention: the prefix is repeated the same way
+
+
+def _sdpa_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    i = _SDPA_ARGS.index(name)
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _set_sdpa_arg(node: fx.Node, name: str, value: Any) -> None:
+    i = _SDPA_ARGS.index(name)
+    if len(node.args) > i:
+        args = list(node.args)
+        args[i] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _repeat_kv(node: fx.Node) -> tuple[int, int] | None:
+    """(kv_heads, repeats) when ``node`` is transformers' repeat_kv: expand [B, kv, rep, S, D] then reshape."""
+    if not (isinstance(node, fx.Node) and node.target in _RESHAPES):
+        return None
+    src = node.args[0]
+    if not (isinstance(src, fx.Node) and src.target is aten.expand.default):
+        return None
+    shape = src.args[1]
+    if len(shape) != 5 or not isinstance(shape[1], int) or not isinstance(shape[2], int):
+        return None
+    return shape[1], shape[2]
+
+
+def _eager_nodes(sink: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+    """For an eager site (the matmul(p, v) node): the score matmul, the softmax and the nodes between them."""
+    path: list[fx.Node] = []
+    softmax = sink.args[0]
+    while isinstance(softmax, fx.Node) and softmax.target not in _SOFTMAX_OPS:
+        softmax = softmax.args[0]
+    src = softmax.args[0]
+    while isinstance(src, fx.Node) and src.target is not aten.matmul.default:
+        path.append(src)
+        src = src.args[0]
+    return src, softmax, path
+
+
+def _static(x: Any) -> int | None:
+    return x if isinstance(x, int) else None
+
+
+def describe(site: Site) -> PrefixSite:
+    """The prefix shapes of an attention site, looking through repeat_kv for grouped-query models."""
+    node = site.handle
+    if site.op == "sdpa":
+        k = _sdpa_arg(node, "key")
+    else:
+        k = _eager_nodes(node)[0].args[1]
+        if isinstance(k, fx.Node) and k.target in _TRANSPOSES:
+            k = k.args[0]
+    rep = _repeat_kv(k)
+    kv_val = _val(k)
+    head_dim = site.head_dim or (_static(kv_val.shape[-1]) if kv_val is not None else None)
+    if rep is not None:
+        kv_heads, repeats = rep
+    else:
+        kv_heads = _static(kv_val.shape[-3]) if kv_val is not None and kv_val.dim() >= 3 else site.kv_heads
+        repeats = 1
+    if not kv_heads or not head_dim:
+        raise UnsupportedError(
+            f"attention site {site.name}: the number of key/value heads or the head size is not a static number in "
+            "the graph, so the prefix shape [kv_heads, T, head_dim] is unknown; capture the model with its real config"
+        )
+    return PrefixSite(site, int(kv_heads), int(head_dim), int(repeats))
+
+
+def select_attention_sites(sites: Sequence[Site], config: PrefixConfig) -> list[Site]:
+    """The attention sites ``config.target_modules`` selects (all when it is None), in graph order."""
+    import re
+
+    attention = [s for s in sites if s.kind is SiteKind.ATTENTION]
+    if not attention:
+        raise TargetNotFoundError(
+            "this model has no attention site for prefix-tuning (no scaled_dot_product_attention and no "
+            "matmul-softmax-matmul attention in the graph); use LoRA (LoraConfig) on its linear sites instead"
+        )
+    tm = config.target_modules
+    if tm is None:
+        return attention
+    if isinstance(tm, str):
+        chosen = [s for s in attention if re.fullmatch(tm, s.name)]
+    else:
+        chosen = [s for s in attention if s.name in tm or any(s.name.endswith(f".{n}") for n in tm)]
+    if not chosen:
+        names = "\n  ".join(s.name for s in attention)
+        raise TargetNotFoundError(f"target_modules={tm!r} matches no attention site of this model; attention sites:\n  {names}")
+    return chosen
+
+
+class PrefixEncoder(torch.nn.Module):
+    """PEFT's reparameterization: embedding [T, token_dim] -> Linear -> tanh -> Linear to num_layers*2*token_dim."""
+
+    def __init__(self, num_virtual_tokens: int, token_dim: int, hidden: int, num_layers: int, zero: bool) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(num_virtual_tokens, token_dim)
+        self.transform = torch.nn.Sequential(
+            torch.nn.Linear(token_dim, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, num_layers * 2 * token_dim)
+        )
+        if zero:
+            torch.nn.init.zeros_(self.transform[-1].weight)
+            torch.nn.init.zeros_(self.transform[-1].bias)
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)
+
+
+class InsertPrefix:
+    """Add key/value prefixes at attention sites and move the real tokens' positions by T.
+
+    Matches:
+
+    * ``aten.scaled_dot_product_attention`` with no mask, a boolean or an additive mask, ``is_causal``,
+      ``enable_gqa``, and keys/values repeated by transformers' ``repeat_kv`` (expand + reshape) for
+      grouped-query attention: the prefixes are ``[kv_heads, T, head_dim]`` and repeated the same way;
+    * the eager form ``matmul(q, kᵀ) → [scale] → [+mask | where | masked_fill] → softmax → matmul(·, v)``;
+    * positions: an ``arange`` that reaches rotary ``cos``/``sin`` or an embedding's indices, a slice of
+      a ``position_ids`` buffer (BERT) and a ``position_ids`` graph input get ``+ T``.
+    """
+
+    def __init__(self, config: PrefixConfig, sites: Sequence[Site]) -> None:
+        self.config = config
+        self.sites = list(sites)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        info = meta(gm)
+        if info.get(META_PREFIX):
+            raise AdapterError("this model already has prefixes; prefix-tuning is inserted once per model")
+        T = self.config.num_virtual_tokens
+        described = [describe(s) for s in self.sites]
+        for ps in described:
+            if ps.site.handle.meta.get(PREFIXED):
+                raise AdapterError(f"site {ps.site.name} already has a prefix")
+        changed: list[str] = []
+        sources = self._prefix_sources(gm, described)
+        for ps, (pk, pv) in zip(described, sources):
+            if ps.site.op == "sdpa":
+                self._rewrite_sdpa(gm.graph, ps, pk, pv, T)
+            else:
+                self._rewrite_eager(gm.graph, ps, pk, pv, T)
+            ps.site.handle.meta[PREFIXED] = True
+            changed.append(ps.site.name)
+        changed += offset_positions(gm.graph, T)
+        gm.graph.lint()
+        gm.recompile()
+        info[META_PREFIX] = {
+            "num_virtual_tokens": T,
+            "projection": bool(self.config.prefix_projection),
+            "sites": {ps.site.name: {"kv_heads": ps.kv_heads, "head_dim": ps.head_dim, "layer": i} for i, ps in enumerate(described)},
+        }
+        return PassResult(gm, True, changed)
+
+    # ---- where each site's prefixes come from --------------------------------------------------
+    def _prefix_sources(self, gm: fx.GraphModule, described: list[PrefixSite]) -> list[tuple[fx.Node, fx.Node]]:
+        graph = gm.graph
+        T = self.config.num_virtual_tokens
+        zero = self.config.init_weights == "zero"
+        first = min((ps.site.handle for ps in described), key=_order(graph))
+        ref = _site_param(gm)
+        out = []
+        if not self.config.prefix_projection:
+            for ps in described:
+                module = _module_at(gm, ps.site.name)
+                for name in (KEY, VALUE):
+                    if hasattr(module, name):
+                        raise AdapterError(f"site {ps.site.name} already has a {name}")
+                    # PEFT's nn.Embedding starts N(0, 1); "zero" starts at zero.
+                    data = torch.zeros if zero else torch.randn
+                    module.register_parameter(name, torch.nn.Parameter(data(ps.kv_heads, T, ps.head_dim, dtype=ref.dtype, device=ref.device)))
+                with graph.inserting_before(first):
+                    pk = graph.get_attr(f"{ps.site.name}.{KEY}")
+                    pv = graph.get_attr(f"{ps.site.name}.{VALUE}")
+                out.append((pk, pv))
+            return out
+        shapes = {(ps.kv_heads, ps.head_dim) for ps in described}
+        if len(shapes) != 1:
+            raise UnsupportedError(
+                f"prefix_projection needs every attention site to have the same kv_heads and head_dim (PEFT's encoder "
+                f"emits one size for all layers); this model has {sorted(shapes)}. Use prefix_projection=False"
+            )
+        kv, hd = shapes.pop()
+        token_dim = kv * hd
+        hidden = self.config.encoder_hidden_size or token_dim
+        encoder = PrefixEncoder(T, token_dim, hidden, len(described), zero).to(device=ref.device, dtype=ref.dtype)
+        gm.add_module(ENCODER, encoder)
+        with graph.inserting_before(first):
+            emb = _call(graph, None, aten.linear.default, graph.get_attr(f"{ENCODER}.embedding.weight"),
+                        graph.get_attr(f"{ENCODER}.transform.0.weight"), graph.get_attr(f"{ENCODER}.transform.0.bias"))
+            h = _call(graph, None, aten.tanh.default, emb)
+            h = _call(graph, None, aten.linear.default, h, graph.get_attr(f"{ENCODER}.transform.2.weight"),
+                      graph.get_attr(f"{ENCODER}.transform.2.bias"))
+            # PEFT's layout: [T, layers * 2 (key, value), kv_heads, head_dim].
+            h = _call(graph, None, aten.view.default, h, [T, 2 * len(described), kv, hd])
+            for i, _ in enumerate(described):
+                pair = []
+                for j in (0, 1):
+                    s = _call(graph, None, aten.select.int, h, 1, 2 * i + j)
+                    pair.append(_call(graph, None, aten.permute.default, s, [1, 0, 2]))
+                out.append((pair[0], pair[1]))
+        return out
+
+    # ---- per-site rewrites ---------------------------------------------------------------------
+    def _batched(self, graph: fx.Graph, anchor: fx.Node, p: fx.Node, ps: PrefixSite, like: fx.Node, transpose: bool) -> fx.Node:
+        """``p`` [kv, T, D] → repeated for repeat_kv → [B, heads, T, D] (or [B, heads, D, T]) in ``like``'s dtype."""
+        T = self.config.num_virtual_tokens
+        val = _val(like)
+        if ps.repeats > 1:
+            p = _call(graph, anchor, aten.unsqueeze.default, p, 1)
+            p = _call(graph, anchor, aten.expand.default, p, [ps.kv_heads, ps.repeats, T, ps.head_dim])
+            p = _call(graph, anchor, aten.reshape.default, p, [ps.kv_heads * ps.repeats, T, ps.head_dim])
+        if val is not None and val.dtype != torch.float32:
+            p = _call(graph, anchor, aten._to_copy.default, p, dtype=val.dtype)
+        if transpose:
+            p = _call(graph, anchor, aten.transpose.int, p, 1, 2)
+        p = _call(graph, anchor, aten.unsqueeze.default, p, 0)
+        batch = _call(graph, anchor, aten.sym_size.int, like, 0)
+        return _call(graph, anchor, aten.expand.default, p, [batch, -1, -1, -1])
+
+    def _rewrite_sdpa(self, graph: fx.Graph, ps: PrefixSite, pk: fx.Node, pv: fx.Node, T: int) -> None:
+        node = ps.site.handle
+        q, k, v = (_sdpa_arg(node, n) for n in ("query", "key", "value"))
+        mask, causal = _sdpa_arg(node, "attn_mask"), bool(_sdpa_arg(node, "is_causal", False))
+        with graph.inserting_before(node):
+            new_k = _call(graph, node, aten.cat.default, [self._batched(graph, node, pk, ps, k, False), k], 2)
+            new_v = _call(graph, node, aten.cat.default, [self._batched(graph, node, pv, ps, v, False), v], 2)
+            if mask is not None:
+                new_mask = _pad_mask(graph, node, mask, T, visible=True)
+            elif causal:
+                # SDPA's is_causal aligns top-left (query i sees keys j <= i); behind T prefixes that is j <= i + T.
+                q_len = _call(graph, node, aten.sym_size.int, q, 2)
+                k_len = _call(graph, node, aten.sym_size.int, new_k, 2)
+                rows = _call(graph, node, aten.arange.default, q_len, device=_device(q))
+                rows = _call(graph, node, aten.add.Tensor, _call(graph, node, aten.unsqueeze.default, rows, 1), T)
+                cols = _call(graph, node, aten.unsqueeze.default, _call(graph, node, aten.arange.default, k_len, device=_device(q)), 0)
+                new_mask = _call(graph, node, aten.le.Tensor, cols, rows)
+            else:
+                new_mask = None
+        _set_sdpa_arg(node, "key", new_k)
+        _set_sdpa_arg(node, "value", new_v)
+        if new_mask is not None:
+            _set_sdpa_arg(node, "attn_mask", new_mask)
+        if causal:
+            _set_sdpa_arg(node, "is_causal", False)
+
+    def _rewrite_eager(self, graph: fx.Graph, ps: PrefixSite, pk: fx.Node, pv: fx.Node, T: int) -> None:
+        sink = ps.site.handle
+        scores, _softmax, path = _eager_nodes(sink)
+        kt, v = scores.args[1], sink.args[1]
+        with graph.inserting_before(scores):
+            new_kt = _call(graph, scores, aten.cat.default, [self._batched(graph, scores, pk, ps, kt, True), kt], 3)
+        scores.args = (scores.args[0], new_kt) + tuple(scores.args[2:])
+        with graph.inserting_before(sink):
+            new_v = _call(graph, sink, aten.cat.default, [self._batched(graph, sink, pv, ps, v, False), v], 2)
+        sink.args = (sink.args[0], new_v) + tuple(sink.args[2:])
+        on_path = set(path) | {scores}
+        for n in path:
+            if n.target is aten.add.Tensor:
+                i = next((i for i, a in enumerate(n.args[:2]) if isinstance(a, fx.Node) and a not in on_path and _val(a) is not None and _val(a).dim() >= 2), None)
+                if i is None:
+                    continue
+                with graph.inserting_before(n):
+                    padded = _pad_mask(graph, n, n.args[i], T, visible=True)
+                n.args = tuple(padded if j == i else a for j, a in enumerate(n.args))
+            elif n.target is aten.where.self:
+                with graph.inserting_before(n):
+                    padded = _pad_mask(graph, n, n.args[0], T, visible=True)
+                n.args = (padded,) + tuple(n.args[1:])
+            elif n.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+                with graph.inserting_before(n):
+                    padded = _pad_mask(graph, n, n.args[1], T, visible=False)
+                n.args = (n.args[0], padded) + tuple(n.args[2:])
+
+
+def _pad_mask(graph: fx.Graph, anchor: fx.Node, mask: fx.Node, T: int, *, visible: bool) -> fx.Node:
+    """``mask`` with T columns in front on its key axis: True/0.0 where ``visible`` means "attend"."""
+    val = _val(mask)
+    if val is None:
+        raise UnsupportedError(f"attention at {anchor.name}: the mask has no recorded shape; re-capture with torch.export")
+    if val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] == 1):
+        # A mask broadcast over the key axis: it says nothing per key, so the prefixes need no column.
+        return mask
+    if val.dtype == torch.bool:
+        fill: Any = bool(visible)
+    else:
+        fill = 0.0 if visible else 1.0
+    return _call(graph, anchor, aten.constant_pad_nd.default, mask, [T, 0], fill)
+
+
+def _device(node: fx.Node) -> torch.device:
+    val = _val(node)
+    return val.device if val is not None else torch.device("cpu")
+
+
+def _call(graph: fx.Graph, like: fx.Node | None, op: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    n = graph.call_function(op, args, kwargs)
+    n.meta[INSERTED] = True
+    if like is not None:
+        n.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+    return n
+
+
+def _order(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]
+
+
+def _site_param(gm: fx.GraphModule) -> torch.Tensor:
+    """A floating-point parameter of the model: the prefixes take its dtype and device."""
+    for p in gm.parameters():
+        if p.is_floating_point():
+            return p
+    return torch.empty(0)
+
+
+def _module_at(gm: fx.GraphModule, path: str) -> torch.nn.Module:
+    from lora_fx.passes.fx.insert_lora import _module_at as module_at
+
+    return module_at(gm, path)
+
+
+def _reaches_position_use(node: fx.Node, limit: int = 40) -> bool:
+    """Whether ``node``'s values flow into rotary cos/sin or an embedding's indices (and not into a mask)."""
+    seen, stack, hit = set(), [node], False
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.target in (aten.cos.default, aten.sin.default):
+                hit = True
+            elif user.target is aten.embedding.default and user.args[1] is n:
+                hit = True
+            elif user.target in _STOP or user.target in _SOFTMAX_OPS:
+                continue
+            elif user.target in (aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.index.Tensor):
+                # A mask computation: positions here are relative and must not move.
+                return False
+            else:
+                stack.append(user)
+    return hit
+
+
+def position_sources(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes holding the real tokens' positions: aranges into rotary or position embeddings,
+    slices of a ``position_ids`` buffer, a ``position_ids`` input."""
+    out = []
+    for n in graph.nodes:
+        if n.meta.get(INSERTED):
+            continue
+        if n.op == "placeholder" and n.name == "position_ids":
+            out.append(n)
+        elif n.op == "call_function" and n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+            if _reaches_position_use(n):
+                out.append(n)
+        elif n.op == "call_function" and n.target is aten.slice.Tensor:
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src.op == "get_attr" and str(src.target).endswith("position_ids"):
+                out.append(n)
+    return out
+
+
+def offset_positions(graph: fx.Graph, T: int) -> list[str]:
+    """Add T to every position source: under PEFT the cache of T prefixes puts real tokens at T.. T+n-1."""
+    changed = []
+    for n in position_sources(graph):
+        with graph.inserting_after(n):
+            shifted = _call(graph, n, aten.add.Tensor, n, T)
+        n.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
+        changed.append(f"positions:{n.name}")
+    return changed
+
+
+def insert_prefix(gm: fx.GraphModule, config: PrefixConfig, sites: Sequence[Site] | None = None) -> PassResult:
+    return InsertPrefix(config, select_attention_sites(find_sites(gm) if sites is None else sites, config))(gm)
+
+
+def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
+    """``lora_fx.apply(gm, PrefixConfig(...))``: insert the prefixes, freeze everything else."""
+    from lora_fx.passes.fx.freeze_base import freeze_base
+
+    if not isinstance(config, PrefixConfig):
+        raise ConfigError(f"apply_prefix takes a PrefixConfig, got {type(config).__name__}")
+    info = meta(gm)
+    if info.get("lora_sites") and info.get("adapters", {}).get("default") is not None and not info.get(META_PREFIX):
+        raise AdapterError("this model already holds a LoRA adapter; apply prefix-tuning to a fresh capture")
+    insert_prefix(gm, config)
+    rec = info[META_PREFIX]
+    shapes = {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()}
+    if len(shapes) == 1:
+        kv, hd = next(iter(shapes))
+        # Record what PEFT records for this model, so the saved config loads in PEFT unchanged.
+        config.token_dim = config.token_dim or kv * hd
+        config.num_attention_heads = config.num_attention_heads or kv
+        config.num_layers = config.num_layers or len(rec["sites"])
+        config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
+    if config.base_model_name_or_path is None and info.get("name_or_path"):
+        config.base_model_name_or_path = info["name_or_path"]
+    freeze_base(gm)
+    info.setdefault("adapters", {})["default"] = config
+    return gm
+
+
+__all__ = ["InsertPrefix", "PrefixEncoder", "PrefixSite", "apply_prefix", "describe", "insert_prefix", "offset_positions",
+           "position_sources", "select_attention_sites"]
