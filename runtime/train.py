@@ -99,12 +99,19 @@ def train(
     bf16: bool = False,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> TrainResult:
     """Train the adapter parameters of ``model`` for ``steps`` steps.
 
     ``batches``: a list (cycled), an iterable, or a callable returning a fresh iterable per epoch;
     each batch is a dict whose keys that name model inputs are passed to the model.
     ``loss_fn(outputs, batch)`` returns the scalar loss.
+    ``checkpoint_dir``/``checkpoint_every``: save adapters, optimizer, step and RNG state every N
+    steps (and at the end); ``resume=True`` continues from the checkpoint there, if any, on the
+    same loss curve (the data must be the same; the first ``step`` batches are skipped).
+    An ONNX model's trained adapters are written back into its initializers when train returns.
     """
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
@@ -121,15 +128,28 @@ def train(
     losses: list[float] = []
     norms: list[float] = []
     tokens = 0
+    first_step = 0
+    if checkpoint_every and not checkpoint_dir:
+        raise ConfigError("checkpoint_every needs checkpoint_dir: name the directory the checkpoints go to")
+    trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if resume:
+        from lora_fx.runtime.checkpoint import has_checkpoint, load_checkpoint
+
+        if has_checkpoint(checkpoint_dir):
+            state = load_checkpoint(checkpoint_dir, params=trained, optimizer=opt, scheduler=sched)
+            first_step, losses, norms, tokens = state["step"], state["losses"], state["grad_norms"], state["tokens"]
+            for _ in range(first_step):  # the data position of the interrupted run
+                next(source, None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="train", file=sys.stderr, dynamic_ncols=True, leave=False)
-    _set_mode(model, True)
+        bar = tqdm(total=steps, initial=min(first_step, steps), desc="train", file=sys.stderr, dynamic_ncols=True, leave=False)
+    mode_target = model if isinstance(model, fx.GraphModule) else module
+    _set_mode(mode_target, True)
     start = time.perf_counter()
     try:
-        for step in range(steps):
+        for step in range(first_step, steps):
             try:
                 batch = next(source)
             except StopIteration:
@@ -155,8 +175,15 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
+            if checkpoint_dir and ((checkpoint_every and (step + 1) % checkpoint_every == 0) or step + 1 == steps):
+                from lora_fx.runtime.checkpoint import save_checkpoint
+
+                save_checkpoint(checkpoint_dir, step=step + 1, params=trained, optimizer=opt, scheduler=sched,
+                                losses=losses, grad_norms=norms, tokens=tokens)
     finally:
-        _set_mode(model, False)
+        _set_mode(mode_target, False)
+        if hasattr(module, "write_back"):  # ONNX models: trained adapters back into the initializers
+            module.write_back()
         if bar is not None:
             bar.close()
     return TrainResult(

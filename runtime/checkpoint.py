@@ -1,0 +1,119 @@
+"""Training checkpoints: adapter weights, AdamW state, step and RNG state in one safetensors file.
+
+Everything that decides the rest of a run is in ``checkpoint.safetensors`` (tensors, plus the
+small JSON state — step, losses, optimizer hyper-parameters, scheduler counters — in its
+metadata), written atomically, so a run killed at any moment resumes from the last complete
+checkpoint and continues the same loss curve. ``checkpoint.json`` beside it is a human-readable
+summary only. No pickle: the optimizer state is flattened into named tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_fx.errors import ConfigError
+from lora_fx.files import atomic_path, atomic_write_text
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+SUMMARY_NAME = "checkpoint.json"
+_META_KEY = "lora_fx.checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    step: int,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    losses: list[float],
+    grad_norms: list[float],
+    tokens: int,
+) -> Path:
+    """Write the state after ``step`` completed steps; returns the safetensors path."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {f"param.{k}": v.detach().cpu().contiguous() for k, v in params.items()}
+    opt_state = optimizer.state_dict()
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                tensors[f"opt.{index}.{key}"] = torch.tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {
+        "version": FORMAT_VERSION, "step": step, "losses": losses, "grad_norms": grad_norms, "tokens": tokens,
+        "param_names": list(params), "param_groups": opt_state["param_groups"], "scheduler": sched,
+    }
+    path = directory / CHECKPOINT_NAME
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(state)})
+    summary = {"step": step, "last_loss": losses[-1] if losses else None, "checkpoint": CHECKPOINT_NAME}
+    atomic_write_text(directory / SUMMARY_NAME, json.dumps(summary, indent=2))
+    return path
+
+
+def has_checkpoint(directory: str | os.PathLike | None) -> bool:
+    return directory is not None and (Path(directory) / CHECKPOINT_NAME).is_file()
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore parameters, optimizer, scheduler and RNG in place; returns the saved JSON state."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / CHECKPOINT_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{path} is not a readable checkpoint ({exc}); delete it to start over") from None
+    if _META_KEY not in meta:
+        raise ConfigError(f"{path} is not a lora_fx training checkpoint (no {_META_KEY} metadata)")
+    state = json.loads(meta[_META_KEY])
+    if sorted(state["param_names"]) != sorted(params):
+        raise ConfigError(
+            f"{path} was written for other trainable parameters ({len(state['param_names'])} saved, "
+            f"{len(params)} in this model); resume with the model and config the run started with, or use a new checkpoint dir"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            saved = tensors[f"param.{name}"]
+            if saved.shape != p.shape:
+                raise ConfigError(f"{path}: parameter {name} has shape {tuple(saved.shape)}, the model has {tuple(p.shape)}")
+            p.copy_(saved.to(p.device, p.dtype))
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, field = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[field] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    sched = dict(state["scheduler"])
+    sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
+    scheduler.load_state_dict(sched)
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return state
+
+
+__all__ = ["CHECKPOINT_NAME", "has_checkpoint", "load_checkpoint", "save_checkpoint"]

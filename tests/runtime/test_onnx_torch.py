@@ -1,0 +1,390 @@
+"""The torch execution of ONNX graphs equals ONNX Runtime: whole exported models (original and
+LoRA-rewritten) and single ops whose ONNX semantics differ from torch's defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from lora_fx.errors import UnsupportedError
+from lora_fx.runtime.onnx_torch import OnnxModule, check_supported, trainable_initializers, trainable_module
+from tests import models
+from tests.runtime import onnx_models as om
+
+TOL = 1e-5
+
+# (label, zoo model, export options, batch sizes ORT accepts)
+EXPORTS = {
+    "bert-dynamo18": ("bert", dict(opset=18), (2, 3)),
+    "bert-dynamo23": ("bert", dict(opset=23), (2, 3)),
+    "gpt2-dynamo18": ("gpt2", dict(opset=18), (2, 3)),
+    # ORT 1.31's opset-23 RotaryEmbedding kernel rejects a batch > 1 with a shared cos/sin cache
+    "llama-dynamo23": ("llama", dict(opset=23), (1, 1)),
+    "llama-dynamo18": ("llama", dict(opset=18), (2, 3)),
+    "bert-torchscript17": ("bert", dict(opset=17, dynamo=False), (2, 3)),
+    "gpt2-torchscript17": ("gpt2", dict(opset=17, dynamo=False), (2, 3)),
+}
+
+
+class Exports:
+    """Each model is exported once per session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.paths: dict[str, Path] = {}
+
+    def path(self, label: str) -> Path:
+        if label not in self.paths:
+            if label == "bert-fused":
+                model = ir.load(str(self.path("bert-dynamo18")))
+                from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+                model, _ = optimize_for_ort(model)
+                self.paths[label] = om.save(model, self.root / "bert-fused.onnx")
+            else:
+                name, kw, _ = EXPORTS[label]
+                self.paths[label] = om.export(name, self.root / f"{label}.onnx", **kw)
+        return self.paths[label]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Exports:
+    return Exports(tmp_path_factory.mktemp("onnx_exports"))
+
+
+def _compare(path: Path, model: ir.Model, feeds: dict[str, torch.Tensor]) -> None:
+    module = OnnxModule(model)
+    out = module(**feeds)
+    ref = om.ort_run(path, feeds)
+    assert list(out) == [v.name for v in model.graph.outputs]
+    for name, r in zip(out, ref):
+        got = out[name].detach()
+        assert tuple(got.shape) == r.shape, name
+        err = models.max_rel(got.double(), torch.from_numpy(r).double())
+        assert err <= TOL, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", list(EXPORTS) + ["bert-fused"])
+def test_exported_model_matches_onnxruntime(exports: Exports, label: str, tmp_path: Path) -> None:
+    path = exports.path(label)
+    batches = EXPORTS[label][2] if label in EXPORTS else (2, 3)
+    original = ir.load(str(path))
+    if label == "bert-fused":
+        domains = {n.domain for n in original.graph}
+        assert "com.microsoft" in domains  # the fused graph really exercises the contrib ops
+    # two shapes through one module: the per-shape constants must not leak between calls
+    module = OnnxModule(original)
+    for batch, seq, pad in ((batches[0], 8, 2), (batches[1], 5, 0)):
+        feeds = models.inputs(batch, seq, pad=pad if batch > 1 else 0, seed=seq)
+        names = {v.name for v in original.graph.inputs}
+        if "token_type_ids" in names:
+            feeds["token_type_ids"] = torch.zeros_like(feeds["input_ids"])
+        out = module(**feeds)
+        ref = om.ort_run(path, feeds)
+        for name, r in zip(out, ref):
+            assert models.max_rel(out[name].detach().double(), torch.from_numpy(r).double()) <= TOL, (label, name, batch, seq)
+    if label == "bert-fused":
+        return  # LoRA on fused graphs is the ONNX front end's business; the ops are covered above
+    rewritten = om.add_lora(ir.load(str(path)), r=4, random_b=True)
+    lora_path = om.save(rewritten, tmp_path / "lora.onnx")
+    assert trainable_initializers(rewritten)
+    feeds = models.inputs(batches[0], 8, pad=2 if batches[0] > 1 else 0)
+    if "token_type_ids" in {v.name for v in rewritten.graph.inputs}:
+        feeds["token_type_ids"] = torch.zeros_like(feeds["input_ids"])
+    _compare(lora_path, rewritten, feeds)
+    # the adapters really change the output (random B): the comparison above is not vacuous
+    base = OnnxModule(original)(**feeds)
+    adapted = OnnxModule(rewritten)(**feeds)
+    key = next(iter(base))
+    assert models.max_rel(adapted[key].detach(), base[key].detach()) > 1e-3
+
+
+def test_adapter_initializers_are_the_parameters(exports: Exports) -> None:
+    model = om.add_lora(ir.load(str(exports.path("bert-dynamo18"))), r=2)
+    module = trainable_module(model)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    meta = json.loads(model.metadata_props["lora_fx.lora"])
+    assert len(trainable) == 2 * len(meta) > 0
+    assert set(module.named_adapters()) == {s[k] for s in meta.values() for k in ("a", "b")}
+    # frozen weights are buffers, and not in the state dict (checkpoints hold only adapters)
+    assert set(module.state_dict()) == trainable
+    # gradients reach A and B only
+    feeds = models.inputs(2, 6)
+    feeds["token_type_ids"] = torch.zeros_like(feeds["input_ids"])
+    out = module(**feeds)["last_hidden_state"]
+    out.pow(2).mean().backward()
+    grads = {n: p.grad for n, p in module.named_adapters().items()}
+    assert all(g is not None for g in grads.values())
+    assert any(float(g.abs().sum()) > 0 for n, g in grads.items() if n.endswith("lora_B.weight"))
+
+
+def test_write_back_updates_initializers(exports: Exports, tmp_path: Path) -> None:
+    model = om.add_lora(ir.load(str(exports.path("gpt2-dynamo18"))), r=2)
+    module = trainable_module(model)
+    with torch.no_grad():
+        for p in module.named_adapters().values():
+            p.add_(0.25)
+    names = module.write_back()
+    for name in names:
+        saved = model.graph.initializers[name].const_value.numpy()
+        np.testing.assert_array_equal(saved, module.tensor(name).detach().numpy())
+    path = om.save(model, tmp_path / "wb.onnx")
+    feeds = models.inputs(2, 7)
+    _compare(path, ir.load(str(path)), feeds)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_graph(exports: Exports) -> None:
+    model = om.add_lora(ir.load(str(exports.path("bert-dynamo18"))), r=2, random_b=True)
+    module = OnnxModule(model)
+    feeds = models.inputs(2, 8, pad=2)
+    feeds["token_type_ids"] = torch.zeros_like(feeds["input_ids"])
+    eager = module(**feeds)["last_hidden_state"]
+    compiled = torch.compile(module)
+    out = compiled(**feeds)["last_hidden_state"]
+    assert models.max_rel(out.detach(), eager.detach()) <= 1e-5
+    out.sum().backward()  # and trains through the compiled graph
+    assert all(p.grad is not None for p in module.named_adapters().values())
+
+
+# ---- single ops, against ONNX Runtime ------------------------------------------------------------
+
+def _single(node: onnx.NodeProto, inputs: dict[str, np.ndarray], n_out: int = 1, opset: int = 18,
+            inits: dict[str, np.ndarray] | None = None, ms: bool = False) -> ir.Model:
+    def info(name: str, arr: np.ndarray) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), None)
+
+    outs = [helper.make_empty_tensor_value_info(o) for o in node.output[:n_out]]
+    graph = helper.make_graph(
+        [node], "g", [info(k, v) for k, v in inputs.items()], outs,
+        initializer=[onnx.numpy_helper.from_array(v, k) for k, v in (inits or {}).items()],
+    )
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
+    proto = helper.make_model(graph, opset_imports=imports, ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+def _check_op(model: ir.Model, inputs: dict[str, np.ndarray], tmp_path: Path, tol: float = 1e-6) -> None:
+    path = tmp_path / "op.onnx"
+    ir.save(model, str(path))
+    ref = om.ort_run(path, inputs)
+    out = OnnxModule(model, trainable=[])(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    for (name, got), r in zip(out.items(), ref):
+        got = got.detach().numpy()
+        assert got.shape == r.shape and got.dtype == r.dtype, (name, got.shape, r.shape, got.dtype, r.dtype)
+        if np.issubdtype(r.dtype, np.floating):
+            np.testing.assert_allclose(got, r, rtol=tol, atol=tol)
+        else:
+            np.testing.assert_array_equal(got, r)
+
+
+rng = np.random.default_rng(0)
+I64 = np.array([-7, 7, -7, 7, -8, 9], dtype=np.int64)
+D64 = np.array([2, -2, -2, 2, 3, -4], dtype=np.int64)
+X3 = rng.standard_normal((2, 3, 5)).astype(np.float32)
+
+OP_CASES = {
+    "div-int-truncates": (helper.make_node("Div", ["a", "b"], ["y"]), {"a": I64, "b": D64}, {}, 18),
+    "mod-int-divisor-sign": (helper.make_node("Mod", ["a", "b"], ["y"]), {"a": I64, "b": D64}, {}, 18),
+    "mod-fmod": (helper.make_node("Mod", ["a", "b"], ["y"], fmod=1), {"a": I64, "b": D64}, {}, 18),
+    "gather-negative": (helper.make_node("Gather", ["x", "i"], ["y"], axis=1),
+                        {"x": X3, "i": np.array([[-1, 0], [1, -3]], dtype=np.int64)}, {}, 18),
+    "gather-negative-const": (helper.make_node("Gather", ["x", "i"], ["y"], axis=2), {"x": X3},
+                              {"i": np.array([-1, 2, -5], dtype=np.int64)}, 18),
+    "gather-elements-negative": (helper.make_node("GatherElements", ["x", "i"], ["y"], axis=2),
+                                 {"x": X3, "i": rng.integers(-5, 5, (2, 3, 4)).astype(np.int64)}, {}, 18),
+    "gather-nd-batch": (helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1),
+                        {"x": X3, "i": np.array([[[0, 1], [2, -1]], [[1, 4], [0, 0]]], dtype=np.int64)}, {}, 18),
+    "scatter-nd": (helper.make_node("ScatterND", ["x", "i", "u"], ["y"]),
+                   {"x": X3, "i": np.array([[0, 2], [1, 0]], dtype=np.int64), "u": np.ones((2, 5), np.float32)}, {}, 18),
+    "slice-negative-step": (helper.make_node("Slice", ["x", "s", "e", "ax", "st"], ["y"]), {"x": X3},
+                            {"s": np.array([-1, 10], np.int64), "e": np.array([-100, 0], np.int64),
+                             "ax": np.array([2, 1], np.int64), "st": np.array([-2, -1], np.int64)}, 18),
+    "slice-clamped": (helper.make_node("Slice", ["x", "s", "e"], ["y"]), {"x": X3},
+                      {"s": np.array([1, -2], np.int64), "e": np.array([2**62, 2**62], np.int64)}, 18),
+    "softmax-opset11-flattens": (helper.make_node("Softmax", ["x"], ["y"], axis=1), {"x": X3}, {}, 11),
+    "softmax-default-axis": (helper.make_node("Softmax", ["x"], ["y"]), {"x": X3}, {}, 18),
+    "reshape-zero-minus-one": (helper.make_node("Reshape", ["x", "s"], ["y"]), {"x": X3},
+                               {"s": np.array([0, -1], np.int64)}, 18),
+    "split-num-outputs-uneven": (helper.make_node("Split", ["x"], ["a", "b", "c"], axis=2, num_outputs=3), {"x": X3}, {}, 18),
+    "expand-bidirectional": (helper.make_node("Expand", ["x", "s"], ["y"]), {"x": rng.standard_normal((3, 1)).astype(np.float32)},
+                             {"s": np.array([2, 1, 4], np.int64)}, 18),
+    "trilu-lower-k": (helper.make_node("Trilu", ["x", "k"], ["y"], upper=0), {"x": X3}, {"k": np.array(-1, np.int64)}, 18),
+    "reduce-mean-axes-input": (helper.make_node("ReduceMean", ["x", "ax"], ["y"], keepdims=0), {"x": X3},
+                               {"ax": np.array([-1, 0], np.int64)}, 18),
+    "reduce-sum-empty-noop": (helper.make_node("ReduceSum", ["x"], ["y"], noop_with_empty_axes=0), {"x": X3}, {}, 18),
+    "unsqueeze-axes": (helper.make_node("Unsqueeze", ["x", "ax"], ["y"]), {"x": X3}, {"ax": np.array([-1, 0], np.int64)}, 18),
+    "squeeze-axes": (helper.make_node("Squeeze", ["x", "ax"], ["y"]), {"x": X3[:, :1]}, {"ax": np.array([1], np.int64)}, 18),
+    "cumsum-exclusive-reverse": (helper.make_node("CumSum", ["x", "ax"], ["y"], exclusive=1, reverse=1), {"x": X3},
+                                 {"ax": np.array(2, np.int64)}, 18),
+    "range-float": (helper.make_node("Range", ["a", "b", "c"], ["y"]), {},
+                    {"a": np.array(0.5, np.float32), "b": np.array(3.2, np.float32), "c": np.array(0.7, np.float32)}, 18),
+    "constant-of-shape": (helper.make_node("ConstantOfShape", ["s"], ["y"], value=helper.make_tensor("v", TensorProto.INT64, [1], [3])),
+                          {}, {"s": np.array([2, 3], np.int64)}, 18),
+    "shape-start-end": (helper.make_node("Shape", ["x"], ["y"], start=1, end=-1), {"x": X3}, {}, 18),
+    "where-broadcast": (helper.make_node("Where", ["c", "x", "z"], ["y"]),
+                        {"c": rng.random((3, 1)) > 0.5, "x": X3, "z": np.float32(-1.0) * np.ones(5, np.float32)}, {}, 18),
+    "pow-int-exponent": (helper.make_node("Pow", ["x", "e"], ["y"]), {"x": X3}, {"e": np.array(3, np.int64)}, 18),
+    "einsum": (helper.make_node("Einsum", ["x", "w"], ["y"], equation="bij,kj->bik"),
+               {"x": X3, "w": rng.standard_normal((4, 5)).astype(np.float32)}, {}, 18),
+    "layer-norm-axis1-all-outputs": (helper.make_node("LayerNormalization", ["x", "g", "b"], ["y", "m", "s"], axis=1),
+                                     {"x": X3}, {"g": rng.standard_normal((3, 5)).astype(np.float32),
+                                                 "b": rng.standard_normal((3, 5)).astype(np.float32)}, 18),
+    "gemm-trans-alpha-beta": (helper.make_node("Gemm", ["a", "b", "c"], ["y"], transA=1, alpha=0.5, beta=2.0),
+                              {"a": rng.standard_normal((4, 3)).astype(np.float32)},
+                              {"b": rng.standard_normal((4, 5)).astype(np.float32), "c": rng.standard_normal(5).astype(np.float32)}, 18),
+    "cast-bool": (helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BOOL), {"x": X3}, {}, 18),
+    "rms-normalization": (helper.make_node("RMSNormalization", ["x", "g"], ["y"], epsilon=1e-3), {"x": X3},
+                          {"g": rng.standard_normal(5).astype(np.float32)}, 23),
+}
+
+
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_op_semantics_match_onnxruntime(case: str, tmp_path: Path) -> None:
+    node, inputs, inits, opset = OP_CASES[case]
+    model = _single(node, inputs, n_out=len(node.output), opset=opset, inits=inits)
+    _check_op(model, inputs, tmp_path)
+
+
+def _attention_case(is_causal: int, mask: str, past: bool, three_d: bool) -> tuple:
+    b, hq, hkv, s, p, d = 2, 4, 2, 5, 3, 8
+    q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
+    k = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
+    total = s + (p if past else 0)
+    inputs = {"q": q, "k": k, "v": v}
+    names = ["q", "k", "v"]
+    attrs: dict = {"is_causal": is_causal}
+    if three_d:
+        inputs = {"q": q.transpose(0, 2, 1, 3).reshape(b, s, hq * d), "k": k.transpose(0, 2, 1, 3).reshape(b, s, hkv * d),
+                  "v": v.transpose(0, 2, 1, 3).reshape(b, s, hkv * d)}
+        attrs.update(q_num_heads=hq, kv_num_heads=hkv)
+    if mask == "bool":
+        m = rng.random((b, 1, s, total)) > 0.3
+        m[..., 0] = True
+        inputs["m"] = m
+        names.append("m")
+    elif mask == "float":
+        inputs["m"] = rng.standard_normal((s, total)).astype(np.float32)
+        names.append("m")
+    else:
+        names.append("")
+    if past:
+        inputs["pk"] = rng.standard_normal((b, hkv, p, d)).astype(np.float32)
+        inputs["pv"] = rng.standard_normal((b, hkv, p, d)).astype(np.float32)
+        names += ["pk", "pv"]
+    while names[-1] == "":
+        names.pop()
+    outs = ["y", "pk_out", "pv_out"] if past else ["y"]
+    return helper.make_node("Attention", names, outs, **attrs), inputs
+
+
+@pytest.mark.parametrize("is_causal,mask,past,three_d", [
+    (0, "none", False, False), (1, "none", False, False), (0, "bool", False, False), (1, "float", True, False),
+    (0, "float", False, True), (1, "bool", True, True),
+])
+def test_opset23_attention_matches_onnxruntime(is_causal, mask, past, three_d, tmp_path: Path) -> None:
+    node, inputs = _attention_case(is_causal, mask, past, three_d)
+    model = _single(node, inputs, n_out=len(node.output), opset=23)
+    _check_op(model, inputs, tmp_path, tol=1e-5)
+
+
+def test_dequantize_linear_int4_blocked(tmp_path: Path) -> None:
+    q = rng.integers(-8, 8, (8, 6)).astype(np.int8)
+    scale = rng.random((2, 6)).astype(np.float32) + 0.1
+    zp = rng.integers(-2, 2, (2, 6)).astype(np.int8)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0, block_size=4),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[helper.make_tensor("q", TensorProto.INT4, q.shape, q.flatten().tolist()),
+                     onnx.numpy_helper.from_array(scale, "s"),
+                     helper.make_tensor("z", TensorProto.INT4, zp.shape, zp.flatten().tolist())],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    _check_op(model, {"x": x}, tmp_path, tol=1e-5)
+
+
+def test_dequantize_linear_per_channel(tmp_path: Path) -> None:
+    q = rng.integers(0, 255, (4, 6)).astype(np.uint8)
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=1)
+    model = _single(node, {"q": q}, inits={"s": rng.random(6).astype(np.float32), "z": rng.integers(0, 255, 6).astype(np.uint8)})
+    _check_op(model, {"q": q}, tmp_path)
+
+
+@pytest.mark.parametrize("with_zp", [False, True])
+def test_matmul_nbits(with_zp: bool, tmp_path: Path) -> None:
+    n, k, block = 6, 40, 16
+    blocks = -(-k // block)
+    packed = rng.integers(0, 256, (n, blocks, block // 2)).astype(np.uint8)
+    scales = (rng.random((n * blocks)) + 0.1).astype(np.float32)
+    inits = {"w": packed, "s": scales}
+    ins = ["x", "w", "s"]
+    if with_zp:
+        inits["z"] = rng.integers(0, 256, (n, -(-blocks // 2))).astype(np.uint8)
+        ins.append("z")
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    model = _single(node, {"x": x}, inits=inits, ms=True)
+    _check_op(model, {"x": x}, tmp_path, tol=1e-4)
+
+
+def test_matmul_bnb4_nf4(tmp_path: Path) -> None:
+    n, k, block = 4, 64, 32
+    packed = rng.integers(0, 256, (n * k // 2,)).astype(np.uint8)
+    absmax = (rng.random(n * k // block) + 0.5).astype(np.float32)
+    node = helper.make_node("MatMulBnb4", ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block, quant_type=1)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    model = _single(node, {"x": x}, inits={"w": packed, "a": absmax}, ms=True)
+    _check_op(model, {"x": x}, tmp_path, tol=1e-4)
+
+
+def test_gemm_mlp_matches_onnxruntime(tmp_path: Path) -> None:
+    """A hand-built MLP of Gemm + Relu + Gemm with a LoRA branch on the first layer."""
+    w1, b1 = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    w2, b2 = rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    a = rng.standard_normal((8, 2)).astype(np.float32)
+    bb = rng.standard_normal((2, 16)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("MatMul", ["x", "fc1.lora_A.weight"], ["xa"]),
+        helper.make_node("MatMul", ["xa", "fc1.lora_B.weight"], ["xab"]),
+        helper.make_node("Add", ["h", "xab"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[onnx.numpy_helper.from_array(v, n) for n, v in
+                     {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "fc1.lora_A.weight": a, "fc1.lora_B.weight": bb}.items()],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+    assert trainable_initializers(model) == ["fc1.lora_A.weight", "fc1.lora_B.weight"]
+    _check_op(model, {"x": rng.standard_normal((5, 8)).astype(np.float32)}, tmp_path, tol=1e-5)
+
+
+def test_unsupported_op_is_named_before_running() -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="ok"),
+             helper.make_node("Hardmax", ["h"], ["y"], name="the_hardmax"),
+             helper.make_node("Frobnicate", ["y"], ["z"], name="custom", domain="vendor.ops")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("vendor.ops", 1)])
+    model = ir.serde.deserialize_model(proto)
+    with pytest.raises(UnsupportedError) as err:
+        check_supported(model)
+    msg = str(err.value)
+    assert "Hardmax" in msg and "the_hardmax" in msg and "Frobnicate" in msg and "vendor.ops" in msg and "custom" in msg
+    with pytest.raises(UnsupportedError, match="Frobnicate"):
+        OnnxModule(model)

@@ -1,0 +1,189 @@
+"""Training through an ONNX graph: loss goes down, written-back models run in ONNX Runtime with the
+same predictions, the loss curve equals the FX graph's, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import lora_fx
+from lora_fx.errors import ConfigError, UnsupportedError
+from lora_fx.runtime.onnx_torch import OnnxModule
+from tests.runtime import onnx_models as om
+
+SITES = ["query", "value"]
+
+
+def _mlp(hidden: int = 16, lora: bool = True, extra_node: onnx.NodeProto | None = None) -> ir.Model:
+    """Gemm + Relu + Gemm classifier with LoRA on the first layer (zero B, as a fresh adapter)."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
+    inits = {"w1": f(hidden, 8), "b1": f(hidden), "w2": f(3, hidden), "b2": f(3)}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1)]
+    last = "h"
+    if lora:
+        inits["fc1.lora_A.weight"] = f(8, 2)
+        inits["fc1.lora_B.weight"] = np.zeros((2, hidden), np.float32)
+        nodes += [helper.make_node("MatMul", ["x", "fc1.lora_A.weight"], ["xa"]),
+                  helper.make_node("MatMul", ["xa", "fc1.lora_B.weight"], ["xab"]),
+                  helper.make_node("Add", ["h", "xab"], ["h2"])]
+        last = "h2"
+    nodes += [helper.make_node("Relu", [last], ["r"]), helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1)]
+    if extra_node is not None:
+        nodes.append(extra_node)
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])]
+    if extra_node is not None:
+        outputs.append(helper.make_empty_tensor_value_info(extra_node.output[0]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])], outputs,
+                              initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+
+
+def _mlp_batches(n: int = 6) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x = torch.randn(16, 8, generator=gen)
+        out.append({"x": x, "labels": (x[:, 0] > 0).long() + (x[:, 1] > 0).long()})
+    return out
+
+
+def test_training_an_onnx_model_writes_adapters_back(tmp_path: Path) -> None:
+    model = _mlp()
+    before = {n: model.graph.initializers[n].const_value.numpy().copy() for n in ("fc1.lora_A.weight", "fc1.lora_B.weight", "w1")}
+    result = lora_fx.train(model, _mlp_batches(), lora_fx.runtime.train.cross_entropy_on("logits"), steps=40, lr=1e-2, progress=False)
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    after = {n: model.graph.initializers[n].const_value.numpy() for n in before}
+    assert not np.array_equal(after["fc1.lora_B.weight"], before["fc1.lora_B.weight"])
+    np.testing.assert_array_equal(after["w1"], before["w1"])  # the base stays frozen
+    # the saved file carries the trained adapter: ORT reproduces the trained torch module's loss
+    path = tmp_path / "tuned.onnx"
+    ir.save(model, str(path))
+    batch = _mlp_batches()[0]
+    logits = torch.from_numpy(om.ort_run(path, {"x": batch["x"]})[0])
+    torch_logits = OnnxModule(ir.load(str(path)))(x=batch["x"])["logits"].detach()
+    torch.testing.assert_close(logits, torch_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_no_adapters_and_unsupported_ops_are_refused_before_training() -> None:
+    with pytest.raises(ConfigError, match="no adapter"):
+        lora_fx.train(_mlp(lora=False), _mlp_batches(), lambda o, b: o["logits"].sum(), steps=1, progress=False)
+    model = _mlp(extra_node=helper.make_node("Hardmax", ["logits"], ["hm"], name="vendor_hardmax"))
+    b_before = model.graph.initializers["fc1.lora_B.weight"].const_value
+    with pytest.raises(UnsupportedError, match="Hardmax.*vendor_hardmax"):
+        lora_fx.train(model, _mlp_batches(), lambda o, b: o["logits"].sum(), steps=1, progress=False)
+    assert model.graph.initializers["fc1.lora_B.weight"].const_value is b_before  # nothing written
+
+
+def test_checkpoint_resume_continues_the_same_loss_curve(tmp_path: Path) -> None:
+    loss = lora_fx.runtime.train.cross_entropy_on("logits")
+    full = lora_fx.train(_mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Stop):  # a crash after step 7: the last checkpoint is the one of step 5
+        lora_fx.train(_mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False, checkpoint_dir=str(ckpt),
+                      checkpoint_every=5, on_step=_stop_after(7))
+    ran: list[int] = []
+    resumed = lora_fx.train(_mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False,
+                            checkpoint_dir=str(ckpt), checkpoint_every=5, resume=True, on_step=lambda s, v: ran.append(s))
+    assert ran == list(range(5, 12))  # it really resumed at the checkpoint of step 5
+    assert resumed.losses == full.losses  # bit-identical: adapters, AdamW moments, step and data position restored
+    assert (ckpt / "checkpoint.safetensors").is_file() and (ckpt / "checkpoint.json").is_file()
+    assert not list(ckpt.glob(".*.tmp"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n: int):
+    def on_step(step: int, value: float) -> None:
+        if step + 1 >= n:
+            raise _Stop
+
+    return on_step
+
+
+# ---- the bundled MiniLM ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory) -> dict:
+    """MiniLM exported once with the dynamo exporter, plus the task and the captured FX graph."""
+    from lora_fx.hf import load_hf_model, minilm_dir
+    from lora_fx.tasks import TenseTask
+
+    root = tmp_path_factory.mktemp("minilm")
+    task = TenseTask.from_model_dir(minilm_dir(), max_length=16, batch_size=8)
+    model = load_hf_model(minilm_dir())
+    example = task.example()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    path = root / "minilm.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (), str(path), kwargs=example, dynamo=True, opset_version=18,
+                          input_names=list(example), output_names=["last_hidden_state", "pooler_output"],
+                          dynamic_shapes={k: {0: batch, 1: seq} for k in example}, verbose=False)
+    return {"path": path, "task": task, "model": model}
+
+
+def _onnx_lora(path: Path, r: int, alpha: float) -> ir.Model:
+    return om.add_lora(ir.load(str(path)), r=r, alpha=alpha, targets=SITES)
+
+
+@pytest.mark.slow
+def test_minilm_onnx_training_lowers_loss_and_ort_agrees(minilm: dict, tmp_path: Path) -> None:
+    task = minilm["task"]
+    model = _onnx_lora(minilm["path"], r=4, alpha=8)
+    batches = task.batches("train")[:6]
+    result = lora_fx.train(model, batches, task.loss_fn, steps=12, lr=3e-3, progress=False)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3]) - 0.05, result.losses
+    out = om.save(model, tmp_path / "tuned.onnx")
+    module = OnnxModule(ir.load(str(out)))
+    agree = total = 0
+    for batch in task.batches("test")[:3]:
+        feeds = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden_ort = torch.from_numpy(om.ort_run(out, feeds)[0])
+        hidden_torch = module(**feeds)["last_hidden_state"].detach()
+        torch.testing.assert_close(hidden_torch, hidden_ort, rtol=1e-4, atol=1e-4)
+        pred_ort = task.logits(hidden_ort, batch["attention_mask"]).argmax(-1)
+        pred_torch = task.logits(hidden_torch, batch["attention_mask"]).argmax(-1)
+        agree += int((pred_ort == pred_torch).sum())
+        total += len(pred_ort)
+    assert agree == total
+    # and the adapters in the file are the trained ones, not the zero B it started with
+    b_names = [n for n in model.graph.initializers if n.endswith("lora_B.weight")]
+    assert any(np.abs(ir.load(str(out)).graph.initializers[n].const_value.numpy()).max() > 0 for n in b_names)
+
+
+@pytest.mark.slow
+def test_minilm_loss_curve_equals_fx_graph(minilm: dict) -> None:
+    from lora_fx.adapters import to_deployment_layout
+
+    task = minilm["task"]
+    r = 4
+    gm = lora_fx.capture(minilm["model"], kwargs=task.example())
+    # alpha == r: scale 1, so Adam sees the same parameters in both layouts (it is not scale-invariant)
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=r, lora_alpha=r, target_modules=SITES, lora_dropout=0.0))
+    model = _onnx_lora(minilm["path"], r=r, alpha=r)
+    sites = [n.removesuffix(".lora_A.weight") for n in model.graph.initializers if n.endswith(".lora_A.weight")]
+    assert len(sites) == 12
+    torch.manual_seed(5)
+    for site in sites:
+        sub = gm.get_submodule(site)
+        with torch.no_grad():
+            sub.lora_B.weight.normal_(0, 0.02)  # a non-trivial start: both sides see the same B
+        a, b = to_deployment_layout(sub.lora_A.weight.detach(), sub.lora_B.weight.detach(), 1.0)
+        for name, t in ((f"{site}.lora_A.weight", a), (f"{site}.lora_B.weight", b)):
+            model.graph.initializers[name].const_value = ir.Tensor(t.numpy(), name=name)
+    batches = task.batches("train")[:5]
+    kw = dict(steps=20, lr=1e-3, seed=0, progress=False)
+    fx_result = lora_fx.train(gm, batches, task.loss_fn, **kw)
+    onnx_result = lora_fx.train(model, batches, task.loss_fn, **kw)
+    diffs = np.abs(np.array(fx_result.losses) - np.array(onnx_result.losses))
+    assert diffs.max() <= 1e-4, diffs
+    assert fx_result.losses[-1] < fx_result.losses[0]  # the curve moved: the comparison is not of two constants
