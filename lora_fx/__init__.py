@@ -17,6 +17,7 @@ from lora_fx.errors import (
     TargetNotFoundError,
     UnsupportedError,
 )
+from lora_fx.onnx_model import load, save
 from lora_fx.passes.fx.capture import capture
 from lora_fx.runtime.train import TrainResult, train
 from lora_fx.sites import Site, SiteKind
@@ -30,3 +31,4 @@ __all__ = [
     "UnsupportedError", "apply", "capture", "find_sites", "load_adapter", "save_adapter",
     "select_targets", "train",
 ]
+__all__ += ["load", "save"]

@@ -1,0 +1,111 @@
+"""Reading and writing ONNX files as ``onnx_ir`` models.
+
+``load`` checks what a model file promises before any pass sees it: that it parses as an ONNX model,
+that it has a graph, and that every external-data tensor it references is present and long enough.
+``save`` writes the model (and its external data when large) under temporary names and renames
+them into place only when everything is written, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lora_fx.errors import ModelLoadError
+
+# Above this many bytes of initializers the weights go into a ``<name>.data`` file next to the model:
+# protobuf cannot hold a message over 2 GiB, and one large file is slow to rewrite anyway.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model (external data supported) as an ``onnx_ir.Model``.
+
+    Raises ``ModelLoadError`` naming the file and the reason when it is missing, unreadable,
+    truncated, not an ONNX model, or refers to external data that is missing or too short.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file; pass the path of an .onnx model")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the .onnx file inside it")
+    try:
+        model = ir.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not a whole ONNX model
+        reason = str(exc).strip() or type(exc).__name__
+        raise ModelLoadError(
+            f"{path} could not be read as an ONNX model ({reason}); the file is truncated, corrupt or not ONNX. "
+            f"Re-export it or copy it again"
+        ) from None
+    if len(model.graph) == 0 or not model.opset_imports:
+        # Protobuf happily parses many non-ONNX byte strings as an empty message.
+        raise ModelLoadError(
+            f"{path} is not an ONNX model (it parses to a model with no nodes or no opset); "
+            f"pass a model written by an ONNX exporter"
+        )
+    _check_external_data(model, path)
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.base_dir) / tensor.location
+        if not data_path.is_file():
+            raise ModelLoadError(
+                f"{path}: initializer {value.name!r} is stored in external data file {data_path}, which is missing; "
+                f"keep the data file next to the model under the name the model records ({tensor.location})"
+            )
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if data_path.stat().st_size < end:
+            raise ModelLoadError(
+                f"{path}: external data file {data_path} ends at byte {data_path.stat().st_size}, but initializer "
+                f"{value.name!r} needs bytes up to {end}; the data file is truncated: copy it again"
+            )
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    ``external_data=None`` stores the weights in ``<path name>.data`` beside the model when they
+    exceed ``EXTERNAL_DATA_THRESHOLD``; ``True``/``False`` force the choice. Both files are written
+    under a temporary directory next to ``path`` and renamed into place (data first) only when
+    both are complete.
+    """
+    path = Path(path)
+    if not isinstance(model, ir.Model):
+        from lora_fx.errors import ConfigError
+
+        raise ConfigError(f"save takes an onnx_ir Model (from lora_fx.load), got {type(model).__name__}")
+    if external_data is None:
+        # A tensor still stored in another file's external data would be written as a reference to that
+        # file, relative to the new location: copy such weights into our own data file instead.
+        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        )
+    elif not external_data and any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        from onnx_ir import external_data as ext
+
+        ext.load_to_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = f"{path.name}.data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        ir.save(model, str(tmp_model), external_data=data_name if external_data else None)
+        if external_data:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path

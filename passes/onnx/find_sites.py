@@ -1,0 +1,558 @@
+"""Find the linear and attention sites of an ONNX model (an ``onnx_ir.Model``).
+
+Linear sites (``Site.kind == linear``; ``Site.handle`` is the ONNX node):
+
+* ``MatMul(x, W)`` with W constant: an initializer or ``Constant``, possibly reached through
+  ``Transpose`` / ``Cast`` / ``DequantizeLinear`` / ``Identity`` (how exporters and quantizers store
+  ``[out, in]`` or compressed weights); a following ``Add`` of a constant ``[out]`` vector is the bias.
+* ``Gemm(x, W[, C])`` with W constant, ``transB`` 0 or 1, with or without C;
+  ``com.microsoft.FusedMatMul`` (``transB``) from ONNX Runtime's fusions.
+* ``com.microsoft.MatMulNBits`` and ``com.microsoft.MatMulBnb4`` (block-quantized weights, shapes
+  from the ``K``/``N`` attributes).
+* ``com.microsoft.Attention``'s packed QKV weight: reported as a linear site (op
+  ``com.microsoft.Attention``) that ``insert_lora`` refuses with a clear message, since its
+  projection output is not a tensor of the graph.
+
+Attention sites (``kind == attention``): the opset-23/24 ``Attention`` op;
+``com.microsoft.MultiHeadAttention`` / ``Attention`` / ``GroupQueryAttention``; and the decomposed
+form exporters write: ``MatMul(q, kᵀ)`` → scale (``Mul``/``Div``, on the scores or on q and k) →
+optional mask (``Add``/``Where``, torch's ``IsNaN``/``Where`` guards) → ``Softmax`` → optional
+``Where``/``Cast``/``Dropout`` → ``MatMul(·, v)``. ``num_heads`` and ``kv_heads`` come from static
+shapes or attributes, and for grouped-query models from the K projection (so a repeated K still
+reports the true kv head count).
+
+Names, in order of preference: the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata (the
+calling module's path), TorchScript node names (``/encoder/layer.0/attention/self/query/MatMul``),
+the weight initializer's name (``….weight``), the node name. A name used twice (a weight tied
+across several uses, a module called twice) gets ``_1``, ``_2``… on its later uses. Nodes a
+lora_fx pass inserted (metadata ``lora_fx.inserted``) are never sites.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lora_fx.sites import IRKind, Site, SiteKind
+
+# Node metadata key set on every node a lora_fx pass adds, so later passes never take them for sites.
+INSERTED = "lora_fx.inserted"
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+MS = "com.microsoft"
+
+_WEIGHT_CHAIN_OPS = {"Transpose", "Cast", "DequantizeLinear", "Identity", "CastLike"}
+_SCORE_OPS = {"Add", "Where", "Mul", "Div", "Sub", "Cast", "Identity", "Tanh", "Max", "Min", "Clip"}
+_PROB_OPS = {"Where", "Cast", "Dropout", "Identity"}
+_SHAPE_OPS = {"Reshape", "Identity", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+# Ops a Q/K tensor passes through between its projection and the attention, keeping the head count.
+_HEAD_PATH_OPS = {
+    "Reshape", "Transpose", "Mul", "Div", "Add", "Cast", "Identity", "RotaryEmbedding", "Unsqueeze", "Expand",
+    "Squeeze", "Concat", "Neg", "Sub", "SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization",
+}
+
+_DTYPES = {
+    ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
+    ir.DataType.DOUBLE: "float64",
+}
+
+
+def dtype_name(dtype: ir.DataType | None) -> str:
+    return _DTYPES.get(dtype, str(getattr(dtype, "name", dtype)).lower()) if dtype is not None else "float32"
+
+
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant tensor behind ``value``: an initializer or a ``Constant`` node's value."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain == "" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor()
+    return None
+
+
+def is_inserted(node: ir.Node) -> bool:
+    return INSERTED in node.metadata_props
+
+
+@dataclass
+class LinearParts:
+    """How one linear site computes: what insert_lora and the weight passes need to rewrite it.
+
+    ``weight`` is the stored constant (an initializer, or a Constant's output); ``chain`` the
+    nodes between it and the consuming op (Transpose, Cast, DequantizeLinear...), nearest first;
+    ``output`` the value the site's result is read from (after the bias ``Add`` when there is one).
+    ``out_in`` is True when the effective weight is ``[out, in]`` (Gemm transB=1, MatMulNBits).
+    """
+
+    node: ir.Node
+    x: ir.Value
+    weight: ir.Value | None
+    chain: list[ir.Node]
+    in_features: int
+    out_features: int
+    out_in: bool
+    bias: ir.Value | None
+    bias_node: ir.Node | None
+    output: ir.Value
+    dtype: str
+    adaptable: bool = True
+    # The stored constant is [out, in] (torch's nn.Linear layout, before any Transpose in ``chain``).
+    stored_out_in: bool = False
+
+
+def _weight_source(value: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
+    """Walk back from a matmul operand through weight-storage ops to a constant."""
+    chain: list[ir.Node] = []
+    for _ in range(4):
+        if value is None:
+            return None, chain
+        if const_tensor(value) is not None:
+            return value, chain
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _WEIGHT_CHAIN_OPS:
+            return None, chain
+        chain.append(node)
+        value = node.inputs[0]
+    return None, chain
+
+
+def _effective_shape(weight: ir.Value, chain: list[ir.Node]) -> tuple[int, ...] | None:
+    shape = tuple(const_tensor(weight).shape)
+    for node in reversed(chain):  # from the constant toward the consumer
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", None) or list(reversed(range(len(shape))))
+            shape = tuple(shape[p] for p in perm)
+    return shape if len(shape) == 2 and all(isinstance(d, int) for d in shape) else None
+
+
+def _weight_dtype(weight: ir.Value, chain: list[ir.Node], consumer: ir.Node) -> ir.DataType | None:
+    if consumer.outputs[0].dtype is not None:
+        return consumer.outputs[0].dtype
+    for node in chain:  # nearest the consumer first
+        if node.outputs[0].dtype is not None:
+            return node.outputs[0].dtype
+    return const_tensor(weight).dtype
+
+
+def _bias_after(node: ir.Node, out_features: int) -> tuple[ir.Value | None, ir.Node | None]:
+    """A constant ``[out]`` vector added to the node's single output: the linear layer's bias."""
+    y = node.outputs[0]
+    users = [u for u, _ in y.uses()]
+    if len(users) != 1 or users[0].op_type != "Add" or users[0].domain != "" or is_inserted(users[0]):
+        return None, None
+    add = users[0]
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    source, _ = _weight_source(other)
+    if source is None:
+        return None, None
+    shape = tuple(const_tensor(source).shape)
+    if shape in ((out_features,), (1, out_features)):
+        return other, add
+    return None, None
+
+
+def linear_parts(node: ir.Node) -> LinearParts | None:
+    """The parts of ``node`` if it is a linear site, else None."""
+    if is_inserted(node) or not node.inputs or node.inputs[0] is None:
+        return None
+    op, domain = node.op_type, node.domain
+    x = node.inputs[0]
+    if domain in ("", "ai.onnx") and op in ("MatMul", "Gemm") or domain == MS and op == "FusedMatMul":
+        if len(node.inputs) < 2 or const_tensor(x) is not None:
+            return None
+        weight, chain = _weight_source(node.inputs[1])
+        if weight is None:
+            return None
+        shape = _effective_shape(weight, chain)
+        if shape is None:
+            return None
+        if op == "MatMul":
+            trans_b, trans_a = 0, 0
+        else:
+            trans_a = node.attributes.get_int("transA", 0)
+            trans_b = node.attributes.get_int("transB", 0)
+        if trans_a:
+            return None
+        in_f, out_f = (shape[1], shape[0]) if trans_b else shape
+        dtype = dtype_name(_weight_dtype(weight, chain, node))
+        bias, bias_node = None, None
+        if op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = node.inputs[2]
+        elif op == "MatMul":
+            bias, bias_node = _bias_after(node, out_f)
+        output = bias_node.outputs[0] if bias_node is not None else node.outputs[0]
+        swaps = sum(n.op_type == "Transpose" for n in chain) % 2
+        return LinearParts(
+            node, x, weight, chain, int(in_f), int(out_f), bool(trans_b), bias, bias_node, output, dtype,
+            stored_out_in=bool(trans_b) != bool(swaps),
+        )
+    if domain == MS and op in ("MatMulNBits", "MatMulBnb4"):
+        in_f, out_f = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+        if not in_f or not out_f:
+            return None
+        scales = node.inputs[2] if len(node.inputs) > 2 else None
+        dtype = dtype_name(node.outputs[0].dtype or (scales.dtype if scales is not None else None))
+        bias = node.inputs[5] if op == "MatMulNBits" and len(node.inputs) > 5 else None
+        return LinearParts(node, x, node.inputs[1], [], in_f, out_f, True, bias, None, node.outputs[0], dtype, stored_out_in=True)
+    if domain == MS and op == "Attention" and len(node.inputs) > 1:
+        weight = node.inputs[1]
+        t = const_tensor(weight)
+        if t is None or len(t.shape) != 2:
+            return None
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return LinearParts(
+            node, x, weight, [], int(t.shape[0]), int(t.shape[1]), False, bias, None, node.outputs[0],
+            dtype_name(t.dtype), adaptable=False,
+        )
+    return None
+
+
+# ---- names ---------------------------------------------------------------------------------------
+
+_ANON = re.compile(r"^(val_\d+|onnx::.*|_?v_?\d+|arg\d+.*|p_.*|b_.*|c_.*|initializer.*)$")
+
+
+def _scope_name(node: ir.Node) -> str | None:
+    text = node.metadata_props.get(NAME_SCOPES)
+    if text:
+        try:
+            scopes = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            scopes = None
+        if isinstance(scopes, (list, tuple)) and len(scopes) >= 2 and scopes[-2]:
+            return str(scopes[-2])
+    return None
+
+
+def _torchscript_name(node: ir.Node) -> str | None:
+    name = node.name or ""
+    if not name.startswith("/"):
+        return None
+    parts = [p for p in name.strip("/").split("/")[:-1] if p]
+    return ".".join(parts) or None
+
+
+def _initializer_name(weight: ir.Value | None) -> str | None:
+    name = weight.name if weight is not None else None
+    if not name or _ANON.match(name) or ".weight" not in name:
+        return None
+    return name.split(".weight")[0] or None
+
+
+def site_name(node: ir.Node, weight: ir.Value | None = None) -> str:
+    """The source module path of a node, by the best evidence the exporter left."""
+    return (
+        _scope_name(node) or _torchscript_name(node) or _initializer_name(weight)
+        or node.name or f"{node.op_type}"
+    )
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+def _static_shape(value: ir.Value | None) -> tuple | None:
+    if value is None or value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in value.shape)
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    t = const_tensor(value)
+    if t is None or math.prod(t.shape) != 1:
+        return None
+    try:
+        return float(np.asarray(t.numpy()).reshape(-1)[0])
+    except Exception:  # a dtype numpy cannot read: no scale evidence
+        return None
+
+
+def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
+    """Walk back through Mul/Div by scalar constants (the scale torch puts on q and k)."""
+    factor = 1.0
+    for _ in range(4):
+        node = value.producer()
+        if node is None or node.op_type not in ("Mul", "Div", "Transpose") or node.domain != "":
+            break
+        if node.op_type == "Transpose":
+            value = node.inputs[0]
+            continue
+        a, b = node.inputs[0], node.inputs[1]
+        sb, sa = _scalar(b), _scalar(a)
+        if sb is not None:
+            factor *= sb if node.op_type == "Mul" else 1.0 / sb
+            value = a
+        elif sa is not None and node.op_type == "Mul":
+            factor *= sa
+            value = b
+        else:
+            break
+    return value, factor
+
+
+def _projection_out(value: ir.Value | None, max_hops: int = 14) -> int | None:
+    """out_features of the linear site a Q/K tensor was projected by, if the path keeps all heads."""
+    for _ in range(max_hops):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        parts = linear_parts(node) if node.op_type not in ("Add",) else None
+        if parts is None and node.op_type == "Add" and node.outputs[0] is not None:
+            # MatMul + bias Add: the Add's output is the projection's output.
+            for inp in node.inputs:
+                prod = inp.producer() if inp is not None else None
+                if prod is not None and (p := linear_parts(prod)) is not None and p.bias_node is node:
+                    return p.out_features
+        if parts is not None:
+            return parts.out_features if parts.adaptable else None
+        if node.op_type == "Split" and len(node.outputs) > 1:
+            # A packed projection (GPT-2's c_attn) split into equal Q, K, V parts.
+            sizes = const_tensor(node.inputs[1]) if len(node.inputs) > 1 else None
+            if sizes is not None and len(set(np.asarray(sizes.numpy()).tolist())) != 1:
+                return None
+            whole = _projection_out(node.inputs[0], max_hops - 1)
+            return whole // len(node.outputs) if whole and whole % len(node.outputs) == 0 else None
+        if node.op_type not in _HEAD_PATH_OPS:
+            return None  # Slice/Gather...: a packed projection, its width says nothing of the heads
+        value = next((i for i in node.inputs if i is not None and const_tensor(i) is None), None)
+    return None
+
+
+@dataclass
+class AttentionParts:
+    node: ir.Node  # the Attention op, or the Softmax of a decomposed attention
+    q: ir.Value | None
+    k: ir.Value | None
+    v: ir.Value | None
+    output: ir.Value
+    num_heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    op: str
+
+
+def _heads_from(q: ir.Value | None, k: ir.Value | None, head_dim: int | None, scale: float | None,
+                q_heads: int | None = None, k_heads: int | None = None) -> tuple[int | None, int | None, int | None]:
+    if head_dim is None and scale:
+        guess = round(1.0 / (scale * scale))
+        head_dim = guess if guess > 0 and abs(1.0 / math.sqrt(guess) - scale) < 1e-3 * scale else None
+    if head_dim:
+        q_out, k_out = _projection_out(q), _projection_out(k)
+        if q_heads is None and q_out and q_out % head_dim == 0:
+            q_heads = q_out // head_dim
+        if k_out and k_out % head_dim == 0:
+            # The projection's width is the true kv head count even when the graph repeats K for GQA.
+            k_heads = k_out // head_dim
+    return q_heads, k_heads, head_dim
+
+
+def _decomposed_attention(softmax: ir.Node) -> AttentionParts | None:
+    axis = softmax.attributes.get_int("axis", -1)
+    if axis not in (-1, 3):
+        return None
+    # Back to MatMul(q, kᵀ), through scale, mask and the exporters' NaN guards.
+    frontier, scores, scale = [softmax.inputs[0]], None, 1.0
+    for _ in range(8):
+        nxt = []
+        for value in frontier:
+            node = value.producer() if value is not None else None
+            if node is None or node.domain != "":
+                continue
+            if node.op_type == "MatMul" and const_tensor(node.inputs[1]) is None and const_tensor(node.inputs[0]) is None:
+                scores = node
+                break
+            if node.op_type in _SCORE_OPS:
+                if node.op_type in ("Mul", "Div"):
+                    s = _scalar(node.inputs[1])
+                    if s is not None:
+                        scale *= s if node.op_type == "Mul" else 1.0 / s
+                nxt.extend(i for i in node.inputs if i is not None and const_tensor(i) is None)
+        if scores is not None or not nxt:
+            break
+        frontier = nxt
+    if scores is None:
+        return None
+    # Forward to MatMul(p, v).
+    value, sink = softmax.outputs[0], None
+    for _ in range(4):
+        # torch's dynamo exporter guards fully masked rows: Where(IsNaN(p), 0, p).
+        users = [u for u, _ in value.uses() if u.op_type != "IsNaN"]
+        if len(users) != 1:
+            break
+        user = users[0]
+        if user.op_type == "MatMul" and user.inputs[0] is value and const_tensor(user.inputs[1]) is None:
+            sink = user
+            break
+        if user.op_type not in _PROB_OPS:
+            break
+        value = user.outputs[0]
+    if sink is None:
+        return None
+    q, q_scale = _strip_scale(scores.inputs[0])
+    k, k_scale = _strip_scale(scores.inputs[1])
+    scale *= q_scale * k_scale
+    qs, ks = _static_shape(q), _static_shape(k)
+    head_dim = qs[-1] if qs and len(qs) == 4 else None
+    q_heads = qs[1] if qs and len(qs) == 4 else None
+    k_heads = ks[1] if ks and len(ks) == 4 else None
+    q_heads, k_heads, head_dim = _heads_from(q, k, head_dim, scale, q_heads, k_heads)
+    return AttentionParts(softmax, q, k, sink.inputs[1], sink.outputs[0], q_heads, k_heads, head_dim, "decomposed")
+
+
+def attention_parts(node: ir.Node) -> AttentionParts | None:
+    """The parts of ``node`` if it is an attention site (an Attention op or a decomposed Softmax)."""
+    if is_inserted(node):
+        return None
+    op, domain = node.op_type, node.domain
+    ins = list(node.inputs) + [None] * 3
+    if domain in ("", "ai.onnx") and op == "Attention":
+        q, k, v = ins[0], ins[1], ins[2]
+        qs, ks = _static_shape(q), _static_shape(k)
+        heads = node.attributes.get_int("q_num_heads", None) if "q_num_heads" in node.attributes else None
+        kv = node.attributes.get_int("kv_num_heads", None) if "kv_num_heads" in node.attributes else None
+        head_dim = None
+        if qs and len(qs) == 4:
+            heads, head_dim = heads or qs[1], qs[3]
+            kv = kv or (ks[1] if ks and len(ks) == 4 else None)
+        elif qs and len(qs) == 3 and qs[2] and heads:
+            head_dim = qs[2] // heads
+        scale = node.attributes.get_float("scale", None) if "scale" in node.attributes else None
+        heads, kv, head_dim = _heads_from(q, k, head_dim, scale, heads, kv)
+        return AttentionParts(node, q, k, v, node.outputs[0], heads, kv, head_dim, "Attention")
+    if domain == MS and op in ("MultiHeadAttention", "GroupQueryAttention", "Attention"):
+        heads = node.attributes.get_int("num_heads", 0) or None
+        kv = (node.attributes.get_int("kv_num_heads", 0) or None) if op == "GroupQueryAttention" else heads
+        hidden = None
+        if op == "Attention":
+            w = const_tensor(ins[1])
+            hidden = int(w.shape[1]) // 3 if w is not None and len(w.shape) == 2 else None
+            q, k, v = ins[0], None, None
+        else:
+            q, k, v = ins[0], ins[1], ins[2]
+            qs = _static_shape(q)
+            hidden = qs[-1] if qs and len(qs) == 3 else None
+            if op == "MultiHeadAttention" and (k is None or v is None) and hidden and heads:
+                hidden = None  # packed QKV query input: the last dim is not the hidden size
+        head_dim = hidden // heads if hidden and heads else None
+        if op == "MultiHeadAttention" and k is not None and head_dim:
+            # K may be repeated to the query's head count for grouped-query models; the projection is not.
+            heads, kv, head_dim = _heads_from(q, k, head_dim, None, heads, kv)
+        return AttentionParts(node, q, k, v, node.outputs[0], heads, kv, head_dim, f"{MS}.{op}")
+    if domain in ("", "ai.onnx") and op == "Softmax":
+        return _decomposed_attention(node)
+    return None
+
+
+# ---- the pass ------------------------------------------------------------------------------------
+
+
+def _output_layer_nodes(graph: ir.Graph, linear: list[LinearParts]) -> set[int]:
+    """Linear sites whose result reaches a graph output through shape-only ops (lm_head, classifiers)."""
+    outputs = {id(v) for v in graph.outputs}
+    found: set[int] = set()
+    for parts in linear:
+        value = parts.output
+        for _ in range(6):
+            if id(value) in outputs:
+                found.add(id(parts.node))
+                break
+            users = [u for u, _ in value.uses()]
+            if len(users) != 1:
+                break
+            user = users[0]
+            is_bias = user.op_type == "Add" and any(const_tensor(i) is not None for i in user.inputs if i is not value)
+            if user.op_type not in _SHAPE_OPS and not is_bias:
+                break
+            value = user.outputs[0]
+    return found
+
+
+def _projection_node(value: ir.Value | None, max_hops: int = 14) -> ir.Node | None:
+    """The linear site node a Q tensor was projected by (through reshapes, rotary, splits)."""
+    for _ in range(max_hops):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if linear_parts(node) is not None:
+            return node
+        if node.op_type == "Add":
+            for inp in node.inputs:
+                prod = inp.producer() if inp is not None else None
+                if prod is not None and (p := linear_parts(prod)) is not None and p.bias_node is node:
+                    return prod
+        if node.op_type not in _HEAD_PATH_OPS | {"Split", "Slice"}:
+            return None
+        value = next((i for i in node.inputs if i is not None and const_tensor(i) is None), None)
+    return None
+
+
+def _attention_name(att: AttentionParts) -> str:
+    node = att.node
+    if node.domain == MS:
+        # Fusions copy metadata from whichever node they replaced; the module that owns the Q projection
+        # (``…attention.self`` for ``…attention.self.query``) is the attention block.
+        proj = _projection_node(att.q)
+        if proj is not None:
+            name = site_name(proj, linear_parts(proj).weight)
+            if "." in name:
+                return name.rsplit(".", 1)[0]
+    return site_name(node)
+
+
+class FindSites:
+    """Collect every linear and attention site of an ONNX model, in graph order (read-only).
+
+    Matches the forms listed in this module's docstring; returns ``Site`` objects with
+    ``ir = IRKind.ONNX`` and ``handle`` = the ONNX node (the Softmax for decomposed attention).
+    """
+
+    def __call__(self, model: ir.Model) -> list[Site]:
+        graph = model.graph
+        nodes = list(graph)
+        linear = [p for p in (linear_parts(n) for n in nodes) if p is not None]
+        by_node = {id(p.node): p for p in linear}
+        output_layers = _output_layer_nodes(graph, linear)
+        seen: dict[str, int] = {}
+        sites: list[Site] = []
+
+        def unique(name: str) -> str:
+            count = seen.get(name, 0)
+            seen[name] = count + 1
+            return name if count == 0 else f"{name}_{count}"
+
+        for node in nodes:
+            parts = by_node.get(id(node))
+            if parts is not None:
+                name = site_name(node, parts.weight)
+                sites.append(Site(
+                    # com.microsoft.Attention's packed projection shares the node with its attention site.
+                    name=unique(name if parts.adaptable else f"{name}.qkv"), kind=SiteKind.LINEAR, ir=IRKind.ONNX,
+                    in_features=parts.in_features, out_features=parts.out_features, dtype=parts.dtype,
+                    has_bias=parts.bias is not None, fan_in_fan_out=not parts.stored_out_in,
+                    is_output_layer=id(node) in output_layers,
+                    op=node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
+                    handle=node,
+                ))
+                if parts.adaptable:
+                    continue
+            att = attention_parts(node)
+            if att is not None:
+                hidden = att.num_heads * att.head_dim if att.num_heads and att.head_dim else None
+                sites.append(Site(
+                    name=unique(_attention_name(att)), kind=SiteKind.ATTENTION, ir=IRKind.ONNX,
+                    num_heads=att.num_heads, kv_heads=att.kv_heads, head_dim=att.head_dim,
+                    in_features=hidden, out_features=hidden,
+                    dtype=dtype_name(att.output.dtype), op=att.op, handle=node,
+                ))
+        return sites
+
+
+def find_sites(model: ir.Model) -> list[Site]:
+    """Every linear and attention site of ``model``, in graph order."""
+    return FindSites()(model)

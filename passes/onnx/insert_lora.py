@@ -1,0 +1,221 @@
+"""Insert LoRA branches at linear sites of an ONNX model (an ``onnx_ir.Model``).
+
+Matches every linear form ``find_sites`` reports: ``MatMul`` (with or without a bias ``Add``),
+``Gemm`` (``transB`` 0 or 1, with or without C), ``com.microsoft.FusedMatMul``, ``MatMulNBits`` and
+``MatMulBnb4``. ``com.microsoft.Attention``'s packed QKV projection is refused (its output is not a
+tensor of the graph): unfuse the model, or leave the site out.
+
+The ONNX LoRA layout, a public contract other passes and tools build on
+-------------------------------------------------------------------------
+For each adapted site ``<site>`` the graph gains
+
+* initializers ``<site>.lora_A.weight`` ``[in, r]`` and ``<site>.lora_B.weight`` ``[r, out]`` in the
+  model's dtype (the dtype of the site's input activation), the scale ``alpha / r`` (or
+  ``alpha / sqrt(r)``) already folded into B — the deployment layout of ONNX Runtime and Olive,
+  converted from PEFT's layout only by ``lora_fx.adapters.to_deployment_layout``;
+* three nodes after the site's output (after its bias, if any):
+  ``MatMul(x, A)`` → ``MatMul(·, B)`` → ``Add(y, ·)``, so the output gains exactly ``x @ A @ B``.
+  They carry node metadata ``lora_fx.inserted = "lora"`` and ``lora_fx.site = <site>``; the site's
+  own node gets ``lora_fx.adapted = "default"``. A site whose output was a graph output keeps the
+  output's name: the new ``Add`` takes it.
+
+and the model's ``metadata_props`` record, as JSON:
+
+* ``lora_fx.lora``: ``{site: {"r", "alpha", "scale", "in_features", "out_features", "a", "b"}}``
+  where ``a``/``b`` are the initializer names above;
+* ``lora_fx.lora_config``: the ``LoraConfig`` (PEFT's ``adapter_config.json`` content).
+
+Dropout is not inserted (the graph is an inference graph; ``lora_dropout`` stays in the config).
+A second rewrite of a site that already has an adapter is refused with ``AdapterError`` before
+anything is changed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lora_fx.adapters import to_deployment_layout
+from lora_fx.config import ALL_LINEAR, InitLoraWeights, LoraConfig
+from lora_fx.errors import AdapterError, TargetNotFoundError, UnsupportedError
+from lora_fx.passes.fx.insert_lora import init_lora
+from lora_fx.passes.onnx.find_sites import INSERTED, LinearParts, find_sites, linear_parts
+from lora_fx.passes.result import PassResult
+from lora_fx.targeting import Target, select_targets
+
+LORA_KEY = "lora_fx.lora"
+CONFIG_KEY = "lora_fx.lora_config"
+ADAPTED = "lora_fx.adapted"
+SITE = "lora_fx.site"
+
+_TORCH_DTYPES = {
+    ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16, ir.DataType.BFLOAT16: torch.bfloat16,
+    ir.DataType.DOUBLE: torch.float64,
+}
+
+
+def lora_metadata(model: ir.Model) -> dict[str, dict[str, Any]]:
+    """The ``lora_fx.lora`` record of ``model``: ``{site: {r, alpha, scale, in_features, out_features, a, b}}``."""
+    text = model.metadata_props.get(LORA_KEY)
+    return json.loads(text) if text else {}
+
+
+def lora_names(site: str) -> tuple[str, str]:
+    return f"{site}.lora_A.weight", f"{site}.lora_B.weight"
+
+
+def to_ir_tensor(t: torch.Tensor, dtype: ir.DataType, name: str) -> ir.Tensor:
+    """A torch tensor as an onnx_ir tensor of ``dtype`` (bfloat16 through ml_dtypes)."""
+    array = t.detach().to(torch.float32).cpu().numpy()
+    if dtype == ir.DataType.BFLOAT16:
+        import ml_dtypes
+
+        return ir.Tensor(array.astype(ml_dtypes.bfloat16), dtype=dtype, name=name)
+    return ir.Tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
+
+
+def _initializer(graph: ir.Graph, name: str, tensor: ir.Tensor) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _model_dtype(parts: LinearParts) -> ir.DataType:
+    if parts.x.dtype in _TORCH_DTYPES:
+        return parts.x.dtype
+    if parts.output.dtype in _TORCH_DTYPES:
+        return parts.output.dtype
+    return ir.DataType.FLOAT
+
+
+class InsertLora:
+    """Add a LoRA branch ``y += x @ A @ B`` at each target linear site (layout in the module docstring).
+
+    Matches MatMul (+ bias Add), Gemm (transB 0/1, with or without C), FusedMatMul, MatMulNBits and
+    MatMulBnb4 sites found by ``find_sites``. Returns the names of the sites it adapted.
+    """
+
+    def __init__(self, targets: Sequence[Target], init: InitLoraWeights = InitLoraWeights.KAIMING,
+                 adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """``adapters`` optionally gives PEFT-layout ``(A [r, in], B [out, r])`` per site instead of ``init``."""
+        self.targets = list(targets)
+        self.init = init
+        self.adapters = adapters or {}
+
+    def _check(self, model: ir.Model) -> list[tuple[Target, LinearParts]]:
+        graph = model.graph
+        existing = lora_metadata(model)
+        plan: list[tuple[Target, LinearParts]] = []
+        seen: set[str] = set()
+        for target in self.targets:
+            site, node = target.site, target.site.handle
+            if not isinstance(node, ir.Node) or node.graph is not graph:
+                raise AdapterError(f"site {site.name} does not belong to this model; call find_sites on the model you rewrite")
+            a_name, b_name = lora_names(site.name)
+            if site.name in existing or site.name in seen or ADAPTED in node.metadata_props or a_name in graph.initializers or b_name in graph.initializers:
+                raise AdapterError(
+                    f"site {site.name} already has a LoRA adapter; a second one would double the branch. "
+                    f"Rewrite the original model, or fold the existing adapter first"
+                )
+            parts = linear_parts(node)
+            if parts is None:
+                raise UnsupportedError(f"node {node.name!r} of site {site.name} is no longer a linear site lora_fx can rewrite")
+            if not parts.adaptable:
+                raise UnsupportedError(
+                    f"site {site.name} is the packed QKV projection inside {node.domain}.{node.op_type}, whose output is not "
+                    f"a tensor of the graph, so no LoRA branch can be added to it. Export the model without attention fusion "
+                    f"(e.g. before optimize_for_ort), or leave this site out with exclude_modules"
+                )
+            if site.name in self.adapters:
+                a, b = self.adapters[site.name]
+                if tuple(a.shape) != (target.r, parts.in_features) or tuple(b.shape) != (parts.out_features, target.r):
+                    raise AdapterError(
+                        f"adapter for {site.name} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, expected "
+                        f"A{(target.r, parts.in_features)} B{(parts.out_features, target.r)} (PEFT layout)"
+                    )
+            seen.add(site.name)
+            plan.append((target, parts))
+        return plan
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        plan = self._check(model)  # everything is validated before the first change
+        graph = model.graph
+        record = lora_metadata(model)
+        changed: list[str] = []
+        for target, parts in plan:
+            record[target.site.name] = self._rewrite(graph, target, parts)
+            changed.append(target.site.name)
+        if changed:
+            model.metadata_props[LORA_KEY] = json.dumps(record, sort_keys=True)
+        return PassResult(model, bool(changed), changed)
+
+    def _rewrite(self, graph: ir.Graph, target: Target, parts: LinearParts) -> dict[str, Any]:
+        site = target.site
+        dtype = _model_dtype(parts)
+        if site.name in self.adapters:
+            a, b = (t.detach().to(torch.float32) for t in self.adapters[site.name])
+        else:
+            a = torch.empty(target.r, parts.in_features)
+            b = torch.empty(parts.out_features, target.r)
+            init_lora(a, b, target.r, self.init)
+        a_dep, b_dep = to_deployment_layout(a, b, target.scale)
+        a_name, b_name = lora_names(site.name)
+        a_val = _initializer(graph, a_name, to_ir_tensor(a_dep, dtype, a_name))
+        b_val = _initializer(graph, b_name, to_ir_tensor(b_dep, dtype, b_name))
+
+        y = parts.output
+        meta = {INSERTED: "lora", SITE: site.name}
+        xa = ir.node("MatMul", [parts.x, a_val], name=f"{site.name}/lora_A/MatMul", metadata_props=dict(meta))
+        xab = ir.node("MatMul", [xa.outputs[0], b_val], name=f"{site.name}/lora_B/MatMul", metadata_props=dict(meta))
+        add = ir.node("Add", [y, xab.outputs[0]], name=f"{site.name}/lora/Add", metadata_props=dict(meta))
+        xa.outputs[0].name = f"{site.name}/lora_A/output"
+        xab.outputs[0].name = f"{site.name}/lora_B/output"
+        for v in (xa.outputs[0], xab.outputs[0], add.outputs[0]):
+            v.dtype = dtype
+        add.outputs[0].shape = y.shape
+        graph.insert_after(y.producer(), [xa, xab, add])
+
+        is_graph_output = any(o is y for o in graph.outputs)
+        original_name = y.name
+        y.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+        add.replace_input_with(0, y)
+        if is_graph_output:
+            # Graph outputs are part of the model's interface: the adapted value keeps the name.
+            y.name = f"{original_name}/lora_fx_base"
+            add.outputs[0].name = original_name
+        else:
+            add.outputs[0].name = f"{site.name}/lora/output"
+        parts.node.metadata_props[ADAPTED] = "default"
+        return {
+            "r": target.r, "alpha": target.alpha, "scale": target.scale,
+            "in_features": parts.in_features, "out_features": parts.out_features, "a": a_name, "b": b_name,
+        }
+
+
+def insert_lora(model: ir.Model, targets: Sequence[Target], init: InitLoraWeights = InitLoraWeights.KAIMING,
+                adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PassResult:
+    return InsertLora(targets, init, adapters)(model)
+
+
+def select_onnx_targets(model: ir.Model, config: LoraConfig, model_type: str | None = None) -> list[Target]:
+    """``select_targets`` on the model's sites; ``all-linear`` skips fused projections LoRA cannot reach."""
+    sites = find_sites(model)
+    targets = select_targets(sites, config, model_type=model_type)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        targets = [t for t in targets if (p := linear_parts(t.site.handle)) is not None and p.adaptable]
+        if not targets:
+            raise TargetNotFoundError("all-linear found only fused projections that LoRA cannot adapt in this model")
+    return targets
+
+
+def apply_lora(model: ir.Model, config: LoraConfig, *, model_type: str | None = None,
+               adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ir.Model:
+    """Select the sites ``config`` targets and insert LoRA there (what ``lora_fx.apply`` calls for ONNX)."""
+    targets = select_onnx_targets(model, config, model_type)
+    InsertLora(targets, config.init_lora_weights, adapters)(model)
+    model.metadata_props[CONFIG_KEY] = config.to_json()
+    return model
