@@ -7,7 +7,7 @@ format.
 
 from lora_fx.adapters import load_adapter, save_adapter
 from lora_fx.api import apply, find_sites
-from lora_fx.config import InitLoraWeights, LoraConfig, PrefixConfig
+from lora_fx.config import InitLoraWeights, LoraConfig, PrefixConfig, QuantConfig, QuantDType
 from lora_fx.errors import (
     AdapterError,
     CaptureError,
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError", "CaptureError", "ConfigError", "InitLoraWeights", "LoraConfig", "LoraFxError",
-    "ModelLoadError", "PrefixConfig", "Site", "SiteKind", "Target", "TargetNotFoundError", "TrainResult",
+    "ModelLoadError", "PrefixConfig", "QuantConfig", "QuantDType", "Site", "SiteKind", "Target", "TargetNotFoundError", "TrainResult",
     "UnsupportedError", "apply", "capture", "find_sites", "load_adapter", "save_adapter",
     "select_targets", "train",
 ]

@@ -26,6 +26,9 @@ aten = torch.ops.aten
 
 # Node.meta key marking nodes a lora_fx pass added, so later passes do not take them for sites.
 INSERTED = "lora_fx_inserted"
+# Node.meta key of a quantized linear site (passes/fx/quantize_weights.py): a lora_fx::linear_<format>
+# node whose args are (x, packed weight, ...); it holds format, in/out features, bias and the model dtype.
+QUANTIZED = "lora_fx_quantized"
 
 _LINEAR_OPS = {aten.linear.default}
 _IN_OUT_OPS = {aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1}
@@ -56,15 +59,38 @@ def _param(gm: fx.GraphModule, node: object) -> torch.nn.Parameter | None:
 
 
 def weight_node(node: fx.Node) -> fx.Node:
-    """The get_attr node holding a linear site's weight."""
+    """The get_attr node holding a linear site's weight (its packed storage when quantized)."""
+    if node.meta.get(QUANTIZED):
+        return node.args[1]
     return node.args[1] if node.target in _LINEAR_OPS else node.args[_IN_OUT_OPS[node.target]]
+
+
+def weight_device(gm: fx.GraphModule, node: fx.Node) -> torch.device:
+    """The device of a linear site's weight, a parameter or (quantized) a buffer."""
+    target = weight_node(node).target
+    try:
+        return gm.get_parameter(target).device
+    except AttributeError:
+        return gm.get_buffer(target).device
 
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _quantized_site(node: fx.Node, output_layer: str | None) -> Site:
+    q = node.meta[QUANTIZED]
+    name = module_path(node) or str(weight_node(node).target).rsplit(".", 1)[0]
+    return Site(
+        name=name, kind=SiteKind.LINEAR, ir=IRKind.FX, in_features=q["in_features"], out_features=q["out_features"],
+        dtype=q["dtype"], has_bias=bool(q["has_bias"]), is_output_layer=(name == output_layer),
+        op=f"lora_fx.linear_{q['format']}", handle=node,
+    )
+
+
 def _linear_site(gm: fx.GraphModule, node: fx.Node, output_layer: str | None) -> Site | None:
+    if node.meta.get(QUANTIZED):
+        return _quantized_site(node, output_layer)
     if node.target in _LINEAR_OPS:
         w = _param(gm, node.args[1])
         if w is None or w.dim() != 2:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from lora_fx.config import InitLoraWeights
 from lora_fx.errors import AdapterError
 from lora_fx.passes.fx.capture import meta
-from lora_fx.passes.fx.find_sites import INSERTED, weight_node
+from lora_fx.passes.fx.find_sites import INSERTED, weight_device
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import Target
 
@@ -102,7 +102,7 @@ class InsertLora:
         dtype = getattr(torch, site.dtype)
         # fp16/bf16 bases keep adapters in fp32, as PEFT's autocast_adapter_dtype does.
         adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        device = gm.get_parameter(weight_node(site.handle).target).device
+        device = weight_device(gm, site.handle)
         a = torch.empty(target.r, site.in_features, dtype=adapter_dtype, device=device)
         b = torch.empty(site.out_features, target.r, dtype=adapter_dtype, device=device)
         init_lora(a, b, target.r, self.init)

@@ -1,0 +1,341 @@
+"""quantize_weights (QLoRA) on captured GraphModules: numerics against independent references, memory,
+exactness against the dequantized float model, training through packed storage, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.config import QuantConfig, QuantDType
+from lora_fx.errors import ConfigError
+from lora_fx.passes.fx.capture import meta
+from lora_fx.passes.fx.quantize_weights import (
+    NF4_CODE,
+    dequantize_int4,
+    dequantize_nf4,
+    dequantized_weight,
+    linear_weight_bytes,
+    quantize_int4,
+    quantize_int8,
+    quantize_nf4,
+    quantized_nodes,
+)
+from tests.models import VOCAB, inputs, main_output, max_rel, run
+
+NF4_DQ = QuantConfig(dtype="nf4", double_quant=True)
+
+
+# ---- numerics ---------------------------------------------------------------------------------
+def test_nf4_code_book_is_qlora_normal_float():
+    """Rebuild the table from the QLoRA paper's construction: normal quantiles, asymmetric 8+7 halves, exact 0."""
+    offset = 0.9677083
+    ndtri = torch.special.ndtri
+    pos = ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    values = values / values.abs().max()
+    assert torch.allclose(values.float(), torch.tensor(NF4_CODE), atol=1e-6, rtol=0)
+
+
+def _reference_nf4(w: torch.Tensor, block: int, sblock: int):
+    """torchao's to_nf4 / bitsandbytes, written out element by element from the published algorithm."""
+    flat = w.reshape(-1).tolist()
+    code = list(NF4_CODE)
+    absmax, codes = [], []
+    for start in range(0, len(flat), block):
+        chunk = flat[start : start + block]
+        m = max(abs(v) for v in chunk)
+        absmax.append(m)
+        for v in chunk:
+            s = torch.tensor(v, dtype=torch.float32) / torch.tensor(m, dtype=torch.float32)
+            dist = [abs(float(s) - c) for c in code]
+            codes.append(dist.index(min(dist)))  # the first (lowest) code wins a tie
+    packed = [(codes[i] << 4) | codes[i + 1] for i in range(0, len(codes), 2)]  # first weight high nibble
+    am = torch.tensor(absmax, dtype=torch.float32)
+    mean = am.mean()
+    centered = (am - mean).view(-1, sblock)
+    factor = 256 / (2 * centered.abs().amax(dim=1))
+    q = (centered * factor[:, None]).round().clamp(-128, 127).to(torch.int8).reshape(-1)
+    return torch.tensor(packed, dtype=torch.uint8), am, q, factor, mean
+
+
+def test_nf4_codes_and_scales_equal_reference_algorithm():
+    torch.manual_seed(1)
+    w = torch.randn(32, 128) * 0.05
+    w[3, 5] = 0.0
+    w[7, :64] = 0.0  # an all-zero block
+    w[7, 0] = 1e-30
+    ref_packed, ref_absmax, ref_q, ref_factor, ref_mean = _reference_nf4(w, 64, 8)
+    single = quantize_nf4(w, 64)
+    assert torch.equal(single["qweight"], ref_packed)
+    assert torch.equal(single["qscale"], ref_absmax)
+    double = quantize_nf4(w, 64, double_quant=True, scaler_block_size=8)
+    assert torch.equal(double["qweight"], ref_packed)
+    assert torch.equal(double["qscale"], ref_q)
+    assert torch.allclose(double["qscale_factor"], ref_factor, rtol=1e-7, atol=0)
+    assert torch.allclose(double["qscale_mean"], ref_mean.reshape(1), rtol=1e-7, atol=0)
+    # Dequantized: code value times (double-dequantized) absmax, as torchao's get_original_weight.
+    codes = torch.stack([ref_packed >> 4, ref_packed & 15], 1).reshape(-1).long()
+    am = ref_q.float() / ref_factor.repeat_interleave(8) + ref_mean
+    expect = (torch.tensor(NF4_CODE)[codes].view(-1, 64) * am[:, None]).view(32, 128)
+    got = dequantize_nf4(double["qweight"], double["qscale"], double["qscale_factor"], double["qscale_mean"], 32, 128, 64, 8)
+    assert torch.allclose(got, expect, rtol=1e-6, atol=0)
+    assert got[3, 5] == 0 and torch.all(got[7, 1:64] == 0)
+
+
+def test_nf4_error_is_half_a_code_step_at_most():
+    torch.manual_seed(2)
+    w = torch.randn(64, 64)
+    s = quantize_nf4(w, 64)
+    got = dequantize_nf4(s["qweight"], s["qscale"], None, None, 64, 64, 64, 256)
+    widest_gap = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:]))
+    bound = s["qscale"].repeat_interleave(64).view(64, 64) * widest_gap / 2
+    assert torch.all((got - w).abs() <= bound + 1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_codes_follow_definition(symmetric):
+    torch.manual_seed(3)
+    w = torch.randn(16, 128) + (0.0 if symmetric else 0.7)
+    s = quantize_int4(w, 64, symmetric=symmetric)
+    blocks = w.view(-1, 64)
+    packed = s["qweight"]
+    codes = torch.stack([packed & 15, packed >> 4], 1).reshape(-1, 64).float()  # low nibble first
+    scale = s["qscale"].float()
+    assert s["qscale"].dtype == torch.float16
+    if symmetric:
+        assert torch.allclose(scale, (blocks.abs().amax(1) / 7).half().float())
+        zero = torch.full((blocks.shape[0],), 8.0)
+    else:
+        lo, hi = blocks.amin(1).clamp(max=0), blocks.amax(1).clamp(min=0)
+        assert torch.allclose(scale, ((hi - lo) / 15).half().float())
+        zp = s["qzero"]
+        zero = torch.stack([zp & 15, zp >> 4], 1).reshape(-1)[: blocks.shape[0]].float()
+        assert torch.equal(zero, (-lo / scale).round().clamp(0, 15))
+    expect = (codes - zero[:, None]) * scale[:, None]
+    got = dequantize_int4(packed, s["qscale"], s.get("qzero"), 16, 128, 64)
+    assert torch.equal(got.view(-1, 64), expect)
+    assert torch.all((got.view(-1, 64) - blocks).abs() <= scale[:, None] / 2 + 1e-6)
+
+
+def test_int8_equals_torch_per_channel_quantization():
+    torch.manual_seed(4)
+    w = torch.randn(24, 40)
+    s = quantize_int8(w)
+    ref = torch.quantize_per_channel(w, s["qscale"].double(), torch.zeros(24, dtype=torch.long), 0, torch.qint8)
+    assert torch.equal(s["qweight"], ref.int_repr())
+    assert torch.allclose(s["qscale"], w.abs().amax(1) / 127)
+
+
+# ---- on graphs --------------------------------------------------------------------------------
+def _llama(hidden: int = 32, layers: int = 2, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return tf.LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def _dequantized_model(model: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.nn.Module:
+    """The eager model with every quantized site's weight replaced by its dequantized value."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for site in quantized_nodes(gm):
+            mod = ref.get_submodule(site)
+            w = dequantized_weight(gm, site, dtype=mod.weight.dtype)
+            # GPT-2's Conv1D keeps its weight [in, out].
+            mod.weight.copy_(w.t() if type(mod).__name__ == "Conv1D" else w)
+    return ref
+
+
+@pytest.mark.parametrize("dtype", list(QuantDType))
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_zero_adapters_on_quantized_base_equal_dequantized_model(zoo, name, dtype):
+    gm = zoo.gm(name)
+    quant = QuantConfig(dtype=dtype, double_quant=dtype is QuantDType.NF4, symmetric=name != "bert")
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=quant)
+    sites = [s for s in lora_fx.find_sites(gm) if s.kind.value == "linear"]
+    quantized = [s for s in sites if s.op.startswith("lora_fx.linear_")]
+    assert quantized and {s.name for s in quantized} == set(meta(gm)["lora_sites"])
+    ref = _dequantized_model(zoo.model(name), gm)
+    for batch, seq, pad in [(2, 8, 0), (3, 11, 4)]:
+        b = inputs(batch, seq, pad=pad, seed=batch)
+        got, want = run(gm, b), run(ref, b)
+        assert max_rel(got, want) <= 1e-6
+        # Quantization really changed the model, so the comparison above can fail.
+        assert max_rel(got, run(zoo.model(name), b)) > 1e-5
+
+
+def test_sites_keep_names_and_shapes(zoo):
+    gm = zoo.gm("gpt2")
+    before = {s.name: (s.in_features, s.out_features, s.has_bias) for s in lora_fx.find_sites(gm) if s.kind.value == "linear"}
+    lora_fx.passes.fx.quantize_weights.quantize_weights(gm, QuantConfig(dtype="int4"))
+    after = {s.name: (s.in_features, s.out_features, s.has_bias) for s in lora_fx.find_sites(gm) if s.kind.value == "linear"}
+    assert before == after
+    ops = {s.name: s.op for s in lora_fx.find_sites(gm)}
+    assert ops["transformer.h.0.attn.c_attn"] == "lora_fx.linear_int4"
+    assert ops["lm_head"] == "aten.linear"  # the output layer stays float by default
+
+
+@pytest.mark.parametrize("quant, limit", [
+    (QuantConfig(dtype="nf4", double_quant=True), 0.13),
+    (QuantConfig(dtype="nf4"), 0.1407),  # fp32 absmax per 64: 4.5 bits
+    (QuantConfig(dtype="int4", block_size=64), 0.14),
+    (QuantConfig(dtype="int4", block_size=64, symmetric=False), 0.14),
+    (QuantConfig(dtype="int8"), 0.26),
+])
+def test_frozen_weight_bytes_shrink(quant, limit):
+    model = _llama(hidden=256, layers=1)
+    gm = lora_fx.capture(model, kwargs=inputs(2, 4))
+    float_total = linear_weight_bytes(gm)
+    head = model.lm_head.weight.numel() * 4
+    result = lora_fx.passes.fx.quantize_weights.quantize_weights(gm, quant)
+    ratio = (linear_weight_bytes(gm) - head) / (float_total - head)
+    assert ratio <= limit, ratio
+    report = meta(gm)["quant"]
+    assert sum(r["bytes_after"] for r in report.values()) / sum(r["bytes_before"] for r in report.values()) == pytest.approx(ratio)
+    assert all(r["rel_rms_error"] < (0.02 if quant.dtype is QuantDType.INT8 else 0.2) for r in report.values())
+    assert len(result.changed) == 7 and "error" in result.changed[0]
+    # No float copy of a quantized weight remains on the module.
+    names = {n for n, _ in gm.named_parameters()}
+    assert not any(n.endswith("q_proj.weight") or n.endswith("down_proj.weight") for n in names)
+    assert sum(p.numel() for p in gm.parameters()) < sum(p.numel() for p in model.parameters()) - 7 * 256 * 256
+
+
+def test_backward_saves_no_float_weight():
+    """The op recomputes W in backward; a dequantize node feeding aten.linear would save a float W per layer."""
+    gm = lora_fx.capture(_llama(hidden=64), kwargs=inputs(2, 4))
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=NF4_DQ)
+    weight_shapes = {tuple(r["shape"]) for r in meta(gm)["quant"].values()} | {tuple(r["shape"][::-1]) for r in meta(gm)["quant"].values()}
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = main_output(gm(**inputs(2, 6)))
+    out.float().pow(2).mean().backward()
+    float_weights = [s for s in saved if s[0] in weight_shapes and s[1].is_floating_point]
+    assert not float_weights, float_weights
+    assert saved  # the hook did see the step's saved activations
+
+
+def test_gradients_reach_adapters_only():
+    gm = lora_fx.capture(_llama(), kwargs=inputs(2, 4))
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), quant=NF4_DQ)
+    main_output(gm(**inputs(2, 6))).pow(2).mean().backward()
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in gm.named_parameters() if n in trainable)
+    assert all(p.grad is None for n, p in gm.named_parameters() if n not in trainable)
+    assert all(b.grad is None and not b.requires_grad for b in gm.buffers())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    model = _llama(dtype=dtype)
+    gm = lora_fx.capture(model, kwargs=inputs(2, 4))
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=NF4_DQ)
+    assert {s.dtype for s in lora_fx.find_sites(gm) if s.op.startswith("lora_fx.")} == {str(dtype).removeprefix("torch.")}
+    assert all(p.dtype == torch.float32 for n, p in gm.named_parameters() if ".lora_" in n)
+    b = inputs(2, 6)
+    got, want = run(gm, b), run(_dequantized_model(model, gm), b)
+    assert got.dtype == dtype
+    assert max_rel(got.float(), want.float()) <= 1e-6
+    main_output(gm(**b)).float().pow(2).mean().backward()
+    assert all(p.grad is not None for n, p in gm.named_parameters() if p.requires_grad)
+
+
+def _lm_loss(out, batch):
+    logits = main_output(out)[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
+
+
+def _train_keeps_storage(gm, batches, loss_fn, steps, lr):
+    storage = {n: b.clone() for n, b in gm.named_buffers() if n.rsplit(".", 1)[-1].startswith("q")}
+    assert storage
+    result = lora_fx.train(gm, batches, loss_fn, steps=steps, lr=lr, progress=False)
+    for n, b in gm.named_buffers():
+        if n in storage:
+            assert torch.equal(b, storage[n]), n
+    return result
+
+
+def test_training_through_packed_weights_lowers_loss():
+    gm = lora_fx.capture(_llama(), kwargs=inputs(2, 4))
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), quant=QuantConfig(dtype="int4"))
+    batches = [inputs(4, 12, seed=s) for s in range(2)]
+    with torch.no_grad():
+        before = sum(float(_lm_loss(gm(**b), b)) for b in batches)
+    _train_keeps_storage(gm, batches, _lm_loss, steps=30, lr=1e-2)
+    with torch.no_grad():
+        after = sum(float(_lm_loss(gm(**b), b)) for b in batches)
+    assert after < before * 0.9, (before, after)
+
+
+@pytest.mark.slow
+def test_qlora_training_on_minilm_lowers_loss(zoo):
+    gm = lora_fx.apply(zoo.gm("minilm"), lora_fx.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]), quant=NF4_DQ)
+    assert len(quantized_nodes(gm)) == 36  # every linear site of the 6 layers
+    torch.manual_seed(0)
+    target = torch.randn(384)
+    batches = [inputs(4, 8, seed=s) for s in range(2)]
+
+    def loss_fn(out, batch):
+        return (main_output(out)[:, 0] - target).pow(2).mean()
+
+    result = _train_keeps_storage(gm, batches, loss_fn, steps=12, lr=2e-2)
+    assert result.losses[-1] < result.losses[0] * 0.9, result.losses
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_quantizing_twice_is_refused(zoo):
+    gm = zoo.gm("llama")
+    lora_fx.passes.fx.quantize_weights.quantize_weights(gm, QuantConfig(dtype="nf4"))
+    with pytest.raises(ConfigError, match="already quantized.*capture the float model again"):
+        lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"), quant=QuantConfig(dtype="int8"))
+    # LoRA on the quantized sites is still fine.
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
+
+
+def test_block_size_that_does_not_divide_is_padded_or_refused():
+    model = _llama(hidden=32)
+    gm = lora_fx.capture(model, kwargs=inputs(2, 4))
+    with pytest.raises(ConfigError, match=r"not a multiple of block_size=48.*pad=True"):
+        lora_fx.passes.fx.quantize_weights.quantize_weights(copy.deepcopy(gm), QuantConfig(block_size=48, pad=False))
+    for dtype in ("nf4", "int4"):
+        g = copy.deepcopy(gm)
+        lora_fx.passes.fx.quantize_weights.quantize_weights(g, QuantConfig(dtype=dtype, block_size=48, double_quant=dtype == "nf4"))
+        b = inputs(2, 5)
+        assert max_rel(run(g, b), run(_dequantized_model(model, g), b)) <= 1e-6
+        assert all(r["rel_rms_error"] < 0.2 for r in meta(g)["quant"].values())
+
+
+def test_quant_config_round_trip_and_validation():
+    cfg = QuantConfig(dtype="NF4", block_size=32, double_quant=True, target_modules=("q_proj", "v_proj"))
+    assert cfg.dtype is QuantDType.NF4 and cfg.target_modules == ["q_proj", "v_proj"]
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="nf4, int4, int8"):
+        QuantConfig(dtype="fp8")
+    with pytest.raises(ConfigError, match="even integer"):
+        QuantConfig(block_size=63)
+    with pytest.raises(ConfigError, match="double_quant applies to nf4"):
+        QuantConfig(dtype="int8", double_quant=True)
+    with pytest.raises(ConfigError, match="unknown QuantConfig fields"):
+        QuantConfig.from_dict({"dtype": "nf4", "bits": 4})
+    with pytest.raises(ConfigError, match="QuantConfig"):
+        lora_fx.apply(lora_fx.capture(_llama(), kwargs=inputs(2, 4)), lora_fx.LoraConfig(), quant="nf4")
+
+
+def test_tied_output_layer_stays_float(zoo):
+    gm = zoo.gm("gpt2")
+    result = lora_fx.passes.fx.quantize_weights.quantize_weights(gm, QuantConfig(target_modules=["lm_head"]))
+    assert not result.modified and "left in float" in result.changed[0]
+    assert not quantized_nodes(gm)
