@@ -1,0 +1,88 @@
+"""``lora-fx sites``: the bundled MiniLM's sites as JSON; a clear one-line error on a bad folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_fx.cli import main
+from lora_fx.hf import minilm_dir
+
+LORA_FX = Path(sys.executable).parent / "lora-fx"
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    cmd = [str(LORA_FX)] if LORA_FX.exists() else [sys.executable, "-m", "lora_fx.cli"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("LORA_FX_DEBUG", None)
+    return subprocess.run(cmd + list(argv), capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_sites_json_on_the_bundled_minilm(zoo):
+    proc = _run("sites", "--hf", str(minilm_dir()), "--json")
+    assert proc.returncode == 0, proc.stderr
+    sites = json.loads(proc.stdout)
+    assert isinstance(sites, list)
+    linear = {s["name"]: s for s in sites if s["kind"] == "linear"}
+    attention = [s for s in sites if s["kind"] == "attention"]
+    # The reference: the nn.Linear modules of the same model loaded by transformers.
+    expected = {n: (m.in_features, m.out_features) for n, m in zoo.model("minilm").named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n: (s["in_features"], s["out_features"]) for n, s in linear.items()} == expected
+    assert len(expected) == 6 * 6 + 1  # q, k, v, attention out, intermediate, output per layer; pooler
+    assert len(attention) == 6 and all(s["num_heads"] == 12 and s["head_dim"] == 32 for s in attention)
+    assert all({"name", "kind", "in_features", "out_features"} <= set(s) for s in sites)
+
+
+@pytest.mark.slow
+def test_sites_table_and_kind_filter(capsys, tmp_path):
+    # A tiny BERT folder written by transformers itself, read back offline.
+    import transformers as tf
+
+    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    tf.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    assert main(["sites", "--hf", str(tmp_path / "bert"), "--kind", "attention"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.1.attention.self" in out and "heads=4 head_dim=8" in out
+    assert "2 sites: 0 linear, 2 attention" in out
+
+
+def test_bad_folder_fails_with_one_line(tmp_path):
+    # Through the installed console script: the exit status and stderr a shell user sees.
+    proc = _run("sites", "--hf", str(tmp_path), "--json")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-fx: error:") and "config.json not found" in lines[0], proc.stderr
+    assert proc.stdout == ""
+
+
+def test_folder_without_safetensors_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    assert main(["sites", "--hf", str(tmp_path), "--json"]) != 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "has no .safetensors weights" in lines[0] and "never pickle" in lines[0]
+    assert captured.out == ""
+
+
+def test_no_model_named_is_an_error(capsys):
+    assert main(["sites"]) != 0
+    assert "name a model" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sites", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--hf DIR" in out and "--json" in out
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "sites" in capsys.readouterr().out

@@ -1,0 +1,123 @@
+"""LoraConfig: PEFT's names and meanings, JSON round trip, PEFT's adapter_config.json both ways."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora_fx
+from lora_fx.config import InitLoraWeights, LoraConfig
+from lora_fx.errors import ConfigError
+
+names = st.sampled_from(["query", "value", "q_proj", "mlp.up_proj", "c_attn", "dense"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    r=st.integers(1, 64),
+    alpha=st.floats(0.5, 128, allow_nan=False),
+    dropout=st.sampled_from([0.0, 0.05, 0.5]),
+    targets=st.one_of(st.lists(names, min_size=1, max_size=3, unique=True), st.just("all-linear"), st.just(r".*\.(q|v)_proj")),
+    exclude=st.one_of(st.none(), st.lists(names, min_size=1, max_size=2, unique=True), st.just(".*pooler.*")),
+    layers=st.one_of(st.none(), st.integers(0, 5), st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True)),
+    patterns=st.booleans(),
+    init=st.sampled_from([True, False, "gaussian", InitLoraWeights.KAIMING]),
+)
+def test_json_round_trip(r, alpha, dropout, targets, exclude, layers, patterns, init):
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, exclude_modules=exclude,
+        layers_to_transform=layers, layers_pattern="layers" if layers is not None else None,
+        rank_pattern={"q_proj": r + 1} if patterns else {}, alpha_pattern={"value": 2.0} if patterns else {},
+        use_rslora=not patterns, init_lora_weights=init,
+    )
+    back = LoraConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert isinstance(back.init_lora_weights, InitLoraWeights)
+
+
+def test_our_json_is_peft_config_json(tmp_path):
+    import peft
+
+    cfg = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1],
+                     layers_pattern="layers", rank_pattern={"v_proj": 2}, init_lora_weights="gaussian")
+    cfg.save_pretrained(tmp_path)
+    theirs = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert theirs.peft_type.value == "LORA"
+    assert (theirs.r, theirs.lora_alpha, set(theirs.target_modules), theirs.layers_to_transform) == (4, 32, {"q_proj", "v_proj"}, [0, 1])
+    assert (theirs.rank_pattern, theirs.init_lora_weights, theirs.use_rslora) == ({"v_proj": 2}, "gaussian", False)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(r=16, lora_alpha=32, target_modules=["query", "value"], lora_dropout=0.1),
+    dict(r=4, lora_alpha=8, target_modules=r".*\.(q|v)_proj", use_rslora=True, init_lora_weights=False),
+    dict(r=2, target_modules=["c_attn"], exclude_modules=["h.0.attn.c_attn"], layers_to_transform=1,
+         layers_pattern=["h"], init_lora_weights="gaussian"),
+    dict(r=8, target_modules="all-linear", rank_pattern={"mlp": 2}, alpha_pattern={"q_proj": 3.0}),
+])
+def test_from_pretrained_reads_peft_written_configs(tmp_path, kwargs):
+    import peft
+
+    peft.LoraConfig(**kwargs).save_pretrained(str(tmp_path))
+    ours = LoraConfig.from_pretrained(tmp_path)
+    for key, value in kwargs.items():
+        got = getattr(ours, key)
+        if key == "init_lora_weights":
+            got = got.to_peft()
+        if key in ("target_modules", "exclude_modules") and isinstance(value, list):
+            got, value = sorted(got), sorted(value)  # PEFT stores lists as sets
+        if key == "layers_pattern" and isinstance(value, list):
+            got = [got] if isinstance(got, str) else got
+        assert got == value, key
+
+
+@pytest.mark.parametrize("r", [0, -1, 1.5, True, "8"])
+def test_bad_rank_is_refused(r):
+    with pytest.raises(ConfigError, match="r must be a positive integer"):
+        LoraConfig(r=r, target_modules=["q"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
+    (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
+    (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
+    (dict(use_rslora=True, rank_pattern={"q": 2}), "use_rslora cannot be combined"),
+    (dict(layers_pattern="layers"), "layers_pattern only applies together with layers_to_transform"),
+    (dict(target_modules=[]), "target_modules is an empty list"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' is not supported"),
+])
+def test_bad_fields_are_refused(kwargs, message):
+    kwargs.setdefault("target_modules", ["q"])
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_peft_options_lora_fx_does_not_implement_are_refused(tmp_path):
+    import peft
+
+    peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True).save_pretrained(str(tmp_path))
+    with pytest.raises(ConfigError, match="use_dora=True is not supported by lora_fx"):
+        LoraConfig.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="this is a PREFIX_TUNING adapter config, not LoRA"):
+        LoraConfig.from_dict({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 8})
+
+
+def test_missing_or_broken_config_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="adapter_config.json not found"):
+        LoraConfig.from_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        LoraConfig.from_pretrained(tmp_path)
+
+
+def test_scaling_is_peft_scaling():
+    assert LoraConfig(r=16, lora_alpha=32, target_modules=["q"]).scaling(16, 32) == 2.0
+    assert LoraConfig(r=16, lora_alpha=32, target_modules=["q"], use_rslora=True).scaling(16, 32) == 8.0
+
+
+def test_to_dict_is_json_with_enums_as_peft_values():
+    d = json.loads(LoraConfig(target_modules=["q"], init_lora_weights="gaussian").to_json())
+    assert d["init_lora_weights"] == "gaussian" and d["peft_type"] == "LORA"
+    assert lora_fx.InitLoraWeights.parse(False) is InitLoraWeights.RANDOM
