@@ -133,11 +133,17 @@ def _effective_shape(weight: ir.Value, chain: list[ir.Node]) -> tuple[int, ...] 
 
 
 def _weight_dtype(weight: ir.Value, chain: list[ir.Node], consumer: ir.Node) -> ir.DataType | None:
-    if consumer.outputs[0].dtype is not None:
-        return consumer.outputs[0].dtype
+    """The dtype the site computes in (a Cast/DequantizeLinear changes the stored one)."""
+    for value in (consumer.outputs[0], consumer.inputs[0]):
+        if value is not None and value.dtype is not None:
+            return value.dtype
     for node in chain:  # nearest the consumer first
         if node.outputs[0].dtype is not None:
             return node.outputs[0].dtype
+        if node.op_type == "Cast" and "to" in node.attributes:
+            return ir.DataType(node.attributes.get_int("to"))
+        if node.op_type == "DequantizeLinear" and (scale := const_tensor(node.inputs[1])) is not None:
+            return scale.dtype
     return const_tensor(weight).dtype
 
 
