@@ -1,0 +1,156 @@
+"""Fold LoRA branches into the frozen weights: ``W' = W + A @ B`` in the weight's own layout.
+
+After the pass the model has exactly the base model's nodes and op types; only weight values differ.
+Non-finite results are refused before anything changes (PEFT's ``safe_merge``); prefix adapters
+cannot be folded into weights and are refused with the way out (export with adapters instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lora_fx.errors import AdapterError, UnsupportedError
+from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, write_records
+from lora_fx.passes.result import PassResult
+
+# Nodes a LoRA input may pass through on its way from the site's own input (eval-mode dropout).
+_PASS_THROUGH = {"Identity", "Dropout"}
+
+
+@dataclass
+class _Fold:
+    branch: Branch
+    weight: ir.Value  # the initializer holding W
+    transposed: bool  # W is stored [out, in] (torch's layout, Gemm transB=1, MatMul over Transpose)
+    gemm_alpha: float
+    consumer: ir.Node  # the node reading W (MatMul, Transpose or Gemm)
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _source(value: ir.Value) -> ir.Value:
+    while value.producer() is not None and value.producer().op_type in _PASS_THROUGH:
+        value = value.producer().inputs[0]
+    return value
+
+
+def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.Value | None:
+    if value is not None and value.name in graph.initializers and graph.initializers[value.name] is value:
+        return value
+    return None
+
+
+class FoldLora:
+    """Fold each LoRA branch recorded in ``lora_fx.lora`` into its site's weight.
+
+    Matches a branch ``Add(y, MatMul(MatMul(x, A), B))`` where ``y`` is computed from ``x`` by
+    ``MatMul(x, W)`` (``W [in, out]``, Conv1D-style and ONNX-native), ``MatMul(x, Transpose(W))``
+    (``W [out, in]``, torch's layout), or ``Gemm(x, W[, C], transB=0|1, alpha)``, optionally followed
+    by ``Add(·, bias)``. A weight shared with other nodes (tied embeddings) gets its own merged copy.
+    """
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        if has_prefix(model):
+            raise UnsupportedError(
+                "this model holds prefix-tuning adapters, which cannot be folded into weights "
+                "(they are extra key/value tokens, not a weight delta); export with adapter slots instead: "
+                "lora-fx export ... --adapters, or export_onnx(..., mode='adapters')"
+            )
+        graph = model.graph
+        records = read_records(model)
+        folds = [self._plan(graph, site, rec) for site, rec in records.items()]
+        merged = {}
+        # Compute and check every new weight before touching the model: a refusal leaves it as it was.
+        for fold in folds:
+            merged[fold.branch.site] = self._merged_weight(fold)
+        for fold in folds:
+            self._apply(graph, fold, merged[fold.branch.site])
+        write_records(model, {})
+        for key in (CONFIG_KEY, FINGERPRINT_KEY):
+            model.metadata_props.pop(key, None)
+        changed = [f.branch.site for f in folds]
+        return PassResult(model, bool(changed), changed)
+
+    def _plan(self, graph: ir.Graph, site: str, rec: dict) -> _Fold:
+        branch = find_branch(graph, site, rec)
+        node = branch.y.producer()
+        if node is not None and node.op_type == "Add":
+            # y = x @ W + bias: the weight is behind the bias Add.
+            for i, other in ((0, 1), (1, 0)):
+                producer = node.inputs[i].producer() if node.inputs[i] is not None else None
+                if producer is not None and producer.op_type in ("MatMul", "Gemm") and _initializer(graph, node.inputs[other]) is not None:
+                    node = producer
+                    break
+        if node is None or node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            found = "a graph input" if node is None else node.op_type
+            raise UnsupportedError(
+                f"site {site}: its output comes from {found}, not a MatMul/Gemm over a stored weight, so the "
+                "adapter cannot be folded (a quantized weight cannot absorb a float delta); export with adapter slots instead"
+            )
+        w_in = node.inputs[1]
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0):
+                raise UnsupportedError(f"site {site}: Gemm with transA=1 is not a linear site layout lora_fx folds")
+            weight = _initializer(graph, w_in)
+            transposed, alpha, consumer = bool(_attr(node, "transB", 0)), float(_attr(node, "alpha", 1.0)), node
+        else:
+            weight, transposed, alpha, consumer = _initializer(graph, w_in), False, 1.0, node
+            producer = w_in.producer()
+            if weight is None and producer is not None and producer.op_type == "Transpose" and tuple(_attr(producer, "perm", (1, 0))) == (1, 0):
+                weight, transposed, consumer = _initializer(graph, producer.inputs[0]), True, producer
+        if weight is None or weight.const_value is None:
+            raise UnsupportedError(
+                f"site {site}: its weight is not a stored initializer (computed, quantized or a graph input); "
+                "it cannot absorb the adapter; export with adapter slots instead"
+            )
+        if _source(node.inputs[0]) is not _source(branch.x):
+            raise UnsupportedError(f"site {site}: the LoRA branch reads a different input than the site's weight; cannot fold")
+        return _Fold(branch, weight, transposed, alpha, consumer)
+
+    @staticmethod
+    def _merged_weight(fold: _Fold) -> np.ndarray:
+        site = fold.branch.site
+        w = fold.weight.const_value.numpy()
+        a = fold.branch.a.const_value.numpy().astype(np.float64)
+        b = fold.branch.b.const_value.numpy().astype(np.float64)
+        delta = (a @ b) / fold.gemm_alpha
+        if fold.transposed:
+            delta = delta.T
+        if delta.shape != w.shape:
+            raise AdapterError(f"site {site}: A @ B has shape {delta.shape} but the weight {fold.weight.name} is {w.shape}")
+        with np.errstate(all="ignore"):
+            out = (w.astype(np.float64) + delta).astype(w.dtype)
+        if not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).sum())
+            raise AdapterError(
+                f"site {site}: merging the adapter gives {bad} non-finite weight values (NaN/inf in the adapter "
+                "or an overflow in the weight's dtype); nothing was merged. Check the adapter (training diverged?)"
+            )
+        return out
+
+    @staticmethod
+    def _apply(graph: ir.Graph, fold: _Fold, merged: np.ndarray) -> None:
+        weight = fold.weight
+        remove_branch(graph, fold.branch)
+        if len(list(weight.uses())) > 1 or weight in graph.inputs:
+            # A tied weight (lm_head = embeddings) keeps its value for its other users.
+            name = f"{fold.branch.site}.weight"
+            while name in graph.initializers:
+                name += ".merged"
+            new = ir.Value(name=name, shape=weight.shape, type=weight.type, const_value=ir.tensor(merged, name=name))
+            graph.register_initializer(new)
+            for use in list(weight.uses()):
+                if use.node is fold.consumer:
+                    fold.consumer.replace_input_with(use.idx, new)
+        else:
+            weight.const_value = ir.tensor(merged, name=weight.name)
+
+
+def fold_lora(model: ir.Model) -> PassResult:
+    return FoldLora()(model)

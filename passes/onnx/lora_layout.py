@@ -1,0 +1,123 @@
+"""The ONNX LoRA contract, read and checked in one place (helpers, not a pass).
+
+Per adapted site the graph holds initializers ``<site>.lora_A.weight`` ``[in, r]`` and
+``<site>.lora_B.weight`` ``[r, out]`` (deployment layout, scale folded into B), and the site's
+output ``y`` is replaced by ``Add(y, MatMul(MatMul(x, A), B))``. ``metadata_props`` hold
+``lora_fx.lora`` (JSON ``{site: {"r", "alpha", "scale", "in_features", "out_features", "a", "b"}}``)
+and ``lora_fx.lora_config`` (the LoraConfig JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+
+from lora_fx.errors import UnsupportedError
+
+LORA_KEY = "lora_fx.lora"
+CONFIG_KEY = "lora_fx.lora_config"
+# sha256 of the base weights of a model with adapter slots; .onnx_adapter files record it too.
+FINGERPRINT_KEY = "lora_fx.base_fingerprint"
+# Metadata keys a prefix-tuning rewrite leaves; their presence means "cannot be folded".
+PREFIX_KEY_START = "lora_fx.prefix"
+
+
+def read_records(model: ir.Model) -> dict[str, dict[str, Any]]:
+    """The ``lora_fx.lora`` site records, ``{}`` when the model has no LoRA."""
+    text = model.metadata_props.get(LORA_KEY)
+    if not text:
+        return {}
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UnsupportedError(f"metadata {LORA_KEY} is not valid JSON ({exc}); re-run lora_fx.apply on the base model") from None
+    return {site: dict(rec) for site, rec in records.items()}
+
+
+def write_records(model: ir.Model, records: dict[str, dict[str, Any]]) -> None:
+    if records:
+        model.metadata_props[LORA_KEY] = json.dumps(records, sort_keys=True)
+    else:
+        model.metadata_props.pop(LORA_KEY, None)
+
+
+def has_prefix(model: ir.Model) -> bool:
+    return any(key.startswith(PREFIX_KEY_START) for key in model.metadata_props)
+
+
+def a_name(site: str) -> str:
+    return f"{site}.lora_A.weight"
+
+
+def b_name(site: str) -> str:
+    return f"{site}.lora_B.weight"
+
+
+@dataclass
+class Branch:
+    """One site's LoRA branch in contract layout: ``out = Add(y, MatMul(MatMul(x, A), B))``."""
+
+    site: str
+    a: ir.Value
+    b: ir.Value
+    matmul_a: ir.Node
+    matmul_b: ir.Node
+    add: ir.Node
+    x: ir.Value
+    y: ir.Value
+
+
+def _only_use(value: ir.Value, op_type: str, what: str) -> ir.Node:
+    users = [use.node for use in value.uses()]
+    if len(users) != 1 or users[0].op_type != op_type or users[0].domain not in ("", "ai.onnx"):
+        found = ", ".join(sorted(u.op_type for u in users)) or "nothing"
+        raise UnsupportedError(f"{what} should feed exactly one {op_type} node (the LoRA contract), but feeds {found}")
+    return users[0]
+
+
+def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
+    """Locate the MatMul, MatMul, Add of ``site``; anything else is refused with the reason."""
+    names = (rec.get("a") or a_name(site), rec.get("b") or b_name(site))
+    values = []
+    for name in names:
+        value = graph.initializers.get(name)
+        if value is None:
+            raise UnsupportedError(f"site {site}: adapter initializer {name!r} is missing from the graph")
+        values.append(value)
+    a, b = values
+    mm_a = _only_use(a, "MatMul", f"site {site}: {a.name}")
+    if mm_a.inputs[1] is not a:
+        raise UnsupportedError(f"site {site}: {a.name} must be the right operand of its MatMul (x @ A)")
+    mm_b = _only_use(mm_a.outputs[0], "MatMul", f"site {site}: x @ A")
+    if mm_b.inputs[1] is not b:
+        raise UnsupportedError(f"site {site}: x @ A must be multiplied by {b.name} (x @ A @ B)")
+    add = _only_use(mm_b.outputs[0], "Add", f"site {site}: x @ A @ B")
+    delta = mm_b.outputs[0]
+    y = add.inputs[1] if add.inputs[0] is delta else add.inputs[0]
+    return Branch(site, a, b, mm_a, mm_b, add, mm_a.inputs[0], y)
+
+
+def remove_branch(graph: ir.Graph, branch: Branch) -> None:
+    """Drop the branch's nodes and initializers; the Add's users (and a graph output) read ``y`` again."""
+    out = branch.add.outputs[0]
+    if out in graph.outputs:
+        # Keep the graph's output name: the site output takes the Add's name.
+        idx = graph.outputs.index(out)
+        old_name = out.name
+        out.name = None
+        graph.outputs[idx] = branch.y
+        if branch.y.name is not None and branch.y not in graph.outputs[:idx]:
+            branch.y.name = old_name
+    ir.convenience.replace_all_uses_with(out, branch.y)
+    graph.remove([branch.add, branch.matmul_b, branch.matmul_a], safe=True)
+    for value in (branch.a, branch.b):
+        graph.initializers.pop(value.name, None)
+        if value in graph.inputs:
+            graph.inputs.remove(value)
+
+
+def adapter_names(records: dict[str, dict[str, Any]]) -> set[str]:
+    return {n for site, rec in records.items() for n in (rec.get("a") or a_name(site), rec.get("b") or b_name(site))}

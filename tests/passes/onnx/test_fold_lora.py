@@ -1,0 +1,108 @@
+"""fold_lora: W' = W + A @ B in every weight layout; the folded model is the base graph with new weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import lora_fx
+from lora_fx.errors import AdapterError, UnsupportedError
+from lora_fx.passes.onnx.fold_lora import fold_lora
+from lora_fx.passes.onnx.lora_layout import LORA_KEY
+from tests.exported import lora_onnx, ort_run, rel, save
+from tests.onnx_corpus import corpus
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def _proto_bytes(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString()
+
+
+@pytest.mark.parametrize("entry, tol", [("gemm-mlp", 1e-5), ("forms", 1e-5), ("fp16-mlp", 5e-3)])
+def test_folded_model_computes_the_lora_model_with_the_base_graph(entry, tol):
+    """Gemm transB=1/0 with alpha, MatMul over Transpose(W), plain MatMul [in, out], bias Adds, tied W, fp16."""
+    base = lora_fx.load(corpus().get(entry).path)
+    feeds = corpus().get(entry).feeds()
+    lora = lora_onnx(entry)
+    lora_path = save(lora, f"fold-{entry}-lora.onnx")
+    want = ort_run(lora_path, feeds)
+    assert rel(want, ort_run(corpus().get(entry).path, feeds)) > 1e-2  # the adapters do change the output
+
+    result = fold_lora(lora)
+    assert result.modified and sorted(result.changed) == sorted(json.loads(lora_onnx(entry).metadata_props[LORA_KEY]))
+    folded_path = save(lora, f"fold-{entry}-folded.onnx")
+    assert rel(ort_run(folded_path, feeds), want) <= tol
+    # Exactly the base model's nodes and op types; no adapter initializer or metadata left.
+    assert _ops(lora) == _ops(base)
+    assert not [n for n in lora.graph.initializers if ".lora_" in n]
+    assert LORA_KEY not in lora.metadata_props
+    assert {v.name for v in lora.graph.inputs} == {v.name for v in base.graph.inputs}
+
+
+def test_tied_weight_keeps_its_value_for_its_other_user():
+    lora = lora_onnx("forms")
+    # Adapt only the first of the two MatMuls sharing tied.weight.
+    model = lora_fx.load(corpus().get("forms").path)
+    lora = lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["tied"], init_lora_weights=False))
+    tied_before = lora.graph.initializers["tied.weight"].const_value.numpy().copy()
+    want = ort_run(save(lora, "tied-lora.onnx"), corpus().get("forms").feeds())
+    fold_lora(lora)
+    np.testing.assert_array_equal(lora.graph.initializers["tied.weight"].const_value.numpy(), tied_before)
+    second = next(n for n in lora.graph if n.name == "tied_second")
+    assert second.inputs[1].name == "tied.weight"
+    assert rel(ort_run(save(lora, "tied-folded.onnx"), corpus().get("forms").feeds()), want) <= 1e-5
+
+
+@pytest.mark.parametrize("site", ["enc.half", "enc.q8", "enc.q4"])
+def test_weights_that_are_not_stored_floats_are_refused_and_nothing_changes(site):
+    """A Cast, DequantizeLinear or MatMulNBits weight cannot absorb a float delta: say so, change nothing."""
+    model = lora_fx.load(corpus().get("forms").path)
+    lora = lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["enc.proj", site], init_lora_weights=False))
+    before = _proto_bytes(lora)
+    with pytest.raises(UnsupportedError, match=rf"site {site}.*adapter slots"):
+        fold_lora(lora)
+    assert _proto_bytes(lora) == before
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_merge_is_refused_before_anything_changes(bad):
+    lora = lora_onnx("gemm-mlp")
+    b = lora.graph.initializers["fc2.lora_B.weight"]
+    arr = b.const_value.numpy().copy()
+    arr[0, 0] = bad
+    b.const_value = ir.tensor(arr, name=b.name)
+    before = _proto_bytes(lora)
+    with pytest.raises(AdapterError, match="site fc2: .*non-finite"):
+        fold_lora(lora)
+    assert _proto_bytes(lora) == before
+
+
+def test_overflow_in_the_weight_dtype_is_refused():
+    lora = lora_onnx("fp16-mlp")
+    b = lora.graph.initializers["up.lora_B.weight"]
+    b.const_value = ir.tensor(np.full(b.const_value.numpy().shape, 6e4, np.float16), name=b.name)
+    a = lora.graph.initializers["up.lora_A.weight"]
+    a.const_value = ir.tensor(np.ones(a.const_value.numpy().shape, np.float16), name=a.name)  # A @ B = r * 6e4 > fp16 max
+    with pytest.raises(AdapterError, match="non-finite"):
+        fold_lora(lora)
+
+
+def test_prefix_adapters_cannot_be_folded():
+    lora = lora_onnx("gemm-mlp")
+    lora.metadata_props["lora_fx.prefix"] = "{}"
+    with pytest.raises(UnsupportedError, match="prefix.*--adapters"):
+        fold_lora(lora)
+
+
+def test_a_model_without_lora_is_left_alone():
+    model = lora_fx.load(corpus().get("gemm-mlp").path)
+    before = _proto_bytes(model)
+    assert not fold_lora(copy.deepcopy(model)).modified
+    assert _proto_bytes(model) == before
