@@ -1,0 +1,359 @@
+"""``.onnx_adapter`` files: one adapter in ONNX Runtime's own format, tied to the base it was trained on.
+
+The file is written with ``onnxruntime.AdapterFormat`` and holds exactly the adapter tensors in
+deployment layout (``<site>.lora_A.weight`` ``[in, r]``, ``<site>.lora_B.weight`` ``[r, out]``,
+scale folded into B), so plain ONNX Runtime (``LoraAdapter.Load`` + ``RunOptions.add_active_adapter``)
+runs it on our exported models: ORT refuses any tensor that is not a model input, so nothing else can
+live among the parameters. The base-weight fingerprint travels in the file's ``model_version`` (31 bits)
+and in full in a JSON sidecar ``<file>.json`` beside it, with the per-site rank/alpha/scale and the
+LoraConfig needed to convert back to PEFT's layout. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from lora_fx.errors import AdapterError
+from lora_fx.files import atomic_path, atomic_write_text
+
+FORMAT = "lora_fx.onnx_adapter/1"
+ADAPTER_VERSION = 1
+SUFFIX = ".onnx_adapter"
+
+
+@dataclass
+class OnnxAdapter:
+    """An adapter in deployment layout with what it was trained on."""
+
+    tensors: dict[str, np.ndarray]
+    fingerprint: str | None = None  # full sha256 hex of the base weights, or None if unknown
+    short_fingerprint: int | None = None  # the 31 bits kept inside the .onnx_adapter file
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> {"r", "alpha", "scale", ...}
+    config: dict[str, Any] | None = None  # LoraConfig.to_dict()
+
+    def site_names(self) -> list[str]:
+        return sorted({name.rsplit(".lora_", 1)[0] for name in self.tensors})
+
+
+# ---- fingerprints ------------------------------------------------------------------------------
+def short_fingerprint(fingerprint: str) -> int:
+    """The part of a fingerprint that fits AdapterFormat's (signed 32-bit) model_version."""
+    return int(fingerprint[:8], 16) & 0x7FFFFFFF
+
+
+def base_fingerprint(model: Any) -> str:
+    """sha256 over the base weights of an onnx_ir Model: every initializer that is not an adapter slot.
+
+    Names do not enter the hash (re-exports may rename constants); each tensor's dtype, shape and
+    bytes do, in sorted order, so the same weights give the same fingerprint.
+    """
+    from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
+
+    skip = adapter_names(read_records(model))
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    digests = []
+    for name, value in graph.initializers.items():
+        if name in skip or name in inputs or value.const_value is None:
+            continue
+        arr = np.ascontiguousarray(value.const_value.numpy())
+        h = hashlib.sha256()
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+        digests.append(h.hexdigest())
+    total = hashlib.sha256()
+    for d in sorted(digests):
+        total.update(d.encode())
+    return total.hexdigest()
+
+
+def stamp_fingerprint(model: Any) -> str:
+    from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
+
+    fp = base_fingerprint(model)
+    model.metadata_props[FINGERPRINT_KEY] = fp
+    return fp
+
+
+# ---- reading and writing -----------------------------------------------------------------------
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".json")
+
+
+def write_onnx_adapter(path: str | os.PathLike, adapter: OnnxAdapter) -> Path:
+    """Write ``path`` (AdapterFormat) and its JSON sidecar; each appears whole or not at all."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not adapter.tensors:
+        raise AdapterError("refusing to write an empty adapter: it holds no tensors")
+    for name, arr in adapter.tensors.items():
+        if not np.isfinite(arr).all():
+            raise AdapterError(f"adapter tensor {name} holds NaN or inf; refusing to write it")
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(ADAPTER_VERSION)
+    if adapter.fingerprint:
+        fmt.set_model_version(short_fingerprint(adapter.fingerprint))
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in sorted(adapter.tensors.items())})
+    side = {
+        "format": FORMAT,
+        "base_fingerprint": adapter.fingerprint,
+        "sites": adapter.sites,
+        "lora_config": adapter.config,
+    }
+    with atomic_path(path) as tmp:
+        fmt.export_adapter(str(tmp))
+        atomic_write_text(sidecar_path(path), json.dumps(side, indent=2, sort_keys=True))
+    return path
+
+
+def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
+    """Read an ``.onnx_adapter`` file (and its sidecar when present)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such adapter file (an .onnx_adapter written by lora_fx export or AdapterFormat)")
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+        tensors = {k: v.numpy() for k, v in fmt.get_parameters().items()}
+        model_version = int(fmt.get_model_version())
+    except Exception as exc:  # ORT raises RuntimeError/Fail with its own wording for bad files
+        raise AdapterError(f"{path} is not a readable .onnx_adapter file: {exc}") from None
+    adapter = OnnxAdapter(tensors, short_fingerprint=model_version or None)
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            data = json.loads(side.read_text())
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"{side} is not valid JSON ({exc}); delete it to use the adapter without its metadata") from None
+        if data.get("format") != FORMAT:
+            raise AdapterError(f"{side} is not a lora_fx adapter sidecar (format {data.get('format')!r}, expected {FORMAT!r})")
+        adapter.fingerprint = data.get("base_fingerprint")
+        adapter.sites = dict(data.get("sites") or {})
+        adapter.config = data.get("lora_config")
+        if adapter.fingerprint and adapter.short_fingerprint not in (None, short_fingerprint(adapter.fingerprint)):
+            raise AdapterError(f"{path} and its sidecar {side.name} disagree about the base model; they were not written together")
+    return adapter
+
+
+# ---- fitting an adapter to a model -------------------------------------------------------------
+@dataclass
+class Slot:
+    """One adapter input of a model: dtype name (numpy) and shape, ``None`` for the symbolic rank."""
+
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str | None, where: str = "the model") -> None:
+    """Refuse an adapter for another base, with unknown names, or with a wrong shape, rank or dtype."""
+    if fingerprint and adapter.fingerprint and adapter.fingerprint != fingerprint:
+        raise AdapterError(
+            f"this adapter was trained on a different base model than {where} (base-weight fingerprint "
+            f"{adapter.fingerprint[:12]}… vs {fingerprint[:12]}…); use the model it was trained on, or retrain it"
+        )
+    if fingerprint and not adapter.fingerprint and adapter.short_fingerprint not in (None, short_fingerprint(fingerprint)):
+        raise AdapterError(
+            f"this adapter was trained on a different base model than {where} (fingerprint {adapter.short_fingerprint} "
+            f"vs {short_fingerprint(fingerprint)}); use the model it was trained on, or retrain it"
+        )
+    unknown = sorted(set(adapter.tensors) - set(slots))
+    if unknown:
+        raise AdapterError(
+            f"adapter tensors {', '.join(unknown[:5])} have no adapter slot in {where}; its slots are "
+            f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?"
+        )
+    ranks: dict[str, int] = {}
+    for name, arr in adapter.tensors.items():
+        slot = slots[name]
+        if np.dtype(arr.dtype).name != slot.dtype:
+            raise AdapterError(f"adapter tensor {name} is {np.dtype(arr.dtype).name} but {where} expects {slot.dtype}; convert the adapter to {slot.dtype}")
+        if len(arr.shape) != len(slot.shape) or any(s is not None and s != d for s, d in zip(slot.shape, arr.shape)):
+            want = tuple("r" if s is None else s for s in slot.shape)
+            raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} (lora_A [in, r], lora_B [r, out])")
+        site, which = name.rsplit(".lora_", 1)
+        r = arr.shape[1] if which.startswith("A") else arr.shape[0]
+        if ranks.setdefault(site, r) != r:
+            raise AdapterError(f"site {site}: lora_A has rank {ranks[site]} but lora_B has rank {r}; they must agree")
+    for site in ranks:
+        pair = [f"{site}.lora_A.weight", f"{site}.lora_B.weight"]
+        if not all(p in adapter.tensors for p in pair):
+            raise AdapterError(f"site {site}: the adapter holds only one of {pair}; both are needed")
+
+
+def model_slots(model: Any) -> dict[str, Slot]:
+    """The adapter slots of an onnx_ir Model (graph inputs that are adapter initializers)."""
+    from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
+
+    names = adapter_names(read_records(model))
+    slots = {}
+    for value in model.graph.initializers.values():
+        if value.name in names:
+            dims = tuple(d if isinstance(d, int) else None for d in value.shape) if value in model.graph.inputs else tuple(value.shape)
+            slots[value.name] = Slot(value.const_value.numpy().dtype.name, dims)
+    return slots
+
+
+def current_adapter(model: Any) -> OnnxAdapter:
+    """The adapter weights a LoRA ONNX model holds now (before ``expose_adapters`` zeroes them)."""
+    from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, read_records
+
+    records = read_records(model)
+    if not records:
+        raise AdapterError("this model has no LoRA adapter; call lora_fx.apply(model, LoraConfig(...)) first")
+    tensors = {}
+    for site, rec in records.items():
+        for key in ("a", "b"):
+            value = model.graph.initializers[rec[key]]
+            tensors[rec[key]] = np.array(value.const_value.numpy())
+    config = model.metadata_props.get(CONFIG_KEY)
+    return OnnxAdapter(
+        tensors,
+        fingerprint=model.metadata_props.get(FINGERPRINT_KEY),
+        sites={s: {k: v for k, v in rec.items() if k not in ("a", "b")} for s, rec in records.items()},
+        config=json.loads(config) if config else None,
+    )
+
+
+# ---- PEFT layout <-> deployment layout ---------------------------------------------------------
+def _site_scales(config: Any, sites: list[str]) -> dict[str, tuple[int, float, float]]:
+    from lora_fx.targeting import pattern_value
+
+    out = {}
+    for site in sites:
+        r = int(pattern_value(config.rank_pattern, site, config.r))
+        alpha = float(pattern_value(config.alpha_pattern, site, config.lora_alpha))
+        out[site] = (r, alpha, config.scaling(r, alpha))
+    return out
+
+
+def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None = None) -> OnnxAdapter:
+    """A PEFT adapter (config + ``base_model.model.<site>.lora_X.weight`` tensors) in deployment layout."""
+    import torch
+
+    from lora_fx.adapters import parse_peft_key, to_deployment_layout
+
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        site, which = parse_peft_key(key)
+        pairs.setdefault(site, {})[which] = value
+    scales = _site_scales(config, sorted(pairs))
+    out, sites = {}, {}
+    for site, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"PEFT adapter has only lora_{''.join(pair)} for site {site}; both A and B are needed")
+        a, b = torch.as_tensor(pair["A"]), torch.as_tensor(pair["B"])
+        r, alpha, scale = scales[site]
+        if a.shape[0] != b.shape[1]:
+            raise AdapterError(f"site {site}: lora_A is {tuple(a.shape)} and lora_B {tuple(b.shape)}; their ranks differ")
+        dtype = a.dtype
+        a_dep, b_dep = to_deployment_layout(a, b.double(), scale)
+        out[f"{site}.lora_A.weight"] = a_dep.detach().cpu().numpy()
+        out[f"{site}.lora_B.weight"] = b_dep.to(dtype).detach().cpu().numpy()
+        sites[site] = {"r": int(a.shape[0]), "alpha": alpha, "scale": scale, "in_features": int(a.shape[1]), "out_features": int(b.shape[0])}
+    return OnnxAdapter(out, fingerprint=fingerprint, sites=sites, config=config.to_dict())
+
+
+def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
+    """The PEFT config and tensors of an adapter in deployment layout.
+
+    Without per-site scales (an .onnx_adapter from elsewhere, no sidecar) the scale is taken as 1:
+    PEFT gets ``lora_alpha = r`` per site, which computes the same outputs.
+    """
+    import torch
+
+    from lora_fx.adapters import from_deployment_layout, peft_key
+    from lora_fx.config import LoraConfig
+
+    sites = adapter.site_names()
+    tensors = {}
+    ranks, alphas = {}, {}
+    for site in sites:
+        a = torch.from_numpy(np.array(adapter.tensors[f"{site}.lora_A.weight"]))
+        b = torch.from_numpy(np.array(adapter.tensors[f"{site}.lora_B.weight"]))
+        rec = adapter.sites.get(site) or {}
+        r = int(a.shape[1])
+        scale = float(rec.get("scale", 1.0))
+        a_p, b_p = from_deployment_layout(a, b.double(), scale)
+        tensors[peft_key(site, "A")] = a_p
+        tensors[peft_key(site, "B")] = b_p.to(a.dtype)
+        ranks[site], alphas[site] = r, float(rec.get("alpha", r if "scale" not in rec else scale * r))
+    if adapter.config:
+        config = LoraConfig.from_dict(adapter.config)
+    else:
+        first = sites[0]
+        config = LoraConfig(r=ranks[first], lora_alpha=alphas[first])
+    # Exact names per site: the adapter means the same thing whatever the model's other modules are called.
+    config.target_modules = sites
+    config.rank_pattern = {f"^{_escape(s)}$": r for s, r in ranks.items() if r != config.r} if not adapter.config else config.rank_pattern
+    config.alpha_pattern = {f"^{_escape(s)}$": a for s, a in alphas.items() if a != config.lora_alpha} if not adapter.config else config.alpha_pattern
+    return config, tensors
+
+
+def _escape(site: str) -> str:
+    import re
+
+    return re.escape(site)
+
+
+def onnx_adapter_to_peft_dir(path: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """Write an ``.onnx_adapter`` as a PEFT adapter directory (loads with ``PeftModel.from_pretrained``)."""
+    from lora_fx.adapters import write_peft_dir
+
+    config, tensors = to_peft(read_onnx_adapter(path))
+    return write_peft_dir(directory, config, tensors)
+
+
+def peft_dir_to_onnx_adapter(directory: str | os.PathLike, model: Any, path: str | os.PathLike) -> Path:
+    """Convert a PEFT adapter directory into an ``.onnx_adapter`` for ``model`` (an .onnx path or onnx_ir Model
+    with adapter slots); the adapter is checked against the model's slots and stamped with its fingerprint."""
+    from lora_fx.adapters import read_peft_dir
+    from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
+
+    if not hasattr(model, "graph"):
+        import onnx_ir as ir
+
+        model = ir.load(str(model))
+    config, tensors = read_peft_dir(directory)
+    fingerprint = model.metadata_props.get(FINGERPRINT_KEY)
+    adapter = from_peft(config, tensors, fingerprint)
+    check_fits(adapter, model_slots(model), fingerprint)
+    return write_onnx_adapter(path, adapter)
+
+
+# ---- adapter state of an onnx_ir model (lora_fx.save_adapter / load_adapter) -------------------
+def save_onnx_adapter(model: Any, directory: str | os.PathLike) -> Path:
+    """The LoRA weights an ONNX model holds, as a PEFT adapter directory."""
+    from lora_fx.adapters import write_peft_dir
+
+    config, tensors = to_peft(current_adapter(model))
+    return write_peft_dir(directory, config, tensors)
+
+
+def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any]) -> Any:
+    """Set an ONNX model's LoRA weights from a PEFT adapter (applying the config first if it has none)."""
+    import onnx_ir as ir
+
+    from lora_fx.passes.onnx.lora_layout import read_records
+
+    if not read_records(model):
+        from lora_fx.api import apply
+
+        apply(model, config)
+    adapter = from_peft(config, tensors)
+    slots = {name: Slot(s.dtype, tuple(s.shape)) for name, s in model_slots(model).items()}
+    check_fits(adapter, slots, None)
+    missing = sorted(set(slots) - set(adapter.tensors))
+    if missing:
+        raise AdapterError(f"the adapter lacks tensors for: {', '.join(missing[:10])}")
+    for name, arr in adapter.tensors.items():
+        model.graph.initializers[name].const_value = ir.tensor(arr, name=name)
+    return model
