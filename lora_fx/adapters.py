@@ -87,7 +87,7 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
         from lora_fx.api import _is_onnx
 
         if _is_onnx(model):
-            from lora_fx.passes.onnx.adapter_state import save_onnx_adapter
+            from lora_fx.onnx_adapter import save_onnx_adapter
 
             return save_onnx_adapter(model, directory)
         raise ConfigError(f"save_adapter takes a rewritten GraphModule or onnx_ir Model, got {type(model).__name__}")
@@ -95,6 +95,10 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     from lora_fx.targeting import resolve_target_modules
 
     info = meta(model)
+    if info.get("prefix"):
+        from lora_fx.prefix_adapters import save_prefix_adapter  # prefix-tuning: PEFT's prompt_embeddings format
+
+        return save_prefix_adapter(model, directory)
     config: LoraConfig | None = info.get("adapters", {}).get("default")
     lora_sites = info.get("lora_sites", {})
     if config is None or not lora_sites:
@@ -111,6 +115,17 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     return write_peft_dir(directory, saved, tensors)
 
 
+def _peft_type(directory: str | os.PathLike) -> str | None:
+    """The ``peft_type`` an adapter directory's config names, or None where there is none to read."""
+    import json
+
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    try:
+        return str(json.loads(path.read_text()).get("peft_type", "LORA")).upper()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     """Load a PEFT LoRA adapter directory onto ``model``.
 
@@ -119,12 +134,16 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     """
     import torch.fx as fx
 
+    if _peft_type(directory) == "PREFIX_TUNING":
+        from lora_fx.prefix_adapters import load_prefix_adapter
+
+        return load_prefix_adapter(model, directory)
     config, tensors = read_peft_dir(directory)
     if not isinstance(model, fx.GraphModule):
         from lora_fx.api import _is_onnx
 
         if _is_onnx(model):
-            from lora_fx.passes.onnx.adapter_state import load_onnx_adapter
+            from lora_fx.onnx_adapter import load_onnx_adapter
 
             return load_onnx_adapter(model, config, tensors)
         raise ConfigError(f"load_adapter takes a GraphModule or onnx_ir Model, got {type(model).__name__}")

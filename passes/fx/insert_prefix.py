@@ -216,7 +216,8 @@ class InsertPrefix:
         graph = gm.graph
         T = self.config.num_virtual_tokens
         zero = self.config.init_weights == "zero"
-        first = min((ps.site.handle for ps in described), key=_order(graph))
+        # Before every site and every node a site rewrite touches (the eager form's score matmul).
+        first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
         ref = _site_param(gm)
         out = []
         if not self.config.prefix_projection:
@@ -252,12 +253,20 @@ class InsertPrefix:
                       graph.get_attr(f"{ENCODER}.transform.2.bias"))
             # PEFT's layout: [T, layers * 2 (key, value), kv_heads, head_dim].
             h = _call(graph, None, aten.view.default, h, [T, 2 * len(described), kv, hd])
+            encoder_nodes = [emb, emb.args[0], *emb.args[1:], h.args[0], h.args[0].args[0], *h.args[0].args[1:], h]
             for i, _ in enumerate(described):
                 pair = []
                 for j in (0, 1):
                     s = _call(graph, None, aten.select.int, h, 1, 2 * i + j)
-                    pair.append(_call(graph, None, aten.permute.default, s, [1, 0, 2]))
+                    encoder_nodes.append(s)
+                    end = _call(graph, None, aten.permute.default, s, [1, 0, 2])
+                    # fold_prefix finds each site's key/value tensor by this mark and the encoder by the other.
+                    end.meta[PREFIXED] = "prefix_source"
+                    pair.append(end)
                 out.append((pair[0], pair[1]))
+            for n in encoder_nodes:
+                if n.op == "call_function":
+                    n.meta[PREFIXED] = "prefix_encoder"
         return out
 
     # ---- per-site rewrites ---------------------------------------------------------------------
@@ -360,11 +369,6 @@ def _call(graph: fx.Graph, like: fx.Node | None, op: Any, *args: Any, **kwargs: 
     return n
 
 
-def _order(graph: fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: index[n]
-
-
 def _site_param(gm: fx.GraphModule) -> torch.Tensor:
     """A floating-point parameter of the model: the prefixes take its dtype and device."""
     for p in gm.parameters():
@@ -436,6 +440,16 @@ def insert_prefix(gm: fx.GraphModule, config: PrefixConfig, sites: Sequence[Site
     return InsertPrefix(config, select_attention_sites(find_sites(gm) if sites is None else sites, config))(gm)
 
 
+def _task_type(model_class: str) -> str:
+    if model_class.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if model_class.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if model_class.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return "FEATURE_EXTRACTION"
+
+
 def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
     """``lora_fx.apply(gm, PrefixConfig(...))``: insert the prefixes, freeze everything else."""
     from lora_fx.passes.fx.freeze_base import freeze_base
@@ -455,6 +469,9 @@ def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
         config.num_attention_heads = config.num_attention_heads or kv
         config.num_layers = config.num_layers or len(rec["sites"])
         config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
+    if config.task_type is None:
+        # PEFT only injects prefixes through a task-specific PeftModel; a file without task_type loads as a no-op.
+        config.task_type = _task_type(str(info.get("model_class") or ""))
     if config.base_model_name_or_path is None and info.get("name_or_path"):
         config.base_model_name_or_path = info["name_or_path"]
     freeze_base(gm)

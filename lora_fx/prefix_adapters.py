@@ -1,0 +1,169 @@
+"""Prefix-tuning adapters in PEFT's file format, and the one place prefix layouts convert.
+
+PEFT stores a prefix-tuning adapter as ``prompt_embeddings`` ``[T, num_layers * 2 * token_dim]``:
+viewed as ``[T, num_layers * 2, kv_heads, head_dim]``, row ``2 l`` holds layer ``l``'s key prefix and
+row ``2 l + 1`` its value prefix (``PeftModel.get_prompt`` permutes it to ``[layers * 2, batch,
+heads, T, head_dim]`` and splits it into (key, value) pairs per layer). lora_fx graphs hold one
+``<site>.prefix_key`` / ``<site>.prefix_value`` ``[kv_heads, T, head_dim]`` per attention site, the
+sites in graph order standing for PEFT's layers. With ``prefix_projection`` the saved tensor is the
+encoder's output (the folded prefixes), as PEFT saves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_fx.config import PrefixConfig
+from lora_fx.errors import AdapterError, ConfigError
+
+PROMPT_EMBEDDINGS = "prompt_embeddings"
+
+
+def to_prompt_embeddings(prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per-layer ``(P_k, P_v)`` ``[kv_heads, T, head_dim]`` → PEFT's ``[T, layers * 2 * kv_heads * head_dim]``."""
+    rows = []
+    for pk, pv in prefixes:
+        for p in (pk, pv):
+            rows.append(p.permute(1, 0, 2).reshape(p.shape[1], -1))  # [T, kv * hd]
+    return torch.cat(rows, dim=1).contiguous()
+
+
+def from_prompt_embeddings(emb: torch.Tensor, num_layers: int, kv_heads: int, head_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of ``to_prompt_embeddings`` for uniform layers."""
+    T = emb.shape[0]
+    if emb.dim() != 2 or emb.shape[1] != num_layers * 2 * kv_heads * head_dim:
+        raise AdapterError(
+            f"{PROMPT_EMBEDDINGS} has shape {tuple(emb.shape)}, but this model's {num_layers} prefixed attention sites with "
+            f"{kv_heads} key/value heads of size {head_dim} need [T, {num_layers * 2 * kv_heads * head_dim}] "
+            "(num_layers * 2 * kv_heads * head_dim); was the adapter trained on another model?"
+        )
+    view = emb.reshape(T, num_layers * 2, kv_heads, head_dim)
+    return [(view[:, 2 * i].permute(1, 0, 2).contiguous(), view[:, 2 * i + 1].permute(1, 0, 2).contiguous()) for i in range(num_layers)]
+
+
+def _record(gm: Any) -> dict[str, Any]:
+    from lora_fx.passes.fx.capture import meta
+
+    rec = meta(gm).get("prefix")
+    if not rec:
+        raise AdapterError("this model has no prefixes; call lora_fx.apply(model, PrefixConfig(...)) first")
+    return rec
+
+
+def current_prefixes(gm: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each prefixed site's ``(P_k, P_v)`` as the graph uses them now (the encoder run when reparameterized)."""
+    from lora_fx.passes.fx.insert_prefix import ENCODER, KEY, VALUE
+
+    rec = _record(gm)
+    sites = list(rec["sites"])
+    if rec.get("projection"):
+        with torch.no_grad():
+            emb = getattr(gm, ENCODER)()
+        first = rec["sites"][sites[0]]
+        pairs = from_prompt_embeddings(emb, len(sites), first["kv_heads"], first["head_dim"])
+        return dict(zip(sites, pairs))
+    out = {}
+    for site in sites:
+        module = gm.get_submodule(site)
+        out[site] = (getattr(module, KEY).detach(), getattr(module, VALUE).detach())
+    return out
+
+
+def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
+    from lora_fx.adapters import write_peft_dir
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.find_sites import find_sites
+    from lora_fx.sites import SiteKind
+
+    rec = _record(gm)
+    config = meta(gm).get("adapters", {}).get("default")
+    if not isinstance(config, PrefixConfig):
+        raise AdapterError("this model's prefixes have no PrefixConfig recorded; apply them with lora_fx.apply(model, PrefixConfig(...))")
+    all_attention = [s.name for s in find_sites(gm) if s.kind is SiteKind.ATTENTION]
+    missing = [s for s in all_attention if s not in rec["sites"]]
+    if missing:
+        raise AdapterError(
+            f"PEFT's prefix-tuning format holds a prefix for every layer, but attention sites {', '.join(missing)} have none "
+            "(target_modules selected a subset); apply PrefixConfig without target_modules to save in PEFT's format"
+        )
+    shapes = {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()}
+    if len(shapes) != 1:
+        raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
+    prefixes = current_prefixes(gm)
+    emb = to_prompt_embeddings([prefixes[s] for s in rec["sites"]])
+    kv, hd = shapes.pop()
+    saved = PrefixConfig.from_dict(config.to_dict())
+    saved.token_dim, saved.num_attention_heads, saved.num_layers = kv * hd, kv, len(rec["sites"])
+    saved.encoder_hidden_size = saved.encoder_hidden_size or saved.token_dim
+    return write_peft_dir(directory, saved, {PROMPT_EMBEDDINGS: emb})
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lora_fx.adapters import WEIGHTS_NAME
+
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise AdapterError(f"{directory} holds adapter_model.bin, a pickle file lora_fx never reads; re-save it with safe_serialization=True")
+        raise AdapterError(f"{weights} not found")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
+
+
+def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
+    """Load a PEFT prefix-tuning adapter directory onto a captured GraphModule.
+
+    A model without prefixes gets raw prefix slots first (the file holds folded prefixes even when
+    trained with ``prefix_projection``, as PEFT's inference mode reads them).
+    """
+    import torch.fx as fx
+
+    from lora_fx.api import apply
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.insert_prefix import KEY, VALUE
+
+    directory = Path(directory)
+    if not isinstance(gm, fx.GraphModule):
+        raise ConfigError(f"prefix adapters load onto a GraphModule from lora_fx.capture(...), got {type(gm).__name__}")
+    config = PrefixConfig.from_pretrained(directory)
+    tensors = _read_tensors(directory)
+    if PROMPT_EMBEDDINGS not in tensors:
+        raise AdapterError(f"{directory} holds no {PROMPT_EMBEDDINGS!r} tensor (found: {', '.join(sorted(tensors)) or 'none'})")
+    emb = tensors[PROMPT_EMBEDDINGS]
+    info = meta(gm)
+    if not info.get("prefix"):
+        apply(gm, dataclasses.replace(config, prefix_projection=False))
+    rec = info["prefix"]
+    if rec.get("projection"):
+        raise AdapterError(
+            "this model computes its prefixes with a projection encoder (prefix_projection=True), which cannot be set from "
+            "saved prefixes; load the adapter onto a fresh capture (it then gets raw prefixes)"
+        )
+    if emb.shape[0] != rec["num_virtual_tokens"]:
+        raise AdapterError(
+            f"the adapter has {emb.shape[0]} virtual tokens, the model's prefixes {rec['num_virtual_tokens']}; "
+            "load it onto a fresh capture"
+        )
+    sites = list(rec["sites"])
+    shapes = {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()}
+    if len(shapes) != 1:
+        raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
+    kv, hd = shapes.pop()
+    pairs = from_prompt_embeddings(emb, len(sites), kv, hd)
+    with torch.no_grad():
+        for site, (pk, pv) in zip(sites, pairs):
+            module = gm.get_submodule(site)
+            getattr(module, KEY).copy_(pk.to(getattr(module, KEY).dtype))
+            getattr(module, VALUE).copy_(pv.to(getattr(module, VALUE).dtype))
+    return gm
