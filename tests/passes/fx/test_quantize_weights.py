@@ -142,6 +142,13 @@ def _llama(hidden: int = 32, layers: int = 2, dtype: torch.dtype = torch.float32
     return tf.LlamaForCausalLM(cfg).eval().to(dtype)
 
 
+@pytest.fixture(scope="module")
+def wide_llama():
+    """A one-layer Llama of width 256: big enough that per-block scales have their real weight."""
+    model = _llama(hidden=256, layers=1)
+    return model, lora_fx.capture(model, kwargs=inputs(2, 4))
+
+
 def _dequantized_model(model: torch.nn.Module, gm: torch.fx.GraphModule) -> torch.nn.Module:
     """The eager model with every quantized site's weight replaced by its dequantized value."""
     ref = copy.deepcopy(model)
@@ -190,9 +197,9 @@ def test_sites_keep_names_and_shapes(zoo):
     (QuantConfig(dtype="int4", block_size=64, symmetric=False), 0.14),
     (QuantConfig(dtype="int8"), 0.26),
 ])
-def test_frozen_weight_bytes_shrink(quant, limit):
-    model = _llama(hidden=256, layers=1)
-    gm = lora_fx.capture(model, kwargs=inputs(2, 4))
+def test_frozen_weight_bytes_shrink(wide_llama, quant, limit):
+    model, gm = wide_llama
+    gm = copy.deepcopy(gm)
     float_total = linear_weight_bytes(gm)
     head = model.lm_head.weight.numel() * 4
     result = lora_fx.passes.fx.quantize_weights.quantize_weights(gm, quant)
@@ -208,9 +215,9 @@ def test_frozen_weight_bytes_shrink(quant, limit):
     assert sum(p.numel() for p in gm.parameters()) < sum(p.numel() for p in model.parameters()) - 7 * 256 * 256
 
 
-def test_backward_saves_no_float_weight():
+def test_backward_saves_no_float_weight(zoo):
     """The op recomputes W in backward; a dequantize node feeding aten.linear would save a float W per layer."""
-    gm = lora_fx.capture(_llama(hidden=64), kwargs=inputs(2, 4))
+    gm = zoo.gm("llama")
     gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=NF4_DQ)
     weight_shapes = {tuple(r["shape"]) for r in meta(gm)["quant"].values()} | {tuple(r["shape"][::-1]) for r in meta(gm)["quant"].values()}
     saved = []
@@ -227,8 +234,8 @@ def test_backward_saves_no_float_weight():
     assert saved  # the hook did see the step's saved activations
 
 
-def test_gradients_reach_adapters_only():
-    gm = lora_fx.capture(_llama(), kwargs=inputs(2, 4))
+def test_gradients_reach_adapters_only(zoo):
+    gm = zoo.gm("llama")
     gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), quant=NF4_DQ)
     main_output(gm(**inputs(2, 6))).pow(2).mean().backward()
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
@@ -268,8 +275,8 @@ def _train_keeps_storage(gm, batches, loss_fn, steps, lr):
     return result
 
 
-def test_training_through_packed_weights_lowers_loss():
-    gm = lora_fx.capture(_llama(), kwargs=inputs(2, 4))
+def test_training_through_packed_weights_lowers_loss(zoo):
+    gm = zoo.gm("llama")
     gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), quant=QuantConfig(dtype="int4"))
     batches = [inputs(4, 12, seed=s) for s in range(2)]
     with torch.no_grad():
@@ -305,9 +312,8 @@ def test_quantizing_twice_is_refused(zoo):
     lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
 
 
-def test_block_size_that_does_not_divide_is_padded_or_refused():
-    model = _llama(hidden=32)
-    gm = lora_fx.capture(model, kwargs=inputs(2, 4))
+def test_block_size_that_does_not_divide_is_padded_or_refused(zoo):
+    model, gm = zoo.model("llama"), zoo.gm("llama")
     with pytest.raises(ConfigError, match=r"not a multiple of block_size=48.*pad=True"):
         lora_fx.passes.fx.quantize_weights.quantize_weights(copy.deepcopy(gm), QuantConfig(block_size=48, pad=False))
     for dtype in ("nf4", "int4"):
@@ -318,7 +324,7 @@ def test_block_size_that_does_not_divide_is_padded_or_refused():
         assert all(r["rel_rms_error"] < 0.2 for r in meta(g)["quant"].values())
 
 
-def test_quant_config_round_trip_and_validation():
+def test_quant_config_round_trip_and_validation(zoo):
     cfg = QuantConfig(dtype="NF4", block_size=32, double_quant=True, target_modules=("q_proj", "v_proj"))
     assert cfg.dtype is QuantDType.NF4 and cfg.target_modules == ["q_proj", "v_proj"]
     assert QuantConfig.from_json(cfg.to_json()) == cfg
@@ -331,7 +337,7 @@ def test_quant_config_round_trip_and_validation():
     with pytest.raises(ConfigError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({"dtype": "nf4", "bits": 4})
     with pytest.raises(ConfigError, match="QuantConfig"):
-        lora_fx.apply(lora_fx.capture(_llama(), kwargs=inputs(2, 4)), lora_fx.LoraConfig(), quant="nf4")
+        lora_fx.apply(zoo.gm("llama"), lora_fx.LoraConfig(), quant="nf4")
 
 
 def test_tied_output_layer_stays_float(zoo):
