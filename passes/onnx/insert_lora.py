@@ -43,7 +43,7 @@ from lora_fx.adapters import to_deployment_layout
 from lora_fx.config import ALL_LINEAR, InitLoraWeights, LoraConfig
 from lora_fx.errors import AdapterError, TargetNotFoundError, UnsupportedError
 from lora_fx.passes.fx.insert_lora import init_lora
-from lora_fx.passes.onnx.find_sites import INSERTED, LinearParts, find_sites, linear_parts
+from lora_fx.passes.onnx.find_sites import INSERTED, LinearParts, dtype_name, find_sites, linear_parts
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import Target, select_targets
 
@@ -89,7 +89,9 @@ def _model_dtype(parts: LinearParts) -> ir.DataType:
         return parts.x.dtype
     if parts.output.dtype in _TORCH_DTYPES:
         return parts.output.dtype
-    return ir.DataType.FLOAT
+    # No type recorded on the activations (hand-written graphs): the dtype the weight computes in.
+    by_name = {dtype_name(d): d for d in _TORCH_DTYPES}
+    return by_name.get(parts.dtype, ir.DataType.FLOAT)
 
 
 class InsertLora:

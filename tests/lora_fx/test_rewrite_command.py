@@ -1,0 +1,119 @@
+"""``lora-fx rewrite`` and ``lora-fx sites`` on ONNX files: outputs, JSON, and bad input with no file written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import lora_fx
+from lora_fx.cli import main
+from lora_fx.passes.onnx.insert_lora import lora_metadata
+from tests.onnx_corpus import corpus
+
+
+def _ort(path, feeds):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_rewrite_writes_a_model_with_unchanged_outputs(tmp_path, capsys):
+    entry = corpus().get("gemm-mlp")
+    out = tmp_path / "lora.onnx"
+    rc = main(["rewrite", str(entry.path), "-o", str(out), "--method", "lora", "--r", "2", "--lora-alpha", "4",
+               "--target-modules", "fc1,fc2", "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "lora" and sorted(summary["sites"]) == ["fc1", "fc2"]
+    assert summary["sites"]["fc1"]["scale"] == 2.0
+    model = lora_fx.load(out)
+    assert sorted(lora_metadata(model)) == ["fc1", "fc2"]
+    onnx.checker.check_model(str(out), full_check=True)
+    np.testing.assert_array_equal(_ort(out, entry.feeds())[0], _ort(entry.path, entry.feeds())[0])
+
+
+def test_rewrite_text_output_and_regex_targets(tmp_path, capsys):
+    entry = corpus().get("gemm-mlp")
+    rc = main(["rewrite", str(entry.path), "-o", str(tmp_path / "l.onnx"), "--target-modules", "fc.*"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "2 sites adapted with lora" in text and "fc1  r=8" in text
+
+
+def _expect_failure(argv, out, capsys, match: str) -> None:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert match in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "no temporary file left"
+
+
+def test_unknown_target_is_an_error_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(out), "--target-modules", "fc9"], out, capsys,
+                    "matches no linear site")
+
+
+def test_truncated_input_is_an_error_and_writes_nothing(tmp_path, capsys):
+    src = corpus().get("gemm-mlp").path
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(src.read_bytes()[:300])
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(bad), "-o", str(out), "--target-modules", "fc1"], out, capsys, "trunc.onnx")
+
+
+def test_unreadable_input_is_an_error(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(tmp_path / "absent.onnx"), "-o", str(out), "--target-modules", "fc1"], out, capsys, "no such file")
+
+
+def test_model_without_linear_sites_is_an_error(tmp_path, capsys):
+    f = TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", f, [2])], [helper.make_tensor_value_info("y", f, [2])])
+    src = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(src), "-o", str(out), "--target-modules", "all-linear"], out, capsys, "no linear site")
+
+
+def test_second_rewrite_is_an_error_and_writes_nothing(tmp_path, capsys):
+    first = tmp_path / "first.onnx"
+    assert main(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(first), "--target-modules", "fc1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "second.onnx"
+    _expect_failure(["rewrite", str(first), "-o", str(out), "--target-modules", "fc1"], out, capsys, "already has a LoRA adapter")
+
+
+def test_missing_target_modules_and_same_output_are_errors(tmp_path, capsys):
+    src = corpus().get("gemm-mlp").path
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(src), "-o", str(out)], out, capsys, "--target-modules")
+    rc = main(["rewrite", str(src), "-o", str(src), "--target-modules", "fc1"])
+    assert rc != 0 and "is the input file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["rewrite", "sites"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage: lora-fx " + command in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sites_json_reports_heads(capsys):
+    entry = corpus().get("llama-dynamo18")
+    assert main(["sites", str(entry.path), "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)
+    att = [s for s in sites if s["kind"] == "attention"]
+    assert [(s["name"], s["num_heads"], s["kv_heads"], s["head_dim"]) for s in att] == [
+        ("model.layers.0.self_attn", 4, 2, 8), ("model.layers.1.self_attn", 4, 2, 8)]
+    lin = [s for s in sites if s["kind"] == "linear"]
+    assert len(lin) == 15 and {"name", "in_features", "out_features"} <= set(lin[0])

@@ -1,0 +1,159 @@
+"""find_sites on ONNX: exact counts, module-path names, heads, every linear form, inserted nodes skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import lora_fx
+from lora_fx.passes.onnx.find_sites import find_sites
+from lora_fx.sites import IRKind, SiteKind
+
+ZOO = [
+    "bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-dynamo23", "llama-dynamo23",
+    "bert-torchscript", "gpt2-torchscript", "llama-torchscript", "bert-ortfused", "llama-ortfused",
+]
+HAND = ["gemm-mlp", "fp16-mlp", "forms"]
+
+
+def _linear_modules(model: torch.nn.Module) -> set[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO + HAND)
+def test_exact_site_counts(onnx_corpus, name):
+    entry = onnx_corpus.get(name)
+    sites = lora_fx.find_sites(lora_fx.load(entry.path))
+    linear = [s for s in sites if s.kind is SiteKind.LINEAR]
+    attention = [s for s in sites if s.kind is SiteKind.ATTENTION]
+    assert (len(linear), len(attention)) == (entry.n_linear, entry.n_attention), [s.name for s in sites]
+    assert all(s.ir is IRKind.ONNX and isinstance(s.handle, ir.Node) for s in sites)
+    assert len({s.name for s in sites}) == len(sites), "site names must be unique"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_linear_names_are_torch_module_paths(onnx_corpus, name):
+    entry = onnx_corpus.get(name)
+    sites = lora_fx.find_sites(lora_fx.load(entry.path))
+    names = {s.name.removeprefix(entry.prefix) for s in sites if s.kind is SiteKind.LINEAR and s.op != "com.microsoft.Attention"}
+    expected = _linear_modules(entry.model)
+    if not entry.same_sites_as_fx:  # q/k/v fused into one packed projection
+        expected = {n for n in expected if n.rsplit(".", 1)[-1] not in ("query", "key", "value")}
+    assert names == expected
+    out = [s.name.removeprefix(entry.prefix) for s in sites if s.is_output_layer]
+    assert out == (["lm_head"] if "lm_head" in expected else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_attention_sites_have_heads_and_block_names(onnx_corpus, name):
+    entry = onnx_corpus.get(name)
+    att = [s for s in lora_fx.find_sites(lora_fx.load(entry.path)) if s.kind is SiteKind.ATTENTION]
+    arch = name.split("-")[0]
+    blocks = {"bert": "encoder.layer.{}.attention.self", "gpt2": "transformer.h.{}.attn", "llama": "model.layers.{}.self_attn"}[arch]
+    assert [s.name.removeprefix(entry.prefix) for s in att] == [blocks.format(i) for i in range(2)]
+    for s in att:
+        assert (s.num_heads, s.kv_heads, s.head_dim) == (*entry.heads, 8), s
+
+
+def test_forms_ops_shapes_and_tied_names(onnx_corpus):
+    entry = onnx_corpus.get("forms")
+    sites = find_sites(lora_fx.load(entry.path))
+    got = [(s.name, s.op, s.in_features, s.out_features, s.has_bias, s.fan_in_fan_out, s.is_output_layer) for s in sites]
+    assert got == [
+        ("enc.proj", "MatMul", 16, 32, True, False, False),  # Transpose of an [out, in] weight, bias Add
+        ("enc.half", "MatMul", 32, 32, False, True, False),  # Cast fp16 -> fp32
+        ("enc.q8", "MatMul", 32, 32, False, True, False),  # DequantizeLinear int8
+        ("enc.q4", "com.microsoft.MatMulNBits", 32, 32, False, False, False),
+        ("tied", "MatMul", 32, 32, False, True, False),  # one weight, two uses: two sites
+        ("tied_1", "MatMul", 32, 32, False, True, True),
+    ]
+    assert all(s.dtype == "float32" for s in sites)
+
+
+def test_gemm_transb_and_bias(onnx_corpus):
+    sites = find_sites(lora_fx.load(onnx_corpus.get("gemm-mlp").path))
+    assert [(s.name, s.in_features, s.out_features, s.has_bias, s.fan_in_fan_out, s.is_output_layer) for s in sites] == [
+        ("fc1", 16, 32, True, False, False), ("fc2", 32, 24, False, True, False), ("head", 24, 5, True, False, True),
+    ]
+
+
+def _contrib_attention_model() -> ir.Model:
+    """MultiHeadAttention, GroupQueryAttention, com.microsoft.Attention and MatMulBnb4 nodes (for matching only)."""
+    f = TensorProto.FLOAT
+    w = numpy_helper.from_array(np.zeros((32, 96), np.float32), "qkv.weight")
+    b = numpy_helper.from_array(np.zeros(96, np.float32), "qkv.bias")
+    nf4 = numpy_helper.from_array(np.zeros(32 * 32 // 2, np.uint8), "nf4.weight")
+    absmax = numpy_helper.from_array(np.ones(32 * 32 // 64, np.float32), "nf4.absmax")
+    nodes = [
+        helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o1"], name="/enc/mha/MultiHeadAttention", domain="com.microsoft", num_heads=4),
+        helper.make_node("GroupQueryAttention", ["q", "k8", "v8", "", "", "seqlens", "total"], ["o2", "pk", "pv"],
+                         name="/dec/gqa/GroupQueryAttention", domain="com.microsoft", num_heads=4, kv_num_heads=1),
+        helper.make_node("Attention", ["q", "qkv.weight", "qkv.bias"], ["o3"], name="/enc/fused/Attention", domain="com.microsoft", num_heads=4),
+        helper.make_node("MatMulBnb4", ["q", "nf4.weight", "nf4.absmax"], ["o4"], name="/enc/nf4/MatMulBnb4", domain="com.microsoft",
+                         K=32, N=32, block_size=64, quant_type=1),
+    ]
+    inputs = [helper.make_tensor_value_info(n, f, ["b", "s", d]) for n, d in (("q", 32), ("k", 32), ("v", 32), ("k8", 8), ("v8", 8))]
+    inputs += [helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["b"]), helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info(n, f, None) for n in ("o1", "o2", "o3", "o4")]
+    graph = helper.make_graph(nodes, "contrib", inputs, outputs, [w, b, nf4, absmax])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ir.serde.deserialize_model(model)
+
+
+def test_contrib_attention_ops_and_bnb4():
+    sites = find_sites(_contrib_attention_model())
+    got = [(s.name, s.kind.value, s.op, s.num_heads, s.kv_heads, s.head_dim, s.in_features, s.out_features) for s in sites]
+    assert got == [
+        ("enc.mha", "attention", "com.microsoft.MultiHeadAttention", 4, 4, 8, 32, 32),
+        ("dec.gqa", "attention", "com.microsoft.GroupQueryAttention", 4, 1, 8, 32, 32),
+        ("enc.fused.qkv", "linear", "com.microsoft.Attention", None, None, None, 32, 96),
+        ("enc.fused", "attention", "com.microsoft.Attention", 4, 4, 8, 32, 32),
+        ("enc.nf4", "linear", "com.microsoft.MatMulBnb4", None, None, None, 32, 32),
+    ]
+
+
+def test_decomposed_torchscript_div_form():
+    """TorchScript's older form: MatMul(q, kᵀ) → Div by sqrt(d) → Add mask → Softmax → MatMul(·, v)."""
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="/blk/attn/Transpose"),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="/blk/attn/MatMul"),
+        helper.make_node("Div", ["s", "sqrt_d"], ["sd"], name="/blk/attn/Div"),
+        helper.make_node("Add", ["sd", "mask"], ["sm"], name="/blk/attn/Add"),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=-1, name="/blk/attn/Softmax"),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name="/blk/attn/MatMul_1"),
+    ]
+    shape = [1, 2, 5, 16]
+    inputs = [helper.make_tensor_value_info(n, f, shape) for n in ("q", "k", "v")] + [helper.make_tensor_value_info("mask", f, [1, 1, 5, 5])]
+    graph = helper.make_graph(nodes, "div_attn", inputs, [helper.make_tensor_value_info("o", f, shape)],
+                              [numpy_helper.from_array(np.array(4.0, np.float32), "sqrt_d")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    (site,) = find_sites(model)
+    assert (site.name, site.kind, site.op, site.num_heads, site.head_dim) == ("blk.attn", SiteKind.ATTENTION, "decomposed", 2, 16)
+
+
+def test_lora_nodes_are_not_sites_and_rewrite_keeps_counts(onnx_corpus):
+    entry = onnx_corpus.get("gemm-mlp")
+    model = lora_fx.load(entry.path)
+    before = [s.name for s in find_sites(model)]
+    lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
+    assert [s.name for s in find_sites(model)] == before
+
+
+def test_no_sites_in_a_graph_without_weights():
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"]), helper.make_node("Relu", ["c"], ["y"])], "plain",
+        [helper.make_tensor_value_info("a", f, [2, 3]), helper.make_tensor_value_info("b", f, [3, 4])],
+        [helper.make_tensor_value_info("y", f, [2, 4])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert find_sites(model) == []
