@@ -1,9 +1,5 @@
-"""ONNX test models for the torch runtime: exports of the tiny zoo and a LoRA rewrite.
-
-``add_lora`` uses ``lora_fx.passes.onnx.insert_lora`` when it exists and otherwise builds the same
-public layout by hand (``<site>.lora_A.weight`` ``[in, r]``, ``<site>.lora_B.weight`` ``[r, out]``,
-scale folded into B, ``lora_fx.lora`` metadata), so these tests do not wait for the ONNX front end.
-"""
+"""ONNX test models for the torch runtime: exports of the tiny zoo (``tests.onnx_corpus`` builds on
+``export``), a LoRA rewrite through ``lora_fx.apply``, a small Gemm classifier, and ORT runs."""
 
 from __future__ import annotations
 
@@ -12,6 +8,10 @@ import math
 import warnings
 from pathlib import Path
 from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
 
 import numpy as np
 import torch
@@ -60,64 +60,40 @@ class _Positional(torch.nn.Module):
         return tuple(out[k] for k in self.outputs)
 
 
-def _site_name(node: Any) -> str:
-    """The source module of a linear node, from the exporter's namespace metadata."""
-    scope = node.metadata_props.get("namespace", "")
-    linear = [part.split(":")[0].strip() for part in scope.split("/") if "torch.nn.modules.linear.Linear" in part]
-    return linear[-1] if linear else (node.name or "node")
-
-
-def _add_lora_by_hand(model: Any, r: int, alpha: float, targets: list[str], random_b: bool, seed: int) -> dict:
-    import onnx_ir as ir
-
-    gen = torch.Generator().manual_seed(seed)
-    graph = model.graph
-    meta: dict[str, dict] = {}
-    outputs = {id(v) for v in graph.outputs}
-    for node in list(graph):
-        if node.op_type != "MatMul" or len(node.inputs) != 2:
-            continue
-        w = node.inputs[1]
-        if w is None or not w.is_initializer() or w.const_value is None or len(w.const_value.shape) != 2:
-            continue
-        site = _site_name(node)
-        if not any(site == t or site.endswith("." + t) for t in targets) or site in meta:
-            continue
-        y = node.outputs[0]
-        if id(y) in outputs:
-            continue
-        n_in, n_out = w.const_value.shape
-        bound = 1 / math.sqrt(n_in)  # kaiming-uniform(a=sqrt(5)) on [r, in], as PEFT
-        a = (torch.rand(n_in, r, generator=gen) * 2 - 1) * bound
-        b = (torch.randn(r, n_out, generator=gen) * 0.1) if random_b else torch.zeros(r, n_out)
-        scale = alpha / r
-        values = []
-        for which, t in (("A", a), ("B", b * scale)):
-            name = f"{site}.lora_{which}.weight"
-            v = ir.Value(name=name, shape=ir.Shape(list(t.shape)), type=ir.TensorType(ir.DataType.FLOAT),
-                         const_value=ir.Tensor(t.numpy().astype(np.float32), name=name))
-            graph.register_initializer(v)
-            values.append(v)
-        xa = ir.node("MatMul", inputs=[node.inputs[0], values[0]], name=f"{site}/lora_A")
-        xab = ir.node("MatMul", inputs=[xa.outputs[0], values[1]], name=f"{site}/lora_B")
-        add = ir.node("Add", inputs=[y, xab.outputs[0]], name=f"{site}/lora_add")
-        graph.insert_after(node, [xa, xab, add])
-        y.replace_all_uses_with(add.outputs[0])
-        add.replace_input_with(0, y)
-        meta[site] = {"r": r, "alpha": alpha, "scale": scale, "in_features": n_in, "out_features": n_out,
-                      "a": values[0].name, "b": values[1].name}
-    model.metadata_props["lora_fx.lora"] = json.dumps(meta)
-    return meta
-
-
 def add_lora(model: Any, *, r: int = 4, alpha: float = 8.0, targets: list[str] | None = None,
              random_b: bool = False, seed: int = 0) -> Any:
-    """Rewrite ``model`` in place with LoRA at linear sites whose name ends in one of ``targets``."""
-    targets = targets or ["query", "value", "c_attn", "q_proj", "v_proj", "dense"]
-    meta = _add_lora_by_hand(model, r, alpha, targets, random_b, seed)
-    if not meta:
-        raise AssertionError("no LoRA site found in the test model")
-    return model
+    """``lora_fx.apply`` with LoRA at ``targets`` (default all-linear); ``random_b`` makes the output change."""
+    import lora_fx
+
+    torch.manual_seed(seed)
+    config = lora_fx.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or "all-linear",
+                                init_lora_weights=False if random_b else True)
+    return lora_fx.apply(model, config)
+
+
+def mlp(hidden: int = 16, lora: bool = True, extra_node: onnx.NodeProto | None = None) -> ir.Model:
+    """Gemm + Relu + Gemm classifier with LoRA on the first layer (zero B, as a fresh adapter)."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
+    inits = {"w1": f(hidden, 8), "b1": f(hidden), "w2": f(3, hidden), "b2": f(3)}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1)]
+    last = "h"
+    if lora:
+        inits["fc1.lora_A.weight"] = f(8, 2)
+        inits["fc1.lora_B.weight"] = np.zeros((2, hidden), np.float32)
+        nodes += [helper.make_node("MatMul", ["x", "fc1.lora_A.weight"], ["xa"]),
+                  helper.make_node("MatMul", ["xa", "fc1.lora_B.weight"], ["xab"]),
+                  helper.make_node("Add", ["h", "xab"], ["h2"])]
+        last = "h2"
+    nodes += [helper.make_node("Relu", [last], ["r"]), helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1)]
+    if extra_node is not None:
+        nodes.append(extra_node)
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])]
+    if extra_node is not None:
+        outputs.append(helper.make_empty_tensor_value_info(extra_node.output[0]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])], outputs,
+                              initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
 
 
 def ort_run(path: str | Path, feeds: dict[str, Any]) -> list[np.ndarray]:

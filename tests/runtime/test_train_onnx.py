@@ -3,6 +3,7 @@ same predictions, the loss curve equals the FX graph's, checkpoints resume exact
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +21,6 @@ from tests.runtime import onnx_models as om
 SITES = ["query", "value"]
 
 
-def _mlp(hidden: int = 16, lora: bool = True, extra_node: onnx.NodeProto | None = None) -> ir.Model:
-    """Gemm + Relu + Gemm classifier with LoRA on the first layer (zero B, as a fresh adapter)."""
-    rng = np.random.default_rng(0)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
-    inits = {"w1": f(hidden, 8), "b1": f(hidden), "w2": f(3, hidden), "b2": f(3)}
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1)]
-    last = "h"
-    if lora:
-        inits["fc1.lora_A.weight"] = f(8, 2)
-        inits["fc1.lora_B.weight"] = np.zeros((2, hidden), np.float32)
-        nodes += [helper.make_node("MatMul", ["x", "fc1.lora_A.weight"], ["xa"]),
-                  helper.make_node("MatMul", ["xa", "fc1.lora_B.weight"], ["xab"]),
-                  helper.make_node("Add", ["h", "xab"], ["h2"])]
-        last = "h2"
-    nodes += [helper.make_node("Relu", [last], ["r"]), helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], transB=1)]
-    if extra_node is not None:
-        nodes.append(extra_node)
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])]
-    if extra_node is not None:
-        outputs.append(helper.make_empty_tensor_value_info(extra_node.output[0]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])], outputs,
-                              initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
-
-
 def _mlp_batches(n: int = 6) -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     out = []
@@ -55,7 +31,7 @@ def _mlp_batches(n: int = 6) -> list[dict[str, torch.Tensor]]:
 
 
 def test_training_an_onnx_model_writes_adapters_back(tmp_path: Path) -> None:
-    model = _mlp()
+    model = om.mlp()
     before = {n: model.graph.initializers[n].const_value.numpy().copy() for n in ("fc1.lora_A.weight", "fc1.lora_B.weight", "w1")}
     result = lora_fx.train(model, _mlp_batches(), lora_fx.runtime.train.cross_entropy_on("logits"), steps=40, lr=1e-2, progress=False)
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
@@ -73,8 +49,8 @@ def test_training_an_onnx_model_writes_adapters_back(tmp_path: Path) -> None:
 
 def test_no_adapters_and_unsupported_ops_are_refused_before_training() -> None:
     with pytest.raises(ConfigError, match="no adapter"):
-        lora_fx.train(_mlp(lora=False), _mlp_batches(), lambda o, b: o["logits"].sum(), steps=1, progress=False)
-    model = _mlp(extra_node=helper.make_node("Hardmax", ["logits"], ["hm"], name="vendor_hardmax"))
+        lora_fx.train(om.mlp(lora=False), _mlp_batches(), lambda o, b: o["logits"].sum(), steps=1, progress=False)
+    model = om.mlp(extra_node=helper.make_node("Hardmax", ["logits"], ["hm"], name="vendor_hardmax"))
     b_before = model.graph.initializers["fc1.lora_B.weight"].const_value
     with pytest.raises(UnsupportedError, match="Hardmax.*vendor_hardmax"):
         lora_fx.train(model, _mlp_batches(), lambda o, b: o["logits"].sum(), steps=1, progress=False)
@@ -83,13 +59,13 @@ def test_no_adapters_and_unsupported_ops_are_refused_before_training() -> None:
 
 def test_checkpoint_resume_continues_the_same_loss_curve(tmp_path: Path) -> None:
     loss = lora_fx.runtime.train.cross_entropy_on("logits")
-    full = lora_fx.train(_mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False)
+    full = lora_fx.train(om.mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Stop):  # a crash after step 7: the last checkpoint is the one of step 5
-        lora_fx.train(_mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False, checkpoint_dir=str(ckpt),
+        lora_fx.train(om.mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False, checkpoint_dir=str(ckpt),
                       checkpoint_every=5, on_step=_stop_after(7))
     ran: list[int] = []
-    resumed = lora_fx.train(_mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False,
+    resumed = lora_fx.train(om.mlp(), _mlp_batches(), loss, steps=12, lr=1e-2, progress=False,
                             checkpoint_dir=str(ckpt), checkpoint_every=5, resume=True, on_step=lambda s, v: ran.append(s))
     assert ran == list(range(5, 12))  # it really resumed at the checkpoint of step 5
     assert resumed.losses == full.losses  # bit-identical: adapters, AdamW moments, step and data position restored
@@ -166,7 +142,13 @@ def test_minilm_loss_curve_equals_fx_graph(minilm: dict) -> None:
 
     task = minilm["task"]
     r = 4
-    gm = lora_fx.capture(minilm["model"], kwargs=task.example())
+    # the ONNX graph was exported in eval mode (no dropout); train() switches the FX graph's dropout on,
+    # so the FX side gets a copy of the model whose dropout probabilities are zero
+    fx_model = copy.deepcopy(minilm["model"])
+    for module in fx_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    gm = lora_fx.capture(fx_model, kwargs=task.example())
     # alpha == r: scale 1, so Adam sees the same parameters in both layouts (it is not scale-invariant)
     lora_fx.apply(gm, lora_fx.LoraConfig(r=r, lora_alpha=r, target_modules=SITES, lora_dropout=0.0))
     model = _onnx_lora(minilm["path"], r=r, alpha=r)

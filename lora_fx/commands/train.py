@@ -1,0 +1,196 @@
+"""``lora-fx train``: train the adapters of a rewritten ONNX model through torch, write them back.
+
+Data come from ``.npz`` (arrays named after the graph inputs, plus the target array; read with
+``allow_pickle=False``) or JSON lines (one example per line, the same keys). Batches are taken in
+file order and cycled. The output model is written only when training finishes, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+from lora_fx.errors import ConfigError, ModelLoadError
+
+
+class Loss(enum.Enum):
+    CROSS_ENTROPY = "cross_entropy"  # target: class indices, output: logits over the last dim
+    MSE = "mse"  # target: same shape as the output
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the adapters of a rewritten ONNX model",
+        description="Train the LoRA (or prefix) initializers of an ONNX model rewritten by lora-fx, executing the "
+        "graph with PyTorch autograd, and write the model with the trained adapters.",
+    )
+    p.add_argument("model", help="the rewritten .onnx file (adapters as initializers)")
+    p.add_argument("--data", required=True, help=".npz (arrays named after graph inputs + target) or .jsonl")
+    p.add_argument("--target", default="labels", help="name of the target array in the data (default: labels)")
+    p.add_argument("--output", dest="output_name", help="graph output the loss reads (default: the first output)")
+    p.add_argument("--loss", choices=[m.value for m in Loss], default=Loss.CROSS_ENTROPY.value)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", required=True, help="where to write the trained model (.onnx)")
+    p.add_argument("--checkpoint-dir", help="save adapters + optimizer state here to resume an interrupted run")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir, if any")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result (loss curve included) as JSON")
+    p.set_defaults(func=run)
+
+
+def load_model(path: str) -> Any:
+    import lora_fx
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    loader = getattr(lora_fx, "load", None)
+    if loader is not None:
+        return loader(path)
+    import onnx_ir as ir
+
+    try:
+        return ir.load(path)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {exc}") from None
+
+
+def save_model(model: Any, path: str) -> None:
+    import lora_fx
+
+    saver = getattr(lora_fx, "save", None)
+    if saver is not None:
+        saver(model, path)
+        return
+    import onnx_ir as ir
+
+    from lora_fx.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        ir.save(model, str(tmp))
+
+
+def read_data(path: str) -> dict[str, Any]:
+    """Arrays by name from .npz or JSON lines; never unpickles."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc} (object arrays need pickle, which lora-fx never loads; store numeric arrays)") from None
+    if p.suffix in (".jsonl", ".json"):
+        rows = []
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} line {i} is not JSON: {exc}") from None
+        if not rows:
+            raise ConfigError(f"{path} holds no examples")
+        keys = set(rows[0])
+        for i, row in enumerate(rows, 1):
+            if set(row) != keys:
+                raise ConfigError(f"{path}: example {i} has keys {sorted(row)}, the first has {sorted(keys)}")
+        try:
+            return {k: np.asarray([r[k] for r in rows]) for k in keys}
+        except ValueError as exc:
+            raise ConfigError(f"{path}: examples of different lengths ({exc}); pad them to one length") from None
+    raise ConfigError(f"{path}: unknown data format {p.suffix!r}; use .npz or .jsonl")
+
+
+def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int) -> list[dict[str, Any]]:
+    import numpy as np
+    import torch
+
+    from lora_fx.runtime.onnx_torch import torch_dtype
+
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs if v.name not in graph.initializers}
+    missing = [n for n in inputs if n not in data]
+    if missing:
+        raise ConfigError(f"the data lack arrays for graph inputs {missing}; it has {sorted(data)}")
+    if target not in data:
+        raise ConfigError(f"the data have no target array {target!r}; it has {sorted(data)} (choose one with --target)")
+    names = list(inputs) + ([target] if target not in inputs else [])
+    sizes = {n: len(data[n]) for n in names}
+    if len(set(sizes.values())) != 1:
+        raise ConfigError(f"arrays differ in their first (example) dimension: {sizes}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    n = next(iter(sizes.values()))
+    tensors = {}
+    for name in names:
+        arr = np.asarray(data[name])
+        if arr.dtype.kind not in "biuf":
+            raise ConfigError(f"array {name!r} has dtype {arr.dtype}; only numbers can be fed to the graph")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if name in inputs and inputs[name].dtype is not None:
+            t = t.to(torch_dtype(inputs[name].dtype.value))
+        tensors[name] = t
+    return [{k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
+
+
+def make_loss(loss: Loss, output: str, target: str) -> Any:
+    import torch.nn.functional as F
+
+    def loss_fn(out: dict, batch: dict) -> Any:
+        y = out[output]
+        t = batch[target]
+        if loss is Loss.CROSS_ENTROPY:
+            if t.dtype.is_floating_point:
+                raise ConfigError(f"cross_entropy needs integer class targets; {target!r} is {t.dtype} (use --loss mse)")
+            return F.cross_entropy(y.reshape(-1, y.shape[-1]).float(), t.reshape(-1).long())
+        if t.shape != y.shape:
+            raise ConfigError(f"mse needs a target of the output's shape {tuple(y.shape)}, {target!r} has {tuple(t.shape)}")
+        return F.mse_loss(y.float(), t.float())
+
+    return loss_fn
+
+
+def run(args: argparse.Namespace) -> int:
+    import lora_fx
+    from lora_fx.runtime.onnx_torch import check_supported
+
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
+    model = load_model(args.model)
+    check_supported(model)  # before any work: an unsupported op is named and nothing is written
+    outputs = [v.name for v in model.graph.outputs]
+    output = args.output_name or outputs[0]
+    if output not in outputs:
+        raise ConfigError(f"the graph has no output {output!r}; its outputs are {outputs}")
+    batches = make_batches(model, read_data(args.data), args.target, args.batch_size)
+    result = lora_fx.train(
+        model, batches, make_loss(Loss(args.loss), output, args.target), steps=args.steps, lr=args.lr,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, warmup_steps=args.warmup_steps,
+        seed=args.seed, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every if args.checkpoint_dir else 0, resume=args.resume,
+    )
+    save_model(model, args.out)
+    summary = result.to_dict()
+    summary.update(output_model=str(args.out), loss_output=output, checkpoint_dir=args.checkpoint_dir)
+    if args.json:
+        from lora_fx.cli import print_json
+
+        print_json(summary)
+    else:
+        first = result.losses[0] if result.losses else float("nan")
+        print(f"trained {result.steps} steps: loss {first:.4f} -> {result.final_loss:.4f}; wrote {args.out}")
+    return 0

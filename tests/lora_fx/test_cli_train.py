@@ -1,0 +1,134 @@
+"""``lora-fx train``: trains an ONNX model's adapters from .npz / JSON lines, writes the tuned model,
+resumes a run killed with SIGKILL on the same loss curve, and writes nothing on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from lora_fx.cli import main
+from tests.runtime import onnx_models as om
+
+
+def _data(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    return {"x": x, "labels": ((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0))}
+
+
+def _files(tmp_path: Path, hidden: int = 16, **kw) -> tuple[Path, Path]:
+    model = tmp_path / "lora.onnx"
+    ir.save(om.mlp(hidden=hidden, **kw), str(model))
+    data = tmp_path / "train.npz"
+    np.savez(data, **_data())
+    return model, data
+
+
+def _run_json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_train_npz_writes_the_tuned_model(tmp_path: Path, capsys) -> None:
+    model, data = _files(tmp_path)
+    out = tmp_path / "tuned.onnx"
+    result = _run_json(capsys, ["train", str(model), "--data", str(data), "--target", "labels", "--output", "logits",
+                                "--loss", "cross_entropy", "--steps", "60", "--lr", "1e-2", "--batch-size", "16",
+                                "-o", str(out), "--json", "--no-progress"])
+    assert result["steps"] == 60 and len(result["losses"]) == 60
+    assert np.mean(result["losses"][-8:]) < np.mean(result["losses"][:8])
+    tuned = ir.load(str(out)).graph.initializers
+    assert np.abs(tuned["fc1.lora_B.weight"].const_value.numpy()).max() > 0  # B started at zero
+    original = ir.load(str(model)).graph.initializers
+    np.testing.assert_array_equal(tuned["w1"].const_value.numpy(), original["w1"].const_value.numpy())
+    # ORT on the written file: the trained model's loss on the data is the curve's end, not its start
+    d = _data()
+    logits = om.ort_run(out, {"x": d["x"]})[0]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ort_loss = -logp[np.arange(len(d["labels"])), d["labels"]].mean()
+    assert ort_loss < result["losses"][0]
+
+
+def test_train_jsonl(tmp_path: Path, capsys) -> None:
+    model, _ = _files(tmp_path)
+    d = _data(32)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"x": x.tolist(), "labels": int(y)}) for x, y in zip(d["x"], d["labels"])))
+    result = _run_json(capsys, ["train", str(model), "--data", str(data), "--steps", "5", "-o", str(tmp_path / "t.onnx"),
+                                "--json", "--no-progress"])
+    assert len(result["losses"]) == 5 and (tmp_path / "t.onnx").is_file()
+
+
+def test_unsupported_op_names_it_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    model, data = _files(tmp_path, extra_node=helper.make_node("Hardmax", ["logits"], ["hm"], name="odd_node"))
+    out = tmp_path / "tuned.onnx"
+    code = main(["train", str(model), "--data", str(data), "--steps", "3", "-o", str(out),
+                 "--checkpoint-dir", str(tmp_path / "ck")])
+    err = capsys.readouterr().err
+    assert code != 0 and "Hardmax" in err and "odd_node" in err
+    assert not out.exists() and not (tmp_path / "ck").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.onnx", "train.npz"]
+
+
+def test_bad_data_is_explained(tmp_path: Path, capsys) -> None:
+    model, _ = _files(tmp_path)
+    data = tmp_path / "bad.npz"
+    np.savez(data, inputs=np.zeros((4, 8), np.float32), labels=np.zeros(4, np.int64))
+    assert main(["train", str(model), "--data", str(data), "-o", str(tmp_path / "t.onnx")]) != 0
+    err = capsys.readouterr().err
+    assert "graph inputs ['x']" in err
+    np.savez(data, x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
+    assert main(["train", str(model), "--data", str(data), "-o", str(tmp_path / "t.onnx")]) != 0
+    assert "--target" in capsys.readouterr().err
+    assert not (tmp_path / "t.onnx").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_curve(tmp_path: Path, capsys) -> None:
+    # a wide MLP so a step takes milliseconds and the kill lands mid-run
+    model, data = _files(tmp_path, hidden=1024)
+    steps, every = 1500, 50
+    common = ["train", str(model), "--data", str(data), "--steps", str(steps), "--lr", "1e-3", "--batch-size", "64",
+              "--checkpoint-every", str(every), "--json", "--no-progress"]
+    reference = _run_json(capsys, common + ["-o", str(tmp_path / "ref.onnx"), "--checkpoint-dir", str(tmp_path / "ref_ck")])
+
+    ck = tmp_path / "ck"
+    out = tmp_path / "tuned.onnx"
+    argv = [sys.executable, "-m", "lora_fx.cli"] + common + ["-o", str(out), "--checkpoint-dir", str(ck)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONHASHSEED": "0"})
+    summary = ck / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if summary.is_file():
+            try:
+                step = json.loads(summary.read_text())["step"]
+            except (json.JSONDecodeError, OSError):
+                step = 0
+            if step >= 4 * every:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()  # a killed run leaves no output model
+    saved_step = json.loads(summary.read_text())["step"]
+    assert every * 4 <= saved_step < steps
+
+    resumed = _run_json(capsys, common + ["-o", str(out), "--checkpoint-dir", str(ck), "--resume"])
+    assert resumed["losses"] == reference["losses"]
+    ref_b = ir.load(str(tmp_path / "ref.onnx")).graph.initializers["fc1.lora_B.weight"].const_value.numpy()
+    got_b = ir.load(str(out)).graph.initializers["fc1.lora_B.weight"].const_value.numpy()
+    np.testing.assert_array_equal(got_b, ref_b)
