@@ -105,6 +105,8 @@ class LinearParts:
     adaptable: bool = True
     # The stored constant is [out, in] (torch's nn.Linear layout, before any Transpose in ``chain``).
     stored_out_in: bool = False
+    # Gemm's ``alpha``: the effective weight is ``alpha · W`` (a fold must add ``A @ B / alpha`` to W).
+    alpha: float = 1.0
 
 
 def _weight_source(value: ir.Value | None) -> tuple[ir.Value | None, list[ir.Node]]:
@@ -198,6 +200,7 @@ def linear_parts(node: ir.Node) -> LinearParts | None:
         return LinearParts(
             node, x, weight, chain, int(in_f), int(out_f), bool(trans_b), bias, bias_node, output, dtype,
             stored_out_in=bool(trans_b) != bool(swaps),
+            alpha=node.attributes.get_float("alpha", 1.0) if op != "MatMul" else 1.0,
         )
     if domain == MS and op in ("MatMulNBits", "MatMulBnb4"):
         in_f, out_f = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)

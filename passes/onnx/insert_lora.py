@@ -170,8 +170,11 @@ class InsertLora:
         b_val = _initializer(graph, b_name, to_ir_tensor(b_dep, dtype, b_name))
 
         y = parts.output
+        # Read the input now, not at planning time: an adapted site just before this one has already
+        # redirected it to its own adapted output.
+        x = parts.node.inputs[0]
         meta = {INSERTED: "lora", SITE: site.name}
-        xa = ir.node("MatMul", [parts.x, a_val], name=f"{site.name}/lora_A/MatMul", metadata_props=dict(meta))
+        xa = ir.node("MatMul", [x, a_val], name=f"{site.name}/lora_A/MatMul", metadata_props=dict(meta))
         xab = ir.node("MatMul", [xa.outputs[0], b_val], name=f"{site.name}/lora_B/MatMul", metadata_props=dict(meta))
         add = ir.node("Add", [y, xab.outputs[0]], name=f"{site.name}/lora/Add", metadata_props=dict(meta))
         xa.outputs[0].name = f"{site.name}/lora_A/output"

@@ -121,10 +121,13 @@ def reference_with_merged_weights(original: onnx.ModelProto, rewritten: ir.Model
             w = _effective_weight(ref, node.input[1])
             if _attr(node, "transB", 0):
                 w = w.T
+            # Gemm computes alpha · x @ W: the site's effective weight is alpha · W, LoRA adds x @ A @ B to it.
+            w = w * _attr(node, "alpha", 1.0)
             for att in node.attribute:
                 if att.name == "transB":
                     att.i = 0
-            w = w * 1.0
+                if att.name == "alpha":
+                    att.f = 1.0
         else:
             w = _effective_weight(ref, node.input[1])
         assert w.shape == a.shape[:1] + b.shape[1:], (site, w.shape, a.shape, b.shape)
