@@ -73,6 +73,17 @@ def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
     from lora_fx.passes.fx.insert_lora import insert_lora
 
     info = meta(gm)
+    if info.get("lora_sites"):
+        # One LoraConfig per graph: a second one would leave save_adapter writing a config that does
+        # not describe the tensors beside it.
+        from lora_fx.errors import AdapterError
+
+        have = sorted(info["lora_sites"])
+        raise AdapterError(
+            f"this model already has a LoRA adapter on {len(have)} sites ({', '.join(have[:4])}{', ...' if len(have) > 4 else ''}); "
+            "apply takes one LoraConfig per captured graph: capture the model again for another config, "
+            "or use load_adapter to load other trained weights into these sites"
+        )
     sites = fx_find_sites(gm)
     targets = select_targets(sites, config, model_type=info.get("model_type"))
     insert_lora(gm, targets, dropout=config.lora_dropout, init=config.init_lora_weights)

@@ -125,3 +125,33 @@ def test_pass_result_lists_adapted_sites(zoo):
     targets = select_targets(lora_fx.find_sites(gm), lora_fx.LoraConfig(r=2, target_modules=["value"]))
     result = InsertLora(targets)(gm)
     assert result.modified and result.changed == [f"encoder.layer.{i}.attention.self.value" for i in (0, 1)]
+
+
+def test_a_second_config_on_other_sites_is_refused(zoo, tmp_path):
+    # Two LoraConfigs on one graph would make save_adapter write a config that does not fit its tensors.
+    gm = lora_fx.apply(zoo.gm("llama"), lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(AdapterError, match="already has a LoRA adapter on 2 sites .*capture the model again"):
+        lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules=["k_proj"]))
+    assert set(meta(gm)["lora_sites"]) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
+    assert meta(gm)["adapters"]["default"].target_modules == ["q_proj"]
+
+
+def test_tied_output_layer_equals_peft(zoo):
+    # GPT-2's lm_head shares wte's weight; the exported graph has no lm_head module to hang LoRA on.
+    _parity(zoo, "gpt2", target_modules=["c_attn", "lm_head"])
+
+
+def test_bf16_model_equals_peft():
+    from tests.models import build
+
+    model = build("llama").to(torch.bfloat16)
+    gm = lora_fx.capture(model, kwargs=inputs(2, 8))
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    pm = peft_wrap(model, r=4, target_modules="all-linear", init_lora_weights=False)
+    copy_ours_into_peft(gm, pm)
+    # Adapters stay fp32 on a bf16 base, the branch runs in fp32 and the sum returns to bf16, as in PEFT.
+    assert {p.dtype for n, p in gm.named_parameters() if ".lora_" in n} == {torch.float32}
+    b = inputs(3, 9, pad=2)
+    ours, theirs = run(gm, b), run(pm, b)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert max_rel(ours.float(), theirs.float()) <= 1e-5
