@@ -1,0 +1,85 @@
+"""ONNX insert_prefix: an ONNX file rewritten with given prefixes computes, in ONNX Runtime, what the
+FX-rewritten model with the same prefixes computes (which equals PEFT: tests/passes/fx)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import lora_fx
+from lora_fx.errors import AdapterError, TargetNotFoundError, UnsupportedError
+from lora_fx.passes.onnx.find_sites import find_sites
+from lora_fx.passes.onnx.insert_prefix import PREFIX_KEY, InsertPrefix, prefix_metadata
+from lora_fx.prefix_adapters import current_prefixes
+from lora_fx.sites import SiteKind
+from tests.models import build, inputs, run
+
+T = 3
+
+
+def _attention(model):
+    return [s for s in find_sites(model) if s.kind is SiteKind.ATTENTION]
+
+
+def _session(model, tmp_path):
+    path = tmp_path / "prefixed.onnx"
+    lora_fx.save(model, path)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18"])
+def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
+    entry = onnx_corpus.get(name)
+    arch = name.split("-")[0]
+    gm = lora_fx.apply(lora_fx.capture(build(arch), kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=T))
+    prefixes = current_prefixes(gm)
+    model = lora_fx.load(entry.path)
+    sites = _attention(model)
+    assert sorted(s.name for s in sites) == sorted(prefixes)
+    result = InsertPrefix(lora_fx.PrefixConfig(num_virtual_tokens=T), sites, prefixes)(model)
+    assert result.modified and any(c.startswith("positions:") for c in result.changed)
+    record = prefix_metadata(model)
+    assert record["num_virtual_tokens"] == T and set(record["sites"]) == set(prefixes)
+    for site, rec in record["sites"].items():
+        init = model.graph.initializers[rec["key"]]
+        assert rec["key"] == f"{site}.prefix_key" and tuple(init.shape) == tuple(prefixes[site][0].shape)
+    sess = _session(model, tmp_path)
+    for batch, seq, pad in [(2, 8, 2), (3, 11, 4), (1, 5, 0)]:
+        b = inputs(batch, seq, pad=pad, seed=batch)
+        feeds = {i.name: b[i.name].numpy() for i in sess.get_inputs()}
+        ours = sess.run(None, feeds)[0]
+        ref = run(gm, b).numpy()
+        keep = b["attention_mask"].bool().numpy()
+        assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5, (batch, seq, pad)
+        plain = run(entry.model, b).numpy()
+        assert np.abs(ours[keep] - plain[keep]).max() / np.abs(plain).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["bert-dynamo23", "bert-ortfused"])
+def test_fused_attention_is_refused_naming_the_site(onnx_corpus, name):
+    model = lora_fx.load(onnx_corpus.get(name).path)
+    before = len(list(model.graph))
+    with pytest.raises(UnsupportedError, match=r"attention site encoder\.layer\.0\.attention\.self is a fused .*past_key"):
+        lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=4))
+    assert len(list(model.graph)) == before and PREFIX_KEY not in model.metadata_props
+
+
+def test_apply_marks_the_model_and_fold_refuses_it(onnx_corpus):
+    from lora_fx.passes.onnx.fold_lora import fold_lora
+
+    model = lora_fx.load(onnx_corpus.get("bert-dynamo18").path)
+    lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=4))
+    assert json.loads(model.metadata_props["lora_fx.prefix_config"])["num_virtual_tokens"] == 4
+    with pytest.raises(AdapterError, match="already has prefixes"):
+        lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=4))
+    with pytest.raises(Exception, match="prefix"):
+        fold_lora(model)
+
+
+def test_model_without_attention_is_refused(onnx_corpus):
+    model = lora_fx.load(onnx_corpus.get("gemm-mlp").path)
+    with pytest.raises(TargetNotFoundError, match="no attention site"):
+        lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=2))
