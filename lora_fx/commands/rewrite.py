@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 class Method(str, enum.Enum):
     LORA = "lora"
+    PREFIX = "prefix"
 
     def __str__(self) -> str:  # argparse shows choices with str()
         return self.value
@@ -45,6 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
     p.add_argument("--init", choices=["kaiming", "gaussian", "random"], default="kaiming",
                    help="initialisation of A and B (kaiming/gaussian keep B zero; random changes the outputs)")
+    p.add_argument("--num-virtual-tokens", type=int, default=16,
+                   help="prefix method: learned key/value prefix length T per attention site (default 16)")
     p.add_argument("--external-data", action="store_true", help="store the weights in <output>.data")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the adapted sites")
     p.set_defaults(func=run)
@@ -67,8 +70,20 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {"method": "lora", "config": config.to_dict(), "sites": lora_metadata(model)}
 
 
+def _rewrite_prefix(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from lora_fx.config import PrefixConfig
+    from lora_fx.passes.onnx.insert_prefix import apply_prefix, prefix_metadata
+
+    config = PrefixConfig(num_virtual_tokens=args.num_virtual_tokens, target_modules=_csv(args.target_modules))
+    apply_prefix(model, config)
+    record = prefix_metadata(model)
+    return {"method": "prefix", "config": config.to_dict(), "sites": record["sites"]}
+
+
 # One entry per --method; later methods (prefix, quantized bases) register here.
-METHODS: dict[Method, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {Method.LORA: _rewrite_lora}
+METHODS: dict[Method, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
+    Method.LORA: _rewrite_lora, Method.PREFIX: _rewrite_prefix,
+}
 
 
 def rewrite(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         for name, rec in summary["sites"].items():
+            if summary["method"] == "prefix":
+                print(f"{name}  prefix kv_heads={rec['kv_heads']} T={args.num_virtual_tokens} head_dim={rec['head_dim']}")
+                continue
             print(f"{name}  r={rec['r']} alpha={rec['alpha']:g} {rec['in_features']} -> {rec['out_features']}")
         print(f"\n{len(summary['sites'])} sites adapted with {summary['method']}; wrote {summary['output']}")
     return 0

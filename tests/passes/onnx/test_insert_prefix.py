@@ -83,3 +83,22 @@ def test_model_without_attention_is_refused(onnx_corpus):
     model = lora_fx.load(onnx_corpus.get("gemm-mlp").path)
     with pytest.raises(TargetNotFoundError, match="no attention site"):
         lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=2))
+
+
+def test_cli_rewrite_with_prefix(onnx_corpus, tmp_path, capsys):
+    from lora_fx.cli import main
+
+    out = tmp_path / "p.onnx"
+    entry = onnx_corpus.get("gpt2-dynamo18")
+    assert main(["rewrite", str(entry.path), "-o", str(out), "--method", "prefix", "--num-virtual-tokens", "6", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "prefix" and set(summary["sites"]) == {"transformer.h.0.attn", "transformer.h.1.attn"}
+    model = lora_fx.load(out)
+    assert tuple(model.graph.initializers["transformer.h.1.attn.prefix_value"].shape) == (4, 6, 8)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    b = inputs(2, 7, pad=1)
+    logits = sess.run(None, {i.name: b[i.name].numpy() for i in sess.get_inputs()})[0]
+    assert logits.shape == (2, 7, 96) and np.isfinite(logits).all()
+    assert main(["rewrite", str(entry.path), "-o", str(tmp_path / "q.onnx"), "--method", "prefix", "--num-virtual-tokens", "0"]) != 0
+    assert "num_virtual_tokens must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
