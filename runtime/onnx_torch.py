@@ -34,6 +34,7 @@ PREFIX_METADATA_KEY = "lora_fx.prefix"
 _ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # Constants (shape arithmetic) larger than this stay tensors: they are data, not shapes.
 _CONST_LIMIT = 1024
+_SHAPE_CACHE_SIZE = 64
 
 _DTYPES: dict[int, torch.dtype] = {
     1: torch.float32, 2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16, 6: torch.int32,
@@ -1263,9 +1264,14 @@ class OnnxModule(torch.nn.Module):
         if consts is None:
             record: dict[str, Const] = {}
             out = self._run(feeds, None, record)
-            self._shape_cache[key] = record
+            self._remember(key, record)
             return out
         return self._run(feeds, consts, None)
+
+    def _remember(self, key: tuple, consts: dict[str, Const]) -> None:
+        if len(self._shape_cache) >= _SHAPE_CACHE_SIZE:  # unpadded data: many shapes; keep the newest
+            self._shape_cache.pop(next(iter(self._shape_cache)))
+        self._shape_cache[key] = consts
 
     @torch.compiler.disable
     def _consts_for(self, key: tuple, feeds: dict[str, torch.Tensor]) -> dict[str, Const]:
@@ -1274,7 +1280,7 @@ class OnnxModule(torch.nn.Module):
             consts = {}
             with torch.no_grad():
                 self._run(feeds, None, consts)
-            self._shape_cache[key] = consts
+            self._remember(key, consts)
         return consts
 
     def _feeds(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:

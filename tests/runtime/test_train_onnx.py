@@ -134,6 +134,19 @@ def test_minilm_onnx_training_lowers_loss_and_ort_agrees(minilm: dict, tmp_path:
     # and the adapters in the file are the trained ones, not the zero B it started with
     b_names = [n for n in model.graph.initializers if n.endswith("lora_B.weight")]
     assert any(np.abs(ir.load(str(out)).graph.initializers[n].const_value.numpy()).max() > 0 for n in b_names)
+    # the PEFT-format export reads the written-back initializers too
+    from safetensors.torch import load_file
+
+    from lora_fx.adapters import from_deployment_layout, peft_key
+
+    peft_dir = lora_fx.save_adapter(model, tmp_path / "peft")
+    tensors = load_file(str(Path(peft_dir) / "adapter_model.safetensors"))
+    site = b_names[0].removesuffix(".lora_B.weight")
+    inits = model.graph.initializers
+    a, b = from_deployment_layout(torch.from_numpy(inits[f"{site}.lora_A.weight"].const_value.numpy()),
+                                  torch.from_numpy(inits[f"{site}.lora_B.weight"].const_value.numpy()), 8 / 4)
+    torch.testing.assert_close(tensors[peft_key(site, "B")], b)
+    torch.testing.assert_close(tensors[peft_key(site, "A")], a)
 
 
 @pytest.mark.slow
