@@ -70,12 +70,14 @@ def lora_names(site: str) -> tuple[str, str]:
 
 def to_ir_tensor(t: torch.Tensor, dtype: ir.DataType, name: str) -> ir.Tensor:
     """A torch tensor as an onnx_ir tensor of ``dtype`` (bfloat16 through ml_dtypes)."""
-    array = t.detach().to(torch.float32).cpu().numpy()
+    t = t.detach().cpu()
+    array = (t if t.dtype == torch.float32 else t.to(torch.float32)).numpy()
     if dtype == ir.DataType.BFLOAT16:
         import ml_dtypes
 
         return ir.Tensor(array.astype(ml_dtypes.bfloat16), dtype=dtype, name=name)
-    return ir.Tensor(array.astype(dtype.numpy()), dtype=dtype, name=name)
+    target = dtype.numpy()
+    return ir.Tensor(array if array.dtype == target else array.astype(target), dtype=dtype, name=name)
 
 
 def _initializer(graph: ir.Graph, name: str, tensor: ir.Tensor) -> ir.Value:
@@ -170,6 +172,8 @@ class InsertLora:
         b_val = _initializer(graph, b_name, to_ir_tensor(b_dep, dtype, b_name))
 
         y = parts.output
+        is_graph_output = any(o is y for o in graph.outputs)
+        uses = list(y.uses())  # before the new Add becomes one of them
         # Read the input now, not at planning time: an adapted site just before this one has already
         # redirected it to its own adapted output.
         x = parts.node.inputs[0]
@@ -184,11 +188,13 @@ class InsertLora:
         add.outputs[0].shape = y.shape
         graph.insert_after(y.producer(), [xa, xab, add])
 
-        is_graph_output = any(o is y for o in graph.outputs)
         original_name = y.name
-        y.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
-        add.replace_input_with(0, y)
+        for user, index in uses:
+            user.replace_input_with(index, add.outputs[0])
         if is_graph_output:
+            for i, out in enumerate(graph.outputs):
+                if out is y:
+                    graph.outputs[i] = add.outputs[0]
             # Graph outputs are part of the model's interface: the adapted value keeps the name.
             y.name = f"{original_name}/lora_fx_base"
             add.outputs[0].name = original_name
