@@ -18,6 +18,7 @@ from lora_fx.errors import (
     UnsupportedError,
 )
 from lora_fx.onnx_model import load, save
+from lora_fx.export import ExportMode, export_onnx
 from lora_fx.passes.fx.capture import capture
 from lora_fx.runtime.train import TrainResult, train
 from lora_fx.sites import Site, SiteKind
@@ -29,6 +30,7 @@ __all__ = [
     "AdapterError", "CaptureError", "ConfigError", "InitLoraWeights", "LoraConfig", "LoraFxError",
     "ModelLoadError", "PrefixConfig", "QuantConfig", "QuantDType", "Site", "SiteKind", "Target", "TargetNotFoundError", "TrainResult",
     "UnsupportedError", "apply", "capture", "find_sites", "load_adapter", "save_adapter",
+    "ExportMode", "export_onnx",
     "select_targets", "train",
 ]
 __all__ += ["load", "save"]

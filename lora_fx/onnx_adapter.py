@@ -101,7 +101,9 @@ def write_onnx_adapter(path: str | os.PathLike, adapter: OnnxAdapter) -> Path:
     fmt.set_adapter_version(ADAPTER_VERSION)
     if adapter.fingerprint:
         fmt.set_model_version(short_fingerprint(adapter.fingerprint))
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in sorted(adapter.tensors.items())})
+    # OrtValues borrow the numpy buffers: keep the arrays alive until the file is written.
+    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(adapter.tensors.items())}
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
     side = {
         "format": FORMAT,
         "base_fingerprint": adapter.fingerprint,
@@ -123,7 +125,8 @@ def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
         raise AdapterError(f"{path}: no such adapter file (an .onnx_adapter written by lora_fx export or AdapterFormat)")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
-        tensors = {k: v.numpy() for k, v in fmt.get_parameters().items()}
+        # Copies: the parameters' memory belongs to ``fmt``, which is freed on return.
+        tensors = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
         model_version = int(fmt.get_model_version())
     except Exception as exc:  # ORT raises RuntimeError/Fail with its own wording for bad files
         raise AdapterError(f"{path} is not a readable .onnx_adapter file: {exc}") from None
@@ -171,7 +174,7 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             f"adapter tensors {', '.join(unknown[:5])} have no adapter slot in {where}; its slots are "
             f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?"
         )
-    ranks: dict[str, int] = {}
+    sites = set()
     for name, arr in adapter.tensors.items():
         slot = slots[name]
         if np.dtype(arr.dtype).name != slot.dtype:
@@ -179,14 +182,13 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
         if len(arr.shape) != len(slot.shape) or any(s is not None and s != d for s, d in zip(slot.shape, arr.shape)):
             want = tuple("r" if s is None else s for s in slot.shape)
             raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} (lora_A [in, r], lora_B [r, out])")
-        site, which = name.rsplit(".lora_", 1)
-        r = arr.shape[1] if which.startswith("A") else arr.shape[0]
-        if ranks.setdefault(site, r) != r:
-            raise AdapterError(f"site {site}: lora_A has rank {ranks[site]} but lora_B has rank {r}; they must agree")
-    for site in ranks:
-        pair = [f"{site}.lora_A.weight", f"{site}.lora_B.weight"]
-        if not all(p in adapter.tensors for p in pair):
-            raise AdapterError(f"site {site}: the adapter holds only one of {pair}; both are needed")
+        sites.add(name.rsplit(".lora_", 1)[0])
+    for site in sorted(sites):
+        a, b = adapter.tensors.get(f"{site}.lora_A.weight"), adapter.tensors.get(f"{site}.lora_B.weight")
+        if a is None or b is None:
+            raise AdapterError(f"site {site}: the adapter holds only one of lora_A / lora_B; both are needed")
+        if a.shape[1] != b.shape[0]:
+            raise AdapterError(f"site {site}: lora_A has rank {a.shape[1]} but lora_B has rank {b.shape[0]}; they must agree")
 
 
 def model_slots(model: Any) -> dict[str, Slot]:

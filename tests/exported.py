@@ -73,7 +73,7 @@ def trained_gm(name: str, seed: int = 0) -> torch.fx.GraphModule:
     with torch.no_grad():
         for site in lora_fx.passes.fx.capture.meta(gm)["lora_sites"]:
             b = gm.get_submodule(site).lora_B.weight
-            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.3)
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.05)
     return gm
 
 

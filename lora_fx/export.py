@@ -1,0 +1,202 @@
+"""Export a rewritten GraphModule to ONNX: adapters folded into W, or kept as swappable slots.
+
+The path is always ``torch.onnx.export(..., dynamo=True, optimize=False)`` (the exporter's own
+optimizer renames weights and folds transposes, losing the adapter names), then the ONNX passes:
+``normalize_lora`` (exported branch → contract layout), ``fold_lora`` or ``expose_adapters``, then
+onnxscript's optimizer, which cannot touch the adapter slots because they are graph inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_fx.errors import ConfigError, LoraFxError, UnsupportedError
+
+MODEL_OPSET = 20
+
+
+class ExportMode(str, enum.Enum):
+    MERGED = "merged"  # adapters folded into W: a plain model
+    ADAPTERS = "adapters"  # adapter slots (graph inputs with zero defaults) + .onnx_adapter files
+
+    @classmethod
+    def parse(cls, value: "ExportMode | str") -> "ExportMode":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        raise ConfigError(f"mode={value!r} is not an export mode; use 'merged' (fold adapters into W) or 'adapters' (swappable slots)")
+
+
+@dataclass
+class ExportResult:
+    model_path: Path
+    mode: ExportMode
+    adapter_paths: list[Path] = field(default_factory=list)  # .onnx_adapter files
+    peft_dirs: list[Path] = field(default_factory=list)
+    sites: list[str] = field(default_factory=list)
+    fingerprint: str | None = None
+
+
+def adapters_dir(model_path: str | os.PathLike) -> Path:
+    """``served.onnx`` → ``served.adapters/``: where its adapters are written."""
+    p = Path(model_path)
+    return p.with_name(p.stem + ".adapters")
+
+
+def _dynamic_shapes(kwargs: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim():
+            out[k] = {i: torch.export.Dim.AUTO for i in range(min(v.dim(), 2))}
+        else:
+            out[k] = None
+    return out
+
+
+def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict | None = None) -> Any:
+    """``torch.onnx.export`` with names kept, dynamic batch and sequence dims; returns an onnx_ir Model."""
+    import contextlib
+    import io
+    import logging
+
+    import torch
+
+    import warnings
+
+    quiet = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        # The exporter warns that an exported GraphModule is "in training mode": dropout is baked in the
+        # graph instead (set_training_mode), so the flag means nothing here.
+        with torch.no_grad(), contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            program = torch.onnx.export(
+                gm, (), kwargs=kwargs, dynamo=True, optimize=False, opset_version=MODEL_OPSET,
+                dynamic_shapes=_dynamic_shapes(kwargs), verbose=False, report=False,
+                custom_translation_table=custom_translation_table,
+            )
+    except LoraFxError:
+        raise
+    except Exception as exc:  # the exporter raises many kinds; the user needs the first line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedError(f"torch.onnx.export could not export this graph: {type(exc).__name__}: {first}") from None
+    return program.model
+
+
+def optimize_keeping_slots(model: Any) -> Any:
+    """onnxscript's optimizer (constant folding, dead-code removal); adapter slots, being graph inputs, stay."""
+    import onnxscript.optimizer
+
+    from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
+
+    names = adapter_names(read_records(model))
+    before = {n for n in names if n in model.graph.initializers}
+    # It logs a warning per slot it may not deduplicate (graph inputs): that is the point of a slot.
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    level = dedup.level
+    dedup.setLevel(logging.ERROR)
+    try:
+        onnxscript.optimizer.optimize(model)
+    finally:
+        dedup.setLevel(level)
+    lost = sorted(before - set(model.graph.initializers))
+    if lost:  # a regression in the optimizer would silently drop slots: refuse rather than ship it
+        raise UnsupportedError(f"the ONNX optimizer removed adapter initializers {lost[:3]}; export with optimize=False")
+    return model
+
+
+def export_onnx(
+    gm: Any,
+    path: str | os.PathLike,
+    kwargs: dict[str, Any] | None = None,
+    mode: ExportMode | str = ExportMode.MERGED,
+    *,
+    adapter_name: str = "default",
+    optimize: bool = True,
+    peft_dir: bool = True,
+    custom_translation_table: dict | None = None,
+) -> ExportResult:
+    """Export a GraphModule from ``lora_fx.capture`` + ``lora_fx.apply`` to ONNX at ``path``.
+
+    ``mode="merged"``: the adapters are folded into the weights (a plain model, the base's nodes).
+    ``mode="adapters"``: the adapters become ONNX Runtime adapter slots and the current weights are
+    written to ``<stem>.adapters/<adapter_name>.onnx_adapter`` (and, with ``peft_dir``, the same adapter
+    as a PEFT directory ``<stem>.adapters/<adapter_name>/``). ``kwargs`` are example inputs, as for
+    ``capture``; batch and sequence dims stay dynamic. Every file is written whole or not at all.
+    ``custom_translation_table`` goes to ``torch.onnx.export`` (custom ops such as a dequantize step).
+    """
+    import torch.fx as fx
+
+    from lora_fx.onnx_adapter import SUFFIX, current_adapter, stamp_fingerprint, to_peft, write_onnx_adapter
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.set_training_mode import set_training_mode
+    from lora_fx.passes.onnx.expose_adapters import expose_adapters
+    from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.normalize_lora import normalize_lora
+
+    mode = ExportMode.parse(mode)
+    if not isinstance(gm, fx.GraphModule):
+        raise ConfigError(f"export_onnx takes a GraphModule from lora_fx.capture(...) (+ lora_fx.apply), got {type(gm).__name__}")
+    if not kwargs:
+        raise ConfigError("export_onnx needs example inputs: export_onnx(gm, path, kwargs={'input_ids': ..., 'attention_mask': ...})")
+    info = meta(gm)
+    configs = info.get("adapters", {})
+    if any(type(c).__name__ == "PrefixConfig" for c in configs.values()) and mode is ExportMode.MERGED:
+        raise UnsupportedError(
+            "prefix-tuning adapters cannot be folded into weights; export with mode='adapters' (CLI: --adapters)"
+        )
+    records = info.get("lora_sites", {})
+    if mode is ExportMode.ADAPTERS and not records:
+        raise ConfigError("this model has no LoRA adapter to expose; call lora_fx.apply(gm, LoraConfig(...)) first, or export mode='merged'")
+    was_training = bool(info.get("training", False))
+    if was_training:
+        set_training_mode(gm, False)  # export what inference runs: dropout off
+    try:
+        model = to_onnx_ir(gm, dict(kwargs), custom_translation_table)
+    finally:
+        if was_training:
+            set_training_mode(gm, True)
+    config = configs.get("default")
+    if records:
+        normalize_lora(model, records, config)
+    path = Path(path)
+    adapter = None
+    if mode is ExportMode.MERGED:
+        if records:
+            fold_lora(model)
+        if optimize:
+            optimize_keeping_slots(model)
+    else:
+        adapter = current_adapter(model)
+        expose_adapters(model)
+        if optimize:
+            optimize_keeping_slots(model)
+        adapter.fingerprint = stamp_fingerprint(model)
+    result = ExportResult(path, mode, sites=sorted(records), fingerprint=adapter.fingerprint if adapter else None)
+    save_model(model, path)
+    if adapter is not None:
+        out_dir = adapters_dir(path)
+        result.adapter_paths.append(write_onnx_adapter(out_dir / f"{adapter_name}{SUFFIX}", adapter))
+        if peft_dir:
+            from lora_fx.adapters import write_peft_dir
+
+            peft_config, tensors = to_peft(adapter)
+            result.peft_dirs.append(write_peft_dir(out_dir / adapter_name, peft_config, tensors))
+    return result
+
+
+def save_model(model: Any, path: str | os.PathLike) -> Path:
+    """Save an onnx_ir Model atomically (weights beside it when large): ``lora_fx.save``."""
+    from lora_fx.onnx_model import save
+
+    return save(model, path)

@@ -1,0 +1,106 @@
+"""export_onnx: torch GraphModule, merged ONNX and adapter-slot ONNX agree; adapters round-trip with PEFT."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.errors import ConfigError, UnsupportedError
+from lora_fx.export import ExportMode, adapters_dir
+from lora_fx.onnx_adapter import peft_dir_to_onnx_adapter, read_onnx_adapter
+from lora_fx.passes.fx.capture import meta
+from tests import models
+from tests.exported import TMP, eager, exported, feeds, ort_run, rel, trained_gm
+
+NAMES = [pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow),
+         pytest.param("minilm", marks=pytest.mark.slow)]
+# Sizes other than the export example (2, 8): batch and sequence axes are dynamic.
+SHAPES = [(2, 8, 0), (3, 11, 4), (1, 5, 0)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_graph_module_merged_and_adapter_slots_agree(name):
+    gm = trained_gm(name)
+    merged, served = exported(name, "merged"), exported(name, "adapters")
+    adapter = served.adapter_paths[0]
+    assert adapter == adapters_dir(served.model_path) / "default.onnx_adapter"
+    for batch, seq, pad in SHAPES:
+        tb, nb = feeds(batch, seq, pad, seed=batch)
+        want = models.run(gm, tb).numpy()
+        base = models.run(eager(name), tb).numpy()
+        assert rel(want, base) > 1e-3  # the adapter really changes the output
+        assert rel(ort_run(merged.model_path, nb), want) <= 1e-4
+        assert rel(ort_run(served.model_path, nb, adapter=adapter), want) <= 1e-4
+        assert rel(ort_run(served.model_path, nb), base) <= 1e-5  # no adapter active: the base model
+
+
+@pytest.mark.parametrize("name", NAMES[:1])
+def test_names_survive_and_the_merged_model_is_the_base_graph(name):
+    gm = trained_gm(name)
+    sites = sorted(meta(gm)["lora_sites"])
+    served = ir.load(str(exported(name, "adapters").model_path))
+    slot_inputs = {v.name for v in served.graph.inputs if v.name in served.graph.initializers}
+    assert slot_inputs == {f"{s}.lora_{w}.weight" for s in sites for w in "AB"}
+    assert set(read_onnx_adapter(exported(name, "adapters").adapter_paths[0]).tensors) == slot_inputs
+    merged = ir.load(str(exported(name, "merged").model_path))
+    assert not [n for n in merged.graph.initializers if ".lora_" in n]
+    base = lora_fx.export_onnx(copy.deepcopy(lora_fx.capture(eager(name), kwargs=models.inputs(2, 8))), TMP / f"{name}-base.onnx",
+                               kwargs=models.inputs(2, 8))
+    base_model = ir.load(str(base.model_path))
+    assert collections.Counter(n.op_type for n in merged.graph) == collections.Counter(n.op_type for n in base_model.graph)
+    assert [i.name for i in merged.graph.inputs] == [i.name for i in base_model.graph.inputs] == ["input_ids", "attention_mask"]
+    # dynamic batch and sequence axes
+    assert all(not isinstance(d, int) for d in merged.graph.inputs[0].shape)
+
+
+@pytest.mark.parametrize("name", NAMES[:2])
+def test_written_peft_dir_loads_in_peft_and_gives_our_outputs(name):
+    import peft
+
+    gm = trained_gm(name)
+    peft_dir = exported(name, "adapters").peft_dirs[0]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(eager(name)), str(peft_dir)).eval()
+    for batch, seq, pad in SHAPES[:2]:
+        tb, _ = feeds(batch, seq, pad)
+        assert rel(models.run(pm, tb).numpy(), models.run(gm, tb).numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES[:2])
+def test_peft_adapter_becomes_an_onnx_adapter_that_gives_peft_outputs(name):
+    """A PEFT-trained adapter of another rank (2, the export had 4) runs on the exported slots in plain ORT."""
+    torch.manual_seed(3)
+    pm = models.peft_wrap(eager(name), r=2, lora_alpha=5, target_modules="all-linear", init_lora_weights=False)
+    peft_dir = TMP / f"{name}-peft-trained"
+    pm.save_pretrained(str(peft_dir))
+    served = exported(name, "adapters").model_path
+    out = peft_dir_to_onnx_adapter(peft_dir, served, TMP / f"{name}-from-peft.onnx_adapter")
+    for batch, seq, pad in SHAPES[:2]:
+        tb, nb = feeds(batch, seq, pad)
+        want = models.run(pm, tb).numpy()
+        assert rel(want, models.run(eager(name), tb).numpy()) > 1e-3
+        assert rel(ort_run(served, nb, adapter=out), want) <= 1e-4
+
+
+def test_modes_parse_from_strings_and_bad_modes_are_refused(tmp_path):
+    assert ExportMode.parse("merged") is ExportMode.MERGED and ExportMode.parse("ADAPTERS") is ExportMode.ADAPTERS
+    with pytest.raises(ConfigError, match="'folded' is not an export mode"):
+        lora_fx.export_onnx(trained_gm("gpt2"), tmp_path / "x.onnx", kwargs=models.inputs(2, 8), mode="folded")
+    with pytest.raises(ConfigError, match="example inputs"):
+        lora_fx.export_onnx(trained_gm("gpt2"), tmp_path / "x.onnx", mode="merged")
+    assert not list(tmp_path.iterdir())
+
+
+def test_adapters_mode_needs_an_adapter_and_prefixes_cannot_merge(zoo, tmp_path):
+    plain = zoo.gm("gpt2")
+    with pytest.raises(ConfigError, match="no LoRA adapter to expose"):
+        lora_fx.export_onnx(plain, tmp_path / "x.onnx", kwargs=models.inputs(2, 8), mode="adapters")
+    meta(plain)["adapters"]["prefix"] = lora_fx.PrefixConfig(num_virtual_tokens=4)
+    with pytest.raises(UnsupportedError, match="prefix.*mode='adapters'"):
+        lora_fx.export_onnx(plain, tmp_path / "x.onnx", kwargs=models.inputs(2, 8), mode="merged")
+    assert not list(tmp_path.iterdir())
