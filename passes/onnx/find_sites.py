@@ -25,7 +25,9 @@ Names, in order of preference: the dynamo exporter's ``pkg.torch.onnx.name_scope
 calling module's path), TorchScript node names (``/encoder/layer.0/attention/self/query/MatMul``),
 the weight initializer's name (``….weight``), the node name. A name used twice (a weight tied
 across several uses, a module called twice) gets ``_1``, ``_2``… on its later uses. Nodes a
-lora_fx pass inserted (metadata ``lora_fx.inserted``) are never sites.
+lora_fx pass inserted (metadata ``lora_fx.inserted``; passes that add nodes set it) are never
+sites, and neither are MatMuls on adapter weights (``….lora_A``/``lora_B`` names, or weights that
+are also graph inputs, the way ONNX Runtime adapter slots are exposed) whoever inserted them.
 """
 
 from __future__ import annotations
@@ -166,6 +168,15 @@ def _bias_after(node: ir.Node, out_features: int) -> tuple[ir.Value | None, ir.N
     return None, None
 
 
+_ADAPTER_NAME = re.compile(r"\.lora_[AB](\.|$)")
+
+
+def _is_adapter_weight(weight: ir.Value) -> bool:
+    """An adapter matrix, not a base weight: LoRA-named, or a graph input (ONNX Runtime overrides those
+    per run, as with ``.onnx_adapter`` slots), even when a tool other than lora_fx inserted it."""
+    return weight.is_graph_input() or bool(weight.name and _ADAPTER_NAME.search(weight.name))
+
+
 def linear_parts(node: ir.Node) -> LinearParts | None:
     """The parts of ``node`` if it is a linear site, else None."""
     if is_inserted(node) or not node.inputs or node.inputs[0] is None:
@@ -176,7 +187,7 @@ def linear_parts(node: ir.Node) -> LinearParts | None:
         if len(node.inputs) < 2 or const_tensor(x) is not None:
             return None
         weight, chain = _weight_source(node.inputs[1])
-        if weight is None:
+        if weight is None or _is_adapter_weight(weight):
             return None
         shape = _effective_shape(weight, chain)
         if shape is None:

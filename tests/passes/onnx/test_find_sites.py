@@ -157,3 +157,20 @@ def test_no_sites_in_a_graph_without_weights():
     )
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert find_sites(model) == []
+
+
+def test_foreign_lora_branches_and_overridable_weights_are_not_sites():
+    """A LoRA branch another tool inserted (no lora_fx metadata), with its matrices as graph inputs."""
+    f = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(np.ones((8, 8), np.float32), n) for n in ("fc.weight", "fc.lora_A.weight", "fc.lora_B.weight", "slot")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "fc.weight"], ["y0"], name="/fc/MatMul"),
+        helper.make_node("MatMul", ["x", "fc.lora_A.weight"], ["xa"], name="/fc/lora_A/MatMul"),
+        helper.make_node("MatMul", ["xa", "fc.lora_B.weight"], ["xab"], name="/fc/lora_B/MatMul"),
+        helper.make_node("Add", ["y0", "xab"], ["y1"]),
+        helper.make_node("MatMul", ["y1", "slot"], ["y"], name="/slot/MatMul"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", f, ["b", 8]), helper.make_tensor_value_info("slot", f, [8, 8])]
+    graph = helper.make_graph(nodes, "foreign", inputs, [helper.make_tensor_value_info("y", f, ["b", 8])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [s.name for s in find_sites(model)] == ["fc"]
