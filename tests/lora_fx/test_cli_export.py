@@ -1,0 +1,92 @@
+"""lora-fx export (--merge / --adapters) and lora-fx run, on a LoRA ONNX model, checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import lora_fx
+from lora_fx.cli import main
+from tests.exported import lora_onnx, ort_run, rel
+from tests.onnx_corpus import corpus
+
+ENTRY = "gemm-mlp"
+
+
+@pytest.fixture()
+def lora_file(tmp_path):
+    path = tmp_path / "lora.onnx"
+    lora_fx.save(lora_onnx(ENTRY), path)
+    feeds = corpus().get(ENTRY).feeds()
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    return path, feeds, ort_run(path, feeds)
+
+
+def _files(directory):
+    return sorted(p.name for p in directory.rglob("*"))
+
+
+def test_merge_writes_a_plain_model_with_the_lora_outputs(lora_file, tmp_path, capsys):
+    path, feeds, want = lora_file
+    assert main(["export", str(path), "-o", str(tmp_path / "merged.onnx"), "--merge", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "merged" and summary["sites"] == ["fc1", "fc2", "head"]
+    assert rel(ort_run(tmp_path / "merged.onnx", feeds), want) <= 1e-5
+    merged = ir.load(str(tmp_path / "merged.onnx"))
+    assert [n.op_type for n in merged.graph] == ["Gemm", "Relu", "Gemm", "Relu", "Gemm"]
+
+
+def test_adapters_then_run_with_the_adapter_and_merge_it_back(lora_file, tmp_path, capsys):
+    path, feeds, want = lora_file
+    served = tmp_path / "served.onnx"
+    assert main(["export", str(path), "-o", str(served), "--adapters", "--name", "legal"]) == 0
+    adapter = tmp_path / "served.adapters" / "legal.onnx_adapter"
+    assert adapter.is_file() and (tmp_path / "served.adapters" / "legal" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["run", str(served), "--adapter", str(adapter), "--inputs", str(tmp_path / "feeds.npz"),
+                 "-o", str(tmp_path / "out.npz"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["providers"][-1] == "CPUExecutionProvider"
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        assert rel(out["y"], want) <= 1e-5
+    assert summary["outputs"]["y"]["shape"] == list(want.shape)
+    # Without --adapter: the base model.
+    assert main(["run", str(served), "--inputs", str(tmp_path / "feeds.npz"), "-o", str(tmp_path / "base.npz")]) == 0
+    with np.load(tmp_path / "base.npz") as out:
+        np.testing.assert_array_equal(out["y"], ort_run(corpus().get(ENTRY).path, feeds))
+    # Fold the adapter file into the served model: the LoRA model as a plain model.
+    assert main(["export", str(served), "-o", str(tmp_path / "m.onnx"), "--merge", "--adapter", str(adapter)]) == 0
+    assert rel(ort_run(tmp_path / "m.onnx", feeds), want) <= 1e-5
+
+
+def test_errors_exit_non_zero_with_a_message_and_write_nothing(lora_file, tmp_path, capsys):
+    path, feeds, _ = lora_file
+    before = _files(tmp_path)
+    # NaN in an adapter: the merge is refused and no output appears.
+    bad = lora_fx.load(path)
+    b = bad.graph.initializers["fc1.lora_B.weight"]
+    arr = b.const_value.numpy().copy()
+    arr[0, 0] = np.nan
+    b.const_value = ir.tensor(arr, name=b.name)
+    lora_fx.save(bad, tmp_path / "nan.onnx")
+    before = _files(tmp_path)
+    assert main(["export", str(tmp_path / "nan.onnx"), "-o", str(tmp_path / "out.onnx"), "--merge"]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert _files(tmp_path) == before
+    # A model without LoRA, a served model merged without an adapter, pickled inputs.
+    assert main(["export", str(corpus().get(ENTRY).path), "-o", str(tmp_path / "out.onnx"), "--adapters"]) == 2
+    assert "no LoRA adapters" in capsys.readouterr().err
+    main(["export", str(path), "-o", str(tmp_path / "served.onnx"), "--adapters"])
+    assert main(["export", str(tmp_path / "served.onnx"), "-o", str(tmp_path / "out.onnx"), "--merge"]) == 2
+    assert "--merge --adapter" in capsys.readouterr().err
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "pickled.npz", x=np.array([{"x": 1}], dtype=object))
+    assert main(["run", str(tmp_path / "served.onnx"), "--inputs", str(tmp_path / "pickled.npz")]) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "served.onnx"), "--adapter", str(tmp_path / "none.onnx_adapter"), "--inputs", str(tmp_path / "feeds.npz")]) == 2
+    assert "no such adapter file" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+    assert not [p for p in tmp_path.rglob("*.tmp")]
