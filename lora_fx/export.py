@@ -155,6 +155,11 @@ def export_onnx(
         raise UnsupportedError(
             "prefix-tuning adapters cannot be folded into weights; export with mode='adapters' (CLI: --adapters)"
         )
+    if info.get("prefix") and not info.get("lora_sites"):
+        from lora_fx.prefix_export import export_prefix_onnx  # prefixes: slots + .onnx_adapter + PEFT dir
+
+        return export_prefix_onnx(gm, path, dict(kwargs), adapter_name=adapter_name, optimize=optimize,
+                                  peft_dir=peft_dir, custom_translation_table=custom_translation_table)
     records = info.get("lora_sites", {})
     if mode is ExportMode.ADAPTERS and not records:
         raise ConfigError("this model has no LoRA adapter to expose; call lora_fx.apply(gm, LoraConfig(...)) first, or export mode='merged'")
