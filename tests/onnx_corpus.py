@@ -51,13 +51,23 @@ class Entry:
         return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in self.inputs.items()}
 
 
-def _export(name: str, path: Path, *, opset: int, dynamo: bool) -> tuple[torch.nn.Module, dict]:
+def _export(name: str, path: Path, *, opset: int, dynamo: bool, optimize: bool = True) -> tuple[torch.nn.Module, dict]:
     from tests.runtime.onnx_models import export
 
-    export(name, path, opset=opset, dynamo=dynamo)
     model = models.build(name)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
+    if optimize:
+        export(name, path, opset=opset, dynamo=dynamo)
+    else:
+        # What lora_fx's own FX export path writes: no optimizer, so every parameter keeps its name and
+        # weights reach MatMul through Transpose nodes.
+        kwargs = models.inputs(2, 8)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (), str(path), kwargs=kwargs, dynamo=True, optimize=False, opset_version=opset,
+                              input_names=list(kwargs), dynamic_shapes={k: {0: batch, 1: seq} for k in kwargs}, verbose=False)
     return model, models.inputs(2, 8, pad=2)
 
 
@@ -77,6 +87,7 @@ class Corpus:
         # Llama at opset 23 keeps GQA in the Attention op; its RotaryEmbedding export does not run in ORT 1.31.
         self._builders["bert-dynamo23"] = lambda: self._zoo("bert", 23, True)
         self._builders["llama-dynamo23"] = lambda: self._zoo("llama", 23, True, runs_in_ort=False)
+        self._builders["llama-dynamo18-noopt"] = lambda: self._zoo("llama", 18, True, optimize=False)
         self._builders["bert-ortfused"] = lambda: self._fused("bert")
         self._builders["llama-ortfused"] = lambda: self._fused("llama")
         self._builders["gemm-mlp"] = self._gemm_mlp
@@ -93,10 +104,10 @@ class Corpus:
         return self._entries[name]
 
     # ---- transformers exports -------------------------------------------------------------------
-    def _zoo(self, arch: str, opset: int, dynamo: bool, runs_in_ort: bool = True) -> Entry:
-        tag = f"dynamo{opset}" if dynamo else "torchscript"
+    def _zoo(self, arch: str, opset: int, dynamo: bool, runs_in_ort: bool = True, optimize: bool = True) -> Entry:
+        tag = (f"dynamo{opset}" if dynamo else "torchscript") + ("" if optimize else "-noopt")
         path = self.dir / f"{arch}-{tag}.onnx"
-        model, inputs = _export(arch, path, opset=opset, dynamo=dynamo)
+        model, inputs = _export(arch, path, opset=opset, dynamo=dynamo, optimize=optimize)
         n_lin, n_att = _COUNTS[arch]
         return Entry(
             f"{arch}-{tag}", path, n_lin, n_att, model, inputs, prefix="" if dynamo else "model.",

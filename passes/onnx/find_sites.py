@@ -293,10 +293,23 @@ def _scalar(value: ir.Value | None) -> float | None:
         return None
 
 
-def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
-    """Walk back through Mul/Div by scalar constants (the scale torch puts on q and k)."""
-    factor = 1.0
-    for _ in range(4):
+def _rank(value: ir.Value | None) -> int | None:
+    return len(value.shape) if value is not None and value.shape is not None else None
+
+
+def _strip_scale(value: ir.Value) -> tuple[ir.Value, float | None, tuple | None]:
+    """Walk back through Mul/Div by scalars (the scale torch puts on q and k) and transposes.
+
+    Returns the tensor before them, the product of the scale factors (None when a scale was computed
+    in the graph, as unoptimized exports do, rather than stored as a constant), and the first 4-D
+    static shape met on the way (``[B, H, S, D]`` for q, ``[B, H, D, S]`` or ``[B, H, S, D]`` for k:
+    the head count is dim 1 either way).
+    """
+    factor: float | None = 1.0
+    shape: tuple | None = None
+    for _ in range(5):
+        if shape is None and (st := _static_shape(value)) and len(st) == 4:
+            shape = st
         node = value.producer()
         if node is None or node.op_type not in ("Mul", "Div", "Transpose") or node.domain != "":
             break
@@ -306,14 +319,20 @@ def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
         a, b = node.inputs[0], node.inputs[1]
         sb, sa = _scalar(b), _scalar(a)
         if sb is not None:
-            factor *= sb if node.op_type == "Mul" else 1.0 / sb
+            factor = None if factor is None else factor * (sb if node.op_type == "Mul" else 1.0 / sb)
             value = a
         elif sa is not None and node.op_type == "Mul":
-            factor *= sa
+            factor = None if factor is None else factor * sa
             value = b
+        elif _rank(b) == 0 or (_rank(a) or 0) >= 3:
+            factor, value = None, a
+        elif node.op_type == "Mul" and (_rank(a) == 0 or (_rank(b) or 0) >= 3):
+            factor, value = None, b
         else:
             break
-    return value, factor
+    if shape is None and (st := _static_shape(value)) and len(st) == 4:
+        shape = st
+    return value, factor, shape
 
 
 def _projection_out(value: ir.Value | None, max_hops: int = 14) -> int | None:
@@ -344,6 +363,24 @@ def _projection_out(value: ir.Value | None, max_hops: int = 14) -> int | None:
     return None
 
 
+def _path_heads(value: ir.Value | None, head_dim: int, max_hops: int = 24) -> int | None:
+    """The smallest head count among ``[B, H, S, head_dim]`` shapes on the way back to the projection.
+
+    Grouped-query models repeat K and V (Unsqueeze → Expand → Reshape) to the query's head count
+    before the attention; the shapes before the repeat still show the kv head count.
+    """
+    best = None
+    for _ in range(max_hops):
+        st = _static_shape(value)
+        if st and len(st) == 4 and st[-1] == head_dim and isinstance(st[1], int):
+            best = st[1] if best is None else min(best, st[1])
+        node = value.producer() if value is not None else None
+        if node is None or linear_parts(node) is not None or node.op_type not in _HEAD_PATH_OPS | {"Slice"}:
+            break
+        value = next((i for i in node.inputs if i is not None and const_tensor(i) is None), None)
+    return best
+
+
 @dataclass
 class AttentionParts:
     node: ir.Node  # the Attention op, or the Softmax of a decomposed attention
@@ -369,6 +406,10 @@ def _heads_from(q: ir.Value | None, k: ir.Value | None, head_dim: int | None, sc
         if k_out and k_out % head_dim == 0:
             # The projection's width is the true kv head count even when the graph repeats K for GQA.
             k_heads = k_out // head_dim
+        else:
+            k_heads = _path_heads(k, head_dim) or k_heads
+        if q_heads is None:
+            q_heads = _path_heads(q, head_dim)
     return q_heads, k_heads, head_dim
 
 
@@ -414,13 +455,12 @@ def _decomposed_attention(softmax: ir.Node) -> AttentionParts | None:
         value = user.outputs[0]
     if sink is None:
         return None
-    q, q_scale = _strip_scale(scores.inputs[0])
-    k, k_scale = _strip_scale(scores.inputs[1])
-    scale *= q_scale * k_scale
-    qs, ks = _static_shape(q), _static_shape(k)
-    head_dim = qs[-1] if qs and len(qs) == 4 else None
-    q_heads = qs[1] if qs and len(qs) == 4 else None
-    k_heads = ks[1] if ks and len(ks) == 4 else None
+    q, q_scale, qs = _strip_scale(scores.inputs[0])
+    k, k_scale, ks = _strip_scale(scores.inputs[1])
+    scale = None if q_scale is None or k_scale is None or scale == 1.0 and q_scale * k_scale == 1.0 else scale * q_scale * k_scale
+    head_dim = qs[-1] if qs else None
+    q_heads = qs[1] if qs else None
+    k_heads = ks[1] if ks else None
     q_heads, k_heads, head_dim = _heads_from(q, k, head_dim, scale, q_heads, k_heads)
     return AttentionParts(softmax, q, k, sink.inputs[1], sink.outputs[0], q_heads, k_heads, head_dim, "decomposed")
 

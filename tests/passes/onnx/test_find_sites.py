@@ -13,7 +13,7 @@ from lora_fx.passes.onnx.find_sites import find_sites
 from lora_fx.sites import IRKind, SiteKind
 
 ZOO = [
-    "bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-dynamo23", "llama-dynamo23",
+    "bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-dynamo23", "llama-dynamo23", "llama-dynamo18-noopt",
     "bert-torchscript", "gpt2-torchscript", "llama-torchscript", "bert-ortfused", "llama-ortfused",
 ]
 HAND = ["gemm-mlp", "fp16-mlp", "forms"]

@@ -21,7 +21,7 @@ from lora_fx.targeting import select_targets
 
 RUNNABLE = [
     "bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-dynamo23", "bert-torchscript", "gpt2-torchscript",
-    "llama-torchscript", "bert-ortfused", "llama-ortfused", "gemm-mlp", "fp16-mlp", "forms",
+    "llama-torchscript", "bert-ortfused", "llama-ortfused", "gemm-mlp", "fp16-mlp", "forms", "llama-dynamo18-noopt",
 ]
 
 
@@ -143,7 +143,7 @@ RANDOM = {
     "bert-dynamo18": ["query", "value", "dense"], "gpt2-dynamo18": ["c_attn", "c_proj", "c_fc"],
     "llama-dynamo18": ["q_proj", "v_proj", "down_proj"], "bert-dynamo23": ["query", "key"],
     "bert-torchscript": ["query", "value", "dense"], "gpt2-torchscript": ["c_attn", "c_fc"],
-    "llama-torchscript": ["k_proj", "o_proj", "up_proj"], "llama-ortfused": ["q_proj", "v_proj", "gate_proj"],
+    "llama-torchscript": ["k_proj", "o_proj", "up_proj"], "llama-dynamo18-noopt": ["q_proj", "v_proj", "lm_head"], "llama-ortfused": ["q_proj", "v_proj", "gate_proj"],
     "bert-ortfused": ["dense"], "gemm-mlp": ["fc1", "fc2", "head"], "fp16-mlp": ["up", "mid", "out"],
     "forms": ["enc.proj", "enc.half", "enc.q8", "enc.q4", "tied", "tied_1"],
 }
@@ -241,7 +241,8 @@ CONFIGS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-torchscript", "gpt2-torchscript",
-                                  "llama-torchscript", "llama-ortfused", "bert-dynamo23", "llama-dynamo23"])
+                                  "llama-torchscript", "llama-ortfused", "bert-dynamo23", "llama-dynamo23",
+                                  "llama-dynamo18-noopt"])
 def test_same_config_selects_same_sites_as_fx(onnx_corpus, zoo, name):
     entry = onnx_corpus.get(name)
     arch = name.split("-")[0]
