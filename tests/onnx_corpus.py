@@ -44,8 +44,8 @@ class Entry:
     same_sites_as_fx: bool = True
     # Passes onnx.checker (ORT-only fused ops in the default domain do not).
     checker: bool = True
-    # Attention sites' (num_heads, kv_heads) where the model has attention.
-    heads: tuple[int, int] | None = None
+    # Attention sites' (num_heads, kv_heads, head_dim) where the model has attention.
+    heads: tuple[int, int, int] | None = None
 
     def feeds(self) -> dict[str, np.ndarray]:
         return {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in self.inputs.items()}
@@ -72,8 +72,8 @@ def _export(name: str, path: Path, *, opset: int, dynamo: bool, optimize: bool =
 
 
 # Sites of the tiny zoo models (2 layers): BERT 6 linear a layer + pooler; GPT-2 4 + lm_head; Llama 7 + lm_head.
-_COUNTS = {"bert": (13, 2), "gpt2": (9, 2), "llama": (15, 2)}
-_HEADS = {"bert": (4, 4), "gpt2": (4, 4), "llama": (4, 2)}
+_COUNTS = {"bert": (13, 2), "gpt2": (9, 2), "llama": (15, 2), "minilm": (37, 6)}
+_HEADS = {"bert": (4, 4, 8), "gpt2": (4, 4, 8), "llama": (4, 2, 8), "minilm": (12, 12, 32)}
 
 
 class Corpus:
@@ -87,6 +87,8 @@ class Corpus:
         # Llama at opset 23 keeps GQA in the Attention op; its RotaryEmbedding export does not run in ORT 1.31.
         self._builders["bert-dynamo23"] = lambda: self._zoo("bert", 23, True)
         self._builders["llama-dynamo23"] = lambda: self._zoo("llama", 23, True, runs_in_ort=False)
+        # The real pretrained all-MiniLM-L6-v2 (bundled), as the TorchScript exporter writes it.
+        self._builders["minilm-torchscript"] = lambda: self._zoo("minilm", 17, False)
         self._builders["llama-dynamo18-noopt"] = lambda: self._zoo("llama", 18, True, optimize=False)
         self._builders["bert-ortfused"] = lambda: self._fused("bert")
         self._builders["llama-ortfused"] = lambda: self._fused("llama")

@@ -14,7 +14,7 @@ from lora_fx.sites import IRKind, SiteKind
 
 ZOO = [
     "bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-dynamo23", "llama-dynamo23", "llama-dynamo18-noopt",
-    "bert-torchscript", "gpt2-torchscript", "llama-torchscript", "bert-ortfused", "llama-ortfused",
+    "bert-torchscript", "gpt2-torchscript", "llama-torchscript", "minilm-torchscript", "bert-ortfused", "llama-ortfused",
 ]
 HAND = ["gemm-mlp", "fp16-mlp", "forms"]
 
@@ -57,10 +57,11 @@ def test_attention_sites_have_heads_and_block_names(onnx_corpus, name):
     entry = onnx_corpus.get(name)
     att = [s for s in lora_fx.find_sites(lora_fx.load(entry.path)) if s.kind is SiteKind.ATTENTION]
     arch = name.split("-")[0]
-    blocks = {"bert": "encoder.layer.{}.attention.self", "gpt2": "transformer.h.{}.attn", "llama": "model.layers.{}.self_attn"}[arch]
-    assert [s.name.removeprefix(entry.prefix) for s in att] == [blocks.format(i) for i in range(2)]
+    blocks = {"bert": "encoder.layer.{}.attention.self", "minilm": "encoder.layer.{}.attention.self",
+              "gpt2": "transformer.h.{}.attn", "llama": "model.layers.{}.self_attn"}[arch]
+    assert [s.name.removeprefix(entry.prefix) for s in att] == [blocks.format(i) for i in range(entry.n_attention)]
     for s in att:
-        assert (s.num_heads, s.kv_heads, s.head_dim) == (*entry.heads, 8), s
+        assert (s.num_heads, s.kv_heads, s.head_dim) == entry.heads, s
 
 
 def test_forms_ops_shapes_and_tied_names(onnx_corpus):

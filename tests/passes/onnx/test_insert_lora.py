@@ -22,6 +22,7 @@ from lora_fx.targeting import select_targets
 RUNNABLE = [
     "bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-dynamo23", "bert-torchscript", "gpt2-torchscript",
     "llama-torchscript", "bert-ortfused", "llama-ortfused", "gemm-mlp", "fp16-mlp", "forms", "llama-dynamo18-noopt",
+    "minilm-torchscript",
 ]
 
 
@@ -143,7 +144,8 @@ RANDOM = {
     "bert-dynamo18": ["query", "value", "dense"], "gpt2-dynamo18": ["c_attn", "c_proj", "c_fc"],
     "llama-dynamo18": ["q_proj", "v_proj", "down_proj"], "bert-dynamo23": ["query", "key"],
     "bert-torchscript": ["query", "value", "dense"], "gpt2-torchscript": ["c_attn", "c_fc"],
-    "llama-torchscript": ["k_proj", "o_proj", "up_proj"], "llama-dynamo18-noopt": ["q_proj", "v_proj", "lm_head"], "llama-ortfused": ["q_proj", "v_proj", "gate_proj"],
+    "llama-torchscript": ["k_proj", "o_proj", "up_proj"], "llama-dynamo18-noopt": ["q_proj", "v_proj", "lm_head"],
+    "minilm-torchscript": ["query", "value"], "llama-ortfused": ["q_proj", "v_proj", "gate_proj"],
     "bert-ortfused": ["dense"], "gemm-mlp": ["fc1", "fc2", "head"], "fp16-mlp": ["up", "mid", "out"],
     "forms": ["enc.proj", "enc.half", "enc.q8", "enc.q4", "tied", "tied_1"],
 }
@@ -232,6 +234,7 @@ def test_half_models_get_adapters_in_their_dtype(onnx_corpus, dtype, tmp_path):
 # ---- same selection as on the torch model -----------------------------------------------------
 
 CONFIGS = {
+    "minilm": [dict(target_modules=["query", "value"]), dict(target_modules="all-linear")],
     "bert": [dict(target_modules=["query", "value"]), dict(target_modules="all-linear"),
              dict(target_modules=r".*attention\.(self\.key|output\.dense)"), dict(target_modules=["dense"], layers_to_transform=[1])],
     "gpt2": [dict(target_modules=["c_attn"]), dict(target_modules="all-linear"), dict(target_modules=["c_proj"], exclude_modules=["mlp.c_proj"])],
@@ -242,7 +245,7 @@ CONFIGS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18", "bert-torchscript", "gpt2-torchscript",
                                   "llama-torchscript", "llama-ortfused", "bert-dynamo23", "llama-dynamo23",
-                                  "llama-dynamo18-noopt"])
+                                  "llama-dynamo18-noopt", "minilm-torchscript"])
 def test_same_config_selects_same_sites_as_fx(onnx_corpus, zoo, name):
     entry = onnx_corpus.get(name)
     arch = name.split("-")[0]
