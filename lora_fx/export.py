@@ -2,7 +2,8 @@
 
 The path is always ``torch.onnx.export(..., dynamo=True, optimize=False)`` (the exporter's own
 optimizer renames weights and folds transposes, losing the adapter names), then the ONNX passes:
-``normalize_lora`` (exported branch → contract layout), ``fold_lora`` or ``expose_adapters``, then
+``normalize_lora`` (exported branch → contract layout), ``fold_lora`` or ``expose_adapters`` +
+``hoist_lora_add``, then
 onnxscript's optimizer, which cannot touch the adapter slots because they are graph inputs.
 """
 
@@ -137,11 +138,12 @@ def export_onnx(
     """
     import torch.fx as fx
 
-    from lora_fx.onnx_adapter import SUFFIX, current_adapter, stamp_fingerprint, to_peft, write_onnx_adapter
+    from lora_fx.onnx_adapter import SUFFIX, check_writable, current_adapter, stamp_fingerprint, to_peft, write_onnx_adapter
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.set_training_mode import set_training_mode
     from lora_fx.passes.onnx.expose_adapters import expose_adapters
     from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
     from lora_fx.passes.onnx.normalize_lora import normalize_lora
 
     mode = ExportMode.parse(mode)
@@ -183,7 +185,9 @@ def export_onnx(
             optimize_keeping_slots(model)
     else:
         adapter = current_adapter(model)
+        check_writable(adapter)  # before any file: a refused adapter must not leave a model behind
         expose_adapters(model)
+        hoist_lora_add(model)  # keeps ORT's bias fusions (BiasGelu, SkipLayerNormalization) in the served model
         if optimize:
             optimize_keeping_slots(model)
         adapter.fingerprint = stamp_fingerprint(model)

@@ -87,16 +87,21 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
 
 
+def check_writable(adapter: OnnxAdapter) -> None:
+    """Refuse an empty adapter or one holding NaN/inf (call before writing anything that goes with it)."""
+    if not adapter.tensors:
+        raise AdapterError("refusing to write an empty adapter: it holds no tensors")
+    for name, arr in adapter.tensors.items():
+        if not np.isfinite(arr).all():
+            raise AdapterError(f"adapter tensor {name} holds NaN or inf (training diverged?); nothing was written")
+
+
 def write_onnx_adapter(path: str | os.PathLike, adapter: OnnxAdapter) -> Path:
     """Write ``path`` (AdapterFormat) and its JSON sidecar; each appears whole or not at all."""
     import onnxruntime as ort
 
     path = Path(path)
-    if not adapter.tensors:
-        raise AdapterError("refusing to write an empty adapter: it holds no tensors")
-    for name, arr in adapter.tensors.items():
-        if not np.isfinite(arr).all():
-            raise AdapterError(f"adapter tensor {name} holds NaN or inf; refusing to write it")
+    check_writable(adapter)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     if adapter.fingerprint:

@@ -76,6 +76,9 @@ def test_errors_exit_non_zero_with_a_message_and_write_nothing(lora_file, tmp_pa
     assert main(["export", str(tmp_path / "nan.onnx"), "-o", str(tmp_path / "out.onnx"), "--merge"]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert _files(tmp_path) == before
+    assert main(["export", str(tmp_path / "nan.onnx"), "-o", str(tmp_path / "out.onnx"), "--adapters"]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert _files(tmp_path) == before
     # A model without LoRA, a served model merged without an adapter, pickled inputs.
     assert main(["export", str(corpus().get(ENTRY).path), "-o", str(tmp_path / "out.onnx"), "--adapters"]) == 2
     assert "no LoRA adapters" in capsys.readouterr().err
