@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch._compile
 import torch.nn.functional as F
 
 from lora_fx.errors import ConfigError, UnsupportedError
@@ -1148,6 +1149,16 @@ def _safe_attr_name(name: str, taken: set[str]) -> str:
     return out
 
 
+def _lazy_compiler_disable(fn: Callable) -> Callable:
+    """``torch.compiler.disable`` without importing torch._dynamo (seconds) when this module loads.
+
+    torch's own lazy variant imports dynamo on the first call, and dynamo runs it eagerly (a graph
+    break) when tracing; the pinned torch has it. Without it, the plain decorator is used.
+    """
+    lazy = getattr(torch._compile, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
+
 class _Node:
     __slots__ = ("fn", "inputs", "outputs", "attrs", "opset", "label", "const_ok", "n_outputs")
 
@@ -1273,7 +1284,7 @@ class OnnxModule(torch.nn.Module):
             self._shape_cache.pop(next(iter(self._shape_cache)))
         self._shape_cache[key] = consts
 
-    @torch.compiler.disable
+    @_lazy_compiler_disable
     def _consts_for(self, key: tuple, feeds: dict[str, torch.Tensor]) -> dict[str, Const]:
         consts = self._shape_cache.get(key)
         if consts is None:

@@ -98,7 +98,7 @@ def test_bad_data_is_explained(tmp_path: Path, capsys) -> None:
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_curve(tmp_path: Path, capsys) -> None:
     # a wide MLP so a step takes milliseconds and the kill lands mid-run
     model, data = _files(tmp_path, hidden=1024)
-    steps, every = 1500, 50
+    steps, every = 400, 20
     common = ["train", str(model), "--data", str(data), "--steps", str(steps), "--lr", "1e-3", "--batch-size", "64",
               "--checkpoint-every", str(every), "--json", "--no-progress"]
     reference = _run_json(capsys, common + ["-o", str(tmp_path / "ref.onnx"), "--checkpoint-dir", str(tmp_path / "ref_ck")])

@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper
-
-import numpy as np
 import torch
+from onnx import TensorProto, helper
 
 from tests import models
 

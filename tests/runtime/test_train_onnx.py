@@ -7,11 +7,11 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import onnx
+
 import onnx_ir as ir
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 import lora_fx
 from lora_fx.errors import ConfigError, UnsupportedError
