@@ -1061,7 +1061,10 @@ def _ms_group_query_attention(ctx, x, a):
     lengths = seqlens_k.to(torch.int64).view(-1, 1, 1, 1) + 1  # valid keys per sequence
     j = torch.arange(kv_len, device=q.device).view(1, 1, 1, -1)
     i = torch.arange(s, device=q.device).view(1, 1, -1, 1)
-    allowed = (j < lengths) & (j <= i + (lengths - s))  # causal from each sequence's end
+    if past_len:  # decoding: the new tokens sit at the end of each sequence's valid keys
+        allowed = (j < lengths) & (j <= i + (lengths - s))
+    else:  # prompt: plain causal from the first token (right padding only affects padded rows)
+        allowed = (j <= i) & (j < lengths)
     if a.get("local_window_size", -1) > 0:
         allowed = allowed & (j > i + (lengths - s) - a["local_window_size"])
     bias = torch.where(allowed, 0.0, float("-inf")).to(q.dtype)

@@ -354,3 +354,48 @@ def test_unsupported_op_is_named_before_running() -> None:
     assert "Hardmax" in msg and "the_hardmax" in msg and "Frobnicate" in msg and "vendor.ops" in msg and "custom" in msg
     with pytest.raises(UnsupportedError, match="Frobnicate"):
         OnnxModule(model)
+
+
+def _ms(op: str, ins: list[str], outs: list[str], **attrs) -> onnx.NodeProto:
+    return helper.make_node(op, ins, outs, domain="com.microsoft", **attrs)
+
+
+def _f(*shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+MS_CASES = {
+    "fused-matmul": (_ms("FusedMatMul", ["a", "b"], ["y"], alpha=0.5, transA=1, transB=1), {"a": _f(2, 5, 3), "b": _f(2, 4, 5)}),
+    "fast-gelu-bias": (_ms("FastGelu", ["x", "b"], ["y"]), {"x": _f(2, 3, 8), "b": _f(8)}),
+    "bias-gelu": (_ms("BiasGelu", ["x", "b"], ["y"]), {"x": _f(2, 3, 8), "b": _f(8)}),
+    "skip-layer-norm": (_ms("SkipLayerNormalization", ["x", "s", "g", "b", "bias"], ["y", "", "", "sum"], epsilon=1e-5),
+                        {"x": _f(2, 3, 8), "s": _f(2, 3, 8), "g": _f(8), "b": _f(8), "bias": _f(8)}),
+    "skip-simplified-layer-norm": (_ms("SkipSimplifiedLayerNormalization", ["x", "s", "g"], ["y"], epsilon=1e-5),
+                                   {"x": _f(2, 3, 8), "s": _f(2, 3, 8), "g": _f(8)}),
+    "multi-head-attention-mask": (_ms("MultiHeadAttention", ["q", "k", "v", "", "m"], ["y"], num_heads=2),
+                                  {"q": _f(2, 4, 8), "k": _f(2, 5, 8), "v": _f(2, 5, 8),
+                                   "m": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)}),
+    "attention-packed-qkv": (_ms("Attention", ["x", "w", "b", "m"], ["y"], num_heads=2),
+                             {"x": _f(2, 4, 8), "w": _f(8, 24), "b": _f(24), "m": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)}),
+    # prompt mode, right padding (seqlens_k = valid length - 1), 4 query heads over 2 kv heads
+    "group-query-attention-prompt": (_ms("GroupQueryAttention", ["q", "k", "v", "", "", "sl", "tl"], ["y"], num_heads=4, kv_num_heads=2),
+                                     {"q": _f(2, 5, 32), "k": _f(2, 5, 16), "v": _f(2, 5, 16),
+                                      "sl": np.array([4, 2], np.int32), "tl": np.array(5, np.int32)}),
+    "rotary-embedding-ms": (_ms("RotaryEmbedding", ["x", "p", "c", "s"], ["y"]),
+                            {"x": _f(2, 3, 16), "p": np.array([[0, 1, 2], [2, 3, 4]], np.int64),
+                             "c": np.cos(_f(8, 4)), "s": np.sin(_f(8, 4))}),
+}
+
+
+@pytest.mark.parametrize("case", list(MS_CASES))
+def test_contrib_op_matches_onnxruntime(case: str, tmp_path: Path) -> None:
+    node, inputs = MS_CASES[case]
+    n_out = len([o for o in node.output if o])
+    model = _single(node, inputs, n_out=len(node.output), ms=True) if n_out == len(node.output) else None
+    if model is None:  # optional outputs left out: only name the real ones as graph outputs
+        outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                                                for k, v in inputs.items()], outs)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+        model = ir.serde.deserialize_model(proto)
+    _check_op(model, inputs, tmp_path, tol=1e-5)
