@@ -141,6 +141,7 @@ def test_tied_output_layer_equals_peft(zoo):
     _parity(zoo, "gpt2", target_modules=["c_attn", "lm_head"])
 
 
+@pytest.mark.slow
 def test_bf16_model_equals_peft():
     from tests.models import build
 
