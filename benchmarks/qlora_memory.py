@@ -1,0 +1,211 @@
+"""QLoRA against LoRA fp32 on the same graph: frozen-weight bytes, peak training memory, step time, loss.
+
+``python -m benchmarks.qlora_memory`` (``--quick`` for a smoke run). Models: the bundled
+all-MiniLM-L6-v2 and a 12-layer Llama of hidden size 1024 (vocabulary 1024, so the linear weights
+dominate). Methods: LoRA r=8 on all linear sites with the base in fp32, and the same with the base
+stored nf4 (double quantization), int4 (block 64, symmetric) and int8 (per channel).
+
+Every (model, method) runs in a fresh subprocess, so one run's memory never shows in another's.
+In it: build, capture, apply, then the eager model is dropped (the graph alone holds the weights),
+freed heap is returned to the OS (glibc ``malloc_trim``), the peak-RSS counter is reset
+(``/proc/self/clear_refs``), and ``STEPS`` training steps run (forward, backward, AdamW on the
+adapters). Reported: the frozen linear weight bytes, peak RSS over the steps (weights, activations,
+gradients, optimizer state and the interpreter with torch loaded, which is also reported as
+``baseline_rss``), the median step time after one warm-up step, and the loss after the last step.
+Results go to ``benchmarks/results/qlora_memory.json`` and ``qlora_memory.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("minilm", "llama12")
+METHODS = ("lora_fp32", "nf4", "int4", "int8")
+QUANT = {
+    "nf4": dict(dtype="nf4", block_size=64, double_quant=True),
+    "int4": dict(dtype="int4", block_size=64, symmetric=True),
+    "int8": dict(dtype="int8"),
+}
+BATCH, SEQ, STEPS, RANK = 2, 32, 4, 8
+TARGETS = {"nf4_peak_rss_ratio_llama12": 0.5, "step_time_ratio": 1.5}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the numbers include freed-but-kept heap
+        pass
+
+
+def _build(name: str, steps_vocab: int = 1024):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        from lora_fx.hf import load_hf_model, minilm_dir
+
+        return load_hf_model(minilm_dir()).eval(), 30522
+    cfg = tf.LlamaConfig(
+        vocab_size=steps_vocab, hidden_size=1024, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256, tie_word_embeddings=False,
+    )
+    return tf.LlamaForCausalLM(cfg).eval(), steps_vocab
+
+
+def run_one(model_name: str, method: str, steps: int) -> dict[str, Any]:
+    """One configuration, in this (fresh) process."""
+    import torch
+
+    import lora_fx
+    from lora_fx.passes.fx.quantize_weights import linear_weight_bytes
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    _trim()
+    baseline = _rss_kib("VmRSS")
+    model, vocab = _build(model_name)
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, vocab, (BATCH, SEQ), generator=gen),
+                "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)} for _ in range(2)]
+    gm = lora_fx.capture(model, kwargs=batches[0])
+    float_bytes = linear_weight_bytes(gm)
+    quant = lora_fx.QuantConfig(**QUANT[method]) if method in QUANT else None
+    t0 = time.perf_counter()
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"), quant=quant)
+    quantize_s = time.perf_counter() - t0
+    head = model.get_output_embeddings()
+    head_bytes = head.weight.numel() * head.weight.element_size() if head is not None else 0
+    frozen_bytes = linear_weight_bytes(gm)
+    del model, head
+    _trim()
+    torch.manual_seed(0)
+    target = torch.randn(384)
+
+    def loss_fn(out: Any, batch: dict) -> torch.Tensor:
+        if model_name == "minilm":  # pull the first token's embedding toward a fixed vector
+            return (out["last_hidden_state"][:, 0] - target).pow(2).mean()
+        logits = out["logits"][:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
+
+    times: list[float] = []
+    last = time.perf_counter()
+
+    def on_step(step: int, loss: float) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+
+    # The peak counter starts here: it sees the training steps only, not the float weights of set-up.
+    Path("/proc/self/clear_refs").write_text("5")
+    setup_peak = _rss_kib("VmHWM")
+    last = time.perf_counter()
+    result = lora_fx.train(gm, batches, loss_fn, steps=steps, lr=2e-3, progress=False, on_step=on_step)
+    peak = _rss_kib("VmHWM")
+    return {
+        "model": model_name, "method": method, "steps": result.steps,
+        "float_linear_bytes": float_bytes, "frozen_linear_bytes": frozen_bytes,
+        # The output layer stays float under "all-linear": the ratio over the quantized sites excludes it.
+        "frozen_bytes_ratio_quantized_sites": (frozen_bytes - head_bytes) / max(1, float_bytes - head_bytes),
+        "baseline_rss_mib": baseline / 1024, "setup_rss_mib": setup_peak / 1024, "peak_rss_mib": peak / 1024,
+        "step_seconds_median": statistics.median(times[1:]) if len(times) > 1 else times[0],
+        "loss_first": result.losses[0], "loss_last": result.losses[-1], "quantize_seconds": quantize_s,
+    }
+
+
+def _child(model_name: str, method: str, steps: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.qlora_memory", "--one", model_name, method, "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"{model_name}/{method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = [
+        "# QLoRA memory: LoRA fp32 against nf4 / int4 / int8 bases", "",
+        f"Batch {BATCH}, sequence {SEQ}, r={RANK} on all linear sites, {rows[0]['steps']} AdamW steps; each row a fresh "
+        f"process. Host: {summary['host']}. Peak RSS covers the training steps and includes the interpreter with torch "
+        f"loaded (baseline column); 'above baseline' subtracts it. Ratios against LoRA fp32 of the same model.", "",
+        "| model | method | frozen linear MiB | bytes ratio (quantized sites) | peak RSS MiB | above baseline MiB | peak ratio | above-baseline ratio | step s | step ratio | loss first | loss last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['frozen_linear_bytes'] / 2**20:.1f} | {r['frozen_bytes_ratio_quantized_sites']:.4f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} | {r['peak_ratio']:.3f} | "
+            f"{r['above_baseline_ratio']:.3f} | {r['step_seconds_median']:.3f} | {r['step_ratio']:.2f} | "
+            f"{r['loss_first']:.4f} | {r['loss_last']:.4f} |"
+        )
+    lines += ["", "Targets (Llama, nf4): peak training memory <= 0.5x LoRA fp32; step time <= 1.5x.", ""]
+    for key, value in summary["targets"].items():
+        lines.append(f"- {key}: {value}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, 2 steps, results not written")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args.steps)))
+        return 0
+    models = ("minilm",) if args.quick else MODELS
+    steps = 2 if args.quick else args.steps
+    rows: list[dict[str, Any]] = []
+    for model_name in models:
+        base = None
+        for method in METHODS:
+            print(f"[{time.strftime('%H:%M:%S')}] {model_name} {method}", file=sys.stderr, flush=True)
+            row = _child(model_name, method, steps)
+            base = base or row
+            row["peak_ratio"] = row["peak_rss_mib"] / base["peak_rss_mib"]
+            row["above_baseline_ratio"] = (row["peak_rss_mib"] - row["baseline_rss_mib"]) / (base["peak_rss_mib"] - base["baseline_rss_mib"])
+            row["step_ratio"] = row["step_seconds_median"] / base["step_seconds_median"]
+            rows.append(row)
+    llama = {r["method"]: r for r in rows if r["model"] == "llama12"}
+    targets: dict[str, Any] = {}
+    if llama:
+        targets["llama12 nf4 peak RSS ratio (<= 0.5)"] = round(llama["nf4"]["peak_ratio"], 3)
+        targets["llama12 nf4 peak RSS above baseline ratio (<= 0.5)"] = round(llama["nf4"]["above_baseline_ratio"], 3)
+        targets["llama12 nf4 step time ratio (<= 1.5)"] = round(llama["nf4"]["step_ratio"], 3)
+    summary = {"host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 2", "targets": targets,
+               "batch": BATCH, "seq": SEQ, "steps": steps, "rank": RANK}
+    text = markdown(rows, summary)
+    print(text)
+    if not args.quick:
+        from lora_fx.files import atomic_write_text
+
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(RESULTS / "qlora_memory.json", json.dumps({"summary": summary, "rows": rows}, indent=2))
+        atomic_write_text(RESULTS / "qlora_memory.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
