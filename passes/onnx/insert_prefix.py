@@ -58,10 +58,6 @@ def _op(graph_nodes: list[ir.Node], op: str, inputs: list[ir.Value], name: str, 
     return node.outputs[0]
 
 
-def _rank(value: ir.Value) -> int | None:
-    return len(value.shape) if value is not None and value.shape is not None else None
-
-
 class InsertPrefix:
     """Concatenate per-site key/value prefixes at decomposed attention sites and move positions by T.
 
@@ -176,17 +172,26 @@ class InsertPrefix:
                 src = inp.producer() if inp is not None else None
                 if inp is None or (src is not None and id(src) in on_path) or const_tensor(inp) is not None:
                     continue
-                rank = _rank(inp)
-                if rank is None:
-                    raise UnsupportedError(f"attention site {site.name}: the mask's rank is unknown, so it cannot be padded for the prefix")
-                pads = np.zeros(2 * rank, np.int64)
-                pads[rank - 1] = T
                 nodes = []
-                zero = _const(nodes, np.array(0, dtype=(inp.dtype or dtype).numpy()), f"{tag}/mask/zero")
-                padded = _op(nodes, "Pad", [inp, _const(nodes, pads, f"{tag}/mask/pads"), zero], f"{tag}/mask/padded")
+                padded = _pad_front(nodes, inp, T, f"{tag}/mask")
                 graph.insert_before(node, nodes)
                 node.replace_input_with(i, padded)
         return {"kv_heads": kv, "head_dim": hd, "key": k_name, "value": v_name}
+
+
+def _pad_front(nodes: list[ir.Node], mask: ir.Value, T: int, tag: str) -> ir.Value:
+    """``mask`` with T zero columns in front of its last axis.
+
+    Built from the mask's runtime shape (Shape → zeros → CastLike → Concat), so it needs neither the
+    rank nor the dtype in the graph's type information (TorchScript exports often lack both).
+    """
+    shape = _op(nodes, "Shape", [mask], f"{tag}/shape")
+    lead = _op(nodes, "Slice", [shape, _const(nodes, np.array([0], np.int64), f"{tag}/start"),
+                                _const(nodes, np.array([-1], np.int64), f"{tag}/end")], f"{tag}/lead")
+    zeros_shape = _op(nodes, "Concat", [lead, _const(nodes, np.array([T], np.int64), f"{tag}/T")], f"{tag}/zeros_shape", axis=0)
+    zeros = _op(nodes, "ConstantOfShape", [zeros_shape], f"{tag}/zeros_f")
+    zeros = _op(nodes, "CastLike", [zeros, mask], f"{tag}/zeros")
+    return _op(nodes, "Concat", [zeros, mask], f"{tag}/padded", axis=-1)
 
 
 def _prob_users(softmax: ir.Node):
@@ -241,8 +246,9 @@ def _reaches_position_use(value: ir.Value, limit: int = 40) -> bool:
     return hit
 
 
-def _position_edges(value: ir.Value, depth: int = 0) -> list[tuple[ir.Node, int]]:
-    """The uses of ``value`` to offset: those whose downstream is position-only.
+def _position_edges(value: ir.Value, depth: int = 0) -> list[tuple[ir.Value, ir.Node, int]]:
+    """The edges ``(value, user, input index)`` at or below ``value`` to offset: those whose
+    downstream is position-only.
 
     Exporters share one ``Range`` between the positions and the causal mask (common subexpression
     elimination), so the offset goes on the edges that lead to positions alone, never on the mask's.
@@ -252,32 +258,38 @@ def _position_edges(value: ir.Value, depth: int = 0) -> list[tuple[ir.Node, int]
         if user.op_type in _STOP or user.op_type in _MASK_OPS or user.metadata_props.get(INSERTED):
             continue
         if user.op_type in ("Cos", "Sin") or (user.op_type == "Gather" and idx == 1 and const_tensor(user.inputs[0]) is not None):
-            edges.append((user, idx))
-        elif all(_reaches_position_use(o) for o in user.outputs):
-            edges.append((user, idx))
+            edges.append((value, user, idx))
+        elif user.op_type not in ("Shape", "Size") and all(_reaches_position_use(o) for o in user.outputs):
+            edges.append((value, user, idx))
         elif depth < 8:
             for o in user.outputs:
                 edges += _position_edges(o, depth + 1)
     return edges
 
 
+def _is_index_table(value: ir.Value | None) -> bool:
+    """A constant integer tensor: a ``position_ids`` buffer, whatever the exporter named it."""
+    tensor = const_tensor(value)
+    return tensor is not None and tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32)
+
+
 def position_sources(graph: ir.Graph) -> list[tuple[ir.Value, list[tuple[ir.Node, int]]]]:
-    """Each position source (a ``Range``, a ``…position_ids`` slice, a ``position_ids`` input) with
-    the uses of it that lead to positions only."""
-    out = []
-    for node in graph:
+    """Each value holding real-token positions (below a ``Range``, a slice of a constant index
+    table such as BERT's ``position_ids`` buffer, a ``position_ids`` input) with the uses of it
+    that lead to positions only."""
+    found: list[tuple[ir.Value, ir.Node, int]] = []
+    for node in list(graph):
         if node.metadata_props.get(INSERTED):
             continue
-        if node.op_type == "Range":
-            edges = _position_edges(node.outputs[0])
-            if edges:
-                out.append((node.outputs[0], edges))
-        elif node.op_type == "Slice" and node.inputs[0] is not None and (node.inputs[0].name or "").endswith("position_ids"):
-            out.append((node.outputs[0], [(u, i) for u, i in node.outputs[0].uses()]))
+        if node.op_type == "Range" or (node.op_type == "Slice" and _is_index_table(node.inputs[0])):
+            found += _position_edges(node.outputs[0])
     for value in graph.inputs:
         if value.name == "position_ids":
-            out.append((value, [(u, i) for u, i in value.uses()]))
-    return out
+            found += [(value, u, i) for u, i in value.uses()]
+    grouped: dict[int, tuple[ir.Value, list[tuple[ir.Node, int]]]] = {}
+    for value, user, idx in found:
+        grouped.setdefault(id(value), (value, []))[1].append((user, idx))
+    return list(grouped.values())
 
 
 def offset_positions(graph: ir.Graph, T: int) -> list[str]:
@@ -289,7 +301,8 @@ def offset_positions(graph: ir.Graph, T: int) -> list[str]:
         t = _const(nodes, np.array(T, dtype=dtype.numpy()), f"{value.name}/prefix_offset/T")
         add = ir.node("Add", [value, t], name=f"{value.name}/prefix_offset", metadata_props={INSERTED: "prefix"})
         add.outputs[0].name = f"{value.name}/prefix_offset"
-        add.outputs[0].dtype, add.outputs[0].shape = value.dtype, value.shape
+        if value.dtype is not None:  # TorchScript exports often carry no type here; leave it to inference
+            add.outputs[0].dtype, add.outputs[0].shape = value.dtype, value.shape
         nodes.append(add)
         producer = value.producer()
         if producer is None:

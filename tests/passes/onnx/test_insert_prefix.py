@@ -30,7 +30,8 @@ def _session(model, tmp_path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18"])
+@pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18",
+                                  "bert-torchscript", "gpt2-torchscript", "llama-torchscript"])
 def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
     entry = onnx_corpus.get(name)
     arch = name.split("-")[0]
@@ -38,6 +39,8 @@ def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
     prefixes = current_prefixes(gm)
     model = lora_fx.load(entry.path)
     sites = _attention(model)
+    # TorchScript exports name modules with their wrapper's prefix ("model.").
+    prefixes = {f"{entry.prefix}{site}": p for site, p in prefixes.items()}
     assert sorted(s.name for s in sites) == sorted(prefixes)
     result = InsertPrefix(lora_fx.PrefixConfig(num_virtual_tokens=T), sites, prefixes)(model)
     assert result.modified and any(c.startswith("positions:") for c in result.changed)
