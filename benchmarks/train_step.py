@@ -127,6 +127,15 @@ def same_adapters(runners: dict[str, Runner]) -> None:
                 gm.get_submodule(site).lora_A.weight.copy_(m.lora_A["default"].weight)
 
 
+def op_calls(runner: Runner, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+    """aten op calls of one step (profiler), to tell graph overhead from noise on a loaded machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.step(inputs)
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
 def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> dict[str, Any]:
     runners = {}
     for method in METHODS:
@@ -154,7 +163,14 @@ def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> di
             cpu[method].append(time.process_time() - c0)
         log(f"{target}: rep {rep + 1}/{reps} " + " ".join(f"{m}={times[m][-1] * 1e3:.0f}ms" for m in METHODS))
     trainable = {m: sum(p.numel() for p in r.params) for m, r in runners.items()}
+    small = {k: v[:2, :32] for k, v in inputs.items()}
+    ops = {m: op_calls(runners[m], small) for m in ("peft", "lora_fx")}
+    op_diff = {k: (ops["peft"].get(k, 0), ops["lora_fx"].get(k, 0)) for k in sorted(set(ops["peft"]) | set(ops["lora_fx"]))
+               if ops["peft"].get(k, 0) != ops["lora_fx"].get(k, 0)}
+    log(f"{target}: aten calls per step peft={sum(ops['peft'].values())} lora_fx={sum(ops['lora_fx'].values())}; differing: {op_diff}")
     return {
+        "aten_calls_per_step": {m: sum(v.values()) for m, v in ops.items()},
+        "aten_calls_differing": op_diff,
         "median_s": {m: statistics.median(v) for m, v in times.items()},
         "median_cpu_s": {m: statistics.median(v) for m, v in cpu.items()},
         "all_s": times,
@@ -202,13 +218,8 @@ def measure_memory_here(method: str, target: str) -> dict[str, float]:
         runner.step(inputs)
     stop.set()
     thread.join()
-    import resource
-
-    return {
-        "step_peak_mib": (peak - baseline) / 2**20,
-        "baseline_mib": baseline / 2**20,
-        "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    # (ru_maxrss is no use here: a forked child starts with its parent's high-water mark.)
+    return {"step_peak_mib": (peak - baseline) / 2**20, "baseline_mib": baseline / 2**20}
 
 
 def measure_memory(method: str, target: str) -> dict[str, float]:
@@ -232,20 +243,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"load on the shared machine; load average at the end {result['env']['load_average']}). "
         "Ratios are ours / PEFT (below 1.0: we are faster or smaller).",
         "",
-        "| targets | method | median step, wall (ms) | wall ratio | median step, CPU time (ms) | CPU ratio | step peak memory (MiB) | memory ratio | trainable params |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| targets | method | median step, wall (ms) | min (ms) | wall ratio | median step, CPU time (ms) | CPU ratio | step peak memory (MiB) | memory ratio | trainable params |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target, r in result["configs"].items():
         for m in METHODS:
             mem = r["memory"].get(m, {}).get("step_peak_mib")
             lines.append(
-                f"| {target} | {m} | {r['median_s'][m] * 1e3:.1f} | {r['time_ratio'][m]:.3f} | "
+                f"| {target} | {m} | {r['median_s'][m] * 1e3:.1f} | {min(r['all_s'][m]) * 1e3:.1f} | {r['time_ratio'][m]:.3f} | "
                 f"{r['median_cpu_s'][m] * 1e3:.1f} | {r['cpu_ratio'][m]:.3f} | "
                 + (f"{mem:.1f}" if mem is not None else "n/a")
                 + (f" | {r['memory_ratio'][m]:.3f}" if m in r["memory_ratio"] else " | n/a")
                 + f" | {r['trainable_parameters'][m]:,} |"
             )
     lines += ["", f"Memory: {MEMORY_METHOD}", ""]
+    lines += ["aten op calls per training step (torch.profiler, one step at batch 2 x 32): "
+              + "; ".join(f"{t}: peft {r['aten_calls_per_step']['peft']}, lora_fx {r['aten_calls_per_step']['lora_fx']}, "
+                          f"differing ops {r['aten_calls_differing'] or 'none'}" for t, r in result["configs"].items()), ""]
     lines += [f"Same computation: first-step losses per method {json.dumps({t: r['first_loss'] for t, r in result['configs'].items()})}.", ""]
     if result.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
@@ -259,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, query/value only, no memory runs")
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="only rewrite train_step.md from train_step.json")
     args = parser.parse_args(argv)
+    if args.render:
+        from lora_fx.files import atomic_write_text
+
+        result = json.loads((args.out / "train_step.json").read_text())
+        atomic_write_text(args.out / "train_step.md", markdown(result))
+        print(markdown(result))
+        return 0
     if args.memory_child:
         print(json.dumps(measure_memory_here(*args.memory_child)))
         return 0
