@@ -133,14 +133,18 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.insert_prefix import KEY, VALUE
 
+    from lora_fx.api import _is_onnx
+
     directory = Path(directory)
-    if not isinstance(gm, fx.GraphModule):
-        raise ConfigError(f"prefix adapters load onto a GraphModule from lora_fx.capture(...), got {type(gm).__name__}")
+    if not (isinstance(gm, fx.GraphModule) or _is_onnx(gm)):
+        raise ConfigError(f"prefix adapters load onto a GraphModule (lora_fx.capture) or an onnx_ir Model (lora_fx.load), got {type(gm).__name__}")
     config = PrefixConfig.from_pretrained(directory)
     tensors = _read_tensors(directory)
     if PROMPT_EMBEDDINGS not in tensors:
         raise AdapterError(f"{directory} holds no {PROMPT_EMBEDDINGS!r} tensor (found: {', '.join(sorted(tensors)) or 'none'})")
     emb = tensors[PROMPT_EMBEDDINGS]
+    if _is_onnx(gm):
+        return _load_onto_onnx(gm, dataclasses.replace(config, prefix_projection=False), emb)
     info = meta(gm)
     if not info.get("prefix"):
         apply(gm, dataclasses.replace(config, prefix_projection=False))
@@ -167,3 +171,34 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
             getattr(module, KEY).copy_(pk.to(getattr(module, KEY).dtype))
             getattr(module, VALUE).copy_(pv.to(getattr(module, VALUE).dtype))
     return gm
+
+
+def _load_onto_onnx(model: Any, config: PrefixConfig, emb: torch.Tensor) -> Any:
+    """A PEFT prefix adapter onto an ONNX file: new prefix slots, or new values in existing ones."""
+    from lora_fx.passes.onnx.find_sites import attention_parts, find_sites
+    from lora_fx.passes.onnx.insert_lora import to_ir_tensor
+    from lora_fx.passes.onnx.insert_prefix import InsertPrefix, prefix_metadata, select_attention_sites
+
+    record = prefix_metadata(model)
+    if record:
+        sites = list(record["sites"])
+        shapes = {(r["kv_heads"], r["head_dim"]) for r in record["sites"].values()}
+    else:
+        found = select_attention_sites(find_sites(model), dataclasses.replace(config, target_modules=None))
+        sites = [s.name for s in found]
+        parts = [attention_parts(s.handle) for s in found]
+        shapes = {(p.kv_heads, p.head_dim) for p in parts if p is not None}
+    if len(shapes) != 1:
+        raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
+    kv, hd = shapes.pop()
+    pairs = dict(zip(sites, from_prompt_embeddings(emb, len(sites), kv, hd)))
+    if not record:
+        InsertPrefix(config, found, pairs)(model)
+        return model
+    if emb.shape[0] != record["num_virtual_tokens"]:
+        raise AdapterError(f"the adapter has {emb.shape[0]} virtual tokens, the model's prefix slots {record['num_virtual_tokens']}")
+    for site, rec in record["sites"].items():
+        for which, tensor in zip(("key", "value"), pairs[site]):
+            value = model.graph.initializers[rec[which]]
+            value.const_value = to_ir_tensor(tensor, value.dtype, rec[which])
+    return model

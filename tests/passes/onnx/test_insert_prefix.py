@@ -139,3 +139,37 @@ def test_exported_prefixes_are_swappable_inputs(tmp_path):
     ref2 = run(gm, b).numpy()
     assert np.abs(swapped[keep] - ref2[keep]).max() / np.abs(ref2).max() <= 1e-5
     assert np.abs(swapped[keep] - default[keep]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama-dynamo18", "gpt2-torchscript"])
+def test_peft_adapter_loads_onto_an_onnx_file(onnx_corpus, tmp_path, name):
+    import copy
+
+    import peft
+
+    entry = onnx_corpus.get(name)
+    arch = name.split("-")[0]
+    base = build(arch)
+    task = "CAUSAL_LM"
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4)).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    model = lora_fx.load_adapter(lora_fx.load(entry.path), tmp_path / "adapter")
+    sess = _session(model, tmp_path)
+    for batch, seq, pad in [(2, 8, 2), (3, 6, 0)]:
+        b = inputs(batch, seq, pad=pad, seed=7)
+        keep = b["attention_mask"].bool().numpy()
+        ours = sess.run(None, {i.name: b[i.name].numpy() for i in sess.get_inputs()})[0]
+        ref = run(pm, b).numpy()
+        assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
+    # A second adapter onto the same file replaces the values in its prefix slots.
+    torch_seeded = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4)).eval()
+    torch_seeded.save_pretrained(tmp_path / "second")
+    lora_fx.load_adapter(model, tmp_path / "second")
+    assert len([n for n in model.graph.initializers if n.endswith(".prefix_key")]) == 2
+    sess = _session(model, tmp_path / "again")
+    b = inputs(2, 8, pad=2, seed=7)
+    keep = b["attention_mask"].bool().numpy()
+    ours = sess.run(None, {i.name: b[i.name].numpy() for i in sess.get_inputs()})[0]
+    ref = run(torch_seeded, b).numpy()
+    assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
+    assert np.abs(ref[keep] - run(pm, b).numpy()[keep]).max() > 1e-3
