@@ -86,6 +86,10 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     if not isinstance(model, fx.GraphModule):
         from lora_fx.api import _is_onnx
 
+        if _is_onnx(model) and any(k == "lora_fx.prefix" for k in model.metadata_props):
+            from lora_fx.prefix_adapters import save_onnx_prefix_adapter
+
+            return save_onnx_prefix_adapter(model, directory)
         if _is_onnx(model):
             from lora_fx.onnx_adapter import save_onnx_adapter
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lora_fx.config import PrefixConfig
@@ -202,3 +203,26 @@ def _load_onto_onnx(model: Any, config: PrefixConfig, emb: torch.Tensor) -> Any:
             value = model.graph.initializers[rec[which]]
             value.const_value = to_ir_tensor(tensor, value.dtype, rec[which])
     return model
+
+
+def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
+    """The prefixes of an ONNX model (``lora_fx.prefix`` record) as a PEFT prefix-tuning directory."""
+    import json
+
+    from lora_fx.adapters import write_peft_dir
+    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
+
+    record = prefix_metadata(model)
+    shapes = {(r["kv_heads"], r["head_dim"]) for r in record["sites"].values()}
+    if len(shapes) != 1:
+        raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
+    kv, hd = shapes.pop()
+    pairs = []
+    for rec in record["sites"].values():
+        pairs.append(tuple(torch.from_numpy(model.graph.initializers[rec[w]].const_value.numpy().astype(np.float32)) for w in ("key", "value")))
+    text = model.metadata_props.get(PREFIX_CONFIG_KEY)
+    config = PrefixConfig.from_dict(json.loads(text)) if text else PrefixConfig(num_virtual_tokens=record["num_virtual_tokens"])
+    config.prefix_projection = False
+    config.token_dim, config.num_attention_heads, config.num_layers = kv * hd, kv, len(pairs)
+    config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
+    return write_peft_dir(directory, config, {PROMPT_EMBEDDINGS: to_prompt_embeddings(pairs)})

@@ -173,3 +173,9 @@ def test_peft_adapter_loads_onto_an_onnx_file(onnx_corpus, tmp_path, name):
     ref = run(torch_seeded, b).numpy()
     assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
     assert np.abs(ref[keep] - run(pm, b).numpy()[keep]).max() > 1e-3
+
+    # And back out: the ONNX file's prefixes saved in PEFT's format load in PEFT with the same outputs.
+    lora_fx.save_adapter(model, tmp_path / "out")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    back_out = run(back, b).numpy()
+    assert np.abs(back_out[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
