@@ -7,7 +7,6 @@ import copy
 from pathlib import Path
 
 import numpy as np
-
 import onnx_ir as ir
 import pytest
 import torch
