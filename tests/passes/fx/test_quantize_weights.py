@@ -345,3 +345,63 @@ def test_tied_output_layer_stays_float(zoo):
     result = lora_fx.passes.fx.quantize_weights.quantize_weights(gm, QuantConfig(target_modules=["lm_head"]))
     assert not result.modified and "left in float" in result.changed[0]
     assert not quantized_nodes(gm)
+
+
+# ---- ONNX export ------------------------------------------------------------------------------
+def _onnx_weight_bytes(model) -> int:
+    """Bytes of the initializers that feed linear sites' weights (packed storage and scales included)."""
+    from lora_fx.passes.onnx.find_sites import linear_parts
+
+    total, seen = 0, set()
+    for node in model.graph:
+        parts = linear_parts(node)
+        if parts is None or parts.weight is None:
+            continue
+        values = [parts.weight] + ([v for v in node.inputs[2:4] if v is not None] if node.domain == "com.microsoft" else [])
+        values += [v for n in parts.chain for v in n.inputs[1:] if v is not None]
+        for v in values:
+            if v.name not in seen and v.const_value is not None:
+                seen.add(v.name)
+                total += v.const_value.nbytes
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant, op, limit", [
+    (QuantConfig(dtype="nf4", double_quant=True), "MatMulBnb4", 0.14),
+    (QuantConfig(dtype="int4", block_size=64), "MatMulNBits", 0.14),
+    (QuantConfig(dtype="int8"), "DequantizeLinear", 0.26),
+])
+def test_onnx_runtime_runs_exported_quantized_model(tmp_path, wide_llama, quant, op, limit):
+    import onnxruntime as ort
+
+    from lora_fx.export import export_onnx
+    from lora_fx.onnx_model import load
+    from lora_fx.passes.fx.quantize_weights import onnx_translation_table
+
+    model, gm = wide_llama
+    float_bytes = linear_weight_bytes(gm) - model.lm_head.weight.numel() * 4
+    gm = lora_fx.apply(copy.deepcopy(gm), lora_fx.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), quant=quant)
+    path = tmp_path / "q.onnx"
+    result = export_onnx(gm, path, kwargs=inputs(2, 4), mode="adapters", optimize=False, peft_dir=False,
+                         custom_translation_table=onnx_translation_table())
+    onnx_model = load(path)
+    assert op in {n.op_type for n in onnx_model.graph}
+    sites = {s.name for s in lora_fx.find_sites(onnx_model) if s.kind.value == "linear"}
+    assert set(quantized_nodes(gm)) <= sites
+    ratio = (_onnx_weight_bytes(onnx_model) - model.lm_head.weight.numel() * 4) / float_bytes
+    assert ratio <= limit, ratio
+    options = ort.SessionOptions()
+    # ORT's default for DQ+MatMul fusions quantizes activations to int8; training numerics are float.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(result.adapter_paths[0]))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    b = inputs(3, 7, pad=2)
+    feeds = {k: v.numpy() for k, v in b.items()}
+    got = torch.from_numpy(session.run(None, feeds, run_options)[0])
+    assert max_rel(got, run(gm, b)) <= 1e-4
+    # The random adapters matter, so the comparison above can fail: without them ORT gives another output.
+    assert max_rel(torch.from_numpy(session.run(None, feeds)[0]), run(gm, b)) > 1e-3
