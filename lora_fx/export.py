@@ -153,6 +153,10 @@ def export_onnx(
         raise ConfigError("export_onnx needs example inputs: export_onnx(gm, path, kwargs={'input_ids': ..., 'attention_mask': ...})")
     info = meta(gm)
     configs = info.get("adapters", {})
+    if info.get("quant"):  # QLoRA: packed weights export as ONNX Runtime's quantized matmuls, still packed
+        from lora_fx.passes.fx.quantize_weights import onnx_translation_table
+
+        custom_translation_table = {**onnx_translation_table(), **(custom_translation_table or {})}
     if any(type(c).__name__ == "PrefixConfig" for c in configs.values()) and mode is ExportMode.MERGED:
         raise UnsupportedError(
             "prefix-tuning adapters cannot be folded into weights; export with mode='adapters' (CLI: --adapters)"
