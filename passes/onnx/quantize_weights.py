@@ -1,0 +1,137 @@
+"""Store the frozen weights of an ONNX model's linear sites quantized (QLoRA), as ONNX Runtime ops.
+
+Matches the linear sites ``find_sites`` reports that ``QuantConfig.target_modules`` selects when
+the site is a ``MatMul`` whose weight is a float initializer, directly or through ``Transpose``:
+
+* nf4 -> ``com.microsoft.MatMulBnb4`` (quant_type 1): W ``[N, K]`` flattened, absmax blocks, the
+  same bytes ``passes/fx/quantize_weights`` produces (double quantization is not expressible
+  there: its absmaxes are stored decoded, as float).
+* int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K; ``in_features`` must be a
+  multiple of ``block_size``), zero point 8 or packed affine zero points.
+* int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``.
+
+The numerics are those of the FX pass (one implementation). Sites that are already quantized
+(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused. ONNX Runtime sessions
+should set ``session.qdq_matmulnbits_accuracy_level`` to 0 so a DQ+MatMul fusion keeps float math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lora_fx.config import LoraConfig, QuantConfig, QuantDType
+from lora_fx.errors import ConfigError, UnsupportedError
+from lora_fx.passes.onnx.find_sites import const_tensor, find_sites, linear_parts
+from lora_fx.passes.result import PassResult
+from lora_fx.targeting import select_targets
+
+MS = "com.microsoft"
+
+
+def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(list(array.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+class QuantizeWeights:
+    """Replace float MatMul weights of selected linear sites by packed storage and a quantized matmul op."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        from lora_fx.passes.fx import quantize_weights as fxq
+
+        cfg = self.config
+        sites = find_sites(model)
+        selector = LoraConfig(r=1, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules)
+        targets = select_targets(sites, selector)
+        graph = model.graph
+        changed: list[str] = []
+        for target in targets:
+            node = target.site.handle
+            parts = linear_parts(node)
+            if node.domain == MS or any(n.op_type == "DequantizeLinear" for n in parts.chain):
+                raise ConfigError(f"site {target.site.name} is already quantized ({node.op_type}); a weight is quantized once")
+            if node.op_type != "MatMul" or any(n.op_type != "Transpose" for n in parts.chain):
+                raise UnsupportedError(
+                    f"site {target.site.name}: quantize_weights handles MatMul with an initializer weight, not {node.op_type}; "
+                    f"exclude it with QuantConfig(exclude_modules=[...])"
+                )
+            stored = torch.from_numpy(np.array(const_tensor(parts.weight).numpy(), dtype=np.float32))
+            w = stored if parts.stored_out_in else stored.t()  # [out, in]
+            w = w.contiguous()
+            n, k = w.shape
+            name = target.site.name
+            dtype = ir.DataType.FLOAT
+            if cfg.dtype is QuantDType.NF4:
+                s = fxq.quantize_nf4(w, cfg.block_size, False, pad=cfg.pad, what=f"site {name}")
+                packed = s["qweight"][: (n * k + 1) // 2]
+                ins = [parts.x, _init(graph, f"{name}.qweight", packed.numpy()), _init(graph, f"{name}.qscale", s["qscale"].numpy())]
+                new = ir.node("MatMulBnb4", ins, attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
+                deq = fxq.dequantize_nf4(s["qweight"], s["qscale"], None, None, n, k, cfg.block_size, cfg.double_quant_block_size)
+                stored_bytes = packed.numel() + s["qscale"].numel() * 4
+                nodes = [new]
+            elif cfg.dtype is QuantDType.INT4:
+                if k % cfg.block_size or (not cfg.symmetric and (k // cfg.block_size) % 2):
+                    raise UnsupportedError(
+                        f"site {name}: MatMulNBits needs in_features ({k}) divisible by block_size ({cfg.block_size})"
+                        + ("" if cfg.symmetric else " and an even number of blocks per row") + "; choose another block size"
+                    )
+                s = fxq.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=False, what=f"site {name}")
+                b = s["qweight"].reshape(n, k // cfg.block_size, cfg.block_size // 2).numpy()
+                ins = [parts.x, _init(graph, f"{name}.qweight", b), _init(graph, f"{name}.qscale", s["qscale"].float().numpy())]
+                if "qzero" in s:
+                    ins.append(_init(graph, f"{name}.qzero", s["qzero"].numpy()))
+                new = ir.node("MatMulNBits", ins, attributes={"K": k, "N": n, "bits": 4, "block_size": cfg.block_size}, domain=MS)
+                deq = fxq.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
+                stored_bytes = sum(v.const_value.nbytes for v in ins[1:])
+                nodes = [new]
+            else:
+                s = fxq.quantize_int8(w)
+                q = _init(graph, f"{name}.qweight", s["qweight"].numpy())
+                sc = _init(graph, f"{name}.qscale", s["qscale"].numpy())
+                dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
+                tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
+                new = ir.node("MatMul", [parts.x, tr.outputs[0]])
+                deq = fxq.dequantize_int8(s["qweight"], s["qscale"])
+                stored_bytes = q.const_value.nbytes + sc.const_value.nbytes
+                nodes = [dq, tr, new]
+            old_name = node.outputs[0].name
+            node.outputs[0].name = f"{old_name}_float"
+            new.outputs[0].name = old_name  # a graph output keeps its name
+            new.outputs[0].dtype = node.outputs[0].dtype or dtype
+            new.outputs[0].shape = node.outputs[0].shape
+            graph.insert_before(node, nodes)
+            ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0], replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            for chain_node in parts.chain:
+                if not any(True for _ in chain_node.outputs[0].uses()):
+                    graph.remove(chain_node, safe=True)
+            if not any(True for _ in parts.weight.uses()) and parts.weight.name in graph.initializers:
+                del graph.initializers[parts.weight.name]
+            max_err, rel = fxq._error(w, deq)
+            changed.append(f"{name}: {cfg.dtype.value} {n}x{k}, {w.numel() * 4} -> {stored_bytes} bytes, "
+                           f"max abs error {max_err:.3g}, relative rms error {rel:.3g}")
+        return PassResult(model, bool(changed), changed)
+
+
+def quantize_weights(model: ir.Model, config: QuantConfig) -> PassResult:
+    return QuantizeWeights(config)(model)
+
+
+def apply_quant(model: ir.Model, quant: QuantConfig | dict, lora_config: Any = None) -> PassResult:
+    """The ``lora_fx.apply(..., quant=...)`` hook for ONNX models."""
+    if isinstance(quant, dict):
+        quant = QuantConfig.from_dict(quant)
+    if not isinstance(quant, QuantConfig):
+        raise ConfigError(f"quant must be a lora_fx.QuantConfig, got {type(quant).__name__}")
+    if quant.dtype is QuantDType.NF4 and quant.double_quant:
+        raise ConfigError("MatMulBnb4 stores float absmaxes: use QuantConfig(dtype='nf4', double_quant=False) for ONNX models")
+    return quantize_weights(model, quant)
