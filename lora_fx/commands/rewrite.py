@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-virtual-tokens", type=int, default=16,
                    help="prefix method: learned key/value prefix length T per attention site (default 16)")
     p.add_argument("--external-data", action="store_true", help="store the weights in <output>.data")
+    p.add_argument("--quant", choices=["nf4", "int4", "int8"], default=None,
+                   help="store the frozen linear weights quantized (QLoRA): nf4 (MatMulBnb4), int4 (MatMulNBits), int8 (DequantizeLinear)")
+    p.add_argument("--quant-block-size", type=int, default=64, help="weights per scale block for nf4/int4 (default 64)")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the adapted sites")
     p.set_defaults(func=run)
 
@@ -66,8 +69,18 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         target_modules=_csv(args.target_modules), exclude_modules=_csv(args.exclude_modules),
         use_rslora=args.use_rslora, init_lora_weights=args.init,
     )
+    quant = None
+    if getattr(args, "quant", None):  # QLoRA: quantize first, so the adapters attach to the quantized sites
+        from lora_fx.config import QuantConfig
+        from lora_fx.passes.onnx.quantize_weights import apply_quant
+
+        qconfig = QuantConfig(dtype=args.quant, block_size=args.quant_block_size, exclude_modules=_csv(args.exclude_modules))
+        quant = {"config": qconfig.to_dict(), "sites": apply_quant(model, qconfig, None).changed}
     apply_lora(model, config)
-    return {"method": "lora", "config": config.to_dict(), "sites": lora_metadata(model)}
+    summary = {"method": "lora", "config": config.to_dict(), "sites": lora_metadata(model)}
+    if quant is not None:
+        summary["quant"] = quant
+    return summary
 
 
 def _rewrite_prefix(model: Any, args: argparse.Namespace) -> dict[str, Any]:

@@ -6,6 +6,9 @@ the site is a ``MatMul`` whose weight is a float initializer, directly or throug
 * nf4 -> ``com.microsoft.MatMulBnb4`` (quant_type 1): W ``[N, K]`` flattened, absmax blocks, the
   same bytes ``passes/fx/quantize_weights`` produces (double quantization is not expressible
   there: its absmaxes are stored decoded, as float).
+
+New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_zero`` so the site keeps its
+name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
 * int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K; ``in_features`` must be a
   multiple of ``block_size``), zero point 8 or packed affine zero points.
 * int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``.
@@ -73,7 +76,7 @@ class QuantizeWeights:
             if cfg.dtype is QuantDType.NF4:
                 s = fxq.quantize_nf4(w, cfg.block_size, False, pad=cfg.pad, what=f"site {name}")
                 packed = s["qweight"][: (n * k + 1) // 2]
-                ins = [parts.x, _init(graph, f"{name}.qweight", packed.numpy()), _init(graph, f"{name}.qscale", s["qscale"].numpy())]
+                ins = [parts.x, _init(graph, f"{name}.weight_q", packed.numpy()), _init(graph, f"{name}.weight_scale", s["qscale"].numpy())]
                 new = ir.node("MatMulBnb4", ins, attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
                 deq = fxq.dequantize_nf4(s["qweight"], s["qscale"], None, None, n, k, cfg.block_size, cfg.double_quant_block_size)
                 stored_bytes = packed.numel() + s["qscale"].numel() * 4
@@ -86,23 +89,26 @@ class QuantizeWeights:
                     )
                 s = fxq.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=False, what=f"site {name}")
                 b = s["qweight"].reshape(n, k // cfg.block_size, cfg.block_size // 2).numpy()
-                ins = [parts.x, _init(graph, f"{name}.qweight", b), _init(graph, f"{name}.qscale", s["qscale"].float().numpy())]
+                ins = [parts.x, _init(graph, f"{name}.weight_q", b), _init(graph, f"{name}.weight_scale", s["qscale"].float().numpy())]
                 if "qzero" in s:
-                    ins.append(_init(graph, f"{name}.qzero", s["qzero"].numpy()))
+                    ins.append(_init(graph, f"{name}.weight_zero", s["qzero"].numpy()))
                 new = ir.node("MatMulNBits", ins, attributes={"K": k, "N": n, "bits": 4, "block_size": cfg.block_size}, domain=MS)
                 deq = fxq.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
                 stored_bytes = sum(v.const_value.nbytes for v in ins[1:])
                 nodes = [new]
             else:
                 s = fxq.quantize_int8(w)
-                q = _init(graph, f"{name}.qweight", s["qweight"].numpy())
-                sc = _init(graph, f"{name}.qscale", s["qscale"].numpy())
+                q = _init(graph, f"{name}.weight_q", s["qweight"].numpy())
+                sc = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
                 dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
                 tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
                 new = ir.node("MatMul", [parts.x, tr.outputs[0]])
                 deq = fxq.dequantize_int8(s["qweight"], s["qscale"])
                 stored_bytes = q.const_value.nbytes + sc.const_value.nbytes
                 nodes = [dq, tr, new]
+            # find_sites names a site from its node's name or name-scope metadata: the new node keeps both.
+            new.name = node.name
+            new.metadata_props.update(node.metadata_props)
             old_name = node.outputs[0].name
             node.outputs[0].name = f"{old_name}_float"
             new.outputs[0].name = old_name  # a graph output keeps its name

@@ -78,10 +78,10 @@ def test_quantized_onnx_model_runs_in_ort_like_the_dequantized_weights(cfg, op, 
     assert result.modified and len(result.changed) == 2
     assert op in {n.op_type for n in model.graph}
     assert "fc1.weight" not in model.graph.initializers  # the float weight is gone from the file
-    after = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if ".q" in n)
+    after = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if ".weight_" in n)
     assert after / before <= limit
     sites = {s.name: s for s in lora_fx.find_sites(model) if s.kind.value == "linear"}
-    assert {(s.in_features, s.out_features) for s in sites.values()} == {(IN, OUT), (OUT, OUT)}
+    assert {n: (s.in_features, s.out_features) for n, s in sites.items()} == {"fc1": (IN, OUT), "fc2": (OUT, OUT)}
     x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
     d1, d2 = _dequantized(cfg, w1), _dequantized(cfg, w2)
     b1 = model.graph.initializers["fc1.bias"].const_value.numpy()
@@ -99,3 +99,20 @@ def test_double_quant_is_refused_for_onnx():
     model, _, _ = _mlp()
     with pytest.raises(ConfigError, match="double_quant=False"):
         lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=".*"), quant=QuantConfig(dtype="nf4", double_quant=True))
+
+
+def test_cli_rewrite_with_quant(tmp_path):
+    from lora_fx.cli import main
+
+    model, _, _ = _mlp()
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "q.onnx"
+    lora_fx.save(model, src)
+    assert main(["rewrite", str(src), "-o", str(dst), "--r", "4", "--target-modules", ".*", "--quant", "int4",
+                 "--quant-block-size", "32"]) == 0
+    out = lora_fx.load(dst)
+    ops = [n.op_type for n in out.graph]
+    # The default quant targets are all linear sites but the output layer (fc2 here, as find_sites reports it).
+    assert ops.count("MatMulNBits") == 1 and "fc1.weight" not in out.graph.initializers and "fc2.weight" in out.graph.initializers
+    assert {s.name for s in lora_fx.find_sites(out) if s.kind.value == "linear"} >= {"fc1", "fc2"}
+    x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
+    assert np.isfinite(_run(out, x)).all()
