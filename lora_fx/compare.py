@@ -153,9 +153,11 @@ def run_method(cfg_dict: dict[str, Any], method_value: str) -> dict[str, Any]:
     adapter_bytes = sum(p.stat().st_size for p in Path(adapter_dir).iterdir() if p.is_file())
     exported: dict[str, str] = {}
     if cfg.export:
-        exported["adapters"] = str(lora_fx.export_onnx(gm, out / "model.onnx", kwargs=example, mode="adapters"))
+        slot = lora_fx.export_onnx(gm, out / "model.onnx", kwargs=example, mode="adapters")
+        exported["adapters"] = str(slot.model_path)
+        exported["adapter_file"] = str(slot.adapter_paths[0]) if slot.adapter_paths else ""
         if method is Method.LORA:
-            exported["merged"] = str(lora_fx.export_onnx(gm, out / "merged.onnx", kwargs=example, mode="merged"))
+            exported["merged"] = str(lora_fx.export_onnx(gm, out / "merged.onnx", kwargs=example, mode="merged").model_path)
     return {
         "method": method.value,
         "trainable_parameters": result.trainable_parameters,
@@ -204,7 +206,7 @@ def _base_onnx(cfg: CompareConfig) -> Path:
 
     task = _task(cfg)
     gm = lora_fx.capture(load_hf_model(cfg.hf_dir), kwargs=task.example())
-    return Path(lora_fx.export_onnx(gm, Path(cfg.out_dir) / "base.onnx", kwargs=task.example(), mode="merged"))
+    return Path(lora_fx.export_onnx(gm, Path(cfg.out_dir) / "base.onnx", kwargs=task.example(), mode="merged").model_path)
 
 
 def measure_latency(models: dict[str, tuple[str, str | None]], feeds: dict[str, Any], runs: int) -> dict[str, float]:
@@ -234,13 +236,13 @@ def measure_latency(models: dict[str, tuple[str, str | None]], feeds: dict[str, 
 
 
 def _feeds_for(sess: Any, feeds: dict[str, Any]) -> dict[str, Any]:
-    names = set(sess.input_names)
+    names = set(sess.inputs)
     return {k: v for k, v in feeds.items() if k in names}
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run every method of ``cfg``, then write the report. Returns the report dict."""
-    from lora_fx.report import markdown_table, plot_bars, plot_losses
+    from lora_fx.report import plot_bars, plot_losses
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,8 +263,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         for r in results:
             if "merged" in r["exported"]:
                 models[f"{r['method']} merged"] = (r["exported"]["merged"], None)
-            adapters = sorted(Path(r["exported"]["adapters"]).parent.glob(f"{Path(r['exported']['adapters']).stem}.adapters/*.onnx_adapter"))
-            models[f"{r['method']} adapter-slot"] = (r["exported"]["adapters"], str(adapters[0]) if adapters else None)
+            models[f"{r['method']} adapter-slot"] = (r["exported"]["adapters"], r["exported"]["adapter_file"] or None)
         latency = measure_latency(models, feeds, cfg.latency_runs)
     plots = {
         "loss": str(plot_losses({r["method"]: r["losses"] for r in results}, out / "loss_curves.png")),

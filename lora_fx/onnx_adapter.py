@@ -39,7 +39,22 @@ class OnnxAdapter:
     config: dict[str, Any] | None = None  # LoraConfig.to_dict()
 
     def site_names(self) -> list[str]:
-        return sorted({name.rsplit(".lora_", 1)[0] for name in self.tensors})
+        return sorted({site_of(name) for name in self.tensors})
+
+
+SLOT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".prefix_key", ".prefix_value")
+
+
+def is_slot_name(name: str) -> bool:
+    """Adapter tensors a model exposes as slots: LoRA matrices and attention prefixes."""
+    return name.endswith(SLOT_SUFFIXES)
+
+
+def site_of(name: str) -> str:
+    for suffix in SLOT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
@@ -187,7 +202,8 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
         if len(arr.shape) != len(slot.shape) or any(s is not None and s != d for s, d in zip(slot.shape, arr.shape)):
             want = tuple("r" if s is None else s for s in slot.shape)
             raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} (lora_A [in, r], lora_B [r, out])")
-        sites.add(name.rsplit(".lora_", 1)[0])
+        if ".lora_" in name:
+            sites.add(site_of(name))
     for site in sorted(sites):
         a, b = adapter.tensors.get(f"{site}.lora_A.weight"), adapter.tensors.get(f"{site}.lora_B.weight")
         if a is None or b is None:

@@ -46,7 +46,7 @@ def _op_name(target: Any) -> str:
     name = getattr(target, "__name__", None) or str(target)
     overload = getattr(target, "_overloadpacket", None)
     if overload is not None:
-        return f"aten.{overload.__name__}"
+        return f"{getattr(target, 'namespace', 'aten')}.{overload.__name__}"
     return name
 
 

@@ -39,7 +39,28 @@ _ORT_TYPES = {
 
 
 def _is_slot(name: str) -> bool:
-    return name.endswith(".lora_A.weight") or name.endswith(".lora_B.weight")
+    from lora_fx.onnx_adapter import is_slot_name
+
+    return is_slot_name(name)
+
+
+_CUDA_USABLE: bool | None = None
+
+
+def _cuda_usable() -> bool:
+    """Whether a CUDA driver is present at all. Probing ORT's CUDA provider without one makes ORT
+    print a page of load errors for every session, so machines without a driver skip the probe."""
+    global _CUDA_USABLE
+    if _CUDA_USABLE is None:
+        import ctypes
+
+        try:
+            ctypes.CDLL("libcuda.so.1")
+            _CUDA_USABLE = True
+        except OSError:
+            _CUDA_USABLE = False
+            log.info("no CUDA driver (libcuda.so.1) on this machine: ONNX Runtime runs on the CPU")
+    return _CUDA_USABLE
 
 
 @dataclass
@@ -75,6 +96,9 @@ class Session:
         if session_options is None:
             # ORT warns once per adapter slot that an initializer is also an input: that is the design.
             options.log_severity_level = 3
+            # DequantizeLinear+MatMul becomes MatMulNBits; its default accuracy level 4 quantizes the
+            # activations to int8, so the served model would not compute what was trained. 0 keeps them float.
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.device_id = device_id
         self._session = self._create(ort, options, providers)
         self.providers: list[str] = list(self._session.get_providers())
@@ -91,7 +115,7 @@ class Session:
         try:
             if providers is not None:
                 return ort.InferenceSession(str(self.path), options, providers=list(providers))
-            if CUDA in ort.get_available_providers():
+            if CUDA in ort.get_available_providers() and _cuda_usable():
                 try:
                     session = ort.InferenceSession(str(self.path), options, providers=[(CUDA, {"device_id": self.device_id}), CPU])
                     if session.get_providers()[0] == CUDA:

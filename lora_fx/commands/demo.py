@@ -9,12 +9,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline on the bundled all-MiniLM-L6-v2",
-        description="Capture the bundled all-MiniLM-L6-v2 with torch.export, rewrite it with LoRA, train it on the "
-        "shipped tense-classification set, report accuracy before and after, and save the adapter (PEFT format).",
+        description="On the bundled all-MiniLM-L6-v2 and the shipped tense-classification set: capture with "
+        "torch.export, rewrite with LoRA, QLoRA-nf4 and prefix-tuning, train each with the same budget, export merged "
+        "and with adapter slots, serve in ONNX Runtime switching the adapter per call, and write the compare report.",
     )
     p.add_argument("-o", "--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per method (default: 60)")
-    p.add_argument("--quick", action="store_true", help="a reduced run for CI (at most 25 steps)")
+    p.add_argument("--steps", type=int, default=40, help="training steps per method (default: 40)")
+    p.add_argument("--quick", action="store_true", help="a reduced run for CI (at most 8 steps, fewer latency runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)

@@ -493,7 +493,8 @@ def _register_contrib_schemas() -> None:
         return OpSchema.FormalParameter(name, type_str, "", param_option=option)
 
     def attr(name: str, kind: Any, required: bool) -> Any:
-        return OpSchema.Attribute(name, kind, "", required=required) if required else OpSchema.Attribute(name, kind, "")
+        # OpSchema.Attribute(name, type, description) defaults to required=True: say it every time.
+        return OpSchema.Attribute(name, kind, "", required=required)
 
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     ints = OpSchema.AttrType.INT
