@@ -44,6 +44,8 @@ class ExportResult:
     peft_dirs: list[Path] = field(default_factory=list)
     sites: list[str] = field(default_factory=list)
     fingerprint: str | None = None
+    # mode merged, quant_merge="requantize": per site, the error requantizing the merged W adds (RequantError)
+    requant_errors: list = field(default_factory=list)
 
 
 def adapters_dir(model_path: str | os.PathLike) -> Path:
@@ -126,6 +128,7 @@ def export_onnx(
     optimize: bool = True,
     peft_dir: bool = True,
     custom_translation_table: dict | None = None,
+    quant_merge: Any = None,
 ) -> ExportResult:
     """Export a GraphModule from ``lora_fx.capture`` + ``lora_fx.apply`` to ONNX at ``path``.
 
@@ -135,6 +138,9 @@ def export_onnx(
     as a PEFT directory ``<stem>.adapters/<adapter_name>/``). ``kwargs`` are example inputs, as for
     ``capture``; batch and sequence dims stay dynamic. Every file is written whole or not at all.
     ``custom_translation_table`` goes to ``torch.onnx.export`` (custom ops such as a dequantize step).
+    ``quant_merge`` (``QuantMerge.FLOAT`` / ``REQUANTIZE``, or "float" / "requantize"): how ``mode="merged"``
+    folds into a quantized (QLoRA) W; required when an adapted site's W is quantized. With REQUANTIZE the
+    per-site requantization errors are in ``ExportResult.requant_errors``.
     """
     import torch.fx as fx
 
@@ -142,11 +148,12 @@ def export_onnx(
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.set_training_mode import set_training_mode
     from lora_fx.passes.onnx.expose_adapters import expose_adapters
-    from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.fold_lora import FoldLora, QuantMerge
     from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
     from lora_fx.passes.onnx.normalize_lora import normalize_lora
 
     mode = ExportMode.parse(mode)
+    quant_merge = QuantMerge.parse(quant_merge)
     if not isinstance(gm, fx.GraphModule):
         raise ConfigError(f"export_onnx takes a GraphModule from lora_fx.capture(...) (+ lora_fx.apply), got {type(gm).__name__}")
     if not kwargs:
@@ -182,9 +189,12 @@ def export_onnx(
         normalize_lora(model, records, config)
     path = Path(path)
     adapter = None
+    requant_errors: list = []
     if mode is ExportMode.MERGED:
         if records:
-            fold_lora(model)
+            folder = FoldLora(quant_merge)
+            folder(model)
+            requant_errors = folder.errors
         if optimize:
             optimize_keeping_slots(model)
     else:
@@ -195,7 +205,8 @@ def export_onnx(
         if optimize:
             optimize_keeping_slots(model)
         adapter.fingerprint = stamp_fingerprint(model)
-    result = ExportResult(path, mode, sites=sorted(records), fingerprint=adapter.fingerprint if adapter else None)
+    result = ExportResult(path, mode, sites=sorted(records), fingerprint=adapter.fingerprint if adapter else None,
+                          requant_errors=requant_errors)
     save_model(model, path)
     if adapter is not None:
         out_dir = adapters_dir(path)

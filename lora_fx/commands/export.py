@@ -20,6 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="fold the adapters into the weights: a plain model")
     mode.add_argument("--adapters", action="store_true", help="adapter slots + .onnx_adapter (+ PEFT dir) of the current weights")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--float", dest="quant_merge", action="store_const", const="float",
+                       help="with --merge on a quantized (QLoRA) model: keep the merged W in float (a plain MatMul)")
+    quant.add_argument("--requantize", dest="quant_merge", action="store_const", const="requantize",
+                       help="with --merge on a quantized model: quantize the merged W again (same format and op); "
+                       "prints the error this adds per site")
     p.add_argument("--adapter", metavar="FILE", help="with --merge: fold this .onnx_adapter (for a model with adapter slots)")
     p.add_argument("--name", default="default", help="name of the written adapter (default: default)")
     p.add_argument("--no-peft", action="store_true", help="with --adapters: do not write the PEFT directory")
@@ -38,18 +44,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {out} would overwrite the input model; choose another output path")
     if args.adapter and not args.merge:
         raise ConfigError("--adapter FILE goes with --merge (fold that adapter); --adapters writes the model's own weights")
-    summary = export_file(src, out, merge=args.merge, adapter=args.adapter, name=args.name, peft_dir=not args.no_peft)
+    quant_merge = getattr(args, "quant_merge", None)
+    if quant_merge and not args.merge:
+        raise ConfigError(f"--{quant_merge} goes with --merge (what a merge makes of a quantized W); --adapters keeps W as it is")
+    summary = export_file(src, out, merge=args.merge, adapter=args.adapter, name=args.name, peft_dir=not args.no_peft,
+                          quant_merge=quant_merge)
     if args.json:
         print_json(summary)
     else:
+        for e in summary.get("requant_errors", []):
+            print(f"{e['site']}: requantized ({e['format']}), max abs error {e['max_abs_error']:.3g}, "
+                  f"relative error {e['relative_error']:.3g}")
         print(f"wrote {summary['model']} ({summary['mode']}, {len(summary['sites'])} sites)")
         for path in summary.get("adapters", []) + summary.get("peft_dirs", []):
             print(f"wrote {path}")
     return 0
 
 
-def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None, name: str = "default", peft_dir: bool = True) -> dict:
-    """The command's work, callable from Python: every output is computed before any file is written."""
+def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None, name: str = "default", peft_dir: bool = True,
+                quant_merge=None) -> dict:
+    """The command's work, callable from Python: every output is computed before any file is written.
+
+    ``quant_merge`` (``QuantMerge`` or "float" / "requantize"): how ``merge`` folds into quantized weights."""
     import onnx_ir as ir
 
     from lora_fx.errors import AdapterError, ConfigError
@@ -57,7 +73,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     from lora_fx.onnx_adapter import SUFFIX, check_fits, check_writable, current_adapter, model_slots, read_onnx_adapter, to_peft, write_onnx_adapter
     from lora_fx.onnx_model import load
     from lora_fx.passes.onnx.expose_adapters import expose_adapters
-    from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.fold_lora import FoldLora
     from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
     from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY, read_records
 
@@ -79,9 +95,13 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
                 raise AdapterError(f"{adapter} lacks tensors for {missing[:4]}; a merge needs every site's A and B")
             for key, arr in loaded.tensors.items():
                 model.graph.initializers[key].const_value = ir.tensor(arr, name=key)
-        fold_lora(model)
+        folder = FoldLora(quant_merge)
+        folder(model)
         optimize_keeping_slots(model)
         summary["mode"] = "merged"
+        if folder.quant_merge is not None:
+            summary["quant_merge"] = folder.quant_merge.value
+            summary["requant_errors"] = [e.to_dict() for e in folder.errors]
         save_model(model, out)
         return summary
     if exposed:

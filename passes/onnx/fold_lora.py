@@ -3,30 +3,70 @@
 After the pass the model has exactly the base model's nodes and op types; only weight values differ.
 Non-finite results are refused before anything changes (PEFT's ``safe_merge``); prefix adapters
 cannot be folded into weights and are refused with the way out (export with adapters instead).
+
+A site whose W is stored quantized (MatMulBnb4 nf4, MatMulNBits int4, DequantizeLinear int8; see
+``quantized_weight``) is folded into the dequantized W only when the caller says what becomes of it
+(``QuantMerge``): ``FLOAT`` keeps the merged W in float (a plain MatMul), ``REQUANTIZE`` stores it again
+in the same format, block size and op, and reports the error requantization adds (``FoldLora.errors``,
+and one line per site in ``PassResult.changed``). Without a choice such a site is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from lora_fx.errors import AdapterError, UnsupportedError
+from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, write_records
+from lora_fx.passes.onnx.quantized_weight import QuantizedWeight, quantized_weight, replace_by_float, write_storage
 from lora_fx.passes.result import PassResult
 
 # Nodes a LoRA input may pass through on its way from the site's own input (eval-mode dropout).
 _PASS_THROUGH = {"Identity", "Dropout"}
+_QUANTIZED_OPS = {"MatMulBnb4", "MatMulNBits"}
+
+
+class QuantMerge(str, enum.Enum):
+    """What a merge does with a W stored quantized."""
+
+    FLOAT = "float"  # W + A @ B stays in float: a plain MatMul, no requantization error
+    REQUANTIZE = "requantize"  # W + A @ B quantized again (same format, block size, op); its error is reported
+
+    @classmethod
+    def parse(cls, value: "QuantMerge | str | None") -> "QuantMerge | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.lower():
+                    return member
+        raise ConfigError(f"quant_merge={value!r} is not a choice; use 'float' (keep the merged W in float) or 'requantize'")
+
+
+@dataclass
+class RequantError:
+    """The error requantizing a merged W adds: its dequantized value against the float merged W."""
+
+    site: str
+    format: str  # e.g. "MatMulNBits int4, block 32"
+    max_abs: float
+    relative: float  # ||deq(q(W')) - W'|| / ||W'|| (Frobenius)
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "format": self.format, "max_abs_error": self.max_abs, "relative_error": self.relative}
 
 
 @dataclass
 class _Fold:
     branch: Branch
-    weight: ir.Value  # the initializer holding W
+    weight: ir.Value | None  # the initializer holding W (None for a quantized W)
     transposed: bool  # W is stored [out, in] (torch's layout, Gemm transB=1, MatMul over Transpose)
     gemm_alpha: float
     consumer: ir.Node  # the node reading W (MatMul, Transpose or Gemm)
+    quant: QuantizedWeight | None = None
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -53,7 +93,12 @@ class FoldLora:
     ``MatMul(x, W)`` (``W [in, out]``, Conv1D-style and ONNX-native), ``MatMul(x, Transpose(W))``
     (``W [out, in]``, torch's layout), or ``Gemm(x, W[, C], transB=0|1, alpha)``, optionally followed
     by ``Add(·, bias)``. A weight shared with other nodes (tied embeddings) gets its own merged copy.
+    Quantized weights (MatMulBnb4, MatMulNBits, MatMul over DequantizeLinear) fold as ``quant_merge`` says.
     """
+
+    def __init__(self, quant_merge: QuantMerge | None = None) -> None:
+        self.quant_merge = QuantMerge.parse(quant_merge)
+        self.errors: list[RequantError] = []
 
     def __call__(self, model: ir.Model) -> PassResult:
         if has_prefix(model):
@@ -66,16 +111,22 @@ class FoldLora:
         records = read_records(model)
         folds = [self._plan(graph, site, rec) for site, rec in records.items()]
         merged = {}
+        self.errors = []
         # Compute and check every new weight before touching the model: a refusal leaves it as it was.
         for fold in folds:
-            merged[fold.branch.site] = self._merged_weight(fold)
+            merged[fold.branch.site] = self._merged_quantized(fold) if fold.quant is not None else self._merged_weight(fold)
         for fold in folds:
-            self._apply(graph, fold, merged[fold.branch.site])
+            if fold.quant is not None:
+                self._apply_quantized(graph, fold, merged[fold.branch.site])
+            else:
+                self._apply(graph, fold, merged[fold.branch.site])
         write_records(model, {})
         for key in (CONFIG_KEY, FINGERPRINT_KEY):
             model.metadata_props.pop(key, None)
         changed = [f.branch.site for f in folds]
-        return PassResult(model, bool(changed), changed)
+        changed += [f"{e.site}: requantized ({e.format}), max abs error {e.max_abs:.3g}, relative error {e.relative:.3g}"
+                    for e in self.errors]
+        return PassResult(model, bool(folds), changed)
 
     def _plan(self, graph: ir.Graph, site: str, rec: dict) -> _Fold:
         branch = find_branch(graph, site, rec)
@@ -84,9 +135,21 @@ class FoldLora:
             # y = x @ W + bias: the weight is behind the bias Add.
             for i, other in ((0, 1), (1, 0)):
                 producer = node.inputs[i].producer() if node.inputs[i] is not None else None
-                if producer is not None and producer.op_type in ("MatMul", "Gemm") and _initializer(graph, node.inputs[other]) is not None:
+                if producer is not None and (producer.op_type in ("MatMul", "Gemm") or producer.op_type in _QUANTIZED_OPS) \
+                        and _initializer(graph, node.inputs[other]) is not None:
                     node = producer
                     break
+        quant = quantized_weight(site, node) if node is not None else None
+        if quant is not None:
+            if self.quant_merge is None:
+                raise UnsupportedError(
+                    f"site {site}: its weight is stored quantized ({quant.describe()}); say what the merge makes of it: "
+                    "keep the merged W in float (CLI --float, Python quant_merge=QuantMerge.FLOAT) or quantize it again "
+                    "(--requantize, QuantMerge.REQUANTIZE; the error it adds is reported), or export with adapter slots instead"
+                )
+            if _source(node.inputs[0]) is not _source(branch.x):
+                raise UnsupportedError(f"site {site}: the LoRA branch reads a different input than the site's weight; cannot fold")
+            return _Fold(branch, None, True, 1.0, quant.matmul, quant)
         if node is None or node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             found = "a graph input" if node is None else node.op_type
             raise UnsupportedError(
@@ -134,6 +197,47 @@ class FoldLora:
             )
         return out
 
+    def _merged_quantized(self, fold: _Fold) -> np.ndarray | dict:
+        """Float merged W ``[out, in]`` (FLOAT) or the new storage (REQUANTIZE), checked finite."""
+        site, quant = fold.branch.site, fold.quant
+        w = quant.dequantize().astype(np.float64)
+        a = fold.branch.a.const_value.numpy().astype(np.float64)
+        b = fold.branch.b.const_value.numpy().astype(np.float64)
+        delta = (a @ b).T
+        if delta.shape != w.shape:
+            raise AdapterError(f"site {site}: A @ B has shape {delta.shape[::-1]} but the quantized weight is [in, out] {w.shape[::-1]}")
+        with np.errstate(all="ignore"):
+            merged = (w + delta).astype(quant.float_dtype)
+        if not np.isfinite(merged).all():
+            bad = int((~np.isfinite(merged)).sum())
+            raise AdapterError(
+                f"site {site}: merging the adapter gives {bad} non-finite weight values (NaN/inf in the adapter "
+                "or an overflow in the weight's dtype); nothing was merged. Check the adapter (training diverged?)"
+            )
+        if self.quant_merge is QuantMerge.FLOAT:
+            return merged
+        target = merged.astype(np.float32)
+        with np.errstate(all="ignore"):
+            storage = quant.quantize(target)
+            deq = quant.dequantize(storage).astype(np.float64)
+        if not np.isfinite(deq).all():
+            raise AdapterError(
+                f"site {site}: requantizing the merged weight gives non-finite values (its scales overflow "
+                f"{quant.describe()}); nothing was merged. Merge with --float (QuantMerge.FLOAT) instead"
+            )
+        diff = deq - target.astype(np.float64)
+        norm = float(np.sqrt((target.astype(np.float64) ** 2).sum()))
+        self.errors.append(RequantError(site, quant.describe(), float(np.abs(diff).max()),
+                                        float(np.sqrt((diff ** 2).sum())) / max(norm, 1e-30)))
+        return storage
+
+    def _apply_quantized(self, graph: ir.Graph, fold: _Fold, merged: np.ndarray | dict) -> None:
+        remove_branch(graph, fold.branch)
+        if isinstance(merged, dict):
+            write_storage(graph, fold.branch.site, fold.quant, merged)
+        else:
+            replace_by_float(graph, fold.branch.site, fold.quant, merged)
+
     @staticmethod
     def _apply(graph: ir.Graph, fold: _Fold, merged: np.ndarray) -> None:
         weight = fold.weight
@@ -152,5 +256,5 @@ class FoldLora:
             weight.const_value = ir.tensor(merged, name=weight.name)
 
 
-def fold_lora(model: ir.Model) -> PassResult:
-    return FoldLora()(model)
+def fold_lora(model: ir.Model, quant_merge: QuantMerge | str | None = None) -> PassResult:
+    return FoldLora(quant_merge)(model)

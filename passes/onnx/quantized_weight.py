@@ -1,0 +1,304 @@
+"""A linear site's quantized weight in ONNX, read and rewritten in one place (helpers, not a pass).
+
+Recognises the storages ``quantize_weights`` (ONNX and FX export) writes and ONNX Runtime runs:
+
+* ``com.microsoft.MatMulBnb4`` with quant_type 1 (NF4): packed codes ``[ceil(N*K/2)]`` high nibble
+  first, one absmax per ``block_size`` weights of the flattened ``[N, K]`` W;
+* ``com.microsoft.MatMulNBits`` with bits 4: ``[N, K/block, block/2]`` low nibble first, scales per
+  block, zero point 8 or packed uint8 zero points, optional bias (input 5);
+* ``MatMul(x, f(DequantizeLinear(q, scale[, zero])))`` with ``f`` Transposes / Casts: int8, one scale
+  per tensor or per output channel.
+
+Storage inputs may be computed from constants (the FX exporter writes ``CastLike`` / ``Reshape`` and,
+for double-quantized NF4 absmaxes, a small decode): they are evaluated here with numpy. Dequantizing
+uses the very functions of ``passes/fx/quantize_weights`` (one implementation of the numerics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from lora_fx.config import QuantDType
+from lora_fx.errors import UnsupportedError
+
+MS = "com.microsoft"
+_CHAIN = {"Transpose", "Cast", "CastLike", "Identity"}
+
+
+# ---- constants behind a value --------------------------------------------------------------------
+def _np(value: ir.Value) -> np.ndarray:
+    tensor = ir.convenience.get_const_tensor(value)  # an initializer, or a Constant (value, value_ints, ...)
+    if tensor is not None:
+        return np.asarray(tensor.numpy())
+    return _evaluate(value)
+
+
+def _evaluate(value: ir.Value) -> np.ndarray:
+    """The value of a constant-only subgraph (Cast, Reshape, ...), or UnsupportedError."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        raise UnsupportedError(f"quantized weight input {value.name!r} is not computed from constants; cannot merge into it")
+    op, ins = node.op_type, node.inputs
+    if op == "Identity":
+        return _np(ins[0])
+    if op == "Cast":
+        return _np(ins[0]).astype(ir.DataType(node.attributes["to"].value).numpy())
+    if op == "CastLike":
+        target = ins[1].dtype
+        if target is None:
+            raise UnsupportedError(f"CastLike {node.name!r}: the target dtype is unknown; cannot evaluate the quantized weight")
+        return _np(ins[0]).astype(target.numpy())
+    if op == "Reshape":
+        data, shape = _np(ins[0]), [int(d) for d in _np(ins[1])]
+        shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return data.reshape(shape)
+    if op == "Unsqueeze":
+        return np.expand_dims(_np(ins[0]), tuple(int(a) for a in _np(ins[1])))
+    if op == "Expand":
+        data = _np(ins[0])
+        return np.array(data * np.ones([int(d) for d in _np(ins[1])], dtype=data.dtype))
+    if op == "Slice":
+        data = _np(ins[0])
+        starts, ends = _np(ins[1]), _np(ins[2])
+        axes = _np(ins[3]) if len(ins) > 3 and ins[3] is not None else range(len(starts))
+        steps = _np(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+        index = [slice(None)] * data.ndim
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            index[int(a)] = slice(int(s), int(e), int(st))
+        return data[tuple(index)]
+    if op in ("Add", "Sub", "Mul", "Div"):
+        a, b = _np(ins[0]), _np(ins[1])
+        out = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op](a, b)
+        return out.astype(a.dtype)
+    raise UnsupportedError(f"quantized weight input {value.name!r} comes from {op}, which lora_fx cannot evaluate; cannot merge into it")
+
+
+# ---- the quantized weight of one site ------------------------------------------------------------
+@dataclass
+class QuantizedWeight:
+    """One site's quantized W: where its storage enters the graph and how to decode it."""
+
+    dtype: QuantDType
+    node: ir.Node  # MatMulBnb4 / MatMulNBits, or the DequantizeLinear of int8
+    matmul: ir.Node  # the node computing x @ W (== node for the contrib ops)
+    out_features: int
+    in_features: int
+    block_size: int = 0
+    storage: dict[int, np.ndarray] = field(default_factory=dict)  # node input index -> value as the node reads it
+    stored_out_in: bool = True  # int8: q is [out, in] (else [in, out])
+    per_channel: bool = True  # int8: one scale per output channel (else one per tensor)
+
+    @property
+    def float_dtype(self) -> np.dtype:
+        """The float dtype the site computes in (the matmul's input)."""
+        x = self.matmul.inputs[0]
+        return np.dtype(x.dtype.numpy()) if x.dtype is not None and x.dtype.is_floating_point() else np.dtype(np.float32)
+
+    def describe(self) -> str:
+        op = self.node.op_type
+        return f"{op} {self.dtype.value}" + (f", block {self.block_size}" if self.block_size else "")
+
+    def dequantize(self, storage: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """W ``[out, in]`` float32, decoded exactly as ``passes/fx/quantize_weights`` does."""
+        from lora_fx.passes.fx import quantize_weights as fxq
+
+        s = self.storage if storage is None else storage
+        n, k, bs = self.out_features, self.in_features, self.block_size
+        if self.dtype is QuantDType.NF4:
+            n_blocks = -(-n * k // bs)
+            packed = np.zeros(n_blocks * bs // 2, np.uint8)
+            flat = s[1].reshape(-1)
+            packed[: flat.size] = flat
+            absmax = _t(s[2].reshape(-1).astype(np.float32))
+            return fxq.dequantize_nf4(_t(packed), absmax, None, None, n, k, bs, 256).numpy()
+        if self.dtype is QuantDType.INT4:
+            zero = _t(s[3].reshape(-1)) if 3 in s else None
+            scale = _t(s[2].reshape(-1).astype(np.float32))
+            return fxq.dequantize_int4(_t(s[1].reshape(-1)), scale, zero, n, k, bs).numpy()
+        q = s[0] if self.stored_out_in else s[0].T
+        scale = s[1].astype(np.float32)
+        zero = s[2] if 2 in s else None
+        if zero is not None:
+            q = q.astype(np.float32) - (zero.astype(np.float32).reshape(-1, 1) if self.per_channel else zero.astype(np.float32))
+        if self.per_channel:
+            return fxq.dequantize_int8(_t(q), _t(scale.reshape(-1))).numpy()
+        return (q.astype(np.float32) * scale).astype(np.float32)
+
+    def quantize(self, w: np.ndarray) -> dict[int, np.ndarray]:
+        """Storage of ``w`` ``[out, in]`` in this site's format, shapes and dtypes (what the node reads)."""
+        from lora_fx.passes.fx import quantize_weights as fxq
+
+        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        n, k, bs = self.out_features, self.in_features, self.block_size
+        if self.dtype is QuantDType.NF4:
+            q = fxq.quantize_nf4(wt, bs, False, pad=True)
+            new = {1: q["qweight"][: (n * k + 1) // 2].numpy(), 2: q["qscale"].numpy()}
+        elif self.dtype is QuantDType.INT4:
+            q = fxq.quantize_int4(wt, bs, symmetric=3 not in self.storage, pad=False)
+            new = {1: q["qweight"].numpy(), 2: q["qscale"].float().numpy()}
+            if 3 in self.storage:
+                new[3] = q["qzero"].numpy()
+        else:
+            if self.per_channel:
+                q = fxq.quantize_int8(wt)
+                codes, scale = q["qweight"].numpy(), q["qscale"].numpy()
+            else:
+                scale = np.float32(np.abs(w).max() / 127)
+                codes = np.clip(np.round(w / (scale if scale else 1)), -127, 127).astype(np.int8)
+            new = {0: codes if self.stored_out_in else codes.T, 1: np.asarray(scale)}
+            if 2 in self.storage:
+                new[2] = np.zeros_like(self.storage[2])
+        return {i: np.ascontiguousarray(arr.astype(self.storage[i].dtype).reshape(self.storage[i].shape)) for i, arr in new.items()}
+
+
+def _t(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array))  # a writable copy
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _refuse(site: str, why: str) -> UnsupportedError:
+    return UnsupportedError(f"site {site}: {why}; lora_fx cannot merge into this quantized weight; export with adapter slots instead")
+
+
+def quantized_weight(site: str, node: ir.Node) -> QuantizedWeight | None:
+    """The quantized weight ``node`` (the site's matmul) reads, None when W is not quantized."""
+    if node.domain == MS and node.op_type == "MatMulBnb4":
+        if _attr(node, "quant_type", 1) != 1:
+            raise _refuse(site, "MatMulBnb4 with quant_type 0 (FP4) is not a format lora_fx quantizes")
+        qw = QuantizedWeight(QuantDType.NF4, node, node, _attr(node, "N", 0), _attr(node, "K", 0), _attr(node, "block_size", 0))
+        qw.storage = {1: _np(node.inputs[1]), 2: _np(node.inputs[2])}
+        return qw
+    if node.domain == MS and node.op_type == "MatMulNBits":
+        n, k, bs = _attr(node, "N", 0), _attr(node, "K", 0), _attr(node, "block_size", 0)
+        if _attr(node, "bits", 4) != 4:
+            raise _refuse(site, f"MatMulNBits with bits={_attr(node, 'bits', 4)} (lora_fx quantizes 4 bits)")
+        if not bs or k % bs:
+            raise _refuse(site, f"MatMulNBits with K={k} not a multiple of block_size={bs}")
+        if len(node.inputs) > 4 and node.inputs[4] is not None:
+            raise _refuse(site, "MatMulNBits with g_idx")
+        qw = QuantizedWeight(QuantDType.INT4, node, node, n, k, bs)
+        qw.storage = {1: _np(node.inputs[1]), 2: _np(node.inputs[2])}
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            zero = _np(node.inputs[3])
+            if zero.dtype != np.uint8 or (k // bs) % 2:
+                raise _refuse(site, "MatMulNBits zero points that are not packed uint8 with an even number of blocks per row")
+            qw.storage[3] = zero
+        return qw
+    if node.domain in ("", "ai.onnx") and node.op_type == "MatMul" and len(node.inputs) > 1:
+        value, swaps = node.inputs[1], 0
+        for _ in range(4):
+            producer = value.producer() if value is not None else None
+            if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in _CHAIN:
+                break
+            swaps += producer.op_type == "Transpose"
+            value = producer.inputs[0]
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type != "DequantizeLinear" or producer.domain not in ("", "ai.onnx"):
+            return None
+        q = _np(producer.inputs[0])
+        scale = _np(producer.inputs[1])
+        if q.ndim != 2 or q.dtype != np.int8:
+            raise _refuse(site, f"DequantizeLinear of a {q.dtype} {q.ndim}-D weight (lora_fx merges int8 2-D weights)")
+        stored_out_in = swaps % 2 == 1
+        out_axis = 0 if stored_out_in else 1
+        per_channel = scale.size > 1
+        axis = _attr(producer, "axis", 1)
+        if _attr(producer, "block_size", 0) or (per_channel and (axis % 2 != out_axis or scale.ndim != 1)):
+            raise _refuse(site, "DequantizeLinear with blocked or per-input-channel scales")
+        out_f, in_f = (q.shape[0], q.shape[1]) if stored_out_in else (q.shape[1], q.shape[0])
+        qw = QuantizedWeight(QuantDType.INT8, producer, node, out_f, in_f, 0, stored_out_in=stored_out_in, per_channel=per_channel)
+        qw.storage = {0: q, 1: scale}
+        if len(producer.inputs) > 2 and producer.inputs[2] is not None:
+            qw.storage[2] = _np(producer.inputs[2])
+        return qw
+    return None
+
+
+# ---- rewriting -----------------------------------------------------------------------------------
+def _unique(graph: ir.Graph, name: str) -> str:
+    while name in graph.initializers:
+        name += ".merged"
+    return name
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    name = _unique(graph, name)
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(list(array.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def prune(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove what only fed ``values`` (now unused): their producers, upstream, and unused initializers."""
+    work = [v for v in values if v is not None]
+    while work:
+        value = work.pop()
+        if any(True for _ in value.uses()) or value in graph.outputs or value in graph.inputs:
+            continue
+        if value.name in graph.initializers and graph.initializers[value.name] is value:
+            del graph.initializers[value.name]
+            continue
+        node = value.producer()
+        if node is None or node.graph is not graph or any(any(True for _ in o.uses()) or o in graph.outputs for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        work.extend(inputs)
+
+
+_NAMES = {QuantDType.NF4: {1: "weight_q", 2: "weight_scale"}, QuantDType.INT4: {1: "weight_q", 2: "weight_scale", 3: "weight_zero"},
+          QuantDType.INT8: {0: "weight_q", 1: "weight_scale", 2: "weight_zero"}}
+
+
+def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict[int, np.ndarray]) -> None:
+    """Give ``qw.node`` new storage (same shapes and dtypes); an initializer only it reads is updated in place."""
+    old = []
+    for index, array in storage.items():
+        value = qw.node.inputs[index]
+        direct = value.name in graph.initializers and graph.initializers[value.name] is value
+        if direct and len(list(value.uses())) == 1 and value not in graph.inputs:
+            value.const_value = ir.tensor(array, name=value.name)
+            continue
+        new = new_initializer(graph, f"{site}.{_NAMES[qw.dtype][index]}", array)
+        qw.node.replace_input_with(index, new)
+        old.append(value)
+    prune(graph, old)
+
+
+def replace_by_float(graph: ir.Graph, site: str, qw: QuantizedWeight, w: np.ndarray) -> None:
+    """The site computes ``x @ W`` with a float initializer ``<site>.weight`` ``[in, out]`` (bias kept)."""
+    weight = new_initializer(graph, f"{site}.weight", np.ascontiguousarray(w.T.astype(qw.float_dtype)))
+    node = qw.matmul
+    if node.domain in ("", "ai.onnx"):  # int8: MatMul(x, Transpose(DequantizeLinear(...)))
+        old = node.inputs[1]
+        node.replace_input_with(1, weight)
+        prune(graph, [old])
+        return
+    bias = node.inputs[5] if node.op_type == "MatMulNBits" and len(node.inputs) > 5 else None
+    matmul = ir.node("MatMul", [node.inputs[0], weight], name=node.name)
+    matmul.metadata_props.update(node.metadata_props)
+    nodes = [matmul]
+    out = matmul.outputs[0]
+    if bias is not None:
+        add = ir.node("Add", [out, bias], name=f"{node.name}/bias" if node.name else None)
+        nodes.append(add)
+        out = add.outputs[0]
+    old_out = node.outputs[0]
+    out.dtype, out.shape = old_out.dtype, old_out.shape
+    name = old_out.name
+    old_out.name = None
+    out.name = name  # a graph output keeps its name
+    graph.insert_before(node, nodes)
+    ir.convenience.replace_all_uses_with(old_out, out, replace_graph_outputs=True)
+    old_inputs = [v for v in node.inputs[1:] if v is not None and v is not bias]
+    graph.remove(node, safe=True)
+    prune(graph, old_inputs)

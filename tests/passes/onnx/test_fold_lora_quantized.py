@@ -1,0 +1,261 @@
+"""fold_lora on quantized (QLoRA) bases: merged W kept in float, or requantized with its error reported."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.config import QuantConfig
+from lora_fx.errors import AdapterError, UnsupportedError
+from lora_fx.passes.fx.quantize_weights import NF4_CODE
+from lora_fx.passes.onnx.fold_lora import QuantMerge, fold_lora
+from tests.passes.onnx.test_quantize_weights import IN, _mlp
+
+QUANTS = {
+    "nf4": QuantConfig(dtype="nf4", block_size=32, double_quant=False, target_modules=".*"),
+    "int4": QuantConfig(dtype="int4", block_size=32, target_modules=".*"),
+    "int4-affine": QuantConfig(dtype="int4", block_size=32, symmetric=False, target_modules=".*"),
+    "int8": QuantConfig(dtype="int8", target_modules=".*"),
+}
+QUANT_OPS = {"MatMulBnb4", "MatMulNBits", "DequantizeLinear"}
+X = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
+
+
+def _session(model_or_path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    src = model_or_path if isinstance(model_or_path, str) else ir.to_proto(model_or_path).SerializeToString()
+    return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+
+
+def _run(model) -> np.ndarray:
+    return _session(model).run(None, {"x": X})[0]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _qlora(name: str) -> ir.Model:
+    """The two-layer MLP with quantized W and random (non-zero) LoRA adapters on both sites."""
+    model, _, _ = _mlp()
+    torch.manual_seed(0)
+    return lora_fx.apply(model, lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=".*", init_lora_weights=False), quant=QUANTS[name])
+
+
+# ---- an independent decoder of the stored formats (numpy, from the format definitions) -------------
+def _nibbles(packed: np.ndarray, high_first: bool) -> np.ndarray:
+    packed = packed.reshape(-1).astype(np.int64)
+    hi, lo = packed >> 4, packed & 15
+    return np.stack([hi, lo] if high_first else [lo, hi], axis=1).reshape(-1)
+
+
+def _decode(model: ir.Model, site: str) -> np.ndarray:
+    """W ``[out, in]`` of ``site`` from its stored initializers (names from quantize_weights)."""
+    init = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}
+    node = next(n for n in model.graph if n.op_type in QUANT_OPS and any(v is not None and v.name == f"{site}.weight_q" for v in n.inputs))
+    q, scale = init[f"{site}.weight_q"], init[f"{site}.weight_scale"].astype(np.float64)
+    if node.op_type == "DequantizeLinear":
+        return q.astype(np.float64) * scale[:, None]
+    n, k, bs = (node.attributes[a].value for a in ("N", "K", "block_size"))
+    if node.op_type == "MatMulBnb4":
+        codes = np.asarray(NF4_CODE, np.float64)[_nibbles(q, True)][: n * k]
+        return (codes * np.repeat(scale, bs)[: n * k]).reshape(n, k)
+    codes = _nibbles(q, False).astype(np.float64)
+    zero = _nibbles(init[f"{site}.weight_zero"], False)[: scale.size] if f"{site}.weight_zero" in init else np.full(scale.size, 8)
+    return ((codes - np.repeat(zero, bs)) * np.repeat(scale.reshape(-1), bs)).reshape(n, k)
+
+
+def _merged_float(model: ir.Model, site: str) -> np.ndarray:
+    a = model.graph.initializers[f"{site}.lora_A.weight"].const_value.numpy().astype(np.float64)
+    b = model.graph.initializers[f"{site}.lora_B.weight"].const_value.numpy().astype(np.float64)
+    return _decode(model, site) + (a @ b).T
+
+
+def _storage(model: ir.Model) -> dict[str, tuple]:
+    return {n: (v.const_value.dtype, tuple(v.const_value.shape), v.const_value.nbytes)
+            for n, v in model.graph.initializers.items() if ".weight_" in n}
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph if "lora" not in (n.name or "")]
+
+
+# ---- FLOAT ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(QUANTS))
+def test_float_merge_equals_the_unmerged_qlora_model_in_ort(name):
+    lora = _qlora(name)
+    want = _run(lora)
+    base = _copy(lora)
+    for site in ("fc1", "fc2"):  # the adapters matter, so the comparison below can fail
+        b = base.graph.initializers[f"{site}.lora_B.weight"]
+        b.const_value = ir.tensor(np.zeros_like(b.const_value.numpy()), name=b.name)
+    assert _rel(_run(base), want) > 1e-2
+
+    result = fold_lora(lora, QuantMerge.FLOAT)
+    assert result.modified and sorted(result.changed) == ["fc1", "fc2"]
+    assert [n.op_type for n in lora.graph] == ["MatMul", "Add", "Relu", "MatMul"]  # plain float model, bias kept
+    assert not [n for n in lora.graph.initializers if ".weight_" in n or ".lora_" in n]
+    assert _rel(_run(lora), want) <= 1e-4
+
+
+# ---- REQUANTIZE -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(QUANTS))
+def test_requantize_keeps_the_format_and_reports_the_error_it_adds(name):
+    lora = _qlora(name)
+    ops, storage = _ops(lora), _storage(lora)
+    merged = {site: _merged_float(lora, site) for site in ("fc1", "fc2")}
+    floated = _copy(lora)
+    fold_lora(floated, QuantMerge.FLOAT)
+
+    from lora_fx.passes.onnx.fold_lora import FoldLora
+
+    folder = FoldLora(QuantMerge.REQUANTIZE)
+    result = folder(lora)
+    assert _ops(lora) == ops and _storage(lora) == storage  # same ops, same W bytes (shapes, dtypes)
+    assert not [n for n in lora.graph.initializers if ".lora_" in n]
+    errors = {e.site: e for e in folder.errors}
+    assert sorted(errors) == ["fc1", "fc2"]
+    for site, w in merged.items():
+        deq = _decode(lora, site)
+        diff = deq - w
+        assert errors[site].max_abs == pytest.approx(np.abs(diff).max(), rel=1e-4, abs=1e-7)
+        assert errors[site].relative == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(w), rel=1e-4)
+        assert 0 < errors[site].relative < (0.02 if name == "int8" else 0.15)
+        assert any(line.startswith(f"{site}: requantized") and "max abs error" in line for line in result.changed)
+    # ORT runs exactly the requantized weights, and they stay close to the float merge.
+    b1 = lora.graph.initializers["fc1.bias"].const_value.numpy()
+    expect = np.maximum(X @ _decode(lora, "fc1").T + b1, 0) @ _decode(lora, "fc2").T
+    got = _run(lora)
+    assert _rel(got, expect) <= 1e-4
+    assert _rel(got, _run(floated)) <= (0.03 if name == "int8" else 0.3)
+
+
+# ---- refusals ---------------------------------------------------------------------------------------
+def test_no_choice_is_refused_and_nothing_changes():
+    lora = _qlora("int4")
+    before = ir.to_proto(lora).SerializeToString()
+    with pytest.raises(UnsupportedError, match=r"site fc1: .*quantized \(MatMulNBits int4.*--float.*--requantize"):
+        fold_lora(lora)
+    assert ir.to_proto(lora).SerializeToString() == before
+
+
+@pytest.mark.parametrize("mode", list(QuantMerge))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_adapter_is_refused_before_anything_changes(mode, bad):
+    lora = _qlora("nf4")
+    b = lora.graph.initializers["fc2.lora_B.weight"]
+    arr = b.const_value.numpy().copy()
+    arr[0, 0] = bad
+    b.const_value = ir.tensor(arr, name=b.name)
+    before = ir.to_proto(lora).SerializeToString()
+    with pytest.raises(AdapterError, match="site fc2: .*non-finite"):
+        fold_lora(lora, mode)
+    assert ir.to_proto(lora).SerializeToString() == before
+
+
+def test_quant_merge_parses_strings_at_the_boundary_only():
+    assert QuantMerge.parse("Requantize") is QuantMerge.REQUANTIZE and QuantMerge.parse(None) is None
+    with pytest.raises(ValueError, match="'float'.*'requantize'"):
+        QuantMerge.parse("int8")
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def test_cli_export_merge_quantized(tmp_path, capsys):
+    from lora_fx.cli import main
+
+    src = tmp_path / "q.onnx"
+    lora = _qlora("int4")
+    lora_fx.save(lora, src)
+    want = _run(lora)
+    merged = {site: _merged_float(lora, site) for site in ("fc1", "fc2")}
+
+    out = tmp_path / "merged.onnx"
+    assert main(["export", str(src), "-o", str(out), "--merge"]) != 0
+    err = capsys.readouterr().err
+    assert "--float" in err and "--requantize" in err and not out.exists()
+    assert main(["export", str(src), "-o", str(out), "--adapters", "--float"]) != 0 and not out.exists()
+    capsys.readouterr()
+
+    assert main(["export", str(src), "-o", str(out), "--merge", "--float"]) == 0
+    assert "requantized" not in capsys.readouterr().out
+    assert {n.op_type for n in lora_fx.load(out).graph} == {"MatMul", "Add", "Relu"}
+    assert _rel(_session(str(out)).run(None, {"x": X})[0], want) <= 1e-4
+
+    req = tmp_path / "requant.onnx"
+    assert main(["export", str(src), "-o", str(req), "--merge", "--requantize"]) == 0
+    text = capsys.readouterr().out
+    assert "fc1: requantized (MatMulNBits int4, block 32), max abs error" in text and "fc2: requantized" in text
+    assert main(["export", str(src), "-o", str(req), "--merge", "--requantize", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quant_merge"] == "requantize"
+    written = lora_fx.load(req)
+    assert [n.op_type for n in written.graph].count("MatMulNBits") == 2
+    for e in summary["requant_errors"]:
+        diff = _decode(written, e["site"]) - merged[e["site"]]
+        assert e["max_abs_error"] == pytest.approx(np.abs(diff).max(), rel=1e-4)
+        assert e["relative_error"] == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(merged[e["site"]]), rel=1e-4)
+    assert sorted(e["site"] for e in summary["requant_errors"]) == ["fc1", "fc2"]
+
+
+# ---- FX front end: export_onnx(mode="merged", quant_merge=...) of a QLoRA GraphModule -------------------
+class _MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def captured():
+    torch.manual_seed(0)
+    kwargs = {"x": torch.randn(2, 3, 64)}
+    return lora_fx.capture(_MLP().eval(), kwargs=kwargs), kwargs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nf4", "int4", "int8"])
+def test_export_onnx_merged_qlora_graph_module(tmp_path, captured, name):
+    import copy
+
+    from lora_fx.export import export_onnx
+
+    gm0, kwargs = captured
+    torch.manual_seed(1)
+    gm = lora_fx.apply(copy.deepcopy(gm0), lora_fx.LoraConfig(r=4, target_modules=".*", init_lora_weights=False), quant=QUANTS[name])
+    with torch.no_grad():
+        want = gm(**kwargs)
+    want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+    feeds = {"x": kwargs["x"].numpy()}
+
+    refused = tmp_path / "refused.onnx"
+    with pytest.raises(UnsupportedError, match="--float.*--requantize"):
+        export_onnx(gm, refused, kwargs=kwargs, mode="merged")
+    assert not refused.exists()
+
+    path = tmp_path / "float.onnx"
+    result = export_onnx(gm, path, kwargs=kwargs, mode="merged", quant_merge=QuantMerge.FLOAT)
+    assert not result.requant_errors
+    assert not {n.op_type for n in lora_fx.load(path).graph} & QUANT_OPS
+    assert _rel(_session(str(path)).run(None, feeds)[0], want) <= 1e-4
+
+    path = tmp_path / "requant.onnx"
+    result = export_onnx(gm, path, kwargs=kwargs, mode="merged", quant_merge="requantize", optimize=False)
+    assert sorted(e.site for e in result.requant_errors) == ["fc1", "fc2"]
+    assert {"nf4": "MatMulBnb4", "int4": "MatMulNBits", "int8": "DequantizeLinear"}[name] in {n.op_type for n in lora_fx.load(path).graph}
+    got = _session(str(path)).run(None, feeds)[0]
+    assert _rel(got, want) <= (0.03 if name == "int8" else 0.3)
