@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Take an ONNX model with LoRA adapters (from lora-fx rewrite / lora_fx.apply) and write either a "
         "plain model with the adapters folded into W (--merge), or a model whose adapters are ONNX Runtime adapter "
         "slots (--adapters); the latter also writes the current adapter weights as <out stem>.adapters/<name>.onnx_adapter "
-        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots.",
+        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots. On a quantized (QLoRA) "
+        "model --merge needs --float (merged W kept in float) or --requantize (merged W quantized again; the error "
+        "this adds is printed per site).",
     )
     p.add_argument("model", help="an .onnx file with LoRA adapters")
     p.add_argument("-o", "--out", required=True, help="the .onnx file to write")

@@ -12,6 +12,8 @@ Recognises the storages ``quantize_weights`` (ONNX and FX export) writes and ONN
 Storage inputs may be computed from constants (the FX exporter writes ``CastLike`` / ``Reshape`` and,
 for double-quantized NF4 absmaxes, a small decode): they are evaluated here with numpy. Dequantizing
 uses the very functions of ``passes/fx/quantize_weights`` (one implementation of the numerics).
+Requantizing writes the storage the node reads, in the same shapes and dtypes: a double-quantized NF4
+absmax decoded in the graph (FX export) comes back as MatMulBnb4's plain float absmax input.
 """
 
 from __future__ import annotations

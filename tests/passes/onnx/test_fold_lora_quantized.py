@@ -259,3 +259,29 @@ def test_export_onnx_merged_qlora_graph_module(tmp_path, captured, name):
     assert {"nf4": "MatMulBnb4", "int4": "MatMulNBits", "int8": "DequantizeLinear"}[name] in {n.op_type for n in lora_fx.load(path).graph}
     got = _session(str(path)).run(None, feeds)[0]
     assert _rel(got, want) <= (0.03 if name == "int8" else 0.3)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_cli_rewrite_quant_then_merge(tmp_path, capsys, quant):
+    """lora-fx rewrite --quant (fc1 quantized, the output layer fc2 left float) then export --merge --float/--requantize."""
+    from lora_fx.cli import main
+
+    base, _, _ = _mlp()
+    src, q = tmp_path / "mlp.onnx", tmp_path / "q.onnx"
+    lora_fx.save(base, src)
+    assert main(["rewrite", str(src), "-o", str(q), "--r", "4", "--target-modules", ".*", "--init", "random",
+                 "--quant", quant, "--quant-block-size", "32"]) == 0
+    want = _session(str(q)).run(None, {"x": X})[0]
+    op = {"nf4": "MatMulBnb4", "int8": "DequantizeLinear"}[quant]
+    assert op in {n.op_type for n in lora_fx.load(q).graph}
+    capsys.readouterr()
+    out = tmp_path / "float.onnx"
+    assert main(["export", str(q), "-o", str(out), "--merge", "--float"]) == 0
+    assert not {n.op_type for n in lora_fx.load(out).graph} & QUANT_OPS
+    assert _rel(_session(str(out)).run(None, {"x": X})[0], want) <= 1e-4
+    capsys.readouterr()
+    req = tmp_path / "requant.onnx"
+    assert main(["export", str(q), "-o", str(req), "--merge", "--requantize", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [e["site"] for e in summary["requant_errors"]] == ["fc1"]  # fc2 was float: folded as before, no error
+    assert op in {n.op_type for n in lora_fx.load(req).graph}
