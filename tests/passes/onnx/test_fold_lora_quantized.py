@@ -254,7 +254,7 @@ def test_export_onnx_merged_qlora_graph_module(tmp_path, captured, name):
     assert _rel(_session(str(path)).run(None, feeds)[0], want) <= 1e-4
 
     path = tmp_path / "requant.onnx"
-    result = export_onnx(gm, path, kwargs=kwargs, mode="merged", quant_merge="requantize", optimize=False)
+    result = export_onnx(gm, path, kwargs=kwargs, mode="merged", quant_merge="requantize")
     assert sorted(e.site for e in result.requant_errors) == ["fc1", "fc2"]
     assert {"nf4": "MatMulBnb4", "int4": "MatMulNBits", "int8": "DequantizeLinear"}[name] in {n.op_type for n in lora_fx.load(path).graph}
     got = _session(str(path)).run(None, feeds)[0]
