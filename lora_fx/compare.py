@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_fx.enums import parse_enum
 from lora_fx.errors import ConfigError, LoraFxError
 from lora_fx.files import atomic_write_text
 
@@ -34,10 +35,7 @@ class Method(enum.Enum):
         names = text.split(",") if isinstance(text, str) else list(text)
         out = []
         for name in (n.strip() for n in names if n.strip()):
-            try:
-                out.append(cls(name))
-            except ValueError:
-                raise ConfigError(f"unknown method {name!r}; choose from {', '.join(m.value for m in cls)}") from None
+            out.append(parse_enum(cls, name, f"unknown method {name!r}; choose from {', '.join(m.value for m in cls)}"))
         if not out:
             raise ConfigError("no methods given")
         return out

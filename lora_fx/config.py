@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_fx.enums import parse_enum
 from lora_fx.errors import ConfigError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -30,19 +31,13 @@ class InitLoraWeights(enum.Enum):
 
     @classmethod
     def parse(cls, value: "InitLoraWeights | bool | str") -> "InitLoraWeights":
-        if isinstance(value, cls):
-            return value
         if value is True:
             return cls.KAIMING
         if value is False:
             return cls.RANDOM
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.lower():
-                    return member
-        raise ConfigError(
-            f"init_lora_weights={value!r} is not supported; use True (kaiming-uniform A, zero B), "
-            f"'gaussian' or False (both random)"
+        return parse_enum(
+            cls, value,
+            f"init_lora_weights={value!r} is not supported; use True (kaiming-uniform A, zero B), 'gaussian' or False (both random)",
         )
 
     def to_peft(self) -> bool | str:
@@ -302,13 +297,7 @@ class QuantDType(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "QuantDType | str") -> "QuantDType":
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.lower():
-                    return member
-        raise ConfigError(f"quant dtype {value!r} is not supported; use one of {', '.join(m.value for m in cls)}")
+        return parse_enum(cls, value, f"quant dtype {value!r} is not supported; use one of {', '.join(m.value for m in cls)}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_fx.enums import parse_enum
 from lora_fx.errors import ConfigError, LoraFxError, UnsupportedError
 
 MODEL_OPSET = 20
@@ -27,13 +28,7 @@ class ExportMode(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "ExportMode | str") -> "ExportMode":
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.lower():
-                    return member
-        raise ConfigError(f"mode={value!r} is not an export mode; use 'merged' (fold adapters into W) or 'adapters' (swappable slots)")
+        return parse_enum(cls, value, f"mode={value!r} is not an export mode; use 'merged' (fold adapters into W) or 'adapters' (swappable slots)")
 
 
 @dataclass

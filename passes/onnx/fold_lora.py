@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from lora_fx.enums import parse_enum
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, write_records
 from lora_fx.passes.onnx.quantized_weight import QuantizedWeight, quantized_weight, replace_by_float, write_storage
@@ -37,13 +38,9 @@ class QuantMerge(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "QuantMerge | str | None") -> "QuantMerge | None":
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.lower():
-                    return member
-        raise ConfigError(f"quant_merge={value!r} is not a choice; use 'float' (keep the merged W in float) or 'requantize'")
+        if value is None:
+            return None
+        return parse_enum(cls, value, f"quant_merge={value!r} is not a choice; use 'float' (keep the merged W in float) or 'requantize'")
 
 
 @dataclass
