@@ -1,13 +1,18 @@
 """ONNX Runtime inference: merged and adapter-slot models against the plain exported base, MiniLM.
 
-``python -m benchmarks.ort_inference`` (``--reps N``, ``--quick`` for a smoke run).
+``python -m benchmarks.ort_inference`` (``--rounds N``, ``--threads N``, ``--quick`` for a smoke run).
 The bundled all-MiniLM-L6-v2 is captured with ``lora_fx.capture``; the base is exported with
 ``lora_fx.export_onnx``; the LoRA model (r=8 on all linear layers, non-zero adapters) is exported once
-and written twice: merged (adapters folded, ``fold_lora``) and with adapter slots (``expose_adapters``)
-plus two ``.onnx_adapter`` files. Sequence 128, batch 1 and 8, ONNX Runtime with 2 intra-op threads.
+and written as: merged (adapters folded, ``fold_lora``); with adapter slots as ``export_onnx`` writes
+them (``serve_slots``: expose, hoist, optimize, ``fuse_lora_add``); and two ablations of the slot model,
+without ``fuse_lora_add`` (MatMul, MatMul, Add per site) and without either (the contract order). Plus
+two ``.onnx_adapter`` files. Sequence 128, batch 1 and 8, ONNX Runtime with 2 intra-op threads.
 
-Measured in one process, the variants interleaved every repetition (the order alternates, so other
-load on the shared machine hits all alike); per variant the median wall time per call:
+Measured in one process in rounds: each round calls every variant once, in a rotating order, and
+each variant's time is divided by the base's time in the same round, so the load other tenants put
+on the shared machine (it swings timings by +-30% from call to call here) hits both sides of a ratio
+alike. Reported: the median of those per-round ratios with its interquartile range, and the median
+milliseconds per call:
 
 - merged / base (target <= 1.02), adapter-slot with an adapter active / base (target <= 1.05),
 - switching between two adapters every call / the same adapter every call (target <= 1.05),
@@ -59,6 +64,7 @@ def build_models(out: Path) -> dict[str, Any]:
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.onnx.expose_adapters import expose_adapters
     from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.fuse_lora_add import fuse_lora_add
     from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
     from lora_fx.passes.onnx.normalize_lora import normalize_lora
 
@@ -83,14 +89,17 @@ def build_models(out: Path) -> dict[str, Any]:
     save_model(optimize_keeping_slots(merged), out / "merged.onnx")
     adapter = current_adapter(lora)
     expose_adapters(lora)
-    # The contract order (LoRA Add after the bias Add), kept to show what hoist_lora_add buys.
+    # Ablations: the contract order (LoRA Add after the bias Add) shows what hoist_lora_add buys,
+    # the hoisted model before fuse_lora_add what the fusion buys. All three carry the same fingerprint.
     contract = ir.from_proto(ir.to_proto(lora))
     optimize_keeping_slots(contract)
     stamp_fingerprint(contract)  # the fingerprint is of the weights as stored, after constant folding
     save_model(contract, out / "served_contract_order.onnx")
     hoist_lora_add(lora)
-    optimize_keeping_slots(lora)
+    optimize_keeping_slots(lora)  # = lora_fx.export.serve_slots from here on
     adapter.fingerprint = stamp_fingerprint(lora)
+    save_model(lora, out / "served_matmul_add.onnx")
+    fuse_lora_add(lora)
     save_model(lora, out / "served.onnx")
     write_onnx_adapter(out / "a.onnx_adapter", adapter)
     rng = np.random.default_rng(1)
@@ -101,41 +110,31 @@ def build_models(out: Path) -> dict[str, Any]:
     return {"sites": len(meta(gm)["lora_sites"])}
 
 
-def session_options() -> Any:
+def session_options(threads: int = THREADS) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return opts
 
 
-def time_calls(fn: Callable[[int], Any], n: int) -> float:
-    """Median seconds per call over n calls (after one warm-up)."""
-    fn(0)
-    times = []
-    for i in range(n):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def measure(out: Path, batch: int, reps: int, calls: int, providers: list[str]) -> dict[str, Any]:
+def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
     from lora_fx.runtime import Session
 
     rng = np.random.default_rng(batch)
     feeds = {"input_ids": rng.integers(1, 1000, (batch, SEQ)).astype(np.int64), "attention_mask": np.ones((batch, SEQ), np.int64)}
-    plain = {name: ort.InferenceSession(str(out / f"{name}.onnx"), session_options(), providers=providers) for name in ("base", "merged")}
-    served = Session(out / "served.onnx", providers=providers, session_options=session_options())
-    served.add_adapter("a", out / "a.onnx_adapter")
-    served.add_adapter("b", out / "b.onnx_adapter")
-    contract = Session(out / "served_contract_order.onnx", providers=providers, session_options=session_options())
-    contract.add_adapter("a", out / "a.onnx_adapter")
-    on_cuda = served.on_cuda
+    plain = {name: ort.InferenceSession(str(out / f"{name}.onnx"), session_options(threads), providers=providers) for name in ("base", "merged")}
+    served = {}
+    for name in ("served", "served_matmul_add", "served_contract_order"):
+        served[name] = Session(out / f"{name}.onnx", providers=providers, session_options=session_options(threads))
+        served[name].add_adapter("a", out / "a.onnx_adapter")
+    served["served"].add_adapter("b", out / "b.onnx_adapter")
+    slot = served["served"]
+    on_cuda = slot.on_cuda
 
     def run_plain(name: str) -> Callable[[int], Any]:
         sess = plain[name]
@@ -153,70 +152,98 @@ def measure(out: Path, batch: int, reps: int, calls: int, providers: list[str]) 
     variants: dict[str, Callable[[int], Any]] = {
         "base": run_plain("base"),
         "merged": run_plain("merged"),
-        "slot, no adapter": lambda _: served.run(feeds),
-        "slot, same adapter": lambda _: served.run(feeds, adapter="a"),
-        "slot, switching a/b": lambda i: served.run(feeds, adapter="ab"[i % 2]),
-        "slot unhoisted, same adapter": lambda _: contract.run(feeds, adapter="a"),
+        "slot, no adapter": lambda _: slot.run(feeds),
+        "slot, same adapter": lambda _: slot.run(feeds, adapter="a"),
+        "slot, switching a/b": lambda i: slot.run(feeds, adapter="ab"[i % 2]),
+        "slot unfused, same adapter": lambda _: served["served_matmul_add"].run(feeds, adapter="a"),
+        "slot unhoisted, same adapter": lambda _: served["served_contract_order"].run(feeds, adapter="a"),
     }
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    for rep in range(reps):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
-        for name in order:
-            samples[name].append(time_calls(variants[name], calls))
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    names = list(variants)
+    for fn in variants.values():  # warm-up: first runs allocate
+        fn(0), fn(1)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(rounds):
+        k = i % len(names)
+        order = names[k:] + names[:k]
+        for name in (order if i % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            variants[name](i)
+            times[name].append(time.perf_counter() - t)
+        if rounds >= 10 and (i + 1) % (rounds // 5) == 0:
+            log(f"  round {i + 1}/{rounds}")
+
+    def ratio(num: str, den: str, target: float | None = None) -> dict[str, Any]:
+        q = sorted(a / b for a, b in zip(times[num], times[den]))
+        n = len(q)
+        return {"median": statistics.median(q), "q1": q[n // 4], "q3": q[(3 * n) // 4]}
 
     def new_session_per_adapter(i: int) -> Any:
-        sess = Session(out / "served.onnx", providers=providers, session_options=session_options())
+        sess = Session(out / "served.onnx", providers=providers, session_options=session_options(threads))
         sess.add_adapter("x", out / ("a.onnx_adapter" if i % 2 else "b.onnx_adapter"))
         return sess.run(feeds, adapter="x")
 
-    new_session = statistics.median(time_calls(new_session_per_adapter, 3) for _ in range(max(1, reps // 2)))
+    new_session, switching = [], []
+    for i in range(4):
+        for fn, store in ((new_session_per_adapter, new_session), (variants["slot, switching a/b"], switching)):
+            t = time.perf_counter()
+            fn(i)
+            store.append(time.perf_counter() - t)
     # Outputs agree: merged vs slot with adapter a (the same adapter, two deployments).
     if on_cuda:
         check = None
     else:
         m = plain["merged"].run(None, feeds)[0]
-        s = served.run(feeds, adapter="a")[0]
+        s = slot.run(feeds, adapter="a")[0]
         check = float(np.abs(m - s).max() / np.abs(m).max())
     return {
-        "batch": batch, "seq": SEQ, "provider": served.providers[0],
-        "median_ms": {k: v * 1e3 for k, v in med.items()},
-        "new_session_per_adapter_ms": new_session * 1e3,
+        "batch": batch, "seq": SEQ, "provider": slot.providers[0], "threads": threads,
+        "median_ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "new_session_per_adapter_ms": statistics.median(new_session) * 1e3,
         "ratios": {
-            "merged/base": med["merged"] / med["base"],
-            "slot/base": med["slot, same adapter"] / med["base"],
-            "slot no adapter/base": med["slot, no adapter"] / med["base"],
-            "slot unhoisted/base": med["slot unhoisted, same adapter"] / med["base"],
-            "switch/same": med["slot, switching a/b"] / med["slot, same adapter"],
-            "new session/switch": new_session / med["slot, switching a/b"],
+            "merged/base": ratio("merged", "base"),
+            "slot/base": ratio("slot, same adapter", "base"),
+            "slot no adapter/base": ratio("slot, no adapter", "base"),
+            "slot unfused/base": ratio("slot unfused, same adapter", "base"),
+            "slot unhoisted/base": ratio("slot unhoisted, same adapter", "base"),
+            "switch/same": ratio("slot, switching a/b", "slot, same adapter"),
+            "new session/switch": {"median": statistics.median(new_session) / statistics.median(switching)},
         },
         "merged_vs_slot_max_rel": check,
-        "reps": reps, "calls_per_rep": calls,
+        "rounds": rounds,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    rounds = ", ".join(f"batch {r['batch']}: {r['rounds']} rounds" for r in runs)
     lines = [
         "# ONNX Runtime inference: merged and adapter slots vs the plain base (all-MiniLM-L6-v2)",
         "",
-        f"LoRA r={RANK} on all {result['sites']} linear layers, sequence {SEQ}, {THREADS} intra-op threads. "
-        f"Medians of interleaved repetitions ({result['runs'][0]['reps']} repetitions; calls per repetition in the JSON). "
+        f"LoRA r={RANK} on all {result['sites']} linear layers, sequence {SEQ}, {runs[0]['threads']} intra-op threads. "
+        f"Rounds of one call per variant, rotating order; ratios are medians of per-round ratios [interquartile range] "
+        f"({rounds}). "
         f"Machine: {result['machine']}, load average at the end {result.get('load_average_at_end')}. onnxruntime {result['onnxruntime']}.",
         "",
-        "| provider | batch | base ms | merged ms | slot (no adapter) ms | slot (adapter) ms | slot unhoisted (adapter) ms | switching ms | new session per adapter ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| provider | batch | base ms | merged ms | slot (no adapter) ms | slot (adapter) ms | slot unfused ms | slot unhoisted ms | switching ms | new session per adapter ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["runs"]:
+    for r in runs:
         m = r["median_ms"]
         lines.append(f"| {r['provider']} | {r['batch']} | {m['base']:.2f} | {m['merged']:.2f} | {m['slot, no adapter']:.2f} | "
-                     f"{m['slot, same adapter']:.2f} | {m['slot unhoisted, same adapter']:.2f} | {m['slot, switching a/b']:.2f} | {r['new_session_per_adapter_ms']:.1f} |")
-    lines += ["", "| provider | batch | merged/base (≤1.02) | slot/base (≤1.05) | slot no adapter/base | slot unhoisted/base | switch/same (≤1.05) | new session / switch |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in result["runs"]:
+                     f"{m['slot, same adapter']:.2f} | {m['slot unfused, same adapter']:.2f} | {m['slot unhoisted, same adapter']:.2f} | "
+                     f"{m['slot, switching a/b']:.2f} | {r['new_session_per_adapter_ms']:.1f} |")
+    lines += ["", "| provider | batch | merged/base (≤1.02) | slot/base (≤1.05) | slot no adapter/base | slot unfused/base | slot unhoisted/base | switch/same (≤1.05) | new session / switch |",
+              "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(q: dict[str, Any], key: str) -> str:
+        v = q[key]
+        text = f"{v['median']:.3f} [{v['q1']:.2f}–{v['q3']:.2f}]"
+        return f"{text} {'✓' if v['median'] <= TARGETS[key] else '✗'}" if key in TARGETS else text
+
+    for r in runs:
         q = r["ratios"]
-        mark = lambda key: f"{q[key]:.3f} {'✓' if q[key] <= TARGETS[key] else '✗'}"  # noqa: E731
-        lines.append(f"| {r['provider']} | {r['batch']} | {mark('merged/base')} | {mark('slot/base')} | {q['slot no adapter/base']:.3f} | "
-                     f"{q['slot unhoisted/base']:.3f} | {mark('switch/same')} | {q['new session/switch']:.0f}x |")
+        lines.append(f"| {r['provider']} | {r['batch']} | {cell(q, 'merged/base')} | {cell(q, 'slot/base')} | {cell(q, 'slot no adapter/base')} | "
+                     f"{cell(q, 'slot unfused/base')} | {cell(q, 'slot unhoisted/base')} | {cell(q, 'switch/same')} | {q['new session/switch']['median']:.0f}x |")
     lines += ["", f"CUDA: {result['cuda']}", ""]
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
@@ -227,21 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=12, help="calls per repetition at batch 1 (batch 8: a sixth)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 repetitions of 3 calls, batch 1, not saved")
+    parser.add_argument("--rounds", type=int, default=150, help="rounds at batch 1 (batch 8: a fifth, at least 10; CUDA: as many)")
+    parser.add_argument("--threads", type=int, default=THREADS, help="ONNX Runtime intra-op threads (default: the machine's 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 rounds, batch 1, not saved")
     args = parser.parse_args(argv)
     if args.quick:
-        args.reps, args.calls = 2, 3
+        args.rounds = 4
     with tempfile.TemporaryDirectory(prefix="lora_fx_ort_bench_") as tmp:
         out = Path(tmp)
         info = build_models(out)
         runs = []
         for batch in (BATCHES[:1] if args.quick else BATCHES):
-            log(f"CPU batch {batch}")
-            calls = args.calls if batch == 1 else max(2, args.calls // 6)
-            runs.append(measure(out, batch, args.reps, calls, ["CPUExecutionProvider"]))
-            log(json.dumps(runs[-1]["ratios"]))
+            rounds = args.rounds if batch == 1 else max(10, args.rounds // 5)
+            log(f"CPU batch {batch}: {rounds} rounds")
+            runs.append(measure(out, batch, rounds, ["CPUExecutionProvider"], args.threads))
+            log(json.dumps({k: round(v["median"], 3) for k, v in runs[-1]["ratios"].items()}))
         cuda = "skipped: no CUDA GPU on this machine (CUDAExecutionProvider did not load)"
         if "CUDAExecutionProvider" in ort.get_available_providers():
             from lora_fx.runtime import Session
@@ -249,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             if Session(out / "base.onnx").on_cuda:
                 for batch in BATCHES:
                     log(f"CUDA batch {batch}")
-                    runs.append(measure(out, batch, args.reps, args.calls * 4, ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+                    runs.append(measure(out, batch, args.rounds, ["CUDAExecutionProvider", "CPUExecutionProvider"], args.threads))
                 cuda = "measured with IOBinding (adapter tensors device-resident)"
         if cuda.startswith("skipped"):
             log(cuda)
@@ -257,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ort_inference", "model": "all-MiniLM-L6-v2", "rank": RANK, "sites": info["sites"], "runs": runs,
         "targets": TARGETS, "cuda": cuda, "onnxruntime": ort.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "date": time.strftime("%Y-%m-%d %H:%M"),
-        # Other work on the shared machine inflates every timing; the ratios are interleaved, the load is recorded.
-        "load_average_at_end": list(os.getloadavg()),
+        # Other work on the shared machine inflates every timing; the ratios are paired per round, the load is recorded.
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "notes": [],
     }
     if not args.quick:

@@ -2,9 +2,9 @@
 
 The path is always ``torch.onnx.export(..., dynamo=True, optimize=False)`` (the exporter's own
 optimizer renames weights and folds transposes, losing the adapter names), then the ONNX passes:
-``normalize_lora`` (exported branch → contract layout), ``fold_lora`` or ``expose_adapters`` +
-``hoist_lora_add``, then
-onnxscript's optimizer, which cannot touch the adapter slots because they are graph inputs.
+``normalize_lora`` (exported branch → contract layout), then either ``fold_lora`` and onnxscript's
+optimizer, or ``serve_slots``: ``expose_adapters`` + ``hoist_lora_add``, the optimizer (which cannot
+touch the adapter slots because they are graph inputs), and ``fuse_lora_add`` last.
 """
 
 from __future__ import annotations
@@ -113,6 +113,21 @@ def optimize_keeping_slots(model: Any) -> Any:
     return model
 
 
+def serve_slots(model: Any, *, optimize: bool = True) -> Any:
+    """The adapter-slot deployment of a contract-form LoRA model, in place: slots exposed, each branch
+    summed in front of its bias (ORT's bias fusions survive), optimized, and fused into one Gemm per site."""
+    from lora_fx.passes.onnx.expose_adapters import expose_adapters
+    from lora_fx.passes.onnx.fuse_lora_add import fuse_lora_add
+    from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
+
+    expose_adapters(model)
+    hoist_lora_add(model)
+    if optimize:
+        optimize_keeping_slots(model)
+    fuse_lora_add(model)
+    return model
+
+
 def export_onnx(
     gm: Any,
     path: str | os.PathLike,
@@ -142,9 +157,7 @@ def export_onnx(
     from lora_fx.onnx_adapter import SUFFIX, check_writable, current_adapter, stamp_fingerprint, to_peft, write_onnx_adapter
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.set_training_mode import set_training_mode
-    from lora_fx.passes.onnx.expose_adapters import expose_adapters
     from lora_fx.passes.onnx.fold_lora import FoldLora, QuantMerge
-    from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
     from lora_fx.passes.onnx.normalize_lora import normalize_lora
 
     mode = ExportMode.parse(mode)
@@ -195,10 +208,7 @@ def export_onnx(
     else:
         adapter = current_adapter(model)
         check_writable(adapter)  # before any file: a refused adapter must not leave a model behind
-        expose_adapters(model)
-        hoist_lora_add(model)  # keeps ORT's bias fusions (BiasGelu, SkipLayerNormalization) in the served model
-        if optimize:
-            optimize_keeping_slots(model)
+        serve_slots(model, optimize=optimize)
         adapter.fingerprint = stamp_fingerprint(model)
     result = ExportResult(path, mode, sites=sorted(records), fingerprint=adapter.fingerprint if adapter else None,
                           requant_errors=requant_errors)

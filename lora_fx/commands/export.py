@@ -71,12 +71,10 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     import onnx_ir as ir
 
     from lora_fx.errors import AdapterError, ConfigError
-    from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model
+    from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model, serve_slots
     from lora_fx.onnx_adapter import SUFFIX, check_fits, check_writable, current_adapter, model_slots, read_onnx_adapter, to_peft, write_onnx_adapter
     from lora_fx.onnx_model import load
-    from lora_fx.passes.onnx.expose_adapters import expose_adapters
     from lora_fx.passes.onnx.fold_lora import FoldLora
-    from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
     from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY, read_records
 
     model = load(src)
@@ -110,9 +108,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         raise AdapterError(f"{src} already has adapter slots; its initializers are zero defaults, not an adapter to export")
     weights = current_adapter(model)
     check_writable(weights)  # before any file is written
-    expose_adapters(model)
-    hoist_lora_add(model)
-    optimize_keeping_slots(model)
+    serve_slots(model)
     from lora_fx.onnx_adapter import stamp_fingerprint
 
     weights.fingerprint = stamp_fingerprint(model)

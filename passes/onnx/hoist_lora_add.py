@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lora_fx.passes.onnx.lora_layout import find_branch, read_records
+from lora_fx.passes.onnx.lora_layout import BranchForm, find_branch, read_records
 from lora_fx.passes.result import PassResult
 
 
@@ -32,6 +32,8 @@ class HoistLoraAdd:
         changed = []
         for site, rec in read_records(model).items():
             branch = find_branch(graph, site, rec)
+            if branch.form is not BranchForm.MATMUL_ADD:
+                continue  # fuse_lora_add ran first: its Gemm accumulates into whatever y is
             bias_add = branch.y.producer()
             if bias_add is None or bias_add.op_type != "Add" or len(list(branch.y.uses())) != 1:
                 continue

@@ -5,12 +5,17 @@ Per adapted site the graph holds initializers ``<site>.lora_A.weight`` ``[in, r]
 output ``y`` is replaced by ``Add(y, MatMul(MatMul(x, A), B))``. ``metadata_props`` hold
 ``lora_fx.lora`` (JSON ``{site: {"r", "alpha", "scale", "in_features", "out_features", "a", "b"}}``)
 and ``lora_fx.lora_config`` (the LoraConfig JSON).
+
+A served model may hold the same sum in the form ``fuse_lora_add`` writes (``BranchForm.GEMM``):
+``Reshape(Gemm(Flatten(MatMul(x, A)), B, Flatten(y)), Shape(y))`` (or ``Gemm(MatMul(x, A), B, y)``
+when ``x`` is 2-D). ``find_branch`` reads both, so folding and exposing work on either.
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import onnx_ir as ir
@@ -56,9 +61,18 @@ def b_name(site: str) -> str:
     return f"{site}.lora_B.weight"
 
 
+class BranchForm(enum.Enum):
+    """How a site's ``y + (x @ A) @ B`` is spelled in the graph."""
+
+    MATMUL_ADD = "matmul_add"  # the contract: Add(y, MatMul(MatMul(x, A), B))
+    GEMM = "gemm"  # fuse_lora_add's: one Gemm multiplies by B and accumulates into y
+
+
 @dataclass
 class Branch:
-    """One site's LoRA branch in contract layout: ``out = Add(y, MatMul(MatMul(x, A), B))``."""
+    """One site's LoRA branch. ``add`` is the node whose output is the adapted site output (the
+    ``Add`` of the contract; the ``Reshape``, or for 2-D inputs the ``Gemm``, of the GEMM form);
+    ``matmul_b`` the node multiplying by B (``MatMul`` or ``Gemm``); ``nodes`` every node of the branch."""
 
     site: str
     a: ir.Value
@@ -68,14 +82,55 @@ class Branch:
     add: ir.Node
     x: ir.Value
     y: ir.Value
+    form: BranchForm = BranchForm.MATMUL_ADD
+    nodes: list[ir.Node] = field(default_factory=list)
 
 
-def _only_use(value: ir.Value, op_type: str, what: str) -> ir.Node:
+def _only_use(value: ir.Value, op_type: str | tuple[str, ...], what: str) -> ir.Node:
+    wanted = (op_type,) if isinstance(op_type, str) else op_type
     users = [use.node for use in value.uses()]
-    if len(users) != 1 or users[0].op_type != op_type or users[0].domain not in ("", "ai.onnx"):
+    if len(users) != 1 or users[0].op_type not in wanted or users[0].domain not in ("", "ai.onnx"):
         found = ", ".join(sorted(u.op_type for u in users)) or "nothing"
-        raise UnsupportedError(f"{what} should feed exactly one {op_type} node (the LoRA contract), but feeds {found}")
+        raise UnsupportedError(f"{what} should feed exactly one {' or '.join(wanted)} node (the LoRA contract), but feeds {found}")
     return users[0]
+
+
+def _plain_gemm(node: ir.Node) -> bool:
+    """``Gemm(u, B, C)`` computing exactly ``u @ B + C``."""
+    attrs = node.attributes
+    return (len(node.inputs) == 3 and all(attrs.get_float(k, 1.0) == 1.0 for k in ("alpha", "beta"))
+            and all(attrs.get_int(k, 0) == 0 for k in ("transA", "transB")))
+
+
+def _gemm_branch(graph: ir.Graph, site: str, a: ir.Value, b: ir.Value, mm_a: ir.Node, first: ir.Node) -> Branch:
+    """The GEMM form, from the node reading ``x @ A`` (a ``Flatten`` or, for 2-D inputs, the ``Gemm``)."""
+    def refuse(why: str) -> UnsupportedError:
+        return UnsupportedError(f"site {site}: the fused LoRA branch (Gemm form) {why}")
+
+    nodes = [mm_a]
+    flat_u = None
+    if first.op_type == "Flatten":
+        flat_u = first
+        nodes.append(flat_u)
+        gemm = _only_use(flat_u.outputs[0], "Gemm", f"site {site}: Flatten(x @ A)")
+    else:
+        gemm = first
+    if gemm.inputs[1] is not b or not _plain_gemm(gemm):
+        raise refuse(f"must be Gemm(x @ A, {b.name}, y) with alpha = beta = 1 and no transposes")
+    nodes.append(gemm)
+    c = gemm.inputs[2]
+    if flat_u is None:
+        return Branch(site, a, b, mm_a, gemm, gemm, mm_a.inputs[0], c, BranchForm.GEMM, nodes)
+    flat_y = c.producer() if c is not None else None
+    if flat_y is None or flat_y.op_type != "Flatten" or len(list(c.uses())) != 1:
+        raise refuse("must accumulate into Flatten(y), read by the Gemm alone")
+    y = flat_y.inputs[0]
+    reshape = _only_use(gemm.outputs[0], "Reshape", f"site {site}: the Gemm")
+    shape = reshape.inputs[1].producer() if reshape.inputs[1] is not None else None
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is not y or len(list(reshape.inputs[1].uses())) != 1:
+        raise refuse("must be reshaped back to Shape(y)")
+    nodes += [flat_y, shape, reshape]
+    return Branch(site, a, b, mm_a, gemm, reshape, mm_a.inputs[0], y, BranchForm.GEMM, nodes)
 
 
 def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
@@ -91,13 +146,15 @@ def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
     mm_a = _only_use(a, "MatMul", f"site {site}: {a.name}")
     if mm_a.inputs[1] is not a:
         raise UnsupportedError(f"site {site}: {a.name} must be the right operand of its MatMul (x @ A)")
-    mm_b = _only_use(mm_a.outputs[0], "MatMul", f"site {site}: x @ A")
+    mm_b = _only_use(mm_a.outputs[0], ("MatMul", "Flatten", "Gemm"), f"site {site}: x @ A")
+    if mm_b.op_type != "MatMul":
+        return _gemm_branch(graph, site, a, b, mm_a, mm_b)
     if mm_b.inputs[1] is not b:
         raise UnsupportedError(f"site {site}: x @ A must be multiplied by {b.name} (x @ A @ B)")
     add = _only_use(mm_b.outputs[0], "Add", f"site {site}: x @ A @ B")
     delta = mm_b.outputs[0]
     y = add.inputs[1] if add.inputs[0] is delta else add.inputs[0]
-    return Branch(site, a, b, mm_a, mm_b, add, mm_a.inputs[0], y)
+    return Branch(site, a, b, mm_a, mm_b, add, mm_a.inputs[0], y, BranchForm.MATMUL_ADD, [mm_a, mm_b, add])
 
 
 def remove_branch(graph: ir.Graph, branch: Branch) -> None:
@@ -112,7 +169,7 @@ def remove_branch(graph: ir.Graph, branch: Branch) -> None:
         if branch.y.name is not None and branch.y not in graph.outputs[:idx]:
             branch.y.name = old_name
     ir.convenience.replace_all_uses_with(out, branch.y)
-    graph.remove([branch.add, branch.matmul_b, branch.matmul_a], safe=True)
+    graph.remove(list(reversed(branch.nodes)), safe=True)
     for value in (branch.a, branch.b):
         graph.initializers.pop(value.name, None)
         if value in graph.inputs:
