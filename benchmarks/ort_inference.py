@@ -6,8 +6,10 @@ The bundled all-MiniLM-L6-v2 is captured with ``lora_fx.capture``; the base is e
 and written as: merged (adapters folded, ``fold_lora``); with adapter slots as ``export_onnx`` writes
 them (``serve_slots``: expose, hoist, optimize, ``fuse_lora_add``); and two ablations of the slot model,
 without ``fuse_lora_add`` (MatMul, MatMul, Add per site) and without either (the contract order). Plus
-two ``.onnx_adapter`` files. Sequence 128, batch 1 and 8, ONNX Runtime with 1 intra-op thread timed by
-its CPU time (``--threads 2 --clock wall`` for elapsed time on both cores).
+two ``.onnx_adapter`` files. Prefix-tuning with T = 8, 32, 128 virtual tokens (random prefixes) is
+exported with ``mode="adapters"`` too and served with its prefix active. Sequence 128, batch 1 and 8,
+ONNX Runtime with 1 intra-op thread timed by its CPU time (``--threads 2 --clock wall`` for elapsed
+time on both cores).
 
 Measured in one process in rounds: each round calls every variant once, in a rotating order, and
 each variant's time is divided by the base's time in the same round, so the load other tenants put
@@ -17,7 +19,8 @@ milliseconds per call:
 
 - merged / base (target <= 1.02), adapter-slot with an adapter active / base (target <= 1.05),
 - switching between two adapters every call / the same adapter every call (target <= 1.05),
-- a new session per adapter (create + add_adapter + run) / switching on one session (a factor).
+- a new session per adapter (create + add_adapter + run) / switching on one session (a factor),
+- prefix-tuning slot with its prefix active / base, for each T (beside LoRA's slot/base above).
 
 The CUDA execution provider with IOBinding runs where a CUDA GPU is present; otherwise it is skipped
 and the results say so. Results: ``benchmarks/results/ort_inference.json`` and ``ort_inference.md``.
@@ -46,6 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ, RANK, ALPHA = 128, 8, 16
 BATCHES = (1, 8)
+PREFIX_LENGTHS = (8, 32, 128)
 TARGETS = {"merged/base": 1.02, "slot/base": 1.05, "switch/same": 1.05}
 # One intra-op thread timed by its CPU time: on this shared 2-core machine wall time per call swings by
 # +-30% with other tenants' load, while one thread's CPU time stays within a few percent.
@@ -56,8 +60,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def build_models(out: Path) -> dict[str, Any]:
-    """base.onnx, merged.onnx, served.onnx + adapters a/b (same rank, different weights)."""
+def build_models(out: Path, prefix_lengths: tuple[int, ...] = PREFIX_LENGTHS) -> dict[str, Any]:
+    """base.onnx, merged.onnx, served.onnx + adapters a/b (same rank, different weights), the ablations,
+    and prefix<T>.onnx with prefix<T>.adapters/default.onnx_adapter."""
     import onnx_ir as ir
 
     import lora_fx
@@ -110,6 +115,13 @@ def build_models(out: Path) -> dict[str, Any]:
     other.tensors = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) * 0.01) for k, v in adapter.tensors.items()}
     write_onnx_adapter(out / "b.onnx_adapter", other)
     log(f"LoRA model exported merged + slots ({time.perf_counter() - t:.0f} s), {len(meta(gm)['lora_sites'])} sites")
+    for length in prefix_lengths:
+        t = time.perf_counter()
+        pm = lora_fx.capture(model, kwargs=example)
+        torch.manual_seed(length)
+        lora_fx.apply(pm, lora_fx.PrefixConfig(num_virtual_tokens=length))  # random prefixes, as PEFT initializes them
+        lora_fx.export_onnx(pm, out / f"prefix{length}.onnx", kwargs=example, mode="adapters", peft_dir=False)
+        log(f"prefix T={length} exported with slots ({time.perf_counter() - t:.0f} s)")
     return {"sites": len(meta(gm)["lora_sites"])}
 
 
@@ -123,7 +135,8 @@ def session_options(threads: int = THREADS) -> Any:
     return opts
 
 
-def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: int, clock: str = "wall") -> dict[str, Any]:
+def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: int, clock: str = "wall",
+            prefix_lengths: tuple[int, ...] = PREFIX_LENGTHS) -> dict[str, Any]:
     import onnxruntime as ort
 
     from lora_fx.runtime import Session
@@ -136,6 +149,10 @@ def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: i
         served[name] = Session(out / f"{name}.onnx", providers=providers, session_options=session_options(threads))
         served[name].add_adapter("a", out / "a.onnx_adapter")
     served["served"].add_adapter("b", out / "b.onnx_adapter")
+    for length in prefix_lengths:
+        name = f"prefix{length}"
+        served[name] = Session(out / f"{name}.onnx", providers=providers, session_options=session_options(threads))
+        served[name].add_adapter("p", out / f"{name}.adapters" / "default.onnx_adapter")
     slot = served["served"]
     on_cuda = slot.on_cuda
 
@@ -160,6 +177,7 @@ def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: i
         "slot, switching a/b": lambda i: slot.run(feeds, adapter="ab"[i % 2]),
         "slot unfused, same adapter": lambda _: served["served_matmul_add"].run(feeds, adapter="a"),
         "slot unhoisted, same adapter": lambda _: served["served_contract_order"].run(feeds, adapter="a"),
+        **{f"prefix T={n}": (lambda _, s=served[f"prefix{n}"]: s.run(feeds, adapter="p")) for n in prefix_lengths},
     }
     names = list(variants)
     # "cpu": the calling thread's CPU time, which is all of ORT's work at 1 intra-op thread and which
@@ -213,6 +231,7 @@ def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: i
             "slot unhoisted/base": ratio("slot unhoisted, same adapter", "base"),
             "switch/same": ratio("slot, switching a/b", "slot, same adapter"),
             "new session/switch": {"median": statistics.median(new_session) / statistics.median(switching)},
+            **{f"prefix T={n}/base": ratio(f"prefix T={n}", "base") for n in prefix_lengths},
         },
         "merged_vs_slot_max_rel": check,
         "rounds": rounds,
@@ -251,6 +270,17 @@ def markdown(result: dict[str, Any]) -> str:
         q = r["ratios"]
         lines.append(f"| {r['provider']} | {r['batch']} | {cell(q, 'merged/base')} | {cell(q, 'slot/base')} | {cell(q, 'slot no adapter/base')} | "
                      f"{cell(q, 'slot unfused/base')} | {cell(q, 'slot unhoisted/base')} | {cell(q, 'switch/same')} | {q['new session/switch']['median']:.0f}x |")
+    lengths = [int(k.split("=")[1].split("/")[0]) for k in runs[0]["ratios"] if k.startswith("prefix T=")]
+    if lengths:
+        lines += ["", "Prefix-tuning, served with its prefix active (adapter slots), against the base and beside LoRA r=8 (all linear layers):", "",
+                  "| provider | batch | LoRA slot/base | " + " | ".join(f"prefix T={n}/base" for n in lengths) + " | "
+                  + " | ".join(f"prefix T={n} ms" for n in lengths) + " |",
+                  "|---|---|---|" + "---|" * (2 * len(lengths))]
+        for r in runs:
+            q, m = r["ratios"], r["median_ms"]
+            lines.append(f"| {r['provider']} | {r['batch']} | {cell(q, 'slot/base')} | "
+                         + " | ".join(cell(q, f"prefix T={n}/base") for n in lengths) + " | "
+                         + " | ".join(f"{m[f'prefix T={n}']:.2f}" for n in lengths) + " |")
     lines += ["", f"CUDA: {result['cuda']}", ""]
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
@@ -266,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default=None,
                         help="wall: elapsed time per call; cpu: the calling thread's CPU time (needs --threads 1), "
                              "steadier when other work shares the machine; the default with --threads 1, else wall")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 rounds, batch 1, not saved")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 rounds, batch 1, prefix T=8 only, not saved")
     args = parser.parse_args(argv)
     if args.clock is None:
         args.clock = "cpu" if args.threads == 1 else "wall"
@@ -276,12 +306,13 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 4
     with tempfile.TemporaryDirectory(prefix="lora_fx_ort_bench_") as tmp:
         out = Path(tmp)
-        info = build_models(out)
+        lengths = PREFIX_LENGTHS[:1] if args.quick else PREFIX_LENGTHS
+        info = build_models(out, lengths)
         runs = []
         for batch in (BATCHES[:1] if args.quick else BATCHES):
             rounds = args.rounds if batch == 1 else max(10, args.rounds // 5)
             log(f"CPU batch {batch}: {rounds} rounds")
-            runs.append(measure(out, batch, rounds, ["CPUExecutionProvider"], args.threads, args.clock))
+            runs.append(measure(out, batch, rounds, ["CPUExecutionProvider"], args.threads, args.clock, lengths))
             log(json.dumps({k: round(v["median"], 3) for k, v in runs[-1]["ratios"].items()}))
         cuda = "skipped: no CUDA GPU on this machine (CUDAExecutionProvider did not load)"
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -290,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             if Session(out / "base.onnx").on_cuda:
                 for batch in BATCHES:
                     log(f"CUDA batch {batch}")
-                    runs.append(measure(out, batch, args.rounds, ["CUDAExecutionProvider", "CPUExecutionProvider"], args.threads))
+                    runs.append(measure(out, batch, args.rounds, ["CUDAExecutionProvider", "CPUExecutionProvider"], args.threads,
+                                        prefix_lengths=lengths))
                 cuda = "measured with IOBinding (adapter tensors device-resident)"
         if cuda.startswith("skipped"):
             log(cuda)

