@@ -23,6 +23,7 @@ from lora_fx.passes.fx.quantize_weights import (
     quantize_nf4,
     quantized_nodes,
 )
+from lora_fx.passes.fx.quantize_weights import _unpack
 from tests.models import VOCAB, inputs, main_output, max_rel, run
 
 NF4_DQ = QuantConfig(dtype="nf4", double_quant=True)
@@ -94,6 +95,21 @@ def test_nf4_error_is_half_a_code_step_at_most():
     widest_gap = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:]))
     bound = s["qscale"].repeat_interleave(64).view(64, 64) * widest_gap / 2
     assert torch.all((got - w).abs() <= bound + 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4"])
+def test_unpacking_decodes_every_byte_pair_in_nibble_order(kind):
+    v = torch.arange(65536)
+    packed = torch.stack([v & 255, v >> 8], 1).reshape(-1).to(torch.uint8)  # every pair of bytes, once
+    hi, lo = (packed >> 4).long(), (packed & 15).long()
+    if kind == "nf4":  # high nibble first, through the code book
+        expect = torch.tensor(NF4_CODE)[torch.stack([hi, lo], 1).reshape(-1)]
+    else:  # int4: low nibble first, the code itself
+        expect = torch.stack([lo, hi], 1).reshape(-1).float()
+    assert torch.equal(_unpack(packed, kind), expect)  # two bytes per lookup
+    # An odd byte count or an odd offset into the storage takes the one-byte path; same values.
+    assert torch.equal(_unpack(packed[:-1], kind), expect[:-2])
+    assert torch.equal(_unpack(packed[1:], kind), expect[2:])
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
