@@ -4,8 +4,9 @@ Matches the linear sites ``find_sites`` reports that ``QuantConfig.target_module
 the site is a ``MatMul`` whose weight is a float initializer, directly or through ``Transpose``:
 
 * nf4 -> ``com.microsoft.MatMulBnb4`` (quant_type 1): W ``[N, K]`` flattened, absmax blocks, the
-  same bytes ``passes/fx/quantize_weights`` produces (double quantization is not expressible
-  there: its absmaxes are stored decoded, as float).
+  same bytes ``passes/fx/quantize_weights`` produces. MatMulBnb4 reads float absmaxes; with
+  ``double_quant`` they are stored as int8 plus one factor per ``double_quant_block_size`` blocks and
+  decoded by a few constant nodes in front of it (``weight_scale*`` initializers).
 
 New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_zero`` so the site keeps its
 name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
@@ -42,6 +43,32 @@ def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[str, torch.Tensor], numel: int,
+                   cfg: QuantConfig, nodes: list[ir.Node]) -> ir.Value:
+    """Double-quantized absmaxes stay int8 in the file; a small decode before MatMulBnb4 (which reads float
+    absmaxes) computes ``qscale / factor + mean`` with one factor per ``double_quant_block_size`` blocks,
+    the arithmetic of ``passes/fx/quantize_weights``. ONNX Runtime folds it once, at session start."""
+    n_blocks = -(-numel // cfg.block_size)
+    groups = -(-n_blocks // cfg.double_quant_block_size)
+    factor = _init(graph, f"{name}.weight_scale_factor", storage["qscale_factor"].numpy())
+    mean = _init(graph, f"{name}.weight_scale_mean", storage["qscale_mean"].numpy())
+    consts = {key: _init(graph, f"{name}/absmax/{key}_shape", np.array(v, dtype=np.int64))
+              for key, v in (("column", [groups, 1]), ("grid", [groups, cfg.double_quant_block_size]), ("flat", [-1]),
+                             ("start", [0]), ("end", [n_blocks]))}
+
+    def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
+        node = ir.node(op, inputs, attributes=attrs or None, name=f"{name}/absmax/{len(nodes)}_{op}")
+        node.outputs[0].name = f"{name}/absmax/{len(nodes)}_{op.lower()}"
+        nodes.append(node)
+        return node.outputs[0]
+
+    # Reshape/Expand/Slice rather than Unsqueeze so the decode runs at any opset the model has.
+    per_block = add("Slice", [add("Reshape", [add("Expand", [add("Reshape", [factor, consts["column"]]), consts["grid"]]),
+                                               consts["flat"]]), consts["start"], consts["end"]])
+    absmax = add("Add", [add("Div", [add("Cast", [qscale], to=int(ir.DataType.FLOAT)), per_block]), mean])
+    return absmax
+
+
 class QuantizeWeights:
     """Replace float MatMul weights of selected linear sites by packed storage and a quantized matmul op."""
 
@@ -74,13 +101,19 @@ class QuantizeWeights:
             name = target.site.name
             dtype = ir.DataType.FLOAT
             if cfg.dtype is QuantDType.NF4:
-                s = fxq.quantize_nf4(w, cfg.block_size, False, pad=cfg.pad, what=f"site {name}")
+                s = fxq.quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, pad=cfg.pad, what=f"site {name}")
                 packed = s["qweight"][: (n * k + 1) // 2]
-                ins = [parts.x, _init(graph, f"{name}.weight_q", packed.numpy()), _init(graph, f"{name}.weight_scale", s["qscale"].numpy())]
-                new = ir.node("MatMulBnb4", ins, attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
-                deq = fxq.dequantize_nf4(s["qweight"], s["qscale"], None, None, n, k, cfg.block_size, cfg.double_quant_block_size)
-                stored_bytes = packed.numel() + s["qscale"].numel() * 4
-                nodes = [new]
+                q = _init(graph, f"{name}.weight_q", packed.numpy())
+                scale = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
+                nodes = []
+                absmax = scale
+                if cfg.double_quant:
+                    absmax = _decode_absmax(graph, name, scale, s, n * k, cfg, nodes)
+                new = ir.node("MatMulBnb4", [parts.x, q, absmax], attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
+                deq = fxq.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
+                                         cfg.block_size, cfg.double_quant_block_size)
+                stored_bytes = packed.numel() + sum(t.numel() * t.element_size() for key, t in s.items() if key != "qweight")
+                nodes.append(new)
             elif cfg.dtype is QuantDType.INT4:
                 if k % cfg.block_size or (not cfg.symmetric and (k // cfg.block_size) % 2):
                     raise UnsupportedError(
@@ -138,6 +171,4 @@ def apply_quant(model: ir.Model, quant: QuantConfig | dict, lora_config: Any = N
         quant = QuantConfig.from_dict(quant)
     if not isinstance(quant, QuantConfig):
         raise ConfigError(f"quant must be a lora_fx.QuantConfig, got {type(quant).__name__}")
-    if quant.dtype is QuantDType.NF4 and quant.double_quant:
-        raise ConfigError("MatMulBnb4 stores float absmaxes: use QuantConfig(dtype='nf4', double_quant=False) for ONNX models")
     return quantize_weights(model, quant)

@@ -54,8 +54,9 @@ def _dequantized(cfg: QuantConfig, w: np.ndarray) -> np.ndarray:
     wt = torch.from_numpy(w).t().contiguous()  # [out, in]
     n, k = wt.shape
     if cfg.dtype.value == "nf4":
-        s = fxq.quantize_nf4(wt, cfg.block_size)
-        d = fxq.dequantize_nf4(s["qweight"], s["qscale"], None, None, n, k, cfg.block_size, 256)
+        s = fxq.quantize_nf4(wt, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size)
+        d = fxq.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
+                               cfg.block_size, cfg.double_quant_block_size)
     elif cfg.dtype.value == "int4":
         s = fxq.quantize_int4(wt, cfg.block_size, cfg.symmetric)
         d = fxq.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
@@ -67,6 +68,9 @@ def _dequantized(cfg: QuantConfig, w: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("cfg, op, limit", [
     (QuantConfig(dtype="nf4"), "MatMulBnb4", 0.141),
+    # Double quantization: absmaxes stored int8 (one float factor per 256 blocks), decoded in the graph.
+    (QuantConfig(dtype="nf4", double_quant=True), "MatMulBnb4", 0.13),
+    (QuantConfig(dtype="nf4", double_quant=True, double_quant_block_size=16), "MatMulBnb4", 0.131),
     (QuantConfig(dtype="int4", block_size=32), "MatMulNBits", 0.16),
     (QuantConfig(dtype="int4", block_size=32, symmetric=False), "MatMulNBits", 0.17),
     (QuantConfig(dtype="int8"), "DequantizeLinear", 0.27),
@@ -95,10 +99,40 @@ def test_quantized_onnx_model_runs_in_ort_like_the_dequantized_weights(cfg, op, 
         quantize_weights(model, QuantConfig(**{**cfg.to_dict(), "target_modules": ".*"}))
 
 
-def test_double_quant_is_refused_for_onnx():
+def test_double_quantized_onnx_model_takes_lora_and_merges(tmp_path):
+    """A double-quantized base through lora_fx.apply, saved and reloaded, folds like any quantized base."""
+    from lora_fx.passes.onnx.fold_lora import FoldLora, QuantMerge, fold_lora
+
     model, _, _ = _mlp()
-    with pytest.raises(ConfigError, match="double_quant=False"):
-        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=".*"), quant=QuantConfig(dtype="nf4", double_quant=True))
+    lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False),
+                  quant=QuantConfig(dtype="nf4", double_quant=True, target_modules=".*"))
+    path = lora_fx.save(model, tmp_path / "qlora.onnx")
+    x = np.random.default_rng(2).standard_normal((3, IN)).astype(np.float32)
+    want = _run(lora_fx.load(path), x)
+    merged = fold_lora(lora_fx.load(path), QuantMerge.FLOAT).model
+    assert "MatMulBnb4" not in {n.op_type for n in merged.graph}
+    assert np.abs(_run(merged, x) - want).max() / np.abs(want).max() <= 1e-5
+    # Requantized: still MatMulBnb4 (absmaxes then plain float), the error it adds reported per site and
+    # the outputs as close to the float merge as test_fold_lora_quantized asks of NF4 on these tiny weights.
+    folder = FoldLora(QuantMerge.REQUANTIZE)
+    requant = folder(lora_fx.load(path)).model
+    assert [n.op_type for n in requant.graph].count("MatMulBnb4") == 2
+    assert sorted(e.site for e in folder.errors) == ["fc1", "fc2"] and all(0 < e.relative < 0.15 for e in folder.errors)
+    assert np.abs(_run(requant, x) - want).max() / np.abs(want).max() <= 0.3
+
+
+def test_cli_rewrite_with_double_quantized_nf4(tmp_path):
+    from lora_fx.cli import main
+
+    model, _, _ = _mlp()
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "q.onnx"
+    lora_fx.save(model, src)
+    assert main(["rewrite", str(src), "-o", str(dst), "--r", "4", "--target-modules", ".*", "--quant", "nf4",
+                 "--double-quant", "--quant-block-size", "32"]) == 0
+    out = lora_fx.load(dst)
+    assert out.graph.initializers["fc1.weight_scale"].const_value.dtype == ir.DataType.INT8
+    x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
+    assert np.isfinite(_run(out, x)).all()
 
 
 def test_cli_rewrite_with_quant(tmp_path):
