@@ -30,7 +30,7 @@ A site that is already quantized is refused.
 
 from __future__ import annotations
 
-import sys
+import threading
 
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -165,31 +165,47 @@ def _table(kind: str) -> Tensor:
     return _TABLES[kind]
 
 
-def _pair_table(kind: str) -> Tensor:
-    """[65536, 4]: the four decoded values of every two bytes read as one little-endian int16 (1 MiB)."""
-    key = f"{kind}/16"
-    if key not in _TABLES:
-        table, u16 = _table(kind), torch.arange(65536)
-        _TABLES[key] = torch.cat([table[u16 & 255], table[u16 >> 8]], dim=1)  # the first byte is the low one
-    return _TABLES[key]
-
-
-def _unpack(packed: Tensor, kind: str) -> Tensor:
-    # Dequantizing is a lookup per stored unit and costs as much as the matmul it feeds at small batches;
-    # looking up two bytes at once halves the lookups (about 1.7x faster here than one byte at a time).
-    if packed.numel() % 2 == 0 and packed.is_contiguous() and packed.storage_offset() % 2 == 0 and sys.byteorder == "little":
-        pairs = packed.view(torch.int16).to(torch.int32) & 0xFFFF
-        return _pair_table(kind).to(packed.device).index_select(0, pairs).reshape(-1)
+def _unpack(packed: Tensor, kind: str, scratch: bool = False) -> Tensor:
+    """The decoded values of ``packed`` (two per byte), flat; with ``scratch`` written into this thread's
+    scratch buffers (see ``_scratch``) instead of new tensors."""
     table = _table(kind).to(packed.device)
-    return table.index_select(0, packed.to(torch.int32)).reshape(-1)
+    if not scratch:
+        return table.index_select(0, packed.to(torch.int32)).reshape(-1)
+    index = _scratch("index", packed.numel(), torch.int32, packed.device)
+    index.copy_(packed)
+    out = _scratch("values", 2 * packed.numel(), table.dtype, packed.device).view(-1, 2)
+    return torch.index_select(table, 0, index, out=out).reshape(-1)
+
+
+# Per-thread scratch buffers for the dequantized W inside the custom ops. A fresh weight-sized tensor
+# per call costs more than the lookup itself when glibc serves it with mmap (page faults on every
+# call, and MALLOC_MMAP_THRESHOLD_ is what keeps freed dequantize temporaries from piling up in the
+# heap); one buffer per thread, as large as the largest layer, is reused by every layer instead. It
+# holds one layer's W at a time, never a copy per layer. free_scratch() returns it.
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buffers[key] = buf = None  # drop the smaller one before allocating the larger
+        buffers[key] = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def free_scratch() -> None:
+    """Release this thread's dequantize scratch buffers (they are allocated again when needed)."""
+    _SCRATCH.__dict__.pop("buffers", None)
 
 
 def dequantize_nf4(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
                    out_features: int, in_features: int, block_size: int, scaler_block_size: int,
-                   dtype: torch.dtype = torch.float32) -> Tensor:
+                   dtype: torch.dtype = torch.float32, scratch: bool = False) -> Tensor:
     absmax = _nf4_absmax(qscale, qscale_factor, qscale_mean, scaler_block_size)
-    values = _unpack(qweight, "nf4").view(-1, block_size)
-    values.mul_(absmax.unsqueeze(1))  # in place: one fewer weight-sized allocation per call
+    values = _unpack(qweight, "nf4", scratch).view(-1, block_size)
+    values.mul_(absmax.unsqueeze(1))  # in place: no second weight-sized tensor
     return values.reshape(-1)[: out_features * in_features].view(out_features, in_features).to(dtype)
 
 
@@ -214,11 +230,11 @@ def quantize_int4(w: Tensor, block_size: int = 64, symmetric: bool = True, pad: 
 
 
 def dequantize_int4(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], out_features: int, in_features: int,
-                    block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    codes = _unpack(qweight, "int4").view(-1, block_size)
+                    block_size: int, dtype: torch.dtype = torch.float32, scratch: bool = False) -> Tensor:
+    codes = _unpack(qweight, "int4", scratch).view(-1, block_size)
     n_blocks = codes.shape[0]
     zero = _unpack(qzero, "int4")[:n_blocks] if qzero is not None else torch.full((n_blocks,), 8.0, device=codes.device)
-    values = (codes - zero.unsqueeze(1)) * qscale.float().unsqueeze(1)
+    values = codes.sub_(zero.unsqueeze(1)).mul_(qscale.float().unsqueeze(1))  # in place, like nf4
     return values.reshape(-1)[: out_features * in_features].view(out_features, in_features).to(dtype)
 
 
@@ -242,14 +258,15 @@ def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.
 @torch.library.custom_op("lora_fx::linear_nf4", mutates_args=())
 def linear_nf4(x: Tensor, qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
                bias: Optional[Tensor], out_features: int, in_features: int, block_size: int, scaler_block_size: int) -> Tensor:
-    w = dequantize_nf4(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features, block_size, scaler_block_size, x.dtype)
+    w = dequantize_nf4(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features, block_size, scaler_block_size, x.dtype,
+                       scratch=True)
     return torch.nn.functional.linear(x, w, bias)
 
 
 @torch.library.custom_op("lora_fx::linear_int4", mutates_args=())
 def linear_int4(x: Tensor, qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], bias: Optional[Tensor],
                 out_features: int, in_features: int, block_size: int) -> Tensor:
-    w = dequantize_int4(qweight, qscale, qzero, out_features, in_features, block_size, x.dtype)
+    w = dequantize_int4(qweight, qscale, qzero, out_features, in_features, block_size, x.dtype, scratch=True)
     return torch.nn.functional.linear(x, w, bias)
 
 
@@ -263,15 +280,15 @@ class _OpSpec:
     op: Any
     storage: tuple[str, ...]  # names of the tensor arguments after x, in order
     bias_index: int  # position of bias among the op's arguments
-    dequantize: Callable[[tuple], Tensor]  # (args) -> W [out, in] in x's dtype
+    dequantize: Callable[..., Tensor]  # (args, scratch=False) -> W [out, in] in x's dtype
 
 
 _SPECS: dict[QuantDType, _OpSpec] = {
     QuantDType.NF4: _OpSpec(linear_nf4, ("qweight", "qscale", "qscale_factor", "qscale_mean"), 5,
-                            lambda a: dequantize_nf4(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9], a[0].dtype)),
+                            lambda a, scratch=False: dequantize_nf4(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9], a[0].dtype, scratch)),
     QuantDType.INT4: _OpSpec(linear_int4, ("qweight", "qscale", "qzero"), 4,
-                             lambda a: dequantize_int4(a[1], a[2], a[3], a[5], a[6], a[7], a[0].dtype)),
-    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a: dequantize_int8(a[1], a[2], a[0].dtype)),
+                             lambda a, scratch=False: dequantize_int4(a[1], a[2], a[3], a[5], a[6], a[7], a[0].dtype, scratch)),
+    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a, scratch=False: dequantize_int8(a[1], a[2], a[0].dtype)),
 }
 
 
@@ -286,7 +303,7 @@ def _register(spec: _OpSpec) -> None:
 
     def backward(ctx, grad):
         args = ctx.args
-        w = spec.dequantize(args)  # recomputed, one layer at a time
+        w = spec.dequantize(args, True)  # recomputed, one layer at a time, into the scratch buffer
         grads: list[Optional[Tensor]] = [None] * len(args)
         if ctx.needs_input_grad[0]:
             grads[0] = grad @ w.to(grad.dtype)

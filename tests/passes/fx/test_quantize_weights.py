@@ -106,10 +106,24 @@ def test_unpacking_decodes_every_byte_pair_in_nibble_order(kind):
         expect = torch.tensor(NF4_CODE)[torch.stack([hi, lo], 1).reshape(-1)]
     else:  # int4: low nibble first, the code itself
         expect = torch.stack([lo, hi], 1).reshape(-1).float()
-    assert torch.equal(_unpack(packed, kind), expect)  # two bytes per lookup
-    # An odd byte count or an odd offset into the storage takes the one-byte path; same values.
-    assert torch.equal(_unpack(packed[:-1], kind), expect[:-2])
-    assert torch.equal(_unpack(packed[1:], kind), expect[2:])
+    assert torch.equal(_unpack(packed, kind), expect)
+    # Into the thread's scratch buffers (what the custom ops use): the same values, and the buffer is
+    # reused, not reallocated, by a smaller weight.
+    first = _unpack(packed, kind, scratch=True)
+    assert torch.equal(first, expect)
+    again = _unpack(packed[: packed.numel() // 2], kind, scratch=True)
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, expect[: expect.numel() // 2])
+
+
+def test_dequantized_weights_handed_out_never_share_the_scratch_buffer(zoo):
+    """Every layer dequantizes into one reused buffer; nothing handed out may point into it."""
+    gm = lora_fx.apply(zoo.gm("llama"), lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=NF4_DQ)
+    sites = sorted(quantized_nodes(gm))
+    first = dequantized_weight(gm, sites[0])
+    kept = first.clone()
+    out = run(gm, inputs(2, 8))  # the forward overwrites the scratch with every layer's W
+    assert torch.equal(first, kept)  # what dequantized_weight returned is the caller's own tensor
+    assert torch.equal(run(gm, inputs(2, 8)), out)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
