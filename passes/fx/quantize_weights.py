@@ -246,8 +246,11 @@ def quantize_int8(w: Tensor) -> dict[str, Tensor]:
     return {"qweight": q, "qscale": scale}
 
 
-def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return (qweight.float() * qscale.unsqueeze(1)).to(dtype)
+def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.float32, scratch: bool = False) -> Tensor:
+    if not scratch:
+        return (qweight.float() * qscale.unsqueeze(1)).to(dtype)
+    values = _scratch("values", qweight.numel(), torch.float32, qweight.device).view(qweight.shape)
+    return values.copy_(qweight).mul_(qscale.unsqueeze(1)).to(dtype)
 
 
 # ---- the custom ops ----------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def linear_int4(x: Tensor, qweight: Tensor, qscale: Tensor, qzero: Optional[Tens
 
 @torch.library.custom_op("lora_fx::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, qweight: Tensor, qscale: Tensor, bias: Optional[Tensor], out_features: int, in_features: int) -> Tensor:
-    return torch.nn.functional.linear(x, dequantize_int8(qweight, qscale, x.dtype), bias)
+    return torch.nn.functional.linear(x, dequantize_int8(qweight, qscale, x.dtype, scratch=True), bias)
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,7 @@ _SPECS: dict[QuantDType, _OpSpec] = {
                             lambda a, scratch=False: dequantize_nf4(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9], a[0].dtype, scratch)),
     QuantDType.INT4: _OpSpec(linear_int4, ("qweight", "qscale", "qzero"), 4,
                              lambda a, scratch=False: dequantize_int4(a[1], a[2], a[3], a[5], a[6], a[7], a[0].dtype, scratch)),
-    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a, scratch=False: dequantize_int8(a[1], a[2], a[0].dtype)),
+    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a, scratch=False: dequantize_int8(a[1], a[2], a[0].dtype, scratch)),
 }
 
 
