@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 
 import lora_fx
-from lora_fx.errors import AdapterError, TargetNotFoundError, UnsupportedError
+from lora_fx.errors import AdapterError, TargetNotFoundError
 from lora_fx.passes.onnx.find_sites import find_sites
-from lora_fx.passes.onnx.insert_prefix import PREFIX_KEY, InsertPrefix, prefix_metadata
+from lora_fx.passes.onnx.insert_prefix import InsertPrefix, prefix_metadata
 from lora_fx.prefix_adapters import current_prefixes
 from lora_fx.sites import SiteKind
 from tests.models import build, inputs, run
@@ -30,19 +30,25 @@ def _session(model, tmp_path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18",
-                                  "bert-torchscript", "gpt2-torchscript", "llama-torchscript"])
-def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
+def prefix_like_fx(onnx_corpus, name):
+    """The corpus file ``name`` and the FX-captured transformers model it was exported from, both prefix-rewritten
+    with the same prefixes: (entry, graph module, ONNX model, prefixes by site, the ONNX PassResult)."""
     entry = onnx_corpus.get(name)
     arch = name.split("-")[0]
     gm = lora_fx.apply(lora_fx.capture(build(arch), kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=T))
-    prefixes = current_prefixes(gm)
     model = lora_fx.load(entry.path)
     sites = _attention(model)
     # TorchScript exports name modules with their wrapper's prefix ("model.").
-    prefixes = {f"{entry.prefix}{site}": p for site, p in prefixes.items()}
+    prefixes = {f"{entry.prefix}{site}": p for site, p in current_prefixes(gm).items()}
     assert sorted(s.name for s in sites) == sorted(prefixes)
     result = InsertPrefix(lora_fx.PrefixConfig(num_virtual_tokens=T), sites, prefixes)(model)
+    return entry, gm, model, prefixes, result
+
+
+@pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18",
+                                  "bert-torchscript", "gpt2-torchscript", "llama-torchscript"])
+def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
+    entry, gm, model, prefixes, result = prefix_like_fx(onnx_corpus, name)
     assert result.modified and any(c.startswith("positions:") for c in result.changed)
     record = prefix_metadata(model)
     assert record["num_virtual_tokens"] == T and set(record["sites"]) == set(prefixes)
@@ -59,15 +65,6 @@ def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
         assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5, (batch, seq, pad)
         plain = run(entry.model, b).numpy()
         assert np.abs(ours[keep] - plain[keep]).max() / np.abs(plain).max() > 1e-2
-
-
-@pytest.mark.parametrize("name", ["bert-dynamo23", "bert-ortfused"])
-def test_fused_attention_is_refused_naming_the_site(onnx_corpus, name):
-    model = lora_fx.load(onnx_corpus.get(name).path)
-    before = len(list(model.graph))
-    with pytest.raises(UnsupportedError, match=r"attention site encoder\.layer\.0\.attention\.self is a fused .*past_key"):
-        lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=4))
-    assert len(list(model.graph)) == before and PREFIX_KEY not in model.metadata_props
 
 
 def test_apply_marks_the_model_and_fold_refuses_it(onnx_corpus):
