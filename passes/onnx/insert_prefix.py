@@ -21,10 +21,14 @@ Attention forms and how the prefix enters each:
   T+S-1 for every row, so the op's causal mask and its rotary positions (past length + i) are those of
   T cached tokens. ONNX Runtime's CPU kernel (1.31) runs a past with a multi-token query at batch 1 only;
   batched prompts then stop with its "batch_size must be 1" error.
+* ``com.microsoft.Attention`` (packed QKV weight): unpacked into ``MatMul`` + ``Split`` +
+  ``MultiHeadAttention`` with the same bias, ``attention_bias`` and attributes, then as above (its own
+  prefix entry, ``past``, ORT refuses together with ``attention_bias``).
 
-Refused, naming the site and the reason: sites that already take a KV cache (past inputs or used
-present outputs), ``com.microsoft.Attention`` (packed QKV weights; its ``past`` input shifts the mask
-differently per mask form), and inputs whose layout cannot be told from the graph.
+Refused, naming the site and the reason, before anything changes: sites that already take a KV cache
+(past inputs or used present outputs), masks whose visible value or key axis cannot be told from the
+graph, packed QKV inputs of ``MultiHeadAttention``, ``mask_index`` / in-op rotary of
+``com.microsoft.Attention``, explicit ``position_ids`` of ``GroupQueryAttention``.
 
 ONNX layout, read by export and ``fold_lora`` (which refuses to fold prefixes):
 
@@ -84,12 +88,12 @@ class InsertPrefix:
 
     Matches the decomposed attention exporters write (``MatMul(q, kᵀ)`` → scale → ``Add(mask)`` →
     ``Softmax`` → ``MatMul(·, v)``, K possibly repeated for grouped-query models), the opset-23
-    ``Attention`` op, ``com.microsoft.MultiHeadAttention`` and ``com.microsoft.GroupQueryAttention``
+    ``Attention`` op, ``com.microsoft`` ``MultiHeadAttention``, ``GroupQueryAttention`` and ``Attention``
     (see the module docstring for how the prefix enters each), and positions: a ``Range`` reaching
     ``Cos``/``Sin`` (rotary) or a constant-table ``Gather`` (position embeddings), a ``Slice`` of a
     ``…position_ids`` initializer (BERT), a ``position_ids`` graph input. Refuses, naming the site and
-    the reason and before changing anything, ``com.microsoft.Attention`` (packed QKV weights) and
-    sites that already read or write a KV cache.
+    the reason and before changing anything, sites that already read or write a KV cache; unpacks
+    ``com.microsoft.Attention``'s packed QKV weight into ``MultiHeadAttention`` first.
     """
 
     def __init__(self, config: PrefixConfig, sites: Sequence[Site],
@@ -111,8 +115,7 @@ class InsertPrefix:
                 raise UnsupportedError(f"attention site {site.name}: head counts or head size are unknown, so the prefix shape is too")
             how = _FORMS.get(parts.op)
             if how is None:
-                raise UnsupportedError(_refusal(site, parts, _COM_ATTENTION if parts.op == f"{MS}.Attention" else
-                                                f"lora_fx has no rule for the {parts.op} form"))
+                raise UnsupportedError(_refusal(site, parts, f"lora_fx has no rule for the {parts.op} form"))
             facts = how[0](site, parts, model.graph)
             if site.name in self.prefixes:
                 pk, pv = self.prefixes[site.name]
@@ -202,14 +205,6 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
 
 
 # ---- fused attention ops ----------------------------------------------------------------------------
-
-_COM_ATTENTION = (
-    "com.microsoft.Attention computes Q, K and V from one packed weight inside the op, so the prefix could only enter "
-    "through its `past` input, whose effect on the op's mask forms lora_fx does not rewrite. Export or fuse the model "
-    "without it (torch.onnx.export(..., dynamo=True) at opset 18, or onnxscript's optimize_for_ort producing "
-    "MultiHeadAttention), or adapt the decomposed graph"
-)
-
 
 def _refusal(site: Site, parts: Any, reason: str) -> str:
     return f"attention site {site.name} ({parts.op} node {parts.node.name!r}) cannot take a prefix: {reason}"
@@ -429,11 +424,61 @@ def _rewrite_gqa(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[
     graph.insert_before(node, nodes)
 
 
+def _check_com_attention(site: Site, parts: Any, graph: ir.Graph) -> dict[str, Any]:
+    node = parts.node
+    _refuse_cache(site, parts, past=[4, 6], present=[1])
+    w = const_tensor(_input(node, 1))
+    sizes = list(node.attributes.get_ints("qkv_hidden_sizes", [])) if "qkv_hidden_sizes" in node.attributes else []
+    hidden = parts.num_heads * parts.head_dim
+    if w is None or len(w.shape) != 2 or int(w.shape[1]) != 3 * hidden or any(n != hidden for n in sizes):
+        raise UnsupportedError(_refusal(site, parts, "its packed QKV weight is not a constant [hidden, 3*hidden] of equal "
+                                        "q/k/v widths, so it cannot be unpacked into MultiHeadAttention's query/key/value"))
+    if _input(node, 3) is not None:
+        raise UnsupportedError(_refusal(site, parts, "it takes a mask_index, which has no padded form for keys that include "
+                                        "a prefix; give the op an additive attention_bias instead"))
+    if node.attributes.get_int("do_rotary", 0) if "do_rotary" in node.attributes else 0:
+        raise UnsupportedError(_refusal(site, parts, "it applies rotary embedding inside the op"))
+    _check_mask(site, parts, _input(node, 5), "attention_bias")
+    return {"rank": 3, "reps": 1, "widths": (hidden, hidden, hidden)}
+
+
+def _rewrite_com_attention(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value],
+                           facts: dict[str, Any]) -> None:
+    """com.microsoft.Attention → MatMul + Split + MultiHeadAttention (same bias, attention_bias and attributes), then
+    MultiHeadAttention's rule. The op itself cannot take the prefix: its only way in, `past`, ORT refuses together
+    with attention_bias, and its projections happen inside."""
+    node, tag = parts.node, f"{site.name}/prefix/unpacked"
+    nodes: list[ir.Node] = []
+    qkv = _op(nodes, "MatMul", [node.inputs[0], node.inputs[1]], f"{tag}/qkv")
+    hidden = facts["widths"][0]
+    split = ir.node("Split", [qkv, _const(nodes, np.array([hidden] * 3, np.int64), f"{tag}/sizes")], attributes={"axis": -1},
+                    num_outputs=3, name=f"{tag}/split", metadata_props={INSERTED: "prefix"})
+    for out, which in zip(split.outputs, ("q", "k", "v")):
+        out.name = f"{tag}/{which}"
+    nodes.append(split)
+    keep = {k: v for k, v in node.attributes.items() if k in ("num_heads", "scale", "unidirectional", "mask_filter_value")}
+    mha = ir.node("MultiHeadAttention", [*split.outputs, _input(node, 2), None, _input(node, 5)], attributes=keep,
+                  domain=MS, name=f"{node.name}/mha", metadata_props=dict(node.metadata_props))
+    nodes.append(mha)
+    graph.insert_before(node, nodes)
+    old = node.outputs[0]
+    ir.convenience.replace_all_uses_with(old, mha.outputs[0])
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            graph.outputs[i] = mha.outputs[0]
+    graph.remove(node, safe=True)
+    mha.outputs[0].name, mha.outputs[0].shape, mha.outputs[0].type = old.name, old.shape, old.type
+    unpacked = type(parts)(mha, split.outputs[0], split.outputs[1], split.outputs[2], mha.outputs[0], parts.num_heads,
+                           parts.kv_heads, parts.head_dim, f"{MS}.MultiHeadAttention")
+    _rewrite_mha(graph, site, unpacked, T, values, facts)
+
+
 _FORMS = {
     "decomposed": (_check_decomposed, _rewrite_decomposed),
     "Attention": (_check_onnx_attention, _rewrite_onnx_attention),
     f"{MS}.MultiHeadAttention": (_check_mha, _rewrite_mha),
     f"{MS}.GroupQueryAttention": (_check_gqa, _rewrite_gqa),
+    f"{MS}.Attention": (_check_com_attention, _rewrite_com_attention),
 }
 
 
