@@ -156,34 +156,55 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
 
     info = meta(model)
     if not info.get("lora_sites"):
+        # Checked against the sites the config would adapt before apply changes anything: a refused
+        # adapter leaves the model as it was.
+        _check_tensors(tensors, _planned_shapes(model, config), directory)
         apply(model, config)
     lora_sites = info["lora_sites"]
-    seen: set[str] = set()
+    params = {site: {w: getattr(model.get_submodule(site), f"lora_{w}").weight for w in "AB"} for site in lora_sites}
+    _check_tensors(tensors, {site: {w: tuple(p.shape) for w, p in ps.items()} for site, ps in params.items()}, directory)
     updates = []
     for key, value in tensors.items():
         site, which = parse_peft_key(key)
-        if site not in lora_sites:
-            raise AdapterError(
-                f"adapter tensor {key!r} is for site {site!r}, which has no LoRA slot in this model; "
-                f"sites with LoRA: {', '.join(sorted(lora_sites)) or 'none'}"
-            )
-        param = getattr(model.get_submodule(site), f"lora_{which}").weight
-        if tuple(value.shape) != tuple(param.shape):
-            raise AdapterError(
-                f"adapter tensor {key!r} has shape {tuple(value.shape)}, but site {site} expects {tuple(param.shape)} "
-                f"(lora_A is [r, in_features], lora_B is [out_features, r]); was it trained with another rank or model?"
-            )
-        updates.append((param, value))
-        seen.add(f"{site}.{which}")
-    missing = [f"{s}.lora_{w}" for s in lora_sites for w in "AB" if f"{s}.{w}" not in seen]
-    if missing:
-        raise AdapterError(f"adapter in {directory} lacks tensors for: {', '.join(missing[:10])}")
+        updates.append((params[site][which], value))
     with torch.no_grad():
         for param, value in updates:
             param.copy_(value.to(param.dtype))
     # Scales come from the loaded config: refresh them in the graph.
     _refresh_scales(model, config)
     return model
+
+
+def _planned_shapes(gm: Any, config: LoraConfig) -> dict[str, dict[str, tuple[int, int]]]:
+    """PEFT-layout shapes ``{site: {"A": (r, in), "B": (out, r)}}`` of the adapter ``config`` would insert."""
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.find_sites import find_sites
+    from lora_fx.targeting import select_targets
+
+    targets = select_targets(find_sites(gm), config, model_type=meta(gm).get("model_type"))  # as apply selects
+    return {t.site.name: {"A": (t.r, t.site.in_features), "B": (t.site.out_features, t.r)} for t in targets}
+
+
+def _check_tensors(tensors: dict[str, Any], expected: dict[str, dict[str, tuple[int, int]]], directory: Any) -> None:
+    """Every tensor names a site with a LoRA slot and has its shape, and no site lacks one."""
+    seen: set[str] = set()
+    for key, value in tensors.items():
+        site, which = parse_peft_key(key)
+        if site not in expected:
+            raise AdapterError(
+                f"adapter tensor {key!r} is for site {site!r}, which has no LoRA slot in this model; "
+                f"sites with LoRA: {', '.join(sorted(expected)) or 'none'}"
+            )
+        want = tuple(expected[site][which])
+        if tuple(value.shape) != want:
+            raise AdapterError(
+                f"adapter tensor {key!r} has shape {tuple(value.shape)}, but site {site} expects {want} "
+                f"(lora_A is [r, in_features], lora_B is [out_features, r]); was it trained with another rank or model?"
+            )
+        seen.add(f"{site}.{which}")
+    missing = [f"{s}.lora_{w}" for s in expected for w in "AB" if f"{s}.{w}" not in seen]
+    if missing:
+        raise AdapterError(f"adapter in {directory} lacks tensors for: {', '.join(missing[:10])}")
 
 
 def _refresh_scales(gm: Any, config: LoraConfig) -> None:

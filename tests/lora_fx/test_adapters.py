@@ -114,8 +114,13 @@ def test_missing_tensors_are_refused(zoo, tmp_path):
     path = tmp_path / "a" / WEIGHTS_NAME
     tensors = {k: v for k, v in load_file(str(path)).items() if "layers.1" not in k or "lora_A" not in k}
     save_file(tensors, str(path))
+    gm = zoo.gm("llama")
+    code = gm.code
     with pytest.raises(AdapterError, match=r"lacks tensors for: model.layers.1.self_attn.q_proj.lora_A"):
-        lora_fx.load_adapter(zoo.gm("llama"), tmp_path / "a")
+        lora_fx.load_adapter(gm, tmp_path / "a")
+    # Refused before anything changed: no adapter was applied to the model on the way.
+    assert not meta(gm).get("lora_sites") and gm.code == code
+    assert not any(".lora_" in n for n, _ in gm.named_parameters())
 
 
 class _Trap:
