@@ -196,7 +196,7 @@ def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: i
         if rounds >= 10 and (i + 1) % (rounds // 5) == 0:
             log(f"  round {i + 1}/{rounds}")
 
-    def ratio(num: str, den: str, target: float | None = None) -> dict[str, Any]:
+    def ratio(num: str, den: str) -> dict[str, Any]:
         q = sorted(a / b for a, b in zip(times[num], times[den]))
         n = len(q)
         return {"median": statistics.median(q), "q1": q[n // 4], "q3": q[(3 * n) // 4]}

@@ -95,3 +95,12 @@ def test_a_branch_whose_output_is_broadcast_is_left_alone_with_the_reason():
     result = fuser(lora)
     assert site not in result.changed and "broadcast" in fuser.refused[site]
     assert find_branch(lora.graph, site, read_records(lora)[site]).form is BranchForm.MATMUL_ADD
+
+
+def test_an_input_of_unknown_rank_below_opset_11_is_left_alone_with_the_reason():
+    lora = lora_onnx("forms")
+    site = sorted(read_records(lora))[0]
+    find_branch(lora.graph, site, read_records(lora)[site]).x.shape = None
+    lora.opset_imports[""] = 10  # Flatten(axis=-1) needs opset 11
+    fuser = FuseLoraAdd()
+    assert site not in fuser(lora).changed and "opset is below 11" in fuser.refused[site]
