@@ -368,8 +368,15 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any]) -> An
     from lora_fx.passes.onnx.lora_layout import read_records
 
     if not read_records(model):
+        from lora_fx.adapters import _check_tensors
         from lora_fx.api import apply
+        from lora_fx.passes.onnx.insert_lora import select_onnx_targets
 
+        # Checked against the sites the config would adapt before apply changes anything: a refused
+        # adapter leaves the model as it was.
+        planned = {t.site.name: {"A": (t.r, t.site.in_features), "B": (t.site.out_features, t.r)}
+                   for t in select_onnx_targets(model, config)}
+        _check_tensors(tensors, planned, "the adapter")
         apply(model, config)
     adapter = from_peft(config, tensors)
     slots = {name: Slot(s.dtype, tuple(s.shape)) for name, s in model_slots(model).items()}

@@ -148,6 +148,15 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
         return _load_onto_onnx(gm, dataclasses.replace(config, prefix_projection=False), emb)
     info = meta(gm)
     if not info.get("prefix"):
+        from lora_fx.passes.fx.find_sites import find_sites
+        from lora_fx.passes.fx.insert_prefix import describe, select_attention_sites
+
+        # The embeddings must fit the sites the config would prefix before apply changes anything: a
+        # refused adapter leaves the model as it was.
+        planned = [describe(s) for s in select_attention_sites(find_sites(gm), config)]
+        shapes = {(p.kv_heads, p.head_dim) for p in planned}
+        if len(shapes) == 1:
+            from_prompt_embeddings(emb, len(planned), *shapes.pop())
         apply(gm, dataclasses.replace(config, prefix_projection=False))
     rec = info["prefix"]
     if rec.get("projection"):

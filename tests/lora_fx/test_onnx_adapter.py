@@ -27,6 +27,27 @@ def test_save_adapter_then_load_adapter_on_a_fresh_onnx_base(tmp_path):
     assert rel(ort_run(save(fresh, "oa-fresh.onnx"), feeds), want) <= 1e-6
 
 
+def test_a_refused_adapter_leaves_a_bare_onnx_model_unchanged(tmp_path):
+    """load_adapter applies the adapter's config to a bare model only once every tensor fits."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    lora = lora_onnx(ENTRY, r=4, alpha=6)
+    lora_fx.save_adapter(lora, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("fc1.lora_A.weight"))
+    tensors[key] = np.zeros((4, tensors[key].shape[1] + 1), tensors[key].dtype)  # one input feature too many
+    save_file(tensors, str(weights))
+    bare = lora_fx.load(corpus().get(ENTRY).path)
+    before = ([n.op_type for n in bare.graph], sorted(bare.graph.initializers), dict(bare.metadata_props))
+    with pytest.raises(AdapterError, match=r"expects \(4, \d+\)"):
+        lora_fx.load_adapter(bare, tmp_path / "peft")
+    assert ([n.op_type for n in bare.graph], sorted(bare.graph.initializers), dict(bare.metadata_props)) == before
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
+
+
 def test_file_round_trips_with_and_without_its_sidecar(tmp_path):
     lora = lora_onnx(ENTRY, r=4, alpha=6)
     feeds = corpus().get(ENTRY).feeds()

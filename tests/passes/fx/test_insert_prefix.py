@@ -69,6 +69,22 @@ def test_peft_adapter_loads_and_gives_peft_outputs(tmp_path, name, attn):
     _assert_parity(gm, pm, base)
 
 
+def test_a_prefix_adapter_for_another_model_leaves_a_bare_capture_unchanged(tmp_path):
+    """Embeddings sized for GPT-2 onto a Llama capture: refused before any prefix slot is inserted."""
+    from safetensors.torch import load_file
+
+    from lora_fx.errors import AdapterError
+
+    _peft(_model("gpt2", "sdpa"), "gpt2").save_pretrained(tmp_path)
+    assert "prompt_embeddings" in load_file(str(tmp_path / "adapter_model.safetensors"))
+    gm = lora_fx.capture(_model("llama", "sdpa"), kwargs=inputs(2, 8))
+    code = gm.code
+    with pytest.raises(AdapterError, match="was the adapter trained on another model"):
+        lora_fx.load_adapter(gm, tmp_path)
+    assert gm.code == code and not meta(gm).get("prefix")
+    assert not [n for n, _ in gm.named_parameters() if "prefix" in n]
+
+
 @pytest.mark.slow
 def test_minilm_parity(tmp_path):
     base = build("minilm")
