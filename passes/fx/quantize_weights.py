@@ -9,8 +9,11 @@ Matches the linear sites ``find_sites`` reports that ``QuantConfig.target_module
 Each becomes one node ``lora_fx::linear_<format>(x, <packed storage>, b, ...)``: a torch custom op
 that dequantizes W right before the matmul. The packed storage is uint8/int8 buffers registered
 next to where W was (``<site>.qweight``, ``qscale``, ...); the float parameter W is deleted, so no
-float copy of W stays alive. The op's backward dequantizes W again instead of saving it, so a
-training step holds at most one layer's float W at a time (as bitsandbytes' ``MatMul4Bit``).
+float copy of W stays alive. The op's backward dequantizes W again instead of saving it (as
+bitsandbytes' ``MatMul4Bit``), and both directions decode W a tile of rows at a time into one
+per-thread buffer right before the matmul that reads it (``lora_fx.kernels.tiled_linear``; 4-bit
+codes through ``lora_fx.kernels.dequant4``, a native kernel where the machine can build it), so a
+training step never holds more than a tile of float W.
 Gradients reach the input (and so the LoRA branches), never the packed storage.
 
 Formats (``QuantDType``):
@@ -40,6 +43,8 @@ import torch.fx as fx
 
 from lora_fx.config import LoraConfig, QuantConfig, QuantDType
 from lora_fx.errors import ConfigError
+from lora_fx.kernels.dequant4 import dequant4
+from lora_fx.kernels.tiled_linear import tiled_grad_input, tiled_linear
 from lora_fx.passes.fx.capture import meta
 from lora_fx.passes.fx.find_sites import QUANTIZED, find_sites
 from lora_fx.passes.result import PassResult
@@ -139,49 +144,18 @@ def quantize_nf4(w: Tensor, block_size: int = 64, double_quant: bool = False, sc
     return out
 
 
-def _nf4_absmax(qscale: Tensor, factor: Optional[Tensor], mean: Optional[Tensor], scaler_block_size: int) -> Tensor:
-    if factor is None:
-        return qscale.float()
-    per_block = factor.repeat_interleave(scaler_block_size)[: qscale.numel()]
-    return qscale.float() / per_block + mean
+# ---- decoding ----------------------------------------------------------------------------------
+# Every format decodes through ``_Decoder.rows``: W[r0:r1] as float32, written by the 4-bit kernel
+# (lora_fx/kernels/dequant4, native C where it builds, else torch ops) or, for int8, by two torch ops.
+_NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
+_INT4_TABLE = torch.arange(16, dtype=torch.float32)
+_INT4_SYMMETRIC_TABLE = _INT4_TABLE - 8  # the zero point of symmetric int4 is 8, folded into the table
 
 
-def _byte_table(values: Tensor, high_first: bool) -> Tensor:
-    """[256, 2]: the two decoded values of every byte, in storage order."""
-    b = torch.arange(256)
-    hi, lo = values[b >> 4], values[b & 15]
-    return torch.stack([hi, lo] if high_first else [lo, hi], dim=1)
-
-
-_TABLES: dict[str, Tensor] = {}
-
-
-def _table(kind: str) -> Tensor:
-    if kind not in _TABLES:
-        if kind == "nf4":
-            _TABLES[kind] = _byte_table(torch.tensor(NF4_CODE, dtype=torch.float32), True)
-        else:
-            _TABLES[kind] = _byte_table(torch.arange(16, dtype=torch.float32), False)
-    return _TABLES[kind]
-
-
-def _unpack(packed: Tensor, kind: str, scratch: bool = False) -> Tensor:
-    """The decoded values of ``packed`` (two per byte), flat; with ``scratch`` written into this thread's
-    scratch buffers (see ``_scratch``) instead of new tensors."""
-    table = _table(kind).to(packed.device)
-    if not scratch:
-        return table.index_select(0, packed.to(torch.int32)).reshape(-1)
-    index = _scratch("index", packed.numel(), torch.int32, packed.device)
-    index.copy_(packed)
-    out = _scratch("values", 2 * packed.numel(), table.dtype, packed.device).view(-1, 2)
-    return torch.index_select(table, 0, index, out=out).reshape(-1)
-
-
-# Per-thread scratch buffers for the dequantized W inside the custom ops. A fresh weight-sized tensor
-# per call costs more than the lookup itself when glibc serves it with mmap (page faults on every
-# call, and MALLOC_MMAP_THRESHOLD_ is what keeps freed dequantize temporaries from piling up in the
-# heap); one buffer per thread, as large as the largest layer, is reused by every layer instead. It
-# holds one layer's W at a time, never a copy per layer. free_scratch() returns it.
+# Per-thread scratch buffers for the decoded W inside the custom ops. A fresh weight-sized tensor per
+# call costs more than the decode itself when glibc serves it with mmap (page faults on every call);
+# one buffer per thread, as large as the largest tile (see kernels/tiled_linear), is reused by every
+# layer instead. It holds one tile of one layer's W at a time. free_scratch() returns it.
 _SCRATCH = threading.local()
 
 
@@ -200,13 +174,78 @@ def free_scratch() -> None:
     _SCRATCH.__dict__.pop("buffers", None)
 
 
+@dataclass
+class _Decoder:
+    """W ``[out_features, in_features]`` of one quantized site, decodable a range of rows at a time.
+
+    4-bit formats: ``packed`` codes, a float ``scale`` (and ``zero``) per block of ``block_size``
+    weights of W flattened row-major. int8 (``table`` None): ``packed`` is the int8 ``[out, in]``
+    matrix and ``scale`` one float per row.
+    """
+
+    packed: Tensor
+    scale: Tensor
+    zero: Optional[Tensor]
+    table: Optional[Tensor]
+    high_first: bool
+    block_size: int
+    out_features: int
+    in_features: int
+
+    def rows(self, r0: int, r1: int, scratch: bool = True) -> Tensor:
+        """W[r0:r1] as float32; with ``scratch`` a view of this thread's buffer (overwritten by the next call)."""
+        k, bs, device = self.in_features, self.block_size, self.packed.device
+
+        def buffer(n: int) -> Tensor:
+            return _scratch("values", n, torch.float32, device) if scratch else torch.empty(n, device=device)
+
+        if self.table is None:
+            out = buffer((r1 - r0) * k).view(r1 - r0, k)
+            return out.copy_(self.packed[r0:r1]).mul_(self.scale[r0:r1].unsqueeze(1))
+        e0, e1 = r0 * k, r1 * k
+        b0, b1 = e0 // bs, -(-e1 // bs)
+        out = buffer((b1 - b0) * bs)
+        dequant4(out, self.packed[b0 * bs // 2 : b1 * bs // 2], self.table, self.scale[b0:b1],
+                 self.zero[b0:b1] if self.zero is not None else None, self.high_first, bs)
+        return out[e0 - b0 * bs : e1 - b0 * bs].view(r1 - r0, k)
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The whole W in ``dtype``, a tensor of the caller's own (never the scratch buffer)."""
+        return self.rows(0, self.out_features, scratch=False).to(dtype)
+
+
+def _nf4_absmax(qscale: Tensor, factor: Optional[Tensor], mean: Optional[Tensor], scaler_block_size: int) -> Tensor:
+    if factor is None:
+        return qscale.float()
+    per_block = factor.repeat_interleave(scaler_block_size)[: qscale.numel()]
+    return qscale.float() / per_block + mean
+
+
+def _nf4_decoder(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
+                 out_features: int, in_features: int, block_size: int, scaler_block_size: int) -> _Decoder:
+    absmax = _nf4_absmax(qscale, qscale_factor, qscale_mean, scaler_block_size)
+    return _Decoder(qweight, absmax, None, _NF4_TABLE.to(qweight.device), True, block_size, out_features, in_features)
+
+
+def _int4_decoder(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], out_features: int, in_features: int,
+                  block_size: int) -> _Decoder:
+    scale = qscale.float()
+    if qzero is None:
+        return _Decoder(qweight, scale, None, _INT4_SYMMETRIC_TABLE.to(qweight.device), False, block_size, out_features, in_features)
+    zeros = torch.empty(2 * qzero.numel(), device=qzero.device)  # the 4-bit zero points, one per block
+    dequant4(zeros, qzero, _INT4_TABLE.to(qzero.device), torch.ones(zeros.numel() // 2, device=qzero.device), None, False, 2)
+    return _Decoder(qweight, scale, zeros[: scale.numel()], _INT4_TABLE.to(qweight.device), False, block_size, out_features, in_features)
+
+
+def _int8_decoder(qweight: Tensor, qscale: Tensor) -> _Decoder:
+    return _Decoder(qweight, qscale, None, None, False, 1, qweight.shape[0], qweight.shape[1])
+
+
 def dequantize_nf4(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
                    out_features: int, in_features: int, block_size: int, scaler_block_size: int,
-                   dtype: torch.dtype = torch.float32, scratch: bool = False) -> Tensor:
-    absmax = _nf4_absmax(qscale, qscale_factor, qscale_mean, scaler_block_size)
-    values = _unpack(qweight, "nf4", scratch).view(-1, block_size)
-    values.mul_(absmax.unsqueeze(1))  # in place: no second weight-sized tensor
-    return values.reshape(-1)[: out_features * in_features].view(out_features, in_features).to(dtype)
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    return _nf4_decoder(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features, block_size,
+                        scaler_block_size).weight(dtype)
 
 
 def quantize_int4(w: Tensor, block_size: int = 64, symmetric: bool = True, pad: bool = True, what: str = "weight") -> dict[str, Tensor]:
@@ -230,12 +269,8 @@ def quantize_int4(w: Tensor, block_size: int = 64, symmetric: bool = True, pad: 
 
 
 def dequantize_int4(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], out_features: int, in_features: int,
-                    block_size: int, dtype: torch.dtype = torch.float32, scratch: bool = False) -> Tensor:
-    codes = _unpack(qweight, "int4", scratch).view(-1, block_size)
-    n_blocks = codes.shape[0]
-    zero = _unpack(qzero, "int4")[:n_blocks] if qzero is not None else torch.full((n_blocks,), 8.0, device=codes.device)
-    values = codes.sub_(zero.unsqueeze(1)).mul_(qscale.float().unsqueeze(1))  # in place, like nf4
-    return values.reshape(-1)[: out_features * in_features].view(out_features, in_features).to(dtype)
+                    block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return _int4_decoder(qweight, qscale, qzero, out_features, in_features, block_size).weight(dtype)
 
 
 def quantize_int8(w: Tensor) -> dict[str, Tensor]:
@@ -246,36 +281,36 @@ def quantize_int8(w: Tensor) -> dict[str, Tensor]:
     return {"qweight": q, "qscale": scale}
 
 
-def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.float32, scratch: bool = False) -> Tensor:
-    if not scratch:
-        return (qweight.float() * qscale.unsqueeze(1)).to(dtype)
-    values = _scratch("values", qweight.numel(), torch.float32, qweight.device).view(qweight.shape)
-    return values.copy_(qweight).mul_(qscale.unsqueeze(1)).to(dtype)
+def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return _int8_decoder(qweight, qscale).weight(dtype)
 
 
 # ---- the custom ops ----------------------------------------------------------------------------
 # One op per format, each linear(x, dequantize(storage), bias). A fused op rather than a dequantize
 # node feeding aten.linear: aten.linear would save the dequantized W for its backward, keeping a
-# float copy of every layer's W alive across the step, which is what QLoRA exists to avoid.
+# float copy of every layer's W alive across the step, which is what QLoRA exists to avoid. Forward
+# and backward decode W a tile of rows at a time (kernels/tiled_linear) into the scratch buffer.
+
+def _linear(x: Tensor, decoder: _Decoder, bias: Optional[Tensor]) -> Tensor:
+    return tiled_linear(x, decoder.rows, decoder.out_features, decoder.in_features, decoder.block_size, bias)
+
 
 @torch.library.custom_op("lora_fx::linear_nf4", mutates_args=())
 def linear_nf4(x: Tensor, qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
                bias: Optional[Tensor], out_features: int, in_features: int, block_size: int, scaler_block_size: int) -> Tensor:
-    w = dequantize_nf4(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features, block_size, scaler_block_size, x.dtype,
-                       scratch=True)
-    return torch.nn.functional.linear(x, w, bias)
+    return _linear(x, _nf4_decoder(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features, block_size,
+                                   scaler_block_size), bias)
 
 
 @torch.library.custom_op("lora_fx::linear_int4", mutates_args=())
 def linear_int4(x: Tensor, qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], bias: Optional[Tensor],
                 out_features: int, in_features: int, block_size: int) -> Tensor:
-    w = dequantize_int4(qweight, qscale, qzero, out_features, in_features, block_size, x.dtype, scratch=True)
-    return torch.nn.functional.linear(x, w, bias)
+    return _linear(x, _int4_decoder(qweight, qscale, qzero, out_features, in_features, block_size), bias)
 
 
 @torch.library.custom_op("lora_fx::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, qweight: Tensor, qscale: Tensor, bias: Optional[Tensor], out_features: int, in_features: int) -> Tensor:
-    return torch.nn.functional.linear(x, dequantize_int8(qweight, qscale, x.dtype, scratch=True), bias)
+    return _linear(x, _int8_decoder(qweight, qscale), bias)
 
 
 @dataclass(frozen=True)
@@ -283,15 +318,19 @@ class _OpSpec:
     op: Any
     storage: tuple[str, ...]  # names of the tensor arguments after x, in order
     bias_index: int  # position of bias among the op's arguments
-    dequantize: Callable[..., Tensor]  # (args, scratch=False) -> W [out, in] in x's dtype
+    decoder: Callable[[tuple], _Decoder]  # the op's arguments -> its W's decoder
+
+    def dequantize(self, args: tuple) -> Tensor:
+        """The op's W ``[out, in]`` in x's dtype (``args[0]``), a fresh tensor."""
+        return self.decoder(args).weight(args[0].dtype)
 
 
 _SPECS: dict[QuantDType, _OpSpec] = {
     QuantDType.NF4: _OpSpec(linear_nf4, ("qweight", "qscale", "qscale_factor", "qscale_mean"), 5,
-                            lambda a, scratch=False: dequantize_nf4(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9], a[0].dtype, scratch)),
+                            lambda a: _nf4_decoder(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9])),
     QuantDType.INT4: _OpSpec(linear_int4, ("qweight", "qscale", "qzero"), 4,
-                             lambda a, scratch=False: dequantize_int4(a[1], a[2], a[3], a[5], a[6], a[7], a[0].dtype, scratch)),
-    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a, scratch=False: dequantize_int8(a[1], a[2], a[0].dtype, scratch)),
+                             lambda a: _int4_decoder(a[1], a[2], a[3], a[5], a[6], a[7])),
+    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a: _int8_decoder(a[1], a[2])),
 }
 
 
@@ -302,14 +341,13 @@ def _register(spec: _OpSpec) -> None:
 
     def setup_context(ctx, inputs, output):
         ctx.args = inputs  # the storage buffers: no copy, and never a float W
-        ctx.save_for_backward(inputs[0])
 
     def backward(ctx, grad):
         args = ctx.args
-        w = spec.dequantize(args, True)  # recomputed, one layer at a time, into the scratch buffer
         grads: list[Optional[Tensor]] = [None] * len(args)
         if ctx.needs_input_grad[0]:
-            grads[0] = grad @ w.to(grad.dtype)
+            d = spec.decoder(args)  # W decoded again, a tile at a time, into the scratch buffer
+            grads[0] = tiled_grad_input(grad, d.rows, d.out_features, d.in_features, d.block_size)
         bias = args[spec.bias_index]
         if bias is not None and ctx.needs_input_grad[spec.bias_index]:
             grads[spec.bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)

@@ -23,7 +23,6 @@ from lora_fx.passes.fx.quantize_weights import (
     quantize_nf4,
     quantized_nodes,
 )
-from lora_fx.passes.fx.quantize_weights import _unpack
 from tests.models import VOCAB, inputs, main_output, max_rel, run
 
 NF4_DQ = QuantConfig(dtype="nf4", double_quant=True)
@@ -95,24 +94,6 @@ def test_nf4_error_is_half_a_code_step_at_most():
     widest_gap = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:]))
     bound = s["qscale"].repeat_interleave(64).view(64, 64) * widest_gap / 2
     assert torch.all((got - w).abs() <= bound + 1e-6)
-
-
-@pytest.mark.parametrize("kind", ["nf4", "int4"])
-def test_unpacking_decodes_every_byte_pair_in_nibble_order(kind):
-    v = torch.arange(65536)
-    packed = torch.stack([v & 255, v >> 8], 1).reshape(-1).to(torch.uint8)  # every pair of bytes, once
-    hi, lo = (packed >> 4).long(), (packed & 15).long()
-    if kind == "nf4":  # high nibble first, through the code book
-        expect = torch.tensor(NF4_CODE)[torch.stack([hi, lo], 1).reshape(-1)]
-    else:  # int4: low nibble first, the code itself
-        expect = torch.stack([lo, hi], 1).reshape(-1).float()
-    assert torch.equal(_unpack(packed, kind), expect)
-    # Into the thread's scratch buffers (what the custom ops use): the same values, and the buffer is
-    # reused, not reallocated, by a smaller weight.
-    first = _unpack(packed, kind, scratch=True)
-    assert torch.equal(first, expect)
-    again = _unpack(packed[: packed.numel() // 2], kind, scratch=True)
-    assert again.data_ptr() == first.data_ptr() and torch.equal(again, expect[: expect.numel() // 2])
 
 
 def test_dequantized_weights_handed_out_never_share_the_scratch_buffer(zoo):
@@ -207,6 +188,28 @@ def test_zero_adapters_on_quantized_base_equal_dequantized_model(zoo, name, dtyp
         assert max_rel(got, want) <= 1e-6
         # Quantization really changed the model, so the comparison above can fail.
         assert max_rel(got, run(zoo.model(name), b)) > 1e-5
+
+
+@pytest.mark.parametrize("dtype", list(QuantDType))
+def test_a_layer_decoded_in_many_tiles_gives_the_whole_weight_s_output_and_input_gradient(dtype, monkeypatch):
+    """The ops decode W a tile of rows at a time; force many tiles (the last one short) on one layer."""
+    from lora_fx.kernels import tiled_linear
+
+    monkeypatch.setattr(tiled_linear, "TILE_VALUES", 1000)
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(96, 200))
+    x = torch.randn(3, 7, 96)
+    gm = lora_fx.capture(layer, args=(x,))
+    gm = lora_fx.passes.fx.quantize_weights.quantize_weights(gm, QuantConfig(dtype=dtype, target_modules=".*")).model
+    (site,) = quantized_nodes(gm)
+    w = dequantized_weight(gm, site)
+    xq, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = main_output(gm(xq)), torch.nn.functional.linear(xr, w, layer[0].bias.detach())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(xq.grad, xr.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_sites_keep_names_and_shapes(zoo):

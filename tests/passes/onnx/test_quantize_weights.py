@@ -104,6 +104,7 @@ def test_double_quantized_onnx_model_takes_lora_and_merges(tmp_path):
     from lora_fx.passes.onnx.fold_lora import FoldLora, QuantMerge, fold_lora
 
     model, _, _ = _mlp()
+    torch.manual_seed(0)  # the random adapter: without a seed the bound below depends on which tests ran first
     lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False),
                   quant=QuantConfig(dtype="nf4", double_quant=True, target_modules=".*"))
     path = lora_fx.save(model, tmp_path / "qlora.onnx")

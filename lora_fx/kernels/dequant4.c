@@ -1,0 +1,90 @@
+/* Decode 4-bit block-quantized weights (nf4, int4) to float32: the inner loop of QLoRA's dequantize.
+ *
+ * out[2i], out[2i+1] = (table16[first nibble of packed[i]] - zero[b]) * scale[b], b the block of the
+ * value (block_size values, block_size / 2 bytes); zero == NULL means 0. high_first: the first value
+ * of a byte is its high nibble (nf4), else its low nibble (int4, as ONNX stores it).
+ *
+ * Built by lora_fx/kernels/dequant4.py with the machine's C compiler (-O3 -march=native). With
+ * AVX-512 the 16-entry table sits in one register and _mm512_permutexvar_ps looks up 16 codes per
+ * instruction; without it a scalar loop computes the same values. The arithmetic is the same as the
+ * torch fallback's (a subtract, then a multiply), so both give bit-identical weights.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef struct {
+    const uint8_t *packed;
+    const float *table16, *scale, *zero;
+    float *out;
+    int64_t first_block, end_block, block_size;
+    int high_first;
+} job_t;
+
+static void run_blocks(const job_t *j) {
+    const int64_t half = j->block_size / 2;
+#ifdef __AVX512F__
+    if (half % 16 == 0) {
+        const __m512 table = _mm512_loadu_ps(j->table16);
+        const __m512i first_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i second_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        const __m512i low_mask = _mm512_set1_epi32(15);
+        for (int64_t blk = j->first_block; blk < j->end_block; ++blk) {
+            const __m512 s = _mm512_set1_ps(j->scale[blk]);
+            const __m512 z = _mm512_set1_ps(j->zero ? j->zero[blk] : 0.0f);
+            const uint8_t *p = j->packed + blk * half;
+            float *o = j->out + blk * j->block_size;
+            for (int64_t i = 0; i < half; i += 16) {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + i)));
+                __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, low_mask);
+                __m512 a = _mm512_permutexvar_ps(j->high_first ? hi : lo, table);
+                __m512 b = _mm512_permutexvar_ps(j->high_first ? lo : hi, table);
+                __m512 v0 = _mm512_permutex2var_ps(a, first_half, b), v1 = _mm512_permutex2var_ps(a, second_half, b);
+                if (j->zero) {
+                    v0 = _mm512_sub_ps(v0, z);
+                    v1 = _mm512_sub_ps(v1, z);
+                }
+                _mm512_storeu_ps(o + 2 * i, _mm512_mul_ps(v0, s));
+                _mm512_storeu_ps(o + 2 * i + 16, _mm512_mul_ps(v1, s));
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t blk = j->first_block; blk < j->end_block; ++blk) {
+        const float s = j->scale[blk];
+        const uint8_t *p = j->packed + blk * half;
+        float *o = j->out + blk * j->block_size;
+        for (int64_t i = 0; i < half; ++i) {
+            const int hi = p[i] >> 4, lo = p[i] & 15;
+            float a = j->table16[j->high_first ? hi : lo], b = j->table16[j->high_first ? lo : hi];
+            if (j->zero) {
+                a -= j->zero[blk];
+                b -= j->zero[blk];
+            }
+            o[2 * i] = a * s;
+            o[2 * i + 1] = b * s;
+        }
+    }
+}
+
+/* n_blocks whole blocks, split over n_threads OpenMP threads. Built with -fopenmp, the library needs
+ * libgomp.so.1, which the loader finds already loaded by torch: the kernel runs on torch's own OpenMP
+ * threads (already awake after the previous matmul) rather than on threads of its own that would
+ * compete with torch's spinning ones for the cores. */
+int lora_fx_dequant4(const uint8_t *packed, int64_t n_blocks, int64_t block_size, const float *table16,
+                     const float *scale, const float *zero, int high_first, float *out, int n_threads) {
+    /* Below about 64 Ki values per thread, a thread costs more to wake than it saves. */
+    const int64_t min_blocks = (65536 + block_size - 1) / block_size;
+    int64_t useful = n_blocks / min_blocks;
+    if (n_threads > useful) n_threads = useful > 1 ? (int)useful : 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (int t = 0; t < n_threads; ++t) {
+        job_t job = {packed, table16, scale, zero, out, n_blocks * t / n_threads, n_blocks * (t + 1) / n_threads,
+                     block_size, high_first};
+        run_blocks(&job);
+    }
+    return 0;
+}

@@ -1,0 +1,79 @@
+"""dequant4: the native kernel and the torch fallback decode every byte the same, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_fx.kernels import dequant4 as dq
+from lora_fx.passes.fx.quantize_weights import NF4_CODE
+
+NATIVE = dq.native_status().startswith("native")
+
+
+def _every_byte_pair() -> torch.Tensor:
+    v = torch.arange(65536)
+    return torch.stack([v & 255, v >> 8], 1).reshape(-1).to(torch.uint8)
+
+
+def _reference(packed, table, scale, zero, high_first, block):
+    hi, lo = (packed >> 4).long(), (packed & 15).long()
+    codes = torch.stack([hi, lo] if high_first else [lo, hi], 1).reshape(-1)
+    values = table[codes].view(-1, block)
+    if zero is not None:
+        values = values - zero.unsqueeze(1)
+    return (values * scale.unsqueeze(1)).reshape(-1)
+
+
+@pytest.mark.parametrize("block", [64, 32, 6])  # the AVX-512 path (multiple of 32) and the scalar loop
+@pytest.mark.parametrize("form", ["nf4", "int4_symmetric", "int4_affine"])
+@pytest.mark.parametrize("impl", ["native", "torch"])
+def test_every_byte_decodes_to_table_minus_zero_times_scale(impl, form, block, monkeypatch):
+    if impl == "native" and not NATIVE:
+        pytest.skip(dq.native_status())
+    if impl == "torch":
+        monkeypatch.setattr(dq, "_native", lambda: None)
+    packed = _every_byte_pair()[: (131072 // block) * block // 2 * 2 // 2 * 2]
+    packed = packed[: packed.numel() // (block // 2) * (block // 2)]
+    n_blocks = packed.numel() * 2 // block
+    g = torch.Generator().manual_seed(block)
+    scale = torch.rand(n_blocks, generator=g) * 3
+    if form == "nf4":
+        table, zero, high_first = torch.tensor(NF4_CODE), None, True
+    elif form == "int4_symmetric":
+        table, zero, high_first = torch.arange(16.0) - 8, None, False
+    else:
+        table, zero, high_first = torch.arange(16.0), torch.randint(0, 16, (n_blocks,), generator=g).float(), False
+    out = torch.full((n_blocks * block,), float("nan"))
+    got = dq.dequant4(out, packed, table, scale, zero, high_first, block)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, _reference(packed, table, scale, zero, high_first, block))
+
+
+def test_status_says_which_implementation_decodes_and_why():
+    status = dq.native_status()
+    assert status.startswith(("native (", "torch ops ("))
+
+
+def test_no_compiler_falls_back_to_torch_ops_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORA_FX_NATIVE", raising=False)
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    monkeypatch.setenv("LORA_FX_CACHE_DIR", str(tmp_path))
+    lib, status = dq._build()
+    assert lib is None and "no C compiler 'no-such-compiler-xyz'" in status and "set CC" in status
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LORA_FX_NATIVE", "0")
+    lib, status = dq._build()
+    assert lib is None and "LORA_FX_NATIVE=0" in status
+
+
+@pytest.mark.skipif(not NATIVE, reason="no native kernel here")
+def test_a_fresh_build_lands_under_its_final_name_only(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORA_FX_NATIVE", raising=False)
+    monkeypatch.setenv("LORA_FX_CACHE_DIR", str(tmp_path))
+    lib, status = dq._build()
+    assert lib is not None and status.startswith("native")
+    assert [p.name for p in tmp_path.iterdir()] == [status.split("(")[1].split(",")[0]]
