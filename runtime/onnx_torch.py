@@ -783,6 +783,32 @@ def _dequantize_linear(ctx, x, a):
     return (h * sf).to(out_dtype)
 
 
+# MatMulBnb4 and MatMulNBits in lora_fx's own layouts run as lora_fx's quantized linear ops: W decoded a
+# tile at a time and decoded again in backward instead of saved, so training through an ONNX file's
+# 4-bit weights keeps no float copy of them alive across the step (torch.matmul on a decoded W would
+# save that W for its backward, one per layer). Other layouts take the plain decode below.
+_TRAINING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _quant_ops() -> Any:
+    import lora_fx.passes.fx.quantize_weights  # noqa: F401  (registers the ops)
+
+    return torch.ops.lora_fx
+
+
+def _training_int4(inp: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None,
+                   n: int, k: int, block: int, n_blocks: int) -> torch.Tensor | None:
+    """MatMulNBits through ``lora_fx::linear_int4`` where the layouts agree, else None."""
+    # Blocks along each row of W [N, K] are lora_fx's blocks over W flattened when K is a whole number
+    # of blocks; 4-bit zero points pack the same way when each row holds an even number of blocks.
+    if k % block or block % 2 or inp.dtype not in _TRAINING_DTYPES:
+        return None
+    if zp is not None and (zp.dtype != torch.uint8 or n_blocks % 2):
+        return None
+    return _quant_ops().linear_int4(inp, packed.reshape(-1), scales.reshape(-1).to(torch.float32),
+                                    zp.reshape(-1) if zp is not None else None, None, n, k, block)
+
+
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 bytes -> 4-bit values, low nibble first (ORT's packing)."""
     p = packed.to(torch.int32)
@@ -800,6 +826,9 @@ def _matmul_nbits(ctx, x, a):
     if bits != 4:
         raise UnsupportedError(f"com.microsoft.MatMulNBits with bits={bits} is not supported (only 4)")
     n_blocks = -(-k // block)
+    fast = _training_int4(inp, packed, scales, zp, n, k, block, n_blocks)
+    if fast is not None:
+        return fast
     q = _unpack_nibbles(packed.reshape(n, n_blocks, -1)).to(torch.float32)  # [N, blocks, block]
     sc = scales.reshape(n, n_blocks, 1).to(torch.float32)
     if zp is None:
@@ -826,6 +855,14 @@ _FP4 = [0.0, 0.0052083333, 0.6666667, 1.0, 0.3333333, 0.5, 0.1666667, 0.25,
 def _matmul_bnb4(ctx, x, a):
     inp, packed, absmax = ctx.t(x[0]), ctx.t(x[1]), ctx.t(x[2])
     n, k, block, quant_type = a["N"], a["K"], a["block_size"], a.get("quant_type", 1)
+    if quant_type == 1 and a.get("transB", 1) != 0 and block % 2 == 0 and inp.dtype in _TRAINING_DTYPES:
+        # W [N, K] flattened in absmax blocks, high nibble first: lora_fx's own nf4 layout.
+        n_blocks = -(-(n * k) // block)
+        flat = packed.reshape(-1)
+        if flat.numel() < n_blocks * block // 2:  # the op's bytes stop at N*K codes; the decode reads whole blocks
+            flat = F.pad(flat, (0, n_blocks * block // 2 - flat.numel()))
+        return _quant_ops().linear_nf4(inp, flat, absmax.reshape(-1)[:n_blocks].to(torch.float32), None, None, None,
+                                       n, k, block, 1)
     table = torch.tensor(_NF4 if quant_type == 1 else _FP4, dtype=torch.float32, device=inp.device)
     p = packed.reshape(-1).to(torch.int32)
     codes = torch.stack((p // 16, p % 16), dim=-1).reshape(-1)[: n * k]  # bnb packs the high nibble first

@@ -289,9 +289,10 @@ def test_dequantize_linear_per_channel(tmp_path: Path) -> None:
     _check_op(model, {"q": q}, tmp_path)
 
 
+@pytest.mark.parametrize("k", [40, 64])  # 40: a partial last block (the plain decode); 64: lora_fx's int4 op
 @pytest.mark.parametrize("with_zp", [False, True])
-def test_matmul_nbits(with_zp: bool, tmp_path: Path) -> None:
-    n, k, block = 6, 40, 16
+def test_matmul_nbits(with_zp: bool, k: int, tmp_path: Path) -> None:
+    n, block = 6, 16
     blocks = -(-k // block)
     packed = rng.integers(0, 256, (n, blocks, block // 2)).astype(np.uint8)
     scales = (rng.random((n * blocks)) + 0.1).astype(np.float32)
@@ -313,6 +314,38 @@ def test_matmul_bnb4_nf4(tmp_path: Path) -> None:
     node = helper.make_node("MatMulBnb4", ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block, quant_type=1)
     x = rng.standard_normal((2, k)).astype(np.float32)
     model = _single(node, {"x": x}, inits={"w": packed, "a": absmax}, ms=True)
+    _check_op(model, {"x": x}, tmp_path, tol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["MatMulBnb4", "MatMulNBits"])
+def test_training_through_4bit_onnx_weights_saves_no_float_weight(op: str, tmp_path: Path) -> None:
+    """The backward decodes W again (lora_fx's quantized ops) instead of keeping the decoded W."""
+    n, k, block = 48, 64, 32
+    if op == "MatMulBnb4":
+        inits = {"w": rng.integers(0, 256, (n * k // 2,)).astype(np.uint8), "a": (rng.random(n * k // block) + 0.5).astype(np.float32)}
+        node = helper.make_node(op, ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block, quant_type=1)
+    else:
+        inits = {"w": rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8),
+                 "s": (rng.random(n * k // block) + 0.1).astype(np.float32), "z": rng.integers(0, 256, (n, 1)).astype(np.uint8)}
+        node = helper.make_node(op, ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    x = rng.standard_normal((3, 5, k)).astype(np.float32)
+    model = _single(node, {"x": x}, inits=inits, ms=True)
+    module = OnnxModule(model, trainable=[])
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    xt = torch.from_numpy(x).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x=xt)["y"]
+    y.pow(2).sum().backward()
+    assert not [s for s in saved if s[0] in {(n, k), (k, n)}], saved
+    # The gradient is the one of x @ W.T with the decoded W (here from the ONNX Runtime outputs' own W).
+    eye = OnnxModule(_single(node, {"x": np.eye(k, dtype=np.float32)}, inits=inits, ms=True), trainable=[])
+    w_t = eye(x=torch.eye(k))["y"].detach()  # [K, N] = W.T
+    torch.testing.assert_close(xt.grad, 2 * (xt.detach() @ w_t) @ w_t.t(), rtol=1e-4, atol=1e-4)
     _check_op(model, {"x": x}, tmp_path, tol=1e-4)
 
 
