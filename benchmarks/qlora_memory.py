@@ -172,7 +172,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
         )
     lines += ["", "Step ratio: the process's CPU time per step (both threads) against LoRA fp32's; the rows run one after "
               "another, so wall-time ratios would compare different loads of the shared machine.", "",
-              f"4-bit decode: {summary['dequantize']}.", "",
+              f"Decode: {summary['dequantize']}.", "",
               f"Targets (nf4 on {TARGET_MODEL}, where the weights dominate): peak training memory <= 0.5x LoRA fp32; "
               "step time <= 1.5x.", ""]
     for key, value in summary["targets"].items():
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             targets[f"{name} nf4 peak RSS ratio (<= 0.5){mark}"] = round(llama["nf4"]["peak_ratio"], 3)
             targets[f"{name} nf4 peak RSS above baseline ratio"] = round(llama["nf4"]["above_baseline_ratio"], 3)
             targets[f"{name} nf4 step time ratio (<= 1.5){mark}"] = round(llama["nf4"]["step_ratio"], 3)
-    from lora_fx.kernels.dequant4 import native_status
+    from lora_fx.kernels.dequant import native_status
 
     summary = {"host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 2", "targets": targets,
                "dequantize": native_status(),

@@ -12,7 +12,7 @@ next to where W was (``<site>.qweight``, ``qscale``, ...); the float parameter W
 float copy of W stays alive. The op's backward dequantizes W again instead of saving it (as
 bitsandbytes' ``MatMul4Bit``), and both directions decode W a tile of rows at a time into one
 per-thread buffer right before the matmul that reads it (``lora_fx.kernels.tiled_linear``; 4-bit
-codes through ``lora_fx.kernels.dequant4``, a native kernel where the machine can build it), so a
+codes and int8 through ``lora_fx.kernels.dequant``, native kernels where the machine can build them), so a
 training step never holds more than a tile of float W.
 Gradients reach the input (and so the LoRA branches), never the packed storage.
 
@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from lora_fx.config import LoraConfig, QuantConfig, QuantDType
 from lora_fx.errors import ConfigError
-from lora_fx.kernels.dequant4 import dequant4
+from lora_fx.kernels.dequant import dequant4, dequant8
 from lora_fx.kernels.tiled_linear import tiled_grad_input, tiled_linear
 from lora_fx.passes.fx.capture import meta
 from lora_fx.passes.fx.find_sites import QUANTIZED, find_sites
@@ -146,7 +146,7 @@ def quantize_nf4(w: Tensor, block_size: int = 64, double_quant: bool = False, sc
 
 # ---- decoding ----------------------------------------------------------------------------------
 # Every format decodes through ``_Decoder.rows``: W[r0:r1] as float32, written by the 4-bit kernel
-# (lora_fx/kernels/dequant4, native C where it builds, else torch ops) or, for int8, by two torch ops.
+# and int8 kernels (lora_fx/kernels/dequant: native C where it builds, else torch ops).
 _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
 _INT4_TABLE = torch.arange(16, dtype=torch.float32)
 _INT4_SYMMETRIC_TABLE = _INT4_TABLE - 8  # the zero point of symmetric int4 is 8, folded into the table
@@ -200,8 +200,7 @@ class _Decoder:
             return _scratch("values", n, torch.float32, device) if scratch else torch.empty(n, device=device)
 
         if self.table is None:
-            out = buffer((r1 - r0) * k).view(r1 - r0, k)
-            return out.copy_(self.packed[r0:r1]).mul_(self.scale[r0:r1].unsqueeze(1))
+            return dequant8(buffer((r1 - r0) * k).view(r1 - r0, k), self.packed[r0:r1], self.scale[r0:r1])
         e0, e1 = r0 * k, r1 * k
         b0, b1 = e0 // bs, -(-e1 // bs)
         out = buffer((b1 - b0) * bs)

@@ -1,12 +1,14 @@
-/* Decode 4-bit block-quantized weights (nf4, int4) to float32: the inner loop of QLoRA's dequantize.
+/* Decode quantized weights to float32: the inner loop of QLoRA's dequantize.
  *
- * out[2i], out[2i+1] = (table16[first nibble of packed[i]] - zero[b]) * scale[b], b the block of the
+ * lora_fx_dequant4 (nf4, int4): out[2i], out[2i+1] = (table16[first nibble of packed[i]] - zero[b]) * scale[b], b the block of the
  * value (block_size values, block_size / 2 bytes); zero == NULL means 0. high_first: the first value
  * of a byte is its high nibble (nf4), else its low nibble (int4, as ONNX stores it).
  *
- * Built by lora_fx/kernels/dequant4.py with the machine's C compiler (-O3 -march=native). With
+ * lora_fx_dequant8 (int8, one scale per row): out[r, c] = (float)q[r, c] * scale[r].
+ *
+ * Built by lora_fx/kernels/dequant.py with the machine's C compiler (-O3 -march=native). With
  * AVX-512 the 16-entry table sits in one register and _mm512_permutexvar_ps looks up 16 codes per
- * instruction; without it a scalar loop computes the same values. The arithmetic is the same as the
+ * instruction (and int8 widens 16 values per instruction); without it scalar loops compute the same values. The arithmetic is the same as the
  * torch fallback's (a subtract, then a multiply), so both give bit-identical weights.
  */
 #include <stddef.h>
@@ -86,5 +88,32 @@ int lora_fx_dequant4(const uint8_t *packed, int64_t n_blocks, int64_t block_size
                      block_size, high_first};
         run_blocks(&job);
     }
+    return 0;
+}
+
+static void run_rows8(const int8_t *q, int64_t r0, int64_t r1, int64_t cols, const float *scale, float *out) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const int8_t *src = q + r * cols;
+        float *dst = out + r * cols;
+        int64_t c = 0;
+#ifdef __AVX512F__
+        const __m512 s = _mm512_set1_ps(scale[r]);
+        for (; c + 16 <= cols; c += 16) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + c))));
+            _mm512_storeu_ps(dst + c, _mm512_mul_ps(v, s));
+        }
+#endif
+        for (; c < cols; ++c) dst[c] = (float)src[c] * scale[r];
+    }
+}
+
+/* rows x cols int8 values, one scale per row, split by rows over n_threads OpenMP threads. */
+int lora_fx_dequant8(const int8_t *q, int64_t rows, int64_t cols, const float *scale, float *out, int n_threads) {
+    const int64_t min_rows = cols > 0 ? (65536 + cols - 1) / cols : rows;
+    int64_t useful = min_rows > 0 ? rows / min_rows : 1;
+    if (n_threads > useful) n_threads = useful > 1 ? (int)useful : 1;
+    if (n_threads < 1) n_threads = 1;
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (int t = 0; t < n_threads; ++t) run_rows8(q, rows * t / n_threads, rows * (t + 1) / n_threads, cols, scale, out);
     return 0;
 }

@@ -1,11 +1,11 @@
-"""dequant4: the native kernel and the torch fallback decode every byte the same, bit for bit."""
+"""dequant: the native kernels and the torch fallbacks decode every code the same, bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lora_fx.kernels import dequant4 as dq
+from lora_fx.kernels import dequant as dq
 from lora_fx.passes.fx.quantize_weights import NF4_CODE
 
 NATIVE = dq.native_status().startswith("native")
@@ -48,6 +48,20 @@ def test_every_byte_decodes_to_table_minus_zero_times_scale(impl, form, block, m
     got = dq.dequant4(out, packed, table, scale, zero, high_first, block)
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(got, _reference(packed, table, scale, zero, high_first, block))
+
+
+@pytest.mark.parametrize("cols", [64, 37])  # the vector loop, and a scalar tail
+@pytest.mark.parametrize("impl", ["native", "torch"])
+def test_int8_rows_decode_to_value_times_row_scale(impl, cols, monkeypatch):
+    if impl == "native" and not NATIVE:
+        pytest.skip(dq.native_status())
+    if impl == "torch":
+        monkeypatch.setattr(dq, "_native", lambda: None)
+    q = torch.arange(-128, 128, dtype=torch.int8).repeat(cols * 9 // 256 + 1)[: 9 * cols].view(9, cols)
+    scale = torch.rand(9, generator=torch.Generator().manual_seed(cols)) * 2
+    out = torch.full((9, cols), float("nan"))
+    assert dq.dequant8(out, q, scale) is out
+    assert torch.equal(out, q.float() * scale.unsqueeze(1))
 
 
 def test_status_says_which_implementation_decodes_and_why():

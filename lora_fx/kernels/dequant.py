@@ -1,4 +1,7 @@
-"""Decode 4-bit block-quantized weights to float32: a C kernel (``dequant4.c``) or torch ops.
+"""Decode quantized weights to float32: C kernels (``dequant.c``) or torch ops.
+
+``dequant4``: 4-bit codes (nf4, int4) through a 16-entry table, a scale (and zero point) per block.
+``dequant8``: int8 with one scale per row.
 
 The kernel is compiled once per machine with ``$CC`` (default ``cc``) at ``-O3 -march=native`` into
 ``$LORA_FX_CACHE_DIR`` (default ``~/.cache/lora_fx``), written under a temporary name and renamed, and
@@ -25,7 +28,7 @@ import torch
 
 Tensor = torch.Tensor
 
-_SOURCE = Path(__file__).with_name("dequant4.c")
+_SOURCE = Path(__file__).with_name("dequant.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -55,16 +58,16 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
         return None, f"torch ops (no C compiler '{cc}' on PATH; set CC to build the native kernel)"
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_key().encode() + platform.machine().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"dequant4-{digest}.so"
+    target = _cache_dir() / f"dequant-{digest}.so"
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".dequant4-", suffix=".so", dir=target.parent)
+            fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=target.parent)
             os.close(fd)
             proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 os.unlink(tmp)
-                return None, f"torch ops ({cc} failed on dequant4.c: {proc.stderr.strip()[:300]})"
+                return None, f"torch ops ({cc} failed on dequant.c: {proc.stderr.strip()[:300]})"
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"torch ops (could not build the native kernel in {target.parent}: {exc})"
@@ -76,6 +79,9 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    fn = lib.lora_fx_dequant8
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib, f"native ({target.name}, {cc} -march=native)"
 
 
@@ -88,7 +94,7 @@ def _native() -> Optional[ctypes.CDLL]:
 
 
 def native_status() -> str:
-    """Which implementation decodes 4-bit weights here, and why."""
+    """Which implementation decodes quantized weights here, and why."""
     _native()
     return str(_STATE["status"])
 
@@ -131,3 +137,14 @@ def _dequant4_torch(out: Tensor, packed: Tensor, table16: Tensor, scale: Tensor,
     if zero is not None:
         values.sub_(zero.float().unsqueeze(1))
     return values.mul_(scale.float().unsqueeze(1)).view(-1)
+
+
+def dequant8(out: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """Write ``q[r, c] * scale[r]`` into ``out`` (float32 ``[rows, cols]``, like ``q``, int8). Returns ``out``."""
+    lib = _native() if q.device.type == "cpu" else None
+    if (lib is not None and q.dtype == torch.int8 and out.dtype == torch.float32 and q.dim() == 2
+            and q.is_contiguous() and out.is_contiguous()):
+        scale = scale.float().contiguous()
+        lib.lora_fx_dequant8(q.data_ptr(), q.shape[0], q.shape[1], scale.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+    return out.copy_(q).mul_(scale.float().unsqueeze(1))
