@@ -21,12 +21,15 @@ import onnx_ir as ir
 
 from lora_fx.enums import parse_enum
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
-from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, write_records
+from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, replace_value, write_records
 from lora_fx.passes.onnx.quantized_weight import QuantizedWeight, quantized_weight, replace_by_float, write_storage
 from lora_fx.passes.result import PassResult
 
 # Nodes a LoRA input may pass through on its way from the site's own input (eval-mode dropout).
 _PASS_THROUGH = {"Identity", "Dropout"}
+# Between a site and its branch of a half-precision model (fp16/bf16 bases train fp32 adapters, as
+# PEFT does): x -> Cast(float) -> x @ A @ B, and Cast(y, float) + delta -> Cast back to the model's dtype.
+_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _QUANTIZED_OPS = {"MatMulBnb4", "MatMulNBits"}
 
 
@@ -64,6 +67,7 @@ class _Fold:
     gemm_alpha: float
     consumer: ir.Node  # the node reading W (MatMul, Transpose or Gemm)
     quant: QuantizedWeight | None = None
+    up_cast: ir.Node | None = None  # Cast(y, float) of a half-precision site, undone after the fold
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -72,9 +76,38 @@ def _attr(node: ir.Node, name: str, default):
 
 
 def _source(value: ir.Value) -> ir.Value:
-    while value.producer() is not None and value.producer().op_type in _PASS_THROUGH:
+    # A Cast too: the branch of a half-precision site reads x cast to float, the site x itself.
+    while value.producer() is not None and value.producer().op_type in _PASS_THROUGH | {"Cast"}:
         value = value.producer().inputs[0]
     return value
+
+
+def _up_cast(value: ir.Value) -> ir.Node | None:
+    """The ``Cast(y, to=float)`` producing ``value`` when y is fp16/bf16, else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Cast" or node.inputs[0] is None or node.inputs[0].dtype not in _HALF:
+        return None
+    return node if _attr(node, "to", None) == ir.DataType.FLOAT else None
+
+
+def _drop_precision_casts(graph: ir.Graph, fold: _Fold) -> None:
+    """After a half-precision branch is gone: drop its x Cast, and Cast(Cast(y, float), half) becomes y
+    (exact: float holds every fp16/bf16 value), so the folded graph has the base model's nodes."""
+    x_cast = fold.branch.x.producer()
+    if x_cast is not None and x_cast.op_type == "Cast" and not list(fold.branch.x.uses()) and fold.branch.x not in graph.outputs:
+        graph.remove(x_cast, safe=True)
+    up = fold.up_cast
+    if up is None:
+        return
+    y, y_float = up.inputs[0], up.outputs[0]
+    downs = [use.node for use in y_float.uses()]
+    if y_float in graph.outputs or not downs or not all(
+            d.op_type == "Cast" and _attr(d, "to", None) == y.dtype for d in downs):
+        return
+    for down in downs:
+        replace_value(graph, down.outputs[0], y)
+        graph.remove(down, safe=True)
+    graph.remove(up, safe=True)
 
 
 def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.Value | None:
@@ -117,6 +150,7 @@ class FoldLora:
                 self._apply_quantized(graph, fold, merged[fold.branch.site])
             else:
                 self._apply(graph, fold, merged[fold.branch.site])
+            _drop_precision_casts(graph, fold)
         write_records(model, {})
         for key in (CONFIG_KEY, FINGERPRINT_KEY):
             model.metadata_props.pop(key, None)
@@ -127,7 +161,8 @@ class FoldLora:
 
     def _plan(self, graph: ir.Graph, site: str, rec: dict) -> _Fold:
         branch = find_branch(graph, site, rec)
-        node = branch.y.producer()
+        up_cast = _up_cast(branch.y)
+        node = up_cast.inputs[0].producer() if up_cast is not None else branch.y.producer()
         if node is not None and node.op_type == "Add":
             # y = x @ W + bias: the weight is behind the bias Add.
             for i, other in ((0, 1), (1, 0)):
@@ -146,7 +181,7 @@ class FoldLora:
                 )
             if _source(node.inputs[0]) is not _source(branch.x):
                 raise UnsupportedError(f"site {site}: the LoRA branch reads a different input than the site's weight; cannot fold")
-            return _Fold(branch, None, True, 1.0, quant.matmul, quant)
+            return _Fold(branch, None, True, 1.0, quant.matmul, quant, up_cast)
         if node is None or node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             found = "a graph input" if node is None else node.op_type
             raise UnsupportedError(
@@ -171,7 +206,7 @@ class FoldLora:
             )
         if _source(node.inputs[0]) is not _source(branch.x):
             raise UnsupportedError(f"site {site}: the LoRA branch reads a different input than the site's weight; cannot fold")
-        return _Fold(branch, weight, transposed, alpha, consumer)
+        return _Fold(branch, weight, transposed, alpha, consumer, None, up_cast)
 
     @staticmethod
     def _merged_weight(fold: _Fold) -> np.ndarray:

@@ -157,18 +157,21 @@ def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
     return Branch(site, a, b, mm_a, mm_b, add, mm_a.inputs[0], y, BranchForm.MATMUL_ADD, [mm_a, mm_b, add])
 
 
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every user of ``old`` (and a graph output) reads ``new``; a graph output keeps its name."""
+    if old in graph.outputs:
+        idx = graph.outputs.index(old)
+        old_name = old.name
+        old.name = None
+        graph.outputs[idx] = new
+        if new.name is not None and new not in graph.outputs[:idx]:
+            new.name = old_name
+    ir.convenience.replace_all_uses_with(old, new)
+
+
 def remove_branch(graph: ir.Graph, branch: Branch) -> None:
     """Drop the branch's nodes and initializers; the Add's users (and a graph output) read ``y`` again."""
-    out = branch.add.outputs[0]
-    if out in graph.outputs:
-        # Keep the graph's output name: the site output takes the Add's name.
-        idx = graph.outputs.index(out)
-        old_name = out.name
-        out.name = None
-        graph.outputs[idx] = branch.y
-        if branch.y.name is not None and branch.y not in graph.outputs[:idx]:
-            branch.y.name = old_name
-    ir.convenience.replace_all_uses_with(out, branch.y)
+    replace_value(graph, branch.add.outputs[0], branch.y)
     graph.remove(list(reversed(branch.nodes)), safe=True)
     for value in (branch.a, branch.b):
         graph.initializers.pop(value.name, None)

@@ -59,6 +59,37 @@ def test_names_survive_and_the_merged_model_is_the_base_graph(name):
     assert all(not isinstance(d, int) for d in merged.graph.inputs[0].shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_merge_into_the_base_graph(dtype, tmp_path):
+    """fp16/bf16 bases train fp32 adapters (as PEFT does), so the exported branch casts x up and the sum
+    back down; the merge folds A @ B into the half-precision W and drops those Casts again."""
+    model = models.build("llama").to(dtype)
+    example = models.inputs(2, 8)
+    base = lora_fx.export_onnx(lora_fx.capture(model, kwargs=example), tmp_path / "base.onnx", kwargs=example)
+    torch.manual_seed(0)
+    gm = lora_fx.apply(lora_fx.capture(model, kwargs=example),
+                       lora_fx.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    merged = lora_fx.export_onnx(gm, tmp_path / "merged.onnx", kwargs=example, mode="merged")
+    got_model, base_model = ir.load(str(merged.model_path)), ir.load(str(base.model_path))
+    assert collections.Counter(n.op_type for n in got_model.graph) == collections.Counter(n.op_type for n in base_model.graph)
+    # The folded W is W + (A @ B) * scale rounded once to the model's dtype (stored [out, in] or, with the
+    # exporter's transpose folded into it, [in, out]; half-precision weights may lose their names there).
+    site = "model.layers.0.self_attn.q_proj"
+    mod = gm.get_submodule(site)
+    w0 = model.get_submodule(site).weight.detach().double()
+    delta = (mod.lora_B.weight.detach().double() @ mod.lora_A.weight.detach().double()) * meta(gm)["lora_sites"][site]["scale"]
+    expect = (w0 + delta).to(dtype).float()
+    stored = [torch.from_numpy(np.asarray(v.const_value.numpy()).astype(np.float32)) for v in got_model.graph.initializers.values()
+              if v.const_value is not None and tuple(v.shape) in {tuple(expect.shape), tuple(expect.shape[::-1])}]
+    assert any(torch.equal(w, expect) or torch.equal(w, expect.t()) for w in stored)
+    assert not torch.equal(expect, w0.to(dtype).float())  # the adapter really moved W
+    if dtype is torch.float16:  # ONNX Runtime's CPU provider has no bf16 kernels for these ops
+        nb = {k: v.numpy() for k, v in example.items()}
+        with torch.no_grad():
+            want = models.run(gm, example).float().numpy()
+        assert rel(ort_run(merged.model_path, nb), want) <= 5e-3  # fp16 rounding of the merged W
+
+
 @pytest.mark.parametrize("name", NAMES[:2])
 def test_written_peft_dir_loads_in_peft_and_gives_our_outputs(name):
     import peft
