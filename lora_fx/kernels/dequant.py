@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
@@ -60,15 +59,14 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
     digest = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_key().encode() + platform.machine().encode()).hexdigest()[:16]
     target = _cache_dir() / f"dequant-{digest}.so"
     if not target.exists():
+        from lora_fx.files import atomic_path
+
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=target.parent)
-            os.close(fd)
-            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                return None, f"torch ops ({cc} failed on dequant.c: {proc.stderr.strip()[:300]})"
-            os.replace(tmp, target)
+            # check=True raises inside the block, so a failed build is never renamed onto the final name.
+            with atomic_path(target) as tmp:
+                subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=True)
+        except subprocess.CalledProcessError as exc:
+            return None, f"torch ops ({cc} failed on dequant.c: {exc.stderr.strip()[:300]})"
         except (OSError, subprocess.SubprocessError) as exc:
             return None, f"torch ops (could not build the native kernel in {target.parent}: {exc})"
     try:

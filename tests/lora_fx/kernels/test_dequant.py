@@ -84,6 +84,15 @@ def test_disabled_by_environment(monkeypatch):
     assert lib is None and "LORA_FX_NATIVE=0" in status
 
 
+def test_a_failing_compiler_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORA_FX_NATIVE", raising=False)
+    monkeypatch.setenv("CC", "false")  # on PATH, exits 1
+    monkeypatch.setenv("LORA_FX_CACHE_DIR", str(tmp_path))
+    lib, status = dq._build()
+    assert lib is None and status.startswith("torch ops (false failed on dequant.c")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not NATIVE, reason="no native kernel here")
 def test_a_fresh_build_lands_under_its_final_name_only(monkeypatch, tmp_path):
     monkeypatch.delenv("LORA_FX_NATIVE", raising=False)
