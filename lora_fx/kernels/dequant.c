@@ -8,13 +8,24 @@
  *
  * Built by lora_fx/kernels/dequant.py with the machine's C compiler (-O3 -march=native). With
  * AVX-512 the 16-entry table sits in one register and _mm512_permutexvar_ps looks up 16 codes per
- * instruction (and int8 widens 16 values per instruction); without it scalar loops compute the same values. The arithmetic is the same as the
- * torch fallback's (a subtract, then a multiply), so both give bit-identical weights.
+ * instruction (and int8 widens 16 values per instruction). With AVX2 (most CPUs without AVX-512) the
+ * table is two 8-entry registers: _mm256_permutevar8x32_ps looks 8 codes up in each half and bit 3 of
+ * the code picks the half. Without either, scalar loops compute the same values. The arithmetic is
+ * the same as the torch fallback's (a subtract, then a multiply), so all give bit-identical weights.
  */
 #include <stddef.h>
 #include <stdint.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* table[code] for 8 codes (0..15) held in two 8-entry halves. */
+static inline __m256 lookup16(__m256i code, __m256 low8, __m256 high8) {
+    const __m256 from_low = _mm256_permutevar8x32_ps(low8, code), from_high = _mm256_permutevar8x32_ps(high8, code);
+    /* blendv reads each lane's sign bit: shifting by 28 puts bit 3 of the code there. */
+    return _mm256_blendv_ps(from_low, from_high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+}
 #endif
 
 typedef struct {
@@ -50,6 +61,33 @@ static void run_blocks(const job_t *j) {
                 }
                 _mm512_storeu_ps(o + 2 * i, _mm512_mul_ps(v0, s));
                 _mm512_storeu_ps(o + 2 * i + 16, _mm512_mul_ps(v1, s));
+            }
+        }
+        return;
+    }
+#elif defined(__AVX2__)
+    if (half % 8 == 0) {
+        const __m256 low8 = _mm256_loadu_ps(j->table16), high8 = _mm256_loadu_ps(j->table16 + 8);
+        const __m256i low_mask = _mm256_set1_epi32(15);
+        for (int64_t blk = j->first_block; blk < j->end_block; ++blk) {
+            const __m256 s = _mm256_set1_ps(j->scale[blk]);
+            const __m256 z = _mm256_set1_ps(j->zero ? j->zero[blk] : 0.0f);
+            const uint8_t *p = j->packed + blk * half;
+            float *o = j->out + blk * j->block_size;
+            for (int64_t i = 0; i < half; i += 8) {
+                __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i)));
+                __m256i hi = _mm256_srli_epi32(bytes, 4), lo = _mm256_and_si256(bytes, low_mask);
+                __m256 a = lookup16(j->high_first ? hi : lo, low8, high8);  /* first value of each byte */
+                __m256 b = lookup16(j->high_first ? lo : hi, low8, high8);  /* second value */
+                /* interleave to a0 b0 a1 b1 ...: unpack works within 128-bit lanes, permute2f128 joins them */
+                __m256 ab_lo = _mm256_unpacklo_ps(a, b), ab_hi = _mm256_unpackhi_ps(a, b);
+                __m256 v0 = _mm256_permute2f128_ps(ab_lo, ab_hi, 0x20), v1 = _mm256_permute2f128_ps(ab_lo, ab_hi, 0x31);
+                if (j->zero) {
+                    v0 = _mm256_sub_ps(v0, z);
+                    v1 = _mm256_sub_ps(v1, z);
+                }
+                _mm256_storeu_ps(o + 2 * i, _mm256_mul_ps(v0, s));
+                _mm256_storeu_ps(o + 2 * i + 8, _mm256_mul_ps(v1, s));
             }
         }
         return;
@@ -101,6 +139,12 @@ static void run_rows8(const int8_t *q, int64_t r0, int64_t r1, int64_t cols, con
         for (; c + 16 <= cols; c += 16) {
             __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + c))));
             _mm512_storeu_ps(dst + c, _mm512_mul_ps(v, s));
+        }
+#elif defined(__AVX2__)
+        const __m256 s = _mm256_set1_ps(scale[r]);
+        for (; c + 8 <= cols; c += 8) {
+            __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + c))));
+            _mm256_storeu_ps(dst + c, _mm256_mul_ps(v, s));
         }
 #endif
         for (; c < cols; ++c) dst[c] = (float)src[c] * scale[r];

@@ -5,7 +5,9 @@
 
 The kernel is compiled once per machine with ``$CC`` (default ``cc``) at ``-O3 -march=native`` into
 ``$LORA_FX_CACHE_DIR`` (default ``~/.cache/lora_fx``), written under a temporary name and renamed, and
-loaded with ctypes (no torch headers, no Python extension module). Where that fails (no compiler,
+loaded with ctypes (no torch headers, no Python extension module). ``LORA_FX_NATIVE_ARCH`` replaces
+``native`` in ``-march`` (for example ``x86-64-v3`` to build one library for a fleet of AVX2 machines);
+the kernel has AVX-512, AVX2 and scalar loops and the compiler picks by the target. Where that fails (no compiler,
 read-only cache) or ``LORA_FX_NATIVE=0``, the same values come from torch ops: ``native_status()``
 says which is in use and why. Both compute ``(table[code] - zero) * scale`` in float32 with the same
 two roundings, so they agree bit for bit.
@@ -28,7 +30,7 @@ import torch
 Tensor = torch.Tensor
 
 _SOURCE = Path(__file__).with_name("dequant.c")
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -49,14 +51,17 @@ def _cpu_key() -> str:
     return flags
 
 
-def _build() -> tuple[Optional[ctypes.CDLL], str]:
+def _build(arch: Optional[str] = None) -> tuple[Optional[ctypes.CDLL], str]:
+    """Compile (once per machine, source and ``-march``) and load the kernel; None and the reason if not."""
     if os.environ.get("LORA_FX_NATIVE", "1") == "0":
         return None, "torch ops (LORA_FX_NATIVE=0)"
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None, f"torch ops (no C compiler '{cc}' on PATH; set CC to build the native kernel)"
+    arch = arch or os.environ.get("LORA_FX_NATIVE_ARCH") or "native"
+    flags = (*_FLAGS, f"-march={arch}")
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_key().encode() + platform.machine().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join(flags).encode() + _cpu_key().encode() + platform.machine().encode()).hexdigest()[:16]
     target = _cache_dir() / f"dequant-{digest}.so"
     if not target.exists():
         from lora_fx.files import atomic_path
@@ -64,7 +69,7 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
         try:
             # check=True raises inside the block, so a failed build is never renamed onto the final name.
             with atomic_path(target) as tmp:
-                subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=True)
+                subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120, check=True)
         except subprocess.CalledProcessError as exc:
             return None, f"torch ops ({cc} failed on dequant.c: {exc.stderr.strip()[:300]})"
         except (OSError, subprocess.SubprocessError) as exc:
@@ -80,7 +85,7 @@ def _build() -> tuple[Optional[ctypes.CDLL], str]:
     fn = lib.lora_fx_dequant8
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return lib, f"native ({target.name}, {cc} -march=native)"
+    return lib, f"native ({target.name}, {cc} -march={arch})"
 
 
 def _native() -> Optional[ctypes.CDLL]:
