@@ -76,7 +76,7 @@ def base_fingerprint(model: Any) -> str:
     inputs = {v.name for v in graph.inputs}
     digests = []
     for name, value in graph.initializers.items():
-        if name in skip or name in inputs or value.const_value is None:
+        if name in skip or name in inputs or value.const_value is None or _only_dropout_ratio(value):
             continue
         arr = np.ascontiguousarray(value.const_value.numpy())
         h = hashlib.sha256()
@@ -87,6 +87,13 @@ def base_fingerprint(model: Any) -> str:
     for d in sorted(digests):
         total.update(d.encode())
     return total.hexdigest()
+
+
+def _only_dropout_ratio(value: Any) -> bool:
+    """A constant read only as a Dropout's ratio is a training setting, not a weight: an adapter trained
+    with ``lora_dropout`` fits the same base as one trained without."""
+    uses = list(value.uses())
+    return bool(uses) and all(use.node.op_type == "Dropout" and use.idx == 1 for use in uses)
 
 
 def stamp_fingerprint(model: Any) -> str:

@@ -42,14 +42,15 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def lora_onnx(entry_name: str, r: int = 4, seed: int = 0, alpha: float = 8.0) -> Any:
+def lora_onnx(entry_name: str, r: int = 4, seed: int = 0, alpha: float = 8.0, dropout: float = 0.0) -> Any:
     """A corpus model rewritten with random (non-zero) LoRA adapters: an onnx_ir Model."""
     import lora_fx
     from tests.onnx_corpus import corpus
 
     torch.manual_seed(seed)
     model = lora_fx.load(corpus().get(entry_name).path)
-    return lora_fx.apply(model, lora_fx.LoraConfig(r=r, lora_alpha=alpha, target_modules=SEED_TARGETS[entry_name], init_lora_weights=False))
+    return lora_fx.apply(model, lora_fx.LoraConfig(r=r, lora_alpha=alpha, target_modules=SEED_TARGETS[entry_name], init_lora_weights=False,
+                                                  lora_dropout=dropout))
 
 
 def save(model: Any, name: str) -> Path:

@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated module names or suffixes (query,value), a regex, or all-linear")
     p.add_argument("--exclude-modules", default=None, help="comma-separated names or suffixes, or a regex, to leave out")
     p.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on each LoRA branch's input while training (a Dropout node that inference skips; default 0)")
     p.add_argument("--init", choices=["kaiming", "gaussian", "random"], default="kaiming",
                    help="initialisation of A and B (kaiming/gaussian keep B zero; random changes the outputs)")
     p.add_argument("--num-virtual-tokens", type=int, default=16,
@@ -69,7 +71,7 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     config = LoraConfig(
         r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
         target_modules=_csv(args.target_modules), exclude_modules=_csv(args.exclude_modules),
-        use_rslora=args.use_rslora, init_lora_weights=args.init,
+        use_rslora=args.use_rslora, init_lora_weights=args.init, lora_dropout=args.lora_dropout,
     )
     quant = None
     if getattr(args, "quant", None):  # QLoRA: quantize first, so the adapters attach to the quantized sites

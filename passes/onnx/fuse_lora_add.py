@@ -8,6 +8,15 @@ what the branch costs after this pass). ``Gemm`` takes 2-D operands only, hence 
 ``Reshape`` around it for 3-D activations (views in ONNX Runtime, not copies). Measured in
 ``benchmarks/ort_inference.py`` (MiniLM, r=8: slot/base 1.11 -> 1.06 at batch 1, 1.18 -> 1.13 at batch 8).
 
+What the branch still costs is memory traffic, not FLOPs: ONNX Runtime profiles of MiniLM at batch 8
+(1024 rows) put the 37 B-side Gemms at about 7% of the base's time, each copying C into its output and
+then reading and writing it again with K = r; the 37 ``x @ A`` MatMuls (N = r) add about 4%. Measured
+and not kept, because they did not lower slot/base: one MatMul for the A projections of the sites that
+read the same input (q, k, v: Concat of their A slots, one MatMul, Split; 1.064 -> 1.063 at batch 1,
+within noise at batch 8), zero-padded B sides reading that one product, A concatenated onto W (the
+weight is no longer a constant ONNX Runtime can prepack: 1.25x), and ``[x | x @ A] @ [W; B]`` (1.23x).
+Doing the sum in the base GEMM's epilogue needs a fused kernel, which no standard ONNX op offers.
+
 The result is the GEMM form of ``lora_layout`` (``BranchForm.GEMM``), which ``find_branch`` — and so
 ``fold_lora`` and ``expose_adapters`` — reads like the contract form. Run it last, after
 ``expose_adapters``, ``hoist_lora_add`` and the optimizer.

@@ -25,7 +25,11 @@ and the model's ``metadata_props`` record, as JSON:
   where ``a``/``b`` are the initializer names above;
 * ``lora_fx.lora_config``: the ``LoraConfig`` (PEFT's ``adapter_config.json`` content).
 
-Dropout is not inserted (the graph is an inference graph; ``lora_dropout`` stays in the config).
+With ``lora_dropout`` > 0 a ``Dropout(x, <site>.lora_dropout.ratio)`` node (the ratio a scalar
+initializer; an attribute below opset 12) sits between ``x`` and ``MatMul(x, A)``, one per site as
+PEFT has one ``nn.Dropout`` per layer, and the record gains ``"dropout": ratio``. It drops only when
+the graph trains (``lora_fx.train`` on the ONNX model); ONNX Runtime and every inference runtime run
+it as the identity, and ``fold_lora`` removes it with the rest of the branch.
 A second rewrite of a site that already has an adapter is refused with ``AdapterError`` before
 anything is changed.
 """
@@ -104,14 +108,25 @@ class InsertLora:
     """
 
     def __init__(self, targets: Sequence[Target], init: InitLoraWeights = InitLoraWeights.KAIMING,
-                 adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        """``adapters`` optionally gives PEFT-layout ``(A [r, in], B [out, r])`` per site instead of ``init``."""
+                 adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, dropout: float = 0.0) -> None:
+        """``adapters`` optionally gives PEFT-layout ``(A [r, in], B [out, r])`` per site instead of ``init``;
+        ``dropout`` is ``lora_dropout``, the probability of zeroing an element of the branch's input in training."""
         self.targets = list(targets)
         self.init = init
         self.adapters = adapters or {}
+        self.dropout = float(dropout)
+        self._opset = 18
 
     def _check(self, model: ir.Model) -> list[tuple[Target, LinearParts]]:
         graph = model.graph
+        self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"lora_dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout > 0 and self._opset < 7:
+            raise UnsupportedError(
+                f"lora_dropout={self.dropout} needs ONNX's Dropout of opset 7 or later, and this model imports opset "
+                f"{self._opset}: convert it with onnx.version_converter, or set lora_dropout=0"
+            )
         existing = lora_metadata(model)
         plan: list[tuple[Target, LinearParts]] = []
         seen: set[str] = set()
@@ -178,6 +193,11 @@ class InsertLora:
         # redirected it to its own adapted output.
         x = parts.node.inputs[0]
         meta = {INSERTED: "lora", SITE: site.name}
+        new_nodes = []
+        if self.dropout > 0:
+            drop = self._dropout_node(graph, site.name, x, dtype, meta)
+            new_nodes.append(drop)
+            x = drop.outputs[0]
         xa = ir.node("MatMul", [x, a_val], name=f"{site.name}/lora_A/MatMul", metadata_props=dict(meta))
         xab = ir.node("MatMul", [xa.outputs[0], b_val], name=f"{site.name}/lora_B/MatMul", metadata_props=dict(meta))
         add = ir.node("Add", [y, xab.outputs[0]], name=f"{site.name}/lora/Add", metadata_props=dict(meta))
@@ -186,7 +206,7 @@ class InsertLora:
         for v in (xa.outputs[0], xab.outputs[0], add.outputs[0]):
             v.dtype = dtype
         add.outputs[0].shape = y.shape
-        graph.insert_after(y.producer(), [xa, xab, add])
+        graph.insert_after(y.producer(), [*new_nodes, xa, xab, add])
 
         original_name = y.name
         for user, index in uses:
@@ -201,15 +221,31 @@ class InsertLora:
         else:
             add.outputs[0].name = f"{site.name}/lora/output"
         parts.node.metadata_props[ADAPTED] = "default"
-        return {
+        record = {
             "r": target.r, "alpha": target.alpha, "scale": target.scale,
             "in_features": parts.in_features, "out_features": parts.out_features, "a": a_name, "b": b_name,
         }
+        if self.dropout > 0:
+            record["dropout"] = self.dropout
+        return record
+
+    def _dropout_node(self, graph: ir.Graph, site: str, x: ir.Value, dtype: ir.DataType, meta: dict[str, str]) -> ir.Node:
+        """``Dropout(x, ratio)`` for the branch alone; the site's own node keeps reading ``x``."""
+        name = f"{site}/lora_dropout/Dropout"
+        if self._opset >= 12:  # ratio became an input in opset 12
+            ratio = _initializer(graph, f"{site}.lora_dropout.ratio", ir.tensor(np.array(self.dropout, np.float32)))
+            drop = ir.node("Dropout", [x, ratio], name=name, metadata_props=dict(meta))
+        else:
+            drop = ir.node("Dropout", [x], attributes={"ratio": self.dropout}, name=name, metadata_props=dict(meta))
+        drop.outputs[0].name = f"{site}/lora_dropout/output"
+        drop.outputs[0].dtype = dtype
+        drop.outputs[0].shape = x.shape
+        return drop
 
 
 def insert_lora(model: ir.Model, targets: Sequence[Target], init: InitLoraWeights = InitLoraWeights.KAIMING,
-                adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PassResult:
-    return InsertLora(targets, init, adapters)(model)
+                adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, dropout: float = 0.0) -> PassResult:
+    return InsertLora(targets, init, adapters, dropout)(model)
 
 
 def select_onnx_targets(model: ir.Model, config: LoraConfig, model_type: str | None = None) -> list[Target]:
@@ -227,6 +263,6 @@ def apply_lora(model: ir.Model, config: LoraConfig, *, model_type: str | None = 
                adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ir.Model:
     """Select the sites ``config`` targets and insert LoRA there (what ``lora_fx.apply`` calls for ONNX)."""
     targets = select_onnx_targets(model, config, model_type)
-    InsertLora(targets, config.init_lora_weights, adapters)(model)
+    InsertLora(targets, config.init_lora_weights, adapters, config.lora_dropout)(model)
     model.metadata_props[CONFIG_KEY] = config.to_json()
     return model

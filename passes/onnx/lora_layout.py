@@ -6,6 +6,9 @@ output ``y`` is replaced by ``Add(y, MatMul(MatMul(x, A), B))``. ``metadata_prop
 ``lora_fx.lora`` (JSON ``{site: {"r", "alpha", "scale", "in_features", "out_features", "a", "b"}}``)
 and ``lora_fx.lora_config`` (the LoraConfig JSON).
 
+With ``lora_dropout`` > 0 the branch reads ``Dropout(x)`` instead of ``x`` (``insert_lora``); the
+Dropout feeds nothing but ``MatMul(·, A)`` and ``Branch.x`` is its input, the site's input.
+
 A served model may hold the same sum in the form ``fuse_lora_add`` writes (``BranchForm.GEMM``):
 ``Reshape(Gemm(Flatten(MatMul(x, A)), B, Flatten(y)), Shape(y))`` (or ``Gemm(MatMul(x, A), B, y)``
 when ``x`` is 2-D). ``find_branch`` reads both, so folding and exposing work on either.
@@ -102,12 +105,25 @@ def _plain_gemm(node: ir.Node) -> bool:
             and all(attrs.get_int(k, 0) == 0 for k in ("transA", "transB")))
 
 
+def _branch_input(mm_a: ir.Node) -> tuple[ir.Value, list[ir.Node]]:
+    """The site input ``x`` the branch reads, and the branch's own ``Dropout`` in front of ``MatMul(·, A)``
+    if it has one (a Dropout that feeds nothing else and whose mask nobody reads)."""
+    x = mm_a.inputs[0]
+    drop = x.producer() if x is not None else None
+    if (drop is not None and drop.op_type == "Dropout" and drop.domain in ("", "ai.onnx")
+            and [use.node for use in x.uses()] == [mm_a]
+            and (len(drop.outputs) < 2 or not list(drop.outputs[1].uses()))):
+        return drop.inputs[0], [drop]
+    return x, []
+
+
 def _gemm_branch(graph: ir.Graph, site: str, a: ir.Value, b: ir.Value, mm_a: ir.Node, first: ir.Node) -> Branch:
     """The GEMM form, from the node reading ``x @ A`` (a ``Flatten`` or, for 2-D inputs, the ``Gemm``)."""
     def refuse(why: str) -> UnsupportedError:
         return UnsupportedError(f"site {site}: the fused LoRA branch (Gemm form) {why}")
 
-    nodes = [mm_a]
+    x, nodes = _branch_input(mm_a)
+    nodes.append(mm_a)
     flat_u = None
     if first.op_type == "Flatten":
         flat_u = first
@@ -120,7 +136,7 @@ def _gemm_branch(graph: ir.Graph, site: str, a: ir.Value, b: ir.Value, mm_a: ir.
     nodes.append(gemm)
     c = gemm.inputs[2]
     if flat_u is None:
-        return Branch(site, a, b, mm_a, gemm, gemm, mm_a.inputs[0], c, BranchForm.GEMM, nodes)
+        return Branch(site, a, b, mm_a, gemm, gemm, x, c, BranchForm.GEMM, nodes)
     flat_y = c.producer() if c is not None else None
     if flat_y is None or flat_y.op_type != "Flatten" or len(list(c.uses())) != 1:
         raise refuse("must accumulate into Flatten(y), read by the Gemm alone")
@@ -130,7 +146,7 @@ def _gemm_branch(graph: ir.Graph, site: str, a: ir.Value, b: ir.Value, mm_a: ir.
     if shape is None or shape.op_type != "Shape" or shape.inputs[0] is not y or len(list(reshape.inputs[1].uses())) != 1:
         raise refuse("must be reshaped back to Shape(y)")
     nodes += [flat_y, shape, reshape]
-    return Branch(site, a, b, mm_a, gemm, reshape, mm_a.inputs[0], y, BranchForm.GEMM, nodes)
+    return Branch(site, a, b, mm_a, gemm, reshape, x, y, BranchForm.GEMM, nodes)
 
 
 def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
@@ -154,7 +170,8 @@ def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
     add = _only_use(mm_b.outputs[0], "Add", f"site {site}: x @ A @ B")
     delta = mm_b.outputs[0]
     y = add.inputs[1] if add.inputs[0] is delta else add.inputs[0]
-    return Branch(site, a, b, mm_a, mm_b, add, mm_a.inputs[0], y, BranchForm.MATMUL_ADD, [mm_a, mm_b, add])
+    x, nodes = _branch_input(mm_a)
+    return Branch(site, a, b, mm_a, mm_b, add, x, y, BranchForm.MATMUL_ADD, [*nodes, mm_a, mm_b, add])
 
 
 def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
@@ -170,13 +187,19 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
 
 
 def remove_branch(graph: ir.Graph, branch: Branch) -> None:
-    """Drop the branch's nodes and initializers; the Add's users (and a graph output) read ``y`` again."""
+    """Drop the branch's nodes and initializers (A, B, a Dropout's ratio); the Add's users (and a graph
+    output) read ``y`` again."""
     replace_value(graph, branch.add.outputs[0], branch.y)
+    own = [v for node in branch.nodes for v in node.inputs
+           if v is not None and v.name in graph.initializers and graph.initializers[v.name] is v and v not in (branch.a, branch.b)]
     graph.remove(list(reversed(branch.nodes)), safe=True)
     for value in (branch.a, branch.b):
         graph.initializers.pop(value.name, None)
         if value in graph.inputs:
             graph.inputs.remove(value)
+    for value in own:  # constants of the branch (the Dropout ratio) that nothing reads now
+        if not list(value.uses()) and value not in graph.outputs and value not in graph.inputs:
+            graph.initializers.pop(value.name, None)
 
 
 def adapter_names(records: dict[str, dict[str, Any]]) -> set[str]:

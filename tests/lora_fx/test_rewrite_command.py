@@ -117,3 +117,16 @@ def test_sites_json_reports_heads(capsys):
         ("model.layers.0.self_attn", 4, 2, 8), ("model.layers.1.self_attn", 4, 2, 8)]
     lin = [s for s in sites if s["kind"] == "linear"]
     assert len(lin) == 15 and {"name", "in_features", "out_features"} <= set(lin[0])
+
+
+def test_lora_dropout_reaches_the_graph_and_a_bad_rate_writes_nothing(tmp_path, capsys):
+    entry = corpus().get("gemm-mlp")
+    out = tmp_path / "d.onnx"
+    assert main(["rewrite", str(entry.path), "-o", str(out), "--target-modules", "fc1", "--lora-dropout", "0.1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["config"]["lora_dropout"] == 0.1 and summary["sites"]["fc1"]["dropout"] == 0.1
+    assert [n.op_type for n in lora_fx.load(out).graph].count("Dropout") == 1
+    np.testing.assert_array_equal(_ort(out, entry.feeds())[0], _ort(entry.path, entry.feeds())[0])
+    bad = tmp_path / "bad.onnx"
+    _expect_failure(["rewrite", str(entry.path), "-o", str(bad), "--target-modules", "fc1", "--lora-dropout", "1.5"],
+                    bad, capsys, "lora_dropout must be in [0, 1)")

@@ -4,6 +4,7 @@ same predictions, the loss curve equals the FX graph's, checkpoints resume exact
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,39 @@ def test_minilm_loss_curve_equals_fx_graph(minilm: dict) -> None:
     diffs = np.abs(np.array(fx_result.losses) - np.array(onnx_result.losses))
     assert diffs.max() <= 1e-4, diffs
     assert fx_result.losses[-1] < fx_result.losses[0]  # the curve moved: the comparison is not of two constants
+
+
+def test_lora_dropout_drops_on_the_branch_in_training_only(tmp_path: Path) -> None:
+    from tests.exported import lora_onnx
+    from tests.onnx_corpus import corpus
+
+    x = torch.from_numpy(corpus().get("gemm-mlp").feeds()["x"])
+    model = lora_onnx("gemm-mlp", dropout=0.5)
+    module = OnnxModule(model)
+    want = torch.from_numpy(om.ort_run(om.save(model, tmp_path / "dropout.onnx"), {"x": x})[0])
+    torch.testing.assert_close(module(x=x)["y"].detach(), want, rtol=1e-5, atol=1e-6)  # eval: the identity
+    module.set_training_mode(True)
+    torch.manual_seed(0)
+    first, second = module(x=x)["y"].detach(), module(x=x)["y"].detach()
+    assert not torch.equal(first, second) and not torch.allclose(first, want, atol=1e-3)
+    # Dropout sits on the branch alone: with B = 0 the branch adds nothing and training changes no output.
+    for rec in json.loads(model.metadata_props["lora_fx.lora"]).values():
+        with torch.no_grad():
+            module.tensor(rec["b"]).zero_()
+    base = torch.from_numpy(om.ort_run(corpus().get("gemm-mlp").path, {"x": x})[0])
+    torch.testing.assert_close(module(x=x)["y"].detach(), base, rtol=1e-5, atol=1e-6)
+
+
+def test_training_an_onnx_model_with_lora_dropout_lowers_the_loss() -> None:
+    model = om.mlp(lora=False)
+    lora_fx.apply(model, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.1))
+    loss = lora_fx.runtime.train.cross_entropy_on("logits")
+
+    def eval_loss() -> float:  # over every batch, dropout off
+        module = OnnxModule(model)
+        return float(np.mean([loss(module(x=b["x"]), b).item() for b in _mlp_batches()]))
+
+    before = eval_loss()
+    lora_fx.train(model, _mlp_batches(), loss, steps=60, lr=1e-2, progress=False)
+    assert eval_loss() < 0.9 * before
+    assert any(n.op_type == "Dropout" for n in model.graph)

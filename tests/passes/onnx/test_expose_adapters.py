@@ -82,3 +82,17 @@ def test_exposing_twice_changes_nothing_and_a_model_without_lora_is_refused():
     assert not expose_adapters(served).modified
     with pytest.raises(AdapterError, match="no LoRA adapter"):
         expose_adapters(lora_fx.load(corpus().get(ENTRY).path))
+
+
+def test_lora_dropout_changes_neither_the_fingerprint_nor_what_the_served_model_computes():
+    from lora_fx.export import serve_slots
+
+    lora = lora_onnx(ENTRY, dropout=0.3)
+    want = ort_run(save(lora, "expose-dropout-lora.onnx"), corpus().get(ENTRY).feeds())
+    adapter = current_adapter(lora)
+    serve_slots(lora)
+    assert lora.metadata_props[FINGERPRINT_KEY] == base_fingerprint(lora_fx.load(corpus().get(ENTRY).path))
+    adapter.fingerprint = lora.metadata_props[FINGERPRINT_KEY]
+    path = save(lora, "expose-dropout-served.onnx")
+    got = ort_run(path, corpus().get(ENTRY).feeds(), adapter=write_onnx_adapter(TMP / "expose-dropout.onnx_adapter", adapter))
+    assert rel(got, want) <= 1e-5

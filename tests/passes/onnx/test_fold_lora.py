@@ -106,3 +106,16 @@ def test_a_model_without_lora_is_left_alone():
     before = _proto_bytes(model)
     assert not fold_lora(copy.deepcopy(model)).modified
     assert _proto_bytes(model) == before
+
+
+def test_a_branch_with_lora_dropout_folds_to_the_base_graph():
+    base = lora_fx.load(corpus().get("gemm-mlp").path)
+    feeds = corpus().get("gemm-mlp").feeds()
+    with_dropout, without = lora_onnx("gemm-mlp", dropout=0.3), lora_onnx("gemm-mlp")
+    assert "Dropout" in _ops(with_dropout)
+    fold_lora(with_dropout)
+    fold_lora(without)
+    assert _ops(with_dropout) == _ops(base)
+    assert sorted(with_dropout.graph.initializers) == sorted(base.graph.initializers)  # the ratios went with the branch
+    np.testing.assert_array_equal(ort_run(save(with_dropout, "fold-dropout.onnx"), feeds),
+                                  ort_run(save(without, "fold-no-dropout.onnx"), feeds))

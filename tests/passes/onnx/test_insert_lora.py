@@ -296,3 +296,53 @@ def test_insert_lora_pass_returns_what_it_changed(onnx_corpus):
     sites = [s for s in find_sites(model) if s.kind is SiteKind.LINEAR]
     result = insert_lora(model, select_targets(sites, lora_fx.LoraConfig(r=2, target_modules=["fc1", "head"])))
     assert result.modified and result.changed == ["fc1", "head"] and result.model is model
+
+
+# ---- lora_dropout -----------------------------------------------------------------------------
+
+def _dropout_models(entry, p: float, opset: int | None = None):
+    """The same random adapter on the same sites, inserted with lora_dropout ``p`` and without."""
+    out = []
+    for dropout in (p, 0.0):
+        model = lora_fx.load(entry.path)
+        if opset is not None:  # gemm-mlp's ops (Gemm, Relu, Add, MatMul) read the same at opset 11
+            model.opset_imports[""] = opset
+        torch.manual_seed(3)
+        apply_lora(model, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=dropout,
+                                             init_lora_weights=False))
+        out.append(model)
+    return out
+
+
+@pytest.mark.parametrize("name, opset", [("gemm-mlp", None), ("gemm-mlp", 11),
+                                         pytest.param("llama-dynamo18", None, marks=pytest.mark.slow)])
+def test_lora_dropout_reads_the_site_input_for_the_branch_alone_and_is_inert_in_inference(onnx_corpus, name, opset, tmp_path):
+    entry = onnx_corpus.get(name)
+    with_dropout, without = _dropout_models(entry, 0.25, opset)
+    records = lora_metadata(with_dropout)
+    assert records and all(rec["dropout"] == 0.25 for rec in records.values())
+    assert all("dropout" not in rec for rec in lora_metadata(without).values())
+    for site, rec in records.items():
+        mm_a = next(u.node for u in with_dropout.graph.initializers[rec["a"]].uses())
+        drop = mm_a.inputs[0].producer()
+        assert drop.op_type == "Dropout"
+        assert [u.node for u in drop.outputs[0].uses()] == [mm_a]  # the base path never sees the mask
+        if opset == 11:
+            assert drop.attributes["ratio"].as_float() == 0.25 and len(drop.inputs) == 1
+        else:
+            assert float(drop.inputs[1].const_value.numpy()) == 0.25
+    path = lora_fx.save(with_dropout, tmp_path / "dropout.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    got = ort_outputs(path, entry.feeds())
+    want = ort_outputs(lora_fx.save(without, tmp_path / "plain.onnx"), entry.feeds())
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_lora_dropout_below_opset_7_is_refused_before_anything_changes(onnx_corpus):
+    model = lora_fx.load(onnx_corpus.get("gemm-mlp").path)
+    model.opset_imports[""] = 6
+    n_nodes = len(model.graph)
+    with pytest.raises(UnsupportedError, match="opset 7 or later.*lora_dropout=0"):
+        apply_lora(model, lora_fx.LoraConfig(r=2, target_modules=["fc1"], lora_dropout=0.1))
+    assert len(model.graph) == n_nodes and LORA_KEY not in model.metadata_props
