@@ -50,8 +50,10 @@ def _use(impl, built, monkeypatch) -> None:
         if impl not in built:
             pytest.skip(f"{impl} needs an x86-64 CPU (with AVX2)")
         lib, status = built[impl]
-        if lib is None:
-            pytest.skip(status)
+        if lib is None and not NATIVE:
+            pytest.skip(status)  # no compiler here, or LORA_FX_NATIVE=0
+        # Where the native build works, a target that fails to build is a broken path in dequant.c.
+        assert lib is not None, status
         monkeypatch.setattr(dq, "_native", lambda: lib)
 
 
@@ -148,9 +150,9 @@ def test_the_target_architecture_comes_from_the_environment_and_is_reported(monk
     monkeypatch.setenv("LORA_FX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("LORA_FX_NATIVE_ARCH", "x86-64")
     lib, status = dq._build()
-    if lib is None:
-        pytest.skip(status)
-    assert status.endswith("-march=x86-64)")
+    if lib is None and not NATIVE:
+        pytest.skip(status)  # no compiler here, or LORA_FX_NATIVE=0
+    assert lib is not None and status.endswith("-march=x86-64)"), status
     monkeypatch.delenv("LORA_FX_NATIVE_ARCH")
     lib2, status2 = dq._build()
     assert status2.endswith("-march=native)") and len(list(tmp_path.glob("dequant-*.so"))) == 2  # one library per target
