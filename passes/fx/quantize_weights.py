@@ -312,12 +312,40 @@ def linear_int8(x: Tensor, qweight: Tensor, qscale: Tensor, bias: Optional[Tenso
     return _linear(x, _int8_decoder(qweight, qscale), bias)
 
 
+# The input gradient ``grad @ W`` is an op of its own for the same reason the forward is: autograd
+# (and torch.compile's AOT autograd, which traces the backward) sees one opaque call, never the native
+# decode kernels or the scratch buffer inside it. Same arguments as the forward, ``grad`` in place of x.
+def _grad_input(grad: Tensor, decoder: _Decoder) -> Tensor:
+    return tiled_grad_input(grad, decoder.rows, decoder.out_features, decoder.in_features, decoder.block_size)
+
+
+@torch.library.custom_op("lora_fx::linear_nf4_grad_input", mutates_args=())
+def linear_nf4_grad_input(grad: Tensor, qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor],
+                          qscale_mean: Optional[Tensor], bias: Optional[Tensor], out_features: int, in_features: int,
+                          block_size: int, scaler_block_size: int) -> Tensor:
+    return _grad_input(grad, _nf4_decoder(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features,
+                                          block_size, scaler_block_size))
+
+
+@torch.library.custom_op("lora_fx::linear_int4_grad_input", mutates_args=())
+def linear_int4_grad_input(grad: Tensor, qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], bias: Optional[Tensor],
+                           out_features: int, in_features: int, block_size: int) -> Tensor:
+    return _grad_input(grad, _int4_decoder(qweight, qscale, qzero, out_features, in_features, block_size))
+
+
+@torch.library.custom_op("lora_fx::linear_int8_grad_input", mutates_args=())
+def linear_int8_grad_input(grad: Tensor, qweight: Tensor, qscale: Tensor, bias: Optional[Tensor], out_features: int,
+                           in_features: int) -> Tensor:
+    return _grad_input(grad, _int8_decoder(qweight, qscale))
+
+
 @dataclass(frozen=True)
 class _OpSpec:
     op: Any
     storage: tuple[str, ...]  # names of the tensor arguments after x, in order
     bias_index: int  # position of bias among the op's arguments
     decoder: Callable[[tuple], _Decoder]  # the op's arguments -> its W's decoder
+    grad_input: Any  # the op computing grad @ W from (grad, <the op's other arguments>)
 
     def dequantize(self, args: tuple) -> Tensor:
         """The op's W ``[out, in]`` in x's dtype (``args[0]``), a fresh tensor."""
@@ -326,10 +354,11 @@ class _OpSpec:
 
 _SPECS: dict[QuantDType, _OpSpec] = {
     QuantDType.NF4: _OpSpec(linear_nf4, ("qweight", "qscale", "qscale_factor", "qscale_mean"), 5,
-                            lambda a: _nf4_decoder(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9])),
+                            lambda a: _nf4_decoder(a[1], a[2], a[3], a[4], a[6], a[7], a[8], a[9]), linear_nf4_grad_input),
     QuantDType.INT4: _OpSpec(linear_int4, ("qweight", "qscale", "qzero"), 4,
-                             lambda a: _int4_decoder(a[1], a[2], a[3], a[5], a[6], a[7])),
-    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a: _int8_decoder(a[1], a[2])),
+                             lambda a: _int4_decoder(a[1], a[2], a[3], a[5], a[6], a[7]), linear_int4_grad_input),
+    QuantDType.INT8: _OpSpec(linear_int8, ("qweight", "qscale"), 3, lambda a: _int8_decoder(a[1], a[2]),
+                             linear_int8_grad_input),
 }
 
 
@@ -345,14 +374,19 @@ def _register(spec: _OpSpec) -> None:
         args = ctx.args
         grads: list[Optional[Tensor]] = [None] * len(args)
         if ctx.needs_input_grad[0]:
-            d = spec.decoder(args)  # W decoded again, a tile at a time, into the scratch buffer
-            grads[0] = tiled_grad_input(grad, d.rows, d.out_features, d.in_features, d.block_size)
+            # W decoded again, a tile at a time, into the scratch buffer
+            grads[0] = spec.grad_input(grad.contiguous(), *args[1:])
         bias = args[spec.bias_index]
         if bias is not None and ctx.needs_input_grad[spec.bias_index]:
             grads[spec.bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
         return tuple(grads)
 
+    def fake_grad_input(grad, *args):
+        in_features = args[spec.bias_index + 1]
+        return grad.new_empty((*grad.shape[:-1], in_features))
+
     spec.op.register_fake(fake)
+    spec.grad_input.register_fake(fake_grad_input)
     spec.op.register_autograd(backward, setup_context=setup_context)
 
 
