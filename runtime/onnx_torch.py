@@ -29,6 +29,8 @@ import torch._compile
 import torch.nn.functional as F
 
 from lora_fx.errors import ConfigError, UnsupportedError
+from runtime.int8_linear import Int8Linear, find_int8_linears, run_int8_linear
+from runtime.int8_linear import storage as int8_storage
 
 LORA_METADATA_KEY = "lora_fx.lora"
 PREFIX_METADATA_KEY = "lora_fx.prefix"
@@ -786,7 +788,8 @@ def _dequantize_linear(ctx, x, a):
 # MatMulBnb4 and MatMulNBits in lora_fx's own layouts run as lora_fx's quantized linear ops: W decoded a
 # tile at a time and decoded again in backward instead of saved, so training through an ONNX file's
 # 4-bit weights keeps no float copy of them alive across the step (torch.matmul on a decoded W would
-# save that W for its backward, one per layer). Other layouts take the plain decode below.
+# save that W for its backward, one per layer). Other layouts take the plain decode below. int8 weights
+# (DequantizeLinear -> [Transpose ->] MatMul / Gemm) get the same treatment from runtime/int8_linear.
 _TRAINING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -1246,24 +1249,45 @@ class OnnxModule(torch.nn.Module):
         if missing:
             raise ConfigError(f"trainable initializers not in the graph: {missing}")
         self._init_consts = init_consts
-        self._nodes = self._compile(graph, set(init_consts))
+        self.int8_linears = find_int8_linears(graph)
+        fused = {}
+        for hit in self.int8_linears.matched:
+            # The op's own storage: q itself for lora_fx's [N, K] layout, else one int8 transposed copy.
+            names = []
+            for part, t in zip(("qweight", "qscale"), int8_storage(hit, self.tensor(hit.qweight), self.tensor(hit.scale))):
+                name = f"{hit.consumer.name or hit.consumer.outputs[0].name}::int8_{part}"
+                self._attr_of[name] = _safe_attr_name(name, taken)
+                self.register_buffer(self._attr_of[name], t, persistent=False)
+                names.append(name)
+            fused[id(hit.consumer)] = (hit, names)
+        self._nodes = self._compile(graph, set(init_consts), fused)
         self._shape_cache: dict[tuple, dict[str, Const]] = {}
         self._training_mode = False
 
-    def _compile(self, graph: Any, const_inits: set[str]) -> list[_Node]:
+    def _compile(self, graph: Any, const_inits: set[str], fused: dict[int, tuple[Int8Linear, list[str]]]) -> list[_Node]:
         candidates: set[str] = set(const_inits)  # values computable from input shapes alone
         data_shaped: set[str] = set()  # values whose shape depends on input data
+        absorbed = {id(s) for hit, _ in fused.values() for s in hit.skipped}
         nodes = []
         for node in graph:
+            if id(node) in absorbed:
+                continue
             n = _Node()
             domain = "" if node.domain in ("", "ai.onnx") else node.domain
             n.fn = OPS[(domain, node.op_type)]
             n.inputs = [v.name if v is not None else None for v in node.inputs]
+            if id(node) in fused:
+                hit, storage = fused[id(node)]
+                n.fn = run_int8_linear
+                n.inputs = [hit.x.name, *storage] + ([hit.bias.name] if hit.bias is not None else [])
             while n.inputs and n.inputs[-1] is None:
                 n.inputs.pop()
             n.outputs = [v.name if v is not None else "" for v in node.outputs]
             n.n_outputs = len(n.outputs)
             n.attrs = {k: _attr_value(v) for k, v in node.attributes.items()}
+            if id(node) in fused:
+                hit = fused[id(node)][0]
+                n.attrs = {"N": hit.out_features, "K": hit.in_features}
             n.opset = self._opsets.get(domain, 1)
             n.label = f"{node.op_type} node {node.name!r}"
             real = [i for i in n.inputs if i]

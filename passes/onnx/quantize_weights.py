@@ -12,7 +12,8 @@ New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_z
 name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
 * int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K; ``in_features`` must be a
   multiple of ``block_size``), zero point 8 or packed affine zero points.
-* int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``.
+* int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``
+  (training runs this chain as ``lora_fx::linear_int8``: ``runtime/int8_linear``).
 
 The numerics are those of the FX pass (one implementation). Sites that are already quantized
 (MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused. ONNX Runtime sessions
