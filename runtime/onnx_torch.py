@@ -905,7 +905,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return torch.matmul(torch.nan_to_num(p, nan=0.0), v)
 
 
-def _causal_bias(q_len: int, kv_len: int, offset: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _causal_bias(q_len: int, kv_len: int, offset: int | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     i = torch.arange(q_len, device=device).view(-1, 1)
     j = torch.arange(kv_len, device=device).view(1, -1)
     return torch.where(j <= i + offset, 0.0, float("-inf")).to(dtype)
@@ -927,8 +927,12 @@ def _attention(ctx, x, a):
     mask = ctx.t(x[3]) if len(x) > 3 else None
     past_k = ctx.t(x[4]) if len(x) > 4 else None
     past_v = ctx.t(x[5]) if len(x) > 5 else None
-    if len(x) > 6 and x[6] is not None:
-        raise UnsupportedError("Attention with nonpad_kv_seqlen is not supported")
+    nonpad = ctx.t(x[6]) if len(x) > 6 else None  # opset 24: valid keys per batch row, padding after them
+    if nonpad is not None and past_k is not None:
+        raise UnsupportedError("Attention with both nonpad_kv_seqlen and past_key, which the ONNX spec forbids")
+    if a.get("left_window_size", -1) >= 0 or a.get("right_window_size", -1) >= 0:
+        raise UnsupportedError("Attention with left_window_size / right_window_size (opset-25 sliding windows) is not "
+                               "supported; ONNX Runtime 1.31 does not run it either")
     if a.get("qk_matmul_output_mode", 0) and ctx.n_outputs > 3:
         raise UnsupportedError("Attention with a qk_matmul_output output is not supported")
     three_d = q.dim() == 3
@@ -946,12 +950,22 @@ def _attention(ctx, x, a):
     if bias is not None and bias.shape[-1] < kv_len:
         pad = kv_len - bias.shape[-1]
         bias = F.pad(bias, (0, pad), value=False if bias.dtype == torch.bool else float("-inf"))
+    extra = []
+    if nonpad is not None:
+        keys = torch.arange(kv_len, device=q.device).view(1, 1, 1, -1)
+        extra.append(torch.where(keys < nonpad.view(-1, 1, 1, 1), 0.0, float("-inf")).to(q.dtype))
     if a.get("is_causal", 0):
-        causal = _causal_bias(q_len, kv_len, past_k.shape[2] if past_k is not None else 0, q.dtype, q.device)
+        # Bottom-right aligned: query i sees keys j <= i + offset, offset = the keys before the query block
+        # (the past, or per row nonpad_kv_seqlen - q_len for an external cache; 0 without either).
+        offset: Any = past_k.shape[2] if past_k is not None else 0
+        if nonpad is not None:
+            offset = nonpad.view(-1, 1, 1, 1) - q_len
+        extra.append(_causal_bias(q_len, kv_len, offset, q.dtype, q.device))
+    for e in extra:
         if bias is None:
-            bias = causal
+            bias = e
         else:
-            bias = (torch.where(bias, 0.0, float("-inf")).to(q.dtype) if bias.dtype == torch.bool else bias) + causal
+            bias = (torch.where(bias, 0.0, float("-inf")).to(q.dtype) if bias.dtype == torch.bool else bias) + e
     softmax_dtype = torch_dtype(a["softmax_precision"]) if a.get("softmax_precision") else q.dtype
     if softmax_dtype != q.dtype:
         out = _attend(q.to(softmax_dtype), k.to(softmax_dtype), v.to(softmax_dtype),

@@ -10,9 +10,11 @@ Attention forms and how the prefix enters each:
 
 * decomposed (``MatMul(q, kᵀ)`` → scale → ``Add(mask)`` → ``Softmax`` → ``MatMul(·, v)``): ``Concat``
   on kᵀ and V, T zero columns in front of the additive mask;
-* the opset-23 ``Attention`` op (3-D or 4-D Q/K/V): ``Concat`` on its K and V inputs, its ``attn_mask``
+* the opset-23/24 ``Attention`` op (3-D or 4-D Q/K/V): ``Concat`` on its K and V inputs, its ``attn_mask``
   padded with T visible columns, ``is_causal=1`` replaced by an explicit causal mask offset by T
-  (ONNX aligns ``is_causal`` upper-left, which would hide the real keys behind the prefix);
+  (without a cache ONNX aligns ``is_causal`` upper-left, which would hide the real keys behind the
+  prefix); an opset-24 ``nonpad_kv_seqlen`` grows by T instead, and ``is_causal``, which the op then
+  aligns to it, stays. Opset-25 sliding windows are refused;
 * ``com.microsoft.MultiHeadAttention``: ``Concat`` on key and value, the packed ``bias`` added to Q/K/V
   by explicit nodes first (it must not reach the prefix), ``key_padding_mask`` / ``attention_bias``
   padded, ``unidirectional=1`` replaced by an explicit causal bias offset by T;
@@ -261,6 +263,12 @@ def _check_onnx_attention(site: Site, parts: Any, graph: ir.Graph) -> dict[str, 
     _refuse_cache(site, parts, past=[4, 5], present=[1, 2])
     if len(node.outputs) > 3 and _used(node.outputs[3]):
         raise UnsupportedError(_refusal(site, parts, "its qk_matmul_output is used, and it would gain T columns"))
+    windows = [w for w in ("left_window_size", "right_window_size") if node.attributes.get_int(w, -1) >= 0]
+    if windows:
+        # A window counts keys from the query's position; whether T prefix keys fall out of it is a choice
+        # PEFT's KV-cache prefix makes per model, not one this pass can read from the graph.
+        raise UnsupportedError(_refusal(site, parts, f"it attends over a sliding window ({', '.join(windows)}), "
+                                        "which the prefix keys would fall out of"))
     q, k = node.inputs[0], node.inputs[1]
     rank = _rank(q) or _rank(k)
     if rank == 4:
@@ -287,6 +295,13 @@ def _rewrite_onnx_attention(graph: ir.Graph, site: Site, parts: Any, T: int, val
     if mask is not None:
         mask = _pad_front(nodes, mask, T, f"{tag}/mask", fill=_visible_fill(mask.dtype))
     causal = node.attributes.get_int("is_causal", 0) if "is_causal" in node.attributes else 0
+    nonpad = _input(node, 6)
+    if nonpad is not None:
+        # opset 24: the valid keys per row, padding after them; the prefix adds T valid keys in front. The op
+        # aligns is_causal to them (offset nonpad - S), so T more shifts the causal rule by T too: it stays.
+        t = _op(nodes, "CastLike", [_const(nodes, np.array(T, np.int64), f"{tag}/T"), nonpad], f"{tag}/T_like")
+        _set_input(node, 6, _op(nodes, "Add", [nonpad, t], f"{tag}/nonpad_kv_seqlen"))
+        causal = 0
     if causal:
         # is_causal aligns upper-left (query i sees keys 0..i); with T keys in front it would hide real keys,
         # so the same rule offset by T becomes an explicit mask and the attribute is cleared.

@@ -221,7 +221,7 @@ def test_op_semantics_match_onnxruntime(case: str, tmp_path: Path) -> None:
     _check_op(model, inputs, tmp_path)
 
 
-def _attention_case(is_causal: int, mask: str, past: bool, three_d: bool) -> tuple:
+def _attention_case(is_causal: int, mask: str, past: bool, three_d: bool, nonpad: bool = False) -> tuple:
     b, hq, hkv, s, p, d = 2, 4, 2, 5, 3, 8
     q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
     k = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
@@ -248,6 +248,9 @@ def _attention_case(is_causal: int, mask: str, past: bool, three_d: bool) -> tup
         inputs["pk"] = rng.standard_normal((b, hkv, p, d)).astype(np.float32)
         inputs["pv"] = rng.standard_normal((b, hkv, p, d)).astype(np.float32)
         names += ["pk", "pv"]
+    if nonpad:  # opset 24: the second row's last two keys are padding
+        inputs["nonpad"] = np.array([total, total - 2], np.int64)
+        names += [""] * (6 - len(names)) + ["nonpad"]
     while names[-1] == "":
         names.pop()
     outs = ["y", "pk_out", "pv_out"] if past else ["y"]
@@ -262,6 +265,23 @@ def test_opset23_attention_matches_onnxruntime(is_causal, mask, past, three_d, t
     node, inputs = _attention_case(is_causal, mask, past, three_d)
     model = _single(node, inputs, n_out=len(node.output), opset=23)
     _check_op(model, inputs, tmp_path, tol=1e-5)
+
+
+@pytest.mark.parametrize("is_causal,mask,three_d", [(0, "none", False), (1, "none", False), (1, "bool", True),
+                                                    (1, "float", False), (0, "bool", True)])
+def test_opset24_attention_with_nonpad_kv_seqlen_matches_onnxruntime(is_causal, mask, three_d, tmp_path: Path) -> None:
+    """Padded keys hidden per row; causal rows aligned bottom-right to each row's valid keys (offset nonpad - S)."""
+    node, inputs = _attention_case(is_causal, mask, False, three_d, nonpad=True)
+    assert len(node.input) == 7
+    _check_op(_single(node, inputs, opset=24), inputs, tmp_path, tol=1e-5)
+
+
+@pytest.mark.parametrize("attr", ["left_window_size", "right_window_size"])
+def test_opset25_attention_windows_are_refused(attr: str) -> None:
+    node, inputs = _attention_case(1, "none", False, False)
+    node.attribute.append(helper.make_attribute(attr, 2))
+    with pytest.raises(UnsupportedError, match="sliding windows"):
+        OnnxModule(_single(node, inputs, opset=25), trainable=[])(**{k: torch.from_numpy(v) for k, v in inputs.items()})
 
 
 def test_dequantize_linear_int4_blocked(tmp_path: Path) -> None:

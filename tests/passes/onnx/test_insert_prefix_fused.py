@@ -98,8 +98,15 @@ def _graph(form, *, past=False):
     nodes = [helper.make_node("MatMul", ["x", f"blk.{p}_proj.weight"], [p], name=f"blk.{p}_proj/MatMul") for p in "qkv"]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", D]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])]
-    ms = form != "attn23"
-    if form == "attn23":
+    ms = form not in ("attn23", "attn24")
+    if form == "attn24":  # opset 24: padding as nonpad_kv_seqlen (valid keys per row), no mask input
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+        nodes += [
+            helper.make_node("ReduceSum", ["attention_mask", "axis1"], ["nonpad"], keepdims=0),
+            helper.make_node("Attention", ["q", "k", "v", "", "", "", "nonpad"], ["att"], name="blk.attn",
+                             q_num_heads=N, kv_num_heads=kv, is_causal=1),
+        ]
+    elif form == "attn23":
         inits += [numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
                   numpy_helper.from_array(np.array(1e9, np.float32), "big"), numpy_helper.from_array(np.array(1.0, np.float32), "one")]
         nodes += [
@@ -140,7 +147,7 @@ def _graph(form, *, past=False):
             inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", kv, "past", HD]) for n in ("past_key", "past_value")]
     nodes.append(helper.make_node("MatMul", ["att", "blk.o_proj.weight"], ["y"], name="blk.o_proj/MatMul"))
     graph = helper.make_graph(nodes, form, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", D])], inits)
-    opsets = [helper.make_opsetid("", 23)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
+    opsets = [helper.make_opsetid("", 24 if form == "attn24" else 23)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=opsets, ir_version=10))
     return model, w
 
@@ -162,7 +169,9 @@ def _reference(form, w, x, mask, pk, pv):
     scores = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k.astype(np.float64)) / np.sqrt(HD)
     i, j = np.arange(S)[:, None], np.arange(T + S)[None, :]
     real = np.concatenate([np.ones((B, T), bool), mask.astype(bool)], axis=1)
-    visible = (j <= i + T)[None] & real[:, None, :]
+    # attn24's is_causal is aligned to each row's valid keys (ONNX: offset nonpad_kv_seqlen - S), the others' to S.
+    offset = mask.sum(1) - S if form == "attn24" else np.zeros(B, np.int64)
+    visible = (j[None] <= i[None] + T + offset[:, None, None]) & real[:, None, :]
     scores = np.where(visible[:, None], scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -170,7 +179,7 @@ def _reference(form, w, x, mask, pk, pv):
     return att @ w["o"]
 
 
-@pytest.mark.parametrize("form, op", [("attn23", "Attention"), ("mha", "com.microsoft.MultiHeadAttention"),
+@pytest.mark.parametrize("form, op", [("attn23", "Attention"), ("attn24", "Attention"), ("mha", "com.microsoft.MultiHeadAttention"),
                                       ("gqa", "com.microsoft.GroupQueryAttention")])
 def test_hand_built_fused_forms_equal_numpy_reference(tmp_path, form, op):
     import onnx_ir as ir
@@ -198,6 +207,9 @@ def test_hand_built_fused_forms_equal_numpy_reference(tmp_path, form, op):
         # The prefix is GroupQueryAttention's past; ORT 1.31's CPU kernel takes a past with a multi-token query for
         # batch 1 only ("batch_size must be 1 when sequence_length > 1 and past context is given").
         shapes = [(1, 7, 0), (1, 5, 0), (3, 1, 0)]
+    if form == "attn24":
+        (nonpad,) = [n for n in model.graph if n.op_type == "Add" and n.name.endswith("nonpad_kv_seqlen")]
+        assert nonpad.outputs[0] is site_node(model).inputs[6] and site_node(model).attributes.get_int("is_causal") == 1
     for batch, seq, pad in shapes:
         x = rng.standard_normal((batch, seq, D)).astype(np.float32)
         mask = np.ones((batch, seq), np.int64)
@@ -208,6 +220,24 @@ def test_hand_built_fused_forms_equal_numpy_reference(tmp_path, form, op):
         qk, qv = (rng.standard_normal((kv, T, HD)).astype(np.float32) for _ in range(2))
         swapped = sess.run(None, {"x": x, "attention_mask": mask, rec["key"]: qk, rec["value"]: qv})[0]
         assert _rel(swapped, _reference(form, w, x, mask, qk, qv), keep) <= TOL, (batch, seq, pad)
+
+
+def site_node(model):
+    (node,) = [n for n in model.graph if n.name == "blk.attn"]
+    return node
+
+
+@pytest.mark.parametrize("attr", ["left_window_size", "right_window_size"])
+def test_sliding_window_attention_is_refused_naming_the_site(attr):
+    import onnx_ir as ir
+
+    model = ir.from_proto(_graph("attn24")[0])
+    model.opset_imports[""] = 25
+    site_node(model).attributes[attr] = ir.AttrInt64(attr, 4)
+    before = len(list(model.graph))
+    with pytest.raises(UnsupportedError, match=rf"blk\.attn.*sliding window \({attr}\)"):
+        lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=2))
+    assert len(list(model.graph)) == before and PREFIX_KEY not in model.metadata_props
 
 
 @pytest.mark.parametrize("form", ["attn23", "gqa"])
