@@ -1,7 +1,9 @@
 """Store the frozen weights of an ONNX model's linear sites quantized (QLoRA), as ONNX Runtime ops.
 
 Matches the linear sites ``find_sites`` reports that ``QuantConfig.target_modules`` selects when
-the site is a ``MatMul`` whose weight is a float initializer, directly or through ``Transpose``:
+the site is a ``MatMul`` whose weight is a float initializer, directly or through ``Transpose``, or
+a ``Gemm`` with such a weight (either ``transB``; ``alpha`` is folded into W, ``C`` with ``beta = 1``
+becomes an ``Add`` after the quantized op, the form a ``MatMul`` site with a bias has):
 
 * nf4 -> ``com.microsoft.MatMulBnb4`` (quant_type 1): W ``[N, K]`` flattened, absmax blocks, the
   same bytes ``passes/fx/quantize_weights`` produces. MatMulBnb4 reads float absmaxes; with
@@ -70,6 +72,15 @@ def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[s
     return absmax
 
 
+def _refusal(node: ir.Node, parts: Any) -> str | None:
+    """Why the site's float matmul cannot become a quantized one, or None."""
+    if node.op_type not in ("MatMul", "Gemm") or any(n.op_type != "Transpose" for n in parts.chain):
+        return f"handles MatMul and Gemm with an initializer weight, not {node.op_type}"
+    if node.op_type == "Gemm" and parts.bias is not None and node.attributes.get_float("beta", 1.0) != 1.0:
+        return "handles Gemm with beta = 1 only"
+    return None
+
+
 class QuantizeWeights:
     """Replace float MatMul weights of selected linear sites by packed storage and a quantized matmul op."""
 
@@ -90,14 +101,13 @@ class QuantizeWeights:
             parts = linear_parts(node)
             if node.domain == MS or any(n.op_type == "DequantizeLinear" for n in parts.chain):
                 raise ConfigError(f"site {target.site.name} is already quantized ({node.op_type}); a weight is quantized once")
-            if node.op_type != "MatMul" or any(n.op_type != "Transpose" for n in parts.chain):
-                raise UnsupportedError(
-                    f"site {target.site.name}: quantize_weights handles MatMul with an initializer weight, not {node.op_type}; "
-                    f"exclude it with QuantConfig(exclude_modules=[...])"
-                )
+            why = _refusal(node, parts)
+            if why is not None:
+                raise UnsupportedError(f"site {target.site.name}: quantize_weights {why}; "
+                                       "exclude it with QuantConfig(exclude_modules=[...])")
             stored = torch.from_numpy(np.array(const_tensor(parts.weight).numpy(), dtype=np.float32))
             w = stored if parts.stored_out_in else stored.t()  # [out, in]
-            w = w.contiguous()
+            w = (w * parts.alpha if parts.alpha != 1.0 else w).contiguous()  # Gemm's alpha goes into W
             n, k = w.shape
             name = target.site.name
             dtype = ir.DataType.FLOAT
@@ -145,11 +155,18 @@ class QuantizeWeights:
             new.metadata_props.update(node.metadata_props)
             old_name = node.outputs[0].name
             node.outputs[0].name = f"{old_name}_float"
-            new.outputs[0].name = old_name  # a graph output keeps its name
-            new.outputs[0].dtype = node.outputs[0].dtype or dtype
-            new.outputs[0].shape = node.outputs[0].shape
+            out = new
+            if node.op_type == "Gemm" and parts.bias is not None:
+                # Gemm's C becomes the bias Add that follows a MatMul site (find_sites reads it as the site's bias).
+                new.outputs[0].name = f"{old_name}_matmul"
+                new.outputs[0].dtype = node.outputs[0].dtype or dtype
+                out = ir.node("Add", [new.outputs[0], parts.bias], name=f"{node.name}/bias_add" if node.name else None)
+                nodes.append(out)
+            out.outputs[0].name = old_name  # a graph output keeps its name
+            out.outputs[0].dtype = node.outputs[0].dtype or dtype
+            out.outputs[0].shape = node.outputs[0].shape
             graph.insert_before(node, nodes)
-            ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0], replace_graph_outputs=True)
+            ir.convenience.replace_all_uses_with(node.outputs[0], out.outputs[0], replace_graph_outputs=True)
             graph.remove(node, safe=True)
             for chain_node in parts.chain:
                 if not any(True for _ in chain_node.outputs[0].uses()):

@@ -151,3 +151,49 @@ def test_cli_rewrite_with_quant(tmp_path):
     assert {s.name for s in lora_fx.find_sites(out) if s.kind.value == "linear"} >= {"fc1", "fc2"}
     x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
     assert np.isfinite(_run(out, x)).all()
+
+
+def _gemm_mlp(beta: float = 1.0) -> tuple[ir.Model, np.ndarray, np.ndarray, np.ndarray]:
+    """x [b, 128] -> Gemm(W1 [64, 128], b1, transB=1) -> Relu -> Gemm(W2 [64, 64], alpha=0.5): the nn.Linear and
+    plain-matmul forms torch's exporter and others write; returns the model and W1, W2 in [in, out], b1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((OUT, IN)).astype(np.float32) * 0.1  # [out, in]
+    w2 = rng.standard_normal((OUT, OUT)).astype(np.float32) * 0.1  # [in, out]
+    b1 = rng.standard_normal(OUT).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], name="fc1/Gemm", transB=1, beta=beta),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "fc2.weight"], ["y"], name="fc2/Gemm", alpha=0.5)]
+    graph = helper.make_graph(nodes, "gemm_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", OUT])],
+                              [numpy_helper.from_array(v, n) for n, v in (("fc1.weight", w1), ("fc1.bias", b1), ("fc2.weight", w2))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return ir.serde.deserialize_model(proto), np.ascontiguousarray(w1.T), w2, b1
+
+
+@pytest.mark.parametrize("cfg, op", [(QuantConfig(dtype="nf4"), "MatMulBnb4"), (QuantConfig(dtype="int4", block_size=32), "MatMulNBits"),
+                                     (QuantConfig(dtype="int8"), "DequantizeLinear")])
+def test_gemm_sites_quantize_with_bias_and_alpha_and_take_lora(cfg, op, tmp_path):
+    model, w1, w2, b1 = _gemm_mlp()
+    result = quantize_weights(model, QuantConfig(**{**cfg.to_dict(), "target_modules": ".*"}))
+    assert len(result.changed) == 2 and "Gemm" not in {n.op_type for n in model.graph} and op in {n.op_type for n in model.graph}
+    sites = {s.name: s for s in lora_fx.find_sites(model) if s.kind.value == "linear"}
+    assert {n: (s.in_features, s.out_features) for n, s in sites.items()} == {"fc1": (IN, OUT), "fc2": (OUT, OUT)}
+    x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
+    want = np.maximum(x @ _dequantized(cfg, w1) + b1, 0) @ _dequantized(cfg, w2 * 0.5)
+    got = _run(model, x)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
+    exact = np.maximum(x @ w1 + b1, 0) @ w2 * 0.5
+    assert np.abs(exact - want).max() / np.abs(want).max() > 1e-4  # quantization did change the weights
+    # The quantized sites take LoRA like any other: with B = 0 the outputs stay those of the quantized model.
+    lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    np.testing.assert_allclose(_run(model, x), got, rtol=1e-6, atol=1e-6)
+
+
+def test_gemm_with_a_scaled_bias_is_refused_before_anything_changes():
+    model, *_ = _gemm_mlp(beta=2.0)
+    before = [n.op_type for n in model.graph]
+    with pytest.raises(lora_fx.errors.UnsupportedError, match=r"site fc1: quantize_weights handles Gemm with beta = 1 only.*exclude_modules"):
+        quantize_weights(model, QuantConfig(dtype="int8", target_modules=["fc1"]))
+    assert [n.op_type for n in model.graph] == before
