@@ -48,7 +48,35 @@ def load(path: str | os.PathLike) -> ir.Model:
             f"pass a model written by an ONNX exporter"
         )
     _check_external_data(model, path)
+    _own_tensor_data(model)
     return model
+
+
+def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if not isinstance(tensor, ir.TensorProtoTensor) or tensor.dtype == ir.DataType.STRING:
+        return tensor  # external data is memory-mapped, and freed with its last reference
+    return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string,
+                     metadata_props=dict(tensor.metadata_props))
+
+
+def _own_tensor_data(model: ir.Model) -> None:
+    """Copy every tensor out of the parsed protobuf into a numpy array of its own.
+
+    A tensor ``ir.load`` returns is a read-only view into the parsed ``ModelProto``, and protobuf frees
+    that memory only when no view of it is left: one surviving Constant would keep every weight a pass
+    deletes alive (``quantize_weights`` drops the float W), and torch would have to copy each weight it
+    trains through, since it cannot share read-only memory. One copy of the weights at load instead.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                value.const_value = _owned(value.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR:
+                    node.attributes[name] = ir.AttrTensor(name, _owned(attr.value))
+                elif attr.type == ir.AttributeType.TENSORS:
+                    node.attributes[name] = ir.AttrTensors(name, [_owned(t) for t in attr.value])
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

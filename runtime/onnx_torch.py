@@ -1152,19 +1152,26 @@ def _attr_value(attr: Any) -> Any:
     return attr.value
 
 
-def _to_torch(tensor: Any) -> torch.Tensor:
-    """An onnx_ir tensor as a torch tensor (4-bit types unpacked to one int8/uint8 per value)."""
+def _to_torch(tensor: Any, share: bool = False) -> torch.Tensor:
+    """An onnx_ir tensor as a torch tensor (4-bit types unpacked to one int8/uint8 per value).
+
+    ``share``: use the tensor's own memory where it is a writable numpy array (what ``lora_fx.load``
+    gives), so a frozen weight is held once, not once by the model and once by torch. Read-only
+    memory (a view into a parsed protobuf) is copied: torch cannot share it.
+    """
     import onnx_ir as ir
 
     dtype = tensor.dtype
-    arr = tensor.numpy()
-    if dtype == ir.DataType.BFLOAT16:
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16).copy()).view(torch.bfloat16)
-    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-        arr = arr.astype(np.int8 if dtype == ir.DataType.INT4 else np.uint8)
     if dtype == ir.DataType.STRING:
         raise UnsupportedError(f"string tensor {tensor.name!r} cannot run in torch")
-    return torch.from_numpy(np.array(arr, copy=True))
+    arr = tensor.numpy()
+    share = share and arr.flags.writeable and arr.flags.c_contiguous
+    if dtype == ir.DataType.BFLOAT16:
+        bits = arr.view(np.uint16) if share else np.ascontiguousarray(arr).view(np.uint16).copy()
+        return torch.from_numpy(bits).view(torch.bfloat16)
+    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        return torch.from_numpy(arr.astype(np.int8 if dtype == ir.DataType.INT4 else np.uint8))
+    return torch.from_numpy(arr if share else np.array(arr, copy=True))
 
 
 def _from_torch(t: torch.Tensor, dtype: Any, name: str) -> Any:
@@ -1249,7 +1256,7 @@ class OnnxModule(torch.nn.Module):
         for name, value in graph.initializers.items():
             if value.const_value is None:
                 raise UnsupportedError(f"initializer {name!r} has no value; the model needs its data (the .onnx.data file) beside it")
-            t = _to_torch(value.const_value)
+            t = _to_torch(value.const_value, share=name not in self.trainable_names)  # adapters: copies, trained in place
             attr = _safe_attr_name(name, taken)
             self._attr_of[name] = attr
             if name in self.trainable_names:

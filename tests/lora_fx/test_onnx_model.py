@@ -117,3 +117,25 @@ def test_failed_save_leaves_no_file(model_file, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "out" / "x.onnx")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_loaded_tensors_own_their_memory_so_deleted_weights_are_freed(tmp_path):
+    """A weight a pass deletes must not stay alive inside the parsed protobuf: load copies every tensor out
+    of it (initializers, Constant values), keeping values, names and dtypes; the protobuf is then freed."""
+    proto = _model_proto()
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.arange(3, dtype=np.int64), "c")))
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1.5, -2.0], np.float16), "half"))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, str(path))
+    model = load(path)
+    tensors = [v.const_value for v in model.graph.initializers.values()]
+    tensors += [a.value for n in model.graph for a in n.attributes.values() if a.type == ir.AttributeType.TENSOR]
+    # No tensor is a view into the protobuf (which would keep all of it alive), and each can be shared with torch.
+    assert len(tensors) == 3 and not any(isinstance(t, ir.TensorProtoTensor) for t in tensors)
+    assert all(t.numpy().flags.writeable for t in tensors)
+    by_name = {t.name: t for t in tensors}
+    for init in proto.graph.initializer:
+        want = numpy_helper.to_array(init)
+        got = by_name[init.name].numpy()
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    np.testing.assert_array_equal(by_name["c"].numpy(), np.arange(3))

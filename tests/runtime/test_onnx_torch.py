@@ -453,3 +453,32 @@ def test_contrib_op_matches_onnxruntime(case: str, tmp_path: Path) -> None:
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
         model = ir.serde.deserialize_model(proto)
     _check_op(model, inputs, tmp_path, tol=1e-5)
+
+
+def test_frozen_weights_share_the_models_memory_and_adapters_do_not(tmp_path: Path) -> None:
+    """Training through a loaded ONNX file holds each frozen weight once (torch views the model's numpy
+    array); adapters are copies, trained in place and written back with write_back()."""
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "fc.weight"], ["h"]),
+             helper.make_node("MatMul", ["x", "fc.lora_A.weight"], ["xa"]),
+             helper.make_node("MatMul", ["xa", "fc.lora_B.weight"], ["xab"]),
+             helper.make_node("Add", ["h", "xab"], ["y"])]
+    inits = {"fc.weight": w, "fc.lora_A.weight": rng.standard_normal((8, 2)).astype(np.float32),
+             "fc.lora_B.weight": np.zeros((2, 6), np.float32)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(tmp_path / "m.onnx"))
+    model = lora_fx.load(tmp_path / "m.onnx")
+    module = OnnxModule(model)
+    assert module.trainable_names == ["fc.lora_A.weight", "fc.lora_B.weight"]
+
+    def address(name: str) -> int:
+        return model.graph.initializers[name].const_value.numpy().__array_interface__["data"][0]
+
+    assert module.tensor("fc.weight").data_ptr() == address("fc.weight")
+    assert all(module.tensor(n).data_ptr() != address(n) for n in module.trainable_names)
+    # A model not from lora_fx.load views read-only protobuf memory: torch gets a copy, and it works the same.
+    proto_model = ir.serde.deserialize_model(onnx.load(str(tmp_path / "m.onnx")))
+    x = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32))
+    torch.testing.assert_close(OnnxModule(proto_model)(x=x)["y"], module(x=x)["y"])
