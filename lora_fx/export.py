@@ -88,7 +88,38 @@ def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict |
     except Exception as exc:  # the exporter raises many kinds; the user needs the first line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedError(f"torch.onnx.export could not export this graph: {type(exc).__name__}: {first}") from None
+    _name_outputs(program.model, getattr(gm, "_out_spec", None))
     return program.model
+
+
+def _leaf_names(spec: Any, prefix: str = "") -> list[str]:
+    """Names for the leaves of an output TreeSpec: a dict's or ModelOutput's keys, a tuple's indices."""
+    if spec.is_leaf():
+        return [prefix or "output"]
+    context = spec.context
+    keys = context if isinstance(context, (list, tuple)) and len(context) == spec.num_children else range(spec.num_children)
+    names: list[str] = []
+    for key, child in zip(keys, spec.children()):
+        names += _leaf_names(child, f"{prefix}.{key}" if prefix else str(key))
+    return names
+
+
+def _name_outputs(model: Any, spec: Any) -> None:
+    """Graph outputs named like the model's (``last_hidden_state``, ``logits``, ``past_key_values.0.1``),
+    not the exporter's ``layer_norm_12``: the names a user passes to ``lora-fx train --output-name`` or
+    reads in ONNX Runtime. Left as exported when the structure does not line up or a name is taken."""
+    if spec is None or spec.is_leaf():
+        return
+    names = _leaf_names(spec)
+    outputs = list(model.graph.outputs)
+    taken = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
+    taken |= {o.name for node in model.graph for o in node.outputs} - {o.name for o in outputs}
+    if len(names) != len(outputs) or len(set(names)) != len(names) or taken & set(names):
+        return
+    if len({id(o) for o in outputs}) != len(outputs) or any(o.is_graph_input() or o.const_value is not None for o in outputs):
+        return  # one value behind two outputs, or an output that is an input or a constant: renaming would merge them
+    for value, name in zip(outputs, names):
+        value.name = name
 
 
 def optimize_keeping_slots(model: Any) -> Any:

@@ -59,6 +59,33 @@ def test_names_survive_and_the_merged_model_is_the_base_graph(name):
     assert all(not isinstance(d, int) for d in merged.graph.inputs[0].shape)
 
 
+@pytest.mark.parametrize("name, outputs", [("bert", ["last_hidden_state", "pooler_output"]), ("gpt2", ["logits"])])
+def test_exported_outputs_are_named_like_the_models_outputs(name, outputs, tmp_path):
+    batch = models.inputs(2, 8)
+    out = lora_fx.export_onnx(lora_fx.capture(models.build(name), kwargs=batch), tmp_path / "m.onnx", kwargs=batch)
+    assert [v.name for v in lora_fx.load(out.model_path).graph.outputs] == outputs
+    np.testing.assert_allclose(ort_run(out.model_path, {k: v.numpy() for k, v in batch.items()}),
+                               models.run(models.build(name), batch).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_output_names_follow_the_tree_and_clashes_keep_the_exporters_names():
+    import torch.utils._pytree as pytree
+
+    from lora_fx.export import _leaf_names, _name_outputs
+
+    spec = pytree.tree_structure({"logits": 0, "past_key_values": ((0, 0), (0, 0))})
+    assert _leaf_names(spec) == ["logits", "past_key_values.0.0", "past_key_values.0.1", "past_key_values.1.0",
+                                 "past_key_values.1.1"]
+    x = ir.Value(name="x", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.FLOAT))
+    a, b = ir.node("Relu", [x]), ir.node("Neg", [x])
+    a.outputs[0].name, b.outputs[0].name = "relu_0", "neg_0"
+    graph = ir.Graph([x], [a.outputs[0], b.outputs[0]], nodes=[a, b], opset_imports={"": 18})
+    _name_outputs(ir.Model(graph, ir_version=10), pytree.tree_structure({"logits": 0, "x": 0}))  # "x" is the input's
+    assert [o.name for o in graph.outputs] == ["relu_0", "neg_0"]
+    _name_outputs(ir.Model(graph, ir_version=10), pytree.tree_structure({"logits": 0, "hidden": 0}))
+    assert [o.name for o in graph.outputs] == ["logits", "hidden"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_merge_into_the_base_graph(dtype, tmp_path):
     """fp16/bf16 bases train fp32 adapters (as PEFT does), so the exported branch casts x up and the sum
