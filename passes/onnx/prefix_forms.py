@@ -1,0 +1,395 @@
+"""How ``insert_prefix`` puts T prefix keys/values into each attention form of an ONNX graph.
+
+One rule per form, as onnxscript's rewrite rules: ``check`` reads the site and raises
+``UnsupportedError`` saying why it refuses (before the pass changes anything), returning the facts
+``rewrite`` needs; ``rewrite`` inserts the nodes. ``FORMS`` maps ``AttentionParts.op`` to the rule.
+
+Attention forms and how the prefix enters each:
+
+* decomposed (``MatMul(q, kᵀ)`` → scale → ``Add(mask)`` → ``Softmax`` → ``MatMul(·, v)``): ``Concat``
+  on kᵀ and V, T zero columns in front of the additive mask;
+* the opset-23/24 ``Attention`` op (3-D or 4-D Q/K/V): ``Concat`` on its K and V inputs, its ``attn_mask``
+  padded with T visible columns, ``is_causal=1`` replaced by an explicit causal mask offset by T
+  (without a cache ONNX aligns ``is_causal`` upper-left, which would hide the real keys behind the
+  prefix); an opset-24 ``nonpad_kv_seqlen`` grows by T instead, and ``is_causal``, which the op then
+  aligns to it, stays. Opset-25 sliding windows are refused;
+* ``com.microsoft.MultiHeadAttention``: ``Concat`` on key and value, the packed ``bias`` added to Q/K/V
+  by explicit nodes first (it must not reach the prefix), ``key_padding_mask`` / ``attention_bias``
+  padded, ``unidirectional=1`` replaced by an explicit causal bias offset by T;
+* ``com.microsoft.GroupQueryAttention``: the prefix enters as ``past_key`` / ``past_value`` (the op
+  only appends new tokens to a cache), ``total_sequence_length`` grows by T and ``seqlens_k`` becomes
+  T+S-1 for every row, so the op's causal mask and its rotary positions (past length + i) are those of
+  T cached tokens. ONNX Runtime's CPU kernel (1.31) runs a past with a multi-token query at batch 1 only;
+  batched prompts then stop with its "batch_size must be 1" error.
+* ``com.microsoft.Attention`` (packed QKV weight): unpacked into ``MatMul`` + ``Split`` +
+  ``MultiHeadAttention`` with the same bias, ``attention_bias`` and attributes, then as above (its own
+  prefix entry, ``past``, ORT refuses together with ``attention_bias``).
+
+Refused, naming the site and the reason, before anything changes: sites that already take a KV cache
+(past inputs or used present outputs), masks whose visible value or key axis cannot be told from the
+graph, packed QKV inputs of ``MultiHeadAttention``, ``mask_index`` / in-op rotary of
+``com.microsoft.Attention``, explicit ``position_ids`` of ``GroupQueryAttention``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lora_fx.errors import UnsupportedError
+from lora_fx.passes.onnx.find_sites import INSERTED, MS, const_tensor
+from lora_fx.passes.onnx.prefix_nodes import (
+    additive_mask,
+    batched,
+    causal_visible,
+    emit,
+    emit_const,
+    input_at,
+    is_used,
+    pad_front,
+    rank_of,
+    set_input,
+    static_dim,
+    visible_fill,
+)
+from lora_fx.sites import Site
+
+
+def refusal(site: Site, parts: Any, reason: str) -> str:
+    return f"attention site {site.name} ({parts.op} node {parts.node.name!r}) cannot take a prefix: {reason}"
+
+
+def _refuse_cache(site: Site, parts: Any, past: list[int], present: list[int]) -> None:
+    node = parts.node
+    if any(input_at(node, i) is not None for i in past) or any(is_used(node.outputs[i]) for i in present if i < len(node.outputs)):
+        raise UnsupportedError(refusal(
+            site, parts, "it reads or writes a KV cache (past_key/past_value inputs or used present outputs), so the prefix "
+            "would have to live in the cache the caller keeps. Export the model without the KV cache (use_cache=False) "
+            "for prefix-tuning, or prepend the prefixes to the cache yourself"))
+
+
+def _check_mask(site: Site, parts: Any, mask: ir.Value | None, what: str) -> None:
+    if mask is None:
+        return
+    if mask.dtype is None:
+        raise UnsupportedError(refusal(site, parts, f"the dtype of its {what} is unknown, so the visible value of the "
+                                        "T prefix columns (True, 1 or 0.0) is too; run shape inference first"))
+    if static_dim(mask, -1) == 1:
+        raise UnsupportedError(refusal(site, parts, f"its {what} broadcasts over the key axis (last dim 1); expand it "
+                                        "to the key length before inserting a prefix"))
+
+
+def _prob_users(softmax: ir.Node):
+    value = softmax.outputs[0]
+    for _ in range(4):
+        users = [u for u, _ in value.uses() if u.op_type != "IsNaN"]
+        if len(users) != 1:
+            return
+        if users[0].op_type == "MatMul":
+            yield users[0]
+            return
+        value = users[0].outputs[0]
+
+
+def _scores_of(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
+    """The MatMul(q, kᵀ) feeding ``softmax`` and the nodes between them."""
+    path: list[ir.Node] = []
+    frontier = [softmax.inputs[0]]
+    for _ in range(8):
+        nxt = []
+        for value in frontier:
+            node = value.producer() if value is not None else None
+            if node is None:
+                continue
+            if node.op_type == "MatMul" and const_tensor(node.inputs[1]) is None and const_tensor(node.inputs[0]) is None:
+                return node, path
+            path.append(node)
+            nxt.extend(i for i in node.inputs if i is not None and const_tensor(i) is None)
+        frontier = nxt
+    raise UnsupportedError(f"softmax {softmax.name!r}: no MatMul(q, kᵀ) found before it")
+
+
+def _check_decomposed(site: Site, parts: Any, graph: ir.Graph) -> None:
+    return None
+
+
+def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value], facts: Any) -> None:
+    kv, hd, heads = parts.kv_heads, parts.head_dim, parts.num_heads
+    softmax = parts.node
+    scores, path = _scores_of(softmax)
+    sink = next(u for u in _prob_users(softmax))
+    tag = f"{site.name}/prefix"
+    # The graph repeats K and V to every query head (repeat_kv) when heads != kv; the prefix likewise.
+    reps = heads // kv if heads != kv else 1
+    # K: scores = MatMul(q, [Mul](kᵀ, s)); the prefix joins kᵀ on its last axis, before the scale.
+    kt_consumer, kt_index = scores, 1
+    producer = scores.inputs[1].producer()
+    if producer is not None and producer.op_type in ("Mul", "Div") and const_tensor(producer.inputs[1]) is not None:
+        kt_consumer, kt_index = producer, 0
+    kt = kt_consumer.inputs[kt_index]
+    nodes: list[ir.Node] = []
+    pk_b = batched(nodes, values[0], kv, reps, T, hd, kt, "bnhs", f"{tag}/key")
+    new_kt = emit(nodes, "Concat", [pk_b, kt], f"{tag}/key/concat", axis=-1)
+    graph.insert_before(kt_consumer, nodes)
+    kt_consumer.replace_input_with(kt_index, new_kt)
+    # V: MatMul(p, v) with v [B, H, S, D]: the prefix joins on the sequence axis.
+    v = sink.inputs[1]
+    nodes = []
+    pv_b = batched(nodes, values[1], kv, reps, T, hd, v, "bnsh", f"{tag}/value")
+    new_v = emit(nodes, "Concat", [pv_b, v], f"{tag}/value/concat", axis=2)
+    graph.insert_before(sink, nodes)
+    sink.replace_input_with(1, new_v)
+    # The additive mask gains T zero (visible) columns in front.
+    on_path = {id(n) for n in path} | {id(scores)}
+    for node in path:
+        if node.op_type != "Add":
+            continue
+        for i, inp in enumerate(node.inputs[:2]):
+            src = inp.producer() if inp is not None else None
+            if inp is None or (src is not None and id(src) in on_path) or const_tensor(inp) is not None:
+                continue
+            nodes = []
+            padded = pad_front(nodes, inp, T, f"{tag}/mask")
+            graph.insert_before(node, nodes)
+            node.replace_input_with(i, padded)
+
+
+def _check_onnx_attention(site: Site, parts: Any, graph: ir.Graph) -> dict[str, Any]:
+    node = parts.node
+    _refuse_cache(site, parts, past=[4, 5], present=[1, 2])
+    if len(node.outputs) > 3 and is_used(node.outputs[3]):
+        raise UnsupportedError(refusal(site, parts, "its qk_matmul_output is used, and it would gain T columns"))
+    windows = [w for w in ("left_window_size", "right_window_size") if node.attributes.get_int(w, -1) >= 0]
+    if windows:
+        # A window counts keys from the query's position; whether T prefix keys fall out of it is a choice
+        # PEFT's KV-cache prefix makes per model, not one this pass can read from the graph.
+        raise UnsupportedError(refusal(site, parts, f"it attends over a sliding window ({', '.join(windows)}), "
+                                        "which the prefix keys would fall out of"))
+    q, k = node.inputs[0], node.inputs[1]
+    rank = rank_of(q) or rank_of(k)
+    if rank == 4:
+        k_heads = static_dim(k, 1)
+    elif rank == 3:
+        k_heads = node.attributes.get_int("kv_num_heads", 0) or None
+    else:
+        raise UnsupportedError(refusal(site, parts, "the rank of Q/K (3-D or 4-D) is unknown; run shape inference first"))
+    if not k_heads or k_heads % parts.kv_heads:
+        raise UnsupportedError(refusal(site, parts, f"K carries {k_heads} heads, not a multiple of the site's "
+                                        f"{parts.kv_heads} key/value heads"))
+    _check_mask(site, parts, input_at(node, 3), "attn_mask")
+    return {"rank": rank, "reps": k_heads // parts.kv_heads}
+
+
+def _rewrite_onnx_attention(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value],
+                            facts: dict[str, Any]) -> None:
+    node, tag = parts.node, f"{site.name}/prefix"
+    rank, reps = facts["rank"], facts["reps"]
+    q, k = node.inputs[0], node.inputs[1]
+    nodes: list[ir.Node] = []
+    seq_axis = _concat_key_value(nodes, node, parts, values, T, rank, reps, tag)
+    mask = input_at(node, 3)
+    if mask is not None:
+        mask = pad_front(nodes, mask, T, f"{tag}/mask", fill=visible_fill(mask.dtype))
+    causal = node.attributes.get_int("is_causal", 0) if "is_causal" in node.attributes else 0
+    nonpad = input_at(node, 6)
+    if nonpad is not None:
+        # opset 24: the valid keys per row, padding after them; the prefix adds T valid keys in front. The op
+        # aligns is_causal to them (offset nonpad - S), so T more shifts the causal rule by T too: it stays.
+        t = emit(nodes, "CastLike", [emit_const(nodes, np.array(T, np.int64), f"{tag}/T"), nonpad], f"{tag}/T_like")
+        set_input(node, 6, emit(nodes, "Add", [nonpad, t], f"{tag}/nonpad_kv_seqlen"))
+        causal = 0
+    if causal:
+        # is_causal aligns upper-left (query i sees keys 0..i); with T keys in front it would hide real keys,
+        # so the same rule offset by T becomes an explicit mask and the attribute is cleared.
+        visible = causal_visible(nodes, q, seq_axis, k, seq_axis, T, f"{tag}/causal")
+        if mask is None:
+            mask = visible
+        elif mask.dtype == ir.DataType.BOOL:
+            mask = emit(nodes, "And", [mask, visible], f"{tag}/causal/and")
+        else:
+            mask = emit(nodes, "Add", [mask, additive_mask(nodes, visible, mask, f"{tag}/causal")], f"{tag}/causal/add")
+        node.attributes["is_causal"] = ir.AttrInt64("is_causal", 0)
+    graph.insert_before(node, nodes)
+    if mask is not None:
+        set_input(node, 3, mask)
+
+
+def _concat_key_value(nodes: list[ir.Node], node: ir.Node, parts: Any, values: tuple[ir.Value, ir.Value], T: int,
+                      rank: int, reps: int, tag: str) -> int:
+    """Put the batched prefixes in front of ``node``'s key (input 1) and value (input 2), 3-D [B, S, heads*hd] or
+    4-D [B, heads, S, hd]; returns the sequence axis."""
+    layout, seq_axis = ("bnsh", 2) if rank == 4 else ("bsh", 1)
+    for i, which in ((1, "key"), (2, "value")):
+        kv_in = node.inputs[i]
+        p = batched(nodes, values[i - 1], parts.kv_heads, reps, T, parts.head_dim, kv_in, layout, f"{tag}/{which}")
+        node.replace_input_with(i, emit(nodes, "Concat", [p, kv_in], f"{tag}/{which}/concat", axis=seq_axis))
+    return seq_axis
+
+
+def _check_mha(site: Site, parts: Any, graph: ir.Graph) -> dict[str, Any]:
+    node = parts.node
+    _refuse_cache(site, parts, past=[6, 7, 8, 9], present=[1, 2])
+    if len(node.outputs) > 3 and is_used(node.outputs[3]):
+        raise UnsupportedError(refusal(site, parts, "its output_qk is used, and it would gain T columns"))
+    q, k, v, bias = node.inputs[0], input_at(node, 1), input_at(node, 2), input_at(node, 3)
+    if k is None or v is None:
+        raise UnsupportedError(refusal(site, parts, "Q, K and V come packed in the query input, so there is no key "
+                                        "input to put the prefix in front of; unpack them into query/key/value first"))
+    rank = rank_of(k)
+    if rank not in (3, 4) or rank_of(v) != rank:
+        raise UnsupportedError(refusal(site, parts, f"its key/value are {rank}-D (packed KV or unknown); lora_fx puts "
+                                        "prefixes into 3-D [B, S, hidden] or 4-D [B, heads, S, head_dim] keys and values"))
+    widths = None
+    if bias is not None:
+        widths = (static_dim(q, -1), static_dim(k, -1), static_dim(v, -1))
+        if rank != 3 or not all(widths):
+            raise UnsupportedError(refusal(site, parts, "its packed bias would be added to the prefix too, and the widths "
+                                            "of Q/K/V needed to split it out are unknown (or K/V are 4-D)"))
+    heads = node.attributes.get_int("num_heads", 0)
+    if heads % parts.kv_heads:
+        raise UnsupportedError(refusal(site, parts, f"{heads} heads are no multiple of {parts.kv_heads} key/value heads"))
+    kpm = input_at(node, 4)
+    if kpm is not None and rank_of(kpm) != 2:
+        raise UnsupportedError(refusal(site, parts, "its key_padding_mask is not the 2-D [batch, kv_sequence] form (mask "
+                                        "index or unknown rank), which is the one that can gain T visible columns"))
+    _check_mask(site, parts, kpm, "key_padding_mask")
+    _check_mask(site, parts, input_at(node, 5), "attention_bias")
+    return {"rank": rank, "reps": heads // parts.kv_heads, "widths": widths}
+
+
+def _rewrite_mha(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value],
+                 facts: dict[str, Any]) -> None:
+    node, tag = parts.node, f"{site.name}/prefix"
+    rank, reps = facts["rank"], facts["reps"]
+    nodes: list[ir.Node] = []
+    bias = input_at(node, 3)
+    if bias is not None:
+        # The op adds its packed [q | k | v] bias to the whole key and value, prefix included; PEFT's prefix takes
+        # no bias, so the bias goes onto the real Q, K, V by explicit Adds and leaves the op.
+        start = 0
+        for i, (which, width) in enumerate(zip(("query", "key", "value"), facts["widths"])):
+            part = emit(nodes, "Slice", [bias, emit_const(nodes, np.array([start], np.int64), f"{tag}/bias/{which}/start"),
+                                        emit_const(nodes, np.array([start + width], np.int64), f"{tag}/bias/{which}/end")],
+                       f"{tag}/bias/{which}")
+            node.replace_input_with(i, emit(nodes, "Add", [node.inputs[i], part], f"{tag}/bias/{which}/add"))
+            start += width
+        node.replace_input_with(3, None)
+    q, k = node.inputs[0], node.inputs[1]
+    seq_axis = _concat_key_value(nodes, node, parts, values, T, rank, reps, tag)
+    kpm = input_at(node, 4)
+    if kpm is not None:
+        node.replace_input_with(4, pad_front(nodes, kpm, T, f"{tag}/key_padding_mask", fill=visible_fill(kpm.dtype)))
+    attn_bias = input_at(node, 5)
+    if attn_bias is not None:
+        attn_bias = pad_front(nodes, attn_bias, T, f"{tag}/attention_bias")
+    if node.attributes.get_int("unidirectional", 0) if "unidirectional" in node.attributes else 0:
+        # Without a past input the op's causal rule is upper-left (query i sees keys 0..i); the prefix would hide the
+        # real keys behind it, so the rule offset by T becomes an explicit additive bias.
+        visible = causal_visible(nodes, q, 1, k, seq_axis, T, f"{tag}/causal")
+        additive = additive_mask(nodes, visible, q, f"{tag}/causal")
+        # attention_bias is 4-D [B or 1, N or 1, S_q, S_kv]
+        additive = emit(nodes, "Unsqueeze", [additive, emit_const(nodes, np.array([0, 1], np.int64), f"{tag}/causal/axes")],
+                       f"{tag}/causal/bias")
+        attn_bias = additive if attn_bias is None else emit(nodes, "Add", [attn_bias, additive], f"{tag}/causal/add")
+        node.attributes["unidirectional"] = ir.AttrInt64("unidirectional", 0)
+    graph.insert_before(node, nodes)
+    if attn_bias is not None:
+        set_input(node, 5, attn_bias)
+
+
+def _check_gqa(site: Site, parts: Any, graph: ir.Graph) -> None:
+    node = parts.node
+    _refuse_cache(site, parts, past=[3, 4], present=[1, 2])
+    if input_at(node, 5) is None or input_at(node, 6) is None:
+        raise UnsupportedError(refusal(site, parts, "seqlens_k or total_sequence_length is missing"))
+    if input_at(node, 9) is not None:
+        raise UnsupportedError(refusal(site, parts, "it takes explicit position_ids, which lora_fx does not offset by T "
+                                        "here; let the op derive positions (drop the input) or offset them before the op"))
+    _check_mask(site, parts, input_at(node, 10), "attention_bias")
+    return None
+
+
+def _rewrite_gqa(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value], facts: Any) -> None:
+    node, tag = parts.node, f"{site.name}/prefix"
+    nodes: list[ir.Node] = []
+    ref = node.inputs[0]  # the query: batch size
+    # The op appends the new keys after `past`: the prefix is a T-token cache, [B, kv_heads, T, head_dim].
+    for i, which in ((3, "key"), (4, "value")):
+        set_input(node, i, batched(nodes, values[i - 3], parts.kv_heads, 1, T, parts.head_dim, ref, "bnsh",
+                                     f"{tag}/past_{which}"))
+    total, seqlens = node.inputs[6], node.inputs[5]
+    t = emit(nodes, "CastLike", [emit_const(nodes, np.array(T, np.int64), f"{tag}/T"), total], f"{tag}/T_like")
+    new_total = emit(nodes, "Add", [total, t], f"{tag}/total_sequence_length")
+    # The op reads row b as past = seqlens_k[b] + 1 - S cached tokens followed by S new ones (positions past..past+S-1).
+    # Offsetting a right-padded row's seqlens_k by T would shorten its past below T; every row gets T+S-1 instead: the
+    # padded tail is hidden from real queries by the causal mask anyway, and real tokens sit at T..T+n-1.
+    one = emit(nodes, "CastLike", [emit_const(nodes, np.array(1, np.int64), f"{tag}/one"), total], f"{tag}/one_like")
+    last = emit(nodes, "Sub", [new_total, one], f"{tag}/last")
+    last = emit(nodes, "CastLike", [last, seqlens], f"{tag}/last_like")
+    new_seqlens = emit(nodes, "Expand", [last, emit(nodes, "Shape", [seqlens], f"{tag}/seqlens_shape")], f"{tag}/seqlens_k")
+    node.replace_input_with(6, new_total)
+    node.replace_input_with(5, new_seqlens)
+    attn_bias = input_at(node, 10)
+    if attn_bias is not None:
+        node.replace_input_with(10, pad_front(nodes, attn_bias, T, f"{tag}/attention_bias"))
+    graph.insert_before(node, nodes)
+
+
+def _check_com_attention(site: Site, parts: Any, graph: ir.Graph) -> dict[str, Any]:
+    node = parts.node
+    _refuse_cache(site, parts, past=[4, 6], present=[1])
+    w = const_tensor(input_at(node, 1))
+    sizes = list(node.attributes.get_ints("qkv_hidden_sizes", [])) if "qkv_hidden_sizes" in node.attributes else []
+    hidden = parts.num_heads * parts.head_dim
+    if w is None or len(w.shape) != 2 or int(w.shape[1]) != 3 * hidden or any(n != hidden for n in sizes):
+        raise UnsupportedError(refusal(site, parts, "its packed QKV weight is not a constant [hidden, 3*hidden] of equal "
+                                        "q/k/v widths, so it cannot be unpacked into MultiHeadAttention's query/key/value"))
+    if input_at(node, 3) is not None:
+        raise UnsupportedError(refusal(site, parts, "it takes a mask_index, which has no padded form for keys that include "
+                                        "a prefix; give the op an additive attention_bias instead"))
+    if node.attributes.get_int("do_rotary", 0) if "do_rotary" in node.attributes else 0:
+        raise UnsupportedError(refusal(site, parts, "it applies rotary embedding inside the op"))
+    _check_mask(site, parts, input_at(node, 5), "attention_bias")
+    return {"rank": 3, "reps": 1, "widths": (hidden, hidden, hidden)}
+
+
+def _rewrite_com_attention(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value],
+                           facts: dict[str, Any]) -> None:
+    """com.microsoft.Attention → MatMul + Split + MultiHeadAttention (same bias, attention_bias and attributes), then
+    MultiHeadAttention's rule. The op itself cannot take the prefix: its only way in, `past`, ORT refuses together
+    with attention_bias, and its projections happen inside."""
+    node, tag = parts.node, f"{site.name}/prefix/unpacked"
+    nodes: list[ir.Node] = []
+    qkv = emit(nodes, "MatMul", [node.inputs[0], node.inputs[1]], f"{tag}/qkv")
+    hidden = facts["widths"][0]
+    split = ir.node("Split", [qkv, emit_const(nodes, np.array([hidden] * 3, np.int64), f"{tag}/sizes")], attributes={"axis": -1},
+                    num_outputs=3, name=f"{tag}/split", metadata_props={INSERTED: "prefix"})
+    for out, which in zip(split.outputs, ("q", "k", "v")):
+        out.name = f"{tag}/{which}"
+    nodes.append(split)
+    keep = {k: v for k, v in node.attributes.items() if k in ("num_heads", "scale", "unidirectional", "mask_filter_value")}
+    mha = ir.node("MultiHeadAttention", [*split.outputs, input_at(node, 2), None, input_at(node, 5)], attributes=keep,
+                  domain=MS, name=f"{node.name}/mha", metadata_props=dict(node.metadata_props))
+    nodes.append(mha)
+    graph.insert_before(node, nodes)
+    old = node.outputs[0]
+    ir.convenience.replace_all_uses_with(old, mha.outputs[0])
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            graph.outputs[i] = mha.outputs[0]
+    graph.remove(node, safe=True)
+    mha.outputs[0].name, mha.outputs[0].shape, mha.outputs[0].type = old.name, old.shape, old.type
+    unpacked = type(parts)(mha, split.outputs[0], split.outputs[1], split.outputs[2], mha.outputs[0], parts.num_heads,
+                           parts.kv_heads, parts.head_dim, f"{MS}.MultiHeadAttention")
+    _rewrite_mha(graph, site, unpacked, T, values, facts)
+
+
+FORMS = {
+    "decomposed": (_check_decomposed, _rewrite_decomposed),
+    "Attention": (_check_onnx_attention, _rewrite_onnx_attention),
+    f"{MS}.MultiHeadAttention": (_check_mha, _rewrite_mha),
+    f"{MS}.GroupQueryAttention": (_check_gqa, _rewrite_gqa),
+    f"{MS}.Attention": (_check_com_attention, _rewrite_com_attention),
+}
