@@ -1059,7 +1059,8 @@ def _rotary_embedding(ctx, x, a):
     t, cos, sin = ctx.t(x[0]), ctx.t(x[1]), ctx.t(x[2])
     pos = ctx.t(x[3]) if len(x) > 3 and x[3] is not None else None
     shape = t.shape
-    h = t.transpose(1, 2) if t.dim() == 4 else t.reshape(shape[0], shape[1], a["num_heads"], -1)
+    heads = a.get("num_heads", 0)  # needed for 3-D input only; 4-D carries its heads
+    h = t.transpose(1, 2) if t.dim() == 4 else t.reshape(shape[0], shape[1], heads, -1)
     dim = a.get("rotary_embedding_dim", 0) or h.shape[-1]
     if pos is not None:
         cos, sin = cos[pos], sin[pos]
@@ -1071,10 +1072,11 @@ def _rotary_embedding(ctx, x, a):
 def _ms_rotary_embedding(ctx, x, a):
     t, pos, cos, sin = ctx.t(x[0]), ctx.t(x[1]), ctx.t(x[2]), ctx.t(x[3])
     shape = t.shape
+    n = a.get("num_heads", 0)  # needed for 3-D input only; 4-D carries its heads
     if t.dim() == 4:  # [B, H, S, D]
         h = t.transpose(1, 2)
     else:
-        n = a.get("num_heads", 0) or shape[-1] // (cos.shape[-1] * 2)
+        n = n or shape[-1] // (cos.shape[-1] * 2)
         h = t.reshape(shape[0], shape[1], n, -1)
     s = h.shape[1]
     if pos.numel() == 1:
@@ -1224,7 +1226,65 @@ def _lazy_compiler_disable(fn: Callable) -> Callable:
 
 
 class _Node:
-    __slots__ = ("fn", "inputs", "outputs", "attrs", "opset", "label", "const_ok", "n_outputs")
+    __slots__ = ("fn", "inputs", "outputs", "attrs", "opset", "label", "const_ok", "n_outputs", "op", "domain",
+                 "attrs_checked")
+
+
+class _ReadAttrs(dict):
+    """A node's attributes that remember which ones the op function looked at (its first call only)."""
+
+    def __init__(self, attrs: dict) -> None:
+        super().__init__(attrs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+
+def _schema_default(n: "_Node", name: str) -> Any:
+    """The ONNX schema's default for attribute ``name`` of ``n``'s op, or a sentinel when it has none."""
+    import onnx
+
+    try:
+        attr = onnx.defs.get_schema(n.op, n.opset, n.domain).attributes.get(name)
+    except onnx.defs.SchemaError:
+        return _NO_DEFAULT
+    if attr is None or not attr.default_value.name:
+        return _NO_DEFAULT
+    return _attr_value_proto(attr.default_value)
+
+
+_NO_DEFAULT = object()
+
+
+def _attr_value_proto(proto: Any) -> Any:
+    import onnx
+
+    value = onnx.helper.get_attribute_value(proto)
+    if isinstance(value, bytes):
+        return value.decode()
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_ignored_attrs(n: "_Node", attrs: _ReadAttrs) -> None:
+    """Refuse an attribute the op's torch function never read unless it holds the schema's default: the
+    function would otherwise compute the op without it, silently."""
+    for name in set(attrs) - attrs.read:
+        value, default = dict.__getitem__(attrs, name), _schema_default(n, name)
+        if default is _NO_DEFAULT or value != default:
+            raise UnsupportedError(
+                f"{n.label}: lora_fx's torch execution of {n.op} does not implement its attribute {name}={value!r}, "
+                "so it would compute the op without it. Re-export without it, or file an issue naming the op and attribute"
+            )
 
 
 class OnnxModule(torch.nn.Module):
@@ -1311,6 +1371,7 @@ class OnnxModule(torch.nn.Module):
                 n.attrs = {"N": hit.out_features, "K": hit.in_features}
             n.opset = self._opsets.get(domain, 1)
             n.label = f"{node.op_type} node {node.name!r}"
+            n.op, n.domain, n.attrs_checked = node.op_type, domain, False
             real = [i for i in n.inputs if i]
             if node.op_type in ("Shape", "Size") and domain == "":
                 ok = bool(real) and real[0] not in data_shaped
@@ -1424,7 +1485,13 @@ class OnnxModule(torch.nn.Module):
 
     @staticmethod
     def _call(n: _Node, ctx: Ctx, args: list) -> Sequence[Any]:
-        out = n.fn(ctx, args, n.attrs)
+        if n.attrs_checked:
+            out = n.fn(ctx, args, n.attrs)
+        else:  # first call: which attributes does the op function read?
+            attrs = _ReadAttrs(n.attrs)
+            out = n.fn(ctx, args, attrs)
+            _check_ignored_attrs(n, attrs)
+            n.attrs_checked = True
         return out if isinstance(out, (tuple, list)) else (out,)
 
 

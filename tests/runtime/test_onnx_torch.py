@@ -482,3 +482,17 @@ def test_frozen_weights_share_the_models_memory_and_adapters_do_not(tmp_path: Pa
     proto_model = ir.serde.deserialize_model(onnx.load(str(tmp_path / "m.onnx")))
     x = torch.from_numpy(rng.standard_normal((3, 8)).astype(np.float32))
     torch.testing.assert_close(OnnxModule(proto_model)(x=x)["y"], module(x=x)["y"])
+
+
+def test_an_attribute_the_op_function_ignores_is_refused_unless_it_holds_the_default(tmp_path: Path) -> None:
+    """An op function that never reads an attribute computes the op without it: refused on the first call, naming
+    the node and attribute, unless the attribute holds the schema default (then ignoring it changes nothing)."""
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    default = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT, saturate=1)  # saturate: float8 only, default 1
+    _check_op(_single(default, {"x": x}, opset=19), {"x": x}, tmp_path)
+    odd = helper.make_node("Cast", ["x"], ["y"], name="c", to=TensorProto.FLOAT, saturate=0)
+    with pytest.raises(UnsupportedError, match=r"Cast node 'c'.*does not implement its attribute saturate=0"):
+        OnnxModule(_single(odd, {"x": x}, opset=19), trainable=[])(x=torch.from_numpy(x))
+    unknown = helper.make_node("Relu", ["x"], ["y"], name="r", alpha=0.5)  # no such attribute in the schema
+    with pytest.raises(UnsupportedError, match=r"Relu node 'r'.*attribute alpha=0.5"):
+        OnnxModule(_single(unknown, {"x": x}), trainable=[])(x=torch.from_numpy(x))
