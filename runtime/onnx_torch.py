@@ -1093,6 +1093,8 @@ def _ms_group_query_attention(ctx, x, a):
     get = lambda i: ctx.t(x[i]) if len(x) > i and x[i] is not None else None  # noqa: E731
     q, k, v, past_k, past_v, seqlens_k, total_len, cos, sin = (get(i) for i in range(9))
     n, kv_n = a["num_heads"], a["kv_num_heads"]
+    if a.get("smooth_softmax", -1) == 1:  # ONNX Runtime turns it on at 1 only (0 and -1 are off)
+        raise UnsupportedError("com.microsoft.GroupQueryAttention with smooth_softmax=1 is not supported")
     if k is None:  # packed QKV
         d = q.shape[-1] // (n + 2 * kv_n)
         q, k, v = torch.split(q, [n * d, kv_n * d, kv_n * d], dim=-1)
@@ -1251,9 +1253,12 @@ class _ReadAttrs(dict):
 
 
 def _schema_default(n: "_Node", name: str) -> Any:
-    """The ONNX schema's default for attribute ``name`` of ``n``'s op, or a sentinel when it has none."""
+    """The schema's default for attribute ``name`` of ``n``'s op (ONNX's, or ONNX Runtime's for its contrib
+    ops), or a sentinel when it has none."""
     import onnx
 
+    if n.domain == "com.microsoft":
+        return _contrib_defaults().get((n.op, name), _NO_DEFAULT)
     try:
         attr = onnx.defs.get_schema(n.op, n.opset, n.domain).attributes.get(name)
     except onnx.defs.SchemaError:
@@ -1264,6 +1269,29 @@ def _schema_default(n: "_Node", name: str) -> Any:
 
 
 _NO_DEFAULT = object()
+# Attributes that choose how ONNX Runtime computes, not what: a float computation may leave them unread.
+_HINTS = {("com.microsoft", "MatMulNBits", "accuracy_level"), ("com.microsoft", "MatMulBnb4", "training_mode")}
+
+
+def _contrib_defaults() -> dict[tuple[str, str], Any]:
+    global _CONTRIB_DEFAULTS
+    if _CONTRIB_DEFAULTS is None:
+        import onnx
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        _CONTRIB_DEFAULTS = {}
+        for schema in ort_c.get_all_operator_schema():
+            if schema.domain != "com.microsoft":
+                continue
+            for name, attr in schema.attributes.items():
+                proto = onnx.AttributeProto()
+                proto.ParseFromString(attr._default_value)
+                if proto.name:
+                    _CONTRIB_DEFAULTS[(schema.name, name)] = _attr_value_proto(proto)
+    return _CONTRIB_DEFAULTS
+
+
+_CONTRIB_DEFAULTS: dict[tuple[str, str], Any] | None = None
 
 
 def _attr_value_proto(proto: Any) -> Any:
@@ -1279,6 +1307,8 @@ def _check_ignored_attrs(n: "_Node", attrs: _ReadAttrs) -> None:
     """Refuse an attribute the op's torch function never read unless it holds the schema's default: the
     function would otherwise compute the op without it, silently."""
     for name in set(attrs) - attrs.read:
+        if (n.domain, n.op, name) in _HINTS:
+            continue
         value, default = dict.__getitem__(attrs, name), _schema_default(n, name)
         if default is _NO_DEFAULT or value != default:
             raise UnsupportedError(

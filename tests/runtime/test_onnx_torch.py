@@ -496,3 +496,21 @@ def test_an_attribute_the_op_function_ignores_is_refused_unless_it_holds_the_def
     unknown = helper.make_node("Relu", ["x"], ["y"], name="r", alpha=0.5)  # no such attribute in the schema
     with pytest.raises(UnsupportedError, match=r"Relu node 'r'.*attribute alpha=0.5"):
         OnnxModule(_single(unknown, {"x": x}), trainable=[])(x=torch.from_numpy(x))
+
+
+def test_contrib_op_attributes_use_onnxruntimes_defaults_and_compute_hints_pass(tmp_path: Path) -> None:
+    """com.microsoft ops: ONNX Runtime's schema gives the defaults; accuracy_level (how ORT computes, not what)
+    may stay unread, weight_prepacked (what the weight bytes mean) may not."""
+    n, k, block = 4, 32, 32
+    inits = {"w": rng.integers(0, 256, (n, 1, block // 2)).astype(np.uint8), "s": (rng.random(n) + 0.1).astype(np.float32)}
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    hinted = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                              block_size=block, accuracy_level=4)  # ORT: int8 activations; lora_fx: float, as at level 0
+    exact = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    ir.save(_single(exact, {"x": x}, inits=inits, ms=True), str(tmp_path / "exact.onnx"))
+    got = OnnxModule(_single(hinted, {"x": x}, inits=inits, ms=True), trainable=[])(x=torch.from_numpy(x))["y"]
+    np.testing.assert_allclose(got.numpy(), om.ort_run(tmp_path / "exact.onnx", {"x": x})[0], rtol=1e-5, atol=1e-5)
+    prepacked = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], name="q", domain="com.microsoft", K=k, N=n,
+                                 bits=4, block_size=block, weight_prepacked=1)
+    with pytest.raises(UnsupportedError, match="MatMulNBits node 'q'.*weight_prepacked=1"):
+        OnnxModule(_single(prepacked, {"x": x}, inits=inits, ms=True), trainable=[])(x=torch.from_numpy(x))
