@@ -1325,6 +1325,8 @@ class OnnxModule(torch.nn.Module):
     """
 
     def __init__(self, model: Any, trainable: Iterable[str] | None = None) -> None:
+        import onnx_ir as ir
+
         super().__init__()
         check_supported(model)
         graph = model.graph
@@ -1347,6 +1349,13 @@ class OnnxModule(torch.nn.Module):
             if value.const_value is None:
                 raise UnsupportedError(f"initializer {name!r} has no value; the model needs its data (the .onnx.data file) beside it")
             t = _to_torch(value.const_value, share=name not in self.trainable_names)  # adapters: copies, trained in place
+            if isinstance(value.const_value, ir.ExternalTensor):
+                # A read-only mapping of the data file, so t is a copy; unmapping the file's pages keeps them out
+                # of the process's memory (the tensor maps the file again if it is read later).
+                try:
+                    value.const_value.release()
+                except BufferError:  # another view of the mapping is alive: the pages stay
+                    pass
             attr = _safe_attr_name(name, taken)
             self._attr_of[name] = attr
             if name in self.trainable_names:

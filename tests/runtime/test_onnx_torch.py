@@ -514,3 +514,26 @@ def test_contrib_op_attributes_use_onnxruntimes_defaults_and_compute_hints_pass(
                                  bits=4, block_size=block, weight_prepacked=1)
     with pytest.raises(UnsupportedError, match="MatMulNBits node 'q'.*weight_prepacked=1"):
         OnnxModule(_single(prepacked, {"x": x}, inits=inits, ms=True), trainable=[])(x=torch.from_numpy(x))
+
+
+def test_weights_in_external_data_are_copied_once_and_the_file_unmapped(tmp_path: Path) -> None:
+    """External data is a read-only mapping of the .data file: torch gets a copy, and the mapping is closed, so
+    the file's pages do not stay in the process's memory next to the copy."""
+    from lora_fx.onnx_model import save
+
+    w = rng.standard_normal((64, 48)).astype(np.float32)  # big enough to go to the .data file
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "fc.weight"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 48])],
+                              [onnx.numpy_helper.from_array(w, "fc.weight")])
+    save(ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)),
+         tmp_path / "m.onnx", external_data=True)
+    model = lora_fx.load(tmp_path / "m.onnx")
+    tensor = model.graph.initializers["fc.weight"].const_value
+    assert isinstance(tensor, ir.ExternalTensor)
+    tensor.numpy()  # mapped, as a pass reading the weight leaves it
+    module = OnnxModule(model, trainable=[])
+    assert tensor.raw is None  # unmapped
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(module(x=torch.from_numpy(x))["y"].numpy(), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(tensor.numpy(), w)  # the model still reads its weight (mapped again)
