@@ -15,7 +15,12 @@ and not kept, because they did not lower slot/base: one MatMul for the A project
 read the same input (q, k, v: Concat of their A slots, one MatMul, Split; 1.064 -> 1.063 at batch 1,
 within noise at batch 8), zero-padded B sides reading that one product, A concatenated onto W (the
 weight is no longer a constant ONNX Runtime can prepack: 1.25x), and ``[x | x @ A] @ [W; B]`` (1.23x).
-Doing the sum in the base GEMM's epilogue needs a fused kernel, which no standard ONNX op offers.
+Merging at run time, ``x @ (W + A @ B)``, was measured per layer shape (1 thread, ratio to the base
+MatMul + bias): at 1024 rows it beats this Gemm for 384x384 (1.07 against 1.22) and 384x1536 (1.08
+against 1.12) but loses for 1536x384 (1.15 against 1.09), and at 128 rows (batch 1) it loses
+everywhere (1.33-1.47 against 1.08-1.20): the merged W is not prepacked. Whole-model estimate at
+batch 8 about 1.09, worse at batch 1; not kept. Doing the sum in the base GEMM's epilogue needs a
+fused kernel, which no standard ONNX op (nor a com.microsoft contrib op on CPU) offers.
 
 The result is the GEMM form of ``lora_layout`` (``BranchForm.GEMM``), which ``find_branch`` — and so
 ``fold_lora`` and ``expose_adapters`` — reads like the contract form. Run it last, after
