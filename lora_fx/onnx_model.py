@@ -71,12 +71,14 @@ def _own_tensor_data(model: ir.Model) -> None:
         for value in graph.initializers.values():
             if value.const_value is not None:
                 value.const_value = _owned(value.const_value)
-        for node in graph:
-            for name, attr in list(node.attributes.items()):
-                if attr.type == ir.AttributeType.TENSOR:
-                    node.attributes[name] = ir.AttrTensor(name, _owned(attr.value))
-                elif attr.type == ir.AttributeType.TENSORS:
-                    node.attributes[name] = ir.AttrTensors(name, [_owned(t) for t in attr.value])
+    nodes = [node for graph in model.graphs() for node in graph]
+    nodes += [node for function in model.functions.values() for node in function]
+    for node in nodes:
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR:
+                node.attributes[name] = ir.AttrTensor(name, _owned(attr.value))
+            elif attr.type == ir.AttributeType.TENSORS:
+                node.attributes[name] = ir.AttrTensors(name, [_owned(t) for t in attr.value])
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
