@@ -1270,7 +1270,9 @@ def _schema_default(n: "_Node", name: str) -> Any:
 
 _NO_DEFAULT = object()
 # Attributes that choose how ONNX Runtime computes, not what: a float computation may leave them unread.
-_HINTS = {("com.microsoft", "MatMulNBits", "accuracy_level"), ("com.microsoft", "MatMulBnb4", "training_mode")}
+# A seed fixes which elements drop, not how dropout computes; torch draws from its own generator.
+_HINTS = {("com.microsoft", "MatMulNBits", "accuracy_level"), ("com.microsoft", "MatMulBnb4", "training_mode"),
+          ("", "Dropout", "seed")}
 
 
 def _contrib_defaults() -> dict[tuple[str, str], Any]:
