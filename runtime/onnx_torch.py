@@ -1229,7 +1229,7 @@ def _lazy_compiler_disable(fn: Callable) -> Callable:
 
 class _Node:
     __slots__ = ("fn", "inputs", "outputs", "attrs", "opset", "label", "const_ok", "n_outputs", "op", "domain",
-                 "attrs_checked")
+                 "attrs_checked", "free")
 
 
 class _ReadAttrs(dict):
@@ -1428,6 +1428,23 @@ class OnnxModule(torch.nn.Module):
                     or any(j < len(n.inputs) and n.inputs[j] and n.inputs[j] not in candidates for j in shape_ins)):
                 data_shaped.update(o for o in n.outputs if o)
             nodes.append(n)
+        # Each value leaves the run's environment after its last reader (or, never read, right after it is made),
+        # as the code torch.fx generates deletes dead values: a forward would otherwise hold every intermediate
+        # tensor of the graph until it returns, not only those autograd saves.
+        last: dict[str, int] = {}
+        for k, n in enumerate(nodes):
+            for name in n.outputs:
+                if name:
+                    last.setdefault(name, k)
+            for name in n.inputs:
+                if name:
+                    last[name] = k
+        for n in nodes:
+            n.free = []
+        keep = set(self.output_names)
+        for name, k in last.items():
+            if name not in keep:
+                nodes[k].free.append(name)
         return nodes
 
     # ---- modes and write-back --------------------------------------------------------------
@@ -1517,11 +1534,16 @@ class OnnxModule(torch.nn.Module):
                         env[name] = c
                     elif name:
                         env[name] = t
+                for name in n.free:
+                    env.pop(name, None)
                 continue
             outs = self._call(n, ctx, args)
+            del args
             for name, t in zip(n.outputs, outs):
                 if name:
                     env[name] = t
+            for name in n.free:
+                env.pop(name, None)
         return {n: ctx.t(env[n]) for n in self.output_names}
 
     @staticmethod

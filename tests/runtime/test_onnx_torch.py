@@ -537,3 +537,36 @@ def test_weights_in_external_data_are_copied_once_and_the_file_unmapped(tmp_path
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(module(x=torch.from_numpy(x))["y"].numpy(), x @ w, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(tensor.numpy(), w)  # the model still reads its weight (mapped again)
+
+
+def test_intermediate_values_are_dropped_after_their_last_reader(monkeypatch) -> None:
+    """A forward holds what autograd saves, not every intermediate of the graph: each value leaves the run
+    once its last reader ran (an unused output right away), as torch.fx's generated code deletes it."""
+    import weakref
+
+    nodes = [helper.make_node("Neg", ["x"], ["a"], name="n0"), helper.make_node("Abs", ["a"], ["b"], name="n1"),
+             helper.make_node("Dropout", ["b"], ["c", "unused_mask"], name="n2"),
+             helper.make_node("Exp", ["c"], ["y"], name="n3"), helper.make_node("Neg", ["y"], ["z"], name="n4")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n"])])
+    module = OnnxModule(ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                                     ir_version=10)), trainable=[])
+    assert {n.label: set(n.free) for n in module._nodes} == {
+        "Neg node 'n0'": {"x"}, "Abs node 'n1'": {"a"}, "Dropout node 'n2'": {"unused_mask", "b"},
+        "Exp node 'n3'": {"c"}, "Neg node 'n4'": set()}  # y and z are graph outputs
+    alive: dict[str, weakref.ref] = {}
+    call = OnnxModule._call
+
+    def spy(n, ctx, args):
+        if n.label == "Neg node 'n4'":  # by the last node only the graph output y is left
+            assert [k for k, ref in alive.items() if ref() is not None] == ["y"]
+        out = call(n, ctx, args)
+        for name, t in zip(n.outputs, out):
+            alive[name] = weakref.ref(t)
+        return out
+
+    monkeypatch.setattr(OnnxModule, "_call", staticmethod(spy))
+    with torch.no_grad():
+        out = module(x=torch.randn(1000))
+    torch.testing.assert_close(out["z"], -out["y"])
