@@ -1372,6 +1372,16 @@ class OnnxModule(torch.nn.Module):
             raise ConfigError(f"trainable initializers not in the graph: {missing}")
         self._init_consts = init_consts
         self.int8_linears = find_int8_linears(graph)
+        if self.int8_linears.refused:
+            import warnings
+
+            (first, why), more = next(iter(self.int8_linears.refused.items())), len(self.int8_linears.refused) - 1
+            warnings.warn(
+                f"{len(self.int8_linears.refused)} DequantizeLinear weight(s) of this graph are dequantized whole, so "
+                f"training keeps a float copy of each for backward (lora_fx's int8 op takes 2-D int8 weights with one "
+                f"scale per output channel and zero point 0): {first!r}: {why}" + (f" (and {more} more)" if more else ""),
+                stacklevel=2,
+            )
         fused = {}
         for hit in self.int8_linears.matched:
             # The op's own storage: q itself for lora_fx's [N, K] layout, else one int8 transposed copy.

@@ -117,7 +117,8 @@ def test_chains_the_op_cannot_take_run_node_by_node_and_say_why(form, zero_point
     model, w, _ = _model(form, zero_point=zero_point, shared=shared)
     path = tmp_path / "m.onnx"
     ir.save(model, str(path))
-    module = OnnxModule(model, trainable=[])
+    with pytest.warns(UserWarning, match=rf"1 DequantizeLinear weight\(s\) .* keeps a float copy .*{why}"):
+        module = OnnxModule(model, trainable=[])
     assert not module.int8_linears.matched
     assert [why in r for r in module.int8_linears.refused.values()] == [True]
     x_np = rng.standard_normal((2, 3, K)).astype(np.float32)
