@@ -162,11 +162,10 @@ def run_one(model_name: str, method: str, steps: int, onnx_path: str | None = No
     target = torch.randn(384)
 
     def loss_fn(out: Any, batch: dict) -> torch.Tensor:
-        # An exported graph's outputs are in the model's order: last_hidden_state first, or the logits.
-        first = next(iter(out.values())) if onnx_path is not None else None
+        # Both front ends name the outputs like the model does (export_onnx keeps the names).
         if model_name == "minilm":  # pull the first token's embedding toward a fixed vector
-            return ((first if first is not None else out["last_hidden_state"])[:, 0] - target).pow(2).mean()
-        logits = (first if first is not None else out["logits"])[:, :-1].float()
+            return (out["last_hidden_state"][:, 0] - target).pow(2).mean()
+        logits = out["logits"][:, :-1].float()
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
 
     times: list[float] = []
