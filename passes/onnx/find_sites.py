@@ -219,8 +219,11 @@ def linear_parts(node: ir.Node) -> LinearParts | None:
             return None
         scales = node.inputs[2] if len(node.inputs) > 2 else None
         dtype = dtype_name(node.outputs[0].dtype or (scales.dtype if scales is not None else None))
-        bias = node.inputs[5] if op == "MatMulNBits" and len(node.inputs) > 5 else None
-        return LinearParts(node, x, node.inputs[1], [], in_f, out_f, True, bias, None, node.outputs[0], dtype, stored_out_in=True)
+        bias, bias_node = (node.inputs[5], None) if op == "MatMulNBits" and len(node.inputs) > 5 else (None, None)
+        if bias is None:  # a bias Add after the op, as after MatMul: the site's output is its sum
+            bias, bias_node = _bias_after(node, out_f)
+        output = bias_node.outputs[0] if bias_node is not None else node.outputs[0]
+        return LinearParts(node, x, node.inputs[1], [], in_f, out_f, True, bias, bias_node, output, dtype, stored_out_in=True)
     if domain == MS and op == "Attention" and len(node.inputs) > 1:
         weight = node.inputs[1]
         t = const_tensor(weight)

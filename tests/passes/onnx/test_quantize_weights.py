@@ -84,8 +84,9 @@ def test_quantized_onnx_model_runs_in_ort_like_the_dequantized_weights(cfg, op, 
     assert "fc1.weight" not in model.graph.initializers  # the float weight is gone from the file
     after = sum(v.const_value.nbytes for n, v in model.graph.initializers.items() if ".weight_" in n)
     assert after / before <= limit
+    # The site keeps its shape and its bias, whatever op now holds the weight (as through FX).
     sites = {s.name: s for s in lora_fx.find_sites(model) if s.kind.value == "linear"}
-    assert {n: (s.in_features, s.out_features) for n, s in sites.items()} == {"fc1": (IN, OUT), "fc2": (OUT, OUT)}
+    assert {n: (s.in_features, s.out_features, s.has_bias) for n, s in sites.items()} == {"fc1": (IN, OUT, True), "fc2": (OUT, OUT, False)}
     x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
     d1, d2 = _dequantized(cfg, w1), _dequantized(cfg, w2)
     b1 = model.graph.initializers["fc1.bias"].const_value.numpy()
@@ -179,7 +180,7 @@ def test_gemm_sites_quantize_with_bias_and_alpha_and_take_lora(cfg, op, tmp_path
     result = quantize_weights(model, QuantConfig(**{**cfg.to_dict(), "target_modules": ".*"}))
     assert len(result.changed) == 2 and "Gemm" not in {n.op_type for n in model.graph} and op in {n.op_type for n in model.graph}
     sites = {s.name: s for s in lora_fx.find_sites(model) if s.kind.value == "linear"}
-    assert {n: (s.in_features, s.out_features) for n, s in sites.items()} == {"fc1": (IN, OUT), "fc2": (OUT, OUT)}
+    assert {n: (s.in_features, s.out_features, s.has_bias) for n, s in sites.items()} == {"fc1": (IN, OUT, True), "fc2": (OUT, OUT, False)}
     x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
     want = np.maximum(x @ _dequantized(cfg, w1) + b1, 0) @ _dequantized(cfg, w2 * 0.5)
     got = _run(model, x)
