@@ -29,8 +29,8 @@ import torch._compile
 import torch.nn.functional as F
 
 from lora_fx.errors import ConfigError, UnsupportedError
-from runtime.int8_linear import Int8Linear, find_int8_linears, run_int8_linear
-from runtime.int8_linear import storage as int8_storage
+from lora_fx.runtime.int8_linear import Int8Linear, find_int8_linears, run_int8_linear
+from lora_fx.runtime.int8_linear import storage as int8_storage
 
 LORA_METADATA_KEY = "lora_fx.lora"
 PREFIX_METADATA_KEY = "lora_fx.prefix"
