@@ -54,3 +54,21 @@ def test_no_module_imports_the_source_folders_by_their_own_names():
                         if stripped.startswith(("from runtime", "from passes", "import runtime", "import passes")):
                             bad.append(f"{os.path.relpath(path, root)}:{number}: {stripped}")
     assert not bad, "import lora_fx.runtime / lora_fx.passes instead:\n" + "\n".join(bad)
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """pyproject.toml lists packages by hand (the folders are mapped into lora_fx); a folder missing from
+    that list is left out of a regular (non-editable) install."""
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(lora_fx.__file__))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    mapped = {"lora_fx": "lora_fx", "passes": "lora_fx.passes", "runtime": "lora_fx.runtime"}
+    found = set()
+    for folder, package in mapped.items():
+        for dirpath, _, files in os.walk(os.path.join(root, folder)):
+            if "__init__.py" in files:
+                rel = os.path.relpath(dirpath, os.path.join(root, folder))
+                found.add(package if rel == "." else package + "." + rel.replace(os.sep, "."))
+    assert found == listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}; not folders: {sorted(listed - found)}"

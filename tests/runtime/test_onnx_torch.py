@@ -1,5 +1,6 @@
-"""The torch execution of ONNX graphs equals ONNX Runtime: whole exported models (original and
-LoRA-rewritten) and single ops whose ONNX semantics differ from torch's defaults."""
+"""The torch execution of ONNX graphs (``OnnxModule``) equals ONNX Runtime on whole exported models,
+original and LoRA-rewritten; which initializers train, memory held, unsupported ops and attributes.
+Single ops are tested against ONNX Runtime under ``tests/runtime/onnx_ops/``, one file per op family."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lora_fx.runtime.onnx_torch import OnnxModule, check_supported, trainable_in
 from tests import models
 from tests.onnx_corpus import corpus
 from tests.runtime import onnx_models as om
+from tests.runtime.onnx_ops.single_op import check_against_ort, rng, single_op_model
 
 TOL = 1e-5
 FP16_TOL = 2e-3  # fp16 rounds at ~1e-3: torch and ORT may round intermediate results differently
@@ -122,253 +124,6 @@ def test_torch_compile_traces_the_graph() -> None:
     assert all(p.grad is not None for p in module.named_adapters().values())
 
 
-# ---- single ops, against ONNX Runtime ------------------------------------------------------------
-
-def _single(node: onnx.NodeProto, inputs: dict[str, np.ndarray], n_out: int = 1, opset: int = 18,
-            inits: dict[str, np.ndarray] | None = None, ms: bool = False) -> ir.Model:
-    def info(name: str, arr: np.ndarray) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), None)
-
-    outs = [helper.make_empty_tensor_value_info(o) for o in node.output[:n_out]]
-    graph = helper.make_graph(
-        [node], "g", [info(k, v) for k, v in inputs.items()], outs,
-        initializer=[onnx.numpy_helper.from_array(v, k) for k, v in (inits or {}).items()],
-    )
-    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if ms else [])
-    proto = helper.make_model(graph, opset_imports=imports, ir_version=10)
-    return ir.serde.deserialize_model(proto)
-
-
-def _check_op(model: ir.Model, inputs: dict[str, np.ndarray], tmp_path: Path, tol: float = 1e-6) -> None:
-    path = tmp_path / "op.onnx"
-    ir.save(model, str(path))
-    ref = om.ort_run(path, inputs)
-    out = OnnxModule(model, trainable=[])(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-    for (name, got), r in zip(out.items(), ref):
-        got = got.detach().numpy()
-        assert got.shape == r.shape and got.dtype == r.dtype, (name, got.shape, r.shape, got.dtype, r.dtype)
-        if np.issubdtype(r.dtype, np.floating):
-            np.testing.assert_allclose(got, r, rtol=tol, atol=tol)
-        else:
-            np.testing.assert_array_equal(got, r)
-
-
-rng = np.random.default_rng(0)
-I64 = np.array([-7, 7, -7, 7, -8, 9], dtype=np.int64)
-D64 = np.array([2, -2, -2, 2, 3, -4], dtype=np.int64)
-X3 = rng.standard_normal((2, 3, 5)).astype(np.float32)
-
-OP_CASES = {
-    "div-int-truncates": (helper.make_node("Div", ["a", "b"], ["y"]), {"a": I64, "b": D64}, {}, 18),
-    "mod-int-divisor-sign": (helper.make_node("Mod", ["a", "b"], ["y"]), {"a": I64, "b": D64}, {}, 18),
-    "mod-fmod": (helper.make_node("Mod", ["a", "b"], ["y"], fmod=1), {"a": I64, "b": D64}, {}, 18),
-    "gather-negative": (helper.make_node("Gather", ["x", "i"], ["y"], axis=1),
-                        {"x": X3, "i": np.array([[-1, 0], [1, -3]], dtype=np.int64)}, {}, 18),
-    "gather-negative-const": (helper.make_node("Gather", ["x", "i"], ["y"], axis=2), {"x": X3},
-                              {"i": np.array([-1, 2, -5], dtype=np.int64)}, 18),
-    "gather-elements-negative": (helper.make_node("GatherElements", ["x", "i"], ["y"], axis=2),
-                                 {"x": X3, "i": rng.integers(-5, 5, (2, 3, 4)).astype(np.int64)}, {}, 18),
-    "gather-nd-batch": (helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1),
-                        {"x": X3, "i": np.array([[[0, 1], [2, -1]], [[1, 4], [0, 0]]], dtype=np.int64)}, {}, 18),
-    "scatter-nd": (helper.make_node("ScatterND", ["x", "i", "u"], ["y"]),
-                   {"x": X3, "i": np.array([[0, 2], [1, 0]], dtype=np.int64), "u": np.ones((2, 5), np.float32)}, {}, 18),
-    "slice-negative-step": (helper.make_node("Slice", ["x", "s", "e", "ax", "st"], ["y"]), {"x": X3},
-                            {"s": np.array([-1, 10], np.int64), "e": np.array([-100, 0], np.int64),
-                             "ax": np.array([2, 1], np.int64), "st": np.array([-2, -1], np.int64)}, 18),
-    "slice-clamped": (helper.make_node("Slice", ["x", "s", "e"], ["y"]), {"x": X3},
-                      {"s": np.array([1, -2], np.int64), "e": np.array([2**62, 2**62], np.int64)}, 18),
-    "softmax-opset11-flattens": (helper.make_node("Softmax", ["x"], ["y"], axis=1), {"x": X3}, {}, 11),
-    "softmax-default-axis": (helper.make_node("Softmax", ["x"], ["y"]), {"x": X3}, {}, 18),
-    "reshape-zero-minus-one": (helper.make_node("Reshape", ["x", "s"], ["y"]), {"x": X3},
-                               {"s": np.array([0, -1], np.int64)}, 18),
-    "split-num-outputs-uneven": (helper.make_node("Split", ["x"], ["a", "b", "c"], axis=2, num_outputs=3), {"x": X3}, {}, 18),
-    "expand-bidirectional": (helper.make_node("Expand", ["x", "s"], ["y"]), {"x": rng.standard_normal((3, 1)).astype(np.float32)},
-                             {"s": np.array([2, 1, 4], np.int64)}, 18),
-    "trilu-lower-k": (helper.make_node("Trilu", ["x", "k"], ["y"], upper=0), {"x": X3}, {"k": np.array(-1, np.int64)}, 18),
-    "reduce-mean-axes-input": (helper.make_node("ReduceMean", ["x", "ax"], ["y"], keepdims=0), {"x": X3},
-                               {"ax": np.array([-1, 0], np.int64)}, 18),
-    "reduce-sum-empty-noop": (helper.make_node("ReduceSum", ["x"], ["y"], noop_with_empty_axes=0), {"x": X3}, {}, 18),
-    "unsqueeze-axes": (helper.make_node("Unsqueeze", ["x", "ax"], ["y"]), {"x": X3}, {"ax": np.array([-1, 0], np.int64)}, 18),
-    "squeeze-axes": (helper.make_node("Squeeze", ["x", "ax"], ["y"]), {"x": X3[:, :1]}, {"ax": np.array([1], np.int64)}, 18),
-    "cumsum-exclusive-reverse": (helper.make_node("CumSum", ["x", "ax"], ["y"], exclusive=1, reverse=1), {"x": X3},
-                                 {"ax": np.array(2, np.int64)}, 18),
-    "range-float": (helper.make_node("Range", ["a", "b", "c"], ["y"]), {},
-                    {"a": np.array(0.5, np.float32), "b": np.array(3.2, np.float32), "c": np.array(0.7, np.float32)}, 18),
-    "constant-of-shape": (helper.make_node("ConstantOfShape", ["s"], ["y"], value=helper.make_tensor("v", TensorProto.INT64, [1], [3])),
-                          {}, {"s": np.array([2, 3], np.int64)}, 18),
-    "shape-start-end": (helper.make_node("Shape", ["x"], ["y"], start=1, end=-1), {"x": X3}, {}, 18),
-    "where-broadcast": (helper.make_node("Where", ["c", "x", "z"], ["y"]),
-                        {"c": rng.random((3, 1)) > 0.5, "x": X3, "z": np.float32(-1.0) * np.ones(5, np.float32)}, {}, 18),
-    "pow-int-exponent": (helper.make_node("Pow", ["x", "e"], ["y"]), {"x": X3}, {"e": np.array(3, np.int64)}, 18),
-    "einsum": (helper.make_node("Einsum", ["x", "w"], ["y"], equation="bij,kj->bik"),
-               {"x": X3, "w": rng.standard_normal((4, 5)).astype(np.float32)}, {}, 18),
-    "layer-norm-axis1-all-outputs": (helper.make_node("LayerNormalization", ["x", "g", "b"], ["y", "m", "s"], axis=1),
-                                     {"x": X3}, {"g": rng.standard_normal((3, 5)).astype(np.float32),
-                                                 "b": rng.standard_normal((3, 5)).astype(np.float32)}, 18),
-    "gemm-trans-alpha-beta": (helper.make_node("Gemm", ["a", "b", "c"], ["y"], transA=1, alpha=0.5, beta=2.0),
-                              {"a": rng.standard_normal((4, 3)).astype(np.float32)},
-                              {"b": rng.standard_normal((4, 5)).astype(np.float32), "c": rng.standard_normal(5).astype(np.float32)}, 18),
-    "cast-bool": (helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BOOL), {"x": X3}, {}, 18),
-    "rms-normalization": (helper.make_node("RMSNormalization", ["x", "g"], ["y"], epsilon=1e-3), {"x": X3},
-                          {"g": rng.standard_normal(5).astype(np.float32)}, 23),
-}
-
-
-@pytest.mark.parametrize("case", list(OP_CASES))
-def test_op_semantics_match_onnxruntime(case: str, tmp_path: Path) -> None:
-    node, inputs, inits, opset = OP_CASES[case]
-    model = _single(node, inputs, n_out=len(node.output), opset=opset, inits=inits)
-    _check_op(model, inputs, tmp_path)
-
-
-def _attention_case(is_causal: int, mask: str, past: bool, three_d: bool, nonpad: bool = False) -> tuple:
-    b, hq, hkv, s, p, d = 2, 4, 2, 5, 3, 8
-    q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
-    k = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
-    v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
-    total = s + (p if past else 0)
-    inputs = {"q": q, "k": k, "v": v}
-    names = ["q", "k", "v"]
-    attrs: dict = {"is_causal": is_causal}
-    if three_d:
-        inputs = {"q": q.transpose(0, 2, 1, 3).reshape(b, s, hq * d), "k": k.transpose(0, 2, 1, 3).reshape(b, s, hkv * d),
-                  "v": v.transpose(0, 2, 1, 3).reshape(b, s, hkv * d)}
-        attrs.update(q_num_heads=hq, kv_num_heads=hkv)
-    if mask == "bool":
-        m = rng.random((b, 1, s, total)) > 0.3
-        m[..., 0] = True
-        inputs["m"] = m
-        names.append("m")
-    elif mask == "float":
-        inputs["m"] = rng.standard_normal((s, total)).astype(np.float32)
-        names.append("m")
-    else:
-        names.append("")
-    if past:
-        inputs["pk"] = rng.standard_normal((b, hkv, p, d)).astype(np.float32)
-        inputs["pv"] = rng.standard_normal((b, hkv, p, d)).astype(np.float32)
-        names += ["pk", "pv"]
-    if nonpad:  # opset 24: the second row's last two keys are padding
-        inputs["nonpad"] = np.array([total, total - 2], np.int64)
-        names += [""] * (6 - len(names)) + ["nonpad"]
-    while names[-1] == "":
-        names.pop()
-    outs = ["y", "pk_out", "pv_out"] if past else ["y"]
-    return helper.make_node("Attention", names, outs, **attrs), inputs
-
-
-@pytest.mark.parametrize("is_causal,mask,past,three_d", [
-    (0, "none", False, False), (1, "none", False, False), (0, "bool", False, False), (1, "float", True, False),
-    (0, "float", False, True), (1, "bool", True, True),
-])
-def test_opset23_attention_matches_onnxruntime(is_causal, mask, past, three_d, tmp_path: Path) -> None:
-    node, inputs = _attention_case(is_causal, mask, past, three_d)
-    model = _single(node, inputs, n_out=len(node.output), opset=23)
-    _check_op(model, inputs, tmp_path, tol=1e-5)
-
-
-@pytest.mark.parametrize("is_causal,mask,three_d", [(0, "none", False), (1, "none", False), (1, "bool", True),
-                                                    (1, "float", False), (0, "bool", True)])
-def test_opset24_attention_with_nonpad_kv_seqlen_matches_onnxruntime(is_causal, mask, three_d, tmp_path: Path) -> None:
-    """Padded keys hidden per row; causal rows aligned bottom-right to each row's valid keys (offset nonpad - S)."""
-    node, inputs = _attention_case(is_causal, mask, False, three_d, nonpad=True)
-    assert len(node.input) == 7
-    _check_op(_single(node, inputs, opset=24), inputs, tmp_path, tol=1e-5)
-
-
-@pytest.mark.parametrize("attr", ["left_window_size", "right_window_size"])
-def test_opset25_attention_windows_are_refused(attr: str) -> None:
-    node, inputs = _attention_case(1, "none", False, False)
-    node.attribute.append(helper.make_attribute(attr, 2))
-    with pytest.raises(UnsupportedError, match="sliding windows"):
-        OnnxModule(_single(node, inputs, opset=25), trainable=[])(**{k: torch.from_numpy(v) for k, v in inputs.items()})
-
-
-def test_dequantize_linear_int4_blocked(tmp_path: Path) -> None:
-    q = rng.integers(-8, 8, (8, 6)).astype(np.int8)
-    scale = rng.random((2, 6)).astype(np.float32) + 0.1
-    zp = rng.integers(-2, 2, (2, 6)).astype(np.int8)
-    x = rng.standard_normal((3, 8)).astype(np.float32)
-    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0, block_size=4),
-             helper.make_node("MatMul", ["x", "w"], ["y"])]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[helper.make_tensor("q", TensorProto.INT4, q.shape, q.flatten().tolist()),
-                     onnx.numpy_helper.from_array(scale, "s"),
-                     helper.make_tensor("z", TensorProto.INT4, zp.shape, zp.flatten().tolist())],
-    )
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
-    _check_op(model, {"x": x}, tmp_path, tol=1e-5)
-
-
-def test_dequantize_linear_per_channel(tmp_path: Path) -> None:
-    q = rng.integers(0, 255, (4, 6)).astype(np.uint8)
-    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=1)
-    model = _single(node, {"q": q}, inits={"s": rng.random(6).astype(np.float32), "z": rng.integers(0, 255, 6).astype(np.uint8)})
-    _check_op(model, {"q": q}, tmp_path)
-
-
-@pytest.mark.parametrize("k", [40, 64])  # 40: a partial last block (the plain decode); 64: lora_fx's int4 op
-@pytest.mark.parametrize("with_zp", [False, True])
-def test_matmul_nbits(with_zp: bool, k: int, tmp_path: Path) -> None:
-    n, block = 6, 16
-    blocks = -(-k // block)
-    packed = rng.integers(0, 256, (n, blocks, block // 2)).astype(np.uint8)
-    scales = (rng.random((n * blocks)) + 0.1).astype(np.float32)
-    inits = {"w": packed, "s": scales}
-    ins = ["x", "w", "s"]
-    if with_zp:
-        inits["z"] = rng.integers(0, 256, (n, -(-blocks // 2))).astype(np.uint8)
-        ins.append("z")
-    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
-    x = rng.standard_normal((3, k)).astype(np.float32)
-    model = _single(node, {"x": x}, inits=inits, ms=True)
-    _check_op(model, {"x": x}, tmp_path, tol=1e-4)
-
-
-def test_matmul_bnb4_nf4(tmp_path: Path) -> None:
-    n, k, block = 4, 64, 32
-    packed = rng.integers(0, 256, (n * k // 2,)).astype(np.uint8)
-    absmax = (rng.random(n * k // block) + 0.5).astype(np.float32)
-    node = helper.make_node("MatMulBnb4", ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block, quant_type=1)
-    x = rng.standard_normal((2, k)).astype(np.float32)
-    model = _single(node, {"x": x}, inits={"w": packed, "a": absmax}, ms=True)
-    _check_op(model, {"x": x}, tmp_path, tol=1e-4)
-
-
-@pytest.mark.parametrize("op", ["MatMulBnb4", "MatMulNBits"])
-def test_training_through_4bit_onnx_weights_saves_no_float_weight(op: str, tmp_path: Path) -> None:
-    """The backward decodes W again (lora_fx's quantized ops) instead of keeping the decoded W."""
-    n, k, block = 48, 64, 32
-    if op == "MatMulBnb4":
-        inits = {"w": rng.integers(0, 256, (n * k // 2,)).astype(np.uint8), "a": (rng.random(n * k // block) + 0.5).astype(np.float32)}
-        node = helper.make_node(op, ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block, quant_type=1)
-    else:
-        inits = {"w": rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8),
-                 "s": (rng.random(n * k // block) + 0.1).astype(np.float32), "z": rng.integers(0, 256, (n, 1)).astype(np.uint8)}
-        node = helper.make_node(op, ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
-    x = rng.standard_normal((3, 5, k)).astype(np.float32)
-    model = _single(node, {"x": x}, inits=inits, ms=True)
-    module = OnnxModule(model, trainable=[])
-    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
-
-    def pack(t):
-        saved.append((tuple(t.shape), t.dtype))
-        return t
-
-    xt = torch.from_numpy(x).requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = module(x=xt)["y"]
-    y.pow(2).sum().backward()
-    assert not [s for s in saved if s[0] in {(n, k), (k, n)}], saved
-    # The gradient is the one of x @ W.T with the decoded W (here from the ONNX Runtime outputs' own W).
-    eye = OnnxModule(_single(node, {"x": np.eye(k, dtype=np.float32)}, inits=inits, ms=True), trainable=[])
-    w_t = eye(x=torch.eye(k))["y"].detach()  # [K, N] = W.T
-    torch.testing.assert_close(xt.grad, 2 * (xt.detach() @ w_t) @ w_t.t(), rtol=1e-4, atol=1e-4)
-    _check_op(model, {"x": x}, tmp_path, tol=1e-4)
-
-
 def test_gemm_mlp_matches_onnxruntime(tmp_path: Path) -> None:
     """A hand-built MLP of Gemm + Relu + Gemm with a LoRA branch on the first layer."""
     w1, b1 = rng.standard_normal((16, 8)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
@@ -391,7 +146,7 @@ def test_gemm_mlp_matches_onnxruntime(tmp_path: Path) -> None:
     )
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
     assert trainable_initializers(model) == ["fc1.lora_A.weight", "fc1.lora_B.weight"]
-    _check_op(model, {"x": rng.standard_normal((5, 8)).astype(np.float32)}, tmp_path, tol=1e-5)
+    check_against_ort(model, {"x": rng.standard_normal((5, 8)).astype(np.float32)}, tmp_path, tol=1e-5)
 
 
 def test_unsupported_op_is_named_before_running() -> None:
@@ -408,51 +163,6 @@ def test_unsupported_op_is_named_before_running() -> None:
     assert "Hardmax" in msg and "the_hardmax" in msg and "Frobnicate" in msg and "vendor.ops" in msg and "custom" in msg
     with pytest.raises(UnsupportedError, match="Frobnicate"):
         OnnxModule(model)
-
-
-def _ms(op: str, ins: list[str], outs: list[str], **attrs) -> onnx.NodeProto:
-    return helper.make_node(op, ins, outs, domain="com.microsoft", **attrs)
-
-
-def _f(*shape: int) -> np.ndarray:
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-MS_CASES = {
-    "fused-matmul": (_ms("FusedMatMul", ["a", "b"], ["y"], alpha=0.5, transA=1, transB=1), {"a": _f(2, 5, 3), "b": _f(2, 4, 5)}),
-    "fast-gelu-bias": (_ms("FastGelu", ["x", "b"], ["y"]), {"x": _f(2, 3, 8), "b": _f(8)}),
-    "bias-gelu": (_ms("BiasGelu", ["x", "b"], ["y"]), {"x": _f(2, 3, 8), "b": _f(8)}),
-    "skip-layer-norm": (_ms("SkipLayerNormalization", ["x", "s", "g", "b", "bias"], ["y", "", "", "sum"], epsilon=1e-5),
-                        {"x": _f(2, 3, 8), "s": _f(2, 3, 8), "g": _f(8), "b": _f(8), "bias": _f(8)}),
-    "skip-simplified-layer-norm": (_ms("SkipSimplifiedLayerNormalization", ["x", "s", "g"], ["y"], epsilon=1e-5),
-                                   {"x": _f(2, 3, 8), "s": _f(2, 3, 8), "g": _f(8)}),
-    "multi-head-attention-mask": (_ms("MultiHeadAttention", ["q", "k", "v", "", "m"], ["y"], num_heads=2),
-                                  {"q": _f(2, 4, 8), "k": _f(2, 5, 8), "v": _f(2, 5, 8),
-                                   "m": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)}),
-    "attention-packed-qkv": (_ms("Attention", ["x", "w", "b", "m"], ["y"], num_heads=2),
-                             {"x": _f(2, 4, 8), "w": _f(8, 24), "b": _f(24), "m": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)}),
-    # prompt mode, right padding (seqlens_k = valid length - 1), 4 query heads over 2 kv heads
-    "group-query-attention-prompt": (_ms("GroupQueryAttention", ["q", "k", "v", "", "", "sl", "tl"], ["y"], num_heads=4, kv_num_heads=2),
-                                     {"q": _f(2, 5, 32), "k": _f(2, 5, 16), "v": _f(2, 5, 16),
-                                      "sl": np.array([4, 2], np.int32), "tl": np.array(5, np.int32)}),
-    "rotary-embedding-ms": (_ms("RotaryEmbedding", ["x", "p", "c", "s"], ["y"]),
-                            {"x": _f(2, 3, 16), "p": np.array([[0, 1, 2], [2, 3, 4]], np.int64),
-                             "c": np.cos(_f(8, 4)), "s": np.sin(_f(8, 4))}),
-}
-
-
-@pytest.mark.parametrize("case", list(MS_CASES))
-def test_contrib_op_matches_onnxruntime(case: str, tmp_path: Path) -> None:
-    node, inputs = MS_CASES[case]
-    n_out = len([o for o in node.output if o])
-    model = _single(node, inputs, n_out=len(node.output), ms=True) if n_out == len(node.output) else None
-    if model is None:  # optional outputs left out: only name the real ones as graph outputs
-        outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
-        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), None)
-                                                for k, v in inputs.items()], outs)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
-        model = ir.serde.deserialize_model(proto)
-    _check_op(model, inputs, tmp_path, tol=1e-5)
 
 
 def test_frozen_weights_share_the_models_memory_and_adapters_do_not(tmp_path: Path) -> None:
@@ -489,13 +199,13 @@ def test_an_attribute_the_op_function_ignores_is_refused_unless_it_holds_the_def
     the node and attribute, unless the attribute holds the schema default (then ignoring it changes nothing)."""
     x = rng.standard_normal((2, 3)).astype(np.float32)
     default = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT, saturate=1)  # saturate: float8 only, default 1
-    _check_op(_single(default, {"x": x}, opset=19), {"x": x}, tmp_path)
+    check_against_ort(single_op_model(default, {"x": x}, opset=19), {"x": x}, tmp_path)
     odd = helper.make_node("Cast", ["x"], ["y"], name="c", to=TensorProto.FLOAT, saturate=0)
     with pytest.raises(UnsupportedError, match=r"Cast node 'c'.*does not implement its attribute saturate=0"):
-        OnnxModule(_single(odd, {"x": x}, opset=19), trainable=[])(x=torch.from_numpy(x))
+        OnnxModule(single_op_model(odd, {"x": x}, opset=19), trainable=[])(x=torch.from_numpy(x))
     unknown = helper.make_node("Relu", ["x"], ["y"], name="r", alpha=0.5)  # no such attribute in the schema
     with pytest.raises(UnsupportedError, match=r"Relu node 'r'.*attribute alpha=0.5"):
-        OnnxModule(_single(unknown, {"x": x}), trainable=[])(x=torch.from_numpy(x))
+        OnnxModule(single_op_model(unknown, {"x": x}), trainable=[])(x=torch.from_numpy(x))
 
 
 def test_contrib_op_attributes_use_onnxruntimes_defaults_and_compute_hints_pass(tmp_path: Path) -> None:
@@ -507,13 +217,13 @@ def test_contrib_op_attributes_use_onnxruntimes_defaults_and_compute_hints_pass(
     hinted = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
                               block_size=block, accuracy_level=4)  # ORT: int8 activations; lora_fx: float, as at level 0
     exact = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
-    ir.save(_single(exact, {"x": x}, inits=inits, ms=True), str(tmp_path / "exact.onnx"))
-    got = OnnxModule(_single(hinted, {"x": x}, inits=inits, ms=True), trainable=[])(x=torch.from_numpy(x))["y"]
+    ir.save(single_op_model(exact, {"x": x}, inits=inits), str(tmp_path / "exact.onnx"))
+    got = OnnxModule(single_op_model(hinted, {"x": x}, inits=inits), trainable=[])(x=torch.from_numpy(x))["y"]
     np.testing.assert_allclose(got.numpy(), om.ort_run(tmp_path / "exact.onnx", {"x": x})[0], rtol=1e-5, atol=1e-5)
     prepacked = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], name="q", domain="com.microsoft", K=k, N=n,
                                  bits=4, block_size=block, weight_prepacked=1)
     with pytest.raises(UnsupportedError, match="MatMulNBits node 'q'.*weight_prepacked=1"):
-        OnnxModule(_single(prepacked, {"x": x}, inits=inits, ms=True), trainable=[])(x=torch.from_numpy(x))
+        OnnxModule(single_op_model(prepacked, {"x": x}, inits=inits), trainable=[])(x=torch.from_numpy(x))
 
 
 def test_weights_in_external_data_are_copied_once_and_the_file_unmapped(tmp_path: Path) -> None:
