@@ -200,7 +200,7 @@ def export_onnx(
     info = meta(gm)
     configs = info.get("adapters", {})
     if info.get("quant"):  # QLoRA: packed weights export as ONNX Runtime's quantized matmuls, still packed
-        from lora_fx.passes.fx.quantize_weights import onnx_translation_table
+        from lora_fx.quant_export import onnx_translation_table
 
         custom_translation_table = {**onnx_translation_table(), **(custom_translation_table or {})}
     if any(type(c).__name__ == "PrefixConfig" for c in configs.values()) and mode is ExportMode.MERGED:

@@ -164,7 +164,7 @@ def storage(hit: Int8Linear, q: torch.Tensor, scale: torch.Tensor) -> tuple[torc
 
 def run_int8_linear(ctx: Any, x: list, a: dict) -> torch.Tensor:
     """The fused node: ``x @ W.T + C`` with W decoded by lora_fx's int8 op (float W never saved)."""
-    import lora_fx.passes.fx.quantize_weights  # noqa: F401  (registers the ops)
+    import lora_fx.kernels.quantized_linear  # noqa: F401  (registers the ops)
 
     inp, q, s = ctx.t(x[0]), ctx.t(x[1]), ctx.t(x[2])
     c = ctx.t(x[3]) if len(x) > 3 else None

@@ -6,7 +6,7 @@ a ``Gemm`` with such a weight (either ``transB``; ``alpha`` is folded into W, ``
 becomes an ``Add`` after the quantized op, the form a ``MatMul`` site with a bias has):
 
 * nf4 -> ``com.microsoft.MatMulBnb4`` (quant_type 1): W ``[N, K]`` flattened, absmax blocks, the
-  same bytes ``passes/fx/quantize_weights`` produces. MatMulBnb4 reads float absmaxes; with
+  same bytes ``lora_fx/kernels/quant_formats`` produces. MatMulBnb4 reads float absmaxes; with
   ``double_quant`` they are stored as int8 plus one factor per ``double_quant_block_size`` blocks and
   decoded by a few constant nodes in front of it (``weight_scale*`` initializers).
 
@@ -50,7 +50,7 @@ def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[s
                    cfg: QuantConfig, nodes: list[ir.Node]) -> ir.Value:
     """Double-quantized absmaxes stay int8 in the file; a small decode before MatMulBnb4 (which reads float
     absmaxes) computes ``qscale / factor + mean`` with one factor per ``double_quant_block_size`` blocks,
-    the arithmetic of ``passes/fx/quantize_weights``. ONNX Runtime folds it once, at session start."""
+    the arithmetic of ``lora_fx/kernels/quant_formats``. ONNX Runtime folds it once, at session start."""
     n_blocks = -(-numel // cfg.block_size)
     groups = -(-n_blocks // cfg.double_quant_block_size)
     factor = _init(graph, f"{name}.weight_scale_factor", storage["qscale_factor"].numpy())
@@ -88,7 +88,7 @@ class QuantizeWeights:
         self.config = config
 
     def __call__(self, model: ir.Model) -> PassResult:
-        from lora_fx.passes.fx import quantize_weights as fxq
+        from lora_fx.kernels import quant_formats as formats
 
         cfg = self.config
         sites = find_sites(model)
@@ -112,7 +112,7 @@ class QuantizeWeights:
             name = target.site.name
             dtype = ir.DataType.FLOAT
             if cfg.dtype is QuantDType.NF4:
-                s = fxq.quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, pad=cfg.pad, what=f"site {name}")
+                s = formats.quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, pad=cfg.pad, what=f"site {name}")
                 packed = s["qweight"][: (n * k + 1) // 2]
                 q = _init(graph, f"{name}.weight_q", packed.numpy())
                 scale = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
@@ -121,7 +121,7 @@ class QuantizeWeights:
                 if cfg.double_quant:
                     absmax = _decode_absmax(graph, name, scale, s, n * k, cfg, nodes)
                 new = ir.node("MatMulBnb4", [parts.x, q, absmax], attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
-                deq = fxq.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
+                deq = formats.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
                                          cfg.block_size, cfg.double_quant_block_size)
                 stored_bytes = packed.numel() + sum(t.numel() * t.element_size() for key, t in s.items() if key != "qweight")
                 nodes.append(new)
@@ -131,23 +131,23 @@ class QuantizeWeights:
                         f"site {name}: MatMulNBits needs in_features ({k}) divisible by block_size ({cfg.block_size})"
                         + ("" if cfg.symmetric else " and an even number of blocks per row") + "; choose another block size"
                     )
-                s = fxq.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=False, what=f"site {name}")
+                s = formats.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=False, what=f"site {name}")
                 b = s["qweight"].reshape(n, k // cfg.block_size, cfg.block_size // 2).numpy()
                 ins = [parts.x, _init(graph, f"{name}.weight_q", b), _init(graph, f"{name}.weight_scale", s["qscale"].float().numpy())]
                 if "qzero" in s:
                     ins.append(_init(graph, f"{name}.weight_zero", s["qzero"].numpy()))
                 new = ir.node("MatMulNBits", ins, attributes={"K": k, "N": n, "bits": 4, "block_size": cfg.block_size}, domain=MS)
-                deq = fxq.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
+                deq = formats.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
                 stored_bytes = sum(v.const_value.nbytes for v in ins[1:])
                 nodes = [new]
             else:
-                s = fxq.quantize_int8(w)
+                s = formats.quantize_int8(w)
                 q = _init(graph, f"{name}.weight_q", s["qweight"].numpy())
                 sc = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
                 dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
                 tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
                 new = ir.node("MatMul", [parts.x, tr.outputs[0]])
-                deq = fxq.dequantize_int8(s["qweight"], s["qscale"])
+                deq = formats.dequantize_int8(s["qweight"], s["qscale"])
                 stored_bytes = q.const_value.nbytes + sc.const_value.nbytes
                 nodes = [dq, tr, new]
             # find_sites names a site from its node's name or name-scope metadata: the new node keeps both.
@@ -173,7 +173,7 @@ class QuantizeWeights:
                     graph.remove(chain_node, safe=True)
             if not any(True for _ in parts.weight.uses()) and parts.weight.name in graph.initializers:
                 del graph.initializers[parts.weight.name]
-            max_err, rel = fxq._error(w, deq)
+            max_err, rel = formats.quantization_error(w, deq)
             changed.append(f"{name}: {cfg.dtype.value} {n}x{k}, {w.numel() * 4} -> {stored_bytes} bytes, "
                            f"max abs error {max_err:.3g}, relative rms error {rel:.3g}")
         return PassResult(model, bool(changed), changed)

@@ -11,7 +11,7 @@ Recognises the storages ``quantize_weights`` (ONNX and FX export) writes and ONN
 
 Storage inputs may be computed from constants (the FX exporter writes ``CastLike`` / ``Reshape`` and,
 for double-quantized NF4 absmaxes, a small decode): they are evaluated here with numpy. Dequantizing
-uses the very functions of ``passes/fx/quantize_weights`` (one implementation of the numerics).
+uses the very functions of ``lora_fx/kernels/quant_formats`` (one implementation of the numerics).
 Requantizing writes the storage the node reads, in the same shapes and dtypes: a double-quantized NF4
 absmax decoded in the graph (FX export) comes back as MatMulBnb4's plain float absmax input.
 """
@@ -105,8 +105,8 @@ class QuantizedWeight:
         return f"{op} {self.dtype.value}" + (f", block {self.block_size}" if self.block_size else "")
 
     def dequantize(self, storage: dict[int, np.ndarray] | None = None) -> np.ndarray:
-        """W ``[out, in]`` float32, decoded exactly as ``passes/fx/quantize_weights`` does."""
-        from lora_fx.passes.fx import quantize_weights as fxq
+        """W ``[out, in]`` float32, decoded exactly as ``lora_fx/kernels/quant_formats`` does."""
+        from lora_fx.kernels import quant_formats as formats
 
         s = self.storage if storage is None else storage
         n, k, bs = self.out_features, self.in_features, self.block_size
@@ -116,37 +116,37 @@ class QuantizedWeight:
             flat = s[1].reshape(-1)
             packed[: flat.size] = flat
             absmax = _t(s[2].reshape(-1).astype(np.float32))
-            return fxq.dequantize_nf4(_t(packed), absmax, None, None, n, k, bs, 256).numpy()
+            return formats.dequantize_nf4(_t(packed), absmax, None, None, n, k, bs, 256).numpy()
         if self.dtype is QuantDType.INT4:
             zero = _t(s[3].reshape(-1)) if 3 in s else None
             scale = _t(s[2].reshape(-1).astype(np.float32))
-            return fxq.dequantize_int4(_t(s[1].reshape(-1)), scale, zero, n, k, bs).numpy()
+            return formats.dequantize_int4(_t(s[1].reshape(-1)), scale, zero, n, k, bs).numpy()
         q = s[0] if self.stored_out_in else s[0].T
         scale = s[1].astype(np.float32)
         zero = s[2] if 2 in s else None
         if zero is not None:
             q = q.astype(np.float32) - (zero.astype(np.float32).reshape(-1, 1) if self.per_channel else zero.astype(np.float32))
         if self.per_channel:
-            return fxq.dequantize_int8(_t(q), _t(scale.reshape(-1))).numpy()
+            return formats.dequantize_int8(_t(q), _t(scale.reshape(-1))).numpy()
         return (q.astype(np.float32) * scale).astype(np.float32)
 
     def quantize(self, w: np.ndarray) -> dict[int, np.ndarray]:
         """Storage of ``w`` ``[out, in]`` in this site's format, shapes and dtypes (what the node reads)."""
-        from lora_fx.passes.fx import quantize_weights as fxq
+        from lora_fx.kernels import quant_formats as formats
 
         wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         n, k, bs = self.out_features, self.in_features, self.block_size
         if self.dtype is QuantDType.NF4:
-            q = fxq.quantize_nf4(wt, bs, False, pad=True)
+            q = formats.quantize_nf4(wt, bs, False, pad=True)
             new = {1: q["qweight"][: (n * k + 1) // 2].numpy(), 2: q["qscale"].numpy()}
         elif self.dtype is QuantDType.INT4:
-            q = fxq.quantize_int4(wt, bs, symmetric=3 not in self.storage, pad=False)
+            q = formats.quantize_int4(wt, bs, symmetric=3 not in self.storage, pad=False)
             new = {1: q["qweight"].numpy(), 2: q["qscale"].float().numpy()}
             if 3 in self.storage:
                 new[3] = q["qzero"].numpy()
         else:
             if self.per_channel:
-                q = fxq.quantize_int8(wt)
+                q = formats.quantize_int8(wt)
                 codes, scale = q["qweight"].numpy(), q["qscale"].numpy()
             else:
                 scale = np.float32(np.abs(w).max() / 127)

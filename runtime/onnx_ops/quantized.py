@@ -48,7 +48,7 @@ _TRAINING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _quant_ops() -> Any:
-    import lora_fx.passes.fx.quantize_weights  # noqa: F401  (registers the ops)
+    import lora_fx.kernels.quantized_linear  # noqa: F401  (registers the ops)
 
     return torch.ops.lora_fx
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_fx.kernels import dequant as dq
-from lora_fx.passes.fx.quantize_weights import NF4_CODE
+from lora_fx.kernels.quant_formats import NF4_CODE
 
 NATIVE = dq.native_status().startswith("native")
 # Each vector path of dequant.c, built for a target that has it (and no wider one), besides -march=native.

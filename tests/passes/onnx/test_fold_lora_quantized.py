@@ -13,7 +13,7 @@ import torch
 import lora_fx
 from lora_fx.config import QuantConfig
 from lora_fx.errors import AdapterError, UnsupportedError
-from lora_fx.passes.fx.quantize_weights import NF4_CODE
+from lora_fx.kernels.quant_formats import NF4_CODE
 from lora_fx.passes.onnx.fold_lora import QuantMerge, fold_lora
 from tests.passes.onnx.test_quantize_weights import IN, _mlp
 

@@ -11,7 +11,7 @@ import torch
 import lora_fx
 from lora_fx.config import QuantConfig
 from lora_fx.errors import ConfigError
-from lora_fx.passes.fx import quantize_weights as fxq
+from lora_fx.kernels import quant_formats as formats
 from lora_fx.passes.onnx.quantize_weights import quantize_weights
 
 IN, OUT = 128, 64
@@ -54,15 +54,15 @@ def _dequantized(cfg: QuantConfig, w: np.ndarray) -> np.ndarray:
     wt = torch.from_numpy(w).t().contiguous()  # [out, in]
     n, k = wt.shape
     if cfg.dtype.value == "nf4":
-        s = fxq.quantize_nf4(wt, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size)
-        d = fxq.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
+        s = formats.quantize_nf4(wt, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size)
+        d = formats.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
                                cfg.block_size, cfg.double_quant_block_size)
     elif cfg.dtype.value == "int4":
-        s = fxq.quantize_int4(wt, cfg.block_size, cfg.symmetric)
-        d = fxq.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
+        s = formats.quantize_int4(wt, cfg.block_size, cfg.symmetric)
+        d = formats.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
     else:
-        s = fxq.quantize_int8(wt)
-        d = fxq.dequantize_int8(s["qweight"], s["qscale"])
+        s = formats.quantize_int8(wt)
+        d = formats.dequantize_int8(s["qweight"], s["qscale"])
     return d.t().numpy()
 
 

@@ -1,0 +1,267 @@
+"""The QLoRA storage formats of a frozen W: quantize it, and decode it a range of rows at a time.
+
+Formats (``QuantDType``):
+
+* nf4: torchao's ``to_nf4`` / bitsandbytes' algorithm. W flattened row-major in blocks of
+  ``block_size``; each block scaled by its absmax and every weight replaced by the index of the
+  nearest of QLoRA's 16 normal-float values; two indices a byte, the first in the high nibble.
+  ``double_quant``: the block absmaxes minus their mean are stored as int8, one float factor per
+  ``double_quant_block_size`` absmaxes (torchao's ``double_quantize_scalers``).
+* int4: blocks of ``block_size``, fp16 scale per block; symmetric (``round(w / (absmax/7))`` + 8)
+  or affine (min/max scale and a 4-bit zero point). Low nibble first, as ONNX INT4 and ONNX
+  Runtime's MatMulNBits store it, so the bytes move into an ONNX file unchanged.
+* int8: one fp32 scale per output channel, ``round(w / (absmax/127))``.
+
+Decoding writes float32 rows into a per-thread scratch buffer through ``lora_fx.kernels.dequant``
+(native C where the machine builds it, else torch ops). Both front ends use these numerics: the FX
+pass stores them, the ONNX passes write the same bytes and read them back for folding.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lora_fx.errors import ConfigError
+from lora_fx.kernels.dequant import dequant4, dequant8
+
+Tensor = torch.Tensor
+
+
+# QLoRA's NF4 code book (Dettmers et al. 2023, appendix E; bitsandbytes' get_4bit_type("nf4")).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+# Element-wise nearest-code search works on this many weights at a time (16 distances each).
+_CHUNK = 1 << 20
+
+
+def _blocks(w: Tensor, block: int, pad: bool, what: str) -> tuple[Tensor, int]:
+    """W flattened and cut into rows of ``block``; the last block zero-padded when needed."""
+    flat = w.detach().reshape(-1).float()
+    rest = flat.numel() % block
+    if rest:
+        if not pad:
+            raise ConfigError(
+                f"{what}: {flat.numel()} weights ({'x'.join(map(str, w.shape))}) is not a multiple of block_size={block}; "
+                f"use a block size that divides it or QuantConfig(pad=True) to zero-pad the last block"
+            )
+        flat = torch.cat([flat, flat.new_zeros(block - rest)])
+    return flat.view(-1, block), block - rest if rest else 0
+
+
+def _safe(scale: Tensor) -> Tensor:
+    # An all-zero block has scale 0; dividing by 1 instead keeps its codes at zero, not NaN.
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _pack_high_first(codes: Tensor) -> Tensor:
+    codes = codes.reshape(-1, 2).to(torch.uint8)
+    return (codes[:, 0] << 4) | codes[:, 1]
+
+
+def _pack_low_first(codes: Tensor) -> Tensor:
+    codes = codes.reshape(-1, 2).to(torch.uint8)
+    return codes[:, 0] | (codes[:, 1] << 4)
+
+
+def _nearest(values: Tensor, code: Tensor) -> Tensor:
+    """Index of the nearest code value, the lower index on a tie: torchao's argmin over |v - c|.
+
+    A midpoint search picks the neighbourhood; the final choice compares the same |v - c| distances
+    argmin would among the three codes around it (rounding of |v - c| is monotone in c, so a code
+    farther off can never win), which keeps the result bit-identical at a fraction of the cost.
+    """
+    flat = values.reshape(-1)
+    mids = (code[1:] + code[:-1]) / 2
+    out = torch.empty(flat.numel(), dtype=torch.uint8)
+    last = code.numel() - 1
+    for start in range(0, flat.numel(), _CHUNK):
+        v = flat[start : start + _CHUNK]
+        k = torch.bucketize(v, mids)
+        best = (k - 1).clamp(min=0)
+        best_d = (v - code[best]).abs()
+        for cand in (k, (k + 1).clamp(max=last)):  # in code order; strict < keeps the lower index on ties
+            d = (v - code[cand]).abs()
+            closer = d < best_d
+            best = torch.where(closer, cand, best)
+            best_d = torch.where(closer, d, best_d)
+        out[start : start + _CHUNK] = best.to(torch.uint8)
+    return out
+
+
+def quantize_nf4(w: Tensor, block_size: int = 64, double_quant: bool = False, scaler_block_size: int = 256,
+                 pad: bool = True, what: str = "weight") -> dict[str, Tensor]:
+    """NF4 storage of ``w``: ``qweight`` (packed codes), ``qscale`` (absmax, or its int8 codes), and with
+    double quantization ``qscale_factor`` / ``qscale_mean``."""
+    blocks, _ = _blocks(w, block_size, pad, what)
+    absmax = blocks.abs().amax(dim=1)
+    code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    codes = _nearest(blocks / _safe(absmax).unsqueeze(1), code)
+    out = {"qweight": _pack_high_first(codes)}
+    if not double_quant:
+        out["qscale"] = absmax
+        return out
+    mean = absmax.mean()
+    centered = absmax - mean
+    n = centered.numel()
+    pad_n = (-n) % scaler_block_size
+    # Padding zeros after the mean is taken leaves torchao's numbers unchanged where it divides evenly.
+    groups = torch.cat([centered, centered.new_zeros(pad_n)]).view(-1, scaler_block_size)
+    factor = 256 / (2 * _safe(groups.abs().amax(dim=1)))
+    q = (groups * factor.unsqueeze(1)).round().clamp(-128, 127).to(torch.int8).reshape(-1)[:n]
+    out.update(qscale=q.contiguous(), qscale_factor=factor, qscale_mean=mean.reshape(1))
+    return out
+
+
+# Every format decodes through ``Decoder.rows``: W[r0:r1] as float32, written by the 4-bit kernel
+# and int8 kernels (lora_fx/kernels/dequant: native C where it builds, else torch ops).
+_NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
+_INT4_TABLE = torch.arange(16, dtype=torch.float32)
+_INT4_SYMMETRIC_TABLE = _INT4_TABLE - 8  # the zero point of symmetric int4 is 8, folded into the table
+
+
+# Per-thread scratch buffers for the decoded W inside the custom ops. A fresh weight-sized tensor per
+# call costs more than the decode itself when glibc serves it with mmap (page faults on every call);
+# one buffer per thread, as large as the largest tile (see kernels/tiled_linear), is reused by every
+# layer instead. It holds one tile of one layer's W at a time. free_scratch() returns it.
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buffers[key] = buf = None  # drop the smaller one before allocating the larger
+        buffers[key] = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def free_scratch() -> None:
+    """Release this thread's dequantize scratch buffers (they are allocated again when needed)."""
+    _SCRATCH.__dict__.pop("buffers", None)
+
+
+@dataclass
+class Decoder:
+    """W ``[out_features, in_features]`` of one quantized site, decodable a range of rows at a time.
+
+    4-bit formats: ``packed`` codes, a float ``scale`` (and ``zero``) per block of ``block_size``
+    weights of W flattened row-major. int8 (``table`` None): ``packed`` is the int8 ``[out, in]``
+    matrix and ``scale`` one float per row.
+    """
+
+    packed: Tensor
+    scale: Tensor
+    zero: Optional[Tensor]
+    table: Optional[Tensor]
+    high_first: bool
+    block_size: int
+    out_features: int
+    in_features: int
+
+    def rows(self, r0: int, r1: int, scratch: bool = True) -> Tensor:
+        """W[r0:r1] as float32; with ``scratch`` a view of this thread's buffer (overwritten by the next call)."""
+        k, bs, device = self.in_features, self.block_size, self.packed.device
+
+        def buffer(n: int) -> Tensor:
+            return _scratch("values", n, torch.float32, device) if scratch else torch.empty(n, device=device)
+
+        if self.table is None:
+            return dequant8(buffer((r1 - r0) * k).view(r1 - r0, k), self.packed[r0:r1], self.scale[r0:r1])
+        e0, e1 = r0 * k, r1 * k
+        b0, b1 = e0 // bs, -(-e1 // bs)
+        out = buffer((b1 - b0) * bs)
+        dequant4(out, self.packed[b0 * bs // 2 : b1 * bs // 2], self.table, self.scale[b0:b1],
+                 self.zero[b0:b1] if self.zero is not None else None, self.high_first, bs)
+        return out[e0 - b0 * bs : e1 - b0 * bs].view(r1 - r0, k)
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The whole W in ``dtype``, a tensor of the caller's own (never the scratch buffer)."""
+        return self.rows(0, self.out_features, scratch=False).to(dtype)
+
+
+def _nf4_absmax(qscale: Tensor, factor: Optional[Tensor], mean: Optional[Tensor], scaler_block_size: int) -> Tensor:
+    if factor is None:
+        return qscale.float()
+    per_block = factor.repeat_interleave(scaler_block_size)[: qscale.numel()]
+    return qscale.float() / per_block + mean
+
+
+def nf4_decoder(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
+                 out_features: int, in_features: int, block_size: int, scaler_block_size: int) -> Decoder:
+    absmax = _nf4_absmax(qscale, qscale_factor, qscale_mean, scaler_block_size)
+    return Decoder(qweight, absmax, None, _NF4_TABLE.to(qweight.device), True, block_size, out_features, in_features)
+
+
+def int4_decoder(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], out_features: int, in_features: int,
+                  block_size: int) -> Decoder:
+    scale = qscale.float()
+    if qzero is None:
+        return Decoder(qweight, scale, None, _INT4_SYMMETRIC_TABLE.to(qweight.device), False, block_size, out_features, in_features)
+    zeros = torch.empty(2 * qzero.numel(), device=qzero.device)  # the 4-bit zero points, one per block
+    dequant4(zeros, qzero, _INT4_TABLE.to(qzero.device), torch.ones(zeros.numel() // 2, device=qzero.device), None, False, 2)
+    return Decoder(qweight, scale, zeros[: scale.numel()], _INT4_TABLE.to(qweight.device), False, block_size, out_features, in_features)
+
+
+def int8_decoder(qweight: Tensor, qscale: Tensor) -> Decoder:
+    return Decoder(qweight, qscale, None, None, False, 1, qweight.shape[0], qweight.shape[1])
+
+
+def dequantize_nf4(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor], qscale_mean: Optional[Tensor],
+                   out_features: int, in_features: int, block_size: int, scaler_block_size: int,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    return nf4_decoder(qweight, qscale, qscale_factor, qscale_mean, out_features, in_features, block_size,
+                        scaler_block_size).weight(dtype)
+
+
+def quantize_int4(w: Tensor, block_size: int = 64, symmetric: bool = True, pad: bool = True, what: str = "weight") -> dict[str, Tensor]:
+    """int4 storage of ``w``: ``qweight`` (codes 0..15, low nibble first), ``qscale`` (fp16 per block),
+    and when affine ``qzero`` (4-bit zero points, packed like the codes)."""
+    blocks, _ = _blocks(w, block_size, pad, what)
+    if symmetric:
+        scale = (blocks.abs().amax(dim=1) / 7).half()
+        s = _safe(scale.float()).unsqueeze(1)
+        codes = (blocks / s).round().clamp(-8, 7) + 8
+        return {"qweight": _pack_low_first(codes), "qscale": scale}
+    # Keep 0 inside [min, max] so zero weights (and zero padding) stay exactly zero.
+    lo = blocks.amin(dim=1).clamp(max=0)
+    hi = blocks.amax(dim=1).clamp(min=0)
+    scale = ((hi - lo) / 15).half()
+    s = _safe(scale.float())
+    zero = (-lo / s).round().clamp(0, 15)
+    codes = ((blocks / s.unsqueeze(1)).round() + zero.unsqueeze(1)).clamp(0, 15)
+    zp = torch.cat([zero, zero.new_zeros(zero.numel() % 2)])
+    return {"qweight": _pack_low_first(codes), "qscale": scale, "qzero": _pack_low_first(zp)}
+
+
+def dequantize_int4(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], out_features: int, in_features: int,
+                    block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return int4_decoder(qweight, qscale, qzero, out_features, in_features, block_size).weight(dtype)
+
+
+def quantize_int8(w: Tensor) -> dict[str, Tensor]:
+    """int8 storage of ``w`` ``[out, in]``: ``qweight`` int8 and ``qscale`` fp32 per output channel."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127
+    q = (w / _safe(scale).unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    return {"qweight": q, "qscale": scale}
+
+
+def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return int8_decoder(qweight, qscale).weight(dtype)
+
+
+def quantization_error(w: Tensor, deq: Tensor) -> tuple[float, float]:
+    """What quantizing ``w`` to ``deq`` cost: the largest absolute error and the RMS error relative to w's RMS."""
+    diff = (deq.float() - w.float())
+    rms = float(diff.pow(2).mean().sqrt() / w.float().pow(2).mean().sqrt().clamp_min(1e-30))
+    return float(diff.abs().max()), rms
