@@ -19,7 +19,10 @@ Merging at run time, ``x @ (W + A @ B)``, was measured per layer shape (1 thread
 MatMul + bias): at 1024 rows it beats this Gemm for 384x384 (1.07 against 1.22) and 384x1536 (1.08
 against 1.12) but loses for 1536x384 (1.15 against 1.09), and at 128 rows (batch 1) it loses
 everywhere (1.33-1.47 against 1.08-1.20): the merged W is not prepacked. Whole-model estimate at
-batch 8 about 1.09, worse at batch 1; not kept. Doing the sum in the base GEMM's epilogue needs a
+batch 8 about 1.09, worse at batch 1; not kept. Absorbing the bias ``Add`` that follows a site into
+this Gemm (``x @ A`` padded with a column of ones, B with the bias as an extra row) removes those
+Adds (about 3 ms of 320 at batch 8 in a profile) but measured within noise of this form: slot/base
+1.078 against 1.079 (every site) and 1.091 (q, k, v only), interquartile ranges of +-10%. Doing the sum in the base GEMM's epilogue needs a
 fused kernel, which no standard ONNX op (nor a com.microsoft contrib op on CPU) offers.
 
 The result is the GEMM form of ``lora_layout`` (``BranchForm.GEMM``), which ``find_branch`` — and so
