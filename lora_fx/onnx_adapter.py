@@ -58,9 +58,30 @@ def site_of(name: str) -> str:
 
 
 # ---- fingerprints ------------------------------------------------------------------------------
+# Bit 30 of model_version marks a lora_fx fingerprint. Other writers of .onnx_adapter files (Olive,
+# ONNX Runtime's examples) put a plain version number there, usually 1: read as a fingerprint it
+# would refuse every such adapter as "trained on another base".
+_SHORT_MARK = 1 << 30
+
+
 def short_fingerprint(fingerprint: str) -> int:
-    """The part of a fingerprint that fits AdapterFormat's (signed 32-bit) model_version."""
-    return int(fingerprint[:8], 16) & 0x7FFFFFFF
+    """The part of a fingerprint that fits AdapterFormat's (signed 32-bit) model_version, marked as ours."""
+    return (int(fingerprint[:8], 16) & (_SHORT_MARK - 1)) | _SHORT_MARK
+
+
+def _short_from_model_version(model_version: int) -> int | None:
+    """The short fingerprint a file's model_version holds, or None where it is another writer's version number."""
+    return model_version if model_version & _SHORT_MARK and 0 < model_version < 1 << 31 else None
+
+
+def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: the sidecar's proof that it describes these tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def base_fingerprint(model: Any) -> str:
@@ -120,27 +141,34 @@ def check_writable(adapter: OnnxAdapter) -> None:
 
 def write_onnx_adapter(path: str | os.PathLike, adapter: OnnxAdapter) -> Path:
     """Write ``path`` (AdapterFormat) and its JSON sidecar; each appears whole or not at all."""
-    import onnxruntime as ort
-
     path = Path(path)
     check_writable(adapter)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(ADAPTER_VERSION)
-    if adapter.fingerprint:
-        fmt.set_model_version(short_fingerprint(adapter.fingerprint))
-    # OrtValues borrow the numpy buffers: keep the arrays alive until the file is written.
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(adapter.tensors.items())}
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
     side = {
         "format": FORMAT,
+        "tensors_sha256": tensors_digest(arrays),
         "base_fingerprint": adapter.fingerprint,
         "sites": adapter.sites,
         "lora_config": adapter.config,
     }
     with atomic_path(path) as tmp:
-        fmt.export_adapter(str(tmp))
+        export_tensors(tmp, arrays, short_fingerprint(adapter.fingerprint) if adapter.fingerprint else None)
         atomic_write_text(sidecar_path(path), json.dumps(side, indent=2, sort_keys=True))
     return path
+
+
+def export_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], model_version: int | None = None) -> None:
+    """Write ``tensors`` as an AdapterFormat file at ``path`` (no sidecar, not atomic: the callers see to that)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(ADAPTER_VERSION)
+    if model_version is not None:
+        fmt.set_model_version(model_version)
+    # OrtValues borrow the numpy buffers: keep the arrays alive until the file is written.
+    arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(path))
 
 
 def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
@@ -150,28 +178,66 @@ def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: no such adapter file (an .onnx_adapter written by lora_fx export or AdapterFormat)")
+    if path.stat().st_size == 0:
+        raise AdapterError(f"{path} is empty (an interrupted copy?); copy or export the adapter again")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         # Copies: the parameters' memory belongs to ``fmt``, which is freed on return.
         tensors = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
         model_version = int(fmt.get_model_version())
     except Exception as exc:  # ORT raises RuntimeError/Fail with its own wording for bad files
-        raise AdapterError(f"{path} is not a readable .onnx_adapter file: {exc}") from None
-    adapter = OnnxAdapter(tensors, short_fingerprint=model_version or None)
+        hint = "an ONNX model, not an adapter" if path.suffix == ".onnx" else "truncated or corrupt?"
+        raise AdapterError(
+            f"{path} is not a readable .onnx_adapter file ({hint}; ONNX Runtime: {ort_message(exc)}); "
+            "copy or export the adapter again"
+        ) from None
+    adapter = OnnxAdapter(tensors, short_fingerprint=_short_from_model_version(model_version))
     side = sidecar_path(path)
     if side.is_file():
-        try:
-            data = json.loads(side.read_text())
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"{side} is not valid JSON ({exc}); delete it to use the adapter without its metadata") from None
-        if data.get("format") != FORMAT:
-            raise AdapterError(f"{side} is not a lora_fx adapter sidecar (format {data.get('format')!r}, expected {FORMAT!r})")
-        adapter.fingerprint = data.get("base_fingerprint")
-        adapter.sites = dict(data.get("sites") or {})
-        adapter.config = data.get("lora_config")
-        if adapter.fingerprint and adapter.short_fingerprint not in (None, short_fingerprint(adapter.fingerprint)):
-            raise AdapterError(f"{path} and its sidecar {side.name} disagree about the base model; they were not written together")
+        _read_sidecar(side, path, adapter)
     return adapter
+
+
+def _read_sidecar(side: Path, path: Path, adapter: OnnxAdapter) -> None:
+    """Fill ``adapter``'s metadata from its sidecar, refusing one that is malformed or describes other tensors."""
+    way_out = "delete it to use the adapter without its metadata (scales then count as 1)"
+    try:
+        data = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{side} is not valid JSON ({exc}); {way_out}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise AdapterError(f"{side} is not a lora_fx adapter sidecar (format {found!r}, expected {FORMAT!r}); {way_out}")
+    fields = {"base_fingerprint": (str, type(None)), "tensors_sha256": (str, type(None)), "sites": (dict, type(None)),
+              "lora_config": (dict, type(None))}
+    for key, types in fields.items():
+        if not isinstance(data.get(key), types):
+            raise AdapterError(f"{side}: {key} is a {type(data.get(key)).__name__}, not what lora_fx writes; {way_out}")
+    if any(not isinstance(rec, dict) for rec in (data.get("sites") or {}).values()):
+        raise AdapterError(f"{side}: sites must map each site to a record; {way_out}")
+    # Written beside the adapter, not with it: a crash or a copy of one file alone pairs it with another
+    # adapter's scales (to_peft reads them), and a flipped byte in the file would change weights silently.
+    digest = data.get("tensors_sha256")
+    if digest and digest != tensors_digest(adapter.tensors):
+        raise AdapterError(
+            f"{path} does not hold the tensors its sidecar {side.name} describes: the file is corrupt or the two were "
+            "not written together; export the adapter again"
+        )
+    adapter.fingerprint = data.get("base_fingerprint")
+    adapter.sites = dict(data.get("sites") or {})
+    adapter.config = data.get("lora_config")
+    if adapter.fingerprint and adapter.short_fingerprint not in (None, short_fingerprint(adapter.fingerprint)):
+        raise AdapterError(f"{path} and its sidecar {side.name} disagree about the base model; they were not written together")
+
+
+def ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's own words without its source location and C++ signature ("/onnxruntime_src/…cc:93 const
+    onnxruntime::…(…) The buffer …"), on one line: the user needs the sentence, not where ORT said it."""
+    import re
+
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    text = re.sub(r"\S+\.(?:cc|cpp|h):\d+ (?:[^()]*::[^()]*\([^()]*\)\s*)?", "", text)
+    return re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text).strip()
 
 
 # ---- fitting an adapter to a model -------------------------------------------------------------
@@ -195,6 +261,8 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             f"this adapter was trained on a different base model than {where} (fingerprint {adapter.short_fingerprint} "
             f"vs {short_fingerprint(fingerprint)}); use the model it was trained on, or retrain it"
         )
+    if not slots:
+        raise AdapterError(f"{where} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
     unknown = sorted(set(adapter.tensors) - set(slots))
     if unknown:
         raise AdapterError(
@@ -205,10 +273,15 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
     for name, arr in adapter.tensors.items():
         slot = slots[name]
         if np.dtype(arr.dtype).name != slot.dtype:
-            raise AdapterError(f"adapter tensor {name} is {np.dtype(arr.dtype).name} but {where} expects {slot.dtype}; convert the adapter to {slot.dtype}")
+            raise AdapterError(
+                f"adapter tensor {name} is {np.dtype(arr.dtype).name} but {where} expects {slot.dtype}; convert the adapter "
+                f"to {slot.dtype} (peft_dir_to_onnx_adapter writes a PEFT adapter in the model's dtype)"
+            )
         if len(arr.shape) != len(slot.shape) or any(s is not None and s != d for s, d in zip(slot.shape, arr.shape)):
             want = tuple("r" if s is None else s for s in slot.shape)
-            raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} (lora_A [in, r], lora_B [r, out])")
+            # Prefix slots fix the number of virtual tokens at export; LoRA slots leave only the rank free.
+            layout = "prefixes are [kv_heads, virtual tokens, head_dim]" if ".prefix_" in name else "lora_A [in, r], lora_B [r, out]"
+            raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} ({layout})")
         if ".lora_" in name:
             sites.add(site_of(name))
     for site in sorted(sites):
@@ -265,8 +338,13 @@ def _site_scales(config: Any, sites: list[str]) -> dict[str, tuple[int, float, f
     return out
 
 
-def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None = None) -> OnnxAdapter:
-    """A PEFT adapter (config + ``base_model.model.<site>.lora_X.weight`` tensors) in deployment layout."""
+def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None = None,
+              dtypes: Mapping[str, str] | None = None) -> OnnxAdapter:
+    """A PEFT adapter (config + ``base_model.model.<site>.lora_X.weight`` tensors) in deployment layout.
+
+    ``dtypes`` (deployment name -> numpy dtype name, a model's slots): the float dtype each tensor is
+    written in, as loading into a torch model casts; without it the PEFT file's own dtype is kept.
+    """
     import torch
 
     from lora_fx.adapters import parse_peft_key, to_deployment_layout
@@ -282,14 +360,40 @@ def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None =
             raise AdapterError(f"PEFT adapter has only lora_{''.join(pair)} for site {site}; both A and B are needed")
         a, b = torch.as_tensor(pair["A"]), torch.as_tensor(pair["B"])
         r, alpha, scale = scales[site]
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterError(f"site {site}: lora_A is {tuple(a.shape)} and lora_B {tuple(b.shape)}; LoRA weights are 2-D ([r, in], [out, r])")
         if a.shape[0] != b.shape[1]:
             raise AdapterError(f"site {site}: lora_A is {tuple(a.shape)} and lora_B {tuple(b.shape)}; their ranks differ")
-        dtype = a.dtype
+        if a.shape[0] != r:
+            # The scale is alpha / r of the config's r: with another rank in the tensors it would be silently
+            # wrong here, where PEFT refuses to load the directory at all.
+            raise AdapterError(
+                f"site {site}: the tensors have rank {a.shape[0]} but adapter_config.json gives it r={r} "
+                "(r / rank_pattern); fix the config to the rank the adapter was trained with"
+            )
         a_dep, b_dep = to_deployment_layout(a, b.double(), scale)
-        out[f"{site}.lora_A.weight"] = a_dep.detach().cpu().numpy()
-        out[f"{site}.lora_B.weight"] = b_dep.to(dtype).detach().cpu().numpy()
+        for which, value in (("A", a_dep), ("B", b_dep)):
+            name = f"{site}.lora_{which}.weight"
+            # B is scaled in float64 and rounded once, into the dtype it is written in.
+            out[name] = _to_numpy(value, (dtypes or {}).get(name), a.dtype)
         sites[site] = {"r": int(a.shape[0]), "alpha": alpha, "scale": scale, "in_features": int(a.shape[1]), "out_features": int(b.shape[0])}
     return OnnxAdapter(out, fingerprint=fingerprint, sites=sites, config=config.to_dict())
+
+
+_FLOATS = ("float16", "float32", "float64")
+
+
+def _to_numpy(value: Any, want: str | None, default: Any) -> np.ndarray:
+    """``value`` as a numpy array in ``want`` (a float dtype name) or else in torch dtype ``default``.
+    bfloat16 has no numpy dtype: it goes through float32, which holds it exactly."""
+    import torch
+
+    if want not in _FLOATS or not value.is_floating_point():
+        value, want = value.to(default), None
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    arr = value.detach().cpu().numpy()
+    return arr.astype(want) if want else arr
 
 
 def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
@@ -348,14 +452,16 @@ def peft_dir_to_onnx_adapter(directory: str | os.PathLike, model: Any, path: str
     from lora_fx.adapters import read_peft_dir
     from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
 
+    where = "the model"
     if not hasattr(model, "graph"):
         import onnx_ir as ir
 
-        model = ir.load(str(model))
+        where, model = Path(model).name, ir.load(str(model))
     config, tensors = read_peft_dir(directory)
     fingerprint = model.metadata_props.get(FINGERPRINT_KEY)
-    adapter = from_peft(config, tensors, fingerprint)
-    check_fits(adapter, model_slots(model), fingerprint)
+    slots = model_slots(model)
+    adapter = from_peft(config, tensors, fingerprint, {name: slot.dtype for name, slot in slots.items()})
+    check_fits(adapter, slots, fingerprint, where=where)
     return write_onnx_adapter(path, adapter)
 
 
@@ -385,8 +491,8 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any]) -> An
                    for t in select_onnx_targets(model, config)}
         _check_tensors(tensors, planned, "the adapter")
         apply(model, config)
-    adapter = from_peft(config, tensors)
     slots = {name: Slot(s.dtype, tuple(s.shape)) for name, s in model_slots(model).items()}
+    adapter = from_peft(config, tensors, dtypes={name: slot.dtype for name, slot in slots.items()})
     check_fits(adapter, slots, None)
     missing = sorted(set(slots) - set(adapter.tensors))
     if missing:

@@ -5,7 +5,8 @@ back to CPU when CUDA libraries are missing, so the providers are read back from
 reports the choice in ``session.providers`` and the log. ``add_adapter(name, file)`` checks the file
 against the model once (base fingerprint, names, shapes, dtypes) and keeps it loaded;
 ``run(feeds, adapter=name)`` activates it for that call only, so threads may run different adapters
-on one session at once.
+on one session at once; ``add_adapter(name, file, replace=True)`` swaps an adapter under a name while
+other threads run it (each call keeps the adapter it started with).
 
 On CPU an adapter is a ``LoraAdapter`` activated with ``RunOptions.add_active_adapter``. On CUDA the
 Python ``LoraAdapter.Load`` takes no allocator, so ORT would copy the adapter host-to-device on every
@@ -26,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lora_fx.errors import AdapterError, ConfigError, ModelLoadError
+from lora_fx.onnx_adapter import ort_message
 
 log = logging.getLogger("lora_fx.runtime")
 
@@ -35,7 +37,20 @@ CPU = "CPUExecutionProvider"
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
+# DequantizeLinear+MatMul becomes MatMulNBits; its default accuracy level 4 quantizes the activations
+# to int8, so the served model would not compute what was trained. 0 keeps them float.
+_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+@dataclass
+class _Input:
+    """A model input as ONNX Runtime declares it: numpy dtype name and shape (None or a name: free)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...] | None
 
 
 def _is_slot(name: str) -> bool:
@@ -96,16 +111,19 @@ class Session:
         if session_options is None:
             # ORT warns once per adapter slot that an initializer is also an input: that is the design.
             options.log_severity_level = 3
-            # DequantizeLinear+MatMul becomes MatMulNBits; its default accuracy level 4 quantizes the
-            # activations to int8, so the served model would not compute what was trained. 0 keeps them float.
-            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if not _has_config_entry(options, _ACCURACY_LEVEL):
+            # Also into the caller's own options (set for threads, say): the numerics must stay the trained ones.
+            options.add_session_config_entry(_ACCURACY_LEVEL, "0")
         self.device_id = device_id
         self._session = self._create(ort, options, providers)
         self.providers: list[str] = list(self._session.get_providers())
         self.on_cuda = self.providers[0] == CUDA
         log.info("lora_fx.runtime.Session(%s): providers %s", self.path.name, ", ".join(self.providers))
+        _warn_if_not_loaded(providers, self.providers)
         self.slots = self._read_slots()
-        self.inputs = [i.name for i in self._session.get_inputs() if not _is_slot(i.name)]
+        self._inputs = {i.name: _Input(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape))
+                        for i in self._session.get_inputs() if not _is_slot(i.name)}
+        self.inputs = list(self._inputs)
         self.outputs = [o.name for o in self._session.get_outputs()]
         self.fingerprint: str | None = self._session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
         self._adapters: dict[str, _Loaded] = {}
@@ -127,7 +145,7 @@ class Session:
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"ONNX Runtime could not load {self.path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            raise ModelLoadError(f"ONNX Runtime could not load {self.path}: {ort_message(exc)}") from None
 
     def _read_slots(self) -> dict[str, Any]:
         from lora_fx.onnx_adapter import Slot
@@ -145,29 +163,36 @@ class Session:
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
-    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Register the ``.onnx_adapter`` at ``path`` under ``name`` (checked once, kept loaded)."""
+    def add_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> None:
+        """Register the ``.onnx_adapter`` at ``path`` under ``name`` (checked once, kept loaded).
+
+        ``replace=True`` swaps the adapter registered under ``name`` in one step: calls already running
+        finish with the old one, later calls get the new one, and no call finds the name missing (as
+        it would between ``remove_adapter`` and ``add_adapter``). A refused file leaves the old one.
+        """
         import onnxruntime as ort
 
         from lora_fx.onnx_adapter import check_fits, read_onnx_adapter
 
+        if not isinstance(name, str) or not name:
+            # run(adapter=None) means the base model: a non-string name could never be asked for.
+            raise AdapterError(f"adapter names are non-empty strings, got {name!r}")
         if not self.slots:
             raise AdapterError(f"{self.path.name} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
         path = Path(path)
         adapter = read_onnx_adapter(path)
         check_fits(adapter, self.slots, self.fingerprint, where=self.path.name)
-        host = ort.LoraAdapter()
         try:
-            host.Load(str(path))
+            host = _private_lora_adapter(ort, adapter.tensors)
         except Exception as exc:
-            raise AdapterError(f"ONNX Runtime could not load {path}: {exc}") from None
+            raise AdapterError(f"ONNX Runtime could not load {path}: {ort_message(exc)}; copy or export the adapter again") from None
         device = None
         if self.on_cuda:
             # Resident on the GPU from now on: a switch binds these, nothing crosses the bus per call.
             device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", self.device_id) for k, v in adapter.tensors.items()}
         with self._lock:
-            if name in self._adapters:
-                raise AdapterError(f"an adapter named {name!r} is already registered ({self._adapters[name].path}); remove_adapter({name!r}) first")
+            if name in self._adapters and not replace:
+                raise AdapterError(f"an adapter named {name!r} is already registered ({self._adapters[name].path}); add_adapter({name!r}, path, replace=True) swaps it")
             self._adapters[name] = _Loaded(path, host, device, adapter.site_names())
         log.info("adapter %r registered from %s (%d sites)", name, path, len(adapter.site_names()))
 
@@ -193,25 +218,79 @@ class Session:
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
             raise ConfigError(f"missing inputs {missing}; {self.path.name} takes {self.inputs}")
-        return {k: np.asarray(v) for k, v in feeds.items()}
+        arrays = {k: self._check_feed(self._inputs[k], v) for k, v in feeds.items()}
+        self._check_named_dims(arrays)
+        return arrays
 
-    def run(self, feeds: Mapping[str, Any], adapter: str | None = None, output_names: Sequence[str] | None = None) -> list[np.ndarray]:
-        """Run with ``adapter`` active for this call only (``None``: the base model)."""
+    def _check_named_dims(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Inputs sharing a dim name (``input_ids`` and ``attention_mask``: batch, sequence) must agree on
+        it; ORT would fail deep inside a Reshape instead, naming a node the user never wrote."""
+        seen: dict[str, tuple[str, int]] = {}
+        for name, arr in arrays.items():
+            for axis, dim in enumerate(self._inputs[name].shape or ()):
+                if not isinstance(dim, str):
+                    continue
+                first = seen.setdefault(dim, (name, arr.shape[axis]))
+                if first[1] != arr.shape[axis]:
+                    raise ConfigError(
+                        f"input {name!r} is {arr.shape} and {first[0]!r} is {arrays[first[0]].shape}, but {self.path.name} "
+                        f"needs them equal along dim {dim!r}; pass inputs of one batch (same batch and sequence sizes)"
+                    )
+
+    def _check_feed(self, spec: _Input, value: Any) -> np.ndarray:
+        """One feed as the array the model takes, or a refusal naming the input, what it got and the fix.
+
+        Lists take the input's dtype; arrays are cast only where nothing is lost (int32 ids or a bool
+        mask for int64 inputs); ORT's own refusals name neither the input nor the way out."""
+        if hasattr(value, "detach"):  # a torch tensor, possibly on a GPU or requiring grad
+            value = value.detach().cpu().numpy()
+        if not isinstance(value, np.ndarray):
+            try:
+                value = np.asarray(value, dtype=spec.dtype if spec.dtype in _NUMPY_NAMES else None)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"input {spec.name!r} is not an array ({exc}); {self.path.name} takes {spec.dtype}") from None
+        if spec.dtype in _NUMPY_NAMES and value.dtype.name != spec.dtype:
+            if not np.can_cast(value.dtype, spec.dtype, casting="safe"):
+                raise ConfigError(
+                    f"input {spec.name!r} is {value.dtype.name} but {self.path.name} takes {spec.dtype}; "
+                    f"pass {spec.name}.astype(np.{spec.dtype})"
+                )
+            value = value.astype(spec.dtype)
+        if spec.shape is not None:
+            fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int)]
+            if value.ndim != len(spec.shape) or any(value.shape[i] != d for i, d in fixed):
+                want = tuple(d if d is not None else "?" for d in spec.shape)
+                raise ConfigError(f"input {spec.name!r} has shape {value.shape} but {self.path.name} takes {want} (names are free dims)")
+        return value
+
+    def _check_outputs(self, output_names: str | Sequence[str] | None) -> list[str] | None:
+        if output_names is None:
+            return None
+        names = [output_names] if isinstance(output_names, str) else list(output_names)  # a str is one name, not letters
+        unknown = [n for n in names if n not in self.outputs]
+        if unknown or not names:
+            raise ConfigError(f"unknown output names {unknown}; {self.path.name} has outputs {self.outputs}")
+        return names
+
+    def run(self, feeds: Mapping[str, Any], adapter: str | None = None, output_names: str | Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run with ``adapter`` active for this call only (``None``: the base model); ``output_names``
+        (one name or a list) selects outputs, in that order. Feeds are arrays, lists or torch tensors."""
         import onnxruntime as ort
 
         feeds = self._check_feeds(feeds)
+        names = self._check_outputs(output_names)
         loaded = self._get(adapter) if adapter is not None else None
         try:
             if self.on_cuda:
-                return self._run_bound(feeds, loaded, output_names)
+                return self._run_bound(feeds, loaded, names)
             options = ort.RunOptions()
             if loaded is not None:
                 options.add_active_adapter(loaded.host)
-            return self._session.run(list(output_names) if output_names else None, feeds, options)
+            return self._session.run(names, feeds, options)
         except Exception as exc:
             if isinstance(exc, (AdapterError, ConfigError)):
                 raise
-            raise ConfigError(f"ONNX Runtime refused the run: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            raise ConfigError(f"ONNX Runtime refused the run ({self.path.name}, adapter {adapter!r}): {ort_message(exc)}") from None
 
     def _run_bound(self, feeds: dict[str, np.ndarray], loaded: _Loaded | None, output_names: Sequence[str] | None) -> list[np.ndarray]:
         binding = self._session.io_binding()
@@ -227,3 +306,54 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session({str(self.path)!r}, providers={self.providers}, adapters={self.adapters})"
+
+
+def _private_lora_adapter(ort: Any, tensors: Mapping[str, np.ndarray]) -> Any:
+    """A ``LoraAdapter`` over a private copy of the tensors ``add_adapter`` checked.
+
+    ``LoraAdapter.Load`` memory-maps its file: over the user's file, rewriting it in place (``cp``) would
+    change a registered adapter behind the checks (another base, another shape), and truncating it would
+    kill the process with SIGBUS on the next run. The copy is unlinked once mapped (Linux keeps the map).
+    """
+    import tempfile
+
+    from lora_fx.onnx_adapter import SUFFIX, export_tensors
+
+    fd, tmp = tempfile.mkstemp(prefix="lora_fx-", suffix=SUFFIX)
+    os.close(fd)
+    try:
+        export_tensors(tmp, tensors)
+        host = ort.LoraAdapter()
+        host.Load(tmp)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:  # where a mapped file cannot be unlinked (Windows) it stays in the temp folder
+            pass
+    return host
+
+
+_NUMPY_NAMES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def _dims(shape: Any) -> tuple[int | str | None, ...] | None:
+    """ORT's declared shape: ints fixed, names or None free; None where the rank itself is unknown."""
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, (int, str)) or d is None else None for d in shape)
+
+
+def _has_config_entry(options: Any, key: str) -> bool:
+    try:
+        options.get_session_config_entry(key)
+        return True
+    except Exception:  # ORT raises RuntimeError for an entry that is not set
+        return False
+
+
+def _warn_if_not_loaded(asked: Sequence[Any] | None, got: Sequence[str]) -> None:
+    """ORT silently drops a provider it cannot load (no GPU, missing CUDA libraries): say so."""
+    names = [p[0] if isinstance(p, tuple) else p for p in asked or []]
+    dropped = [n for n in names if n not in got]
+    if dropped:
+        log.warning("ONNX Runtime could not load %s here; running on %s", ", ".join(dropped), ", ".join(got))

@@ -30,8 +30,8 @@ class ExposeAdapters:
     """Make the adapter initializers of every site in ``lora_fx.lora`` overridable graph inputs.
 
     Matches each recorded branch ``Add(y, MatMul(MatMul(x, A), B))``; A becomes input ``[in, r]``
-    and B ``[r, out]`` with ``r`` symbolic, both defaulting to zeros ``[in, 1]`` / ``[1, out]``.
-    Already exposed sites are left alone.
+    and B ``[r, out]`` with ``r`` symbolic, both defaulting to zeros ``[in, 1]`` / ``[1, out]``, and
+    ``x @ A`` gets the same ``r`` as its last dim. Already exposed sites keep their slots.
     """
 
     def __call__(self, model: ir.Model) -> PassResult:
@@ -44,10 +44,11 @@ class ExposeAdapters:
         changed = []
         for site, rec in records.items():
             branch = find_branch(graph, site, rec)
+            r = rank_dim(site)
+            _free_rank(branch.matmul_a.outputs[0], r)
             if branch.a in graph.inputs and branch.b in graph.inputs:
                 continue
             in_f, out_f = branch.a.shape[0], branch.b.shape[1]
-            r = rank_dim(site)
             for value, shape, default in (
                 (branch.a, [in_f, r], np.zeros((in_f, DEFAULT_RANK), dtype=branch.a.const_value.numpy().dtype)),
                 (branch.b, [r, out_f], np.zeros((DEFAULT_RANK, out_f), dtype=branch.b.const_value.numpy().dtype)),
@@ -59,6 +60,16 @@ class ExposeAdapters:
             changed.append(site)
         stamp_fingerprint(model)
         return PassResult(model, bool(changed), changed)
+
+
+def _free_rank(value: ir.Value, r: str) -> None:
+    """``x @ A`` gets the slot's symbolic rank as its last dim. torch.onnx.export records that value with
+    the trained rank (``[b, s, 4]``) and the optimizer keeps known dims; ONNX Runtime plans its buffers
+    from such a shape and refuses an adapter of another rank at the site ("Shape mismatch attempting to
+    re-use buffer"), though A and B themselves are symbolic. Done for exposed sites too: it repairs a
+    model exported before this was."""
+    if value.shape is not None and len(value.shape) and value.shape[-1] != r:
+        value.shape = ir.Shape([*value.shape[:-1], r])
 
 
 def expose_adapters(model: ir.Model) -> PassResult:

@@ -145,6 +145,34 @@ def test_peft_adapter_becomes_an_onnx_adapter_that_gives_peft_outputs(name):
         assert rel(ort_run(served, nb, adapter=out), want) <= 1e-4
 
 
+MIXED_RANKS = {
+    "gpt2": dict(r=3, lora_alpha=5, target_modules=["c_proj"], layers_to_transform=[1]),
+    "llama": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                  rank_pattern={"v_proj": 2, "model.layers.1.mlp.down_proj": 6}, alpha_pattern={"q_proj": 1.5}),
+}
+
+
+@pytest.mark.parametrize("name", NAMES[:2])
+def test_an_adapter_with_other_ranks_at_some_sites_runs_on_the_exported_slots(name):
+    """Ranks unlike the trained one (4) at some sites, other sites left at their defaults: the exporter's
+    recorded shape of ``x @ A`` must not fix the rank, or ORT fails planning buffers on such an adapter."""
+    from lora_fx.runtime import Session
+
+    torch.manual_seed(4)
+    pm = models.peft_wrap(eager(name), init_lora_weights=False, **MIXED_RANKS[name])
+    peft_dir = TMP / f"{name}-peft-mixed-ranks"
+    pm.save_pretrained(str(peft_dir))
+    served = exported(name, "adapters").model_path
+    out = peft_dir_to_onnx_adapter(peft_dir, served, TMP / f"{name}-mixed-ranks.onnx_adapter")
+    sess = Session(served)
+    sess.add_adapter("mixed", out)
+    tb, nb = feeds(3, 9, pad=2)
+    want = models.run(pm, tb).numpy()
+    assert rel(want, models.run(eager(name), tb).numpy()) > 1e-3
+    assert rel(ort_run(served, nb, adapter=out), want) <= 1e-4
+    assert rel(sess.run(nb, adapter="mixed")[0], want) <= 1e-4
+
+
 def test_modes_parse_from_strings_and_bad_modes_are_refused(tmp_path):
     assert ExportMode.parse("merged") is ExportMode.MERGED and ExportMode.parse("ADAPTERS") is ExportMode.ADAPTERS
     with pytest.raises(ConfigError, match="'folded' is not an export mode"):

@@ -48,14 +48,26 @@ def test_a_refused_adapter_leaves_a_bare_onnx_model_unchanged(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
 
 
-def test_file_round_trips_with_and_without_its_sidecar(tmp_path):
+def _served_model():
+    """A served (adapter-slot) model, its current adapter in memory, feeds, and the outputs of the
+    unexposed LoRA model (what the adapter must reproduce)."""
     lora = lora_onnx(ENTRY, r=4, alpha=6)
     feeds = corpus().get(ENTRY).feeds()
-    want = ort_run(save(lora, "oa-lora2.onnx"), feeds)
+    want = ort_run(save(lora, "oa-lora3.onnx"), feeds)
     adapter = current_adapter(lora)
     expose_adapters(lora)
     adapter.fingerprint = stamp_fingerprint(lora)
-    served = save(lora, "oa-served.onnx")
+    return save(lora, "oa-served3.onnx"), adapter, feeds, want
+
+
+def _served_adapter(tmp_path):
+    """As ``_served_model``, the adapter written to tmp_path/a.onnx_adapter."""
+    served, adapter, feeds, want = _served_model()
+    return served, write_onnx_adapter(tmp_path / "a.onnx_adapter", adapter), feeds, want
+
+
+def test_file_round_trips_with_and_without_its_sidecar(tmp_path):
+    served, adapter, feeds, want = _served_model()
     path = write_onnx_adapter(tmp_path / "a.onnx_adapter", adapter)
     back = read_onnx_adapter(path)
     assert back.fingerprint == adapter.fingerprint and back.short_fingerprint == short_fingerprint(adapter.fingerprint)
@@ -83,3 +95,131 @@ def test_a_sidecar_from_another_file_is_refused(tmp_path):
     sidecar_path(pa).write_text(sidecar_path(pb).read_text())
     with pytest.raises(AdapterError, match="disagree"):
         read_onnx_adapter(pa)
+
+
+def test_a_damaged_file_is_refused_in_plain_words(tmp_path):
+    served, path, feeds, want = _served_adapter(tmp_path)
+    assert rel(ort_run(served, feeds, adapter=path), want) <= 1e-6
+    data = path.read_bytes()
+    # A flipped byte inside a tensor still parses (ORT runs it, off by a little): the sidecar's digest catches it.
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    assert 0 < rel(ort_run(served, feeds, adapter=path), want)
+    with pytest.raises(AdapterError, match="does not hold the tensors its sidecar .* describes"):
+        read_onnx_adapter(path)
+    for cut, message in ((0, "is empty"), (100, r"not a readable .onnx_adapter file \(truncated or corrupt\?; ONNX Runtime: The buffer")):
+        path.write_bytes(data[:cut])
+        with pytest.raises(AdapterError, match=message) as info:
+            read_onnx_adapter(path)
+        assert "onnxruntime_src" not in str(info.value) and "::" not in str(info.value)
+    with pytest.raises(AdapterError, match=r"an ONNX model, not an adapter"):
+        read_onnx_adapter(served)
+
+
+@pytest.mark.parametrize("sidecar, message", [
+    ("[1, 2]", "not a lora_fx adapter sidecar"),
+    ('{"format": "lora_fx.onnx_adapter/1", "base_fingerprint": 5}', "base_fingerprint is a int"),
+    ('{"format": "lora_fx.onnx_adapter/1", "sites": ["fc1"]}', "sites is a list"),
+    ('{"format": "lora_fx.onnx_adapter/1", "sites": {"fc1": 2}}', "sites must map each site to a record"),
+])
+def test_a_malformed_sidecar_is_refused_with_the_way_out(tmp_path, sidecar, message):
+    _, path, _, _ = _served_adapter(tmp_path)
+    sidecar_path(path).write_text(sidecar)
+    with pytest.raises(AdapterError, match=f"{message}.*delete it"):
+        read_onnx_adapter(path)
+
+
+def test_only_marked_model_versions_are_read_as_fingerprints(tmp_path):
+    """Olive and ORT's examples write model_version=1; ours carry bit 30, so the two never mix up."""
+    import onnxruntime as ort
+
+    from lora_fx.onnx_adapter import check_fits, model_slots
+
+    served, path, feeds, want = _served_adapter(tmp_path)
+    fp = read_onnx_adapter(path).fingerprint
+    assert short_fingerprint(fp) >> 30 == 1 and short_fingerprint(fp) < 2**31
+    sidecar_path(path).unlink()
+    assert read_onnx_adapter(path).short_fingerprint == short_fingerprint(fp)
+    tensors = {k: np.ascontiguousarray(v) for k, v in read_onnx_adapter(path).tensors.items()}
+    for version in (1, 2**31 - 1 - 2**30):  # small, and all bits but the mark
+        fmt = ort.AdapterFormat()
+        fmt.set_model_version(version)
+        fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
+        fmt.export_adapter(str(tmp_path / "plain.onnx_adapter"))
+        plain = read_onnx_adapter(tmp_path / "plain.onnx_adapter")
+        assert plain.short_fingerprint is None
+        check_fits(plain, model_slots(lora_fx.load(served)), fp)
+    assert rel(ort_run(served, feeds, adapter=tmp_path / "plain.onnx_adapter"), want) <= 1e-6
+
+
+def test_ort_messages_lose_source_locations_and_signatures():
+    from lora_fx.onnx_adapter import ort_message
+
+    raw = ("/onnxruntime_src/onnxruntime/lora/adapter_format_utils.cc:93 const onnxruntime::adapters::Adapter* "
+           "onnxruntime::adapters::utils::ValidateAndGetAdapterFromBytes(gsl::span<const unsigned char>) The buffer does not appear")
+    assert ort_message(RuntimeError(raw)) == "The buffer does not appear"
+    multi = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x\n index: 1 Got: 5 Expected: 16\n"
+    assert ort_message(RuntimeError(multi)) == "Got invalid dimensions for input: x index: 1 Got: 5 Expected: 16"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_peft_adapter_is_written_in_the_models_dtype(tmp_path, dtype):
+    """PEFT adapters saved in fp16/bf16 for a float32 model: converted as loading into torch would (cast),
+    not refused and not a torch TypeError (bfloat16 has no numpy dtype)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    served, _, feeds, want = _served_adapter(tmp_path)
+    lora = lora_onnx(ENTRY, r=4, alpha=6)
+    lora_fx.save_adapter(lora, tmp_path / "half")
+    lora_fx.save_adapter(lora, tmp_path / "rounded")
+    weights = load_file(str(tmp_path / "half" / "adapter_model.safetensors"))
+    save_file({k: v.to(getattr(torch, dtype)) for k, v in weights.items()}, str(tmp_path / "half" / "adapter_model.safetensors"))
+    # The reference: the same rounded weights, stored as float32.
+    save_file({k: v.to(getattr(torch, dtype)).float() for k, v in weights.items()}, str(tmp_path / "rounded" / "adapter_model.safetensors"))
+    half = peft_dir_to_onnx_adapter(tmp_path / "half", served, tmp_path / "half.onnx_adapter")
+    rounded = peft_dir_to_onnx_adapter(tmp_path / "rounded", served, tmp_path / "rounded.onnx_adapter")
+    assert {v.dtype for v in read_onnx_adapter(half).tensors.values()} == {np.dtype(np.float32)}
+    got = ort_run(served, feeds, adapter=half)
+    assert rel(got, ort_run(served, feeds, adapter=rounded)) <= 1e-6
+    assert 0 < rel(got, want) <= 2e-2  # only the rounding of the stored weights differs
+    onto_base = lora_fx.load_adapter(lora_fx.load(corpus().get(ENTRY).path), tmp_path / "half")
+    assert rel(ort_run(save(onto_base, f"oa-half-{dtype}.onnx"), feeds), got) <= 1e-6
+
+
+def test_a_prefix_of_another_length_is_refused_naming_the_prefix_layout():
+    from lora_fx.onnx_adapter import OnnxAdapter, Slot, check_fits
+
+    slots = {"h.0.attn.prefix_key": Slot("float32", (4, 4, 8))}
+    with pytest.raises(AdapterError, match=r"shape \(4, 6, 8\) .* expects \(4, 4, 8\) \(prefixes are \[kv_heads, virtual tokens, head_dim\]\)"):
+        check_fits(OnnxAdapter({"h.0.attn.prefix_key": np.zeros((4, 6, 8), np.float32)}), slots, None)
+
+
+def test_peft_dirs_that_cannot_mean_what_they_say_are_refused(tmp_path):
+    """A rank unlike the config's would get a wrong scale (PEFT refuses to load such a directory);
+    a 1-D weight and a model without slots get a message, not an IndexError or "its slots are ."."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    served, _, feeds, want = _served_adapter(tmp_path)
+    lora = lora_onnx(ENTRY, r=4, alpha=6)
+    lora_fx.save_adapter(lora, tmp_path / "peft")
+    good = peft_dir_to_onnx_adapter(tmp_path / "peft", served, tmp_path / "good.onnx_adapter")
+    assert rel(ort_run(served, feeds, adapter=good), want) <= 1e-6
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(AdapterError, match=r"site fc1: the tensors have rank 4 but adapter_config.json gives it r=8"):
+        peft_dir_to_onnx_adapter(tmp_path / "peft", served, tmp_path / "bad.onnx_adapter")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("fc1.lora_B.weight"))
+    save_file({**tensors, key: tensors[key][:, 0].contiguous()}, str(weights))
+    with pytest.raises(AdapterError, match=r"site fc1: .* LoRA weights are 2-D"):
+        peft_dir_to_onnx_adapter(tmp_path / "peft", served, tmp_path / "bad.onnx_adapter")
+    save_file(tensors, str(weights))
+    with pytest.raises(AdapterError, match=r"gemm-mlp.onnx has no adapter slots; export it with mode='adapters'"):
+        peft_dir_to_onnx_adapter(tmp_path / "peft", corpus().get(ENTRY).path, tmp_path / "bad.onnx_adapter")
+    assert not (tmp_path / "bad.onnx_adapter").exists()

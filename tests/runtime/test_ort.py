@@ -162,3 +162,162 @@ def test_exported_gpt2_switches_between_our_adapter_and_a_peft_adapter_in_two_th
     other_path = save(other, "ort-gpt2-other-base.onnx")
     with pytest.raises(AdapterError, match="different base model"):
         Session(other_path).add_adapter("ours", served.adapter_paths[0])
+
+
+def test_four_threads_switching_every_call_match_single_threaded_runs(served):
+    """Adapters of ranks 4 and 2 and the base, switched on every call from four threads, batch sizes varying."""
+    path, paths, _, _ = served
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    for name, p in paths.items():
+        sess.add_adapter(name, p)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((int(rng.integers(1, 9)), 16)).astype(np.float32) for _ in range(12)]
+    names = [None, "legal", "medical"]
+    wants = {(i, n): sess.run({"x": x}, adapter=n)[0] for i, x in enumerate(xs) for n in names}
+
+    def work(t):
+        calls = [(k % len(xs), names[(k + t) % 3]) for k in range(90)]
+        return max(rel(sess.run({"x": xs[i]}, adapter=n)[0], wants[(i, n)]) for i, n in calls)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(work, range(4))) <= 1e-6
+
+
+def test_replace_swaps_an_adapter_while_other_threads_run_it(served, tmp_path):
+    """No call between the swaps finds the name missing or gets a mix: each gets one adapter's output."""
+    import threading
+
+    path, paths, wants, feeds_ = served
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    sess.add_adapter("live", paths["legal"])
+    stop, results, errors = threading.Event(), [], []
+
+    def runner():
+        while not stop.is_set():
+            try:
+                got = sess.run(feeds_, adapter="live")[0]
+                results.append(min(rel(got, wants["legal"]), rel(got, wants["medical"])))
+            except Exception as exc:  # noqa: BLE001 - any failure is what the test looks for
+                errors.append(exc)
+
+    threads = [threading.Thread(target=runner) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(20):
+            sess.add_adapter("live", paths["medical" if i % 2 == 0 else "legal"], replace=True)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors and results and max(results) <= 1e-5
+    assert rel(sess.run(feeds_, adapter="live")[0], wants["legal"]) <= 1e-5  # the last swap put legal in
+    bad = tmp_path / "bad.onnx_adapter"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(AdapterError, match="not a readable"):
+        sess.add_adapter("live", bad, replace=True)
+    assert rel(sess.run(feeds_, adapter="live")[0], wants["legal"]) <= 1e-5  # a refused file keeps the old one
+    with pytest.raises(AdapterError, match="adapter names are non-empty strings"):
+        sess.add_adapter(None, paths["legal"])
+    assert sess.adapters == ["live"]
+
+
+def test_feeds_are_checked_by_input_and_cast_only_without_loss(served):
+    path, paths, wants, feeds_ = served
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    sess.add_adapter("legal", paths["legal"])
+    x = feeds_["x"]
+    # A list takes the input's dtype; float16 widens to float32 without loss; a torch tensor works too.
+    for same in (x.tolist(), torch.from_numpy(x)):
+        assert rel(sess.run({"x": same}, adapter="legal")[0], wants["legal"]) <= 1e-6
+    half = x.astype(np.float16)
+    assert rel(sess.run({"x": half}, adapter="legal")[0], sess.run({"x": half.astype(np.float32)}, adapter="legal")[0]) == 0
+    with pytest.raises(ConfigError, match=r"input 'x' is float64 but .* takes float32; pass x.astype\(np.float32\)"):
+        sess.run({"x": x.astype(np.float64)})
+    with pytest.raises(ConfigError, match=r"input 'x' is int32"):
+        sess.run({"x": x.astype(np.int32)})
+    with pytest.raises(ConfigError, match=r"input 'x' has shape \(4, 5\) but .* takes \('batch', 16\)"):
+        sess.run({"x": x[:, :5]})
+    # Output names: one name is a name (not its letters); unknown ones are listed against the real ones.
+    name = sess.outputs[0]
+    assert rel(sess.run(feeds_, adapter="legal", output_names=name)[0], wants["legal"]) == 0
+    with pytest.raises(ConfigError, match=rf"unknown output names \['logits'\]; .* has outputs \['{name}'\]"):
+        sess.run(feeds_, output_names="logits")
+
+
+def test_a_plain_onnxruntime_adapter_file_with_its_own_model_version_loads(served, tmp_path):
+    """Olive and ORT's examples write model_version=1: not a fingerprint, so not "another base"."""
+    import onnxruntime as ort
+
+    path, paths, wants, feeds_ = served
+    tensors = {k: np.ascontiguousarray(v) for k, v in lora_fx.onnx_adapter.read_onnx_adapter(paths["legal"]).tensors.items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
+    fmt.export_adapter(str(tmp_path / "olive.onnx_adapter"))
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    sess.add_adapter("olive", tmp_path / "olive.onnx_adapter")
+    assert rel(sess.run(feeds_, adapter="olive")[0], wants["legal"]) <= 1e-6
+
+
+def test_callers_session_options_keep_float_activations_in_int4_matmuls(tmp_path, caplog):
+    """ORT fuses an int4 DequantizeLinear + MatMul into MatMulNBits, whose default accuracy level
+    quantizes the activations to int8 (~4e-3 off here): options the caller passes get level 0 too."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n, block = 64, 32, 32
+    wq = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    scale = (rng.random((k // block, n)) * 0.1 + 0.01).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["W", "S"], ["Wf"], axis=0, block_size=block), helper.make_node("MatMul", ["x", "Wf"], ["y"])],
+        "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])],
+        initializer=[helper.make_tensor("W", TensorProto.INT4, [k, n], wq.flatten().tolist()), numpy_helper.from_array(scale, "S")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), tmp_path / "dq.onnx")
+    x = (rng.standard_normal((8, k)) * 3).astype(np.float32)
+    want = x.astype(np.float64) @ (np.repeat(scale, block, axis=0) * wq)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    assert rel(Session(tmp_path / "dq.onnx", session_options=options).run({"x": x})[0], want) <= 1e-5
+    assert rel(Session(tmp_path / "dq.onnx").run({"x": x})[0], want) <= 1e-5
+    # A provider asked for by name that ORT cannot load here is said, not silently dropped.
+    with caplog.at_level(logging.WARNING, logger="lora_fx.runtime"):
+        sess = Session(tmp_path / "dq.onnx", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in sess.providers:
+        assert "could not load CUDAExecutionProvider" in caplog.text
+
+
+@pytest.mark.slow
+def test_int_ids_and_a_bool_mask_run_and_inputs_of_two_batches_are_refused():
+    served = exported("gpt2", "adapters")
+    tb, nb = feeds(3, 9, pad=2)
+    sess = Session(served.model_path)
+    sess.add_adapter("ours", served.adapter_paths[0])
+    want = models.run(trained_gm("gpt2"), tb).numpy()
+    small = {"input_ids": nb["input_ids"].astype(np.int32), "attention_mask": nb["attention_mask"].astype(bool)}
+    assert rel(sess.run(small, adapter="ours")[0], want) <= 1e-4
+    with pytest.raises(ConfigError, match=r"input 'attention_mask' is \(3, 5\) and 'input_ids' is \(3, 9\).*equal along dim"):
+        sess.run({**nb, "attention_mask": nb["attention_mask"][:, :5]}, adapter="ours")
+    with pytest.raises(ConfigError, match=r"input 'input_ids' is float32 but .* takes int64"):
+        sess.run({**nb, "input_ids": nb["input_ids"].astype(np.float32)})
+
+
+def test_rewriting_a_registered_file_in_place_changes_nothing(served, tmp_path):
+    """ORT memory-maps an adapter file: the session must hold its own copy of what add_adapter checked,
+    or `cp other.onnx_adapter live.onnx_adapter` swaps in an unchecked adapter (here for another base)."""
+    import shutil
+
+    path, paths, wants, feeds_ = served
+    live = tmp_path / "live.onnx_adapter"
+    shutil.copy(paths["legal"], live)
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    sess.add_adapter("live", live)
+    good = lora_fx.onnx_adapter.read_onnx_adapter(paths["legal"])
+    other = write_onnx_adapter(tmp_path / "other.onnx_adapter", OnnxAdapter({k: v * 3 for k, v in good.tensors.items()}, fingerprint="f" * 64))
+    with open(live, "r+b") as f:  # in place, as cp does: same inode, new bytes
+        f.write(other.read_bytes())
+    assert rel(sess.run(feeds_, adapter="live")[0], wants["legal"]) <= 1e-6
