@@ -110,9 +110,6 @@ class LoraConfig:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):
-            # PEFT refuses this combination too: the rsLoRA scale of a pattern-ranked site is ambiguous.
-            raise ConfigError("use_rslora cannot be combined with rank_pattern or alpha_pattern (as in PEFT)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
         if isinstance(self.target_modules, list) and not self.target_modules:

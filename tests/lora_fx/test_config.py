@@ -83,7 +83,6 @@ def test_bad_rank_is_refused(r):
     (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
     (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
     (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
-    (dict(use_rslora=True, rank_pattern={"q": 2}), "use_rslora cannot be combined"),
     (dict(layers_pattern="layers"), "layers_pattern only applies together with layers_to_transform"),
     (dict(target_modules=[]), "target_modules is an empty list"),
     (dict(init_lora_weights="pissa"), "init_lora_weights='pissa' is not supported"),

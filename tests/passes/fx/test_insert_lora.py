@@ -75,6 +75,14 @@ def test_rank_and_alpha_patterns_equal_peft(zoo, name):
     assert len({rec["r"] for rec in meta(gm)["lora_sites"].values()}) > 1
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_rslora_with_rank_and_alpha_patterns_equals_peft(zoo, name):
+    """PEFT scales each site by its own alpha / sqrt(its own r) (it warns only for PiSSA-style inits)."""
+    gm = _parity(zoo, name, use_rslora=True, **PATTERNS[name])
+    scales = {(rec["r"], rec["alpha"], rec["scale"]) for rec in meta(gm)["lora_sites"].values()}
+    assert len(scales) > 1 and all(scale == pytest.approx(alpha / math.sqrt(r)) for r, alpha, scale in scales)
+
+
 def test_dropout_in_eval_mode_equals_peft(zoo):
     _parity(zoo, "llama", lora_dropout=0.3)
 
