@@ -134,7 +134,7 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        data = dict(data)
+        data = _json_object(data, "a LoRA config")
         peft_type = data.pop("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
             raise ConfigError(f"this is a {peft_type} adapter config, not LoRA; use the config class for {peft_type}")
@@ -152,14 +152,7 @@ class LoraConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "LoraConfig":
         """Read PEFT's ``adapter_config.json`` from an adapter directory."""
-        path = Path(directory) / ADAPTER_CONFIG_NAME
-        if not path.is_file():
-            raise ConfigError(f"{path} not found: an adapter directory holds {ADAPTER_CONFIG_NAME} and adapter_model.safetensors")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_adapter_config(directory))
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         from lora_fx.files import atomic_write_text
@@ -240,7 +233,7 @@ class PrefixConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrefixConfig":
-        data = dict(data)
+        data = _json_object(data, "a prefix-tuning config")
         peft_type = str(data.pop("peft_type", "PREFIX_TUNING")).upper()
         if peft_type != "PREFIX_TUNING":
             raise ConfigError(f"this is a {peft_type} adapter config, not prefix-tuning; use the config class for {peft_type}")
@@ -269,6 +262,13 @@ class PrefixConfig:
         path = Path(directory) / ADAPTER_CONFIG_NAME
         atomic_write_text(path, self.to_json())
         return path
+
+
+def _json_object(data: Any, what: str) -> dict[str, Any]:
+    """A copy of ``data`` if it is a JSON object; a config file holding a list or a number is refused by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a JSON object of options, got a {type(data).__name__}")
+    return dict(data)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -348,6 +348,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        data = _json_object(data, "a quantization config")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

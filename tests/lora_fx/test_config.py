@@ -109,6 +109,14 @@ def test_missing_or_broken_config_files_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         LoraConfig.from_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[8, 16]")  # valid JSON, not a config
+    with pytest.raises(ConfigError, match="does not hold a JSON object"):
+        LoraConfig.from_pretrained(tmp_path)
+    from lora_fx.config import PrefixConfig, QuantConfig
+
+    for cls in (LoraConfig, PrefixConfig, QuantConfig):
+        with pytest.raises(ConfigError, match="must be a JSON object of options, got a list"):
+            cls.from_json("[8, 16]")
 
 
 def test_scaling_is_peft_scaling():
