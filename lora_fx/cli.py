@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from typing import Sequence
@@ -24,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="lora-fx",
-        description="Parameter-efficient fine-tuning as graph rewriting: find linear/attention sites of a "
-        "torch model or ONNX file and rewrite them into LoRA subgraphs.",
+        description="Parameter-efficient fine-tuning as graph rewriting: find the linear/attention sites of a "
+        "torch model or ONNX file, rewrite them into LoRA (optionally over a quantized W: QLoRA) or prefix-tuning "
+        "subgraphs, train through the graph and export for ONNX Runtime.",
     )
     parser.add_argument("--version", action="version", version=f"lora-fx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (LoraFxError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    # OSError: a file or folder the user named could not be read or written (exists, is a file, disk full,
+    # read-only): its message names the path. FloatingPointError: training diverged (runtime.train says so).
+    except (LoraFxError, OSError, FloatingPointError) as exc:
         if os.environ.get("LORA_FX_DEBUG"):
             raise
         return fail(str(exc))
@@ -62,7 +66,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_json(obj: object) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    # allow_nan=False: json.dumps would write NaN / Infinity, which JSON does not have (JSON.parse, jq --seq and
+    # strict parsers refuse the whole document); a NaN output statistic is written as null instead.
+    print(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
+
+
+def _finite(obj: object) -> object:
+    """``obj`` with every non-finite float replaced by None, through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":

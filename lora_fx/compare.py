@@ -181,9 +181,12 @@ def _child(cfg_dict: dict[str, Any], method: str, queue: Any) -> None:
     except LoraFxError as exc:
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
     except Exception as exc:  # report, don't hang the parent
+        import os
         import traceback
 
-        queue.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"))
+        # The traceback only where the CLI would show one (LORA_FX_DEBUG): users get the one-line error.
+        where = f"\n{traceback.format_exc(limit=6)}" if os.environ.get("LORA_FX_DEBUG") else ""
+        queue.put(("error", f"{type(exc).__name__}: {exc}{where}"))
 
 
 def _run_isolated(cfg: CompareConfig, method: Method) -> dict[str, Any]:
@@ -191,11 +194,28 @@ def _run_isolated(cfg: CompareConfig, method: Method) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(cfg.to_dict(), method.value, queue))
     proc.start()
-    status, payload = queue.get()
+    status, payload = _result_of(proc, queue)
     proc.join()
     if status != "ok":
         raise LoraFxError(f"method {method.value} failed: {payload}")
     return payload
+
+
+def _result_of(proc: Any, queue: Any) -> tuple[str, Any]:
+    """The child's report; a child killed before it could send one (out of memory, a signal) is an error
+    rather than a parent waiting on the queue forever."""
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have reported just before exiting
+                    return queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    return "error", (f"its training process ended with exit code {proc.exitcode} without a result "
+                                     "(killed by a signal, or out of memory?); see the kernel log (dmesg), or compare a smaller model")
 
 
 def _base_onnx(cfg: CompareConfig) -> Path:
@@ -238,14 +258,39 @@ def _feeds_for(sess: Any, feeds: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in feeds.items() if k in names}
 
 
+def check_config(cfg: CompareConfig) -> None:
+    """What would otherwise fail inside a training process (a traceback, after minutes) or after every method
+    has trained (no latency runs, an output folder that is a file): checked before any of them starts."""
+    from lora_fx.files import check_output_dir
+    from lora_fx.tasks import LABEL_PROMPTS, load_rows
+
+    if cfg.steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {cfg.steps}")
+    if not cfg.lr >= 0:  # NaN too; torch's AdamW refuses a negative rate only inside each training process
+        raise ConfigError(f"lr must be at least 0, got {cfg.lr}")
+    if cfg.export and cfg.latency_runs < 1:
+        raise ConfigError(f"latency_runs must be at least 1 (CLI: --latency-runs), got {cfg.latency_runs}; or skip timing with --no-export")
+    for method in cfg.methods:
+        _adapter_config(cfg, method)  # r, alpha, virtual tokens, quantization: refused here, named
+    n_labels = len(cfg.label_prompts or LABEL_PROMPTS)
+    for split in ("train", "test"):
+        rows = load_rows(split, cfg.data)
+        if not rows:
+            raise ConfigError(f"{cfg.data or 'tense.jsonl'} has no rows with split={split!r}; compare trains on one and scores the other")
+        bad = next((r for r in rows if not 0 <= int(r["label"]) < n_labels), None)
+        if bad is not None:
+            raise ConfigError(f"{cfg.data or 'tense.jsonl'}: label {bad['label']} of {bad['text']!r} has no label prompt; "
+                              f"there are {n_labels} prompts, so labels are 0..{n_labels - 1} (give one per label with --label-prompts)")
+    check_output_dir(cfg.out_dir)
+
+
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run every method of ``cfg``, then write the report. Returns the report dict."""
     from lora_fx.report import plot_bars, plot_losses
 
+    check_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.steps < 1:
-        raise ConfigError("steps must be at least 1")
     results = []
     for i, method in enumerate(cfg.methods, 1):
         print(f"[{i}/{len(cfg.methods)}] {method.value}: rewrite, train {cfg.steps} steps, export", file=sys.stderr, flush=True)

@@ -51,9 +51,10 @@ def serve_switching(model_path: str, adapter_file: str, task: Any) -> dict[str, 
 
 def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 40, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     from lora_fx.compare import CompareConfig, Method, compare
+    from lora_fx.files import check_output_dir
     from lora_fx.hf import minilm_dir
 
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)  # a file of that name: said in one line, before minutes of training
     out_dir.mkdir(parents=True, exist_ok=True)
     if quick:
         steps = min(steps, 8)

@@ -6,23 +6,83 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
+
+from lora_fx.errors import ConfigError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, which other threads must not see half-way.
+_UMASK = _umask()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the permissions an ordinary ``open`` would give it (0666 less the umask): mkstemp makes
+    it owner-only, and a served adapter or model then cannot be read by a server running as another user.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path when it is a file; otherwise the error a user can act on (missing, or a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass the {what} inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    return path
+
+
+def check_output(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work is done, an output path that could not be written or would replace an input.
+
+    Writing happens last (after rewriting or training): found out then, a bad path costs the whole run,
+    and the OS error would name our temporary file, not the path the user gave.
+    """
+    path = Path(path)
+    for src in inputs:
+        if path.resolve() == Path(src).resolve():
+            raise ConfigError(f"{path} is an input of this command; write the output to another path")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the output a file name, e.g. one inside it")
+    check_output_dir(path.parent)
+    return path
+
+
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """Refuse a folder that is a file or cannot be created or written (it may not exist yet: it is made)."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write into {directory}: {existing} is a file, not a folder; choose another output path")
+    try:  # a real probe: permission bits do not tell root about read-only mounts or /proc
+        fd, probe = tempfile.mkstemp(prefix=".lora_fx_probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write into {directory} ({existing}: {exc.strerror}); choose another output path") from None
+    return directory
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

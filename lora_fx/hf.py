@@ -23,13 +23,24 @@ def load_hf_model(directory: str | os.PathLike) -> torch.nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    arch = (json.loads(config_path.read_text()).get("architectures") or ["AutoModel"])[0]
+    arch = (_read_config(config_path).get("architectures") or ["AutoModel"])[0]
     cls = getattr(transformers, arch, None) or transformers.AutoModel
     try:
         model = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True)
     except Exception as exc:  # transformers raises many types for bad folders
         raise ModelLoadError(f"could not load {directory} as {arch}: {exc}") from None
     return model.eval()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict, or a ModelLoadError naming the file (a hand-edited or truncated config is common)."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON ({exc}); restore the model folder's config.json") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not the object transformers writes; restore it")
+    return config
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16) -> dict[str, Any]:

@@ -115,7 +115,9 @@ def pattern_value(patterns: dict[str, float], key: str, default: float) -> float
 
 def _closest(wanted: str, names: Sequence[str]) -> list[str]:
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    return difflib.get_close_matches(wanted, suffixes + list(names), n=5, cutoff=0.5)
+    # A top-level name ("fc1") is its own suffix: once in the candidates, or it is suggested twice.
+    candidates = list(dict.fromkeys(suffixes + list(names)))
+    return difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.5)
 
 
 def unmatched_error(config: LoraConfig, sites: Sequence[Site], kind: SiteKind = SiteKind.LINEAR) -> TargetNotFoundError:

@@ -26,7 +26,11 @@ def load_rows(split: str, path: str | Path | None = None) -> list[dict]:
     if path is None:
         text = resources.files("lora_fx.data").joinpath("tense.jsonl").read_text()
     else:
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:  # missing, a folder, not text
+            raise ConfigError(f"cannot read the data file {path} ({exc}); pass a JSONL file of "
+                              '{"text", "label", "split"} rows') from None
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -34,6 +38,8 @@ def load_rows(split: str, path: str | Path | None = None) -> list[dict]:
         try:
             row = json.loads(line)
             _ = row["text"], int(row["label"])
+            if not isinstance(row["text"], str):  # the tokenizer would fail on it, inside a training process
+                raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise ConfigError(f"{path or 'tense.jsonl'} line {i}: expected a JSON object with 'text' and an integer 'label' (and 'split')") from None
         rows.append(row)

@@ -38,12 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lora_fx.cli import print_json
     from lora_fx.errors import ConfigError
+    from lora_fx.files import require_file
 
     src, out = Path(args.model), Path(args.out)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such file")
+    require_file(src, "ONNX model")
     if src.resolve() == out.resolve():
         raise ConfigError(f"-o {out} would overwrite the input model; choose another output path")
+    check_outputs(out, args)
     if args.adapter and not args.merge:
         raise ConfigError("--adapter FILE goes with --merge (fold that adapter); --adapters writes the model's own weights")
     quant_merge = getattr(args, "quant_merge", None)
@@ -61,6 +62,26 @@ def run(args: argparse.Namespace) -> int:
         for path in summary.get("adapters", []) + summary.get("peft_dirs", []):
             print(f"wrote {path}")
     return 0
+
+
+def check_outputs(out: Path, args: argparse.Namespace) -> None:
+    """Every path the command will write, checked before the model is: --adapters writes the model first and
+    its adapter files after it, so a bad adapter path found then leaves a model without its adapters."""
+    from lora_fx.errors import ConfigError
+    from lora_fx.export import adapters_dir
+    from lora_fx.files import check_output
+
+    check_output(out, inputs=[args.adapter] if args.adapter else [])
+    if not args.adapters:
+        return
+    if not args.name or args.name in (".", "..") or any(sep in args.name for sep in "/\\"):
+        raise ConfigError(f"--name {args.name!r} names the adapter's files inside {adapters_dir(out)}; use a plain name such as legal")
+    from lora_fx.onnx_adapter import SUFFIX
+
+    directory = adapters_dir(out)
+    check_output(directory / f"{args.name}{SUFFIX}")
+    if not args.no_peft and (directory / args.name).exists() and not (directory / args.name).is_dir():
+        raise ConfigError(f"{directory / args.name} is a file; the PEFT adapter folder goes there (move it, or pass --no-peft)")
 
 
 def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None, name: str = "default", peft_dir: bool = True,

@@ -29,31 +29,38 @@ def _csv(text: str | None) -> list[str] | str | None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rewrite",
-        help="insert adapters (LoRA) at the sites of an ONNX model",
-        description="Insert LoRA branches at the selected linear sites of an ONNX file and write the rewritten "
-        "model. Each adapted site gains <site>.lora_A.weight [in, r] and <site>.lora_B.weight [r, out] "
-        "(scale folded into B; B starts at zero, so outputs are unchanged until training).",
+        help="insert adapters (LoRA, QLoRA or prefix-tuning) at the sites of an ONNX model",
+        description="Insert LoRA branches at the selected linear sites of an ONNX file (--method lora, the default; "
+        "with --quant the frozen weights are stored quantized: QLoRA), or learned key/value prefixes at its attention "
+        "sites (--method prefix), and write the rewritten model. Each LoRA site gains <site>.lora_A.weight [in, r] "
+        "and <site>.lora_B.weight [r, out] (scale folded into B; B starts at zero, so outputs are unchanged until "
+        "training).",
     )
     p.add_argument("model", help="the input .onnx file")
     p.add_argument("-o", "--output", required=True, help="where to write the rewritten .onnx file")
     p.add_argument("--method", type=Method, choices=list(Method), default=Method.LORA,
                    help="which adapter to insert (default: lora)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    # Method-specific options default to None (check_options fills in OPTIONS' defaults) so that one given to the
+    # other method is refused instead of silently ignored: --method prefix --exclude-modules X would adapt X.
+    p.add_argument("--r", type=int, default=None, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha; the scale is alpha / r (default: r)")
     p.add_argument("--target-modules", default=None,
-                   help="comma-separated module names or suffixes (query,value), a regex, or all-linear")
-    p.add_argument("--exclude-modules", default=None, help="comma-separated names or suffixes, or a regex, to leave out")
+                   help="comma-separated module names or suffixes (query,value), a regex, or all-linear; required "
+                   "for lora; for prefix it selects attention sites (default: all)")
+    p.add_argument("--exclude-modules", default=None, help="lora: comma-separated names or suffixes, or a regex, to leave out")
     p.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
-    p.add_argument("--lora-dropout", type=float, default=0.0,
+    p.add_argument("--lora-dropout", type=float, default=None,
                    help="dropout on each LoRA branch's input while training (a Dropout node that inference skips; default 0)")
-    p.add_argument("--init", choices=["kaiming", "gaussian", "random"], default="kaiming",
-                   help="initialisation of A and B (kaiming/gaussian keep B zero; random changes the outputs)")
-    p.add_argument("--num-virtual-tokens", type=int, default=16,
+    p.add_argument("--init", choices=["kaiming", "gaussian", "random"], default=None,
+                   help="initialisation of A and B (kaiming/gaussian keep B zero; random changes the outputs; default kaiming)")
+    p.add_argument("--num-virtual-tokens", type=int, default=None,
                    help="prefix method: learned key/value prefix length T per attention site (default 16)")
     p.add_argument("--external-data", action="store_true", help="store the weights in <output>.data")
     p.add_argument("--quant", choices=["nf4", "int4", "int8"], default=None,
-                   help="store the frozen linear weights quantized (QLoRA): nf4 (MatMulBnb4), int4 (MatMulNBits), int8 (DequantizeLinear)")
-    p.add_argument("--quant-block-size", type=int, default=64, help="weights per scale block for nf4/int4 (default 64)")
+                   help="lora: store every frozen linear weight quantized (QLoRA): nf4 (MatMulBnb4), int4 (MatMulNBits), "
+                   "int8 (DequantizeLinear)")
+    # None, not 64: so that a block size given without --quant is refused rather than silently dropped.
+    p.add_argument("--quant-block-size", type=int, default=None, help="with --quant nf4/int4: weights per scale block (default 64)")
     p.add_argument("--double-quant", action="store_true",
                    help="nf4: store the block scales in 8 bits too (QLoRA's double quantization; about 4.13 bits a weight)")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the adapted sites")
@@ -78,7 +85,9 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         from lora_fx.config import QuantConfig
         from lora_fx.passes.onnx.quantize_weights import apply_quant
 
-        qconfig = QuantConfig(dtype=args.quant, block_size=args.quant_block_size, double_quant=args.double_quant,
+        block = getattr(args, "quant_block_size", None)
+        block = 64 if block is None else block
+        qconfig = QuantConfig(dtype=args.quant, block_size=block, double_quant=args.double_quant,
                               exclude_modules=_csv(args.exclude_modules))
         quant = {"config": qconfig.to_dict(), "sites": apply_quant(model, qconfig, None).changed}
     apply_lora(model, config)
@@ -104,13 +113,49 @@ METHODS: dict[Method, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
 }
 
 
+# Options of one method: (flag, default). A given one is not None (or not False, for switches).
+OPTIONS: dict[Method, dict[str, tuple[str, Any]]] = {
+    Method.LORA: {"r": ("--r", 8), "lora_alpha": ("--lora-alpha", None), "exclude_modules": ("--exclude-modules", None),
+                  "use_rslora": ("--use-rslora", False), "lora_dropout": ("--lora-dropout", 0.0),
+                  "init": ("--init", "kaiming")},
+    Method.PREFIX: {"num_virtual_tokens": ("--num-virtual-tokens", 16)},
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options the chosen method would silently ignore (the user asked for something not done), then
+    fill in the chosen method's defaults."""
+    from lora_fx.errors import ConfigError
+
+    method = Method(args.method)
+    for other, options in OPTIONS.items():
+        given = [flag for name, (flag, _) in options.items() if getattr(args, name, None) is not None
+                 and getattr(args, name) is not False]  # `in (None, False)` would let 0 through as False
+        if other is not method and given:
+            raise ConfigError(f"{', '.join(given)}: options of --method {other}, not of {method}; drop them or use --method {other}")
+    for name, (_, default) in OPTIONS[method].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    quant = getattr(args, "quant", None)
+    if quant and method is not Method.LORA:
+        raise ConfigError(f"--quant {quant} quantizes the weights under LoRA branches (QLoRA); it goes with --method lora")
+    if not quant:
+        given = [flag for flag, on in (("--double-quant", getattr(args, "double_quant", False)),
+                                       ("--quant-block-size", getattr(args, "quant_block_size", None) is not None)) if on]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} only apply with --quant (how it stores weights); add --quant nf4|int4|int8 or drop them")
+
+
 def rewrite(args: argparse.Namespace) -> dict[str, Any]:
     import lora_fx
     from lora_fx.errors import ConfigError
+    from lora_fx.files import check_output
 
     src, dst = Path(args.model), Path(args.output)
     if src.resolve() == dst.resolve():
         raise ConfigError(f"-o {dst} is the input file; write the rewritten model to a new path")
+    check_options(args)
+    check_output(dst)  # before the rewrite: a path that cannot be written is found now, not after the work
     model = lora_fx.load(src)
     summary = METHODS[Method(args.method)](model, args)
     lora_fx.save(model, dst, external_data=True if args.external_data else None)

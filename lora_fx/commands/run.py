@@ -30,9 +30,9 @@ def load_feeds(path: str | Path) -> dict:
 
     from lora_fx.errors import ConfigError
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such inputs file")
+    from lora_fx.files import require_file
+
+    path = require_file(path, "inputs file")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
@@ -44,9 +44,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lora_fx.cli import print_json
-    from lora_fx.files import atomic_path
+    from lora_fx.files import atomic_path, check_output, require_file
     from lora_fx.runtime.ort import CPU, Session
 
+    require_file(args.model, "ONNX model")
+    if args.out:  # -o feeds.npz used to replace the inputs with the outputs
+        check_output(args.out, inputs=[p for p in (args.model, args.inputs, args.adapter) if p])
     feeds = load_feeds(args.inputs)
     session = Session(args.model, providers=[CPU] if args.cpu else None)
     name = None

@@ -32,14 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help=".npz (arrays named after graph inputs + target) or .jsonl")
     p.add_argument("--target", default="labels", help="name of the target array in the data (default: labels)")
     p.add_argument("--output", dest="output_name", help="graph output the loss reads (default: the first output)")
-    p.add_argument("--loss", choices=[m.value for m in Loss], default=Loss.CROSS_ENTROPY.value)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", choices=[m.value for m in Loss], default=Loss.CROSS_ENTROPY.value,
+                   help="cross_entropy (target: class indices, output: logits over the last dim) or mse (target: the "
+                   "output's shape) (default: cross_entropy)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps; the batches are cycled (default: 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 0.001)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step, taken in file order (default: 8)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (default: 1.0; 0: no clipping)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warmup (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed of the run: LoRA dropout draws (default: 0)")
     p.add_argument("-o", "--out", required=True, help="where to write the trained model (.onnx)")
     p.add_argument("--checkpoint-dir", help="save adapters + optimizer state here to resume an interrupted run")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
@@ -52,8 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def load_model(path: str) -> Any:
     import lora_fx
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    from lora_fx.files import require_file
+
+    require_file(path, "ONNX model")
     loader = getattr(lora_fx, "load", None)
     if loader is not None:
         return loader(path)
@@ -84,9 +87,9 @@ def read_data(path: str) -> dict[str, Any]:
     """Arrays by name from .npz or JSON lines; never unpickles."""
     import numpy as np
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    from lora_fx.files import require_file
+
+    p = require_file(path, "data file")
     if p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as z:
@@ -94,14 +97,22 @@ def read_data(path: str) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{path}: {exc} (object arrays need pickle, which lora-fx never loads; store numeric arrays)") from None
     if p.suffix in (".jsonl", ".json"):
+        try:
+            text = p.read_text()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text ({exc}); JSON lines are text, one object per line") from None
         rows = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path} line {i} is not JSON: {exc}") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} line {i} is a JSON {type(row).__name__}; each line must be an object "
+                                  '{"<input name>": ..., "<target>": ...}')
+            rows.append(row)
         if not rows:
             raise ConfigError(f"{path} holds no examples")
         keys = set(rows[0])
@@ -129,22 +140,69 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
     if target not in data:
         raise ConfigError(f"the data have no target array {target!r}; it has {sorted(data)} (choose one with --target)")
     names = list(inputs) + ([target] if target not in inputs else [])
+    scalars = [n for n in names if np.ndim(data[n]) == 0]
+    if scalars:  # one value is not a set of examples; len() of it would be a TypeError
+        raise ConfigError(f"arrays {scalars} are single values; store one entry per example (first dimension: examples)")
     sizes = {n: len(data[n]) for n in names}
     if len(set(sizes.values())) != 1:
         raise ConfigError(f"arrays differ in their first (example) dimension: {sizes}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     n = next(iter(sizes.values()))
+    if n == 0:
+        raise ConfigError(f"the data hold no examples (arrays {sorted(names)} have length 0)")
+    _check_input_shapes({k: np.asarray(data[k]) for k in inputs}, inputs, batch_size)
     tensors = {}
     for name in names:
         arr = np.asarray(data[name])
         if arr.dtype.kind not in "biuf":
             raise ConfigError(f"array {name!r} has dtype {arr.dtype}; only numbers can be fed to the graph")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            # Training would stop at the first such batch with "loss is nan ... lower the learning rate".
+            where = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise ConfigError(f"array {name!r} holds NaN or inf (first in example {where}); clean the data")
         t = torch.from_numpy(np.ascontiguousarray(arr))
         if name in inputs and inputs[name].dtype is not None:
             t = t.to(torch_dtype(inputs[name].dtype.value))
         tensors[name] = t
     return [{k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
+
+
+def _check_input_shapes(arrays: dict[str, Any], inputs: dict[str, Any], batch_size: int) -> None:
+    """Each array is examples x the graph input's shape: its rank and fixed dims, and the dims the graph names
+    alike (a sequence length shared by input_ids and attention_mask) agree. Torch would otherwise fail deep in
+    the graph, naming an op the user never wrote."""
+    named: dict[str, tuple[str, int]] = {}
+    for name, arr in arrays.items():
+        shape = inputs[name].shape
+        if shape is None:
+            continue
+        want = tuple(d if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in shape)
+        per_example = "(examples" + "".join(f", {d}" for d in want[1:]) + ")"
+        if arr.ndim != len(want) or any(isinstance(d, int) and arr.shape[i] != d for i, d in enumerate(want) if i):
+            raise ConfigError(f"array {name!r} has shape {arr.shape}, but graph input {name!r} is {want}: "
+                              f"store it as {per_example}")
+        if isinstance(want[0], int) and (batch_size != want[0] or len(arr) % want[0]):
+            raise ConfigError(f"graph input {name!r} has a fixed batch of {want[0]}: use --batch-size {want[0]} and a "
+                              f"multiple of {want[0]} examples (the data have {len(arr)})")
+        for axis, dim in enumerate(want[1:], 1):
+            if isinstance(dim, str) and dim != "?":
+                first = named.setdefault(dim, (name, arr.shape[axis]))
+                if first[1] != arr.shape[axis]:
+                    raise ConfigError(f"arrays {first[0]!r} and {name!r} differ along the graph's dim {dim!r} "
+                                      f"({first[1]} vs {arr.shape[axis]}); pad them to one length")
+
+
+def _check_class_targets(y: Any, t: Any, target: str) -> None:
+    """What F.cross_entropy needs, said in the data's terms (torch says "Target 7 is out of bounds")."""
+    classes = y.shape[-1]
+    if t.numel() * classes != y.numel():
+        raise ConfigError(f"cross_entropy needs one class index per row of the output {tuple(y.shape)} (a target of "
+                          f"shape {tuple(y.shape[:-1])}); {target!r} has {tuple(t.shape)}")
+    bad = t[((t < 0) | (t >= classes)) & (t != -100)]  # -100: torch's ignore_index, a padded position
+    if bad.numel():
+        raise ConfigError(f"{target!r} holds class {int(bad[0])}, but the output has {classes} classes "
+                          f"(0..{classes - 1}; -100 marks a position to ignore)")
 
 
 def make_loss(loss: Loss, output: str, target: str) -> Any:
@@ -156,6 +214,7 @@ def make_loss(loss: Loss, output: str, target: str) -> Any:
         if loss is Loss.CROSS_ENTROPY:
             if t.dtype.is_floating_point:
                 raise ConfigError(f"cross_entropy needs integer class targets; {target!r} is {t.dtype} (use --loss mse)")
+            _check_class_targets(y, t, target)
             return F.cross_entropy(y.reshape(-1, y.shape[-1]).float(), t.reshape(-1).long())
         if t.shape != y.shape:
             raise ConfigError(f"mse needs a target of the output's shape {tuple(y.shape)}, {target!r} has {tuple(t.shape)}")
@@ -164,12 +223,34 @@ def make_loss(loss: Loss, output: str, target: str) -> Any:
     return loss_fn
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Numbers and paths checked before the model is loaded: torch would refuse some only deep inside the
+    optimizer (a traceback), accept others silently (a negative warmup turns the learning rate negative), and
+    an output path that cannot be written would be found only after the last step."""
+    from lora_fx.files import check_output, check_output_dir
+
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
+    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--warmup-steps", args.warmup_steps),
+                        ("--max-grad-norm", args.max_grad_norm)):
+        if not value >= 0:  # NaN too
+            raise ConfigError(f"{flag} must be at least 0, got {value}")
+    if args.checkpoint_dir:
+        if args.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be at least 1 (steps between checkpoints), got {args.checkpoint_every}")
+        if Path(args.checkpoint_dir).resolve() == Path(args.out).resolve():
+            raise ConfigError(f"--checkpoint-dir and -o are both {args.out}; the checkpoints need a folder of their own")
+        if Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir} is a file; name a folder (it is created)")
+        check_output_dir(args.checkpoint_dir)
+    check_output(args.out, inputs=[args.model, args.data])
+
+
 def run(args: argparse.Namespace) -> int:
     import lora_fx
     from lora_fx.runtime.onnx_torch import check_supported
 
-    if args.resume and not args.checkpoint_dir:
-        raise ConfigError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
+    check_options(args)
     model = load_model(args.model)
     check_supported(model)  # before any work: an unsupported op is named and nothing is written
     outputs = [v.name for v in model.graph.outputs]

@@ -93,3 +93,51 @@ def test_errors_exit_non_zero_with_a_message_and_write_nothing(lora_file, tmp_pa
     assert "no such adapter file" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_run_refuses_to_write_its_outputs_over_an_input(lora_file, tmp_path, capsys):
+    path, _, _ = lora_file
+    served = tmp_path / "served.onnx"
+    assert main(["export", str(path), "-o", str(served), "--adapters"]) == 0
+    feeds = tmp_path / "feeds.npz"
+    kept = feeds.read_bytes()
+    capsys.readouterr()
+    # -o feeds.npz used to succeed and replace the inputs with the outputs.
+    for out in (feeds, served, tmp_path):
+        assert main(["run", str(served), "--inputs", str(feeds), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "is an input of this command" in err or "is a directory" in err, err
+    assert feeds.read_bytes() == kept
+
+
+def test_adapters_paths_are_checked_before_the_model_is_written(lora_file, tmp_path, capsys):
+    path, _, _ = lora_file
+    # served.adapters is a file: the adapters could not be written after the model, which used to be left
+    # alone (a model without its adapter) with a FileExistsError traceback.
+    (tmp_path / "served.adapters").write_text("not a folder")
+    before = _files(tmp_path)
+    assert main(["export", str(path), "-o", str(tmp_path / "served.onnx"), "--adapters"]) == 2
+    err = capsys.readouterr().err
+    assert "served.adapters is a file, not a folder" in err and "Traceback" not in err, err
+    # A name with a path in it would write outside the adapters folder.
+    assert main(["export", str(path), "-o", str(tmp_path / "other.onnx"), "--adapters", "--name", "../escaped"]) == 2
+    assert "use a plain name" in capsys.readouterr().err
+    assert _files(tmp_path) == before
+
+
+def test_run_json_is_strict_json_when_outputs_are_nan(lora_file, tmp_path, capsys):
+    path, feeds, _ = lora_file
+    served = tmp_path / "served.onnx"
+    assert main(["export", str(path), "-o", str(served), "--adapters"]) == 0
+    x = next(iter(feeds.values())).copy()
+    x[0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **{next(iter(feeds)): x})
+    capsys.readouterr()
+    assert main(["run", str(served), "--inputs", str(tmp_path / "nan.npz"), "--json"]) == 0
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    # NaN / Infinity tokens (what json.dumps writes by default) break JSON.parse and other strict readers.
+    summary = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert summary["outputs"]["y"]["mean"] is None and None in summary["outputs"]["y"]["first"]

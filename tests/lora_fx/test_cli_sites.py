@@ -72,6 +72,18 @@ def test_folder_without_safetensors_is_refused(tmp_path, capsys):
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("config", ["{not json", "[1, 2]", "\udcff"])
+def test_unreadable_config_json_is_refused_in_one_line(tmp_path, capsys, config):
+    # A hand-edited or truncated config.json: named, not a json traceback.
+    (tmp_path / "config.json").write_text(config, errors="surrogateescape")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["sites", "--hf", str(tmp_path), "--json"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "config.json" in lines[0] and "restore" in lines[0], captured.err
+    assert captured.out == ""
+
+
 def test_no_model_named_is_an_error(capsys):
     assert main(["sites"]) != 0
     assert "name a model" in capsys.readouterr().err

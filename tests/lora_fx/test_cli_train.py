@@ -133,3 +133,80 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_curve(tmp_path: Pat
     ref_b = ir.load(str(tmp_path / "ref.onnx")).graph.initializers["fc1.lora_B.weight"].const_value.numpy()
     got_b = ir.load(str(out)).graph.initializers["fc1.lora_B.weight"].const_value.numpy()
     np.testing.assert_array_equal(got_b, ref_b)
+
+
+def _bad_npz(kind: str) -> dict[str, np.ndarray]:
+    d = _data(16)
+    if kind == "x_width":
+        d["x"] = d["x"][:, :7]
+    elif kind == "x_rank":
+        d["x"] = d["x"][:, None, :]
+    elif kind == "class_range":
+        d["labels"][3] = 5
+    elif kind == "target_shape":
+        d["labels"] = np.stack([d["labels"], d["labels"]], 1)
+    elif kind == "nan":
+        d["x"][2, 1] = np.nan
+    elif kind == "empty":
+        d = {k: v[:0] for k, v in d.items()}
+    elif kind == "scalar":
+        d = {k: v[0] for k, v in d.items()}
+    return d
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("x_width", "store it as (examples, 8)"), ("x_rank", "has shape (16, 1, 8), but graph input 'x' is ('batch', 8)"),
+    ("class_range", "holds class 5, but the output has 3 classes"), ("target_shape", "one class index per row"),
+    ("nan", "NaN or inf (first in example 2)"), ("empty", "hold no examples"), ("scalar", "are single values"),
+])
+def test_data_that_does_not_fit_the_graph_is_named(tmp_path: Path, capsys, kind: str, match: str) -> None:
+    # Each of these used to end in a torch traceback (or "batches is empty") from inside the graph or the loss.
+    model, _ = _files(tmp_path)
+    data = tmp_path / "bad.npz"
+    np.savez(data, **_bad_npz(kind))
+    out = tmp_path / "t.onnx"
+    assert main(["train", str(model), "--data", str(data), "--steps", "2", "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text,match", [(b"[1, 2, 3]\n", "line 1 is a JSON list"), (b"\xff\xfe{}\n", "is not UTF-8 text")])
+def test_jsonl_that_is_not_objects_of_text_is_named(tmp_path: Path, capsys, text: bytes, match: str) -> None:
+    model, _ = _files(tmp_path)
+    (tmp_path / "bad.jsonl").write_bytes(text)
+    assert main(["train", str(model), "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "t.onnx")]) == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--lr", "-1"], "--lr must be at least 0"), (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (["--checkpoint-dir", "{tmp}/train.npz"], "is a file; name a folder"),
+    (["--checkpoint-dir", "{tmp}/ck", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    (["--checkpoint-dir", "{tmp}/t.onnx"], "the checkpoints need a folder of their own"),
+    (["-o", "{tmp}/lora.onnx"], "is an input of this command"), (["-o", "{tmp}"], "is a directory"),
+    (["-o", "{tmp}/train.npz/t.onnx"], "is a file, not a folder"),
+])
+def test_bad_options_and_outputs_are_refused_before_training(tmp_path: Path, capsys, extra: list[str], match: str) -> None:
+    # Before the first step: a negative warmup used to train with a negative learning rate, -o lora.onnx to
+    # overwrite the input, and a bad output or checkpoint path to fail only after the last step.
+    model, data = _files(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    argv = ["train", str(model), "--data", str(data), "--steps", "2", "-o", str(tmp_path / "t.onnx"), "--no-progress"]
+    assert main(argv + [a.format(tmp=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_diverging_training_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    # runtime.train stops a run whose loss is no longer finite with a FloatingPointError that says what to do;
+    # the command line used to print it as a traceback.
+    model, data = _files(tmp_path)
+    out = tmp_path / "t.onnx"
+    assert main(["train", str(model), "--data", str(data), "--steps", "5", "--lr", "1e20", "--max-grad-norm", "0",
+                 "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lower the learning rate" in err and err.startswith("lora-fx: error:"), err
+    assert not out.exists()

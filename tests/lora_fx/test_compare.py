@@ -71,3 +71,41 @@ def test_unknown_method_is_refused():
 def test_compare_cli_bad_folder_exits_nonzero(tmp_path, capsys):
     assert main(["compare", "--hf", str(tmp_path / "missing")]) != 0
     assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows,extra,match", [
+    (None, ["--data", "{tmp}/missing.jsonl"], "cannot read the data file"),
+    ('{"text": "I ran", "label": 0, "split": "train"}\n{"text": "I run", "label": 7, "split": "test"}\n', [],
+     "label 7 of 'I run' has no label prompt; there are 3 prompts"),
+    ('{"text": "I ran", "label": 0, "split": "train"}\n', [], "no rows with split='test'"),
+    (None, ["--latency-runs", "0"], "latency_runs must be at least 1"),
+    (None, ["--r", "0"], "r must be a positive integer"), (None, ["--lr", "-1"], "lr must be at least 0"),
+    (None, ["-o", "{tmp}/a_file"], "a_file is a file, not a folder"),
+])
+def test_compare_refuses_bad_input_before_any_method_trains(tmp_path, capsys, rows, extra, match):
+    # These used to surface from a training process as a traceback (missing file, label 7 for 3 prompts),
+    # or after every method had trained (--latency-runs 0, -o naming a file).
+    (tmp_path / "a_file").write_text("x")
+    argv = ["compare", "--hf", str(minilm_dir()), "--methods", "lora", "--steps", "1", "-o", str(tmp_path / "report")]
+    if rows is not None:
+        (tmp_path / "rows.jsonl").write_text(rows)
+        argv += ["--data", str(tmp_path / "rows.jsonl")]
+    assert main(argv + [a.format(tmp=tmp_path) for a in extra]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and "[1/1]" not in err, err  # "[1/1]": a method started
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_training_process_that_dies_is_an_error_not_a_hang():
+    import multiprocessing as mp
+    import os
+
+    from lora_fx.compare import _result_of
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=os._exit, args=(3,))  # dies without a word, as an OOM-killed child does
+    proc.start()
+    status, message = _result_of(proc, queue)
+    proc.join()
+    assert status == "error" and "exit code 3" in message

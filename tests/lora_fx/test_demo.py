@@ -39,3 +39,13 @@ def test_quick_demo_runs_the_whole_path_and_beats_zero_shot(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
     assert (tmp_path / "report" / "report.md").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["serving"] == serving
+
+
+def test_an_output_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from lora_fx.cli import main
+
+    (tmp_path / "out").write_text("a file")
+    assert main(["demo", "-o", str(tmp_path / "out"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "out is a file, not a folder" in err and "Traceback" not in err, err
+    assert (tmp_path / "out").read_text() == "a file"

@@ -130,3 +130,37 @@ def test_lora_dropout_reaches_the_graph_and_a_bad_rate_writes_nothing(tmp_path, 
     bad = tmp_path / "bad.onnx"
     _expect_failure(["rewrite", str(entry.path), "-o", str(bad), "--target-modules", "fc1", "--lora-dropout", "1.5"],
                     bad, capsys, "lora_dropout must be in [0, 1)")
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--method", "prefix", "--quant", "nf4"], "goes with --method lora"),
+    (["--target-modules", "fc1", "--double-quant"], "--double-quant only apply with --quant"),
+    (["--target-modules", "fc1", "--quant-block-size", "32"], "--quant-block-size only apply with --quant"),
+])
+def test_options_the_method_would_ignore_are_refused(tmp_path, capsys, extra, match):
+    # Asked-for quantization that silently did not happen would be found out only in the file sizes.
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(out)] + extra, out, capsys, match)
+
+
+def test_unwritable_output_is_refused_before_the_rewrite(tmp_path, capsys):
+    src = str(corpus().get("gemm-mlp").path)
+    (tmp_path / "a_file").write_text("x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    # The output names a folder, or a folder that is a file: one line naming the path, not our temporary file.
+    for out, match in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "o.onnx", "a_file is a file, not a folder")):
+        assert main(["rewrite", src, "-o", str(out), "--target-modules", "fc1"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and ".tmp" not in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--method", "prefix", "--exclude-modules", "fc1"], "--exclude-modules: options of --method lora, not of prefix"),
+    (["--method", "prefix", "--r", "4", "--use-rslora"], "--r, --use-rslora: options of --method lora"),
+    (["--target-modules", "fc1", "--num-virtual-tokens", "4"], "--num-virtual-tokens: options of --method prefix"),
+])
+def test_options_of_the_other_method_are_refused(tmp_path, capsys, extra, match):
+    # --method prefix --exclude-modules X used to adapt X anyway.
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(out)] + extra, out, capsys, match)

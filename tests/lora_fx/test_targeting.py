@@ -97,6 +97,18 @@ def test_unmatched_target_lists_sites_and_closest_matches(zoo):
     assert "intermediate" in msg
 
 
+def test_closest_matches_name_top_level_sites_once():
+    # An ONNX graph's sites can be top-level names ("fc1"): each is its own suffix, suggested once.
+    from lora_fx.sites import IRKind, Site, SiteKind
+
+    sites = [Site(n, SiteKind.LINEAR, IRKind.ONNX, 16, 16) for n in ("fc1", "fc2", "head")]
+    with pytest.raises(TargetNotFoundError) as info:
+        lora_fx.select_targets(sites, lora_fx.LoraConfig(target_modules=["fc"]))
+    line = next(l for l in str(info.value).splitlines() if l.startswith("closest to 'fc'"))
+    close = line.split(": ", 1)[1].split(", ")
+    assert sorted(close) == ["fc1", "fc2"]
+
+
 def test_unmatched_regex_and_layers_are_refused(zoo):
     with pytest.raises(TargetNotFoundError, match="matches no linear site"):
         _ours(zoo, "llama", dict(target_modules=r".*attn"))
