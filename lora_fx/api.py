@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch.fx as fx
 
-from lora_fx.config import LoraConfig
+from lora_fx.config import LoraConfig, PrefixConfig
 from lora_fx.errors import ConfigError
 from lora_fx.sites import Site
 from lora_fx.targeting import select_targets
@@ -66,8 +66,23 @@ def apply(model: Any, config: Any, *, quant: Any = None) -> Any:
         raise ConfigError(
             f"apply takes a GraphModule from lora_fx.capture(...) or a model from lora_fx.load(...), got {type(model).__name__}"
         )
+    _check_config(config)
     with _gc_paused():
         return _apply(model, config, quant)
+
+
+def _check_config(config: Any) -> None:
+    """Refuse anything but lora_fx's LoraConfig / PrefixConfig before a pass (quantization first) runs."""
+    if isinstance(config, (LoraConfig, PrefixConfig)):
+        return
+    if type(config).__module__.startswith("peft."):
+        # peft.LoraConfig and lora_fx.LoraConfig share a name: say which one this is and how to convert.
+        ours = "PrefixConfig" if type(config).__name__ == "PrefixTuningConfig" else "LoraConfig"
+        raise ConfigError(
+            f"apply takes lora_fx's configs, got peft's {type(config).__name__}; convert it with "
+            f"lora_fx.{ours}.from_dict(config.to_dict())"
+        )
+    raise ConfigError(f"apply takes a lora_fx.LoraConfig or lora_fx.PrefixConfig, got {type(config).__name__}")
 
 
 def _apply(model: Any, config: Any, quant: Any) -> Any:
@@ -87,7 +102,7 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
         from importlib import import_module
 
         return import_module(f"lora_fx.passes.{ir_name}.insert_prefix").apply_prefix(model, config)
-    raise ConfigError(f"apply takes a LoraConfig or PrefixConfig, got {type(config).__name__}")
+    raise AssertionError("unreachable: _check_config admits LoraConfig and PrefixConfig only")
 
 
 def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:

@@ -12,6 +12,7 @@ import enum
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ _PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
     "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
+    # These change what the adapter computes (KaSA truncates W and scales by learned singular values,
+    # MonteCLoRA samples, BD-LoRA's factors are block-diagonal): loading one as plain LoRA would be wrong.
+    "kasa_config": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
 }
 
 
@@ -108,12 +114,28 @@ class LoraConfig:
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank < 1:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
-        if not (0.0 <= float(self.lora_dropout) < 1.0):
+        if not _is_number(self.lora_dropout) or not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        alphas = {"lora_alpha": self.lora_alpha, **{f"alpha_pattern[{k!r}]": v for k, v in self.alpha_pattern.items()}}
+        for name, alpha in alphas.items():
+            if not _is_number(alpha):  # found otherwise only when the scale is computed, as a TypeError
+                raise ConfigError(f"{name} must be a number (the scale is alpha / r), got {alpha!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is an empty list: name at least one module, a regex or 'all-linear'")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern is not None):
+            # PEFT refuses this too: a regex (or "all-linear") already decides every name, so the layer
+            # restriction would be silently ignored, and PEFT could not load the saved adapter.
+            raise ConfigError(
+                f"layers_to_transform / layers_pattern cannot be used when target_modules is a string "
+                f"({self.target_modules!r}), as in PEFT; pass target_modules as a list of names (e.g. ['q_proj', 'v_proj']), "
+                r"or put the layer index in the regex (e.g. r'.*\.layers\.(0|1)\..*\.q_proj')"
+            )
+        check_patterns("target_modules", self.target_modules)
+        check_patterns("exclude_modules", self.exclude_modules)
+        for key in [*self.rank_pattern, *self.alpha_pattern]:
+            check_regex("rank_pattern" if key in self.rank_pattern else "alpha_pattern", key)
 
     def scaling(self, r: int, alpha: float) -> float:
         """PEFT's scale: alpha / r, or alpha / sqrt(r) with rsLoRA."""
@@ -135,8 +157,8 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         data = _json_object(data, "a LoRA config")
-        peft_type = data.pop("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
+        peft_type = _peft_type(data, "LORA")
+        if peft_type != "LORA":
             raise ConfigError(f"this is a {peft_type} adapter config, not LoRA; use the config class for {peft_type}")
         for key, default in _PEFT_FIELDS_AT_DEFAULT.items():
             value = data.pop(key, default)
@@ -234,7 +256,7 @@ class PrefixConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PrefixConfig":
         data = _json_object(data, "a prefix-tuning config")
-        peft_type = str(data.pop("peft_type", "PREFIX_TUNING")).upper()
+        peft_type = _peft_type(data, "PREFIX_TUNING")
         if peft_type != "PREFIX_TUNING":
             raise ConfigError(f"this is a {peft_type} adapter config, not prefix-tuning; use the config class for {peft_type}")
         for key, default in _PEFT_PREFIX_FIELDS_AT_DEFAULT.items():
@@ -262,6 +284,41 @@ class PrefixConfig:
         path = Path(directory) / ADAPTER_CONFIG_NAME
         atomic_write_text(path, self.to_json())
         return path
+
+
+def check_patterns(field_name: str, value: Any) -> None:
+    """``target_modules`` / ``exclude_modules``: None, a regex string, or a list of names.
+
+    PEFT hands a string to ``re`` as it is; a bad one fails there with "nothing to repeat at
+    position 0" and no word of which field holds it. List entries are names, compared as text.
+    """
+    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{field_name} must be a string (a regex) or a list of module names, got {value!r}")
+    check_regex(field_name, value)
+
+
+def check_regex(field_name: str, text: Any) -> None:
+    """``text`` compiles as a regular expression; else a ConfigError naming the field and the entry."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{field_name} entry {text!r} must be a string: a module name or a regex")
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ConfigError(
+            f"{field_name} entry {text!r} is not a valid regular expression ({exc}); '.*' matches any text, e.g. r'.*\\.q_proj'"
+        ) from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _peft_type(data: dict[str, Any], default: str) -> str:
+    """``peft_type`` as PEFT's name: a file holds "LORA", PEFT's own ``to_dict()`` the enum ``PeftType.LORA``."""
+    value = data.pop("peft_type", default)
+    return str(getattr(value, "value", value)).upper()
 
 
 def _json_object(data: Any, what: str) -> dict[str, Any]:

@@ -7,6 +7,8 @@ The rules mirror ``peft.tuners.tuners_utils.check_target_module_exists`` and
 * ``target_modules``: a string is a full regex match (``"all-linear"`` is expanded to every linear
   site's name but the output layer's); a list matches an exact name or a dotted suffix, and only
   then ``layers_to_transform`` / ``layers_pattern`` restrict the layer index.
+* A target that names a module holding linear sites (a dotted prefix of their names, e.g.
+  ``encoder.layer.0.attention``) is refused, as PEFT refuses to adapt a module it cannot wrap.
 * ``rank_pattern`` / ``alpha_pattern``: the first key ``k`` (in insertion order) such that the
   site name matches ``(.*\\.)?(k)$``.
 """
@@ -120,11 +122,41 @@ def _closest(wanted: str, names: Sequence[str]) -> list[str]:
     return difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.5)
 
 
+def _containers(linear: Sequence[Site]) -> list[str]:
+    """The modules that hold linear sites (``encoder.layer.0.attention``), known from the site names."""
+    names = {s.name for s in linear}
+    parents = {name.rsplit(".", i)[0] for name in names for i in range(1, name.count(".") + 1)}
+    return sorted(parents - names)
+
+
+def check_no_container_targets(config: LoraConfig, target_modules: list[str] | str, linear: Sequence[Site]) -> None:
+    """Refuse a target that names a module holding linear sites, as PEFT does.
+
+    PEFT walks every module and stops at a matched one it cannot adapt ("Target module
+    BertAttention(...) is not supported"). Selecting the linear sites inside instead would adapt
+    layers the config does not name, and PEFT could not load the saved adapter.
+    """
+    hit = [p for p in _containers(linear) if matches_target(config, target_modules, p)]
+    if not hit:
+        return
+    inside = sorted({s.name.rsplit(".", 1)[-1] for s in linear if any(s.name.startswith(f"{p}.") for p in hit)})
+    raise ConfigError(
+        f"target_modules={config.target_modules!r} matches {', '.join(hit[:4])}{', ...' if len(hit) > 4 else ''}: "
+        f"module{'s' if len(hit) > 1 else ''} holding linear layers, not linear layers; PEFT refuses such a target "
+        f"('Target module ... is not supported'). Name the linear layers inside instead, e.g. target_modules={inside[:6]!r}, "
+        "or a regex that ends at one of them"
+    )
+
+
 def unmatched_error(config: LoraConfig, sites: Sequence[Site], kind: SiteKind = SiteKind.LINEAR) -> TargetNotFoundError:
     names = [s.name for s in sites if s.kind is kind]
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     wanted = config.target_modules
     hints = []
+    if isinstance(wanted, str) and wanted in suffixes:
+        # A PEFT rule that surprises: a string is a regex over the whole name, so "q_proj" matches no
+        # "model.layers.0.self_attn.q_proj"; only a list entry matches a dotted suffix.
+        hints.append(f"a string is a regular expression the whole site name must match; for a name or dotted suffix pass a list: target_modules=[{wanted!r}]")
     for w in [wanted] if isinstance(wanted, str) else list(wanted or []):
         close = _closest(str(w), names)
         if close:
@@ -151,6 +183,7 @@ def select_targets(sites: Sequence[Site], config: LoraConfig, model_type: str | 
     if not linear:
         raise TargetNotFoundError("this model has no linear site that LoRA can adapt (no linear / MatMul with a constant weight)")
     target_modules = resolve_target_modules(config, sites, model_type)
+    check_no_container_targets(config, target_modules, linear)
     out: list[Target] = []
     for site in linear:
         if not matches_target(config, target_modules, site.name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -27,6 +28,8 @@ names = st.sampled_from(["query", "value", "q_proj", "mlp.up_proj", "c_attn", "d
     init=st.sampled_from([True, False, "gaussian", InitLoraWeights.KAIMING]),
 )
 def test_json_round_trip(r, alpha, dropout, targets, exclude, layers, patterns, init):
+    if isinstance(targets, str):
+        layers = None  # a regex takes no layer restriction, as in PEFT
     cfg = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, exclude_modules=exclude,
         layers_to_transform=layers, layers_pattern="layers" if layers is not None else None,
@@ -128,3 +131,61 @@ def test_to_dict_is_json_with_enums_as_peft_values():
     d = json.loads(LoraConfig(target_modules=["q"], init_lora_weights="gaussian").to_json())
     assert d["init_lora_weights"] == "gaussian" and d["peft_type"] == "LORA"
     assert lora_fx.InitLoraWeights.parse(False) is InitLoraWeights.RANDOM
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(target_modules=r".*\.q_proj", layers_to_transform=[0]),
+    dict(target_modules="all-linear", layers_to_transform=1),
+    dict(target_modules=r".*\.q_proj", layers_to_transform=[0], layers_pattern="layers"),
+])
+def test_string_targets_with_layers_are_refused_as_in_peft(kwargs):
+    # A regex decides every name itself: PEFT refuses a layer restriction beside it, and lora_fx
+    # used to drop it silently (adapting every layer) and save a config PEFT could not load.
+    import peft
+
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        peft.LoraConfig(**kwargs)
+    with pytest.raises(ConfigError, match="cannot be used when target_modules is a string"):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(target_modules="*q_proj"), r"target_modules entry '\*q_proj' is not a valid regular expression"),
+    (dict(exclude_modules="("), r"exclude_modules entry '\(' is not a valid regular expression"),
+    (dict(rank_pattern={"*q": 2}), r"rank_pattern entry '\*q' is not a valid regular expression"),
+    (dict(target_modules=["q_proj", 3]), "target_modules must be a string .* or a list of module names"),
+    (dict(lora_alpha="16"), "lora_alpha must be a number"),
+    (dict(alpha_pattern={"q": "x"}), r"alpha_pattern\['q'\] must be a number"),
+    (dict(lora_dropout=None), r"lora_dropout must be in \[0, 1\), got None"),
+])
+def test_bad_patterns_and_numbers_name_the_field(kwargs, message):
+    # Found before, they surfaced at apply as re.error / TypeError with no word of which field.
+    kwargs.setdefault("target_modules", ["q_proj"])
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_peft_configs_own_to_dict_converts():
+    # PEFT's to_dict() holds peft_type as the enum PeftType.LORA, whose str() is "PeftType.LORA".
+    import peft
+
+    from lora_fx.config import PrefixConfig
+
+    ours = LoraConfig.from_dict(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).to_dict())
+    assert (ours.r, ours.lora_alpha, ours.target_modules) == (4, 8, ["q_proj", "v_proj"])
+    prefix = PrefixConfig.from_dict(peft.PrefixTuningConfig(num_virtual_tokens=6, task_type="CAUSAL_LM").to_dict())
+    assert prefix.num_virtual_tokens == 6
+
+
+@pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "use_bdlora"])
+def test_peft_variants_that_change_the_adapters_output_are_refused(tmp_path, option):
+    # KaSA, MonteCLoRA and BD-LoRA adapters are not plain LoRA: read as LoRA they compute other outputs.
+    import peft
+    from peft.tuners.lora import config as lora_config
+
+    value = {"kasa_config": lora_config.KasaConfig, "monteclora_config": lora_config.MontecloraConfig,
+             "use_bdlora": lora_config.BdLoraConfig}[option]()
+    data = peft.LoraConfig(r=4, target_modules=["q_proj"]).to_dict()
+    data[option] = dataclasses.asdict(value)
+    with pytest.raises(ConfigError, match=f"PEFT option {option}=.* is not supported by lora_fx"):
+        LoraConfig.from_dict(data)

@@ -111,7 +111,7 @@ def test_closest_matches_name_top_level_sites_once():
 
 def test_unmatched_regex_and_layers_are_refused(zoo):
     with pytest.raises(TargetNotFoundError, match="matches no linear site"):
-        _ours(zoo, "llama", dict(target_modules=r".*attn"))
+        _ours(zoo, "llama", dict(target_modules=r".*attention"))
     with pytest.raises(TargetNotFoundError, match="layers_to_transform=7"):
         _ours(zoo, "llama", dict(target_modules=["q_proj"], layers_to_transform=7))
 
@@ -129,3 +129,37 @@ def test_unknown_model_type_without_targets_is_refused(zoo):
     sites = lora_fx.find_sites(zoo.gm("bert"))
     with pytest.raises(ConfigError, match="no default targets for model type 'mystery'"):
         lora_fx.select_targets(sites, lora_fx.LoraConfig(), model_type="mystery")
+
+
+# Targets naming a module that holds linear layers: PEFT stops with "Target module ... is not supported".
+CONTAINER_CASES = [
+    ("bert", dict(target_modules=r".*attention.*")),
+    ("bert", dict(target_modules=["attention", "query"])),
+    ("gpt2", dict(target_modules=r".*\.1\..*")),
+    ("llama", dict(target_modules=["self_attn", "up_proj"])),
+    ("llama", dict(target_modules=r".*")),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", CONTAINER_CASES, ids=_ids(CONTAINER_CASES))
+def test_targets_naming_a_module_of_linear_layers_are_refused_as_in_peft(zoo, name, kwargs):
+    # lora_fx used to adapt the linear sites inside instead, and saved a config PEFT could not load.
+    with pytest.raises(ValueError, match="is not supported"):
+        peft_wrap(zoo.model(name), r=2, **kwargs)
+    with pytest.raises(ConfigError, match="holding linear layers, not linear layers") as info:
+        _ours(zoo, name, kwargs)
+    assert "Name the linear layers inside" in str(info.value)
+
+
+def test_excluded_or_other_layer_containers_are_not_refused(zoo):
+    # PEFT checks exclusion and the layer index before the module type: these select as PEFT does.
+    for kwargs in (dict(target_modules=["self_attn", "q_proj"], exclude_modules=["self_attn"]),
+                   dict(target_modules=["layers.1.self_attn", "q_proj"], layers_to_transform=[0])):
+        ours = {t.site.name for t in _ours(zoo, "llama", kwargs)}
+        assert ours == set(peft_lora_modules(peft_wrap(zoo.model("llama"), r=2, **kwargs))) != set()
+
+
+def test_a_string_target_that_is_a_name_says_it_is_a_regex(zoo):
+    # PEFT's rule: a string must match the whole name; "q_proj" matches no "model.layers.0.self_attn.q_proj".
+    with pytest.raises(TargetNotFoundError, match=r"a string is a regular expression .* pass a list: target_modules=\['q_proj'\]"):
+        _ours(zoo, "llama", dict(target_modules="q_proj"))
