@@ -87,6 +87,8 @@ class Corpus:
         # Llama at opset 23 keeps GQA in the Attention op; its RotaryEmbedding export does not run in ORT 1.31.
         self._builders["bert-dynamo23"] = lambda: self._zoo("bert", 23, True)
         self._builders["llama-dynamo23"] = lambda: self._zoo("llama", 23, True, runs_in_ort=False)
+        # Opset 12, below Shape(start, end), CastLike and Unsqueeze's axes input; eager attention (no SDPA before 14).
+        self._builders["llama-torchscript12"] = lambda: self._zoo("llama", 12, False)
         # The real pretrained all-MiniLM-L6-v2 (bundled), as the TorchScript exporter writes it.
         self._builders["minilm-torchscript"] = lambda: self._zoo("minilm", 17, False)
         self._builders["llama-dynamo18-noopt"] = lambda: self._zoo("llama", 18, True, optimize=False)
@@ -107,7 +109,7 @@ class Corpus:
 
     # ---- transformers exports -------------------------------------------------------------------
     def _zoo(self, arch: str, opset: int, dynamo: bool, runs_in_ort: bool = True, optimize: bool = True) -> Entry:
-        tag = (f"dynamo{opset}" if dynamo else "torchscript") + ("" if optimize else "-noopt")
+        tag = (f"dynamo{opset}" if dynamo else "torchscript" + ("" if opset == 17 else str(opset))) + ("" if optimize else "-noopt")
         path = self.dir / f"{arch}-{tag}.onnx"
         model, inputs = _export(arch, path, opset=opset, dynamo=dynamo, optimize=optimize)
         n_lin, n_att = _COUNTS[arch]

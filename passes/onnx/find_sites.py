@@ -269,10 +269,25 @@ def _initializer_name(weight: ir.Value | None) -> str | None:
     return name.split(".weight")[0] or None
 
 
-def site_name(node: ir.Node, weight: ir.Value | None = None) -> str:
+def _bias_name(bias: ir.Value | None) -> str | None:
+    name = bias.name if bias is not None else None
+    if not name or _ANON.match(name) or not name.endswith(".bias"):
+        return None
+    return name[: -len(".bias")] or None
+
+
+def _longer_path(traced: str | None, stored: str | None) -> str | None:
+    """The parameter's module path where the traced one is a tail of it. TorchScript names nodes by the call
+    path: a module its grandparent calls directly (OPT's ``self.model.decoder(...)``) loses a level there
+    (``decoder.layers.0…``), which the parameter names (``model.decoder.layers.0…``) keep."""
+    return stored if traced and stored and stored.endswith("." + traced) else None
+
+
+def site_name(node: ir.Node, weight: ir.Value | None = None, bias: ir.Value | None = None) -> str:
     """The source module path of a node, by the best evidence the exporter left."""
+    traced, stored = _torchscript_name(node), _initializer_name(weight) or _bias_name(bias)
     return (
-        _scope_name(node) or _torchscript_name(node) or _initializer_name(weight)
+        _scope_name(node) or _longer_path(traced, stored) or traced or stored
         or node.name or f"{node.op_type}"
     )
 
@@ -384,6 +399,46 @@ def _path_heads(value: ir.Value | None, head_dim: int, max_hops: int = 24) -> in
     return best
 
 
+def _shape_entries(value: ir.Value | None) -> list[int | None] | None:
+    """A Reshape target's entries: a constant, or a Concat of one-element pieces (TorchScript builds
+    ``view(b, s, heads, head_dim)`` from ``Shape`` gathers and constants); unknown pieces are None."""
+    t = const_tensor(value)
+    if t is not None:
+        return [int(v) for v in np.asarray(t.numpy()).reshape(-1)]
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Concat":
+        return None
+    entries: list[int | None] = []
+    for piece in node.inputs:
+        t = const_tensor(piece)
+        if t is not None:
+            entries += [int(v) for v in np.asarray(t.numpy()).reshape(-1)]
+        elif (piece.producer() is not None and piece.producer().op_type == "Unsqueeze") or _rank(piece) == 1:
+            entries.append(None)  # one runtime dim (batch or sequence length)
+        else:
+            return None
+    return entries
+
+
+def _reshape_heads(value: ir.Value | None, max_hops: int = 6) -> tuple[int | None, int] | None:
+    """``(heads, head_dim)`` from the Reshape that split Q or K into heads (``[B, S, H, D]``, D constant; H None
+    where it is inferred, -1, as in ``view(*input_shape, -1, head_dim)``)."""
+    for _ in range(max_hops):
+        node = value.producer() if value is not None else None
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Reshape":
+            entries = _shape_entries(node.inputs[1])
+            if entries and len(entries) == 4 and isinstance(entries[3], int) and entries[3] > 0:
+                heads = entries[2]
+                return (heads if isinstance(heads, int) and heads > 0 else None), entries[3]
+            return None
+        if node.op_type not in ("Transpose", "Mul", "Div", "Cast", "Identity"):
+            return None
+        value = next((i for i in node.inputs if i is not None and const_tensor(i) is None), None)
+    return None
+
+
 @dataclass
 class AttentionParts:
     node: ir.Node  # the Attention op, or the Softmax of a decomposed attention
@@ -464,6 +519,12 @@ def _decomposed_attention(softmax: ir.Node) -> AttentionParts | None:
     head_dim = qs[-1] if qs else None
     q_heads = qs[1] if qs else None
     k_heads = ks[1] if ks else None
+    if not (head_dim and q_heads):
+        # No static shapes (TorchScript with dynamic axes): the head split's Reshape target still says.
+        reshaped = _reshape_heads(q)
+        if reshaped is not None:
+            q_heads, head_dim = q_heads or reshaped[0], head_dim or reshaped[1]
+            k_heads = k_heads or (_reshape_heads(k) or (None,))[0]
     q_heads, k_heads, head_dim = _heads_from(q, k, head_dim, scale, q_heads, k_heads)
     return AttentionParts(softmax, q, k, sink.inputs[1], sink.outputs[0], q_heads, k_heads, head_dim, "decomposed")
 
@@ -556,16 +617,19 @@ def _projection_node(value: ir.Value | None, max_hops: int = 14) -> ir.Node | No
 
 
 def _attention_name(att: AttentionParts) -> str:
+    # The module that owns the Q projection (``…attention.self`` for ``…attention.self.query``) is the attention block.
     node = att.node
-    if node.domain == MS:
-        # Fusions copy metadata from whichever node they replaced; the module that owns the Q projection
-        # (``…attention.self`` for ``…attention.self.query``) is the attention block.
-        proj = _projection_node(att.q)
-        if proj is not None:
-            name = site_name(proj, linear_parts(proj).weight)
-            if "." in name:
-                return name.rsplit(".", 1)[0]
-    return site_name(node)
+    proj = _projection_node(att.q)
+    owner = None
+    if proj is not None:
+        parts = linear_parts(proj)
+        name = site_name(proj, parts.weight, parts.bias)
+        owner = name.rsplit(".", 1)[0] if "." in name else None
+    if node.domain == MS and owner:
+        # Fusions copy metadata from whichever node they replaced.
+        return owner
+    own = site_name(node)
+    return _longer_path(own, owner) or own
 
 
 class FindSites:
@@ -592,7 +656,7 @@ class FindSites:
         for node in nodes:
             parts = by_node.get(id(node))
             if parts is not None:
-                name = site_name(node, parts.weight)
+                name = site_name(node, parts.weight, parts.bias)
                 sites.append(Site(
                     # com.microsoft.Attention's packed projection shares the node with its attention site.
                     name=unique(name if parts.adaptable else f"{name}.qkv"), kind=SiteKind.LINEAR, ir=IRKind.ONNX,

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from lora_fx.enums import parse_enum
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
+from lora_fx.passes.onnx.find_sites import const_tensor
 from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, replace_value, write_records
 from lora_fx.passes.onnx.quantized_weight import QuantizedWeight, quantized_weight, replace_by_float, write_storage
 from lora_fx.passes.result import PassResult
@@ -68,6 +69,7 @@ class _Fold:
     consumer: ir.Node  # the node reading W (MatMul, Transpose or Gemm)
     quant: QuantizedWeight | None = None
     up_cast: ir.Node | None = None  # Cast(y, float) of a half-precision site, undone after the fold
+    site_node: ir.Node | None = None  # the MatMul/Gemm of the site (the consumer, unless that is a Transpose)
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -114,6 +116,14 @@ def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.Value | None:
     if value is not None and value.name in graph.initializers and graph.initializers[value.name] is value:
         return value
     return None
+
+
+def _constant_bias(graph: ir.Graph, value: ir.Value | None) -> bool:
+    """An initializer or Constant, possibly behind ``Identity`` nodes: the TorchScript exporter stores tensors of
+    equal value once and reads the others through ``Identity`` (Qwen2's zero-initialized k and v biases)."""
+    while value is not None and value.producer() is not None and value.producer().op_type == "Identity":
+        value = value.producer().inputs[0]
+    return _initializer(graph, value) is not None or const_tensor(value) is not None
 
 
 class FoldLora:
@@ -168,7 +178,7 @@ class FoldLora:
             for i, other in ((0, 1), (1, 0)):
                 producer = node.inputs[i].producer() if node.inputs[i] is not None else None
                 if producer is not None and (producer.op_type in ("MatMul", "Gemm") or producer.op_type in _QUANTIZED_OPS) \
-                        and _initializer(graph, node.inputs[other]) is not None:
+                        and _constant_bias(graph, node.inputs[other]):
                     node = producer
                     break
         quant = quantized_weight(site, node) if node is not None else None
@@ -206,7 +216,7 @@ class FoldLora:
             )
         if _source(node.inputs[0]) is not _source(branch.x):
             raise UnsupportedError(f"site {site}: the LoRA branch reads a different input than the site's weight; cannot fold")
-        return _Fold(branch, weight, transposed, alpha, consumer, None, up_cast)
+        return _Fold(branch, weight, transposed, alpha, consumer, None, up_cast, node)
 
     @staticmethod
     def _merged_weight(fold: _Fold) -> np.ndarray:
@@ -274,7 +284,20 @@ class FoldLora:
     def _apply(graph: ir.Graph, fold: _Fold, merged: np.ndarray) -> None:
         weight = fold.weight
         remove_branch(graph, fold.branch)
-        if len(list(weight.uses())) > 1 or weight in graph.inputs:
+        consumer = fold.consumer
+        if consumer is not fold.site_node and len(list(consumer.outputs[0].uses())) > 1:
+            # One Transpose(W) read by several sites (a layer called twice, exporters' common-subexpression
+            # elimination): this site alone reads its merged W, stored [in, out] so no node is added.
+            name = f"{fold.branch.site}.weight"
+            while name in graph.initializers:
+                name += ".merged"
+            new = ir.Value(name=name, shape=ir.Shape(list(merged.T.shape)), type=weight.type,
+                           const_value=ir.tensor(np.ascontiguousarray(merged.T), name=name))
+            graph.register_initializer(new)
+            for use in list(consumer.outputs[0].uses()):
+                if use.node is fold.site_node:
+                    fold.site_node.replace_input_with(use.idx, new)
+        elif len(list(weight.uses())) > 1 or weight in graph.inputs:
             # A tied weight (lm_head = embeddings) keeps its value for its other users.
             name = f"{fold.branch.site}.weight"
             while name in graph.initializers:

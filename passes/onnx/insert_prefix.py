@@ -32,6 +32,7 @@ from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 from lora_fx.passes.onnx.find_sites import attention_parts, find_sites
 from lora_fx.passes.onnx.prefix_forms import FORMS, refusal
+from lora_fx.passes.onnx.prefix_nodes import MIN_OPSET, lower_to_opset
 from lora_fx.passes.onnx.prefix_positions import offset_positions, position_sources
 from lora_fx.passes.result import PassResult
 from lora_fx.sites import Site
@@ -74,13 +75,24 @@ class InsertPrefix:
         if prefix_metadata(model):
             raise AdapterError("this model already has prefixes; prefix-tuning is inserted once per model")
         T = self.config.num_virtual_tokens
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        if opset < MIN_OPSET:
+            raise UnsupportedError(
+                f"prefix-tuning inserts ops of ONNX opset {MIN_OPSET} or later (Range), and this model imports opset {opset}: "
+                f"convert it with onnx.version_converter.convert_version(model, {MIN_OPSET}), or re-export it at a newer opset"
+            )
         plan = []
         for site in self.sites:  # validate everything before the first change
             parts = attention_parts(site.handle)
             if parts is None:
                 raise UnsupportedError(f"node {site.handle.name!r} of site {site.name} is no longer an attention site")
             if not parts.kv_heads or not parts.head_dim or not parts.num_heads:
-                raise UnsupportedError(f"attention site {site.name}: head counts or head size are unknown, so the prefix shape is too")
+                raise UnsupportedError(
+                    f"attention site {site.name}: its head counts or head size are unknown (heads {parts.num_heads}, kv heads "
+                    f"{parts.kv_heads}, head size {parts.head_dim}; the graph has no static shapes there and its projection is "
+                    f"packed), so the prefix shape is too. Export with the dynamo exporter (torch.onnx.export(..., dynamo=True)), "
+                    f"which records the shapes"
+                )
             how = FORMS.get(parts.op)
             if how is None:
                 raise UnsupportedError(refusal(site, parts, f"lora_fx has no rule for the {parts.op} form"))
@@ -94,13 +106,18 @@ class InsertPrefix:
         graph = model.graph
         record: dict[str, Any] = {"num_virtual_tokens": T, "sites": {}}
         changed = []
+        plan_dtype = ir.DataType.FLOAT
         for site, parts, rewrite, facts in plan:
             values = self._initializers(graph, site, parts, T)
+            plan_dtype = values[0].dtype
             rewrite(graph, site, parts, T, values, facts)
             record["sites"][site.name] = {"kv_heads": parts.kv_heads, "head_dim": parts.head_dim,
                                           "key": values[0].name, "value": values[1].name}
             changed.append(site.name)
         changed += offset_positions(graph, T)
+        if plan:
+            # The builders write opset-15 ops; an older model gets its own opset's spelling of them.
+            lower_to_opset(graph, opset, plan_dtype)
         model.metadata_props[PREFIX_KEY] = json.dumps(record, sort_keys=True)
         model.metadata_props[PREFIX_CONFIG_KEY] = self.config.to_json()
         return PassResult(model, True, changed)

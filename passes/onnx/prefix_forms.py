@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lora_fx.errors import UnsupportedError
-from lora_fx.passes.onnx.find_sites import INSERTED, MS, const_tensor
+from lora_fx.passes.onnx.find_sites import INSERTED, MS, const_tensor, is_inserted
 from lora_fx.passes.onnx.prefix_nodes import (
     additive_mask,
     batched,
@@ -93,6 +93,22 @@ def _prob_users(softmax: ir.Node):
         value = users[0].outputs[0]
 
 
+def _score_chain(scores: ir.Node, seen: list[ir.Node]) -> list[ir.Node]:
+    """The nodes of ``seen`` that read the scores, directly or through each other. The search back from the
+    Softmax also meets the mask's own nodes (``Where``/``Expand`` of an eager attention's ``scores * s + mask``,
+    found at the depth of the ``Mul``); those are not between the scores and the Softmax."""
+    among = {id(n) for n in seen}
+    chain: set[int] = set()
+    frontier = [scores]
+    while frontier:
+        for out in frontier.pop().outputs:
+            for user, _ in out.uses():
+                if id(user) in among and id(user) not in chain:
+                    chain.add(id(user))
+                    frontier.append(user)
+    return [n for n in seen if id(n) in chain]
+
+
 def _scores_of(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
     """The MatMul(q, kᵀ) feeding ``softmax`` and the nodes between them."""
     path: list[ir.Node] = []
@@ -104,11 +120,28 @@ def _scores_of(softmax: ir.Node) -> tuple[ir.Node, list[ir.Node]]:
             if node is None:
                 continue
             if node.op_type == "MatMul" and const_tensor(node.inputs[1]) is None and const_tensor(node.inputs[0]) is None:
-                return node, path
+                return node, _score_chain(node, path)
             path.append(node)
             nxt.extend(i for i in node.inputs if i is not None and const_tensor(i) is None)
         frontier = nxt
     raise UnsupportedError(f"softmax {softmax.name!r}: no MatMul(q, kᵀ) found before it")
+
+
+def _grow_key_axis(scores: ir.Node, sink: ir.Node, T: int) -> None:
+    """The scores and probabilities (every value from the scores MatMul to the ``MatMul(·, v)``) have T more keys
+    now; a static key length the exporter recorded (fixed-size inputs: ViT's patches) would contradict that,
+    and ONNX Runtime refuses a model whose shapes disagree. Outputs of the key-side Mul likewise."""
+    frontier, seen = [scores], {id(sink)}
+    while frontier:
+        node = frontier.pop()
+        for out in node.outputs:
+            shape = out.shape
+            if shape is not None and len(shape) and isinstance(shape[-1], int):
+                out.shape = ir.Shape([*shape[:-1], shape[-1] + T])
+            for user, _ in out.uses():
+                if id(user) not in seen and not is_inserted(user):
+                    seen.add(id(user))
+                    frontier.append(user)
 
 
 def _check_decomposed(site: Site, parts: Any, graph: ir.Graph) -> None:
@@ -129,6 +162,9 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
     if producer is not None and producer.op_type in ("Mul", "Div") and const_tensor(producer.inputs[1]) is not None:
         kt_consumer, kt_index = producer, 0
     kt = kt_consumer.inputs[kt_index]
+    _grow_key_axis(scores, sink, T)
+    if kt_consumer is not scores:
+        _grow_key_axis(kt_consumer, scores, T)
     nodes: list[ir.Node] = []
     pk_b = batched(nodes, values[0], kv, reps, T, hd, kt, "bnhs", f"{tag}/key")
     new_kt = emit(nodes, "Concat", [pk_b, kt], f"{tag}/key/concat", axis=-1)
@@ -143,6 +179,7 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
     sink.replace_input_with(1, new_v)
     # The additive mask gains T zero (visible) columns in front.
     on_path = {id(n) for n in path} | {id(scores)}
+    masks = 0  # eager T5 adds its position bias and its mask in two Adds: node names must stay unique
     for node in path:
         if node.op_type != "Add":
             continue
@@ -151,7 +188,8 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
             if inp is None or (src is not None and id(src) in on_path) or const_tensor(inp) is not None:
                 continue
             nodes = []
-            padded = pad_front(nodes, inp, T, f"{tag}/mask")
+            padded = pad_front(nodes, inp, T, f"{tag}/mask" + (f"_{masks}" if masks else ""))
+            masks += 1
             graph.insert_before(node, nodes)
             node.replace_input_with(i, padded)
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lora_fx.passes.onnx.find_sites import INSERTED
+from lora_fx.passes.onnx.find_sites import INSERTED, const_tensor
 
 
 def emit_const(graph_nodes: list[ir.Node], array: np.ndarray, name: str) -> ir.Value:
@@ -126,3 +126,80 @@ def pad_front(nodes: list[ir.Node], mask: ir.Value, T: int, tag: str, fill: np.n
     else:
         visible = emit(nodes, "ConstantOfShape", [zeros_shape], f"{tag}/visible", value=ir.tensor(fill))
     return emit(nodes, "Concat", [visible, mask], f"{tag}/padded", axis=-1)
+
+
+# ---- older opsets ----------------------------------------------------------------------------------
+# The builders above write opset-15 ops. Models exported at opsets 11-14 (TorchScript's older defaults) get
+# the equivalent spelling of their own opset instead: a node of a newer signature is invalid in an older model.
+MIN_OPSET = 11  # Range, which the causal mask and positions need
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _replace(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node], new: ir.Value) -> None:
+    """``nodes`` (ending in ``new``) take the place of ``node``; ``new`` keeps the old output's name."""
+    old = node.outputs[0]
+    name = old.name
+    graph.insert_before(node, nodes)
+    old.name = None
+    ir.convenience.replace_all_uses_with(old, new)
+    graph.remove(node, safe=True)
+    new.name = name
+
+
+def _lower_shape(graph: ir.Graph, node: ir.Node, opset: int, dtype: ir.DataType) -> None:
+    """Shape's ``start``/``end`` (opset 15) as a Slice of the whole shape."""
+    if opset >= 15 or not ({"start", "end"} & set(node.attributes)):
+        return
+    start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", _INT64_MAX)
+    nodes: list[ir.Node] = []
+    whole = emit(nodes, "Shape", [node.inputs[0]], f"{node.name}/whole")
+    part = emit(nodes, "Slice", [whole, emit_const(nodes, np.array([start], np.int64), f"{node.name}/start"),
+                                 emit_const(nodes, np.array([end], np.int64), f"{node.name}/end")], f"{node.name}/slice")
+    _replace(graph, node, nodes, part)
+
+
+def _lower_cast_like(graph: ir.Graph, node: ir.Node, opset: int, dtype: ir.DataType) -> None:
+    """CastLike (opset 15) as Cast to the target's dtype; where the graph does not record it, the dtype
+    the attention computes in (the prefixes', which the masks and scores they join share)."""
+    if opset >= 15:
+        return
+    to = node.inputs[1].dtype or dtype
+    nodes: list[ir.Node] = []
+    cast = emit(nodes, "Cast", [node.inputs[0]], f"{node.name}/cast", to=to)
+    _replace(graph, node, nodes, cast)
+
+
+def _lower_axes_input(graph: ir.Graph, node: ir.Node, opset: int, dtype: ir.DataType) -> None:
+    """Unsqueeze/Squeeze ``axes`` and Split ``split`` became inputs in opset 13: attributes before."""
+    if opset >= 13 or len(node.inputs) < 2 or node.inputs[1] is None:
+        return
+    attr = "split" if node.op_type == "Split" else "axes"
+    values, constant = const_tensor(node.inputs[1]), node.inputs[1].producer()
+    node.resize_inputs(1)
+    node.attributes[attr] = ir.AttrInt64s(attr, [int(v) for v in np.asarray(values.numpy()).reshape(-1)])
+    if constant is not None and not constant.outputs[0].uses():
+        graph.remove(constant, safe=True)
+
+
+def _lower_less_or_equal(graph: ir.Graph, node: ir.Node, opset: int, dtype: ir.DataType) -> None:
+    """LessOrEqual (opset 12) as Not(Greater)."""
+    if opset >= 12:
+        return
+    nodes: list[ir.Node] = []
+    greater = emit(nodes, "Greater", list(node.inputs), f"{node.name}/greater")
+    _replace(graph, node, nodes, emit(nodes, "Not", [greater], f"{node.name}/not"))
+
+
+_LOWER = {"Shape": _lower_shape, "CastLike": _lower_cast_like, "Unsqueeze": _lower_axes_input,
+          "Squeeze": _lower_axes_input, "Split": _lower_axes_input, "LessOrEqual": _lower_less_or_equal}
+
+
+def lower_to_opset(graph: ir.Graph, opset: int, dtype: ir.DataType) -> None:
+    """Rewrite the nodes prefix-tuning inserted into ``graph`` in the ops of ``opset`` (11 to 14; from 15 on
+    nothing changes). ``dtype`` is the attention's compute dtype, for CastLike targets of unrecorded type."""
+    if opset >= 15:
+        return
+    for node in [n for n in graph if n.metadata_props.get(INSERTED) == "prefix" and n.domain in ("", "ai.onnx")]:
+        lower = _LOWER.get(node.op_type)
+        if lower is not None:
+            lower(graph, node, opset, dtype)

@@ -24,6 +24,10 @@ def export(name: str, path: Path, *, opset: int = 18, dynamo: bool = True, token
     model = models.build(name)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
+    if opset < 14 and not dynamo:
+        # TorchScript writes scaled_dot_product_attention from opset 14 on: older opsets get eager attention
+        # (scores scaled after the MatMul, the mask added after the scale).
+        model.set_attn_implementation("eager")
     kwargs: dict[str, Any] = models.inputs(2, 8)
     if token_types:
         kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])

@@ -175,3 +175,68 @@ def test_foreign_lora_branches_and_overridable_weights_are_not_sites():
     graph = helper.make_graph(nodes, "foreign", inputs, [helper.make_tensor_value_info("y", f, ["b", 8])], inits)
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert [s.name for s in find_sites(model)] == ["fc"]
+
+
+def test_torchscript_call_path_names_take_the_parameter_path():
+    """TorchScript names nodes by the call path; OPTForCausalLM calls ``self.model.decoder(...)`` directly, so its
+    nodes read ``/decoder/layers.0/…`` while the parameters (here the biases; the MatMul weights are anonymous
+    transposed copies) are ``model.decoder.layers.0.…``: sites take the parameters' full module path."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    scope = "/decoder/layers.0/self_attn"
+    nodes, inits = [], [numpy_helper.from_array(np.array([1, 5, 2, 16], np.int64), "heads_shape")]
+    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        inits += [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), f"onnx::MatMul_{i}"),
+                  numpy_helper.from_array(np.zeros(32, np.float32), f"model.decoder.layers.0.self_attn.{proj}.bias")]
+        nodes += [
+            helper.make_node("MatMul", ["x", f"onnx::MatMul_{i}"], [f"{proj}_mm"], name=f"{scope}/{proj}/MatMul"),
+            helper.make_node("Add", [f"model.decoder.layers.0.self_attn.{proj}.bias", f"{proj}_mm"], [f"{proj}_out"], name=f"{scope}/{proj}/Add"),
+            helper.make_node("Reshape", [f"{proj}_out", "heads_shape"], [f"{proj}_h"], name=f"{scope}/Reshape_{i}"),
+            helper.make_node("Transpose", [f"{proj}_h"], [proj[0]], perm=[0, 2, 3, 1] if proj == "k_proj" else [0, 2, 1, 3],
+                             name=f"{scope}/Transpose_{i}"),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["q", "k"], ["s"], name=f"{scope}/MatMul"),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1, name=f"{scope}/Softmax"),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name=f"{scope}/MatMul_1"),
+    ]
+    graph = helper.make_graph(nodes, "opt_like", [helper.make_tensor_value_info("x", f, [1, 5, 32])],
+                              [helper.make_tensor_value_info("o", f, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
+    names = [s.name for s in find_sites(model)]
+    block = "model.decoder.layers.0.self_attn"
+    assert names == [f"{block}.q_proj", f"{block}.k_proj", f"{block}.v_proj", block]
+
+
+def test_heads_from_the_head_split_reshape_without_static_shapes():
+    """TorchScript with dynamic axes records no shapes and T5 has no score scale: the head size comes from the
+    Reshape target ``Concat(batch, seq, -1, head_dim)`` (``view(*input_shape, -1, head_dim)``), the heads from
+    the projection's width."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(0)
+    scope = "/encoder/block.0/layer.0/SelfAttention"
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one"), numpy_helper.from_array(np.array([8], np.int64), "head_dim")]
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"]),
+             helper.make_node("Gather", ["x_shape", "zero"], ["b0"]), helper.make_node("Unsqueeze", ["b0", "axis0"], ["b"]),
+             helper.make_node("Gather", ["x_shape", "one"], ["s0"]), helper.make_node("Unsqueeze", ["s0", "axis0"], ["s"]),
+             helper.make_node("Concat", ["b", "s", "minus_one", "head_dim"], ["heads_shape"], axis=0)]
+    for i, proj in enumerate("qkv"):
+        inits.append(numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), f"encoder.block.0.layer.0.SelfAttention.{proj}.weight"))
+        nodes += [
+            helper.make_node("MatMul", ["x", f"encoder.block.0.layer.0.SelfAttention.{proj}.weight"], [f"{proj}_mm"], name=f"{scope}/{proj}/MatMul"),
+            helper.make_node("Reshape", [f"{proj}_mm", "heads_shape"], [f"{proj}_h"], name=f"{scope}/Reshape_{i}"),
+            helper.make_node("Transpose", [f"{proj}_h"], [proj], perm=[0, 2, 3, 1] if proj == "k" else [0, 2, 1, 3], name=f"{scope}/Transpose_{i}"),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["q", "k"], ["scores"], name=f"{scope}/MatMul"),
+        helper.make_node("Add", ["scores", "bias"], ["biased"], name=f"{scope}/Add"),
+        helper.make_node("Softmax", ["biased"], ["p"], axis=-1, name=f"{scope}/Softmax"),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name=f"{scope}/MatMul_1"),
+    ]
+    graph = helper.make_graph(nodes, "t5_like", [helper.make_tensor_value_info("x", f, None), helper.make_tensor_value_info("bias", f, None)],
+                              [helper.make_tensor_value_info("o", f, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
+    (att,) = [s for s in find_sites(model) if s.kind is SiteKind.ATTENTION]
+    assert (att.name, att.num_heads, att.kv_heads, att.head_dim) == ("encoder.block.0.layer.0.SelfAttention", 4, 4, 8)

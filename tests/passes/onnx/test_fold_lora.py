@@ -119,3 +119,54 @@ def test_a_branch_with_lora_dropout_folds_to_the_base_graph():
     assert sorted(with_dropout.graph.initializers) == sorted(base.graph.initializers)  # the ratios went with the branch
     np.testing.assert_array_equal(ort_run(save(with_dropout, "fold-dropout.onnx"), feeds),
                                   ort_run(save(without, "fold-no-dropout.onnx"), feeds))
+
+
+def test_bias_read_through_identity_folds():
+    """The TorchScript exporter stores equal tensors once and reads the copies through Identity (Qwen2's zero
+    k_proj and v_proj biases): v_proj's bias Add reads Identity(k_proj.bias), and folding must still see W."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(w(8, 6), "k_proj.weight"), numpy_helper.from_array(w(8, 6), "v_proj.weight"),
+             numpy_helper.from_array(np.zeros(6, np.float32), "k_proj.bias")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "k_proj.weight"], ["k0"], name="/k_proj/MatMul"),
+        helper.make_node("Add", ["k_proj.bias", "k0"], ["k"], name="/k_proj/Add"),
+        helper.make_node("Identity", ["k_proj.bias"], ["v_proj.bias"], name="Identity_0"),
+        helper.make_node("MatMul", ["x", "v_proj.weight"], ["v0"], name="/v_proj/MatMul"),
+        helper.make_node("Add", ["v_proj.bias", "v0"], ["v"], name="/v_proj/Add"),
+        helper.make_node("Mul", ["k", "v"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "identity_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8))
+    lora = lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["k_proj", "v_proj"], init_lora_weights=False))
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    want = ort_run(save(lora, "identity-bias-lora.onnx"), feeds)
+    result = fold_lora(lora)
+    assert sorted(result.changed) == ["k_proj", "v_proj"]
+    assert rel(ort_run(save(lora, "identity-bias-folded.onnx"), feeds), want) <= 1e-5
+    assert [n.op_type for n in lora.graph] == ["MatMul", "Add", "Identity", "MatMul", "Add", "Mul"]
+
+
+def test_transpose_shared_by_two_sites_folds_each_delta_into_its_own_site():
+    """One Transpose(W) read by two MatMuls (a layer called twice, after an exporter's common-subexpression
+    elimination): each site gets its own merged W; folding both into W would give both sites one delta."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Transpose", ["shared.weight"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["h"], name="/first/MatMul"),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "wt"], ["y"], name="/second/MatMul")]
+    graph = helper.make_graph(nodes, "shared_transpose", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+                              [numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "shared.weight")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    lora = lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["first", "second"], init_lora_weights=False))
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    want = ort_run(save(lora, "shared-transpose-lora.onnx"), feeds)
+    fold_lora(lora)
+    assert rel(ort_run(save(lora, "shared-transpose-folded.onnx"), feeds), want) <= 1e-5
+    assert [n.op_type for n in lora.graph] == ["Transpose", "MatMul", "Tanh", "MatMul"]

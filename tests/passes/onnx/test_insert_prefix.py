@@ -46,7 +46,10 @@ def prefix_like_fx(onnx_corpus, name):
 
 
 @pytest.mark.parametrize("name", ["bert-dynamo18", "gpt2-dynamo18", "llama-dynamo18",
-                                  "bert-torchscript", "gpt2-torchscript", "llama-torchscript"])
+                                  "bert-torchscript", "gpt2-torchscript", "llama-torchscript",
+                                  # opset 12: the inserted nodes spelled in its ops; eager attention adds the mask after
+                                  # the scale, so the search back from the Softmax meets the mask's nodes too
+                                  "llama-torchscript12"])
 def test_onnx_prefix_equals_fx_prefix(onnx_corpus, tmp_path, name):
     entry, gm, model, prefixes, result = prefix_like_fx(onnx_corpus, name)
     assert result.modified and any(c.startswith("positions:") for c in result.changed)
@@ -176,3 +179,50 @@ def test_peft_adapter_loads_onto_an_onnx_file(onnx_corpus, tmp_path, name):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
     back_out = run(back, b).numpy()
     assert np.abs(back_out[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_two_additive_terms_each_gain_prefix_columns(tmp_path):
+    """Eager T5 adds a position bias and then the mask to the scores: both get T visible columns, with distinct
+    node names (ONNX Runtime refuses a model with two nodes of one name), and the result is attention over the
+    prefix keys/values followed by the real ones."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx_ir as ir
+
+    B, H, S, D = 2, 2, 5, 4
+    f = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="/attn/Transpose"),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="/attn/MatMul"),
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="/attn/Mul"),
+        helper.make_node("Add", ["ss", "position_bias"], ["sb"], name="/attn/Add"),
+        helper.make_node("Add", ["sb", "mask"], ["sm"], name="/attn/Add_1"),
+        helper.make_node("Softmax", ["sm"], ["p"], axis=-1, name="/attn/Softmax"),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name="/attn/MatMul_1"),
+    ]
+    qkv = [helper.make_tensor_value_info(n, f, [B, H, S, D]) for n in ("q", "k", "v")]
+    extra = [helper.make_tensor_value_info("position_bias", f, [1, H, S, S]), helper.make_tensor_value_info("mask", f, [B, 1, 1, S])]
+    graph = helper.make_graph(nodes, "two_terms", qkv + extra, [helper.make_tensor_value_info("o", f, [B, H, S, D])],
+                              [numpy_helper.from_array(np.array(0.5, np.float32), "scale")])
+    # Static shapes recorded on every value (a fixed-size model, as ViT's patches): the key axis must grow by T.
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    model = ir.serde.deserialize_model(proto)
+    assert model.graph.node(5).outputs[0].shape == ir.Shape([B, H, S, S])  # the Softmax
+    sites = _attention(model)
+    gen = torch.Generator().manual_seed(0)
+    pk, pv = torch.randn(H, T, D, generator=gen), torch.randn(H, T, D, generator=gen)
+    InsertPrefix(lora_fx.PrefixConfig(num_virtual_tokens=T), sites, {sites[0].name: (pk, pv)})(model)
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((B, H, S, D)).astype(np.float32) for n in ("q", "k", "v")}
+    feeds["position_bias"] = rng.standard_normal((1, H, S, S)).astype(np.float32)
+    feeds["mask"] = np.zeros((B, 1, 1, S), np.float32)
+    feeds["mask"][1, ..., -2:] = -1e9
+    ours = _session(model, tmp_path).run(None, feeds)[0]
+    keys = np.concatenate([np.broadcast_to(pk.numpy(), (B, H, T, D)), feeds["k"]], axis=2)
+    values = np.concatenate([np.broadcast_to(pv.numpy(), (B, H, T, D)), feeds["v"]], axis=2)
+    pad = lambda a: np.concatenate([np.zeros(a.shape[:-1] + (T,), np.float32), a], axis=-1)  # noqa: E731
+    scores = feeds["q"] @ keys.transpose(0, 1, 3, 2) * 0.5 + pad(feeds["position_bias"]) + pad(feeds["mask"])
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ values
+    assert np.abs(ours - want).max() <= 1e-5
