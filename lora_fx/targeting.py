@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,12 +74,26 @@ def is_excluded(config: LoraConfig, key: str) -> bool:
     return _matches_list(ex, key)
 
 
+# PEFT's SEQ_CLS_HEAD_NAMES: with task_type SEQ_CLS, all-linear leaves out the first of these the model has.
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def _seq_cls_head(config: LoraConfig, linear: Sequence[Site]) -> set[str]:
+    """The classification head ``all-linear`` leaves out for ``task_type="SEQ_CLS"``, as PEFT does (a model
+    attribute named ``score`` or ``classifier``: a site of exactly that name); PEFT trains it in full
+    (``modules_to_save``) instead, which lora_fx does not do."""
+    if str(config.task_type or "").upper() != "SEQ_CLS":
+        return set()
+    names = {s.name for s in linear}
+    return next(({n} for n in SEQ_CLS_HEAD_NAMES if n in names), set())
+
+
 def resolve_target_modules(config: LoraConfig, sites: Sequence[Site], model_type: str | None = None) -> list[str] | str:
     """The effective ``target_modules``: ``all-linear`` and ``None`` expanded to names."""
     tm = config.target_modules
     linear = [s for s in sites if s.kind is SiteKind.LINEAR]
     if isinstance(tm, str) and tm.lower() == ALL_LINEAR:
-        return sorted({s.name for s in linear if not s.is_output_layer})
+        return sorted({s.name for s in linear if not s.is_output_layer} - _seq_cls_head(config, linear))
     if tm is None:
         if model_type and model_type in DEFAULT_TARGETS:
             return list(DEFAULT_TARGETS[model_type])
@@ -192,10 +207,13 @@ def select_targets(sites: Sequence[Site], config: LoraConfig, model_type: str | 
         alpha = float(pattern_value(config.alpha_pattern, site.name, config.lora_alpha))
         limit = min(site.in_features or 0, site.out_features or 0)
         if r > limit:
-            raise ConfigError(
+            # A warning, not an error: PEFT adapts such a site (all-linear with r=8 reaches a 2-label classifier
+            # head), and the same config must select and compute the same here.
+            warnings.warn(
                 f"r={r} is larger than min(in_features, out_features)={limit} of site {site.name} "
                 f"({site.in_features} -> {site.out_features}); a rank above that adds parameters but no capacity. "
-                f"Use r <= {limit} or lower it for this site with rank_pattern"
+                f"Lower it for this site with rank_pattern={{{site.name!r}: {limit}}}",
+                stacklevel=2,
             )
         out.append(Target(site=site, r=r, alpha=alpha, scale=config.scaling(r, alpha)))
     if not out:

@@ -576,11 +576,34 @@ def attention_parts(node: ir.Node) -> AttentionParts | None:
 # ---- the pass ------------------------------------------------------------------------------------
 
 
+def _embedding_tables(graph: ir.Graph) -> tuple[set[int], set[int]]:
+    """The constant tables ``Gather`` looks rows up in (token embeddings): their row counts, and the ids of
+    their stored values (an lm_head tied to the embeddings reads the same one)."""
+    rows: set[int] = set()
+    tables: set[int] = set()
+    for node in graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0) != 0:
+            continue
+        source, _ = _weight_source(node.inputs[0])
+        t = const_tensor(source)
+        if t is not None and len(t.shape) == 2:
+            rows.add(int(t.shape[0]))
+            tables.add(id(source))
+    return rows, tables
+
+
 def _output_layer_nodes(graph: ir.Graph, linear: list[LinearParts]) -> set[int]:
-    """Linear sites whose result reaches a graph output through shape-only ops (lm_head, classifiers)."""
+    """The output-embedding layer (lm_head): a linear site whose result reaches a graph output through
+    shape-only ops and that projects onto the token vocabulary (as many outputs as an embedding table
+    has rows, or that very table, tied). PEFT's ``all-linear`` leaves out ``get_output_embeddings()``
+    only; a classifier head reaching the output is an ordinary site, as in PEFT (its SEQ_CLS rule is
+    by name, in ``lora_fx.targeting``)."""
     outputs = {id(v) for v in graph.outputs}
+    rows, tables = _embedding_tables(graph)
     found: set[int] = set()
     for parts in linear:
+        if parts.out_features not in rows and id(parts.weight) not in tables:
+            continue
         value = parts.output
         for _ in range(6):
             if id(value) in outputs:

@@ -163,3 +163,29 @@ def test_a_string_target_that_is_a_name_says_it_is_a_regex(zoo):
     # PEFT's rule: a string must match the whole name; "q_proj" matches no "model.layers.0.self_attn.q_proj".
     with pytest.raises(TargetNotFoundError, match=r"a string is a regular expression .* pass a list: target_modules=\['q_proj'\]"):
         _ours(zoo, "llama", dict(target_modules="q_proj"))
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_all_linear_on_a_classifier_equals_peft_on_both_front_ends(task_type, tmp_path):
+    """PEFT's all-linear leaves out get_output_embeddings() (none here) and, for task_type SEQ_CLS only, the
+    head named score/classifier. The ONNX file of the same model must select the same sites: its classifier
+    reaches a graph output like an lm_head does, but projects onto no vocabulary."""
+    import torch
+    import transformers as tf
+
+    from tests.models import VOCAB, inputs
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    model = tf.BertForSequenceClassification(cfg).eval()
+    kwargs = dict(target_modules="all-linear", task_type=task_type)
+    theirs = set(peft_lora_modules(peft_wrap(model, r=2, **kwargs)))
+    example = inputs(2, 8)
+    gm = lora_fx.capture(model, kwargs=example)
+    config = lora_fx.LoraConfig(**kwargs)
+    ours_fx = {t.site.name for t in lora_fx.select_targets(lora_fx.find_sites(gm), config)}
+    lora_fx.export_onnx(gm, tmp_path / "cls.onnx", kwargs=example)
+    ours_onnx = {t.site.name for t in lora_fx.select_targets(lora_fx.find_sites(lora_fx.load(tmp_path / "cls.onnx")), config)}
+    assert ours_fx == ours_onnx == theirs
+    assert ("classifier" in theirs) == (task_type is None)
