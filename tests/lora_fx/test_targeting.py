@@ -116,13 +116,15 @@ def test_unmatched_regex_and_layers_are_refused(zoo):
         _ours(zoo, "llama", dict(target_modules=["q_proj"], layers_to_transform=7))
 
 
-def test_rank_above_site_dimensions_is_refused(zoo):
+def test_rank_above_site_dimensions_warns_and_selects_as_peft(zoo):
+    """PEFT adapts a site whose rank exceeds min(in, out) (all-linear with r=8 reaches a 2-label head): so do
+    we, with a warning that names the site and the rank_pattern that fits it."""
     # tiny Llama: hidden 32, kv projections 32 -> 16 (2 kv heads of 8).
-    with pytest.raises(ConfigError, match=r"min\(in_features, out_features\)=16 of site model.layers.0.self_attn.k_proj"):
-        _ours(zoo, "llama", dict(r=17, target_modules=["k_proj"]))
-    assert {t.r for t in _ours(zoo, "llama", dict(r=16, target_modules=["k_proj"]))} == {16}
-    with pytest.raises(ConfigError, match="rank_pattern"):
-        _ours(zoo, "llama", dict(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 33}))
+    kwargs = dict(r=17, target_modules=["k_proj"])
+    with pytest.warns(UserWarning, match=r"min\(in_features, out_features\)=16 of site model.layers.0.self_attn.k_proj.*rank_pattern"):
+        ours = {t.site.name: t.r for t in _ours(zoo, "llama", kwargs)}
+    wrapped = peft_lora_modules(peft_wrap(zoo.model("llama"), **kwargs))
+    assert ours == {n: m.r["default"] for n, m in wrapped.items()} and set(ours.values()) == {17}
 
 
 def test_unknown_model_type_without_targets_is_refused(zoo):
