@@ -213,6 +213,7 @@ def export_onnx(
         return export_prefix_onnx(gm, path, dict(kwargs), adapter_name=adapter_name, optimize=optimize,
                                   peft_dir=peft_dir, custom_translation_table=custom_translation_table)
     records = info.get("lora_sites", {})
+    _refuse_shared_sites(gm)
     if mode is ExportMode.ADAPTERS and not records:
         raise ConfigError("this model has no LoRA adapter to expose; call lora_fx.apply(gm, LoraConfig(...)) first, or export mode='merged'")
     was_training = bool(info.get("training", False))
@@ -253,6 +254,26 @@ def export_onnx(
             peft_config, tensors = to_peft(adapter)
             result.peft_dirs.append(write_peft_dir(out_dir / adapter_name, peft_config, tensors))
     return result
+
+
+def _refuse_shared_sites(gm: Any) -> None:
+    """An adapted module that runs several times per forward (ALBERT's layers share one set of weights)
+    exports as one adapter read by several branches, which the ONNX passes cannot fold or expose yet:
+    say so before the export, not as a broken chain deep in the ONNX passes."""
+    import collections
+
+    from lora_fx.passes.fx.find_sites import linear_site_name
+    from lora_fx.passes.fx.insert_lora import ADAPTED
+
+    calls = collections.Counter(linear_site_name(n) for n in gm.graph.nodes if n.meta.get(ADAPTED))
+    shared = sorted(name for name, count in calls.items() if count > 1)
+    if shared:
+        raise UnsupportedError(
+            f"adapted modules that run more than once per forward (weights shared across layers): {', '.join(shared[:4])}"
+            f"{', ...' if len(shared) > 4 else ''}; ONNX export of such adapters is not supported. Training and "
+            "save_adapter work: merge the saved adapter in PEFT (merge_and_unload) and export that model, or exclude "
+            "these modules (exclude_modules=...) before apply"
+        )
 
 
 def save_model(model: Any, path: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""Real models for tests: the bundled all-MiniLM-L6-v2 and tiny random GPT-2, BERT and Llama (GQA).
+"""Real models for tests: the bundled all-MiniLM-L6-v2 and tiny random GPT-2, BERT and Llama (GQA); Falcon, GPT-J, OPT and RoBERTa where asked.
 
 Everything is built from ``transformers`` configs or the bundled folder; nothing downloads. Helpers
 compare a lora_fx GraphModule with the same model wrapped by PEFT, using the same A and B tensors.
@@ -44,6 +44,23 @@ def build(name: str) -> torch.nn.Module:
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         )
         return tf.LlamaForCausalLM(cfg).eval()
+    if name == "gptj":  # rotary sin/cos gathered from a precomputed table
+        cfg = tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4)
+        return tf.GPTJForCausalLM(cfg).eval()
+    if name == "opt":  # positions: the cumsum of the attention mask
+        cfg = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, word_embed_proj_dim=32)
+        return tf.OPTForCausalLM(cfg).eval()
+    if name == "roberta":  # positions: the cumsum of the non-padding tokens
+        cfg = tf.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=70)
+        return tf.RobertaModel(cfg).eval()
+    if name == "falcon":  # FalconLinear computes x @ W.T + b, not F.linear; multi-query attention
+        cfg = tf.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            new_decoder_architecture=False, multi_query=True, bias=True,
+        )
+        return tf.FalconForCausalLM(cfg).eval()
     raise ValueError(name)
 
 

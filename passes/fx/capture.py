@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -17,21 +18,35 @@ from lora_fx.errors import CaptureError
 META_KEY = "lora_fx"
 
 
+def _cache_configs(model: torch.nn.Module) -> list[Any]:
+    """Every distinct config in the model that has a ``use_cache`` setting.
+
+    Encoder-decoder models give their decoder stack its own copy of the config (T5), so the top
+    config's setting does not reach it.
+    """
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None) is not None:
+            configs.setdefault(id(config), config)
+    return list(configs.values())
+
+
 @contextlib.contextmanager
 def _no_cache(model: torch.nn.Module) -> Iterator[None]:
     """transformers causal LMs return a DynamicCache unless use_cache=False; export cannot output it.
 
-    Settling it on the config (not as a call keyword) keeps the caller's own signature.
+    Settling it on the configs (not as a call keyword) keeps the caller's own signature.
     """
-    config = getattr(model, "config", None)
-    old = getattr(config, "use_cache", None)
-    if old is not None:
+    configs = _cache_configs(model)
+    old = [config.use_cache for config in configs]
+    for config in configs:
         config.use_cache = False
     try:
         yield
     finally:
-        if old is not None:
-            config.use_cache = old
+        for config, value in zip(configs, old):
+            config.use_cache = value
 
 
 def _spec(x: Any, dynamic: bool) -> Any:
@@ -86,6 +101,58 @@ def _reason(exc: Exception) -> str:
     return "\n".join([lines[0], "at:"] + where)
 
 
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool) -> torch.export.ExportedProgram:
+    with _no_cache(model), torch.no_grad():
+        return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs, dynamic))
+
+
+def _widen(x: Any, dims: tuple[int, ...]) -> Any:
+    """``x`` with every size-1 dim among ``dims`` (0: batch, 1: sequence) repeated to size 2."""
+    if isinstance(x, torch.Tensor):
+        for d in dims:
+            if x.dim() > d and x.shape[d] == 1:
+                x = torch.cat([x, x], dim=d)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_widen(v, dims) for v in x)
+    if isinstance(x, dict):
+        return {k: _widen(v, dims) for k, v in x.items()}
+    return x
+
+
+def _export_keeping_dims(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` with batch and sequence dynamic even when the example has batch or sequence 1.
+
+    torch.export fixes a dim whose example size is 1 (0/1 specialization), and the graph then refuses
+    every other size with a bare "Guard failed". A batch of repeated rows (a sequence of repeated
+    tokens) is as valid an example, so size-1 dims are traced at 2; where the model refuses that (a
+    dim that really is 1, such as a single channel), only the batch is widened, then neither.
+    """
+    if not dynamic or not _has_size_one(args, kwargs):
+        return _export(model, args, kwargs, dynamic)
+    for dims in ((0, 1), (0,)):
+        try:
+            return _export(model, _widen(args, dims), _widen(kwargs, dims), dynamic)
+        except Exception:  # this widening is not a valid input for the model: try the next
+            continue
+    warnings.warn("capture: the example has batch or sequence size 1 and the model accepts no larger example, "
+                  "so those dims are fixed at 1 in the captured graph; pass a batch of 2 and a sequence of 2 or more "
+                  "to keep them dynamic", stacklevel=3)
+    return _export(model, args, kwargs, dynamic)
+
+
+def _has_size_one(args: tuple, kwargs: dict[str, Any]) -> bool:
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return any(isinstance(x, torch.Tensor) and 1 in tuple(x.shape[:2]) for x in leaves)
+
+
+def _output_hint(reason: str) -> str:
+    if "register a pytree" in reason:
+        return ("return a tuple, a dict or a transformers ModelOutput from forward() (or register your output class "
+                "with torch.utils._pytree.register_dataclass); ")
+    return ""
+
+
 def capture(
     model: torch.nn.Module,
     args: tuple = (),
@@ -106,15 +173,14 @@ def capture(
     was_training = model.training
     model.eval()
     try:
-        with _no_cache(model), torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=_dynamic_shapes(model, args, kwargs, dynamic))
+        ep = _export_keeping_dims(model, args, kwargs, dynamic)
     except Exception as exc:  # torch raises many types; the user needs the reason, not the trace
         reason = _reason(exc)
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {reason}\n"
             "Ways out: pass example inputs the model accepts (kwargs such as input_ids=..., attention_mask=...); "
             "remove data-dependent Python control flow from forward() (or express it with torch.cond); "
-            "try capture(..., dynamic=False) if a dynamic dimension is the problem."
+            f"{_output_hint(reason)}try capture(..., dynamic=False) if a dynamic dimension is the problem."
         ) from None
     finally:
         model.train(was_training)

@@ -32,6 +32,8 @@ QUANTIZED = "lora_fx_quantized"
 
 _LINEAR_OPS = {aten.linear.default}
 _IN_OUT_OPS = {aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1}
+# ``x @ W.T`` on an [out, in] weight (Falcon's FalconLinear): the transposes a weight may go through.
+_TRANSPOSE_OPS = {aten.numpy_T.default, aten.t.default, aten.transpose.int, aten.permute.default}
 _SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _PASS_THROUGH = {
     aten.div.Tensor, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.where.self,
@@ -48,6 +50,23 @@ def module_path(node: fx.Node) -> str | None:
     return path or None
 
 
+def linear_site_name(node: fx.Node) -> str:
+    """A linear site's name: the module path of the ``nn.Linear`` whose weight it reads, as PEFT names it.
+
+    Usually the module that called the op. A parent that calls ``F.linear`` on a child's weight
+    (``nn.MultiheadAttention`` with its ``out_proj``) would otherwise give two sites of different
+    shapes one name, so the child holding the weight names the site. A quantized site keeps the
+    name it had in float (quantize_weights records it).
+    """
+    if node.meta.get(QUANTIZED, {}).get("name"):
+        return node.meta[QUANTIZED]["name"]
+    path = module_path(node)
+    owner, _, leaf = str(weight_node(node).target).rpartition(".")
+    if path and owner.startswith(f"{path}."):
+        return owner
+    return path or (owner if leaf == "weight" else f"{owner}.{leaf}".lstrip("."))
+
+
 def _param(gm: fx.GraphModule, node: object) -> torch.nn.Parameter | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         try:
@@ -58,11 +77,28 @@ def _param(gm: fx.GraphModule, node: object) -> torch.nn.Parameter | None:
     return None
 
 
+def transposed_weight(node: object) -> fx.Node | None:
+    """The get_attr node W when ``node`` is ``W.T`` (``W.t()``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _TRANSPOSE_OPS):
+        return None
+    src = node.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "get_attr"):
+        return None
+    if node.target is aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) != [0, 1]:
+        return None
+    if node.target is aten.permute.default and [int(d) % 2 for d in node.args[1]] != [1, 0]:
+        return None
+    return src
+
+
 def weight_node(node: fx.Node) -> fx.Node:
     """The get_attr node holding a linear site's weight (its packed storage when quantized)."""
     if node.meta.get(QUANTIZED):
         return node.args[1]
-    return node.args[1] if node.target in _LINEAR_OPS else node.args[_IN_OUT_OPS[node.target]]
+    if node.target in _LINEAR_OPS:
+        return node.args[1]
+    w = node.args[_IN_OUT_OPS[node.target]]
+    return transposed_weight(w) or w
 
 
 def weight_device(gm: fx.GraphModule, node: fx.Node) -> torch.device:
@@ -80,7 +116,7 @@ def _dtype(t: torch.Tensor) -> str:
 
 def _quantized_site(node: fx.Node, output_layer: str | None) -> Site:
     q = node.meta[QUANTIZED]
-    name = module_path(node) or str(weight_node(node).target).rsplit(".", 1)[0]
+    name = linear_site_name(node)
     return Site(
         name=name, kind=SiteKind.LINEAR, ir=IRKind.FX, in_features=q["in_features"], out_features=q["out_features"],
         dtype=q["dtype"], has_bias=bool(q["has_bias"]), is_output_layer=(name == output_layer),
@@ -99,16 +135,19 @@ def _linear_site(gm: fx.GraphModule, node: fx.Node, output_layer: str | None) ->
         fifo, op = False, "aten.linear"
         bias = len(node.args) > 2 and node.args[2] is not None
     elif node.target in _IN_OUT_OPS:
-        w_pos = _IN_OUT_OPS[node.target]
-        w = _param(gm, node.args[w_pos])
+        # x @ W with W [in, out] (GPT-2's Conv1D), or x @ W.T with W [out, in] (Falcon's FalconLinear).
+        w_arg = node.args[_IN_OUT_OPS[node.target]]
+        under = transposed_weight(w_arg)
+        w = _param(gm, under or w_arg)
         if w is None or w.dim() != 2:
             return None
-        in_f, out_f = w.shape
-        fifo, op = True, f"aten.{node.target._opname}"
+        fifo = under is None
+        in_f, out_f = w.shape if fifo else reversed(w.shape)
+        op = f"aten.{node.target._opname}"
         bias = node.target is aten.addmm.default
     else:
         return None
-    name = module_path(node) or str(weight_node(node).target).removesuffix(".weight")
+    name = linear_site_name(node)
     return Site(
         name=name, kind=SiteKind.LINEAR, ir=IRKind.FX, in_features=int(in_f), out_features=int(out_f),
         dtype=_dtype(w), has_bias=bool(bias), fan_in_fan_out=fifo, is_output_layer=(name == output_layer),

@@ -18,7 +18,7 @@ import torch.fx as fx
 from lora_fx.config import InitLoraWeights
 from lora_fx.errors import AdapterError
 from lora_fx.passes.fx.capture import meta
-from lora_fx.passes.fx.find_sites import INSERTED, weight_device
+from lora_fx.passes.fx.find_sites import INSERTED, weight_device, weight_node
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import Target
 
@@ -68,6 +68,21 @@ def _input_of(node: fx.Node) -> fx.Node:
     return node.args[0]
 
 
+def _check_one_weight_per_name(targets: Sequence[Target]) -> None:
+    """Sites sharing a name share one (A, B): right for a module called twice (one weight), wrong when a
+    module calls ``F.linear`` on several parameters of its own, which have no module path of their own."""
+    seen: dict[str, str] = {}
+    for target in targets:
+        weight = str(weight_node(target.site.handle).target)
+        first = seen.setdefault(target.site.name, weight)
+        if first != weight:
+            raise AdapterError(
+                f"site {target.site.name!r} reads several weights ({first}, {weight}): the module calls F.linear on "
+                "parameters of its own, which have no module path for an adapter (PEFT cannot adapt such a module "
+                "either). Exclude it (exclude_modules=...) and target nn.Linear modules, or hold each weight in an nn.Linear"
+            )
+
+
 class InsertLora:
     """Add a LoRA branch at each target site; returns the sites it adapted."""
 
@@ -77,6 +92,7 @@ class InsertLora:
         self.init = init
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
+        _check_one_weight_per_name(self.targets)
         training = bool(meta(gm).get("training", False))
         graph = gm.graph
         holders: dict[str, tuple[str, str]] = {}

@@ -149,6 +149,19 @@ def select_attention_sites(sites: Sequence[Site], config: PrefixConfig) -> list[
     return chosen
 
 
+def _refuse_shared_attention(sites: Sequence[Site]) -> None:
+    """One attention module run by several layers (ALBERT) needs a prefix per layer, but prefixes are
+    named by module path: refuse before anything is inserted."""
+    names = [s.name for s in sites]
+    shared = sorted({n for n in names if names.count(n) > 1})
+    if shared:
+        raise UnsupportedError(
+            f"attention module {shared[0]} runs {names.count(shared[0])} times per forward (layers sharing weights); "
+            "prefix-tuning needs a prefix per layer and names prefixes by module path, so it cannot be applied "
+            "to this model. Use LoRA (LoraConfig) instead"
+        )
+
+
 class PrefixEncoder(torch.nn.Module):
     """PEFT's reparameterization: embedding [T, token_dim] -> Linear -> tanh -> Linear to num_layers*2*token_dim."""
 
@@ -175,8 +188,9 @@ class InsertPrefix:
       ``enable_gqa``, and keys/values repeated by transformers' ``repeat_kv`` (expand + reshape) for
       grouped-query attention: the prefixes are ``[kv_heads, T, head_dim]`` and repeated the same way;
     * the eager form ``matmul(q, kᵀ) → [scale] → [+mask | where | masked_fill] → softmax → matmul(·, v)``;
-    * positions: an ``arange`` that reaches rotary ``cos``/``sin`` or an embedding's indices, a slice of
-      a ``position_ids`` buffer (BERT) and a ``position_ids`` graph input get ``+ T``.
+    * positions: an ``arange`` that reaches rotary ``cos``/``sin``, an embedding's indices or the rows of
+      a sin/cos table (GPT-J), a ``cumsum`` of a mask that reaches a position embedding (OPT, RoBERTa),
+      a slice of a ``position_ids`` buffer (BERT) and a ``position_ids`` graph input get ``+ T``.
     """
 
     def __init__(self, config: PrefixConfig, sites: Sequence[Site]) -> None:
@@ -188,6 +202,7 @@ class InsertPrefix:
         if info.get(META_PREFIX):
             raise AdapterError("this model already has prefixes; prefix-tuning is inserted once per model")
         T = self.config.num_virtual_tokens
+        _refuse_shared_attention(self.sites)
         described = [describe(s) for s in self.sites]
         for ps in described:
             if ps.site.handle.meta.get(PREFIXED):
@@ -396,6 +411,8 @@ def _reaches_position_use(node: fx.Node, limit: int = 40) -> bool:
                 hit = True
             elif user.target is aten.embedding.default and user.args[1] is n:
                 hit = True
+            elif user.target is aten.index.Tensor and _is_table(user.args[0]) and n in user.args[1]:
+                hit = True  # rows of a precomputed sin/cos table (GPT-J's embed_positions[position_ids])
             elif user.target in _STOP or user.target in _SOFTMAX_OPS:
                 continue
             elif user.target in (aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.index.Tensor):
@@ -406,16 +423,24 @@ def _reaches_position_use(node: fx.Node, limit: int = 40) -> bool:
     return hit
 
 
+def _is_table(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
 def position_sources(graph: fx.Graph) -> list[fx.Node]:
     """The nodes holding the real tokens' positions: aranges into rotary or position embeddings,
-    slices of a ``position_ids`` buffer, a ``position_ids`` input."""
+    slices of a ``position_ids`` buffer, a ``position_ids`` input, and running counts of real tokens
+    (``cumsum`` of a mask, as OPT and RoBERTa number positions) into a position embedding."""
     out = []
     for n in graph.nodes:
         if n.meta.get(INSERTED):
             continue
         if n.op == "placeholder" and n.name == "position_ids":
             out.append(n)
-        elif n.op == "call_function" and n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+        elif n.op == "call_function" and n.target in (aten.arange.default, aten.arange.start, aten.arange.start_step,
+                                                      aten.cumsum.default):
+            # PEFT's cache of T prefixes makes these count from T: OPT takes the cumsum of a mask with T
+            # ones in front, RoBERTa adds the cache length to its cumsum; both are the cumsum + T.
             if _reaches_position_use(n):
                 out.append(n)
         elif n.op == "call_function" and n.target is aten.slice.Tensor:

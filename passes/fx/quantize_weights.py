@@ -34,7 +34,7 @@ from lora_fx.errors import ConfigError
 from lora_fx.kernels.quant_formats import quantization_error, quantize_int4, quantize_int8, quantize_nf4
 from lora_fx.kernels.quantized_linear import QUANT_OPS, SPECS, OpSpec
 from lora_fx.passes.fx.capture import meta
-from lora_fx.passes.fx.find_sites import QUANTIZED, find_sites
+from lora_fx.passes.fx.find_sites import QUANTIZED, find_sites, transposed_weight
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import select_targets
 
@@ -51,6 +51,9 @@ def _weight_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Tensor, bool
         w_node, x, bias = node.args[2], node.args[1], node.args[0]
     else:
         w_node, x, bias = node.args[1], node.args[0], None
+    under = transposed_weight(w_node)  # x @ W.T: W is stored [out, in] already
+    if under is not None:
+        return under, gm.get_parameter(under.target), False, x, bias
     return w_node, gm.get_parameter(w_node.target), True, x, bias
 
 
@@ -117,25 +120,31 @@ class QuantizeWeights:
         spec = SPECS[cfg.dtype]
         owner_path, _, leaf = target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        prefix = f"{owner_path}." if owner_path else ""
+        # An nn.Linear's storage is <site>.qweight, ...; a module holding several weights (w1, w2, or
+        # nn.MultiheadAttention's in_proj_weight) needs one set per weight, or the last overwrites the others.
+        prefix = (f"{owner_path}." if owner_path else "") + ("" if leaf == "weight" else f"{leaf}_")
         device = param.device
         graph = gm.graph
         with graph.inserting_before(node):
             args: list[Any] = [x]
             for name in spec.storage:
                 if name in storage:
-                    owner.register_buffer(name, storage[name].to(device))
-                    args.append(graph.get_attr(prefix + name))
+                    full = prefix + name
+                    owner.register_buffer(full.rpartition(".")[2], storage[name].to(device))
+                    args.append(graph.get_attr(full))
                 else:
                     args.append(None)
             args.append(bias)
             args.extend(extra)
             new = graph.call_function(spec.op._opoverload, tuple(args))
         new.meta.update({k: v for k, v in node.meta.items()})
-        new.meta[QUANTIZED] = {"format": cfg.dtype.value, "in_features": in_f, "out_features": out_f, "dtype": site.dtype,
+        new.meta[QUANTIZED] = {"name": site.name, "format": cfg.dtype.value, "in_features": in_f, "out_features": out_f, "dtype": site.dtype,
                               "has_bias": bias is not None}
         node.replace_all_uses_with(new)
+        w_arg = node.args[1] if node.target is not aten.addmm.default else node.args[2]
         graph.erase_node(node)
+        if w_arg is not w_node and not w_arg.users:  # the W.T the matmul read
+            graph.erase_node(w_arg)
         if not w_node.users:
             graph.erase_node(w_node)
         deq = spec.dequantize(self._args_for_check(args, storage, spec, w.dtype))
@@ -178,10 +187,9 @@ def apply_quant(model: fx.GraphModule, quant: QuantConfig | dict, lora_config: A
 # ---- reading a quantized graph back ------------------------------------------------------------
 def quantized_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     """Site name -> the ``lora_fx::linear_<format>`` node, for every quantized site of ``gm``."""
-    from lora_fx.passes.fx.find_sites import module_path
+    from lora_fx.passes.fx.find_sites import linear_site_name
 
-    return {module_path(n) or n.name: n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in QUANT_OPS}
+    return {linear_site_name(n): n for n in gm.graph.nodes if n.op == "call_function" and n.target in QUANT_OPS}
 
 
 def _value(gm: fx.GraphModule, arg: Any) -> Any:

@@ -190,3 +190,63 @@ def test_adapters_mode_needs_an_adapter_and_prefixes_cannot_merge(zoo, tmp_path)
     with pytest.raises(UnsupportedError, match="prefix.*mode='adapters'"):
         lora_fx.export_onnx(plain, tmp_path / "x.onnx", kwargs=models.inputs(2, 8), mode="merged")
     assert not list(tmp_path.iterdir())
+
+
+class _TransposedLinear(torch.nn.Linear):
+    """Falcon's FalconLinear: x @ W.T + b instead of F.linear."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _TransposedMlp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = _TransposedLinear(8, 16)
+        self.down = _TransposedLinear(16, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("mode", ["merged", "adapters"])
+def test_transposed_weight_sites_export_and_run_in_onnx_runtime(tmp_path, mode):
+    torch.manual_seed(0)
+    model = _TransposedMlp().eval()
+    example = {"x": torch.randn(2, 5, 8)}
+    gm = lora_fx.apply(lora_fx.capture(model, kwargs=example),
+                       lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["up", "down"], init_lora_weights=False))
+    assert sorted(meta(gm)["lora_sites"]) == ["down", "up"]
+    out = lora_fx.export_onnx(gm, tmp_path / "m.onnx", kwargs=example, mode=mode)
+    saved = ir.load(str(out.model_path))
+    lora_inits = [n for n in saved.graph.initializers if ".lora_" in n]
+    assert (not lora_inits) if mode == "merged" else sorted(lora_inits) == sorted(f"{s}.lora_{w}.weight" for s in ("up", "down") for w in "AB")
+    adapter = out.adapter_paths[0] if mode == "adapters" else None
+    for shape in [(2, 5), (3, 7)]:
+        x = torch.randn(*shape, 8)
+        with torch.no_grad():
+            want, base = gm(x=x).numpy(), model(x).numpy()
+        assert rel(want, base) > 1e-3
+        assert rel(ort_run(out.model_path, {"x": x.numpy()}, adapter=adapter), want) <= 1e-4
+
+
+class _SharedLayer(torch.nn.Module):
+    """One layer run twice per forward, as ALBERT shares its layers' weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.layer(torch.relu(self.layer(x)))))
+
+
+@pytest.mark.parametrize("mode", ["merged", "adapters"])
+def test_an_adapted_module_that_runs_twice_is_refused_before_export(tmp_path, mode):
+    example = {"x": torch.randn(2, 5, 8)}
+    gm = lora_fx.apply(lora_fx.capture(_SharedLayer().eval(), kwargs=example),
+                       lora_fx.LoraConfig(r=2, target_modules=["layer", "head"], init_lora_weights=False))
+    with pytest.raises(UnsupportedError, match=r"more than once per forward .*: layer; .*exclude_modules"):
+        lora_fx.export_onnx(gm, tmp_path / "m.onnx", kwargs=example, mode=mode)
+    assert not list(tmp_path.iterdir())

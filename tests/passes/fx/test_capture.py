@@ -87,3 +87,69 @@ def test_non_module_is_refused():
 def test_wrong_example_inputs_get_a_capture_error():
     with pytest.raises(CaptureError, match="could not capture BertModel"):
         lora_fx.capture(build("bert"), kwargs={"no_such_input": torch.ones(2, 3)})
+
+
+@pytest.mark.parametrize("name, batch, seq", [("bert", 1, 8), ("llama", 2, 1), ("gpt2", 1, 1)])
+def test_an_example_of_batch_or_sequence_one_still_gives_dynamic_dims(name, batch, seq):
+    """torch.export fixes a dim whose example size is 1; the capture must still take every batch and sequence."""
+    model = build(name)
+    gm = lora_fx.capture(model, kwargs=inputs(batch, seq))
+    for b, s, pad in [(batch, seq, 0), (3, 9, 2), (1, 1, 0), (4, 1, 0), (1, 6, 0)]:
+        x = inputs(b, s, pad=pad, seed=s)
+        assert max_rel(run(gm, x), run(model, x)) <= 1e-6, (b, s)
+
+
+def test_a_dim_that_really_is_one_stays_fixed_and_the_batch_dynamic():
+    class Gray(torch.nn.Module):  # one input channel: dim 1 cannot be widened
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    model = Gray().eval()
+    gm = lora_fx.capture(model, (torch.randn(1, 1, 8, 8),))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert max_rel(gm(x), model(x)) <= 1e-6
+
+
+def test_an_unregistered_output_class_gets_a_way_out():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return Out(self.fc(x))
+
+    with pytest.raises(CaptureError, match="return a tuple, a dict or a transformers ModelOutput"):
+        lora_fx.capture(M(), (torch.randn(2, 4),))
+
+
+def test_encoder_decoder_with_its_own_decoder_config_captures_without_cache():
+    """T5's decoder stack holds a copy of the config: use_cache must be settled there too, and restored."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+
+    def batch(b: int, s: int, pad: int = 0) -> dict:
+        x = inputs(b, s, pad=pad, seed=s)
+        x["decoder_input_ids"] = inputs(b, s - 2, seed=s + 1)["input_ids"]
+        return x
+
+    gm = lora_fx.capture(model, kwargs=batch(2, 8))
+    assert model.config.use_cache is True and model.decoder.config.use_cache is True
+    for b, s, pad in [(2, 8, 0), (3, 11, 4), (1, 5, 0)]:
+        x = batch(b, s, pad)
+        assert max_rel(run(gm, x), run(model, x)) <= 1e-6

@@ -104,3 +104,34 @@ def test_site_dict_has_the_public_fields(zoo):
 def test_find_sites_refuses_other_objects():
     with pytest.raises(lora_fx.ConfigError, match="takes a GraphModule"):
         lora_fx.find_sites(build("bert"))
+
+
+class _TorchAttention(torch.nn.Module):
+    """nn.MultiheadAttention calls F.linear on its own in_proj_weight and on its out_proj child's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_a_linear_called_by_its_parent_is_named_after_its_own_module():
+    gm = lora_fx.capture(_TorchAttention().eval(), (torch.randn(2, 5, 16),))
+    sites = [s for s in lora_fx.find_sites(gm) if s.kind is SiteKind.LINEAR]
+    # out_proj is a module path (as PEFT names it), not a second site called "attn" with another shape.
+    assert [(s.name, s.in_features, s.out_features) for s in sites] == [
+        ("attn", 16, 48), ("attn.out_proj", 16, 16), ("fc", 16, 4),
+    ]
+
+
+def test_a_matmul_on_a_transposed_weight_is_a_linear_site(zoo):
+    """Falcon's FalconLinear computes x @ W.T (+ b) instead of F.linear: still a site, W [out, in]."""
+    sites = [s for s in lora_fx.find_sites(zoo.gm("falcon")) if s.kind is SiteKind.LINEAR]
+    expected = _linear_modules(zoo.model("falcon"))
+    assert [s.name for s in sites] == list(expected)
+    for s in sites:
+        assert (s.in_features, s.out_features, s.fan_in_fan_out) == expected[s.name], s.name
+    assert {s.op for s in sites} == {"aten.matmul", "aten.linear"}  # FalconLinear and the tied lm_head

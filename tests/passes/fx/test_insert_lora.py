@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lora_fx
 from lora_fx.errors import AdapterError
@@ -14,7 +16,8 @@ from lora_fx.passes.fx.insert_lora import InsertLora
 from lora_fx.targeting import select_targets
 from tests.models import ALL, TINY, copy_ours_into_peft, inputs, max_rel, peft_wrap, run
 
-DEFAULT_TARGETS = {"minilm": ["query", "value"], "bert": ["query", "value"], "gpt2": "all-linear", "llama": "all-linear"}
+DEFAULT_TARGETS = {"minilm": ["query", "value"], "bert": ["query", "value"], "gpt2": "all-linear", "llama": "all-linear",
+                   "falcon": "all-linear"}
 # Sizes other than the capture example (2, 8): the graph has dynamic batch and sequence dims.
 SHAPES = [(2, 8, 0), (3, 11, 4), (1, 5, 0), (4, 16, 7)]
 
@@ -164,3 +167,70 @@ def test_bf16_model_equals_peft():
     ours, theirs = run(gm, b), run(pm, b)
     assert ours.dtype == theirs.dtype == torch.bfloat16
     assert max_rel(ours.float(), theirs.float()) <= 1e-5
+
+
+
+class _SelfAttention(torch.nn.Module):
+    """nn.MultiheadAttention runs F.linear on its out_proj child's weight itself, not through the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_a_linear_called_by_its_parent_gets_its_own_adapter():
+    torch.manual_seed(0)
+    model = _SelfAttention().eval()
+    gm = lora_fx.capture(model, (torch.randn(2, 5, 16),))
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["out_proj"], init_lora_weights=False))
+    assert list(meta(gm)["lora_sites"]) == ["attn.out_proj"]
+    mod = gm.get_submodule("attn.out_proj")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.attn.out_proj.weight += 2.0 * mod.lora_B.weight @ mod.lora_A.weight  # W + (alpha / r) B A
+        for b, s in [(2, 5), (3, 7)]:
+            x = torch.randn(b, s, 16)
+            assert max_rel(gm(x), ref(x)) <= 1e-5
+            assert max_rel(gm(x), model(x)) > 1e-3
+
+
+class _TwoWeights(torch.nn.Module):
+    """F.linear on two parameters of its own: two sites with one module path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(8, 8))
+        self.w2 = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return F.linear(torch.relu(F.linear(x, self.w1)), self.w2)
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = _TwoWeights()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(self.blk(x))
+
+
+def test_a_module_with_several_weights_of_its_own_is_refused():
+    gm = lora_fx.capture(_Holder().eval(), (torch.randn(2, 8),))
+    assert [s.name for s in lora_fx.find_sites(gm)] == ["blk", "blk", "fc"]
+    code = gm.code
+    # One (A, B) cannot serve two different weights: refused with the way out, before anything changes.
+    with pytest.raises(AdapterError, match=r"reads several weights \(blk.w1, blk.w2\).*exclude_modules"):
+        lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules=["blk", "fc"]))
+    assert gm.code == code and not meta(gm).get("lora_sites")
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules=["fc"]))
+    assert list(meta(gm)["lora_sites"]) == ["fc"]
+
+
+def test_transposed_weight_matmul_equals_peft(zoo):
+    """Falcon's x @ W.T + b sites: the branch joins the matmul's output, PEFT's numbers."""
+    _parity(zoo, "falcon")

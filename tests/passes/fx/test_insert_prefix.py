@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 import lora_fx
-from lora_fx.errors import AdapterError, ConfigError, TargetNotFoundError
+from lora_fx.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedError
 from lora_fx.passes.fx import insert_prefix as insert_prefix_mod
 from lora_fx.passes.fx.capture import meta
 from lora_fx.passes.fx.fold_prefix import fold_prefix
 from tests.models import build, inputs, max_rel, run
 
 T = 5
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "minilm": "FEATURE_EXTRACTION"}
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "minilm": "FEATURE_EXTRACTION",
+        "gptj": "CAUSAL_LM", "opt": "CAUSAL_LM", "roberta": "FEATURE_EXTRACTION"}
 # Sizes other than the capture example (2, 8), with right padding in the last row.
 SHAPES = [(2, 8, 0), (3, 11, 4), (1, 5, 0), (4, 13, 6)]
 
@@ -83,6 +84,18 @@ def test_a_prefix_adapter_for_another_model_leaves_a_bare_capture_unchanged(tmp_
         lora_fx.load_adapter(gm, tmp_path)
     assert gm.code == code and not meta(gm).get("prefix")
     assert not [n for n, _ in gm.named_parameters() if "prefix" in n]
+
+
+@pytest.mark.parametrize("name", ["gptj", "opt", "roberta"])
+def test_positions_from_a_table_or_a_running_count_move_by_t(tmp_path, name):
+    """GPT-J gathers rotary sin/cos rows from a table; OPT (from the mask) and RoBERTa (from the tokens)
+    number positions with a cumsum. Under PEFT all of them start at T; without the offset parity fails."""
+    base = build(name)
+    pm = _peft(base, name)
+    pm.save_pretrained(tmp_path)
+    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    lora_fx.load_adapter(gm, tmp_path)
+    _assert_parity(gm, pm, base, SHAPES[:3])
 
 
 @pytest.mark.slow
@@ -293,3 +306,22 @@ def test_boolean_mask_gains_visible_columns():
     with torch.no_grad():
         ref = _reference(mod, x, prefix.prefix_key, prefix.prefix_value, causal_offset=False, mask=mask)
         assert max_rel(gm(x, mask), ref) <= 1e-6
+
+
+def test_an_attention_module_run_by_several_layers_is_refused():
+    """ALBERT runs one attention module per layer: prefixes, named by module path, cannot tell the layers apart."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = _Attn(causal=False)
+            self.proj = torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.attn(self.proj(self.attn(x)))
+
+    gm = lora_fx.capture(Shared().eval(), (torch.randn(2, 6, 16),))
+    code = gm.code
+    with pytest.raises(UnsupportedError, match="attn runs 2 times per forward.*Use LoRA"):
+        lora_fx.apply(gm, lora_fx.PrefixConfig(num_virtual_tokens=2))
+    assert gm.code == code and not [n for n, _ in gm.named_parameters() if "prefix" in n]

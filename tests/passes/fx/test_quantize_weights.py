@@ -7,12 +7,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lora_fx
 from lora_fx.config import QuantConfig, QuantDType
 from lora_fx.errors import ConfigError
 from lora_fx.passes.fx.capture import meta
-from lora_fx.passes.fx.quantize_weights import dequantized_weight, linear_weight_bytes, quantized_nodes
+from lora_fx.passes.fx.quantize_weights import dequantized_weight, linear_weight_bytes, quantize_weights, quantized_nodes
 from tests.models import VOCAB, inputs, main_output, max_rel, run
 
 NF4_DQ = QuantConfig(dtype="nf4", double_quant=True)
@@ -353,3 +354,47 @@ def test_onnx_runtime_runs_exported_quantized_model(tmp_path, wide_llama, quant,
     assert max_rel(got, run(gm, b)) <= 1e-4
     # The random adapters matter, so the comparison above can fail: without them ORT gives another output.
     assert max_rel(torch.from_numpy(session.run(None, feeds)[0]), run(gm, b)) > 1e-3
+
+
+class _TwoWeights(torch.nn.Module):
+    """F.linear on two same-shape parameters of one module (and nn.MultiheadAttention's in_proj beside out_proj)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(16, 16))
+        self.w2 = torch.nn.Parameter(torch.randn(16, 16))
+        self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        h = F.linear(torch.relu(F.linear(x, self.w1)), self.w2)
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("dtype", list(QuantDType))
+def test_weights_of_one_module_keep_their_own_storage(dtype):
+    """Each weight's packed storage is its own: registering every weight as <module>.qweight let the last overwrite the others."""
+    torch.manual_seed(0)
+    model = _TwoWeights().eval()
+    gm = lora_fx.capture(model, (torch.randn(2, 5, 16),))
+    quantize_weights(gm, QuantConfig(dtype=dtype, block_size=16, target_modules="all-linear"))
+    assert set(quantized_nodes(gm)) == {"w1", "w2", "attn", "attn.out_proj"}
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for site, param in [("w1", ref.w1), ("w2", ref.w2), ("attn", ref.attn.in_proj_weight), ("attn.out_proj", ref.attn.out_proj.weight)]:
+            param.copy_(dequantized_weight(gm, site))
+        for b, s in [(2, 5), (3, 7)]:
+            x = torch.randn(b, s, 16)
+            assert max_rel(gm(x), ref(x)) <= 1e-5
+            assert max_rel(gm(x), model(x)) > 1e-4  # quantization really changed W, so the comparison can fail
+
+
+def test_transposed_weight_matmul_quantizes_like_a_linear(zoo):
+    """Falcon's x @ W.T: W is already [out, in]; the W.T node goes with the float W."""
+    gm = lora_fx.apply(zoo.gm("falcon"), lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=NF4_DQ)
+    assert {s.op for s in lora_fx.find_sites(gm) if s.kind.value == "linear"} == {"lora_fx.linear_nf4", "aten.linear"}
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten.numpy_T.default]
+    ref = _dequantized_model(zoo.model("falcon"), gm)
+    b = inputs(3, 11, pad=4, seed=3)
+    got = run(gm, b)
+    assert max_rel(got, run(ref, b)) <= 1e-6
+    assert max_rel(got, run(zoo.model("falcon"), b)) > 1e-5
