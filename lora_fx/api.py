@@ -87,6 +87,11 @@ def _check_config(config: Any) -> None:
 
 def _apply(model: Any, config: Any, quant: Any) -> Any:
     ir_name = "fx" if isinstance(model, fx.GraphModule) else "onnx"
+    if quant is not None and isinstance(config, LoraConfig) and config.target_modules is not None:
+        # Quantizing changes the model in place: a target that matches nothing (a typo) must be refused
+        # before, not after, or the caller is left with a quantized model and no adapter. Site names
+        # survive quantization, so the selection made now is the one made after it.
+        select_targets(find_sites(model), config)
     if quant is not None:
         # QLoRA: quantize first so the adapter branches attach to the dequantized weights' sites.
         from importlib import import_module

@@ -30,3 +30,24 @@ def test_a_peft_config_is_refused_with_the_conversion(zoo):
     assert set(meta(gm)["lora_sites"]) == set(peft_lora_modules(pm))
     b = inputs(2, 6)
     assert max_rel(run(gm, b), run(pm, b)) <= 1e-5
+
+
+@pytest.mark.parametrize("front_end", ["fx", "onnx"])
+def test_a_qlora_target_that_matches_nothing_is_refused_before_quantizing(zoo, front_end, tmp_path):
+    """apply(..., quant=...) quantizes in place first; a typo in target_modules must not leave a quantized
+    model without an adapter."""
+    from lora_fx.errors import TargetNotFoundError
+
+    if front_end == "fx":
+        model = zoo.gm("llama")
+    else:
+        lora_fx.export_onnx(zoo.gm("llama"), tmp_path / "base.onnx", kwargs=inputs(2, 8))
+        model = lora_fx.load(tmp_path / "base.onnx")
+    before = [s.op for s in lora_fx.find_sites(model)]
+    with pytest.raises(TargetNotFoundError, match="q_prjo"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["q_prjo"]), quant=lora_fx.QuantConfig(dtype="int8"))
+    assert [s.op for s in lora_fx.find_sites(model)] == before  # nothing quantized
+    if front_end == "fx":
+        assert not meta(model).get("quant")
+    else:
+        assert "DequantizeLinear" not in {n.op_type for n in model.graph}
