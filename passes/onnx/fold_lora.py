@@ -112,6 +112,18 @@ def _drop_precision_casts(graph: ir.Graph, fold: _Fold) -> None:
     graph.remove(up, safe=True)
 
 
+def _weight_origin(graph: ir.Graph, value: ir.Value | None) -> str:
+    """Where a weight that is no initializer comes from, in the words of the refusal."""
+    node = value.producer() if value is not None else None
+    if node is not None and node.op_type == "Transpose" and node.inputs and node.inputs[0] is not None:
+        node = node.inputs[0].producer() or node
+    if node is not None and node.op_type == "Constant":
+        return f"is the value of Constant node {node.name!r} (lift it to an initializer, e.g. with onnx_ir's LiftConstantsToInitializersPass, to fold)"
+    if value is not None and value in graph.inputs:
+        return f"is graph input {value.name!r}"
+    return f"is computed by {node.op_type} node {node.name!r}" if node is not None else "is not stored in the graph"
+
+
 def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.Value | None:
     if value is not None and value.name in graph.initializers and graph.initializers[value.name] is value:
         return value
@@ -210,10 +222,8 @@ class FoldLora:
             if weight is None and producer is not None and producer.op_type == "Transpose" and tuple(_attr(producer, "perm", (1, 0))) == (1, 0):
                 weight, transposed, consumer = _initializer(graph, producer.inputs[0]), True, producer
         if weight is None or weight.const_value is None:
-            raise UnsupportedError(
-                f"site {site}: its weight is not a stored initializer (computed, quantized or a graph input); "
-                "it cannot absorb the adapter; export with adapter slots instead"
-            )
+            raise UnsupportedError(f"site {site}: its weight {_weight_origin(graph, w_in)}, not an initializer, so the fold "
+                                   "has nowhere to write W + A @ B; export with adapter slots instead")
         if _source(node.inputs[0]) is not _source(branch.x):
             raise UnsupportedError(f"site {site}: the LoRA branch reads a different input than the site's weight; cannot fold")
         return _Fold(branch, weight, transposed, alpha, consumer, None, up_cast, node)

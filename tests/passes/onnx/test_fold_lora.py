@@ -170,3 +170,31 @@ def test_transpose_shared_by_two_sites_folds_each_delta_into_its_own_site():
     fold_lora(lora)
     assert rel(ort_run(save(lora, "shared-transpose-folded.onnx"), feeds), want) <= 1e-5
     assert [n.op_type for n in lora.graph] == ["Transpose", "MatMul", "Tanh", "MatMul"]
+
+
+def test_a_weight_held_by_a_constant_node_is_refused_by_name_and_folds_once_lifted():
+    """The refusal names the Constant node and the pass that makes its value an initializer; after that pass
+    the fold gives the unfolded model's outputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w"], name="w_const", value=numpy_helper.from_array(w, "w_value")),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="fc/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+    lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=".*", init_lora_weights="gaussian"))
+    for value in model.graph.initializers.values():
+        if value.name.endswith("lora_B.weight"):
+            value.const_value = ir.tensor(rng.standard_normal(value.shape.numpy()).astype(np.float32), name=value.name)
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    want = ort_run(save(model, "fold-const-lora.onnx"), feeds)
+    with pytest.raises(UnsupportedError, match=r"Constant node 'w_const'.*LiftConstantsToInitializersPass"):
+        fold_lora(ir.from_proto(ir.to_proto(model)))
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    fold_lora(model)
+    assert "MatMul" in _ops(model) and not any("lora" in n for n in model.graph.initializers)
+    assert rel(ort_run(save(model, "fold-const-folded.onnx"), feeds), want) <= 1e-5
