@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="with --merge on a quantized model: quantize the merged W again (same format and op); "
                        "prints the error this adds per site")
     p.add_argument("--adapter", metavar="FILE", help="with --merge: fold this .onnx_adapter (for a model with adapter slots)")
-    p.add_argument("--name", default="default", help="name of the written adapter (default: default)")
+    p.add_argument("--name", default=None, help="with --adapters: name of the written adapter (default: default)")
     p.add_argument("--no-peft", action="store_true", help="with --adapters: do not write the PEFT directory")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=run)
@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     require_file(src, "ONNX model")
     if src.resolve() == out.resolve():
         raise ConfigError(f"-o {out} would overwrite the input model; choose another output path")
+    if args.merge and (args.name is not None or args.no_peft):
+        # A merge writes one plain model and no adapter: these would be silently ignored.
+        given = [flag for flag, on in (("--name", args.name is not None), ("--no-peft", args.no_peft)) if on]
+        raise ConfigError(f"{' and '.join(given)} go with --adapters (the adapter files it writes); --merge writes no adapter")
+    args.name = "default" if args.name is None else args.name
     check_outputs(out, args)
     if args.adapter and not args.merge:
         raise ConfigError("--adapter FILE goes with --merge (fold that adapter); --adapters writes the model's own weights")

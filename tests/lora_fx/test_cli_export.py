@@ -85,6 +85,9 @@ def test_errors_exit_non_zero_with_a_message_and_write_nothing(lora_file, tmp_pa
     main(["export", str(path), "-o", str(tmp_path / "served.onnx"), "--adapters"])
     assert main(["export", str(tmp_path / "served.onnx"), "-o", str(tmp_path / "out.onnx"), "--merge"]) == 2
     assert "--merge --adapter" in capsys.readouterr().err
+    # Options of --adapters given to --merge would be ignored: refused instead.
+    assert main(["export", str(path), "-o", str(tmp_path / "out.onnx"), "--merge", "--name", "legal", "--no-peft"]) == 2
+    assert "--name and --no-peft go with --adapters" in capsys.readouterr().err
     np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "pickled.npz", x=np.array([{"x": 1}], dtype=object))
     assert main(["run", str(tmp_path / "served.onnx"), "--inputs", str(tmp_path / "pickled.npz")]) == 2
