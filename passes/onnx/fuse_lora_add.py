@@ -22,7 +22,13 @@ everywhere (1.33-1.47 against 1.08-1.20): the merged W is not prepacked. Whole-m
 batch 8 about 1.09, worse at batch 1; not kept. Absorbing the bias ``Add`` that follows a site into
 this Gemm (``x @ A`` padded with a column of ones, B with the bias as an extra row) removes those
 Adds (about 3 ms of 320 at batch 8 in a profile) but measured within noise of this form: slot/base
-1.078 against 1.079 (every site) and 1.091 (q, k, v only), interquartile ranges of +-10%. Doing the sum in the base GEMM's epilogue needs a
+1.078 against 1.079 (every site) and 1.091 (q, k, v only), interquartile ranges of +-10%. The base GEMM accumulating into the branch (``delta = x @ A @ B``,
+then ``Gemm(x, W, delta)`` with W still a prepacked constant) saves one pass over each site output: in
+ONNX Runtime profiles (kernel time, MiniLM) slot/base 1.080 against 1.110 for this form at batch 8, 1.10
+against 1.12 at batch 1; not kept, as it is still far from 1.05 and the base's MatMuls become Gemms (a new
+branch form for every reader). What remains is mostly ``x @ A``: a MatMul with N = r runs at about a
+third of MLAS's peak (192 us for 1024x384 @ 384x8 on one thread, and neither ``Gemm`` nor its transposed
+form ``A^T @ x^T`` is faster). Doing the sum in the base GEMM's epilogue needs a
 fused kernel, which no standard ONNX op (nor a com.microsoft contrib op on CPU) offers.
 
 The result is the GEMM form of ``lora_layout`` (``BranchForm.GEMM``), which ``find_branch`` — and so
