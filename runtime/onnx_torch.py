@@ -14,6 +14,12 @@ shapes, so it is evaluated once per input-shape signature and kept as Python con
 (``Const``): later calls, and ``torch.compile`` traces, see plain ints there instead of
 data-dependent tensors.
 
+Values are tensors, ``Const``s, or sequences (Python lists of tensors, made by the sequence ops).
+Control flow (``If``, ``Loop``) runs its subgraphs with the same executor, inside the current run:
+a subgraph reads outer-scope values by name, so gradients reach the weights a branch uses. Subgraph
+values are computed afresh each run (shape arithmetic in them still comes out as ``Const``); an ``If``
+whose condition and outer reads are all shape arithmetic is cached like any other.
+
 Training mode: graphs exported in eval mode contain no dropout, so ``set_training_mode`` only
 affects ``Dropout`` nodes that are actually present in the graph (they drop with their ratio when
 training, and are the identity otherwise).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import ChainMap
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -86,10 +93,14 @@ def trainable_initializers(model: Any) -> list[str]:
 
 _DATA_SHAPED_OPS = {"NonZero", "Unique", "Compress", "TopK", "NonMaxSuppression"}
 # inputs read as Python ints: when such an input is not a shape constant, the output shape depends on data
+# (If's condition and Loop's trip count and condition choose what runs, so they count too)
 _SHAPE_INPUTS = {
     "Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
     "Slice": (1, 2, 3, 4), "Split": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "Trilu": (1,), "CumSum": (1,),
+    "SplitToSequence": (1,), "SequenceAt": (1,), "SequenceInsert": (2,), "SequenceErase": (1,),
+    "If": (0,), "Loop": (0, 1),
 }
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Dropout", "Multinomial", "Bernoulli"}
 
 
 def _attr_value(attr: Any) -> Any:
@@ -138,10 +149,45 @@ def _from_torch(t: torch.Tensor, dtype: Any, name: str) -> Any:
     return ir.Tensor(t.numpy().astype(dtype.numpy(), copy=True), name=name)
 
 
+def _subgraphs(node: Any) -> list[Any]:
+    """The graphs ``node`` holds in its attributes (If's branches, Loop's body, ...)."""
+    import onnx_ir as ir
+
+    out = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            out.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            out.extend(attr.value)
+    return out
+
+
+def _all_nodes(graph: Any) -> Iterable[Any]:
+    """Every node of ``graph`` and of the subgraphs nested in it."""
+    import onnx_ir as ir
+
+    return ir.traversal.RecursiveGraphIterator(graph)
+
+
+def _outer_reads(graph: Any) -> list[str]:
+    """Names a subgraph reads from enclosing scopes (its own nested subgraphs included), in first-read order."""
+    local = {v.name for v in graph.inputs} | set(graph.initializers)
+    reads: dict[str, None] = {}
+    for node in graph:
+        names = [v.name for v in node.inputs if v is not None]
+        for sub in _subgraphs(node):
+            names += _outer_reads(sub)
+        for name in names:
+            if name and name not in local:
+                reads.setdefault(name, None)
+        local.update(v.name for v in node.outputs if v is not None)
+    return list(reads)
+
+
 def check_supported(model: Any) -> None:
-    """Raise ``UnsupportedError`` naming every op that cannot run, before anything runs."""
+    """Raise ``UnsupportedError`` naming every op that cannot run, before anything runs (subgraphs included)."""
     missing: dict[tuple[str, str], str] = {}
-    for node in model.graph:
+    for node in _all_nodes(model.graph):
         key = (node.domain or "", node.op_type)
         if key[0] == "ai.onnx":
             key = ("", key[1])
@@ -178,7 +224,17 @@ def _lazy_compiler_disable(fn: Callable) -> Callable:
 
 class _Node:
     __slots__ = ("fn", "inputs", "outputs", "attrs", "opset", "label", "const_ok", "n_outputs", "op", "domain",
-                 "attrs_checked", "free")
+                 "attrs_checked", "free", "captures", "is_shape")
+
+
+class _Body:
+    """A compiled subgraph (a branch of If, the body of Loop). Its nodes run inside the enclosing run and read
+    outer-scope values by name; ``inputs`` are bound per call, ``outputs`` come back as a list."""
+
+    __slots__ = ("nodes", "input_names", "output_names", "name")
+
+    def __init__(self, nodes: list[_Node], input_names: list[str], output_names: list[str], name: str) -> None:
+        self.nodes, self.input_names, self.output_names, self.name = nodes, input_names, output_names, name
 
 
 class _ReadAttrs(dict):
@@ -269,7 +325,8 @@ def _check_ignored_attrs(n: "_Node", attrs: _ReadAttrs) -> None:
 
 
 class OnnxModule(torch.nn.Module):
-    """An onnx_ir Model executed by torch. Call with graph inputs by name; returns ``{output name: tensor}``.
+    """An onnx_ir Model executed by torch. Call with graph inputs by name; returns ``{output name: tensor}``
+    (a sequence output: a list of tensors).
 
     Keyword arguments that name no graph input are ignored, so a training batch holding labels
     can be passed as it is.
@@ -281,13 +338,6 @@ class OnnxModule(torch.nn.Module):
         super().__init__()
         check_supported(model)
         graph = model.graph
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type.name.startswith("GRAPH"):
-                    raise UnsupportedError(
-                        f"{node.op_type} node {node.name!r} holds a subgraph (control flow); lora_fx runs only "
-                        "straight-line graphs. Way out: export with static control flow"
-                    )
         self._model = model
         self._opsets = {("" if k == "ai.onnx" else k): v for k, v in model.opset_imports.items()}
         self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
@@ -296,7 +346,10 @@ class OnnxModule(torch.nn.Module):
         taken: set[str] = set(dir(self))
         self._attr_of: dict[str, str] = {}
         init_consts: dict[str, Const] = {}
-        for name, value in graph.initializers.items():
+        # Subgraphs may hold initializers of their own: frozen, and (ONNX names being unique) kept beside the main ones.
+        sub_inits = [(name, value) for node in _all_nodes(graph) for sub in _subgraphs(node)
+                     for name, value in sub.initializers.items()]
+        for name, value in [*graph.initializers.items(), *sub_inits]:
             if value.const_value is None:
                 raise UnsupportedError(f"initializer {name!r} has no value; the model needs its data (the .onnx.data file) beside it")
             t = _to_torch(value.const_value, share=name not in self.trainable_names)  # adapters: copies, trained in place
@@ -346,9 +399,22 @@ class OnnxModule(torch.nn.Module):
         self._training_mode = False
 
     def _compile(self, graph: Any, const_inits: set[str], fused: dict[int, tuple[Int8Linear, list[str]]]) -> list[_Node]:
-        candidates: set[str] = set(const_inits)  # values computable from input shapes alone
-        data_shaped: set[str] = set()  # values whose shape depends on input data
         absorbed = {id(s) for hit, _ in fused.values() for s in hit.skipped}
+        return self._compile_nodes(graph, set(const_inits), set(), fused, absorbed, set(self.output_names), body=False)
+
+    def _compile_body(self, graph: Any, data_shaped: set[str]) -> _Body:
+        """A subgraph's nodes. None of them is cached as shape arithmetic: a body runs only when its If or Loop
+        chooses to, so its values are computed each run (those made from constants still come out as ``Const``)."""
+        inputs = [v.name for v in graph.inputs]
+        outputs = [v.name for v in graph.outputs]
+        nodes = self._compile_nodes(graph, set(), set(data_shaped), {}, set(), set(outputs), body=True)
+        return _Body(nodes, inputs, outputs, graph.name or "<subgraph>")
+
+    def _compile_nodes(self, graph: Any, candidates: set[str], data_shaped: set[str],
+                       fused: dict[int, tuple[Int8Linear, list[str]]], absorbed: set[int], keep: set[str],
+                       body: bool) -> list[_Node]:
+        """``candidates``: values computable from input shapes alone; ``data_shaped``: values whose shape
+        depends on input data. Both grow as the nodes are compiled."""
         nodes = []
         for node in graph:
             if id(node) in absorbed:
@@ -369,13 +435,21 @@ class OnnxModule(torch.nn.Module):
             if id(node) in fused:
                 hit = fused[id(node)][0]
                 n.attrs = {"N": hit.out_features, "K": hit.in_features}
+            subs = _subgraphs(node)
+            # Values a subgraph reads from this scope are inputs of the node that holds it: for the shape
+            # cache, for data-dependent shapes, and so that they stay alive until the node has run.
+            n.captures = [c for sub in subs for c in _outer_reads(sub)]
+            n.captures = list(dict.fromkeys(c for c in n.captures if c not in n.inputs))
             n.opset = self._opsets.get(domain, 1)
             n.label = f"{node.op_type} node {node.name!r}"
             n.op, n.domain, n.attrs_checked = node.op_type, domain, False
-            real = [i for i in n.inputs if i]
-            if node.op_type in ("Shape", "Size") and domain == "":
+            n.is_shape = node.op_type in ("Shape", "Size") and domain == ""
+            real = [i for i in n.inputs if i] + n.captures
+            if body:
+                ok = False
+            elif n.is_shape:
                 ok = bool(real) and real[0] not in data_shaped
-            elif node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Dropout", "Multinomial", "Bernoulli"):
+            elif node.op_type in _RANDOM_OPS or any(m.op_type in _RANDOM_OPS for sub in subs for m in _all_nodes(sub)):
                 ok = False
             else:
                 ok = all(i in candidates for i in real)
@@ -386,23 +460,28 @@ class OnnxModule(torch.nn.Module):
             if (node.op_type in _DATA_SHAPED_OPS or any(i in data_shaped for i in real)
                     or any(j < len(n.inputs) and n.inputs[j] and n.inputs[j] not in candidates for j in shape_ins)):
                 data_shaped.update(o for o in n.outputs if o)
+            for k, v in node.attributes.items():
+                if v.type.name == "GRAPH":
+                    n.attrs[k] = self._compile_body(v.value, data_shaped)
+                elif v.type.name == "GRAPHS":
+                    n.attrs[k] = [self._compile_body(g, data_shaped) for g in v.value]
             nodes.append(n)
         # Each value leaves the run's environment after its last reader (or, never read, right after it is made),
         # as the code torch.fx generates deletes dead values: a forward would otherwise hold every intermediate
-        # tensor of the graph until it returns, not only those autograd saves.
+        # tensor of the graph until it returns, not only those autograd saves. A body frees only its own values.
         last: dict[str, int] = {}
         for k, n in enumerate(nodes):
             for name in n.outputs:
                 if name:
                     last.setdefault(name, k)
-            for name in n.inputs:
+            for name in n.inputs + n.captures:
                 if name:
                     last[name] = k
         for n in nodes:
             n.free = []
-        keep = set(self.output_names)
+        own = {o for n in nodes for o in n.outputs if o} | ({v.name for v in graph.inputs} if body else set(last))
         for name, k in last.items():
-            if name not in keep:
+            if name not in keep and name in own:
                 nodes[k].free.append(name)
         return nodes
 
@@ -468,7 +547,7 @@ class OnnxModule(torch.nn.Module):
         return out
 
     def _run(self, feeds: dict[str, torch.Tensor], consts: dict[str, Const] | None,
-             record: dict[str, Const] | None) -> dict[str, torch.Tensor]:
+             record: dict[str, Const] | None) -> dict[str, Any]:
         env: dict[str, Any] = {n: getattr(self, a) for n, a in self._attr_of.items()}
         env.update(self._init_consts)
         env.update(feeds)
@@ -476,20 +555,41 @@ class OnnxModule(torch.nn.Module):
             env.update(consts)
         device = next(iter(feeds.values())).device if feeds else torch.device("cpu")
         ctx = Ctx(0, device, self._training_mode)
-        for n in self._nodes:
+        scopes = [env]  # the environment a subgraph reads its outer-scope values from: the innermost running one
+
+        def run_graph(body: _Body, inputs: list) -> list:
+            local: ChainMap = ChainMap(dict(zip(body.input_names, inputs)), scopes[-1])
+            scopes.append(local)
+            try:
+                self._exec(body.nodes, local, ctx, None, None, fold=True)
+            finally:
+                scopes.pop()
+            return [local[name] for name in body.output_names]
+
+        ctx.run_graph = run_graph
+        self._exec(self._nodes, env, ctx, consts, record, fold=False)
+        return {n: _as_output(ctx, env[n]) for n in self.output_names}
+
+    def _exec(self, nodes: list[_Node], env: Any, ctx: Ctx, consts: dict[str, Const] | None,
+              record: dict[str, Const] | None, fold: bool) -> None:
+        """Run ``nodes`` in ``env``. ``consts``: cached shape arithmetic to skip; ``record``: where to cache it.
+        ``fold`` (subgraphs, never cached): shape arithmetic still comes out as ``Const``, computed afresh."""
+        for n in nodes:
             if consts is not None and n.const_ok and all((not o) or o in consts for o in n.outputs):
                 continue
             args = [env[i] if i else None for i in n.inputs]
             ctx.opset = n.opset
             ctx.n_outputs = n.n_outputs
-            if record is not None and n.const_ok and (
-                    (n.op in ("Shape", "Size") and n.domain == "") or not any(isinstance(v, torch.Tensor) for v in args)):
+            if (record is not None and n.const_ok and (n.is_shape or not any(_is_data(v) for v in args)
+                                                       and not any(_is_data(env[c]) for c in n.captures))
+                    or fold and (n.is_shape or not n.captures and not any(_is_data(v) for v in args))):
                 with torch.no_grad():
                     outs = self._call(n, ctx, args)
                 for name, t in zip(n.outputs, outs):
-                    if name and isinstance(t, torch.Tensor) and t.numel() <= _CONST_LIMIT:
-                        c = Const.of(t)
-                        record[name] = c
+                    if name and (isinstance(t, Const) or isinstance(t, torch.Tensor) and t.numel() <= _CONST_LIMIT):
+                        c = t if isinstance(t, Const) else Const.of(t)  # a subgraph's output may be a Const already
+                        if record is not None:
+                            record[name] = c
                         env[name] = c
                     elif name:
                         env[name] = t
@@ -503,7 +603,6 @@ class OnnxModule(torch.nn.Module):
                     env[name] = t
             for name in n.free:
                 env.pop(name, None)
-        return {n: ctx.t(env[n]) for n in self.output_names}
 
     @staticmethod
     def _call(n: _Node, ctx: Ctx, args: list) -> Sequence[Any]:
@@ -514,7 +613,16 @@ class OnnxModule(torch.nn.Module):
             out = n.fn(ctx, args, attrs)
             _check_ignored_attrs(n, attrs)
             n.attrs_checked = True
-        return out if isinstance(out, (tuple, list)) else (out,)
+        return out if isinstance(out, tuple) else (out,)  # a list is one value: a sequence
+
+
+def _is_data(v: Any) -> bool:
+    """A tensor, or a sequence (list) of them: values that are not shape arithmetic."""
+    return isinstance(v, (torch.Tensor, list))
+
+
+def _as_output(ctx: Ctx, v: Any) -> Any:
+    return [ctx.t(t) for t in v] if isinstance(v, list) else ctx.t(v)
 
 
 def trainable_module(model: Any) -> OnnxModule:

@@ -1,8 +1,9 @@
 """What every op function shares: ``OPS`` (``(domain, op_type) -> fn``, filled by ``@op``), the call
 context ``Ctx``, shape constants ``Const`` and the ONNX-to-torch dtype table.
 
-An op function is ``fn(ctx, inputs, attrs)``: ``inputs`` are tensors, ``Const``s or None (an omitted
-optional input), ``attrs`` the node's attributes by name; it returns a tensor or a tuple of them.
+An op function is ``fn(ctx, inputs, attrs)``: ``inputs`` are tensors, ``Const``s, sequences (Python lists
+of tensors) or None (an omitted optional input), ``attrs`` the node's attributes by name (a subgraph
+attribute arrives compiled, to be run with ``ctx.run_graph``); it returns a value or a tuple of them.
 """
 
 from __future__ import annotations
@@ -65,18 +66,25 @@ class Const:
 
 
 class Ctx:
-    """What an op needs besides its inputs: the opset of its domain, the device, training mode."""
+    """What an op needs besides its inputs: the opset of its domain, the device, training mode, and (for
+    If and Loop) ``run_graph(body, inputs) -> outputs``, which the executor sets to run a compiled
+    subgraph inside the current run."""
 
     def __init__(self, opset: int, device: torch.device, training: bool) -> None:
         self.opset = opset
         self.device = device
         self.training = training
         self.n_outputs = 1
+        self.run_graph: Callable[[Any, list], list] = _no_subgraphs
 
     def t(self, v: Any) -> torch.Tensor | None:
         if v is None or isinstance(v, torch.Tensor):
             return v
         return v.tensor(self.device)
+
+
+def _no_subgraphs(body: Any, inputs: list) -> list:
+    raise UnsupportedError("this op runs a subgraph, and only lora_fx's graph executor (OnnxModule) can run one")
 
 
 def ints(v: Any) -> list[int]:

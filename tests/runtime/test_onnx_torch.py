@@ -280,3 +280,83 @@ def test_intermediate_values_are_dropped_after_their_last_reader(monkeypatch) ->
     with torch.no_grad():
         out = module(x=torch.randn(1000))
     torch.testing.assert_close(out["z"], -out["y"])
+
+
+# ---- control flow from a real export: torch.cond becomes If -------------------------------------------
+
+
+class _CondModel(torch.nn.Module):
+    """h = lin(x); torch.cond(sum(h) > 0): lin2(h) + x, else relu(2h - x). The dynamo exporter writes an If whose
+    branches read h, x and lin2's weights from the main graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.lin2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return torch.cond(h.sum() > 0, lambda h, x: self.lin2(h) + x, lambda h, x: (h * 2 - x).relu(), (h, x))
+
+
+@pytest.fixture(scope="module")
+def cond_export(tmp_path_factory) -> tuple[Path, torch.nn.Module, dict[str, torch.Tensor]]:
+    import warnings
+
+    model = _CondModel().eval()
+    path = tmp_path_factory.mktemp("cond") / "cond.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(3, 4),), str(path), dynamo=True, input_names=["x"], output_names=["y"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    v = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    xs = {"then": 10 * v, "else": -10 * v}
+    with torch.no_grad():
+        signs = {k: bool(model.lin(x).sum() > 0) for k, x in xs.items()}
+    if not signs["then"]:
+        xs = {"then": xs["else"], "else": xs["then"]}
+    return path, model, xs
+
+
+@pytest.mark.slow
+def test_torch_cond_export_matches_onnxruntime_and_eager_gradients(cond_export) -> None:
+    """Both branches: outputs equal ONNX Runtime's; gradients for the input and for the weights the branches
+    read from the main graph equal eager torch's (lin2 is read by the then-branch alone: no gradient otherwise)."""
+    path, eager, xs = cond_export
+    assert [n.op_type for n in ir.load(str(path)).graph].count("If") == 1
+    module = OnnxModule(lora_fx.load(path), trainable=["lin.weight", "lin2.weight", "lin2.bias"])
+    for branch, x in xs.items():
+        module.zero_grad()
+        eager.zero_grad()
+        want_y = om.ort_run(path, {"x": x.numpy()})[0]
+        x_ours, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = module(x=x_ours)["y"]
+        np.testing.assert_allclose(y.detach().numpy(), want_y, rtol=1e-6, atol=1e-6)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        (y * g).sum().backward()
+        (eager(x_eager) * g).sum().backward()
+        torch.testing.assert_close(x_ours.grad, x_eager.grad)
+        torch.testing.assert_close(module.tensor("lin.weight").grad, eager.lin.weight.grad)
+        lin2_grad = module.tensor("lin2.weight").grad
+        if branch == "then":
+            torch.testing.assert_close(lin2_grad, eager.lin2.weight.grad)
+            assert lin2_grad.abs().max() > 0
+        else:
+            for grad in (eager.lin2.weight.grad, lin2_grad):  # eager torch.cond gives zeros, lora_fx none
+                assert grad is None or not grad.any()
+
+
+@pytest.mark.slow
+def test_torch_cond_export_with_lora_matches_onnxruntime_and_trains(cond_export, tmp_path: Path) -> None:
+    path, _, xs = cond_export
+    torch.manual_seed(0)
+    model = lora_fx.apply(lora_fx.load(path), lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False))
+    module = OnnxModule(model)
+    saved = om.save(model, tmp_path / "cond_lora.onnx")
+    for x in xs.values():
+        np.testing.assert_allclose(module(x=x)["y"].detach().numpy(), om.ort_run(saved, {"x": x.numpy()})[0], rtol=1e-6, atol=1e-6)
+    target = torch.zeros(3, 4)
+    batches = [{"x": x, "target": target} for x in xs.values()]
+    result = lora_fx.train(model, batches, lambda out, b: ((out["y"] - b["target"]) ** 2).mean(), steps=20, lr=1e-2,
+                           progress=False)
+    assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4])

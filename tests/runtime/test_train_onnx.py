@@ -218,3 +218,91 @@ def test_training_an_onnx_model_with_lora_dropout_lowers_the_loss() -> None:
     lora_fx.train(model, _mlp_batches(), loss, steps=60, lr=1e-2, progress=False)
     assert eval_loss() < 0.9 * before
     assert any(n.op_type == "Dropout" for n in model.graph)
+
+
+# ---- exports with Conv (ViT) and sequence ops (Phi3, unoptimized) ---------------------------------------
+
+
+def _dynamo_export(model: torch.nn.Module, kwargs: dict, dynamic: dict, path: Path, outputs: list[str], optimize: bool = True) -> Path:
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (), str(path), kwargs=kwargs, dynamo=True, optimize=optimize, opset_version=18,
+                          input_names=list(kwargs), output_names=outputs, dynamic_shapes=dynamic, verbose=False)
+    return path
+
+
+def _op_types(model: ir.Model) -> set[str]:
+    return {n.op_type for n in model.graph}
+
+
+def _vit_batches(n: int = 4) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n):
+        px = torch.randn(8, 3, 32, 32, generator=gen)
+        out.append({"pixel_values": px, "labels": px.mean(dim=(2, 3)).argmax(-1)})  # the brightest channel
+    return out
+
+
+@pytest.mark.slow
+def test_vit_with_conv_patch_embedding_matches_onnxruntime_and_trains(tmp_path: Path) -> None:
+    """A tiny ViT (32x32 images, 8x8 patches, 2 layers) exported with dynamo: its patch embedding is a Conv.
+    With LoRA on q_proj and v_proj the torch forward equals ONNX Runtime's before and after training, and
+    training lowers the loss."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64, num_labels=3)
+    vit = tf.ViTForImageClassification(config).eval()
+    path = _dynamo_export(vit, {"pixel_values": torch.randn(2, 3, 32, 32)}, {"pixel_values": {0: torch.export.Dim("batch")}},
+                          tmp_path / "vit.onnx", ["logits"])
+    model = lora_fx.apply(lora_fx.load(path), lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False))
+    assert "Conv" in _op_types(model)
+    batches = _vit_batches()
+
+    def assert_matches_ort() -> None:
+        saved = om.save(model, tmp_path / f"vit-lora-{len(list(tmp_path.iterdir()))}.onnx")
+        module = OnnxModule(ir.load(str(saved)))
+        for px in (batches[0]["pixel_values"], batches[1]["pixel_values"][:3]):
+            want = torch.from_numpy(om.ort_run(saved, {"pixel_values": px})[0])
+            torch.testing.assert_close(module(pixel_values=px)["logits"].detach(), want, rtol=1e-4, atol=1e-4)
+
+    assert_matches_ort()
+    result = lora_fx.train(model, batches, lora_fx.runtime.train.cross_entropy_on("logits"), steps=16, lr=1e-2, progress=False)
+    assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4]) - 0.02, result.losses
+    assert_matches_ort()
+
+
+@pytest.mark.slow
+def test_phi3_unoptimized_export_with_sequence_ops_matches_onnxruntime(tmp_path: Path) -> None:
+    """Tiny Phi3 exported by dynamo without the optimizer splits tensors into sequences (SplitToSequence,
+    SequenceAt). With LoRA on qkv_proj and o_proj the torch forward equals ONNX Runtime's at two input shapes
+    and the loss's gradient reaches every adapter."""
+    import transformers as tf
+
+    from tests import models
+
+    torch.manual_seed(0)
+    config = tf.Phi3Config(vocab_size=models.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                           use_cache=False)
+    phi3 = tf.Phi3ForCausalLM(config).eval()
+    kwargs = models.inputs(2, 8)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    path = _dynamo_export(phi3, kwargs, {k: dims for k in kwargs}, tmp_path / "phi3.onnx", ["logits"], optimize=False)
+    model = lora_fx.apply(lora_fx.load(path), lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"],
+                                                                 init_lora_weights=False))
+    assert {"SplitToSequence", "SequenceAt"} <= _op_types(model)
+    saved = om.save(model, tmp_path / "phi3-lora.onnx")
+    module = OnnxModule(ir.load(str(saved)))
+    for feeds in (models.inputs(2, 8, pad=2), models.inputs(3, 5, seed=1)):
+        want = torch.from_numpy(om.ort_run(saved, feeds)[0])
+        got = module(**feeds)["logits"]
+        torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-4)
+    got.logsumexp(-1).mean().backward()
+    assert len(module.trainable_names) == 8
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in module.named_adapters().values())

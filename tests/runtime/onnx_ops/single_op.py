@@ -34,15 +34,22 @@ def single_op_model(node: onnx.NodeProto, inputs: dict[str, np.ndarray], opset: 
     """``node`` alone in a graph: ``inputs`` are graph inputs, ``inits`` initializers, every output the
     node names (optional ones left empty are skipped) a graph output. A com.microsoft node gets that
     domain's opset too."""
+    return graph_model([node], inputs, [o for o in node.output if o], opset=opset, inits=inits)
+
+
+def graph_model(nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], outputs: list[str], opset: int = 18,
+                inits: dict[str, np.ndarray] | None = None) -> ir.Model:
+    """A few ``nodes`` as a graph (ops that need company, such as sequences, or that hold subgraphs):
+    ``inputs`` are graph inputs, ``inits`` initializers, ``outputs`` the graph outputs."""
     def info(name: str, arr: np.ndarray) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), None)
 
-    outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
     graph = helper.make_graph(
-        [node], "g", [info(k, v) for k, v in inputs.items()], outs,
+        nodes, "g", [info(k, v) for k, v in inputs.items()], [helper.make_empty_tensor_value_info(o) for o in outputs],
         initializer=[onnx.numpy_helper.from_array(v, k) for k, v in (inits or {}).items()],
     )
-    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(MS, 1)] if node.domain == MS else [])
+    ms = any(n.domain == MS for n in nodes)
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(MS, 1)] if ms else [])
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=imports, ir_version=10))
 
 
