@@ -15,6 +15,7 @@ from lora_fx.errors import (
     LoraFxError,
     ModelLoadError,
     TargetNotFoundError,
+    TrainingDivergedError,
     UnsupportedError,
 )
 from lora_fx.onnx_model import load, save
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError", "CaptureError", "ConfigError", "InitLoraWeights", "LoraConfig", "LoraFxError",
-    "ModelLoadError", "PrefixConfig", "QuantConfig", "QuantDType", "Site", "SiteKind", "Target", "TargetNotFoundError", "TrainResult",
+    "ModelLoadError", "PrefixConfig", "QuantConfig", "QuantDType", "Site", "SiteKind", "Target", "TargetNotFoundError", "TrainingDivergedError", "TrainResult",
     "UnsupportedError", "apply", "capture", "find_sites", "load_adapter", "save_adapter",
     "ExportMode", "export_onnx",
     "select_targets", "train",

@@ -76,6 +76,9 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, t
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
+    from lora_fx.onnx_adapter import check_nonempty
+
+    check_nonempty(tensors, str(weights))  # rank 0: the base model, and a CUDA failure once deployed
     return config, tensors
 
 

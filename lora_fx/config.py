@@ -112,7 +112,7 @@ class LoraConfig:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ConfigError(f"r must be a positive integer, got {self.r!r}")
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank < 1:
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         if not _is_number(self.lora_dropout) or not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")

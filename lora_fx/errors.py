@@ -32,3 +32,28 @@ class ModelLoadError(LoraFxError, ValueError):
 
 class UnsupportedError(LoraFxError, NotImplementedError):
     """The graph holds something a pass cannot handle; the message names it."""
+
+
+class TrainingDivergedError(LoraFxError, FloatingPointError):
+    """Training produced a non-finite loss, gradient or update; the message names the step and the way out.
+
+    ``step`` is the number of the failing step (1 for the first), ``loss`` its loss (a float, possibly
+    nan or inf) and ``reason`` what went non-finite. The adapters keep their values from before that
+    step's update. A FloatingPointError, as the loop raised before this class existed.
+    """
+
+    def __init__(self, message: str, *, step: int, loss: float, reason: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.loss = loss
+        self.reason = reason
+
+
+def ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's own words without its source location and C++ signature ("/onnxruntime_src/…cc:93 const
+    onnxruntime::…(…) The buffer …"), on one line: the user needs the sentence, not where ORT said it."""
+    import re
+
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    text = re.sub(r"\S+\.(?:cc|cpp|h):\d+ (?:[^()]*::[^()]*\([^()]*\)\s*)?", "", text)
+    return re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text).strip()

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lora_fx.errors import AdapterError
+from lora_fx.errors import AdapterError, ort_message
 from lora_fx.files import atomic_path, atomic_write_text
 
 FORMAT = "lora_fx.onnx_adapter/1"
@@ -130,10 +130,27 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
 
 
+def check_nonempty(tensors: Mapping[str, Any], where: str) -> None:
+    """Refuse zero-size adapter tensors (rank 0, or prefixes of 0 virtual tokens).
+
+    Such an adapter computes the base model, and ONNX Runtime's CUDA provider fails on zero-size
+    adapter tensors (onnxruntime issue 21483), so it is refused wherever it enters."""
+    for name, arr in tensors.items():
+        shape = tuple(arr.shape)
+        if 0 in shape:
+            what = "0 virtual tokens" if ".prefix_" in name else "rank 0"
+            raise AdapterError(
+                f"{where}: adapter tensor {name} has shape {shape}, zero-size ({what}). A rank-0 adapter is the base "
+                "model (run without an adapter), and ONNX Runtime's CUDA provider fails on zero-size adapter tensors; "
+                "train or export the adapter with r >= 1"
+            )
+
+
 def check_writable(adapter: OnnxAdapter) -> None:
-    """Refuse an empty adapter or one holding NaN/inf (call before writing anything that goes with it)."""
+    """Refuse an empty adapter, a zero-size tensor or NaN/inf (call before writing anything that goes with it)."""
     if not adapter.tensors:
         raise AdapterError("refusing to write an empty adapter: it holds no tensors")
+    check_nonempty(adapter.tensors, "refusing to write the adapter")
     for name, arr in adapter.tensors.items():
         if not np.isfinite(arr).all():
             raise AdapterError(f"adapter tensor {name} holds NaN or inf (training diverged?); nothing was written")
@@ -191,6 +208,9 @@ def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
             f"{path} is not a readable .onnx_adapter file ({hint}; ONNX Runtime: {ort_message(exc)}); "
             "copy or export the adapter again"
         ) from None
+    if not tensors:
+        raise AdapterError(f"{path} holds no adapter tensors; copy or export the adapter again")
+    check_nonempty(tensors, str(path))
     adapter = OnnxAdapter(tensors, short_fingerprint=_short_from_model_version(model_version))
     side = sidecar_path(path)
     if side.is_file():
@@ -230,16 +250,6 @@ def _read_sidecar(side: Path, path: Path, adapter: OnnxAdapter) -> None:
         raise AdapterError(f"{path} and its sidecar {side.name} disagree about the base model; they were not written together")
 
 
-def ort_message(exc: BaseException) -> str:
-    """ONNX Runtime's own words without its source location and C++ signature ("/onnxruntime_src/…cc:93 const
-    onnxruntime::…(…) The buffer …"), on one line: the user needs the sentence, not where ORT said it."""
-    import re
-
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    text = re.sub(r"\S+\.(?:cc|cpp|h):\d+ (?:[^()]*::[^()]*\([^()]*\)\s*)?", "", text)
-    return re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text).strip()
-
-
 # ---- fitting an adapter to a model -------------------------------------------------------------
 @dataclass
 class Slot:
@@ -263,13 +273,16 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
         )
     if not slots:
         raise AdapterError(f"{where} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
+    if not adapter.tensors:
+        raise AdapterError(f"the adapter holds no tensors; it would run {where} as the base model")
+    check_nonempty(adapter.tensors, f"the adapter for {where}")
     unknown = sorted(set(adapter.tensors) - set(slots))
     if unknown:
         raise AdapterError(
             f"adapter tensors {', '.join(unknown[:5])} have no adapter slot in {where}; its slots are "
             f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?"
         )
-    sites = set()
+    sites, prefixes = set(), set()
     for name, arr in adapter.tensors.items():
         slot = slots[name]
         if np.dtype(arr.dtype).name != slot.dtype:
@@ -284,6 +297,12 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} ({layout})")
         if ".lora_" in name:
             sites.add(site_of(name))
+        elif ".prefix_" in name:
+            prefixes.add(site_of(name))
+    for site in sorted(prefixes):
+        # The other one would stay at the model's default prefix: keys of one prefix attending to values of another.
+        if f"{site}.prefix_key" not in adapter.tensors or f"{site}.prefix_value" not in adapter.tensors:
+            raise AdapterError(f"site {site}: the adapter holds only one of prefix_key / prefix_value; both are needed")
     for site in sorted(sites):
         a, b = adapter.tensors.get(f"{site}.lora_A.weight"), adapter.tensors.get(f"{site}.lora_B.weight")
         if a is None or b is None:

@@ -1,5 +1,5 @@
 """Running rewritten graphs: the training loop, ONNX graphs executed by torch, ONNX Runtime sessions."""
 
-from lora_fx.runtime.ort import Session  # noqa: E402  (onnxruntime itself loads on first use)
+from lora_fx.runtime.ort import AdapterInfo, Session  # noqa: E402  (onnxruntime itself loads on first use)
 
-__all__ = ["Session"]
+__all__ = ["AdapterInfo", "Session"]

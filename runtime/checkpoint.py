@@ -89,6 +89,7 @@ def load_checkpoint(
     if _META_KEY not in meta:
         raise ConfigError(f"{path} is not a lora_fx training checkpoint (no {_META_KEY} metadata)")
     state = json.loads(meta[_META_KEY])
+    _check_same_run(path, state, optimizer)
     if sorted(state["param_names"]) != sorted(params):
         raise ConfigError(
             f"{path} was written for other trainable parameters ({len(state['param_names'])} saved, "
@@ -114,6 +115,24 @@ def load_checkpoint(
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+def _check_same_run(path: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a resume asking for another learning rate or weight decay than the checkpoint's.
+
+    The optimizer state loaded below carries the run's own values and would silently replace the ones
+    asked for: after "training diverged ... lower the learning rate", a resume with a lower lr would
+    run the old one again."""
+    for saved, current in zip(state.get("param_groups", []), optimizer.param_groups):
+        for key, name in (("initial_lr", "lr"), ("weight_decay", "weight_decay")):
+            was = saved.get(key, saved.get(name))
+            now = current.get(key, current.get(name))
+            if was is not None and now is not None and float(was) != float(now):
+                raise ConfigError(
+                    f"{path} continues a run with {name}={was:g}, this one asks for {name}={now:g}; resuming takes the "
+                    f"checkpoint's optimizer state, so pass {name}={was:g} (CLI: --{name.replace('_', '-')} {was:g}) to "
+                    "continue that run, or start over with another checkpoint directory"
+                )
 
 
 __all__ = ["CHECKPOINT_NAME", "has_checkpoint", "load_checkpoint", "save_checkpoint"]

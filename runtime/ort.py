@@ -6,7 +6,9 @@ reports the choice in ``session.providers`` and the log. ``add_adapter(name, fil
 against the model once (base fingerprint, names, shapes, dtypes) and keeps it loaded;
 ``run(feeds, adapter=name)`` activates it for that call only, so threads may run different adapters
 on one session at once; ``add_adapter(name, file, replace=True)`` swaps an adapter under a name while
-other threads run it (each call keeps the adapter it started with).
+other threads run it (each call keeps the adapter it started with). As in ONNX Runtime, an adapter may
+set only some of the slots, the others keeping the model's defaults: ``add_adapter`` returns an
+``AdapterInfo`` naming those sites (``default_sites``). Rank-0 (zero-size) adapters are refused.
 
 On CPU an adapter is a ``LoraAdapter`` activated with ``RunOptions.add_active_adapter``. On CUDA the
 Python ``LoraAdapter.Load`` takes no allocator, so ORT would copy the adapter host-to-device on every
@@ -26,8 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lora_fx.errors import AdapterError, ConfigError, ModelLoadError
-from lora_fx.onnx_adapter import ort_message
+from lora_fx.errors import AdapterError, ConfigError, ModelLoadError, ort_message
 
 log = logging.getLogger("lora_fx.runtime")
 
@@ -78,12 +79,30 @@ def _cuda_usable() -> bool:
     return _CUDA_USABLE
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``Session.add_adapter`` registered.
+
+    ``sites``: the sites whose slots the adapter sets. ``default_sites``: the sites with slots it leaves
+    alone. As in ONNX Runtime, where an active adapter overrides only the inputs it names, those run
+    with the model's own initializer: zeros in a model exported by lora-fx with adapter slots (the base
+    model at that site), the exported prefixes at a prefix slot. A partial adapter is legitimate (one
+    trained on q and v, served by a model with q, k and v slots), so it is registered, not refused;
+    check ``default_sites`` where every site should be covered.
+    """
+
+    name: str
+    path: Path
+    sites: list[str]
+    default_sites: list[str]
+
+
 @dataclass
 class _Loaded:
     path: Path
     host: Any  # onnxruntime.LoraAdapter (CPU path)
     device: dict[str, Any] | None  # name -> device-resident OrtValue (CUDA path)
-    sites: list[str]
+    info: AdapterInfo
 
 
 class Session:
@@ -161,10 +180,27 @@ class Session:
     # ---- adapters -------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return sorted(self._adapters)
+        with self._lock:  # a snapshot: another thread may be adding one
+            return sorted(self._adapters)
 
-    def add_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> None:
+    @property
+    def slot_sites(self) -> list[str]:
+        """The sites the model has adapter slots for."""
+        from lora_fx.onnx_adapter import site_of
+
+        return sorted({site_of(n) for n in self.slots})
+
+    def adapter_info(self, name: str) -> AdapterInfo:
+        """What the adapter registered under ``name`` covers (as ``add_adapter`` returned it)."""
+        return self._get(name).info
+
+    def add_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> AdapterInfo:
         """Register the ``.onnx_adapter`` at ``path`` under ``name`` (checked once, kept loaded).
+
+        Refused: a file for another base, with names, shapes or dtypes the slots do not take, or with
+        zero-size (rank-0) tensors. Returns an ``AdapterInfo`` whose ``default_sites`` lists the sites
+        the adapter leaves at the model's default (ONNX Runtime's semantics: only the named inputs are
+        overridden); it is logged at INFO level too.
 
         ``replace=True`` swaps the adapter registered under ``name`` in one step: calls already running
         finish with the old one, later calls get the new one, and no call finds the name missing (as
@@ -190,16 +226,23 @@ class Session:
         if self.on_cuda:
             # Resident on the GPU from now on: a switch binds these, nothing crosses the bus per call.
             device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", self.device_id) for k, v in adapter.tensors.items()}
+        covered = adapter.site_names()
+        info = AdapterInfo(name, path, covered, sorted(set(self.slot_sites) - set(covered)))
         with self._lock:
             if name in self._adapters and not replace:
                 raise AdapterError(f"an adapter named {name!r} is already registered ({self._adapters[name].path}); add_adapter({name!r}, path, replace=True) swaps it")
-            self._adapters[name] = _Loaded(path, host, device, adapter.site_names())
-        log.info("adapter %r registered from %s (%d sites)", name, path, len(adapter.site_names()))
+            self._adapters[name] = _Loaded(path, host, device, info)
+        log.info("adapter %r registered from %s (%d sites)", name, path, len(covered))
+        if info.default_sites:
+            log.info("adapter %r leaves %d of %d sites at the model's default: %s", name, len(info.default_sites),
+                     len(self.slot_sites), ", ".join(info.default_sites))
+        return info
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
-            if self._adapters.pop(name, None) is None:
-                raise AdapterError(f"no adapter named {name!r}; registered: {', '.join(self.adapters) or 'none'}")
+            removed = self._adapters.pop(name, None)
+        if removed is None:
+            raise AdapterError(f"no adapter named {name!r}; registered: {', '.join(self.adapters) or 'none'}")
 
     def _get(self, name: str) -> _Loaded:
         loaded = self._adapters.get(name)
@@ -249,6 +292,10 @@ class Session:
                 value = np.asarray(value, dtype=spec.dtype if spec.dtype in _NUMPY_NAMES else None)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"input {spec.name!r} is not an array ({exc}); {self.path.name} takes {spec.dtype}") from None
+        if not value.dtype.isnative:
+            # ORT reads the bytes as native order: a big-endian array (an .npz from another machine, '>f4')
+            # would run as garbage, silently.
+            value = value.astype(value.dtype.newbyteorder("="))
         if spec.dtype in _NUMPY_NAMES and value.dtype.name != spec.dtype:
             if not np.can_cast(value.dtype, spec.dtype, casting="safe"):
                 raise ConfigError(

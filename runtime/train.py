@@ -2,13 +2,16 @@
 
 Gradient clipping, seeding, optional bf16 autocast, a progress bar on stderr, and the metrics of
 the run returned as a ``TrainResult``. The model is switched to training mode (dropout on) for the
-run and back to eval mode afterwards.
+run and back to eval mode afterwards. A run whose loss, gradients or update stop being finite ends
+with ``TrainingDivergedError`` at that step, the adapters as they were before its update.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import math
+import numbers
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from lora_fx.errors import ConfigError
+from lora_fx.errors import ConfigError, TrainingDivergedError
 
 Batch = dict[str, Any]
 
@@ -112,9 +115,13 @@ def train(
     steps (and at the end); ``resume=True`` continues from the checkpoint there, if any, on the
     same loss curve (the data must be the same; the first ``step`` batches are skipped).
     An ONNX model's trained adapters are written back into its initializers when train returns.
+
+    Raises ``TrainingDivergedError`` (a FloatingPointError) at the first step whose loss or gradient
+    norm is nan/inf or whose update would make an adapter weight non-finite (or overflows float32 in
+    the optimizer, as a huge ``lr`` does); the adapters then keep their values from before that step.
     """
-    if steps < 1:
-        raise ConfigError(f"steps must be at least 1, got {steps}")
+    _check_numbers(steps=steps, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                   warmup_steps=warmup_steps, seed=seed)
     module = _torch_module(model)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -146,6 +153,8 @@ def train(
 
         bar = tqdm(total=steps, initial=min(first_step, steps), desc="train", file=sys.stderr, dynamic_ncols=True, leave=False)
     mode_target = model if isinstance(model, fx.GraphModule) else module
+    # Where each step's update starts from: a diverging update is undone from here (one copy of the adapters).
+    before = [torch.empty_like(p) for p in params]
     _set_mode(mode_target, True)
     start = time.perf_counter()
     try:
@@ -158,15 +167,23 @@ def train(
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = module(**inputs)
                 loss = loss_fn(out, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise _diverged(step, steps, value, lr, "the loss is not finite")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            grads = [p.grad for p in params if p.grad is not None]
             if max_grad_norm is not None:
-                norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
-            opt.step()
+                norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            else:
+                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                # Clipping by a nan/inf norm turns every gradient into nan or zero: stop before the update.
+                raise _diverged(step, steps, value, lr, f"the gradient norm is {norm}")
+            if max_grad_norm is not None:
+                norms.append(norm)
+            _update(opt, params, before, step, steps, value, lr)
             sched.step()
-            value = float(loss.detach())
             losses.append(value)
             ids = batch.get("input_ids")
             tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
@@ -189,6 +206,61 @@ def train(
     return TrainResult(
         losses=losses, steps=len(losses), seconds=time.perf_counter() - start,
         trainable_parameters=sum(p.numel() for p in params), tokens_seen=tokens, grad_norms=norms,
+    )
+
+
+def _check_numbers(*, steps: Any, lr: Any, weight_decay: Any, max_grad_norm: Any, warmup_steps: Any, seed: Any) -> None:
+    """Refuse what torch would take and train badly with (a zero or negative lr, a negative warmup or clip
+    norm flips or stalls the updates) or fail on deep inside the optimizer (nan, inf, a seed out of range)."""
+
+    def number(name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not integer(steps) or steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps!r}")
+    if not (math.isfinite(number("lr", lr)) and lr > 0):
+        raise ConfigError(f"lr must be a positive, finite number (e.g. 1e-3), got {lr!r}")
+    if not (math.isfinite(number("weight_decay", weight_decay)) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be a finite number of at least 0, got {weight_decay!r}")
+    if max_grad_norm is not None and not number("max_grad_norm", max_grad_norm) > 0:  # inf: no clipping; nan refused
+        raise ConfigError(f"max_grad_norm must be above 0 (None: no clipping), got {max_grad_norm!r}")
+    if not integer(warmup_steps) or warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be an integer of at least 0, got {warmup_steps!r}")
+    if seed is not None and (not integer(seed) or not -(2**63) <= seed < 2**64):
+        raise ConfigError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
+
+
+def _update(opt: torch.optim.Optimizer, params: list[torch.Tensor], before: list[torch.Tensor],
+            step: int, steps: int, loss: float, lr: float) -> None:
+    """``opt.step()``, undone when it overflows float32 or leaves an adapter weight non-finite."""
+    with torch.no_grad():
+        torch._foreach_copy_(before, [p.detach() for p in params])
+    try:
+        opt.step()
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync per step
+        reason = None if finite else "the update made adapter weights non-finite"
+    except RuntimeError as exc:
+        # AdamW's step size lr / (1 - beta1^t) is a Python float torch converts to float32: lr above ~3e37 fails.
+        if "overflow" not in str(exc):
+            raise
+        reason = "the optimizer update overflowed float32"
+    if reason is not None:
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in params], before)
+        raise _diverged(step, steps, loss, lr, reason)
+
+
+def _diverged(step: int, steps: int, loss: float, lr: float, reason: str) -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"training diverged at step {step + 1} of {steps} (loss {loss:.6g}): {reason}. Lower the learning rate "
+        f"(now {lr:g}) or check the data (NaN/inf or extreme values in this step's batch); the adapters keep their "
+        "values from before this step",
+        step=step + 1, loss=loss, reason=reason,
     )
 
 

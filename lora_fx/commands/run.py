@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -24,20 +25,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_feeds(path: str | Path) -> dict:
+    """The arrays of an .npz file by name; never unpickles."""
     import zipfile
 
     import numpy as np
 
     from lora_fx.errors import ConfigError
-
     from lora_fx.files import require_file
 
     path = require_file(path, "inputs file")
+    how = "np.savez(path, <input name>=array, ...)"
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    # np.load picks the format from these bytes: a .npy gives one bare array (no names), and anything else
+    # is taken for a pickle, which allow_pickle=False then refuses with a message about pickles.
+    if magic.startswith(b"\x93NUMPY"):
+        raise ConfigError(f"{path} is a single .npy array; --inputs takes an .npz with one array per model input: {how}")
+    if not magic.startswith(b"PK"):
+        raise ConfigError(f"{path} is not an .npz file (a zip of arrays, as {how} writes)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"{path} is not an .npz of plain arrays (np.savez; object arrays need pickle and are refused): {exc}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        if "pickle" in str(exc):
+            raise ConfigError(f"{path} holds object arrays, which need pickle and are refused (lora-fx never unpickles); "
+                              f"store numeric arrays: {how}") from None
+        raise ConfigError(f"{path} is not an .npz of plain arrays ({how}): {exc} (truncated or corrupt?)") from None
+
+
+def save_outputs(path: str | Path, arrays: dict) -> None:
+    """``arrays`` as an .npz (what ``np.savez`` writes). Not ``np.savez(f, **arrays)``: an output named ``file``
+    or ``allow_pickle`` would collide with its own parameters."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, value in arrays.items():
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+
+def _stats(v) -> dict:
+    """Shape, dtype, mean, std and the first values; no mean/std of an empty or non-numeric output (numpy
+    would warn and give nan, or fail)."""
+    import numpy as np
+
+    v = np.asarray(v)
+    numeric = v.size > 0 and v.dtype.kind in "biuf"
+    return {"shape": list(v.shape), "dtype": str(v.dtype),
+            "mean": float(np.mean(v, dtype=np.float64)) if numeric else None,
+            "std": float(np.std(v, dtype=np.float64)) if numeric else None,
+            "first": v.reshape(-1)[:8].tolist()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,24 +92,27 @@ def run(args: argparse.Namespace) -> int:
     feeds = load_feeds(args.inputs)
     session = Session(args.model, providers=[CPU] if args.cpu else None)
     name = None
+    default_sites: list[str] | None = None  # None: no adapter, every site runs the model's defaults
     if args.adapter:
         name = Path(args.adapter).stem
-        session.add_adapter(name, args.adapter)
+        default_sites = session.add_adapter(name, args.adapter).default_sites
+        if default_sites:
+            # ONNX Runtime runs the slots an adapter does not name with the model's defaults (zeros: the base model
+            # there); a user who meant to serve the whole adapter would never notice.
+            print(f"lora-fx: warning: {args.adapter} covers {len(session.slot_sites) - len(default_sites)} of the "
+                  f"{len(session.slot_sites)} adapter sites of {Path(args.model).name}; these run with the model's defaults "
+                  f"(the base model for LoRA slots): {', '.join(default_sites)}", file=sys.stderr)
     outputs = session.run(feeds, adapter=name)
     named = dict(zip(session.outputs, outputs))
     if args.out:
         with atomic_path(args.out) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **named)
+            save_outputs(tmp, named)
     summary = {
         "model": args.model,
         "providers": session.providers,
         "adapter": args.adapter,
-        "outputs": {
-            k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(np.mean(v)), "std": float(np.std(v)),
-                "first": np.asarray(v).reshape(-1)[:8].tolist()}
-            for k, v in named.items()
-        },
+        "default_sites": default_sites,
+        "outputs": {k: _stats(v) for k, v in named.items()},
     }
     if args.out:
         summary["saved"] = args.out
@@ -79,5 +121,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"providers: {', '.join(session.providers)}; adapter: {args.adapter or 'none (base model)'}")
         for k, v in summary["outputs"].items():
-            print(f"{k}: shape {tuple(v['shape'])} {v['dtype']}  mean {v['mean']:.6g}  std {v['std']:.6g}")
+            stats = f"  mean {v['mean']:.6g}  std {v['std']:.6g}" if v["mean"] is not None else ""
+            print(f"{k}: shape {tuple(v['shape'])} {v['dtype']}{stats}")
     return 0

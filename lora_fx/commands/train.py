@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import enum
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from lora_fx.errors import ConfigError, ModelLoadError
+from lora_fx.errors import ConfigError, ModelLoadError, TrainingDivergedError
 
 
 class Loss(enum.Enum):
@@ -161,6 +162,8 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
             # Training would stop at the first such batch with "loss is nan ... lower the learning rate".
             where = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise ConfigError(f"array {name!r} holds NaN or inf (first in example {where}); clean the data")
+        if not arr.dtype.isnative:  # torch.from_numpy refuses other byte orders (an .npz from a big-endian machine)
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         t = torch.from_numpy(np.ascontiguousarray(arr))
         if name in inputs and inputs[name].dtype is not None:
             t = t.to(torch_dtype(inputs[name].dtype.value))
@@ -231,10 +234,19 @@ def check_options(args: argparse.Namespace) -> None:
 
     if args.resume and not args.checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir (the directory of the interrupted run)")
-    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay), ("--warmup-steps", args.warmup_steps),
-                        ("--max-grad-norm", args.max_grad_norm)):
-        if not value >= 0:  # NaN too
-            raise ConfigError(f"{flag} must be at least 0, got {value}")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    # "not x > 0" refuses NaN too; argparse's float() takes "nan" and "inf".
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a positive, finite number (e.g. 1e-3), got {args.lr}")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--warmup-steps", args.warmup_steps)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be a finite number of at least 0, got {value}")
+    if not args.max_grad_norm >= 0:  # inf: no clipping, as 0
+        raise ConfigError(f"--max-grad-norm must be at least 0 (0: no clipping), got {args.max_grad_norm}")
+    if not -(2**63) <= args.seed < 2**64:
+        raise ConfigError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if args.checkpoint_dir:
         if args.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be at least 1 (steps between checkpoints), got {args.checkpoint_every}")
@@ -258,12 +270,16 @@ def run(args: argparse.Namespace) -> int:
     if output not in outputs:
         raise ConfigError(f"the graph has no output {output!r}; its outputs are {outputs}")
     batches = make_batches(model, read_data(args.data), args.target, args.batch_size)
-    result = lora_fx.train(
-        model, batches, make_loss(Loss(args.loss), output, args.target), steps=args.steps, lr=args.lr,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, warmup_steps=args.warmup_steps,
-        seed=args.seed, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every if args.checkpoint_dir else 0, resume=args.resume,
-    )
+    try:
+        result = lora_fx.train(
+            model, batches, make_loss(Loss(args.loss), output, args.target), steps=args.steps, lr=args.lr,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, warmup_steps=args.warmup_steps,
+            seed=args.seed, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every if args.checkpoint_dir else 0, resume=args.resume,
+        )
+    except TrainingDivergedError as exc:
+        raise TrainingDivergedError(f"{exc}; {args.out} was not written", step=exc.step, loss=exc.loss,
+                                    reason=exc.reason) from None
     save_model(model, args.out)
     summary = result.to_dict()
     summary.update(output_model=str(args.out), loss_output=output, checkpoint_dir=args.checkpoint_dir)

@@ -180,8 +180,14 @@ def test_jsonl_that_is_not_objects_of_text_is_named(tmp_path: Path, capsys, text
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--lr", "-1"], "--lr must be at least 0"), (["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
-    (["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (["--lr", "-1"], "--lr must be a positive, finite number"), (["--lr", "0"], "--lr must be a positive, finite number"),
+    (["--lr", "nan"], "--lr must be a positive, finite number"), (["--lr", "inf"], "--lr must be a positive, finite number"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number of at least 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number of at least 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be a finite number of at least 0"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be at least 0"), (["--max-grad-norm", "-1"], "--max-grad-norm must be at least 0"),
+    (["--steps", "0"], "--steps must be at least 1"), (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--seed", str(2**64)], "--seed must be in"),
     (["--checkpoint-dir", "{tmp}/train.npz"], "is a file; name a folder"),
     (["--checkpoint-dir", "{tmp}/ck", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
     (["--checkpoint-dir", "{tmp}/t.onnx"], "the checkpoints need a folder of their own"),
@@ -200,13 +206,30 @@ def test_bad_options_and_outputs_are_refused_before_training(tmp_path: Path, cap
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
-def test_diverging_training_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
-    # runtime.train stops a run whose loss is no longer finite with a FloatingPointError that says what to do;
-    # the command line used to print it as a traceback.
+@pytest.mark.parametrize("lr,clip,step", [("1e20", "0", 2), ("1e38", "1", 1)])
+def test_diverging_training_is_one_line_and_writes_nothing(tmp_path: Path, capsys, lr: str, clip: str, step: int) -> None:
+    # runtime.train stops a run whose loss, gradients or update are no longer finite with TrainingDivergedError,
+    # naming the step, its loss and the way out. --lr 1e38 used to end in torch's overflow traceback from inside
+    # AdamW (its first step size, 10 * lr, does not fit a float32), 1e20 in a FloatingPointError traceback.
     model, data = _files(tmp_path)
     out = tmp_path / "t.onnx"
-    assert main(["train", str(model), "--data", str(data), "--steps", "5", "--lr", "1e20", "--max-grad-norm", "0",
+    assert main(["train", str(model), "--data", str(data), "--steps", "5", "--lr", lr, "--max-grad-norm", clip,
                  "-o", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "lower the learning rate" in err and err.startswith("lora-fx: error:"), err
-    assert not out.exists()
+    assert err.startswith(f"lora-fx: error: training diverged at step {step} of 5 (loss "), err
+    assert "Lower the learning rate" in err and "check the data" in err and f"{out} was not written" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lora.onnx", "train.npz"]
+
+
+def test_big_endian_data_trains_as_the_same_numbers(tmp_path: Path, capsys) -> None:
+    # torch.from_numpy refuses non-native byte order: an .npz written on a big-endian machine (or with '>f4')
+    # used to end in a ValueError traceback. It must give the same run as the native arrays.
+    model, data = _files(tmp_path)
+    swapped = tmp_path / "be.npz"
+    np.savez(swapped, **{k: v.astype(v.dtype.newbyteorder(">")) for k, v in _data().items()})
+    runs = []
+    for path, out in ((data, "native.onnx"), (swapped, "swapped.onnx")):
+        runs.append(_run_json(capsys, ["train", str(model), "--data", str(path), "--steps", "3", "-o", str(tmp_path / out),
+                                       "--no-progress", "--json"])["losses"])
+    assert runs[0] == runs[1] and len(runs[0]) == 3

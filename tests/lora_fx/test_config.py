@@ -84,6 +84,7 @@ def test_bad_rank_is_refused(r):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
+    (dict(rank_pattern={"q": True}), r"rank_pattern\['q'\] must be a positive integer"),  # as r=True is refused
     (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
     (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
     (dict(layers_pattern="layers"), "layers_pattern only applies together with layers_to_transform"),

@@ -154,7 +154,12 @@ def test_only_marked_model_versions_are_read_as_fingerprints(tmp_path):
 
 
 def test_ort_messages_lose_source_locations_and_signatures():
-    from lora_fx.onnx_adapter import ort_message
+    import lora_fx.onnx_adapter
+    import lora_fx.runtime.ort
+    from lora_fx.errors import ort_message
+
+    # Lives in errors.py (runtime/ort.py uses it too); the old import keeps working.
+    assert lora_fx.onnx_adapter.ort_message is ort_message and lora_fx.runtime.ort.ort_message is ort_message
 
     raw = ("/onnxruntime_src/onnxruntime/lora/adapter_format_utils.cc:93 const onnxruntime::adapters::Adapter* "
            "onnxruntime::adapters::utils::ValidateAndGetAdapterFromBytes(gsl::span<const unsigned char>) The buffer does not appear")
@@ -222,4 +227,78 @@ def test_peft_dirs_that_cannot_mean_what_they_say_are_refused(tmp_path):
     save_file(tensors, str(weights))
     with pytest.raises(AdapterError, match=r"gemm-mlp.onnx has no adapter slots; export it with mode='adapters'"):
         peft_dir_to_onnx_adapter(tmp_path / "peft", corpus().get(ENTRY).path, tmp_path / "bad.onnx_adapter")
+    assert not (tmp_path / "bad.onnx_adapter").exists()
+
+
+def _rank0(tensors):
+    """The same sites with rank 0: lora_A [in, 0], lora_B [0, out]."""
+    return {k: np.zeros((v.shape[0], 0) if ".lora_A" in k else (0, v.shape[1]), v.dtype) for k, v in tensors.items()}
+
+
+def test_rank0_onnx_adapters_are_refused_where_they_enter(tmp_path):
+    """A rank-0 adapter is the base model, and ONNX Runtime's CUDA provider fails on zero-size adapter
+    tensors (onnxruntime#21483); such files used to be written, read and run (as the base model) silently."""
+    import onnxruntime as ort
+
+    from lora_fx.onnx_adapter import OnnxAdapter, check_fits, model_slots
+
+    served, adapter, feeds, _ = _served_model()
+    zero = _rank0(adapter.tensors)
+    with pytest.raises(AdapterError, match=r"refusing to write the adapter: adapter tensor \S+ has shape \(\d+, 0\), zero-size \(rank 0\)"):
+        write_onnx_adapter(tmp_path / "zero.onnx_adapter", OnnxAdapter(zero, fingerprint=adapter.fingerprint))
+    assert not (tmp_path / "zero.onnx_adapter").exists()
+    # Written by plain ONNX Runtime, as another tool would: ORT itself loads and runs it.
+    arrays = {k: np.ascontiguousarray(v) for k, v in zero.items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(tmp_path / "zero.onnx_adapter"))
+    np.testing.assert_array_equal(ort_run(served, feeds, adapter=tmp_path / "zero.onnx_adapter"), ort_run(served, feeds))
+    with pytest.raises(AdapterError, match=r"zero.onnx_adapter: adapter tensor .* zero-size \(rank 0\).*CUDA.*r >= 1"):
+        read_onnx_adapter(tmp_path / "zero.onnx_adapter")
+    # An adapter built in memory (a PEFT conversion) is checked against the model too; one site at rank 0 is enough.
+    one = dict(adapter.tensors)
+    one.update({k: v for k, v in zero.items() if k.startswith("fc2.")})
+    with pytest.raises(AdapterError, match=r"adapter tensor fc2.lora_A.weight has shape \(\d+, 0\), zero-size"):
+        check_fits(OnnxAdapter(one), model_slots(lora_fx.load(served)), adapter.fingerprint)
+
+
+def test_prefix_adapters_of_zero_tokens_or_half_a_pair_are_refused():
+    from lora_fx.onnx_adapter import OnnxAdapter, Slot, check_fits
+
+    slots = {f"h.0.attn.prefix_{kv}": Slot("float32", (4, 4, 8)) for kv in ("key", "value")}
+    pair = {name: np.ones((4, 4, 8), np.float32) for name in slots}
+    check_fits(OnnxAdapter(pair), slots, None)
+    with pytest.raises(AdapterError, match=r"prefix_key has shape \(4, 0, 8\), zero-size \(0 virtual tokens\)"):
+        check_fits(OnnxAdapter({**pair, "h.0.attn.prefix_key": np.zeros((4, 0, 8), np.float32)}), slots, None)
+    # The value prefix would stay the model's own: keys of one prefix attending to values of another.
+    with pytest.raises(AdapterError, match="site h.0.attn: the adapter holds only one of prefix_key / prefix_value"):
+        check_fits(OnnxAdapter({"h.0.attn.prefix_key": pair["h.0.attn.prefix_key"]}), slots, None)
+
+
+def test_rank0_peft_directories_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    served, _, feeds, _ = _served_model()
+    lora = lora_onnx(ENTRY, r=4, alpha=6)
+    lora_fx.save_adapter(lora, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    # r = 0 in the config (PEFT's own LoraConfig refuses it; a hand-edited file need not).
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
+    with pytest.raises(lora_fx.ConfigError, match="r must be a positive integer, got 0"):
+        peft_dir_to_onnx_adapter(tmp_path / "peft", served, tmp_path / "bad.onnx_adapter")
+    with pytest.raises(lora_fx.ConfigError, match="r must be a positive integer, got 0"):
+        lora_fx.load_adapter(lora_fx.load(corpus().get(ENTRY).path), tmp_path / "peft")
+    # Zero-size tensors under a valid config: named as rank 0, not as a rank mismatch.
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    save_file({k: v[:0] if ".lora_A" in k else v[:, :0] for k, v in tensors.items()}, str(weights))
+    for load in (lambda: peft_dir_to_onnx_adapter(tmp_path / "peft", served, tmp_path / "bad.onnx_adapter"),
+                 lambda: lora_fx.load_adapter(lora_fx.load(corpus().get(ENTRY).path), tmp_path / "peft")):
+        with pytest.raises(AdapterError, match=r"adapter_model.safetensors: adapter tensor \S+ has shape \((0, \d+|\d+, 0)\), zero-size \(rank 0\)"):
+            load()
     assert not (tmp_path / "bad.onnx_adapter").exists()

@@ -321,3 +321,65 @@ def test_rewriting_a_registered_file_in_place_changes_nothing(served, tmp_path):
     with open(live, "r+b") as f:  # in place, as cp does: same inode, new bytes
         f.write(other.read_bytes())
     assert rel(sess.run(feeds_, adapter="live")[0], wants["legal"]) <= 1e-6
+
+
+def _rank0(tensors):
+    return {k: np.zeros((v.shape[0], 0) if ".lora_A" in k else (0, v.shape[1]), v.dtype) for k, v in tensors.items()}
+
+
+def test_a_rank0_adapter_is_refused_by_add_adapter(served, tmp_path):
+    """Zero-size adapter tensors are what ONNX Runtime's CUDA provider fails on (onnxruntime#21483), and a
+    rank-0 adapter is the base model: written by any tool, it is refused when registered."""
+    import onnxruntime as ort
+
+    path, paths, wants, feeds_ = served
+    good = lora_fx.onnx_adapter.read_onnx_adapter(paths["legal"])
+    arrays = {k: np.ascontiguousarray(v) for k, v in _rank0(good.tensors).items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(tmp_path / "zero.onnx_adapter"))
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    with pytest.raises(AdapterError, match=r"zero-size \(rank 0\).*base model.*CUDA"):
+        sess.add_adapter("zero", tmp_path / "zero.onnx_adapter")
+    assert sess.adapters == []
+
+
+def test_a_partial_adapter_reports_the_sites_left_at_the_default(served, tmp_path):
+    """ONNX Runtime runs the slots an adapter does not name with the model's initializers (zeros here: the base
+    model at those sites). add_adapter accepts such an adapter, as ORT does, and says which sites those are."""
+    path, paths, wants, feeds_ = served
+    good = lora_fx.onnx_adapter.read_onnx_adapter(paths["legal"])
+    only_fc1 = write_onnx_adapter(tmp_path / "fc1.onnx_adapter", OnnxAdapter(
+        {k: v for k, v in good.tensors.items() if k.startswith("fc1.")}, fingerprint=good.fingerprint))
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    assert sess.slot_sites == ["fc1", "fc2", "head"]
+    full = sess.add_adapter("legal", paths["legal"])
+    assert (full.sites, full.default_sites) == (["fc1", "fc2", "head"], [])
+    info = sess.add_adapter("fc1", only_fc1)
+    assert (info.name, info.sites, info.default_sites) == ("fc1", ["fc1"], ["fc2", "head"])
+    assert sess.adapter_info("fc1") == info
+    # The reference: the LoRA model with fc2's and head's B at zero, in plain ONNX Runtime.
+    lora = lora_onnx(ENTRY, r=4, seed=0)
+    for site in ("fc2", "head"):
+        b = lora.graph.initializers[f"{site}.lora_B.weight"]
+        b.const_value = ir.tensor(np.zeros_like(b.const_value.numpy()), name=b.name)
+    want = ort_run(save(lora, "ort-fc1-only.onnx"), feeds_)
+    assert rel(sess.run(feeds_, adapter="fc1")[0], want) <= 1e-5
+    assert rel(want, wants["legal"]) > 1e-3  # the other sites' adapters matter
+    with pytest.raises(AdapterError, match="no adapter named 'nope'"):
+        sess.adapter_info("nope")
+    # remove_adapter of an unknown name lists the registered ones (under the lock that `adapters` takes too).
+    with pytest.raises(AdapterError, match="no adapter named 'nope'; registered: fc1, legal"):
+        sess.remove_adapter("nope")
+
+
+def test_big_endian_feeds_run_as_their_values(served):
+    """ONNX Runtime reads a feed's bytes in native order: a '>f4' array (an .npz written on a big-endian
+    machine) used to run as garbage (outputs off by 1e37) without a word."""
+    path, paths, wants, feeds_ = served
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    sess.add_adapter("legal", paths["legal"])
+    swapped = feeds_["x"].astype(">f4")
+    assert not swapped.dtype.isnative
+    assert rel(sess.run({"x": swapped}, adapter="legal")[0], wants["legal"]) <= 1e-5
