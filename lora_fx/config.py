@@ -186,7 +186,6 @@ class LoraConfig:
 
 # PromptLearningConfig/PrefixTuningConfig fields with the value lora_fx implements; others are refused.
 _PEFT_PREFIX_FIELDS_AT_DEFAULT: dict[str, Any] = {
-    "num_transformer_submodules": 1,
     "modules_to_save": None,
 }
 
@@ -205,6 +204,8 @@ class PrefixConfig:
     model's attention sites when left ``None``.
     ``target_modules`` (not a PEFT field) restricts the attention sites: a list of names or dotted
     suffixes, or a regex over the whole site name; ``None`` means every attention site, as in PEFT.
+    ``num_transformer_submodules`` is PEFT's: 1, or 2 for encoder-decoder models (SEQ_2_SEQ_LM), where
+    PEFT's prefixes reach the decoder's self-attention only; filled in from the model when ``None``.
     """
 
     num_virtual_tokens: int = 20
@@ -217,6 +218,7 @@ class PrefixConfig:
     init_weights: str | None = None  # PEFT: None (random normal, as nn.Embedding) or "zero"
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    num_transformer_submodules: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -235,6 +237,11 @@ class PrefixConfig:
                 raise ConfigError(f"{name} must be a positive integer or None (taken from the model), got {value!r}")
         if self.init_weights not in (None, "zero"):
             raise ConfigError(f"init_weights must be None (random) or 'zero', as in PEFT; got {self.init_weights!r}")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(
+                f"num_transformer_submodules must be 1 (decoder-only and encoder-only models) or 2 (encoder-decoder "
+                f"models, SEQ_2_SEQ_LM), as in PEFT; got {self.num_transformer_submodules!r}"
+            )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is an empty list: leave it None for every attention site, or name some")
 
@@ -245,6 +252,7 @@ class PrefixConfig:
         if out["target_modules"] is None:
             # Not a PEFT field: written only when set, so PEFT reads our files unchanged.
             del out["target_modules"]
+        out["num_transformer_submodules"] = out["num_transformer_submodules"] or 1
         out["peft_type"] = "PREFIX_TUNING"
         out.update(_PEFT_PREFIX_FIELDS_AT_DEFAULT)
         out["inference_mode"] = True
@@ -263,9 +271,11 @@ class PrefixConfig:
             value = data.pop(key, default)
             if value is not None and value != default:
                 raise ConfigError(
-                    f"PEFT option {key}={value!r} is not supported by lora_fx prefix-tuning (decoder-only and encoder-only "
-                    f"models: only {default!r})"
+                    f"PEFT option {key}={value!r} is not supported by lora_fx prefix-tuning (only {default!r})"
                 )
+        if data.get("num_transformer_submodules") == 1:
+            # PEFT writes 1 for every model that is no encoder-decoder: the same as "from the model" (None).
+            data["num_transformer_submodules"] = None
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

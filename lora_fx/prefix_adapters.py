@@ -6,7 +6,9 @@ row ``2 l + 1`` its value prefix (``PeftModel.get_prompt`` permutes it to ``[lay
 heads, T, head_dim]`` and splits it into (key, value) pairs per layer). lora_fx graphs hold one
 ``<site>.prefix_key`` / ``<site>.prefix_value`` ``[kv_heads, T, head_dim]`` per attention site, the
 sites in graph order standing for PEFT's layers. With ``prefix_projection`` the saved tensor is the
-encoder's output (the folded prefixes), as PEFT saves it.
+encoder's output (the folded prefixes), as PEFT saves it. Encoder-decoder models (T5, PEFT's
+SEQ_2_SEQ_LM, ``num_transformer_submodules=2``) prefix the decoder's self-attention only, and decoder
+layer l reads block ``2 l mod num_layers`` (the record's ``block``; see ``insert_prefix.seq2seq_block``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from lora_fx.config import PrefixConfig
-from lora_fx.errors import AdapterError, ConfigError
+from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"
 
@@ -47,6 +49,35 @@ def from_prompt_embeddings(emb: torch.Tensor, num_layers: int, kv_heads: int, he
     return [(view[:, 2 * i].permute(1, 0, 2).contiguous(), view[:, 2 * i + 1].permute(1, 0, 2).contiguous()) for i in range(num_layers)]
 
 
+def _blocks(rec: dict[str, Any]) -> list[int]:
+    """The block of PEFT's prompt_embeddings each recorded site reads, in site order."""
+    return [r.get("block", i) for i, r in enumerate(rec["sites"].values())]
+
+
+def to_peft_blocks(rec: dict[str, Any], prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The recorded sites' prefixes as PEFT's ``prompt_embeddings``: each in its block; a block no site reads
+    (SEQ_2_SEQ_LM with an even layer count) is zero. Sites sharing a block must hold the same prefixes."""
+    blocks: dict[int, tuple[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (site, pair), block in zip(((s, prefixes[s]) for s in rec["sites"]), _blocks(rec)):
+        if block in blocks:
+            other, seen = blocks[block]
+            if not all(torch.equal(a, b) for a, b in zip(seen, pair)):
+                raise AdapterError(
+                    f"sites {other} and {site} read the same block {block} of PEFT's SEQ_2_SEQ_LM prompt_embeddings "
+                    "but hold different prefixes, which PEFT's format cannot store; keep them tied (lora_fx.apply "
+                    "shares one parameter between them)"
+                )
+        blocks[block] = (site, pair)
+    zero = tuple(torch.zeros_like(t) for t in next(iter(blocks.values()))[1])
+    return to_prompt_embeddings([blocks[b][1] if b in blocks else zero for b in range(len(rec["sites"]))])
+
+
+def from_peft_blocks(rec: dict[str, Any], emb: torch.Tensor, kv_heads: int, head_dim: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of ``to_peft_blocks``: each recorded site's prefixes from its block."""
+    pairs = from_prompt_embeddings(emb, len(rec["sites"]), kv_heads, head_dim)
+    return {site: pairs[block] for site, block in zip(rec["sites"], _blocks(rec))}
+
+
 def _record(gm: Any) -> dict[str, Any]:
     from lora_fx.passes.fx.capture import meta
 
@@ -66,8 +97,7 @@ def current_prefixes(gm: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         with torch.no_grad():
             emb = getattr(gm, ENCODER)()
         first = rec["sites"][sites[0]]
-        pairs = from_prompt_embeddings(emb, len(sites), first["kv_heads"], first["head_dim"])
-        return dict(zip(sites, pairs))
+        return from_peft_blocks(rec, emb, first["kv_heads"], first["head_dim"])
     out = {}
     for site in sites:
         module = gm.get_submodule(site)
@@ -86,7 +116,10 @@ def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
     config = meta(gm).get("adapters", {}).get("default")
     if not isinstance(config, PrefixConfig):
         raise AdapterError("this model's prefixes have no PrefixConfig recorded; apply them with lora_fx.apply(model, PrefixConfig(...))")
-    all_attention = [s.name for s in find_sites(gm) if s.kind is SiteKind.ATTENTION]
+    from lora_fx.passes.fx.insert_prefix import select_prefix_sites
+
+    reachable, _ = select_prefix_sites(find_sites(gm), PrefixConfig(num_virtual_tokens=rec["num_virtual_tokens"]))
+    all_attention = [s.name for s in reachable if s.kind is SiteKind.ATTENTION]
     missing = [s for s in all_attention if s not in rec["sites"]]
     if missing:
         raise AdapterError(
@@ -97,9 +130,10 @@ def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
     prefixes = current_prefixes(gm)
-    emb = to_prompt_embeddings([prefixes[s] for s in rec["sites"]])
+    emb = to_peft_blocks(rec, prefixes)
     kv, hd = shapes.pop()
     saved = PrefixConfig.from_dict(config.to_dict())
+    saved.num_transformer_submodules = rec.get("num_transformer_submodules", 1)
     saved.token_dim, saved.num_attention_heads, saved.num_layers = kv * hd, kv, len(rec["sites"])
     saved.encoder_hidden_size = saved.encoder_hidden_size or saved.token_dim
     return write_peft_dir(directory, saved, {PROMPT_EMBEDDINGS: emb})
@@ -145,15 +179,21 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
         raise AdapterError(f"{directory} holds no {PROMPT_EMBEDDINGS!r} tensor (found: {', '.join(sorted(tensors)) or 'none'})")
     emb = tensors[PROMPT_EMBEDDINGS]
     if _is_onnx(gm):
+        if config.num_transformer_submodules == 2:
+            raise UnsupportedError(
+                f"{directory} is an encoder-decoder (SEQ_2_SEQ_LM, num_transformer_submodules=2) prefix adapter; the ONNX "
+                "pass does not rebuild T5's relative position bias over the prefix keys. Load it onto the torch model "
+                "(lora_fx.capture) and export that with lora_fx.export_onnx"
+            )
         return _load_onto_onnx(gm, dataclasses.replace(config, prefix_projection=False), emb)
     info = meta(gm)
     if not info.get("prefix"):
         from lora_fx.passes.fx.find_sites import find_sites
-        from lora_fx.passes.fx.insert_prefix import describe, select_attention_sites
+        from lora_fx.passes.fx.insert_prefix import describe, select_prefix_sites
 
         # The embeddings must fit the sites the config would prefix before apply changes anything: a
         # refused adapter leaves the model as it was.
-        planned = [describe(s) for s in select_attention_sites(find_sites(gm), config)]
+        planned = [describe(s) for s in select_prefix_sites(find_sites(gm), config)[0]]
         shapes = {(p.kv_heads, p.head_dim) for p in planned}
         if len(shapes) == 1:
             from_prompt_embeddings(emb, len(planned), *shapes.pop())
@@ -169,14 +209,13 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
             f"the adapter has {emb.shape[0]} virtual tokens, the model's prefixes {rec['num_virtual_tokens']}; "
             "load it onto a fresh capture"
         )
-    sites = list(rec["sites"])
     shapes = {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()}
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
     kv, hd = shapes.pop()
-    pairs = from_prompt_embeddings(emb, len(sites), kv, hd)
+    pairs = from_peft_blocks(rec, emb, kv, hd)
     with torch.no_grad():
-        for site, (pk, pv) in zip(sites, pairs):
+        for site, (pk, pv) in pairs.items():
             module = gm.get_submodule(site)
             getattr(module, KEY).copy_(pk.to(getattr(module, KEY).dtype))
             getattr(module, VALUE).copy_(pv.to(getattr(module, VALUE).dtype))

@@ -42,11 +42,16 @@ class FoldPrefix:
             raise AdapterError("the prefix encoder's outputs are not where insert_prefix put them; re-apply the PrefixConfig")
         ref = next(iter(gm.parameters()))
         changed = []
+        # Sites reading one block of PEFT's SEQ_2_SEQ_LM embeddings keep sharing one parameter, as in PEFT.
+        shared: dict[tuple[int, str], torch.nn.Parameter] = {}
         for i, site in enumerate(rec["sites"]):
             module = _module_at(gm, site)
             for j, name in enumerate((KEY, KEY.replace("key", "value"))):
-                value = prefixes[site][j].to(device=ref.device).clone()
-                module.register_parameter(name, torch.nn.Parameter(value, requires_grad=True))
+                key = (rec["sites"][site].get("block", i), name)
+                if key not in shared:
+                    value = prefixes[site][j].to(device=ref.device).clone()
+                    shared[key] = torch.nn.Parameter(value, requires_grad=True)
+                module.register_parameter(name, shared[key])
                 end = ends[2 * i + j]
                 with graph.inserting_before(end):
                     attr = graph.get_attr(f"{site}.{name}")

@@ -162,6 +162,183 @@ def _refuse_shared_attention(sites: Sequence[Site]) -> None:
         )
 
 
+# ---- relative position bias (T5) -------------------------------------------------------------------
+_ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_SKIP_COPY = {aten._assert_tensor_metadata.default}
+
+
+@dataclass
+class RelativeBias:
+    """A T5-style relative position bias reaching an attention site: ``sub`` is ``memory - context``
+    (``[1, k] - [q, 1]`` key and query positions), ``nodes`` the chain from it to ``end``, the
+    ``[1, heads, q, k]`` bias the site adds to its scores; ``bidirectional`` for an encoder's buckets."""
+
+    sub: fx.Node
+    end: fx.Node
+    nodes: list[fx.Node]
+    bidirectional: bool
+
+
+def _from_arange(node: Any, depth: int = 6) -> bool:
+    while isinstance(node, fx.Node) and depth > 0:
+        if node.target in _ARANGES:
+            return True
+        if node.target not in (aten.unsqueeze.default, aten.slice.Tensor, aten.add.Tensor, aten.view.default):
+            return False
+        node, depth = node.args[0], depth - 1
+    return False
+
+
+def _relative_sub(indices: fx.Node, budget: int = 30) -> fx.Node | None:
+    """The ``memory - context`` node the bucket indices of a relative-position embedding come from."""
+    seen, queue = set(), [indices]
+    while queue and len(seen) < budget:
+        n = queue.pop(0)
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.target is aten.sub.Tensor and len(n.args) == 2 and all(_from_arange(a) for a in n.args):
+            mem, ctx = _val(n.args[0]), _val(n.args[1])
+            if mem is not None and ctx is not None and mem.dim() == 2 and ctx.dim() == 2 and mem.shape[0] == 1 and ctx.shape[1] == 1:
+                return n
+        queue.extend(a for a in n.all_input_nodes)
+    return None
+
+
+def relative_bias(start: Any, budget: int = 48) -> RelativeBias | None:
+    """The relative position bias (T5's ``compute_bias``: an embedding of bucketed ``memory - context``
+    positions) among the inputs of ``start`` (an additive mask or score term), or None."""
+    if not isinstance(start, fx.Node):
+        return None
+    seen, queue, emb, sub = set(), [start], None, None
+    while queue and len(seen) < budget:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.target is aten.embedding.default and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+            # (A rewritten graph also holds the prefix columns' copy, whose positions carry no shapes: passed over.)
+            sub = _relative_sub(n.args[1])
+            if sub is not None:
+                emb = n
+                break
+        if n.op == "call_function" and n.target not in _STOP:
+            queue.extend(n.all_input_nodes)
+    if sub is None:
+        return None
+    # The chain from sub: nodes all of whose inputs are in it (or parameters); it ends where a mask or the scores join.
+    chain, order = {sub}, [sub]
+    for n in list(sub.graph.nodes):
+        if n in chain or n.op != "call_function" or n.target in _SKIP_COPY or not any(a in chain for a in n.all_input_nodes):
+            continue
+        if all(a in chain or a.op == "get_attr" for a in n.all_input_nodes):
+            chain.add(n)
+            order.append(n)
+    end, queue, seen = None, [start], set()
+    while queue and end is None:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in chain:
+            end = n
+        else:
+            queue.extend(n.all_input_nodes)
+    if end is None or emb not in chain:
+        return None
+    needed, stack = set(), [end]
+    while stack:
+        n = stack.pop()
+        if n in needed or n not in chain:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    nodes = [n for n in order if n in needed]
+    bidirectional = any(n.target is aten.abs.default for n in nodes)
+    return RelativeBias(sub, end, nodes, bidirectional)
+
+
+def site_relative_bias(site: Site) -> RelativeBias | None:
+    """The relative position bias added to a site's scores (eager: a term before the softmax; SDPA: in its mask)."""
+    node = site.handle
+    if site.op == "sdpa":
+        return relative_bias(_sdpa_arg(node, "attn_mask"))
+    _scores, _softmax, path = _eager_nodes(node)
+    on_path = set(path)
+    for n in path:
+        if n.target is aten.add.Tensor:
+            for a in n.args[:2]:
+                if isinstance(a, fx.Node) and a not in on_path:
+                    rb = relative_bias(a)
+                    if rb is not None:
+                        return rb
+    return None
+
+
+def _prefix_bias(graph: fx.Graph, anchor: fx.Node, rb: RelativeBias, T: int, like: fx.Node) -> fx.Node:
+    """The bias of the T prefix keys in front of ``like``'s k key columns: ``[1, heads, q, T + k]``, the prefix
+    columns as PEFT's cache gives them (keys at 0..T-1, queries at T + i: relative position j - T - i), the k real
+    columns zero, to add to a mask or bias that was padded with T zero columns."""
+    mem = _call(graph, anchor, aten.arange.start, -T, 0, device=_device(rb.sub))
+    mem = _call(graph, anchor, aten.unsqueeze.default, mem, 0)
+    env = {rb.sub: _call(graph, anchor, aten.sub.Tensor, mem, rb.sub.args[1])}
+    for n in rb.nodes[1:]:
+        copy = graph.node_copy(n, lambda a: env.get(a, a))
+        copy.meta[INSERTED] = True
+        env[n] = copy
+    k = _call(graph, anchor, aten.sym_size.int, like, -1)
+    return _call(graph, anchor, aten.constant_pad_nd.default, env[rb.end], [0, k], 0.0)
+
+
+def peft_prefix_sites(sites: Sequence[Site], chosen: Sequence[Site], explicit: bool) -> tuple[list[Site], dict[str, int] | None]:
+    """PEFT's prefix on a model with T5's relative position bias: (the sites to prefix, the block of PEFT's
+    SEQ_2_SEQ_LM ``prompt_embeddings`` each reads; None for other models).
+
+    PEFT reaches such a model only through ``past_key_values`` of an encoder-decoder (SEQ_2_SEQ_LM): the
+    decoder's self-attention (causal buckets) gets the prefix; transformers drops the cache in the encoder
+    (bidirectional buckets; PEFT's FEATURE_EXTRACTION on T5EncoderModel fails or changes nothing) and PEFT
+    empties the cross-attention cache. Other models: the chosen sites, as they are."""
+    sites = [s for s in sites if s.kind is SiteKind.ATTENTION]
+    biases = {id(s): site_relative_bias(s) for s in sites}
+    if not any(biases.values()):
+        return list(chosen), None
+    decoder = [s for s in chosen if biases[id(s)] is not None and not biases[id(s)].bidirectional]
+    others = [s for s in chosen if s not in decoder]
+    if explicit and others:
+        raise UnsupportedError(
+            f"attention site {others[0].name} cannot take a prefix: in a model with T5's relative position bias PEFT's "
+            "prefix-tuning reaches only the decoder's self-attention (transformers drops the cache in the encoder and "
+            "PEFT empties the cross-attention cache), so there is no PEFT behaviour to match there. Select decoder "
+            "self-attention sites only, or use LoRA (LoraConfig) on the encoder"
+        )
+    if not decoder:
+        raise UnsupportedError(
+            "this model's attention uses T5's relative position bias and has no decoder self-attention: PEFT's "
+            "prefix-tuning never reaches a T5 encoder (transformers drops past_key_values there; PEFT with "
+            "FEATURE_EXTRACTION fails on a mask or changes nothing), so lora_fx has no PEFT behaviour to match. "
+            "Capture the encoder-decoder model (T5ForConditionalGeneration, PEFT's SEQ_2_SEQ_LM) or use LoRA (LoraConfig)"
+        )
+    encoder_layers = sum(1 for s in sites if biases[id(s)] is not None and biases[id(s)].bidirectional)
+    if encoder_layers != len(decoder) and not explicit:
+        raise UnsupportedError(
+            f"this encoder-decoder model has {encoder_layers} encoder and {len(decoder)} decoder layers; PEFT's "
+            "SEQ_2_SEQ_LM prefix layout sizes the decoder's prefixes by the encoder's layer count, which only works "
+            "when both are equal. Use LoRA (LoraConfig) on this model"
+        )
+    layers = [s.name for s in sites if biases[id(s)] is not None and not biases[id(s)].bidirectional]
+    return decoder, {s.name: seq2seq_block(layers.index(s.name), encoder_layers or len(layers)) for s in decoder}
+
+
+def seq2seq_block(layer: int, num_layers: int) -> int:
+    """The block of PEFT's ``prompt_embeddings`` that decoder layer ``layer`` reads under SEQ_2_SEQ_LM.
+
+    PEFT views the embeddings as ``num_layers * 2`` (key, value) rows, repeats them twice and splits
+    them into per-layer (self key, self value, cross key, cross value) groups of four, so decoder layer
+    l reads row 4 l mod 2 num_layers: the key/value pair of block 2 l mod num_layers (with an even
+    layer count, layers l and l + num_layers/2 share one block)."""
+    return (2 * layer) % num_layers
+
+
 class PrefixEncoder(torch.nn.Module):
     """PEFT's reparameterization: embedding [T, token_dim] -> Linear -> tanh -> Linear to num_layers*2*token_dim."""
 
@@ -193,9 +370,12 @@ class InsertPrefix:
       a slice of a ``position_ids`` buffer (BERT) and a ``position_ids`` graph input get ``+ T``.
     """
 
-    def __init__(self, config: PrefixConfig, sites: Sequence[Site]) -> None:
+    def __init__(self, config: PrefixConfig, sites: Sequence[Site], blocks: dict[str, int] | None = None) -> None:
         self.config = config
         self.sites = list(sites)
+        # Encoder-decoder (T5) models: the block of PEFT's prompt_embeddings each site reads; sites sharing a
+        # block share their prefix parameters, as under PEFT.
+        self.blocks = blocks
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         info = meta(gm)
@@ -222,8 +402,12 @@ class InsertPrefix:
         info[META_PREFIX] = {
             "num_virtual_tokens": T,
             "projection": bool(self.config.prefix_projection),
-            "sites": {ps.site.name: {"kv_heads": ps.kv_heads, "head_dim": ps.head_dim, "layer": i} for i, ps in enumerate(described)},
+            "sites": {ps.site.name: {"kv_heads": ps.kv_heads, "head_dim": ps.head_dim, "layer": i,
+                                     **({"block": self.blocks[ps.site.name]} if self.blocks else {})}
+                      for i, ps in enumerate(described)},
         }
+        if self.blocks:
+            info[META_PREFIX]["num_transformer_submodules"] = 2
         return PassResult(gm, True, changed)
 
     # ---- where each site's prefixes come from --------------------------------------------------
@@ -236,6 +420,7 @@ class InsertPrefix:
         ref = _site_param(gm)
         out = []
         if not self.config.prefix_projection:
+            shared: dict[tuple[int, str], torch.nn.Parameter] = {}
             for ps in described:
                 module = _module_at(gm, ps.site.name)
                 for name in (KEY, VALUE):
@@ -243,7 +428,10 @@ class InsertPrefix:
                         raise AdapterError(f"site {ps.site.name} already has a {name}")
                     # PEFT's nn.Embedding starts N(0, 1); "zero" starts at zero.
                     data = torch.zeros if zero else torch.randn
-                    module.register_parameter(name, torch.nn.Parameter(data(ps.kv_heads, T, ps.head_dim, dtype=ref.dtype, device=ref.device)))
+                    block = (self.blocks[ps.site.name], name) if self.blocks else None
+                    if block not in shared or block is None:
+                        shared[block] = torch.nn.Parameter(data(ps.kv_heads, T, ps.head_dim, dtype=ref.dtype, device=ref.device))
+                    module.register_parameter(name, shared[block])
                 with graph.inserting_before(first):
                     pk = graph.get_attr(f"{ps.site.name}.{KEY}")
                     pv = graph.get_attr(f"{ps.site.name}.{VALUE}")
@@ -269,10 +457,11 @@ class InsertPrefix:
             # PEFT's layout: [T, layers * 2 (key, value), kv_heads, head_dim].
             h = _call(graph, None, aten.view.default, h, [T, 2 * len(described), kv, hd])
             encoder_nodes = [emb, emb.args[0], *emb.args[1:], h.args[0], h.args[0].args[0], *h.args[0].args[1:], h]
-            for i, _ in enumerate(described):
+            for i, ps in enumerate(described):
+                block = self.blocks[ps.site.name] if self.blocks else i
                 pair = []
                 for j in (0, 1):
-                    s = _call(graph, None, aten.select.int, h, 1, 2 * i + j)
+                    s = _call(graph, None, aten.select.int, h, 1, 2 * block + j)
                     encoder_nodes.append(s)
                     end = _call(graph, None, aten.permute.default, s, [1, 0, 2])
                     # fold_prefix finds each site's key/value tensor by this mark and the encoder by the other.
@@ -310,6 +499,12 @@ class InsertPrefix:
             new_v = _call(graph, node, aten.cat.default, [self._batched(graph, node, pv, ps, v, False), v], 2)
             if mask is not None:
                 new_mask = _pad_mask(graph, node, mask, T, visible=True)
+                rb = relative_bias(mask)
+                if rb is not None:
+                    if _val(mask) is None or _val(mask).dtype == torch.bool:
+                        raise UnsupportedError(f"attention site {ps.site.name}: its mask carries a relative position bias "
+                                               "but is not an additive float mask; lora_fx cannot give the prefix keys their bias")
+                    new_mask = _call(graph, node, aten.add.Tensor, new_mask, _prefix_bias(graph, node, rb, T, mask))
             elif causal:
                 # SDPA's is_causal aligns top-left (query i sees keys j <= i); behind T prefixes that is j <= i + T.
                 q_len = _call(graph, node, aten.sym_size.int, q, 2)
@@ -345,6 +540,10 @@ class InsertPrefix:
                     continue
                 with graph.inserting_before(n):
                     padded = _pad_mask(graph, n, n.args[i], T, visible=True)
+                    rb = relative_bias(n.args[i])
+                    if rb is not None:
+                        # PEFT's cache gives the prefix keys their real relative-position bias, not 0.
+                        padded = _call(graph, n, aten.add.Tensor, padded, _prefix_bias(graph, n, rb, T, n.args[i]))
                 n.args = tuple(padded if j == i else a for j, a in enumerate(n.args))
             elif n.target is aten.where.self:
                 with graph.inserting_before(n):
@@ -427,11 +626,31 @@ def _is_table(node: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
+def _relative_aranges(graph: fx.Graph) -> set[fx.Node]:
+    """The aranges numbering key and query positions of a relative position bias (``memory - context``)."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.target is aten.embedding.default and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+            sub = _relative_sub(n.args[1])
+            if sub is None:
+                continue
+            stack = list(sub.args)
+            while stack:
+                a = stack.pop()
+                if isinstance(a, fx.Node):
+                    if a.target in _ARANGES:
+                        out.add(a)
+                    else:
+                        stack.extend(a.all_input_nodes)
+    return out
+
+
 def position_sources(graph: fx.Graph) -> list[fx.Node]:
     """The nodes holding the real tokens' positions: aranges into rotary or position embeddings,
     slices of a ``position_ids`` buffer, a ``position_ids`` input, and running counts of real tokens
     (``cumsum`` of a mask, as OPT and RoBERTa number positions) into a position embedding."""
     out = []
+    relative = _relative_aranges(graph)
     for n in graph.nodes:
         if n.meta.get(INSERTED):
             continue
@@ -441,7 +660,8 @@ def position_sources(graph: fx.Graph) -> list[fx.Node]:
                                                       aten.cumsum.default):
             # PEFT's cache of T prefixes makes these count from T: OPT takes the cumsum of a mask with T
             # ones in front, RoBERTa adds the cache length to its cumsum; both are the cumsum + T.
-            if _reaches_position_use(n):
+            # Positions of a relative bias (T5) stay: the prefix columns of the bias carry the shift.
+            if _reaches_position_use(n) and n not in relative:
                 out.append(n)
         elif n.op == "call_function" and n.target is aten.slice.Tensor:
             src = n.args[0]
@@ -461,8 +681,25 @@ def offset_positions(graph: fx.Graph, T: int) -> list[str]:
     return changed
 
 
+def select_prefix_sites(sites: Sequence[Site], config: PrefixConfig) -> tuple[list[Site], dict[str, int] | None]:
+    """The attention sites PEFT's prefix-tuning reaches that ``config`` selects, and (encoder-decoder models)
+    the block of PEFT's ``prompt_embeddings`` each reads."""
+    chosen = select_attention_sites(sites, config)
+    chosen, blocks = peft_prefix_sites(sites, chosen, explicit=config.target_modules is not None)
+    want = config.num_transformer_submodules
+    if want is not None and want != (2 if blocks else 1):
+        raise AdapterError(
+            f"this prefix-tuning config has num_transformer_submodules={want} (PEFT's "
+            f"{'encoder-decoder' if want == 2 else 'decoder-only / encoder-only'} layout), but the model is "
+            f"{'an encoder-decoder (T5)' if blocks else 'not an encoder-decoder with relative position bias'}; "
+            "was the adapter trained on another model?"
+        )
+    return chosen, blocks
+
+
 def insert_prefix(gm: fx.GraphModule, config: PrefixConfig, sites: Sequence[Site] | None = None) -> PassResult:
-    return InsertPrefix(config, select_attention_sites(find_sites(gm) if sites is None else sites, config))(gm)
+    chosen, blocks = select_prefix_sites(find_sites(gm) if sites is None else sites, config)
+    return InsertPrefix(config, chosen, blocks)(gm)
 
 
 def _task_type(model_class: str) -> str:
@@ -486,6 +723,10 @@ def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
         raise AdapterError("this model already holds a LoRA adapter; apply prefix-tuning to a fresh capture")
     insert_prefix(gm, config)
     rec = info[META_PREFIX]
+    if rec.get("num_transformer_submodules") == 2:
+        config.num_transformer_submodules = 2
+        if config.task_type is None:
+            config.task_type = "SEQ_2_SEQ_LM"
     shapes = {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()}
     if len(shapes) == 1:
         kv, hd = next(iter(shapes))
@@ -505,4 +746,4 @@ def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
 
 
 __all__ = ["InsertPrefix", "PrefixEncoder", "PrefixSite", "apply_prefix", "describe", "insert_prefix", "offset_positions",
-           "position_sources", "select_attention_sites"]
+           "position_sources", "relative_bias", "select_attention_sites", "select_prefix_sites"]

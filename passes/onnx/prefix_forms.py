@@ -70,9 +70,62 @@ def _refuse_cache(site: Site, parts: Any, past: list[int], present: list[int]) -
             "for prefix-tuning, or prepend the prefixes to the cache yourself"))
 
 
+def _from_range(value: ir.Value | None, depth: int = 6) -> bool:
+    while value is not None and depth > 0:
+        node = value.producer()
+        if node is None:
+            return False
+        if node.op_type == "Range":
+            return True
+        if node.op_type not in ("Unsqueeze", "Slice", "Add", "Reshape", "Cast"):
+            return False
+        value, depth = node.inputs[0], depth - 1
+    return False
+
+
+def relative_position_bias(value: ir.Value | None, budget: int = 48) -> ir.Node | None:
+    """The ``Gather`` of a T5-style relative position bias (a constant table indexed by bucketed ``memory -
+    context`` positions, both numbered by ``Range``) among the inputs of ``value``, or None."""
+    seen: set[int] = set()
+    queue = [value]
+    while queue and len(seen) < budget:
+        v = queue.pop(0)
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Gather" and const_tensor(node.inputs[0]) is not None:
+            inner: set[int] = set()
+            back = [node.inputs[1]]
+            while back and len(inner) < 40:
+                u = back.pop(0)
+                src = u.producer() if u is not None else None
+                if src is None or id(src) in inner:
+                    continue
+                inner.add(id(src))
+                if src.op_type == "Sub" and all(_from_range(i) for i in src.inputs[:2]):
+                    return node
+                back.extend(src.inputs)
+        if node.op_type not in ("MatMul", "Softmax"):
+            queue.extend(node.inputs)
+    return None
+
+
+def _refuse_relative_bias(site: Site, parts: Any, mask: ir.Value | None, what: str) -> None:
+    if relative_position_bias(mask) is not None:
+        # PEFT's cache gives prefix keys a real relative-position bias (and prefixes T5's decoder self-attention
+        # only); recovering the bucket computation to extend it over T more keys is done on the FX graph.
+        raise UnsupportedError(refusal(
+            site, parts, f"its {what} carries a relative position bias (T5), which PEFT's prefix-tuning extends over "
+            "the prefix keys (and applies to the decoder's self-attention only); the ONNX pass does not rebuild that "
+            "bias. Apply the PrefixConfig to the torch model (lora_fx.capture of T5ForConditionalGeneration) and export "
+            "it with lora_fx.export_onnx"))
+
+
 def _check_mask(site: Site, parts: Any, mask: ir.Value | None, what: str) -> None:
     if mask is None:
         return
+    _refuse_relative_bias(site, parts, mask, what)
     if mask.dtype is None:
         raise UnsupportedError(refusal(site, parts, f"the dtype of its {what} is unknown, so the visible value of the "
                                         "T prefix columns (True, 1 or 0.0) is too; run shape inference first"))
@@ -145,6 +198,14 @@ def _grow_key_axis(scores: ir.Node, sink: ir.Node, T: int) -> None:
 
 
 def _check_decomposed(site: Site, parts: Any, graph: ir.Graph) -> None:
+    scores, path = _scores_of(parts.node)
+    on_path = {id(n) for n in path} | {id(scores)}
+    for node in path:
+        if node.op_type == "Add":
+            for inp in node.inputs[:2]:
+                src = inp.producer() if inp is not None else None
+                if inp is not None and (src is None or id(src) not in on_path):
+                    _refuse_relative_bias(site, parts, inp, "score bias")
     return None
 
 
@@ -179,7 +240,7 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
     sink.replace_input_with(1, new_v)
     # The additive mask gains T zero (visible) columns in front.
     on_path = {id(n) for n in path} | {id(scores)}
-    masks = 0  # eager T5 adds its position bias and its mask in two Adds: node names must stay unique
+    masks = 0  # a model may add a position bias and a mask in two Adds: node names must stay unique
     for node in path:
         if node.op_type != "Add":
             continue
