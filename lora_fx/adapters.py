@@ -36,6 +36,34 @@ def peft_key(site: str, which: str) -> str:
     return f"{PEFT_PREFIX}{site}.lora_{which}.weight"
 
 
+def peft_site_name(site: str, part_of: str | None = None) -> str:
+    """The module path PEFT keys a site's adapter under.
+
+    A site adapted as part of a module PEFT wraps as a whole (``part_of``: nn.MultiheadAttention's
+    out_proj) sits below that module's ``base_layer``: ``attn.out_proj`` -> ``attn.base_layer.out_proj``.
+    """
+    if part_of and site.startswith(f"{part_of}."):
+        return f"{part_of}.base_layer{site[len(part_of):]}"
+    return site
+
+
+def key_parts_as_peft(config: LoraConfig, tensors: dict[str, torch.Tensor], records: dict[str, dict[str, Any]]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """An adapter keyed by lora_fx site names (``target_modules`` the site list), keyed as PEFT has it where a
+    site was adapted as part of a module (``records[site]["part_of"]``, as ``lora_sites`` holds them): the
+    tensors under ``peft_site_name``, the module itself in ``target_modules`` in place of the site."""
+    parts = {site: rec["part_of"] for site, rec in records.items() if rec.get("part_of")}
+    if not parts:
+        return config, tensors
+    renamed = {}
+    for key, value in tensors.items():
+        site, which = parse_peft_key(key)
+        renamed[peft_key(peft_site_name(site, parts.get(site)), which) if site in parts else key] = value
+    if isinstance(config.target_modules, list):
+        kept = [t for t in config.target_modules if t not in parts]
+        config.target_modules = kept + sorted(set(parts.values()) - set(kept))
+    return config, renamed
+
+
 def parse_peft_key(key: str) -> tuple[str, str]:
     """``base_model.model.<site>.lora_A[.<adapter>].weight`` → (site, "A")."""
     body = key.removeprefix(PEFT_PREFIX)
@@ -111,14 +139,16 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
     if config is None or not lora_sites:
         raise AdapterError("this model has no LoRA adapter to save; call lora_fx.apply(model, LoraConfig(...)) first")
     tensors = {}
-    for site in lora_sites:
+    for site, rec in lora_sites.items():
         module = model.get_submodule(site)
-        tensors[peft_key(site, "A")] = module.lora_A.weight
-        tensors[peft_key(site, "B")] = module.lora_B.weight
+        name = peft_site_name(site, rec.get("part_of"))
+        tensors[peft_key(name, "A")] = module.lora_A.weight
+        tensors[peft_key(name, "B")] = module.lora_B.weight
     saved = LoraConfig.from_dict(config.to_dict())
     if isinstance(saved.target_modules, str) and saved.target_modules.lower() == "all-linear" or saved.target_modules is None:
-        # PEFT stores the expanded names too, so the file means the same thing on any model.
-        saved.target_modules = sorted(lora_sites)
+        # PEFT stores the expanded names too, so the file means the same thing on any model. A site adapted as
+        # part of a module (out_proj of an nn.MultiheadAttention) comes with that module's name.
+        saved.target_modules = sorted({rec.get("part_of") or site for site, rec in lora_sites.items()})
     return write_peft_dir(directory, saved, tensors)
 
 
@@ -164,7 +194,11 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         _check_tensors(tensors, _planned_shapes(model, config), directory)
         apply(model, config)
     lora_sites = info["lora_sites"]
-    params = {site: {w: getattr(model.get_submodule(site), f"lora_{w}").weight for w in "AB"} for site in lora_sites}
+    # Keyed by the names PEFT files use (attn.base_layer.out_proj for an nn.MultiheadAttention's out_proj).
+    params = {
+        peft_site_name(site, rec.get("part_of")): {w: getattr(model.get_submodule(site), f"lora_{w}").weight for w in "AB"}
+        for site, rec in lora_sites.items()
+    }
     _check_tensors(tensors, {site: {w: tuple(p.shape) for w, p in ps.items()} for site, ps in params.items()}, directory)
     updates = []
     for key, value in tensors.items():
@@ -179,13 +213,16 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
 
 
 def _planned_shapes(gm: Any, config: LoraConfig) -> dict[str, dict[str, tuple[int, int]]]:
-    """PEFT-layout shapes ``{site: {"A": (r, in), "B": (out, r)}}`` of the adapter ``config`` would insert."""
+    """PEFT-layout shapes ``{site: {"A": (r, in), "B": (out, r)}}`` of the adapter ``config`` would insert,
+    keyed by the names PEFT files use."""
     from lora_fx.passes.fx.capture import meta
-    from lora_fx.passes.fx.find_sites import find_sites
+    from lora_fx.passes.fx.find_sites import find_sites, module_tree
     from lora_fx.targeting import select_targets
 
-    targets = select_targets(find_sites(gm), config, model_type=meta(gm).get("model_type"))  # as apply selects
-    return {t.site.name: {"A": (t.r, t.site.in_features), "B": (t.site.out_features, t.r)} for t in targets}
+    targets = select_targets(find_sites(gm), config, model_type=meta(gm).get("model_type"), modules=module_tree(gm))  # as apply selects
+    return {
+        peft_site_name(t.site.name, t.part_of): {"A": (t.r, t.site.in_features), "B": (t.site.out_features, t.r)} for t in targets
+    }
 
 
 def _check_tensors(tensors: dict[str, Any], expected: dict[str, dict[str, tuple[int, int]]], directory: Any) -> None:
@@ -217,8 +254,9 @@ def _refresh_scales(gm: Any, config: LoraConfig) -> None:
     info = meta(gm)
     new_scales = {}
     for site, rec in info["lora_sites"].items():
-        r = int(pattern_value(config.rank_pattern, site, config.r))
-        alpha = float(pattern_value(config.alpha_pattern, site, config.lora_alpha))
+        key = rec.get("part_of") or site  # out_proj takes its nn.MultiheadAttention's rank and alpha, as in PEFT
+        r = int(pattern_value(config.rank_pattern, key, config.r))
+        alpha = float(pattern_value(config.alpha_pattern, key, config.lora_alpha))
         new_scales[site] = config.scaling(r, alpha)
     changed = False
     for node in gm.graph.nodes:

@@ -91,7 +91,7 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
         # Quantizing changes the model in place: a target that matches nothing (a typo) must be refused
         # before, not after, or the caller is left with a quantized model and no adapter. Site names
         # survive quantization, so the selection made now is the one made after it.
-        select_targets(find_sites(model), config)
+        select_targets(find_sites(model), config, modules=_module_tree(model))
     if quant is not None:
         # QLoRA: quantize first so the adapter branches attach to the dequantized weights' sites.
         from importlib import import_module
@@ -108,6 +108,15 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
 
         return import_module(f"lora_fx.passes.{ir_name}.insert_prefix").apply_prefix(model, config)
     raise AssertionError("unreachable: _check_config admits LoraConfig and PrefixConfig only")
+
+
+def _module_tree(model: Any) -> Any:
+    """The model's module tree where it is known (a captured GraphModule), for ``select_targets``."""
+    if not isinstance(model, fx.GraphModule):
+        return None
+    from lora_fx.passes.fx.find_sites import module_tree
+
+    return module_tree(model)
 
 
 def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
@@ -129,7 +138,7 @@ def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
             "or use load_adapter to load other trained weights into these sites"
         )
     sites = fx_find_sites(gm)
-    targets = select_targets(sites, config, model_type=info.get("model_type"))
+    targets = select_targets(sites, config, model_type=info.get("model_type"), modules=_module_tree(gm))
     insert_lora(gm, targets, dropout=config.lora_dropout, init=config.init_lora_weights)
     freeze_base(gm)
     if config.base_model_name_or_path is None and info.get("name_or_path"):

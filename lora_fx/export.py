@@ -249,9 +249,9 @@ def export_onnx(
         out_dir = adapters_dir(path)
         result.adapter_paths.append(write_onnx_adapter(out_dir / f"{adapter_name}{SUFFIX}", adapter))
         if peft_dir:
-            from lora_fx.adapters import write_peft_dir
+            from lora_fx.adapters import key_parts_as_peft, write_peft_dir
 
-            peft_config, tensors = to_peft(adapter)
+            peft_config, tensors = key_parts_as_peft(*to_peft(adapter), records)
             result.peft_dirs.append(write_peft_dir(out_dir / adapter_name, peft_config, tensors))
     return result
 

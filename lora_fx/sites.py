@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 
 class SiteKind(str, enum.Enum):
@@ -45,6 +45,9 @@ class Site:
     is_output_layer: bool = False
     # How the site computes, e.g. "aten.linear", "aten.addmm", "MatMul", "Gemm", "sdpa", "eager".
     op: str = ""
+    # The module PEFT adapts this linear together with, as a whole (an nn.MultiheadAttention, for its
+    # out_proj): targeting that module selects this site too.
+    part_of: str | None = None
     handle: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +60,8 @@ class Site:
                 fan_in_fan_out=self.fan_in_fan_out,
                 is_output_layer=self.is_output_layer,
             )
+            if self.part_of is not None:
+                out["part_of"] = self.part_of
         else:
             out.update(
                 num_heads=self.num_heads,
@@ -76,6 +81,14 @@ class Site:
         if self.head_dim is not None:
             parts.append(f"head_dim={self.head_dim}")
         return " ".join(parts)
+
+
+# The class PEFT adapts as a whole (lora.MultiheadAttention: in_proj and out_proj), by its ModuleTree name.
+MULTIHEAD_ATTENTION = "torch.nn.modules.activation.MultiheadAttention"
+
+# A model's module tree, as targeting sees it: module path -> qualified names of its class and the classes it
+# derives from (``torch.nn.modules.normalization.LayerNorm``, ...). Known where the source model was seen (FX capture).
+ModuleTree = Mapping[str, Sequence[str]]
 
 
 def format_sites(sites: list[Site]) -> str:

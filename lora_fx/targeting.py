@@ -8,7 +8,13 @@ The rules mirror ``peft.tuners.tuners_utils.check_target_module_exists`` and
   site's name but the output layer's); a list matches an exact name or a dotted suffix, and only
   then ``layers_to_transform`` / ``layers_pattern`` restrict the layer index.
 * A target that names a module holding linear sites (a dotted prefix of their names, e.g.
-  ``encoder.layer.0.attention``) is refused, as PEFT refuses to adapt a module it cannot wrap.
+  ``encoder.layer.0.attention``) is refused, as PEFT refuses to adapt a module it cannot wrap. Where
+  the module tree is known (FX), so is a target naming any other module that is no linear layer (a
+  LayerNorm, a Dropout, an activation), and one naming an embedding or a convolution, which PEFT
+  adapts and lora_fx cannot.
+* An ``nn.MultiheadAttention`` targeted as a whole selects its in_proj site and its out_proj site
+  (``Site.part_of``), with the attention module's rank and alpha, as PEFT's
+  ``lora.MultiheadAttention`` does.
 * ``rank_pattern`` / ``alpha_pattern``: the first key ``k`` (in insertion order) such that the
   site name matches ``(.*\\.)?(k)$``.
 """
@@ -22,8 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lora_fx.config import ALL_LINEAR, LoraConfig
-from lora_fx.errors import ConfigError, TargetNotFoundError
-from lora_fx.sites import Site, SiteKind
+from lora_fx.errors import ConfigError, TargetNotFoundError, UnsupportedError
+from lora_fx.sites import MULTIHEAD_ATTENTION, ModuleTree, Site, SiteKind
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the model types lora_fx tests.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -40,12 +46,17 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 @dataclass(frozen=True)
 class Target:
-    """A selected linear site with its rank, alpha and resulting scale."""
+    """A selected linear site with its rank, alpha and resulting scale.
+
+    ``part_of`` is the module the site was selected through when that module was targeted as a whole
+    (an ``nn.MultiheadAttention`` for its out_proj); PEFT files key such a site under it.
+    """
 
     site: Site
     r: int
     alpha: float
     scale: float
+    part_of: str | None = None
 
 
 def _matches_list(names: Sequence[str], key: str) -> bool:
@@ -138,8 +149,9 @@ def _closest(wanted: str, names: Sequence[str]) -> list[str]:
 
 
 def _containers(linear: Sequence[Site]) -> list[str]:
-    """The modules that hold linear sites (``encoder.layer.0.attention``), known from the site names."""
-    names = {s.name for s in linear}
+    """The modules that hold linear sites (``encoder.layer.0.attention``), known from the site names; a module
+    PEFT adapts as a whole (``Site.part_of``) is none of them."""
+    names = {s.name for s in linear} | {s.part_of for s in linear if s.part_of}
     parents = {name.rsplit(".", i)[0] for name in names for i in range(1, name.count(".") + 1)}
     return sorted(parents - names)
 
@@ -161,6 +173,92 @@ def check_no_container_targets(config: LoraConfig, target_modules: list[str] | s
         f"('Target module ... is not supported'). Name the linear layers inside instead, e.g. target_modules={inside[:6]!r}, "
         "or a regex that ends at one of them"
     )
+
+
+# PEFT adapts these as linear layers (dispatch_default): a matched one with no site was never run by the graph.
+_LINEAR_CLASSES = ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")
+# PEFT adapts these too, lora_fx does not.
+_PEFT_ONLY_CLASSES = {
+    "torch.nn.modules.sparse.Embedding": "an embedding",
+    "torch.nn.modules.conv.Conv1d": "a convolution",
+    "torch.nn.modules.conv.Conv2d": "a convolution",
+    "torch.nn.modules.conv.Conv3d": "a convolution",
+}
+
+
+def _class_name(classes: Sequence[str]) -> str:
+    return classes[0].rsplit(".", 1)[-1] if classes else "unknown type"
+
+
+def _hit_list(hits: Sequence[tuple[str, Sequence[str]]]) -> str:
+    shown = ", ".join(f"{path} ({_class_name(classes)})" for path, classes in hits[:4])
+    return shown + (f" and {len(hits) - 4} more" if len(hits) > 4 else "")
+
+
+def _linear_names(linear: Sequence[Site]) -> str:
+    suffixes = sorted({s.name.rsplit(".", 1)[-1] for s in linear})
+    shown = [s.name for s in linear][:8]
+    more = len(linear) - len(shown)
+    return f"{', '.join(suffixes)} (sites: {', '.join(shown)}{f', ... {more} more' if more else ''})"
+
+
+def check_supported_modules(config: LoraConfig, target_modules: list[str] | str, linear: Sequence[Site], modules: ModuleTree) -> None:
+    """Refuse a target that matches a module which is no linear site, as PEFT refuses what it cannot adapt.
+
+    PEFT stops at the first matched module it has no LoRA layer for ("Target module LayerNorm(...) is
+    not supported"), even when other matches are linear layers: skipping it instead would save an
+    adapter_config.json PEFT refuses to load. Embeddings and convolutions PEFT adapts, lora_fx does not:
+    refused too, with that reason.
+    """
+    names = {s.name for s in linear}
+    skip = names | set(_containers(linear)) | {s.part_of for s in linear if s.part_of}
+    unsupported: list[tuple[str, Sequence[str]]] = []
+    peft_only: list[tuple[str, Sequence[str]]] = []
+    for path, classes in modules.items():
+        if not path or path in skip or not matches_target(config, target_modules, path):
+            continue
+        if any(c in _LINEAR_CLASSES for c in classes):
+            continue
+        if MULTIHEAD_ATTENTION in classes:
+            raise UnsupportedError(
+                f"target_modules={config.target_modules!r} matches {path} (nn.MultiheadAttention), but neither its in_proj "
+                "nor its out_proj is a linear site of the captured graph (a fused kernel, or never called), so lora_fx cannot "
+                f"adapt it as PEFT would; exclude it (exclude_modules=[{path!r}]) or target linear layers: {_linear_names(linear)}"
+            )
+        (peft_only if any(c in _PEFT_ONLY_CLASSES for c in classes) else unsupported).append((path, classes))
+    way_out = (
+        f"Remove it from target_modules or list it in exclude_modules; the linear layers you can target: {_linear_names(linear)}"
+    )
+    if unsupported:
+        example = _class_name(unsupported[0][1])
+        raise ConfigError(
+            f"target_modules={config.target_modules!r} matches {_hit_list(unsupported)}, "
+            f"{'not linear layers' if len(unsupported) > 1 else 'not a linear layer'}: LoRA adapts "
+            f"linear layers, and PEFT refuses such a target ('Target module {example}(...) is not supported'), so an "
+            f"adapter saved with it would not load in PEFT. {way_out}"
+        )
+    if peft_only:
+        kinds = sorted({next(_PEFT_ONLY_CLASSES[c] for c in classes if c in _PEFT_ONLY_CLASSES) for _, classes in peft_only})
+        raise TargetNotFoundError(
+            f"target_modules={config.target_modules!r} matches {_hit_list(peft_only)}: {' and '.join(kinds)}, which PEFT "
+            f"adapts but lora_fx does not (it adapts linear layers only). {way_out}"
+        )
+
+
+def _wholes(config: LoraConfig, target_modules: list[str] | str, linear: Sequence[Site]) -> set[str]:
+    """The modules targeted as a whole (``Site.part_of``), each checked to have the in_proj site PEFT adapts with it."""
+    names = {s.name for s in linear}
+    hit = {s.part_of for s in linear if s.part_of and matches_target(config, target_modules, s.part_of)}
+    missing = sorted(hit - names)
+    if missing:
+        whole = missing[0]
+        raise UnsupportedError(
+            f"target_modules={config.target_modules!r} matches {whole}, an nn.MultiheadAttention PEFT adapts as a whole "
+            "(in_proj and out_proj), but its in_proj is no site of the captured graph: with a query other than key and value "
+            "it splits in_proj_weight before the matmuls, which lora_fx cannot adapt. Target its out_proj alone "
+            f"(target_modules=[{whole + '.out_proj'!r}]) or call it with query is key is value"
+        )
+    return hit
 
 
 def unmatched_error(config: LoraConfig, sites: Sequence[Site], kind: SiteKind = SiteKind.LINEAR) -> TargetNotFoundError:
@@ -188,23 +286,43 @@ def unmatched_error(config: LoraConfig, sites: Sequence[Site], kind: SiteKind = 
     return TargetNotFoundError(msg)
 
 
-def select_targets(sites: Sequence[Site], config: LoraConfig, model_type: str | None = None) -> list[Target]:
+def select_targets(
+    sites: Sequence[Site], config: LoraConfig, model_type: str | None = None, modules: ModuleTree | None = None
+) -> list[Target]:
     """Pick the linear sites ``config`` adapts, each with its rank, alpha and scale.
 
-    Raises ``TargetNotFoundError`` listing the available names when nothing matches, and
-    ``ConfigError`` when a rank does not fit a site.
+    ``modules`` is the model's module tree where it is known (FX: ``passes.fx.find_sites.module_tree``):
+    with it a target matching a module that is no linear layer is refused, as PEFT refuses it.
+    Raises ``TargetNotFoundError`` listing the available names when nothing matches, ``ConfigError``
+    for a target PEFT refuses, and ``UnsupportedError`` for a module lora_fx cannot adapt as PEFT would.
     """
     linear = [s for s in sites if s.kind is SiteKind.LINEAR]
     if not linear:
         raise TargetNotFoundError("this model has no linear site that LoRA can adapt (no linear / MatMul with a constant weight)")
     target_modules = resolve_target_modules(config, sites, model_type)
     check_no_container_targets(config, target_modules, linear)
+    if modules is not None:
+        check_supported_modules(config, target_modules, linear, modules)
+    wholes = _wholes(config, target_modules, linear)
+    expanded = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
     out: list[Target] = []
     for site in linear:
-        if not matches_target(config, target_modules, site.name):
+        via = site.part_of if site.part_of in wholes else None
+        direct = matches_target(config, target_modules, site.name)
+        if via and direct and not expanded:
+            # PEFT would give it a second adapter, which lora.MultiheadAttention's forward never runs, and save the
+            # base weights of out_proj with the adapter.
+            raise ConfigError(
+                f"target_modules={config.target_modules!r} matches both {via} (nn.MultiheadAttention, which PEFT adapts "
+                f"as a whole: in_proj and out_proj) and {site.name} inside it; target one of them: [{via!r}] for both "
+                f"projections, or [{site.name!r}] (exclude_modules=[{via!r}]) for out_proj alone"
+            )
+        if not (direct or via):
             continue
-        r = int(pattern_value(config.rank_pattern, site.name, config.r))
-        alpha = float(pattern_value(config.alpha_pattern, site.name, config.lora_alpha))
+        # PEFT gives out_proj the attention module's rank and alpha.
+        key = via or site.name
+        r = int(pattern_value(config.rank_pattern, key, config.r))
+        alpha = float(pattern_value(config.alpha_pattern, key, config.lora_alpha))
         limit = min(site.in_features or 0, site.out_features or 0)
         if r > limit:
             # A warning, not an error: PEFT adapts such a site (all-linear with r=8 reaches a 2-label classifier
@@ -215,7 +333,7 @@ def select_targets(sites: Sequence[Site], config: LoraConfig, model_type: str | 
                 f"Lower it for this site with rank_pattern={{{site.name!r}: {limit}}}",
                 stacklevel=2,
             )
-        out.append(Target(site=site, r=r, alpha=alpha, scale=config.scaling(r, alpha)))
+        out.append(Target(site=site, r=r, alpha=alpha, scale=config.scaling(r, alpha), part_of=via))
     if not out:
         raise unmatched_error(config, sites)
     return out

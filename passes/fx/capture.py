@@ -85,6 +85,19 @@ def _output_layer_name(model: torch.nn.Module) -> str | None:
     return next((name for name, m in model.named_modules() if m is emb), None)
 
 
+def module_tree(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every submodule's path and its class with the classes it derives from, by qualified name.
+
+    The captured graph keeps only modules that hold parameters or run ops (GPT-2's sdpa path never calls
+    ``attn_dropout``), while PEFT matches ``target_modules`` against every module: targeting needs this tree.
+    """
+    return {
+        name: tuple(f"{c.__module__}.{c.__qualname__}" for c in type(m).__mro__ if issubclass(c, torch.nn.Module) and c is not torch.nn.Module)
+        for name, m in model.named_modules()
+        if name
+    }
+
+
 def _reason(exc: Exception) -> str:
     """The first line of torch's message and the user's source line it points at.
 
@@ -191,6 +204,7 @@ def capture(
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "output_layer": _output_layer_name(model),
+        "modules": module_tree(model),
         "training": False,
         "adapters": {},
     }

@@ -11,7 +11,9 @@ Matches (on the graph as ``torch.export`` leaves it, before decompositions):
   count of the K the node itself receives.
 
 Nodes that lora_fx itself inserted (adapter branches) are never sites. Each site is named after the
-module that called it, from the node's ``nn_module_stack``.
+module that called it, from the node's ``nn_module_stack``. ``nn.MultiheadAttention``'s out_proj, which
+the attention module runs itself, is named after the child and marked ``part_of`` the attention module,
+which PEFT adapts as a whole (in_proj and out_proj).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from lora_fx.passes.fx.capture import meta
-from lora_fx.sites import IRKind, Site, SiteKind
+from lora_fx.sites import MULTIHEAD_ATTENTION, IRKind, Site, SiteKind
 
 aten = torch.ops.aten
 
@@ -229,9 +231,34 @@ def _eager_attention(node: fx.Node) -> Site | None:
     return None
 
 
+def module_tree(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """The captured model's modules (a ``lora_fx.sites.ModuleTree``): as ``capture`` recorded them, or for a
+    GraphModule from elsewhere the modules its nodes were called from."""
+    recorded = meta(gm).get("modules")
+    if recorded is not None:
+        return dict(recorded)
+    tree: dict[str, tuple[str, ...]] = {}
+    for node in gm.graph.nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(kind, type):
+                kind = f"{kind.__module__}.{kind.__qualname__}"
+            if path and isinstance(kind, str) and not path.startswith("_empty_nn_module_stack"):
+                tree.setdefault(path, (kind,))
+    return tree
+
+
+def _whole_module(tree: dict[str, tuple[str, ...]], node: fx.Node, name: str) -> str | None:
+    """The nn.MultiheadAttention that runs a linear on its child's weight (out_proj): PEFT adapts the two as one."""
+    path = module_path(node)
+    if path and name.startswith(f"{path}.") and MULTIHEAD_ATTENTION in tree.get(path, ()):
+        return path
+    return None
+
+
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every linear and attention site of ``gm``, in graph order."""
     output_layer = meta(gm).get("output_layer")
+    tree = module_tree(gm)
     sites: list[Site] = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.meta.get(INSERTED):
@@ -241,6 +268,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             site = _attention_site(node, node.args[0], node.args[1], "sdpa")
         elif site is None and node.target in _SOFTMAX_OPS:
             site = _eager_attention(node)
+        elif site is not None:
+            site.part_of = _whole_module(tree, node, site.name)
         if site is not None:
             sites.append(site)
     return sites

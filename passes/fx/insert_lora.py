@@ -129,6 +129,9 @@ class InsertLora:
             "in_features": site.in_features, "out_features": site.out_features,
             "fan_in_fan_out": site.fan_in_fan_out, "dtype": site.dtype,
         }
+        if target.part_of:
+            # Selected through the module PEFT adapts as a whole: its PEFT files key the site under that module.
+            meta(gm)["lora_sites"][site.name]["part_of"] = target.part_of
         return f"{site.name}.lora_A.weight", f"{site.name}.lora_B.weight"
 
     def _rewrite(self, graph: fx.Graph, node: fx.Node, a_name: str, b_name: str, scale: float, dtype: str, training: bool) -> None:

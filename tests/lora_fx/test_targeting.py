@@ -191,3 +191,82 @@ def test_all_linear_on_a_classifier_equals_peft_on_both_front_ends(task_type, tm
     ours_onnx = {t.site.name for t in lora_fx.select_targets(lora_fx.find_sites(lora_fx.load(tmp_path / "cls.onnx")), config)}
     assert ours_fx == ours_onnx == theirs
     assert ("classifier" in theirs) == (task_type is None)
+
+
+# Targets naming modules that are no linear layer, alone or beside linear ones (target_modules, exclude_modules,
+# layers_to_transform): PEFT stops at the first it cannot adapt, even where other matches are linear layers.
+MODULE_CASES = [
+    ("gpt2", ["ln_f"], None, None),
+    ("gpt2", ["attn.attn_dropout"], None, None),  # never run by the sdpa path: in the module tree, not the graph
+    ("gpt2", ["c_attn", "ln_f"], None, None),
+    ("gpt2", ["c_attn", "ln_f"], ["ln_f"], None),
+    ("gpt2", ["c_fc", "act"], None, None),
+    ("gpt2", r".*\.ln_\d", None, None),
+    ("gpt2", ["c_attn", "ln_1"], None, [0]),
+    ("gpt2", ["c_attn", "transformer.h.1.ln_1"], None, [0]),  # an exact name skips the layer restriction
+    ("bert", ["LayerNorm"], None, None),
+    ("bert", ["query", "dropout"], None, None),
+    ("bert", ["query", "value", "dropout"], r".*dropout", None),
+    ("llama", ["input_layernorm"], None, None),
+    ("llama", ["act_fn"], None, None),
+    ("llama", ["q_proj", "v_proj", "act_fn"], ["act_fn"], None),
+    ("llama", ["q_proj", "rotary_emb"], None, None),
+]
+
+
+@pytest.mark.parametrize("name,target,exclude,layers", MODULE_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}"[:80] for c in MODULE_CASES])
+def test_targets_naming_a_module_that_is_no_linear_layer_follow_peft(zoo, name, target, exclude, layers):
+    """lora_fx refuses where get_peft_model raises, and selects what PEFT wraps where it accepts."""
+    from lora_fx.passes.fx.capture import meta
+
+    import re
+
+    kwargs = dict(target_modules=target, exclude_modules=exclude, layers_to_transform=layers)
+    try:
+        theirs = set(peft_lora_modules(peft_wrap(zoo.model(name), r=2, **kwargs)))
+    except ValueError as exc:
+        refused = re.match(r"Target module (\w+)\(.* is not supported", str(exc), re.S)
+        assert refused, str(exc)
+        theirs = None
+    gm = zoo.gm(name)
+    code = gm.code
+    if theirs is None:
+        # lora_fx used to skip such a module silently and save an adapter_config.json PEFT refuses to load.
+        with pytest.raises(ConfigError, match=r"not (a )?linear layers?: .*the linear layers you can target: ") as info:
+            lora_fx.apply(gm, lora_fx.LoraConfig(r=2, **kwargs))
+        assert gm.code == code and not meta(gm).get("lora_sites")
+        # The module PEFT stops at is among those named, with its type.
+        assert f"({refused.group(1)})" in str(info.value)
+        assert "is not supported" in str(info.value) and "exclude_modules" in str(info.value)
+    else:
+        lora_fx.apply(gm, lora_fx.LoraConfig(r=2, **kwargs))
+        assert set(meta(gm)["lora_sites"]) == theirs != set()
+
+
+def test_refusal_names_the_module_its_type_and_the_linear_sites(zoo):
+    with pytest.raises(ConfigError) as info:
+        lora_fx.apply(zoo.gm("gpt2"), lora_fx.LoraConfig(r=2, target_modules=["c_attn", "ln_f"]))
+    msg = str(info.value)
+    assert "matches transformer.ln_f (LayerNorm), not a linear layer" in msg
+    assert "the linear layers you can target: c_attn, c_fc, c_proj, lm_head (sites: transformer.h.0.attn.c_attn" in msg
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.act_fn \(SiLUActivation\), model.layers.1.mlp.act_fn \(SiLUActivation\), not linear layers"):
+        lora_fx.apply(zoo.gm("llama"), lora_fx.LoraConfig(r=2, target_modules=["act_fn"]))
+
+
+@pytest.mark.parametrize("name,target", [("gpt2", ["wte"]), ("gpt2", ["wte", "c_attn"]), ("bert", ["word_embeddings", "query"])])
+def test_embeddings_peft_adapts_are_refused_by_name(zoo, name, target):
+    """PEFT adapts nn.Embedding (and Conv); lora_fx adapts linear layers only: refused even beside linear targets,
+    where lora_fx used to adapt the linear ones alone and save a config PEFT reads as adapting the embedding too."""
+    from peft.tuners.lora import Embedding
+
+    wrapped = peft_wrap(zoo.model(name), r=2, target_modules=target)
+    assert any(isinstance(m, Embedding) for m in wrapped.modules())
+    with pytest.raises(TargetNotFoundError, match=r"\(Embedding\): an embedding, which PEFT adapts but lora_fx does not"):
+        lora_fx.apply(zoo.gm(name), lora_fx.LoraConfig(r=2, target_modules=target))
+
+
+def test_without_a_module_tree_only_sites_are_matched(zoo):
+    """The ONNX front end has no module tree: select_targets without one matches sites only, as before."""
+    sites = lora_fx.find_sites(zoo.gm("gpt2"))
+    targets = lora_fx.select_targets(sites, lora_fx.LoraConfig(r=2, target_modules=["c_attn", "ln_f"]))
+    assert {t.site.name for t in targets} == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}

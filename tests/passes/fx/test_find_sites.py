@@ -125,6 +125,25 @@ def test_a_linear_called_by_its_parent_is_named_after_its_own_module():
     assert [(s.name, s.in_features, s.out_features) for s in sites] == [
         ("attn", 16, 48), ("attn.out_proj", 16, 16), ("fc", 16, 4),
     ]
+    # PEFT adapts out_proj as part of the attention module it targets as a whole.
+    assert [s.part_of for s in sites] == [None, "attn", None]
+
+
+def test_module_tree_holds_modules_the_graph_never_runs(zoo):
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.find_sites import module_tree
+
+    gm = zoo.gm("gpt2")
+    tree = module_tree(gm)
+    # GPT-2's sdpa path takes attn_dropout's p and never calls the module: PEFT matches it all the same.
+    assert tree["transformer.h.0.attn.attn_dropout"][0] == "torch.nn.modules.dropout.Dropout"
+    assert "torch.nn.modules.linear.Linear" in tree["lm_head"]
+    assert tree["transformer.h.0.attn.c_attn"] == ("transformers.pytorch_utils.Conv1D",)
+    # A GraphModule lora_fx did not capture: the modules its nodes ran in.
+    del meta(gm)["modules"]
+    fallback = module_tree(gm)
+    assert fallback["transformer.ln_f"] == ("torch.nn.modules.normalization.LayerNorm",)
+    assert "transformer.h.0.attn.attn_dropout" not in fallback and "" not in fallback
 
 
 def test_a_matmul_on_a_transposed_weight_is_a_linear_site(zoo):
