@@ -14,8 +14,8 @@ time on both cores).
 Measured in one process in rounds: each round calls every variant once, in a rotating order, and
 each variant's time is divided by the base's time in the same round, so the load other tenants put
 on the shared machine (it swings timings by +-30% from call to call here) hits both sides of a ratio
-alike. Reported: the median of those per-round ratios with its interquartile range, and the median
-milliseconds per call:
+alike. Reported: the median of those per-round ratios with its interquartile range (quartiles interpolated
+between the sorted ratios), and the median milliseconds per call:
 
 - merged / base (target <= 1.02), adapter-slot with an adapter active / base (target <= 1.05),
 - switching between two adapters every call / the same adapter every call (target <= 1.05),
@@ -23,7 +23,8 @@ milliseconds per call:
 - prefix-tuning slot with its prefix active / base, for each T (beside LoRA's slot/base above).
 
 The CUDA execution provider with IOBinding runs where a CUDA GPU is present; otherwise it is skipped
-and the results say so. Results: ``benchmarks/results/ort_inference.json`` and ``ort_inference.md``.
+and the results say so. Results: ``benchmarks/results/ort_inference.json`` and ``ort_inference.md`` (``--out DIR``
+elsewhere), with the machine and package versions; ``--quick`` writes nothing unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from benchmarks._shared import environment, log, paired_ratios, provenance_lines, write_results
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -54,10 +57,6 @@ TARGETS = {"merged/base": 1.02, "slot/base": 1.05, "switch/same": 1.05}
 # One intra-op thread timed by its CPU time: on this shared 2-core machine wall time per call swings by
 # +-30% with other tenants' load, while one thread's CPU time stays within a few percent.
 THREADS = 1
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def build_models(out: Path, prefix_lengths: tuple[int, ...] = PREFIX_LENGTHS) -> dict[str, Any]:
@@ -78,6 +77,7 @@ def build_models(out: Path, prefix_lengths: tuple[int, ...] = PREFIX_LENGTHS) ->
 
     model = load_hf_model(minilm_dir())
     example = {"input_ids": torch.randint(1, 1000, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    log("exporting the base, the LoRA model (merged, with slots, two ablations) and the prefix models to ONNX")
     t = time.perf_counter()
     lora_fx.export_onnx(lora_fx.capture(model, kwargs=example), out / "base.onnx", kwargs=example, mode="merged")
     log(f"base exported ({time.perf_counter() - t:.0f} s)")
@@ -197,9 +197,7 @@ def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: i
             log(f"  round {i + 1}/{rounds}")
 
     def ratio(num: str, den: str) -> dict[str, Any]:
-        q = sorted(a / b for a, b in zip(times[num], times[den]))
-        n = len(q)
-        return {"median": statistics.median(q), "q1": q[n // 4], "q3": q[(3 * n) // 4]}
+        return paired_ratios(times[num], times[den])
 
     def new_session_per_adapter(i: int) -> Any:
         sess = Session(out / "served.onnx", providers=providers, session_options=session_options(threads))
@@ -235,6 +233,7 @@ def measure(out: Path, batch: int, rounds: int, providers: list[str], threads: i
         },
         "merged_vs_slot_max_rel": check,
         "rounds": rounds,
+        "all_s": times,
     }
 
 
@@ -282,6 +281,7 @@ def markdown(result: dict[str, Any]) -> str:
                          + " | ".join(cell(q, f"prefix T={n}/base") for n in lengths) + " | "
                          + " | ".join(f"{m[f'prefix T={n}']:.2f}" for n in lengths) + " |")
     lines += ["", f"CUDA: {result['cuda']}", ""]
+    lines += provenance_lines(result)
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)
@@ -296,14 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default=None,
                         help="wall: elapsed time per call; cpu: the calling thread's CPU time (needs --threads 1), "
                              "steadier when other work shares the machine; the default with --threads 1, else wall")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 rounds, batch 1, prefix T=8 only, not saved")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (about a minute): 4 rounds, batch 1, prefix T=8 only; printed, not saved unless --out is given")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for ort_inference.json and .md (default: benchmarks/results; --quick: none)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1")
     if args.clock is None:
         args.clock = "cpu" if args.threads == 1 else "wall"
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures the calling thread only; use it with --threads 1")
     if args.quick:
         args.rounds = 4
+    out_dir = args.out if args.out is not None else (None if args.quick else RESULTS)
     with tempfile.TemporaryDirectory(prefix="lora_fx_ort_bench_") as tmp:
         out = Path(tmp)
         lengths = PREFIX_LENGTHS[:1] if args.quick else PREFIX_LENGTHS
@@ -330,16 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ort_inference", "model": "all-MiniLM-L6-v2", "rank": RANK, "sites": info["sites"], "runs": runs,
         "targets": TARGETS, "cuda": cuda, "onnxruntime": ort.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "date": time.strftime("%Y-%m-%d %H:%M"),
+        "quick": args.quick, "env": environment(),
         # Other work on the shared machine inflates every timing; the ratios are paired per round, the load is recorded.
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "notes": [],
     }
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "ort_inference.json").write_text(json.dumps(result, indent=2))
-        (RESULTS / "ort_inference.md").write_text(markdown(result))
-        log(f"wrote {RESULTS / 'ort_inference.md'}")
-    print(markdown(result))
+    if out_dir is not None:
+        print(write_results(out_dir, "ort_inference", result, markdown))
+    else:
+        print(markdown(result))
     return 0
 
 

@@ -18,7 +18,10 @@ freed heap is returned to the OS (glibc ``malloc_trim``), the peak-RSS counter i
 adapters). Reported: the frozen linear weight bytes, peak RSS over the steps (weights, activations,
 gradients, optimizer state and the interpreter with torch loaded, which is also reported as
 ``baseline_rss``), the median step time after one warm-up step, and the loss after the last step.
-Results go to ``benchmarks/results/qlora_memory.json`` and ``qlora_memory.md``.
+Ratios are each method's row against LoRA fp32's row of the same model and front end.
+Results go to ``benchmarks/results/qlora_memory.json`` and ``qlora_memory.md`` (``--out DIR`` elsewhere),
+with the package versions. ``--quick`` (MiniLM, 2 steps, one run per method) writes nothing unless
+``--out`` is given.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks._shared import environment, log, provenance_lines, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -204,7 +209,11 @@ def _child(*args: str) -> dict[str, Any] | None:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     lines = proc.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if lines else None
+    if args[0] == "--export":
+        return None
+    if not lines:
+        raise RuntimeError(f"{' '.join(args)} printed no result; its stderr ends:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
 
 
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
@@ -226,13 +235,17 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{r['loss_first']:.4f} | {r['loss_last']:.4f} |"
         )
     lines += ["", "Step ratio: the process's CPU time per step (both threads) against LoRA fp32's; the rows run one after "
-              "another, so wall-time ratios would compare different loads of the shared machine. Each method ran "
-              f"{summary['repeats']} times (in order, then reversed); a row is its fastest run, with the largest peak RSS of its runs.", "",
+              "another, so wall-time ratios would compare different loads of the shared machine. "
+              + (f"Each method ran {summary['repeats']} times (in order, then reversed); a row is its fastest run, with the "
+                 "largest peak RSS of its runs." if summary["repeats"] > 1 else "Each method ran once."), "",
               f"Decode: {summary['dequantize']}.", "",
               f"Targets (nf4 on {TARGET_MODEL}, where the weights dominate): peak training memory <= 0.5x LoRA fp32; "
               "step time <= 1.5x.", ""]
     for key, value in summary["targets"].items():
         lines.append(f"- {key}: {value}")
+    provenance = provenance_lines(summary)
+    if provenance:
+        lines += [""] + provenance[:-1]
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--repeats", type=int, default=2, help="runs per method, alternating order; the fastest counts")
     parser.add_argument("--frontends", default=",".join(FRONTENDS), help="fx, onnx or both (default fx,onnx)")
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, 2 steps, results not written")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: MiniLM only, 2 steps, one run per method; printed, not saved unless --out is given")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for qlora_memory.json and .md (default: benchmarks/results; --quick: none)")
     args = parser.parse_args(argv)
     if args.export:
         export_model(*args.export)
@@ -276,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--frontends: unknown {unknown or frontends}; choose from {', '.join(FRONTENDS)}")
     models = ("minilm",) if args.quick else MODELS
     steps = 2 if args.quick else args.steps
+    if args.quick:
+        args.repeats = 1
+    if args.repeats < 1 or steps < 1:
+        parser.error("--repeats and --steps must be at least 1")
+    out_dir = args.out if args.out is not None else (None if args.quick else RESULTS)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="qlora_memory_") as tmp:
         for frontend in frontends:
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra: list[str] = []
                 if frontend == "onnx":
                     path = str(Path(tmp) / f"{model_name}.onnx")
-                    print(f"[{time.strftime('%H:%M:%S')}] exporting {model_name} to ONNX", file=sys.stderr, flush=True)
+                    log(f"exporting {model_name} to ONNX")
                     _child("--export", model_name, path)
                     extra = ["--onnx", path]
                 # Every method runs `repeats` times, in order and then in reverse (A B C D D C B A), so a slow
@@ -292,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
                 for rep in range(args.repeats):
                     for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
-                        print(f"[{time.strftime('%H:%M:%S')}] {frontend} {model_name} {method} (run {rep + 1}/{args.repeats})",
-                              file=sys.stderr, flush=True)
+                        log(f"{frontend} {model_name} {method} (run {rep + 1}/{args.repeats})")
                         runs[method].append(_child("--one", model_name, method, "--steps", str(steps), *extra))
                 rows += _ratios(runs)
     targets: dict[str, Any] = {}
@@ -309,16 +329,16 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {"host": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 2", "targets": targets, "repeats": args.repeats,
                "dequantize": native_status(),
-               "batch": BATCH, "seq": SEQ, "steps": steps, "rank": RANK, "frontends": frontends}
-    text = markdown(rows, summary)
-    print(text)
-    if not args.quick:
-        from lora_fx.files import atomic_write_text
-
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(RESULTS / "qlora_memory.json", json.dumps({"summary": summary, "rows": rows}, indent=2))
-        atomic_write_text(RESULTS / "qlora_memory.md", text)
+               "batch": BATCH, "seq": SEQ, "steps": steps, "rank": RANK, "frontends": frontends,
+               "quick": args.quick, "env": environment()}
+    result = {"summary": summary, "rows": rows}
+    print(write_results(out_dir, "qlora_memory", result, render) if out_dir is not None else render(result))
     return 0
+
+
+def render(result: dict[str, Any]) -> str:
+    """The Markdown of a saved result (``{"summary", "rows"}``)."""
+    return markdown(result["rows"], result["summary"])
 
 
 if __name__ == "__main__":

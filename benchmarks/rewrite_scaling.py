@@ -6,15 +6,15 @@ the way the TorchScript exporter names nodes), then times ``find_sites`` and LoR
 linear site (``all-linear``). Seconds per site should stay flat (linear total cost); the 400-layer
 total is the number a user waits for on a deep model.
 
-    python -m benchmarks.rewrite_scaling [--layers 25 100 400] [--repeats 3]
+    python -m benchmarks.rewrite_scaling [--layers 25 100 400] [--repeats 3] [--out DIR] [--quick]
 
-Writes ``benchmarks/results/rewrite_scaling.json`` and ``.md``.
+Writes ``benchmarks/results/rewrite_scaling.json`` and ``.md`` (``--out DIR`` elsewhere). ``--quick``
+(25 and 100 layers, one run each) writes nothing unless ``--out`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+
+from benchmarks._shared import environment, log, provenance_lines, write_results
 
 RESULTS = Path(__file__).parent / "results"
 WIDTH = 16
@@ -123,20 +125,36 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {r['layers']} | {r['linear_sites']} | {r['nodes_before']} | {r['find_sites_s']:.4f} | "
                      f"{r['insert_lora_s']:.4f} | {r['total_s']:.4f} | {r['total_cpu_s']:.4f} | {r['seconds_per_site'] * 1e3:.3f} ms | "
                      f"{r['cpu_seconds_per_site'] * 1e3:.3f} ms |")
-    lines += ["", f"400 layers: {result['total_400_s']} s wall, {result['total_400_cpu_s']} s CPU (target: under 2 s). "
-              f"Per-site cost ratio 400 vs 25 layers: {result['per_site_ratio']:.2f} (1.0 = linear scaling).", ""]
+    runs = result["runs"]
+    summary = ""
+    if result.get("total_400_s") is not None:
+        summary += f"400 layers: {result['total_400_s']} s wall, {result['total_400_cpu_s']} s CPU (target: under 2 s). "
+    if len(runs) > 1:
+        summary += (f"Per-site cost ratio {runs[-1]['layers']} vs {runs[0]['layers']} layers: {result['per_site_ratio']:.2f} "
+                    "(1.0 = linear scaling).")
+    lines += ["", summary, ""] + provenance_lines(result)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from lora_fx.files import atomic_write_text
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[25, 100, 400])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for rewrite_scaling.json and .md (default: benchmarks/results; --quick: none)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (seconds): 25 and 100 layers, one run each; printed, not saved unless --out is given")
     args = parser.parse_args(argv)
-    runs = [measure(n, args.repeats) for n in args.layers]
+    if args.quick:
+        args.layers, args.repeats = [25, 100], 1
+    if any(n < 1 for n in args.layers) or args.repeats < 1:
+        parser.error("--layers and --repeats must be at least 1")
+    out_dir = args.out if args.out is not None else (None if args.quick else RESULTS)
+    runs = []
+    for n in sorted(args.layers):
+        log(f"{n} layers: build, find_sites, insert_lora ({args.repeats} run(s))")
+        runs.append(measure(n, args.repeats))
+        log(f"{n} layers: {runs[-1]['total_s']:.3f} s, {runs[-1]['seconds_per_site'] * 1e3:.3f} ms per site")
     result = {
         "benchmark": "rewrite_scaling", "width": WIDTH, "repeats": args.repeats,
         "machine": f"{platform.machine()} {platform.python_implementation()} {platform.python_version()}, "
@@ -146,10 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         "total_400_s": next((r["total_s"] for r in runs if r["layers"] == 400), None),
         "total_400_cpu_s": next((r["total_cpu_s"] for r in runs if r["layers"] == 400), None),
         "per_site_ratio": runs[-1]["seconds_per_site"] / runs[0]["seconds_per_site"],
+        "quick": args.quick, "env": environment(),
     }
-    atomic_write_text(args.out / "rewrite_scaling.json", json.dumps(result, indent=2))
-    atomic_write_text(args.out / "rewrite_scaling.md", to_markdown(result))
-    print(to_markdown(result))
+    print(write_results(out_dir, "rewrite_scaling", result, to_markdown) if out_dir is not None else to_markdown(result))
     return result
 
 

@@ -1,12 +1,16 @@
 """One LoRA training step on the bundled all-MiniLM-L6-v2: lora_fx's rewritten graph against PEFT.
 
-``python -m benchmarks.train_step`` (``--reps N``, ``--quick`` for a smoke run). Batch 16, sequence
+``python -m benchmarks.train_step`` (``--reps N``, ``--out DIR``; ``--quick`` for a smoke run of a few
+minutes: query/value, no torch.compile, no memory runs, prefix T=8, written nowhere unless ``--out`` is
+given, so it never replaces the full results; ``--render`` rewrites the Markdown from the JSON). Batch 16, sequence
 128, r=8 on query/value and on all-linear. A step is forward + backward + AdamW step on the adapter
 parameters. Prefix-tuning with T = 8, 32, 128 virtual tokens is timed the same way against PEFT's
 prefix-tuning with the same T and against lora_fx's LoRA r=8 on query/value (trainable parameters
 and step time). Timing: the methods run in the same process from the same weights, interleaved (the
 order alternates every repetition so drift and other load on the machine hit both alike); the
-median is reported. Memory: each method runs again in a fresh subprocess (see ``MEMORY_METHOD``).
+median is reported, and ratios are ours / PEFT of those medians (the JSON also holds the wall-time ratios
+paired per repetition, median and interquartile range). Memory: each method runs again in a fresh
+subprocess (see ``MEMORY_METHOD``).
 Results go to ``benchmarks/results/train_step.json`` and ``train_step.md``.
 """
 
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from benchmarks._shared import environment, paired_ratios, provenance_lines, write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -139,9 +145,9 @@ def op_calls(runner: Runner, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
     return {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
 
 
-def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> dict[str, Any]:
+def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     runners = {}
-    for method in METHODS:
+    for method in methods:
         t0 = time.perf_counter()
         runners[method] = build(method, target, base)
         log(f"{target}: built {method} in {time.perf_counter() - t0:.1f} s")
@@ -155,16 +161,16 @@ def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> di
             if i == 0:
                 first_loss[method] = loss
         log(f"{target}: warm-up {method} {time.perf_counter() - t0:.1f} s (first loss {first_loss[method]:.6f})")
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     for rep in range(reps):
-        order = METHODS if rep % 2 == 0 else tuple(reversed(METHODS))
+        order = methods if rep % 2 == 0 else tuple(reversed(methods))
         for method in order:
             c0, t0 = time.process_time(), time.perf_counter()
             runners[method].step(inputs)
             times[method].append(time.perf_counter() - t0)
             cpu[method].append(time.process_time() - c0)
-        log(f"{target}: rep {rep + 1}/{reps} " + " ".join(f"{m}={times[m][-1] * 1e3:.0f}ms" for m in METHODS))
+        log(f"{target}: rep {rep + 1}/{reps} " + " ".join(f"{m}={times[m][-1] * 1e3:.0f}ms" for m in methods))
     trainable = {m: sum(p.numel() for p in r.params) for m, r in runners.items()}
     small = {k: v[:2, :32] for k, v in inputs.items()}
     ops = {m: op_calls(runners[m], small) for m in ("peft", "lora_fx")}
@@ -176,6 +182,7 @@ def time_steps(target: str, base: torch.nn.Module, reps: int, warmup: int) -> di
         "aten_calls_differing": op_diff,
         "median_s": {m: statistics.median(v) for m, v in times.items()},
         "median_cpu_s": {m: statistics.median(v) for m, v in cpu.items()},
+        "paired_time_ratio": {m: paired_ratios(times[m], times["peft"]) for m in methods},
         "all_s": times,
         "all_cpu_s": cpu,
         "first_loss": first_loss,
@@ -300,6 +307,7 @@ def measure_memory(method: str, target: str) -> dict[str, float]:
 # ---- report -----------------------------------------------------------------------------------------
 
 def markdown(result: dict[str, Any]) -> str:
+    """The Markdown of ``result``, the same whether ``result`` is in memory or read back from the JSON."""
     lines = [
         "# LoRA training step: lora_fx vs PEFT on all-MiniLM-L6-v2",
         "",
@@ -307,14 +315,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['env']['cpus']} CPU threads ({result['env']['platform']}), torch {result['env']['torch']}, "
         f"peft {result['env']['peft']}. Median of {result['reps']} interleaved repetitions after "
         f"{result['warmup']} warm-up steps; wall time and this process's CPU time (less sensitive to other "
-        f"load on the shared machine; load average at the end {result['env']['load_average']}). "
+        f"load on the shared machine; load average at the end {_tuple(result['env']['load_average'])}). "
         "Ratios are ours / PEFT (below 1.0: we are faster or smaller).",
         "",
         "| targets | method | median step, wall (ms) | min (ms) | wall ratio | median step, CPU time (ms) | CPU ratio | step peak memory (MiB) | memory ratio | trainable params |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target, r in result["configs"].items():
-        for m in METHODS:
+        for m in r["median_s"]:
             mem = r["memory"].get(m, {}).get("step_peak_mib")
             lines.append(
                 f"| {target} | {m} | {r['median_s'][m] * 1e3:.1f} | {min(r['all_s'][m]) * 1e3:.1f} | {r['time_ratio'][m]:.3f} | "
@@ -326,7 +334,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Memory: {MEMORY_METHOD}", ""]
     lines += ["aten op calls per training step (torch.profiler, one step at batch 2 x 32): "
               + "; ".join(f"{t}: peft {r['aten_calls_per_step']['peft']}, lora_fx {r['aten_calls_per_step']['lora_fx']}, "
-                          f"differing ops {r['aten_calls_differing'] or 'none'}" for t, r in result["configs"].items()), ""]
+                          f"differing ops {_tuples(r['aten_calls_differing']) or 'none'}" for t, r in result["configs"].items()), ""]
     lines += [f"Same computation: first-step losses per method {json.dumps({t: r['first_loss'] for t, r in result['configs'].items()})}.", ""]
     prefix = result.get("prefix")
     if prefix:
@@ -347,23 +355,40 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    lines += provenance_lines(result)
     return "\n".join(lines)
+
+
+def _tuple(value: Any) -> Any:
+    # JSON turns tuples into lists: printed alike whether the result is fresh or read back
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _tuples(ops: dict[str, Any]) -> dict[str, Any]:
+    return {k: _tuple(v) for k, v in ops.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 repetitions, query/value only, prefix T=8 only, no memory runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 repetitions, query/value only, no torch.compile, prefix T=8 only, no memory runs; "
+                             "printed, not saved unless --out is given")
     parser.add_argument("--memory-child", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for train_step.json and .md (default: benchmarks/results; --quick: none)")
     parser.add_argument("--render", action="store_true", help="only rewrite train_step.md from train_step.json")
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.warmup < 1:
+        parser.error("--reps and --warmup must be at least 1")
+    out_dir = args.out if args.out is not None else (None if args.quick else RESULTS)
     if args.render:
         from lora_fx.files import atomic_write_text
 
-        result = json.loads((args.out / "train_step.json").read_text())
-        atomic_write_text(args.out / "train_step.md", markdown(result))
+        out_dir = out_dir or RESULTS
+        result = json.loads((out_dir / "train_step.json").read_text())
+        atomic_write_text(out_dir / "train_step.md", markdown(result))
         print(markdown(result))
         return 0
     if args.memory_child:
@@ -377,10 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading MiniLM; {torch.get_num_threads()} threads")
     base = load_minilm()
     configs: dict[str, Any] = {}
+    # torch.compile takes minutes on 2 cores: a smoke run leaves it out
+    methods = METHODS[:2] if args.quick else METHODS
     for target in targets:
-        r = time_steps(target, base, reps, args.warmup)
-        r["time_ratio"] = {m: r["median_s"][m] / r["median_s"]["peft"] for m in METHODS}
-        r["cpu_ratio"] = {m: r["median_cpu_s"][m] / r["median_cpu_s"]["peft"] for m in METHODS}
+        r = time_steps(target, base, reps, args.warmup, methods)
+        r["time_ratio"] = {m: r["median_s"][m] / r["median_s"]["peft"] for m in methods}
+        r["cpu_ratio"] = {m: r["median_cpu_s"][m] / r["median_cpu_s"]["peft"] for m in methods}
         r["memory"] = {}
         if not args.quick:
             for m in MEMORY_METHODS:
@@ -390,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         peft_mem = r["memory"].get("peft", {}).get("step_peak_mib")
         r["memory_ratio"] = {m: r["memory"][m]["step_peak_mib"] / peft_mem for m in r["memory"]} if peft_mem else {}
         configs[target] = r
-        log(f"{target}: " + ", ".join(f"{m} {r['median_s'][m] * 1e3:.1f} ms (x{r['time_ratio'][m]:.3f})" for m in METHODS))
+        log(f"{target}: " + ", ".join(f"{m} {r['median_s'][m] * 1e3:.1f} ms (x{r['time_ratio'][m]:.3f})" for m in methods))
     lengths = PREFIX_LENGTHS[:1] if args.quick else PREFIX_LENGTHS
     log(f"prefix-tuning: T = {', '.join(map(str, lengths))}")
     prefix = time_prefix_steps(base, reps, args.warmup, lengths)
@@ -405,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version(),
             "cpus": torch.get_num_threads(), "platform": platform.machine(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "versions": environment()["versions"], "date": time.strftime("%Y-%m-%d %H:%M"),
         },
+        "quick": args.quick,
         "configs": configs,
         "prefix": prefix,
         "notes": [
@@ -415,16 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             "attention dropout is not in its graph); lora_dropout=0.",
         ],
     }
-    if args.quick:
-        print(markdown(result))
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    from lora_fx.files import atomic_write_text
-
-    atomic_write_text(args.out / "train_step.json", json.dumps(result, indent=2))
-    atomic_write_text(args.out / "train_step.md", markdown(result))
-    print(markdown(result))
-    log(f"wrote {args.out / 'train_step.json'} and {args.out / 'train_step.md'}")
+    print(write_results(out_dir, "train_step", result, markdown) if out_dir is not None else markdown(result))
     return 0
 
 

@@ -1,14 +1,17 @@
 """``lora-fx compare``: one base, one task, several methods, the same budget and seed, side by side.
 
 Each method trains in a fresh subprocess so its peak resident memory is its own. The parent then
-times every exported model in ONNX Runtime in one interleaved loop, so latency ratios share the
-machine's state. Output: ``report.md``, ``report.json``, PNG plots and per-method site drawings.
+times every exported model in ONNX Runtime in rounds of one call per model, in a rotating order; a
+model's latency ratio to the plain base is the median of its per-round ratios (with the interquartile
+range), so load from other processes hits both sides of a ratio alike. Output: ``report.md``,
+``report.json``, PNG plots and per-method site drawings. A method that fails does not take the others
+with it: the report is written with the methods that finished and names the one that failed, and
+``compare`` then raises.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -35,7 +38,10 @@ class Method(enum.Enum):
         names = text.split(",") if isinstance(text, str) else list(text)
         out = []
         for name in (n.strip() for n in names if n.strip()):
-            out.append(parse_enum(cls, name, f"unknown method {name!r}; choose from {', '.join(m.value for m in cls)}"))
+            method = parse_enum(cls, name, f"unknown method {name!r}; choose from {', '.join(m.value for m in cls)}")
+            if method in out:  # both would train into the same folder and share one latency label
+                raise ConfigError(f"method {method.value!r} is listed twice; list each method once")
+            out.append(method)
         if not out:
             raise ConfigError("no methods given")
         return out
@@ -78,6 +84,7 @@ def _task(cfg: CompareConfig):
 
 
 def _rss_mb() -> float:
+    """Peak resident memory in MiB (Linux reports ru_maxrss in KiB; the key peak_rss_mb keeps its old name)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -103,12 +110,14 @@ def run_method(cfg_dict: dict[str, Any], method_value: str) -> dict[str, Any]:
 
     cfg = CompareConfig(**{**cfg_dict, "methods": Method.parse_list(cfg_dict["methods"])})
     method = Method(method_value)
+    say = _progress(method)
     out = Path(cfg.out_dir) / method.value
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     task = _task(cfg)
     model = load_hf_model(cfg.hf_dir)
     example = task.example()
+    say("capture with torch.export, rewrite")
     gm = lora_fx.capture(model, kwargs=example)
     sites = lora_fx.find_sites(gm)
     before_ops = fx_op_counts(gm)
@@ -144,6 +153,7 @@ def run_method(cfg_dict: dict[str, Any], method_value: str) -> dict[str, Any]:
         last[0] = now
 
     rss_before = _rss_mb()
+    say(f"train {cfg.steps} steps")
     result = lora_fx.train(gm, task.batches("train", seed=cfg.seed), task.loss_fn, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, on_step=on_step, progress=False)
     rss_peak = _rss_mb()
     acc_after = task.accuracy(forward)
@@ -151,6 +161,7 @@ def run_method(cfg_dict: dict[str, Any], method_value: str) -> dict[str, Any]:
     adapter_bytes = sum(p.stat().st_size for p in Path(adapter_dir).iterdir() if p.is_file())
     exported: dict[str, str] = {}
     if cfg.export:
+        say("export to ONNX" + (" (adapter slots, merged)" if method is Method.LORA else " (adapter slots)"))
         slot = lora_fx.export_onnx(gm, out / "model.onnx", kwargs=example, mode="adapters")
         exported["adapters"] = str(slot.model_path)
         exported["adapter_file"] = str(slot.adapter_paths[0]) if slot.adapter_paths else ""
@@ -175,6 +186,13 @@ def run_method(cfg_dict: dict[str, Any], method_value: str) -> dict[str, Any]:
     }
 
 
+def _progress(method: Method) -> Any:
+    def say(what: str) -> None:
+        print(f"      {method.value}: {what}", file=sys.stderr, flush=True)
+
+    return say
+
+
 def _child(cfg_dict: dict[str, Any], method: str, queue: Any) -> None:
     try:
         queue.put(("ok", run_method(cfg_dict, method)))
@@ -194,11 +212,24 @@ def _run_isolated(cfg: CompareConfig, method: Method) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(cfg.to_dict(), method.value, queue))
     proc.start()
-    status, payload = _result_of(proc, queue)
-    proc.join()
+    status, payload = _collect(proc, queue)
     if status != "ok":
         raise LoraFxError(f"method {method.value} failed: {payload}")
     return payload
+
+
+def _collect(proc: Any, queue: Any) -> tuple[str, Any]:
+    """The child's report, and the child ended whatever happens while waiting (Ctrl-C, an error here): a
+    training process left running after its parent stopped keeps the CPUs and memory busy for minutes."""
+    try:
+        return _result_of(proc, queue)
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        proc.join()
 
 
 def _result_of(proc: Any, queue: Any) -> tuple[str, Any]:
@@ -227,11 +258,16 @@ def _base_onnx(cfg: CompareConfig) -> Path:
     return Path(lora_fx.export_onnx(gm, Path(cfg.out_dir) / "base.onnx", kwargs=task.example(), mode="merged").model_path)
 
 
-def measure_latency(models: dict[str, tuple[str, str | None]], feeds: dict[str, Any], runs: int) -> dict[str, float]:
-    """Median ONNX Runtime latency (ms) per model, timed round-robin in one loop.
+def measure_latency(models: dict[str, tuple[str, str | None]], feeds: dict[str, Any], runs: int,
+                    base: str | None = "base") -> dict[str, Any]:
+    """ONNX Runtime latency of each model, timed in ``runs`` rounds of one call per model (the order rotates
+    every round, so no model always runs first or after the same neighbour).
 
-    ``models`` maps a label to (model path, adapter file or None).
+    ``models`` maps a label to (model path, adapter file or None). Returns ``median_ms`` per label, the raw
+    ``times_ms`` per round, and, when ``base`` names one of the models, ``ratio_to_base``: per label, the median
+    and interquartile range of its per-round time divided by the base's time in the same round.
     """
+    from lora_fx.report import paired_ratios
     from lora_fx.runtime import Session
 
     sessions = {}
@@ -244,13 +280,19 @@ def measure_latency(models: dict[str, tuple[str, str | None]], feeds: dict[str, 
     for _ in range(3):  # warm-up
         for label, (sess, adapter) in sessions.items():
             sess.run(_feeds_for(sess, feeds), adapter=adapter)
-    for _ in range(runs):
-        for label, (sess, adapter) in sessions.items():
+    labels = list(sessions)
+    for i in range(runs):
+        k = i % len(labels)
+        for label in labels[k:] + labels[:k]:
+            sess, adapter = sessions[label]
             f = _feeds_for(sess, feeds)
             t = time.perf_counter()
             sess.run(f, adapter=adapter)
             times[label].append((time.perf_counter() - t) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out: dict[str, Any] = {"median_ms": {k: statistics.median(v) for k, v in times.items()}, "times_ms": times}
+    if base in times:
+        out["ratio_to_base"] = {k: paired_ratios(v, times[base]) for k, v in times.items() if k != base}
+    return out
 
 
 def _feeds_for(sess: Any, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +306,11 @@ def check_config(cfg: CompareConfig) -> None:
     from lora_fx.files import check_output_dir
     from lora_fx.tasks import LABEL_PROMPTS, load_rows
 
+    hf = Path(cfg.hf_dir)
+    if not (hf / "config.json").is_file() or not any(hf.glob("*.safetensors")):
+        # found inside each training process in turn otherwise, each failing the same way
+        raise ConfigError(f"{hf} is not a transformers model folder with safetensors weights (config.json, *.safetensors, "
+                          "tokenizer files); pass such a folder")
     if cfg.steps < 1:
         raise ConfigError(f"steps must be at least 1, got {cfg.steps}")
     if not cfg.lr >= 0:  # NaN too; torch's AdamW refuses a negative rate only inside each training process
@@ -285,21 +332,34 @@ def check_config(cfg: CompareConfig) -> None:
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Run every method of ``cfg``, then write the report. Returns the report dict."""
+    """Run every method of ``cfg``, then write the report. Returns the report dict.
+
+    A method whose training process fails is left out of the report (``report["failed"]`` names it and why);
+    the report of the others is written, then ``LoraFxError`` is raised. Nothing is written when every method
+    fails.
+    """
     from lora_fx.report import plot_bars, plot_losses
 
     check_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
     for i, method in enumerate(cfg.methods, 1):
         print(f"[{i}/{len(cfg.methods)}] {method.value}: rewrite, train {cfg.steps} steps, export", file=sys.stderr, flush=True)
-        results.append(_run_isolated(cfg, method))
-        r = results[-1]
+        try:
+            r = _run_isolated(cfg, method)
+        except LoraFxError as exc:
+            failed[method.value] = str(exc)
+            print(f"      {exc}", file=sys.stderr, flush=True)
+            continue
+        results.append(r)
         print(f"      accuracy {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f}, median step {r['median_step_seconds'] * 1000:.0f} ms", file=sys.stderr, flush=True)
-    latency: dict[str, float] = {}
+    if not results:
+        raise LoraFxError("every method failed, no report written: " + "; ".join(failed.values()))
+    latency: dict[str, Any] = {}
     if cfg.export:
-        print("[latency] ONNX Runtime, all models in one interleaved loop", file=sys.stderr, flush=True)
+        print(f"[latency] ONNX Runtime, {cfg.latency_runs} rounds of one call per model", file=sys.stderr, flush=True)
         task = _task(cfg)
         feeds = {k: v.numpy() for k, v in task.example().items()}
         models: dict[str, tuple[str, str | None]] = {"base": (str(_base_onnx(cfg)), None)}
@@ -308,16 +368,34 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                 models[f"{r['method']} merged"] = (r["exported"]["merged"], None)
             models[f"{r['method']} adapter-slot"] = (r["exported"]["adapters"], r["exported"]["adapter_file"] or None)
         latency = measure_latency(models, feeds, cfg.latency_runs)
+    medians = latency.get("median_ms", {})
     plots = {
         "loss": str(plot_losses({r["method"]: r["losses"] for r in results}, out / "loss_curves.png")),
-        "memory": str(plot_bars({r["method"]: r["peak_rss_mb"] for r in results}, out / "memory.png", "peak RSS (MB)", "Peak resident memory of the training process")),
+        "memory": str(plot_bars({r["method"]: r["peak_rss_mb"] for r in results}, out / "memory.png", "peak RSS (MiB)", "Peak resident memory of the training process")),
     }
-    if latency:
-        plots["latency"] = str(plot_bars(latency, out / "latency.png", "median latency (ms)", "ONNX Runtime latency"))
-    report = {"config": cfg.to_dict(), "methods": results, "ort_latency_ms": latency, "plots": plots}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.md", render_markdown(report))
+    if medians:
+        plots["latency"] = str(plot_bars(medians, out / "latency.png", "median latency (ms)", "ONNX Runtime latency"))
+    report = {
+        "config": cfg.to_dict(), "methods": results, "failed": failed,
+        "ort_latency_ms": medians, "ort_latency_ratio": latency.get("ratio_to_base", {}),
+        "ort_latency_rounds_ms": latency.get("times_ms", {}), "plots": plots,
+    }
+    write_report(report, out)
+    if failed:
+        raise LoraFxError("; ".join(failed.values()) + f"; the report of {', '.join(r['method'] for r in results)} "
+                          f"is in {out / 'report.md'}")
     return report
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """``report.json`` (strict JSON: a non-finite number is null) and ``report.md``, both rendered before either
+    file is replaced, so a failure leaves the previous pair whole."""
+    from lora_fx.report import json_text
+
+    text = json_text(report)
+    md = render_markdown(report)
+    atomic_write_text(Path(out) / "report.json", text)
+    atomic_write_text(Path(out) / "report.md", md)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -329,7 +407,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append({**r, "step_ms": r["median_step_seconds"] * 1000, "nodes": ", ".join(f"{k} {v:+d}" for k, v in r["nodes_added"].items())})
     cols = [
         ("method", "method"), ("trainable_parameters", "trainable params"), ("adapter_file_bytes", "adapter bytes"),
-        ("flops_per_token_added", "FLOPs/token added"), ("step_ms", "median step (ms)"), ("peak_rss_mb", "peak RSS (MB)"),
+        ("flops_per_token_added", "FLOPs/token added"), ("step_ms", "median step (ms)"), ("peak_rss_mb", "peak RSS (MiB)"),
         ("accuracy_before", "accuracy before"), ("accuracy_after", "accuracy after"), ("final_loss", "final loss"),
     ]
     parts = [
@@ -349,12 +427,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lat = report.get("ort_latency_ms") or {}
     if lat:
-        base = lat.get("base")
-        parts += ["", "## ONNX Runtime latency (median, one interleaved loop)", ""]
-        parts.append(markdown_table([{"model": k, "ms": v, "ratio": (v / base if base else None)} for k, v in lat.items()], [("model", "model"), ("ms", "median ms"), ("ratio", "/ base")]))
+        ratios = report.get("ort_latency_ratio") or {}
+        rounds = len(next(iter((report.get("ort_latency_rounds_ms") or {}).values()), []))
+        parts += ["", "## ONNX Runtime latency", "",
+                  f"Rounds of one call per model in a rotating order ({rounds} rounds); '/ base' is the median of each "
+                  "round's time divided by the base's time in the same round, with the interquartile range.", ""]
+        parts.append(markdown_table(
+            [{"model": k, "ms": v, "ratio": _ratio_text(ratios.get(k))} for k, v in lat.items()],
+            [("model", "model"), ("ms", "median ms"), ("ratio", "/ base [IQR]")]))
         parts += ["", "![latency](latency.png)"]
+    if report.get("failed"):
+        parts += ["", "## Failed", ""] + [f"- {m}: {why}" for m, why in report["failed"].items()]
     parts += ["", "## One rewritten site per method", ""]
     for r in report["methods"]:
         d = r["drawings"]
         parts.append(f"- {r['method']}: before `{Path(d['before']).name}`, after `{Path(d['after']).name}` (in `{r['method']}/`)")
     return "\n".join(parts) + "\n"
+
+
+def _ratio_text(q: dict[str, float] | None) -> str | None:
+    if not q:
+        return None
+    return f"{q['median']:.3f} [{q['q1']:.3f}–{q['q3']:.3f}]"

@@ -1,4 +1,4 @@
-"""Pieces of the compare report: graph statistics, added FLOPs, site drawings, plots, Markdown.
+"""Pieces of the compare report: graph statistics, added FLOPs, paired timing ratios, site drawings, plots, Markdown.
 
 Pure functions over graphs and numbers; ``lora_fx.compare`` runs the methods and calls these.
 """
@@ -6,7 +6,10 @@ Pure functions over graphs and numbers; ``lora_fx.compare`` runs the methods and
 from __future__ import annotations
 
 import collections
+import json
+import math
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -65,6 +68,44 @@ def prefix_flops_per_token(attention: Iterable[tuple[int, int]], virtual_tokens:
     ``attention`` yields ``(num_heads, head_dim)`` per attention site.
     """
     return sum(2 * 2 * h * d * virtual_tokens for h, d in attention)
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+def quartiles(values: Sequence[float]) -> dict[str, float]:
+    """Median and interquartile range of ``values`` (quartiles interpolated between the sorted values), and n."""
+    values = sorted(values)
+    if not values:
+        raise ValueError("no values to summarize")
+    if len(values) == 1:
+        return {"median": values[0], "q1": values[0], "q3": values[0], "n": 1}
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "n": len(values)}
+
+
+def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """``numerator[i] / denominator[i]`` for each round i (both timed in that round), summarized by ``quartiles``.
+
+    Pairing within a round cancels the load other processes put on the machine at that moment; a ratio of two
+    medians taken over different moments does not.
+    """
+    if len(numerator) != len(denominator):
+        raise ValueError(f"unpaired times: {len(numerator)} against {len(denominator)}")
+    return quartiles([a / b for a, b in zip(numerator, denominator)])
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as strict JSON: non-finite floats (which JSON does not have) written as null."""
+    return json.dumps(_finite(obj), indent=2, allow_nan=False, default=str)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 # ---- drawings -------------------------------------------------------------------------------------
@@ -160,7 +201,8 @@ def plot_bars(values: dict[str, float], path: Path, ylabel: str, title: str) -> 
 
 # ---- Markdown ---------------------------------------------------------------------------------------
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """``columns`` = (key, header). Floats get 4 significant digits, ints thousands separators."""
+    """``columns`` = (key, header). Floats get 4 significant digits, ints thousands separators; a missing or
+    non-finite number is a dash."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
@@ -168,7 +210,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
         if isinstance(v, int):
             return f"{v:,}"
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return f"{v:.4g}" if math.isfinite(v) else "–"
         if v is None:
             return "–"
         return str(v)

@@ -61,6 +61,15 @@ def test_compare_produces_every_artefact_with_consistent_numbers(tiny_bert_dir, 
     lat = report["ort_latency_ms"]
     assert set(lat) == {"base", "lora merged", "lora adapter-slot", "qlora-int8 adapter-slot", "prefix adapter-slot"}
     assert "| lora |" in md and "ONNX Runtime latency" in md
+    # each ratio to the base is the median of the per-round ratios recorded beside it
+    from lora_fx.report import paired_ratios
+
+    rounds = report["ort_latency_rounds_ms"]
+    assert all(len(v) == 2 for v in rounds.values()) and report["failed"] == {}
+    assert set(report["ort_latency_ratio"]) == set(lat) - {"base"}
+    for label, q in report["ort_latency_ratio"].items():
+        assert q == pytest.approx(paired_ratios(rounds[label], rounds["base"]))
+        assert f"| {label} |" in md and f"{q['median']:.3f} [" in md
 
 
 def test_unknown_method_is_refused():
@@ -109,3 +118,138 @@ def test_a_training_process_that_dies_is_an_error_not_a_hang():
     status, message = _result_of(proc, queue)
     proc.join()
     assert status == "error" and "exit code 3" in message
+
+
+def test_a_method_listed_twice_is_refused():
+    # Both runs trained into the same folder and the second's latency label overwrote the first's.
+    with pytest.raises(ConfigError, match="'lora' is listed twice"):
+        Method.parse_list("lora,prefix,lora")
+
+
+class _Clock:
+    now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_latency_ratios_are_paired_per_round_with_the_order_rotating(monkeypatch):
+    # Other processes' load changes from round to round (here x1, x5, x2, x9); a model 1.25x slower than the base
+    # in every round is 1.25x in every round's ratio, and the order of the calls rotates.
+    import types
+
+    import lora_fx.compare as compare
+    import lora_fx.runtime
+
+    clock, calls = _Clock(), []
+    load = [1.0, 5.0, 2.0, 9.0]
+    cost = {"base.onnx": 4.0, "slow.onnx": 5.0}
+    warmup_calls = 3 * len(cost)
+
+    class FakeSession:
+        inputs = ["input_ids"]
+
+        def __init__(self, path):
+            self.path = path
+
+        def add_adapter(self, name, path):
+            pass
+
+        def run(self, feeds, adapter=None):
+            calls.append(self.path)
+            n = max(0, len(calls) - 1 - warmup_calls) // len(cost)
+            clock.now += cost[self.path] * load[n % len(load)] / 1000
+
+    monkeypatch.setattr(lora_fx.runtime, "Session", FakeSession)
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    out = compare.measure_latency({"base": ("base.onnx", None), "slow": ("slow.onnx", None)}, {"input_ids": 0}, runs=4)
+    assert out["times_ms"]["base"] == pytest.approx([4.0, 20.0, 8.0, 36.0])
+    assert out["times_ms"]["slow"] == pytest.approx([5.0, 25.0, 10.0, 45.0])
+    assert out["median_ms"] == pytest.approx({"base": 14.0, "slow": 17.5})
+    q = out["ratio_to_base"]["slow"]
+    assert (q["median"], q["q1"], q["q3"], q["n"]) == pytest.approx((1.25, 1.25, 1.25, 4))
+    assert "base" not in out["ratio_to_base"]
+    timed = calls[warmup_calls:]
+    assert timed[0::2] == ["base.onnx", "slow.onnx", "base.onnx", "slow.onnx"]  # who goes first alternates
+
+
+def _fake_result(method, out_dir):
+    return {
+        "method": method, "trainable_parameters": 1000, "adapter_file_bytes": 4100, "nodes_added": {"aten.linear": 2},
+        "flops_per_token_added": 10, "median_step_seconds": 0.01, "peak_rss_mb": 100.0, "rss_before_training_mb": 90.0,
+        "accuracy_before": 0.5, "accuracy_after": 0.75, "losses": [1.0, 0.5], "final_loss": float("nan"),
+        "drawings": {"before": f"{out_dir}/{method}/site_before.dot", "after": f"{out_dir}/{method}/site_after.dot"},
+        "exported": {}, "adapter_dir": f"{out_dir}/{method}/adapter",
+    }
+
+
+def test_a_failed_method_leaves_the_report_of_the_others_and_an_error(tmp_path, monkeypatch):
+    # One failing method used to lose the methods trained before it (no report at all).
+    import lora_fx.compare as compare
+    from lora_fx.errors import LoraFxError
+
+    def fake_run(cfg, method):
+        if method is Method.PREFIX:
+            raise LoraFxError("method prefix failed: ValueError: boom")
+        return _fake_result(method.value, cfg.out_dir)
+
+    monkeypatch.setattr(compare, "_run_isolated", fake_run)
+    out = tmp_path / "report"
+    cfg = compare.CompareConfig(hf_dir=str(minilm_dir()), out_dir=str(out), methods=[Method.LORA, Method.PREFIX, Method.QLORA_NF4],
+                                steps=2, export=False)
+    with pytest.raises(LoraFxError, match=r"method prefix failed: ValueError: boom; the report of lora, qlora-nf4 is in .*report.md"):
+        compare.compare(cfg)
+    # strict JSON: the NaN final loss is null, not the NaN token json.loads would accept
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    assert [m["method"] for m in report["methods"]] == ["lora", "qlora-nf4"]
+    assert report["failed"] == {"prefix": "method prefix failed: ValueError: boom"}
+    assert report["methods"][0]["final_loss"] is None
+    md = (out / "report.md").read_text()
+    assert "| lora |" in md and "| qlora-nf4 |" in md and "- prefix: method prefix failed" in md
+    assert "nan" not in md.lower()
+
+
+def test_every_method_failing_writes_no_report(tmp_path, monkeypatch):
+    import lora_fx.compare as compare
+    from lora_fx.errors import LoraFxError
+
+    def fake_run(cfg, method):
+        raise LoraFxError(f"method {method.value} failed: OSError: no model")
+
+    monkeypatch.setattr(compare, "_run_isolated", fake_run)
+    cfg = compare.CompareConfig(hf_dir=str(minilm_dir()), out_dir=str(tmp_path / "report"), methods=[Method.LORA], export=False)
+    with pytest.raises(LoraFxError, match="every method failed, no report written: method lora failed"):
+        compare.compare(cfg)
+    assert not (tmp_path / "report" / "report.json").exists()
+
+
+def _sleep_long():
+    import time
+
+    time.sleep(120)
+
+
+def test_an_interrupted_wait_ends_the_training_process():
+    # Ctrl-C while waiting for a method used to leave its training process running on.
+    import multiprocessing as mp
+
+    from lora_fx.compare import _collect
+
+    class InterruptedQueue:
+        def get(self, timeout=None):
+            raise KeyboardInterrupt
+
+    proc = mp.get_context("spawn").Process(target=_sleep_long)
+    proc.start()
+    with pytest.raises(KeyboardInterrupt):
+        _collect(proc, InterruptedQueue())
+    assert not proc.is_alive() and proc.exitcode is not None
+
+
+def test_a_folder_that_is_no_model_is_refused_before_any_method_trains(tmp_path, capsys):
+    # It used to start every method in turn, each failing in its training process on the same folder.
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["compare", "--hf", str(tmp_path), "--methods", "lora,prefix", "-o", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a transformers model folder with safetensors weights" in err and "[1/2]" not in err, err
+    assert not (tmp_path / "report").exists()

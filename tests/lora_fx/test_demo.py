@@ -49,3 +49,22 @@ def test_an_output_folder_that_is_a_file_is_refused_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert "out is a file, not a folder" in err and "Traceback" not in err, err
     assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_the_summary_prints_the_paired_latency_ratios_not_a_ratio_of_medians():
+    from lora_fx.demo import format_summary
+
+    summary = {
+        "model": "m", "task": "t", "steps": 1,
+        "methods": [{"method": "lora", "trainable_parameters": 10, "adapter_file_bytes": 100, "median_step_seconds": 0.2,
+                     "accuracy_before": 0.5, "accuracy_after": 1.0}],
+        # medians of times measured in different rounds: 20 / 10 = 2x; the per-round ratios say 1.25x
+        "ort_latency_ms": {"base": 10.0, "lora merged": 20.0},
+        "ort_latency_ratio": {"lora merged": {"median": 1.25, "q1": 1.2, "q3": 1.3, "n": 5}},
+        "serving": {"providers": ["CPUExecutionProvider"], "calls": 2, "accuracy_no_adapter": 0.5, "accuracy_with_adapter": 1.0},
+        "report": "r.md",
+    }
+    text = format_summary(summary)
+    assert "ONNX Runtime latency vs the plain base: lora merged 1.250x" in text and "2.000x" not in text
+    no_latency = format_summary({**summary, "ort_latency_ms": {}, "ort_latency_ratio": {}})
+    assert "ONNX Runtime latency" not in no_latency

@@ -51,3 +51,42 @@ def test_nodes_added_names_the_lora_ops_and_the_drawing_highlights_them(tmp_path
 def test_markdown_table_formats_numbers():
     text = markdown_table([{"m": "lora", "p": 1234, "s": 0.123456}], [("m", "method"), ("p", "params"), ("s", "sec")])
     assert text.splitlines() == ["| method | params | sec |", "|---|---|---|", "| lora | 1,234 | 0.1235 |"]
+
+
+def test_markdown_table_writes_a_dash_for_nan_and_inf():
+    import math
+
+    text = markdown_table([{"m": "lora", "s": math.nan, "t": math.inf}], [("m", "method"), ("s", "loss"), ("t", "ratio")])
+    assert text.splitlines()[-1] == "| lora | – | – |"
+
+
+def test_quartiles_and_paired_ratios_match_numpy():
+    # The old index-based quartiles took the maximum as q3 for 4 rounds (sorted[3 * 4 // 4]).
+    import numpy as np
+    import pytest
+
+    from lora_fx.report import paired_ratios, quartiles
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4, 5, 10, 151):
+        values = rng.uniform(0.5, 2.0, n).tolist()
+        q = quartiles(values)
+        assert [q["q1"], q["median"], q["q3"]] == pytest.approx(np.percentile(values, [25, 50, 75]).tolist(), rel=1e-12)
+        assert q["n"] == n
+    num, den = rng.uniform(1, 3, 9), rng.uniform(1, 3, 9)
+    q = paired_ratios(num.tolist(), den.tolist())
+    assert [q["q1"], q["median"], q["q3"]] == pytest.approx(np.percentile(num / den, [25, 50, 75]).tolist(), rel=1e-12)
+    assert quartiles([3.0]) == {"median": 3.0, "q1": 3.0, "q3": 3.0, "n": 1}
+    with pytest.raises(ValueError, match="unpaired"):
+        paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_json_text_is_strict_json():
+    import json
+    import math
+
+    from lora_fx.report import json_text
+
+    text = json_text({"loss": math.nan, "curve": [1.0, math.inf, (2.0, -math.inf)], "ok": 0.5})
+    assert json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c))) == {
+        "loss": None, "curve": [1.0, None, [2.0, None]], "ok": 0.5}
