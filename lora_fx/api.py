@@ -111,7 +111,12 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
 
 
 def _module_tree(model: Any) -> Any:
-    """The model's module tree where it is known (a captured GraphModule), for ``select_targets``."""
+    """The model's module tree where it is known (a captured GraphModule; an ONNX export, as far as its nodes
+    describe the modules), for ``select_targets``."""
+    if _is_onnx(model):
+        from lora_fx.passes.onnx.find_sites import module_tree as onnx_module_tree
+
+        return onnx_module_tree(model)
     if not isinstance(model, fx.GraphModule):
         return None
     from lora_fx.passes.fx.find_sites import module_tree

@@ -448,7 +448,9 @@ def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
     config.target_modules = sites
     config.rank_pattern = {f"^{_escape(s)}$": r for s, r in ranks.items() if r != config.r} if not adapter.config else config.rank_pattern
     config.alpha_pattern = {f"^{_escape(s)}$": a for s, a in alphas.items() if a != config.lora_alpha} if not adapter.config else config.alpha_pattern
-    return config, tensors
+    from lora_fx.adapters import key_parts_as_peft
+
+    return key_parts_as_peft(config, tensors, adapter.sites)
 
 
 def _escape(site: str) -> str:

@@ -87,8 +87,16 @@ class Site:
 MULTIHEAD_ATTENTION = "torch.nn.modules.activation.MultiheadAttention"
 
 # A model's module tree, as targeting sees it: module path -> qualified names of its class and the classes it
-# derives from (``torch.nn.modules.normalization.LayerNorm``, ...). Known where the source model was seen (FX capture).
+# derives from (``torch.nn.modules.normalization.LayerNorm``, ...). Known where the source model was seen (FX capture)
+# and, for the modules whose nodes say enough, in ONNX exports (``passes.onnx.find_sites.module_tree``).
 ModuleTree = Mapping[str, Sequence[str]]
+
+# In an ONNX ModuleTree, what stands for a class the file does not record (TorchScript exports name scopes, not
+# classes): the ops the module's nodes compute, after this prefix ("onnx ops: Sigmoid, Mul").
+ONNX_OPS = "onnx ops: "
+# A module whose own nodes look rows up in a constant float matrix: an nn.Embedding (PEFT adapts it, lora_fx does
+# not) or a module PEFT refuses; a target matching it is refused either way.
+EMBEDDING_LOOKUP = ONNX_OPS + "Gather (an embedding lookup)"
 
 
 def format_sites(sites: list[Site]) -> str:

@@ -9,9 +9,9 @@ The rules mirror ``peft.tuners.tuners_utils.check_target_module_exists`` and
   then ``layers_to_transform`` / ``layers_pattern`` restrict the layer index.
 * A target that names a module holding linear sites (a dotted prefix of their names, e.g.
   ``encoder.layer.0.attention``) is refused, as PEFT refuses to adapt a module it cannot wrap. Where
-  the module tree is known (FX), so is a target naming any other module that is no linear layer (a
-  LayerNorm, a Dropout, an activation), and one naming an embedding or a convolution, which PEFT
-  adapts and lora_fx cannot.
+  the module tree is known (FX; ONNX exports, for the modules their nodes describe), so is a target
+  naming any other module that is no linear layer (a LayerNorm, a Dropout, an activation), and one
+  naming an embedding or a convolution, which PEFT adapts and lora_fx cannot.
 * An ``nn.MultiheadAttention`` targeted as a whole selects its in_proj site and its out_proj site
   (``Site.part_of``), with the attention module's rank and alpha, as PEFT's
   ``lora.MultiheadAttention`` does.
@@ -29,7 +29,7 @@ from typing import Sequence
 
 from lora_fx.config import ALL_LINEAR, LoraConfig
 from lora_fx.errors import ConfigError, TargetNotFoundError, UnsupportedError
-from lora_fx.sites import MULTIHEAD_ATTENTION, ModuleTree, Site, SiteKind
+from lora_fx.sites import EMBEDDING_LOOKUP, MULTIHEAD_ATTENTION, ONNX_OPS, ModuleTree, Site, SiteKind
 
 # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the model types lora_fx tests.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -183,11 +183,16 @@ _PEFT_ONLY_CLASSES = {
     "torch.nn.modules.conv.Conv1d": "a convolution",
     "torch.nn.modules.conv.Conv2d": "a convolution",
     "torch.nn.modules.conv.Conv3d": "a convolution",
+    EMBEDDING_LOOKUP: "an embedding lookup",
 }
 
 
 def _class_name(classes: Sequence[str]) -> str:
-    return classes[0].rsplit(".", 1)[-1] if classes else "unknown type"
+    if not classes:
+        return "unknown type"
+    if classes[0].startswith(ONNX_OPS):
+        return f"no class recorded, computes {classes[0][len(ONNX_OPS):]}"
+    return classes[0].rsplit(".", 1)[-1]
 
 
 def _hit_list(hits: Sequence[tuple[str, Sequence[str]]]) -> str:
@@ -222,7 +227,7 @@ def check_supported_modules(config: LoraConfig, target_modules: list[str] | str,
         if MULTIHEAD_ATTENTION in classes:
             raise UnsupportedError(
                 f"target_modules={config.target_modules!r} matches {path} (nn.MultiheadAttention), but neither its in_proj "
-                "nor its out_proj is a linear site of the captured graph (a fused kernel, or never called), so lora_fx cannot "
+                "nor its out_proj is a linear site of this graph (a fused kernel, or never called), so lora_fx cannot "
                 f"adapt it as PEFT would; exclude it (exclude_modules=[{path!r}]) or target linear layers: {_linear_names(linear)}"
             )
         (peft_only if any(c in _PEFT_ONLY_CLASSES for c in classes) else unsupported).append((path, classes))
@@ -230,7 +235,8 @@ def check_supported_modules(config: LoraConfig, target_modules: list[str] | str,
         f"Remove it from target_modules or list it in exclude_modules; the linear layers you can target: {_linear_names(linear)}"
     )
     if unsupported:
-        example = _class_name(unsupported[0][1])
+        classes = unsupported[0][1]
+        example = "..." if classes and classes[0].startswith(ONNX_OPS) else _class_name(classes)
         raise ConfigError(
             f"target_modules={config.target_modules!r} matches {_hit_list(unsupported)}, "
             f"{'not linear layers' if len(unsupported) > 1 else 'not a linear layer'}: LoRA adapts "
@@ -291,8 +297,9 @@ def select_targets(
 ) -> list[Target]:
     """Pick the linear sites ``config`` adapts, each with its rank, alpha and scale.
 
-    ``modules`` is the model's module tree where it is known (FX: ``passes.fx.find_sites.module_tree``):
-    with it a target matching a module that is no linear layer is refused, as PEFT refuses it.
+    ``modules`` is the model's module tree where it is known (FX: ``passes.fx.find_sites.module_tree``; ONNX:
+    ``passes.onnx.find_sites.module_tree``): with it a target matching a module that is no linear layer is
+    refused, as PEFT refuses it.
     Raises ``TargetNotFoundError`` listing the available names when nothing matches, ``ConfigError``
     for a target PEFT refuses, and ``UnsupportedError`` for a module lora_fx cannot adapt as PEFT would.
     """

@@ -23,11 +23,17 @@ reports the true kv head count).
 
 Names, in order of preference: the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata (the
 calling module's path), TorchScript node names (``/encoder/layer.0/attention/self/query/MatMul``),
-the weight initializer's name (``….weight``), the node name. A name used twice (a weight tied
-across several uses, a module called twice) gets ``_1``, ``_2``… on its later uses. Nodes a
+the weight initializer's name (``….weight``), the node name; a module that runs a linear on its
+child's weight (``nn.MultiheadAttention``'s out_proj) leaves the site to the child's name
+(``attn.out_proj``), marked ``part_of`` the attention where the file shows it is one, as in FX. A
+name used twice (a weight tied across several uses, a module called twice) gets ``_1``, ``_2``… on
+its later uses. Nodes a
 lora_fx pass inserted (metadata ``lora_fx.inserted``; passes that add nodes set it) are never
 sites, and neither are MatMuls on adapter weights (``….lora_A``/``lora_B`` names, or weights that
 are also graph inputs, the way ONNX Runtime adapter slots are exposed) whoever inserted them.
+
+``module_tree`` rebuilds the source model's module tree, as far as the file describes it, for target
+selection (see its docstring).
 """
 
 from __future__ import annotations
@@ -40,11 +46,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lora_fx.sites import IRKind, Site, SiteKind
+from lora_fx.sites import EMBEDDING_LOOKUP, MULTIHEAD_ATTENTION, ONNX_OPS, IRKind, Site, SiteKind
 
 # Node metadata key set on every node a lora_fx pass adds, so later passes never take them for sites.
 INSERTED = "lora_fx.inserted"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
 MS = "com.microsoft"
 
 _WEIGHT_CHAIN_OPS = {"Transpose", "Cast", "DequantizeLinear", "Identity", "CastLike"}
@@ -286,10 +293,12 @@ def _longer_path(traced: str | None, stored: str | None) -> str | None:
 def site_name(node: ir.Node, weight: ir.Value | None = None, bias: ir.Value | None = None) -> str:
     """The source module path of a node, by the best evidence the exporter left."""
     traced, stored = _torchscript_name(node), _initializer_name(weight) or _bias_name(bias)
-    return (
-        _scope_name(node) or _longer_path(traced, stored) or traced or stored
-        or node.name or f"{node.op_type}"
-    )
+    caller = _scope_name(node) or _longer_path(traced, stored) or traced
+    if caller and stored and stored.startswith(f"{caller}."):
+        # A parent running a linear on its child's weight (nn.MultiheadAttention's out_proj): named after the
+        # child, as FX and PEFT name it, or two linears of different shapes would share the parent's name.
+        return stored
+    return caller or stored or node.name or f"{node.op_type}"
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -687,7 +696,7 @@ class FindSites:
                     has_bias=parts.bias is not None, fan_in_fan_out=not parts.stored_out_in,
                     is_output_layer=id(node) in output_layers,
                     op=node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
-                    handle=node,
+                    part_of=_whole_module(graph, node, name), handle=node,
                 ))
                 if parts.adaptable:
                     continue
@@ -706,3 +715,186 @@ class FindSites:
 def find_sites(model: ir.Model) -> list[Site]:
     """Every linear and attention site of ``model``, in graph order."""
     return FindSites()(model)
+
+
+# ---- module tree ---------------------------------------------------------------------------------
+
+# The dynamo exporter's scope for nodes no module called.
+_NO_MODULE = "_empty_nn_module_stack_from_metadata_hook"
+
+# Ops that multiply by no weight matrix: a module whose nodes are all of these (norms, activations, dropout,
+# rotary tables, shape arithmetic) is none of the layers PEFT adapts (Linear, Conv, Embedding, MultiheadAttention).
+_NO_LAYER_OPS = frozenset({
+    "LayerNormalization", "RMSNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
+    "LpNormalization", "MeanVarianceNormalization", "Dropout", "Identity",
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh", "Sigmoid",
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "HardSigmoid", "HardSwish", "Softplus", "Softsign",
+    "Mish", "ThresholdedRelu", "Softmax", "LogSoftmax", "Clip", "Min", "Max", "Mean", "Sum", "Sin", "Cos", "Floor",
+    "Ceil", "Round", "Sign", "Mod", "IsNaN", "IsInf", "Not", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual",
+    "Greater", "GreaterOrEqual", "Where", "Trilu", "CumSum", "ArgMax", "ArgMin",
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+    "ReduceLogSumExp", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "Shape", "Size", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Concat", "Split", "Slice", "Expand",
+    "Tile", "Range", "ConstantOfShape", "Cast", "CastLike", "Pad", "Gather", "GatherElements", "GatherND",
+    "ScatterND", "ScatterElements", "NonZero", "EyeLike",
+})
+# Left out of a module's description: they move values around, the rest computes.
+_SHAPE_ONLY_OPS = frozenset({
+    "Shape", "Size", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Concat", "Split", "Slice", "Expand",
+    "Tile", "Range", "ConstantOfShape", "Cast", "CastLike", "Gather", "GatherElements", "GatherND", "Identity",
+})
+
+
+def _literal_list(text: str | None) -> list | None:
+    if not text:
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
+def _dynamo_scopes(node: ir.Node) -> list[tuple[str, str | None]] | None:
+    """``(module path, class)`` of every module the node ran in, outermost first, from the dynamo exporter's
+    metadata (its last entry is the op itself)."""
+    scopes = _literal_list(node.metadata_props.get(NAME_SCOPES))
+    if not scopes:
+        return None
+    classes = _literal_list(node.metadata_props.get(CLASS_HIERARCHY))
+    if not classes or len(classes) != len(scopes):
+        classes = [None] * len(scopes)
+    return [(str(s), str(c) if c else None) for s, c in zip(scopes[:-1], classes[:-1]) if s and s != _NO_MODULE]
+
+
+def _scope_class(node: ir.Node) -> str | None:
+    """The class of the module that ran ``node`` (dynamo exports only)."""
+    scopes = _dynamo_scopes(node)
+    return scopes[-1][1] if scopes else None
+
+
+def _whole_module(graph: ir.Graph, node: ir.Node, name: str) -> str | None:
+    """The nn.MultiheadAttention that runs ``node`` on its child's weight (out_proj): PEFT adapts the two as one.
+
+    Evidence: the module's class in dynamo metadata, or (TorchScript) the attention's own parameter names."""
+    caller = _scope_name(node) or _torchscript_name(node)
+    if not caller or not name.startswith(f"{caller}."):
+        return None
+    if _scope_class(node) == MULTIHEAD_ATTENTION:
+        return caller
+    if _scope_class(node) is None and any(f"{caller}.{p}" in graph.initializers for p in ("in_proj_weight", "in_proj_bias")):
+        return caller
+    return None
+
+
+def _is_lookup(node: ir.Node) -> bool:
+    """Gather of rows from a constant float matrix: an embedding lookup."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0) != 0:
+        return False
+    source, _ = _weight_source(node.inputs[0])
+    t = const_tensor(source)
+    return t is not None and len(t.shape) == 2 and t.dtype in _DTYPES
+
+
+def _node_kind(node: ir.Node) -> str:
+    """``const``, ``lookup`` (an embedding lookup), ``plain`` (no weight product) or ``layer`` (may compute one)."""
+    default = node.domain in ("", "ai.onnx")
+    if default and node.op_type == "Constant":
+        return "const"
+    if _is_lookup(node):
+        return "lookup"
+    return "plain" if default and node.op_type in _NO_LAYER_OPS else "layer"
+
+
+def _torch_classes(name: str | None) -> tuple[str, ...] | None:
+    """A ``torch.*`` module class and the classes it derives from, as ``passes.fx.capture.module_tree`` lists
+    them, where torch has it loaded (never imports what a file names)."""
+    import sys
+
+    import torch
+
+    if not name or not name.startswith("torch."):
+        return None
+    module, _, qualname = name.rpartition(".")
+    cls = getattr(sys.modules.get(module), qualname, None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        return None
+    return tuple(f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if issubclass(c, torch.nn.Module) and c is not torch.nn.Module)
+
+
+def _call_path_leads(nodes: list[ir.Node]) -> dict[str, str]:
+    """What TorchScript's call paths lack in front (``decoder`` -> ``model.``), learnt from the linear sites whose
+    parameter names are longer (see ``_longer_path``): keyed by the call path's first part."""
+    leads: dict[str, str] = {}
+    for node in nodes:
+        traced = _torchscript_name(node)
+        parts = linear_parts(node) if traced else None
+        if parts is not None:
+            longer = _longer_path(traced, _initializer_name(parts.weight) or _bias_name(parts.bias))
+            if longer:
+                leads.setdefault(traced.split(".", 1)[0], longer[: -len(traced)])
+    return leads
+
+
+def module_tree(model: ir.Model) -> dict[str, tuple[str, ...]] | None:
+    """The source model's modules that the file describes well enough to tell they are no linear layer (a
+    ``lora_fx.sites.ModuleTree``), or None where the file names no modules (hand-built, or renamed by an optimizer).
+
+    A module appears only where its nodes survive in the file (GPT-2's sdpa path never runs ``attn_dropout``; an
+    eval-mode export drops every Dropout), and only where it is known to be no layer PEFT adapts other than as a
+    linear site:
+
+    * dynamo exports name each node's modules and classes (``pkg.torch.onnx.name_scopes`` / ``class_hierarchy``):
+      a ``torch.*`` class is taken with the classes it derives from; another (``transformers``' activations, norms,
+      rotary embeddings) where all its nodes multiply by no weight matrix (``_NO_LAYER_OPS``) or look up embeddings;
+    * TorchScript exports name nodes by module path (``/transformer/h.0/ln_1/LayerNormalization``), no class: a
+      module all of whose nodes are such ops stands as ``onnx ops: <what it computes>``, and one looking up rows of
+      a constant matrix as ``EMBEDDING_LOOKUP``.
+
+    Modules that compute anything else (a MatMul, a Conv, a contrib op) are left out: they might be layers PEFT
+    adapts, and targeting refuses only where it is sure.
+    """
+    nodes = [n for n in model.graph if not is_inserted(n)]
+    leads = _call_path_leads(nodes)
+    classes: dict[str, str | None] = {}
+    own: dict[str, set[str]] = {}
+    below: dict[str, set[str]] = {}
+    ops: dict[str, dict[str, None]] = {}
+    named = False
+    for node in nodes:
+        chain = _dynamo_scopes(node)
+        if chain is None and (node.name or "").startswith("/"):
+            parts = [p for p in node.name.strip("/").split("/")[:-1] if p]
+            if parts:
+                parts[0] = leads.get(parts[0], "") + parts[0]
+            chain = [(".".join(parts[: i + 1]), None) for i in range(len(parts))]
+        if not chain:
+            continue
+        named = True
+        kind = _node_kind(node)
+        for path, cls in chain:
+            classes.setdefault(path, cls)
+            below.setdefault(path, set()).add(kind)
+            if kind != "const":
+                ops.setdefault(path, {})[node.op_type] = None
+        own.setdefault(chain[-1][0], set()).add(kind)
+    if not named:
+        return None
+    tree: dict[str, tuple[str, ...]] = {}
+    for path, cls in classes.items():
+        known = _torch_classes(cls)
+        if known:
+            tree[path] = known
+            continue
+        kinds = below[path]
+        if "layer" in kinds or not kinds - {"const"}:
+            continue
+        lookup = "lookup" in own.get(path, ())
+        if cls:
+            tree[path] = (cls, EMBEDDING_LOOKUP) if lookup else (cls,)
+        elif lookup:
+            tree[path] = (EMBEDDING_LOOKUP,)
+        else:
+            computed = [op for op in ops[path] if op not in _SHAPE_ONLY_OPS] or list(ops[path])
+            tree[path] = (ONNX_OPS + ", ".join(computed[:5]) + (", ..." if len(computed) > 5 else ""),)
+    return tree

@@ -47,7 +47,7 @@ from lora_fx.adapters import to_deployment_layout
 from lora_fx.config import ALL_LINEAR, InitLoraWeights, LoraConfig
 from lora_fx.errors import AdapterError, TargetNotFoundError, UnsupportedError
 from lora_fx.passes.fx.insert_lora import init_lora
-from lora_fx.passes.onnx.find_sites import INSERTED, LinearParts, dtype_name, find_sites, linear_parts
+from lora_fx.passes.onnx.find_sites import INSERTED, LinearParts, dtype_name, find_sites, linear_parts, module_tree
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import Target, select_targets
 
@@ -227,6 +227,8 @@ class InsertLora:
         }
         if self.dropout > 0:
             record["dropout"] = self.dropout
+        if target.part_of:  # PEFT files key it under the module it was adapted with (adapters.peft_site_name)
+            record["part_of"] = target.part_of
         return record
 
     def _dropout_node(self, graph: ir.Graph, site: str, x: ir.Value, dtype: ir.DataType, meta: dict[str, str]) -> ir.Node:
@@ -251,7 +253,7 @@ def insert_lora(model: ir.Model, targets: Sequence[Target], init: InitLoraWeight
 def select_onnx_targets(model: ir.Model, config: LoraConfig, model_type: str | None = None) -> list[Target]:
     """``select_targets`` on the model's sites; ``all-linear`` skips fused projections LoRA cannot reach."""
     sites = find_sites(model)
-    targets = select_targets(sites, config, model_type=model_type)
+    targets = select_targets(sites, config, model_type=model_type, modules=module_tree(model))
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         targets = [t for t in targets if (p := linear_parts(t.site.handle)) is not None and p.adaptable]
         if not targets:

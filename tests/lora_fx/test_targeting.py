@@ -266,7 +266,97 @@ def test_embeddings_peft_adapts_are_refused_by_name(zoo, name, target):
 
 
 def test_without_a_module_tree_only_sites_are_matched(zoo):
-    """The ONNX front end has no module tree: select_targets without one matches sites only, as before."""
+    """Without a module tree (a hand-built ONNX graph) select_targets matches sites only, as before."""
     sites = lora_fx.find_sites(zoo.gm("gpt2"))
     targets = lora_fx.select_targets(sites, lora_fx.LoraConfig(r=2, target_modules=["c_attn", "ln_f"]))
     assert {t.site.name for t in targets} == {"transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"}
+
+
+# The same cases on ONNX exports of the same models, both exporters. Left out: BERT's ["query", "dropout"], which
+# PEFT refuses but no ONNX export shows (eval-mode exports keep no Dropout node, so the file cannot tell).
+ONNX_MODULE_CASES = [c for c in MODULE_CASES if c[:2] != ("bert", ["query", "dropout"])] + [
+    ("bert", ["embeddings", "query"], None, None),  # BertEmbeddings: lookups and a norm, no layer PEFT adapts
+    ("bert", ["dense"], r".*pooler.*", None),  # a suffix matching linear sites only is selected as before
+]
+
+
+def _onnx_state(model) -> bytes:
+    import onnx_ir as ir
+
+    return ir.to_proto(model).SerializeToString()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo18", "torchscript"])
+@pytest.mark.parametrize("name,target,exclude,layers", ONNX_MODULE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}"[:80] for c in ONNX_MODULE_CASES])
+def test_onnx_targets_naming_a_module_that_is_no_linear_layer_follow_peft(zoo, exporter, name, target, exclude, layers):
+    """On an ONNX export, lora_fx refuses where get_peft_model on the source model raises, and selects the sites PEFT
+    wraps where it accepts. The ONNX front end used to skip such a module silently (["c_attn", "ln_f"] adapted c_attn)."""
+    import re
+
+    from lora_fx.passes.onnx.lora_layout import read_records
+    from tests.onnx_corpus import corpus
+
+    entry = corpus().get(f"{name}-{exporter}")
+    eager = zoo.model(name)
+    kwargs = dict(target_modules=target, exclude_modules=exclude, layers_to_transform=layers)
+    try:
+        theirs = set(peft_lora_modules(peft_wrap(eager, r=2, **kwargs)))
+    except ValueError as exc:
+        refused = re.match(r"Target module (\w+)\(.* is not supported", str(exc), re.S)
+        assert refused, str(exc)
+        theirs = None
+    # A TorchScript export's names carry its wrapper's prefix ("model."): a full module name gains it too.
+    modules = dict(eager.named_modules())
+    if isinstance(target, list):
+        kwargs["target_modules"] = [entry.prefix + t if t in modules else t for t in target]
+    model = lora_fx.load(entry.path)
+    before = _onnx_state(model)
+    if theirs is None:
+        with pytest.raises((ConfigError, TargetNotFoundError)) as info:
+            lora_fx.apply(model, lora_fx.LoraConfig(r=2, **kwargs))
+        assert _onnx_state(model) == before and not read_records(model)
+        msg = str(info.value)
+        if target == ["attn.attn_dropout"]:
+            # GPT-2's sdpa path never runs attn_dropout: the file holds no trace of it, and no site matches.
+            assert isinstance(info.value, TargetNotFoundError) and "matches no linear site" in msg
+            return
+        assert isinstance(info.value, ConfigError), msg
+        assert re.search(r"not (a )?linear layers?: .*is not supported.*exclude_modules.*the linear layers you can target: ", msg, re.S)
+        # The module is named with its class where the file records it (dynamo), else with what its nodes compute.
+        assert (f"({refused.group(1)})" if exporter.startswith("dynamo") else "(no class recorded, computes ") in msg
+    else:
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, **kwargs))
+        assert {site.removeprefix(entry.prefix) for site in read_records(model)} == theirs != set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo18", "torchscript"])
+@pytest.mark.parametrize("name,target", [("gpt2", ["wte", "c_attn"]), ("bert", ["word_embeddings", "query"])])
+def test_onnx_embeddings_peft_adapts_are_refused_by_name(zoo, exporter, name, target):
+    """As on FX: PEFT adapts these nn.Embedding modules, lora_fx cannot, so the ONNX front end refuses rather than
+    adapting the linear targets alone."""
+    from peft.tuners.lora import Embedding
+
+    from lora_fx.passes.onnx.lora_layout import read_records
+    from tests.onnx_corpus import corpus
+
+    assert any(isinstance(m, Embedding) for m in peft_wrap(zoo.model(name), r=2, target_modules=target).modules())
+    model = lora_fx.load(corpus().get(f"{name}-{exporter}").path)
+    kind = r"\(Embedding\): an embedding" if exporter.startswith("dynamo") else r"\(no class recorded, computes Gather \(an embedding lookup\)\): an embedding lookup"
+    with pytest.raises(TargetNotFoundError, match=kind + ", which PEFT adapts but lora_fx does not"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=target))
+    assert not read_records(model)
+
+
+def test_onnx_refusal_is_checked_before_quantizing(tmp_path):
+    """With quant, apply selects before it quantizes: a refused target leaves the file's model as it was."""
+    from lora_fx.config import QuantConfig
+    from tests.onnx_corpus import corpus
+
+    model = lora_fx.load(corpus().get("gpt2-dynamo18").path)
+    before = _onnx_state(model)
+    with pytest.raises(ConfigError, match=r"transformer.ln_f \(LayerNorm\), not a linear layer"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["c_attn", "ln_f"]), quant=QuantConfig(dtype="int8"))
+    assert _onnx_state(model) == before

@@ -240,3 +240,167 @@ def test_heads_from_the_head_split_reshape_without_static_shapes():
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
     (att,) = [s for s in find_sites(model) if s.kind is SiteKind.ATTENTION]
     assert (att.name, att.num_heads, att.kv_heads, att.head_dim) == ("encoder.block.0.layer.0.SelfAttention", 4, 4, 8)
+
+
+# ---- module tree ---------------------------------------------------------------------------------
+
+LN = ("torch.nn.modules.normalization.LayerNorm",)
+
+
+@pytest.mark.slow
+def test_module_tree_of_a_dynamo_export_takes_the_recorded_classes(onnx_corpus):
+    from lora_fx.passes.onnx.find_sites import module_tree
+
+    tree = module_tree(lora_fx.load(onnx_corpus.get("gpt2-dynamo18").path))
+    assert tree["transformer.ln_f"] == tree["transformer.h.1.ln_2"] == LN
+    assert tree["transformer.h.0.mlp.act"] == ("transformers.activations.NewGELUActivation",)
+    assert tree["transformer.wte"] == ("torch.nn.modules.sparse.Embedding",)
+    assert tree["lm_head"] == ("torch.nn.modules.linear.Linear",)
+    # Modules holding layers (GPT2Attention runs c_attn's Gemm) might be anything PEFT adapts: left out, as is
+    # attn_dropout, which the sdpa path never runs, and the unnamed root.
+    assert not {"", "transformer", "transformer.h.0", "transformer.h.0.attn", "transformer.h.0.attn.c_attn"} & set(tree)
+    assert not any("dropout" in path for path in tree)
+
+
+@pytest.mark.slow
+def test_module_tree_of_a_torchscript_export_says_what_the_nodes_compute(onnx_corpus):
+    from lora_fx.passes.onnx.find_sites import module_tree
+    from lora_fx.sites import EMBEDDING_LOOKUP
+
+    tree = module_tree(lora_fx.load(onnx_corpus.get("llama-torchscript").path))
+    assert tree["model.model.layers.1.mlp.act_fn"] == ("onnx ops: Sigmoid, Mul",)
+    assert tree["model.model.rotary_emb"] == ("onnx ops: Mul, Cos, Sin",)
+    assert tree["model.model.norm"][0].startswith("onnx ops: Pow, ReduceMean, Add, Sqrt")
+    assert tree["model.model.embed_tokens"] == (EMBEDDING_LOOKUP,)
+    assert not {"model", "model.model", "model.model.layers.0.self_attn", "model.model.layers.0.self_attn.q_proj"} & set(tree)
+
+
+@pytest.mark.parametrize("name", HAND)
+def test_module_tree_is_unknown_where_the_file_names_no_modules(onnx_corpus, name):
+    from lora_fx.passes.onnx.find_sites import module_tree
+
+    assert module_tree(lora_fx.load(onnx_corpus.get(name).path)) is None
+
+
+def _scoped_model(nodes, inits, opset=17) -> ir.Model:
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "scoped", [helper.make_tensor_value_info("x", f, ["b", 8])],
+                              [helper.make_tensor_value_info(n.output[0], f, None) for n in nodes[-1:]], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def test_module_tree_from_torchscript_names_refuses_only_where_sure():
+    """A scope whose nodes multiply by no weight matrix is no layer PEFT adapts; one with a MatMul that is no site
+    (a weight computed in the graph) might be, so it is left out and a target naming it is not refused. Scope
+    paths gain what the call path lacks (``decoder`` called from its grandparent: ``model.decoder``)."""
+    from lora_fx.errors import ConfigError
+    from lora_fx.passes.onnx.find_sites import module_tree
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "model.decoder.layers.0.fc.weight"),
+             numpy_helper.from_array(np.ones(8, np.float32), "norm.scale"), numpy_helper.from_array(np.zeros(8, np.float32), "norm.bias"),
+             numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "v")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "model.decoder.layers.0.fc.weight"], ["h"], name="/decoder/layers.0/fc/MatMul"),
+        helper.make_node("LayerNormalization", ["h", "norm.scale", "norm.bias"], ["n"], name="/decoder/layers.0/norm/LayerNormalization"),
+        helper.make_node("Constant", [], ["c"], name="/decoder/layers.0/folded/Constant", value=numpy_helper.from_array(np.ones(8, np.float32))),
+        helper.make_node("Mul", ["n", "c"], ["m"], name="/decoder/layers.0/Mul"),
+        # A weight normalised in the graph (weight_norm): no site, but maybe an nn.Linear.
+        helper.make_node("Mul", ["v", "v"], ["w"], name="/decoder/layers.0/wn/Mul"),
+        helper.make_node("MatMul", ["m", "w"], ["o"], name="/decoder/layers.0/wn/MatMul"),
+        helper.make_node("Relu", ["o"], ["r"], name="/decoder/act/Relu"),
+        helper.make_node("Dropout", ["r"], ["y"], name="/decoder/drop/Dropout"),
+    ]
+    model = _scoped_model(nodes, inits)
+    assert [s.name for s in find_sites(model)] == ["model.decoder.layers.0.fc"]
+    tree = module_tree(model)
+    assert tree == {
+        "model.decoder.layers.0.norm": ("onnx ops: LayerNormalization",),
+        "model.decoder.act": ("onnx ops: Relu",),
+        "model.decoder.drop": ("onnx ops: Dropout",),
+    }
+    with pytest.raises(ConfigError, match=r"model.decoder.layers.0.norm \(no class recorded, computes LayerNormalization\), not a linear"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc", "norm"]))
+    with pytest.raises(ConfigError, match=r"model.decoder.drop \(no class recorded, computes Dropout\)"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc", "drop"]))
+    # Not sure what "wn" and "folded" are: selected as before, on the sites only.
+    targets = lora_fx.select_targets(find_sites(model), lora_fx.LoraConfig(r=2, target_modules=["fc", "wn", "folded"]), modules=tree)
+    assert [t.site.name for t in targets] == ["model.decoder.layers.0.fc"]
+
+
+def test_module_tree_from_dynamo_metadata_trusts_torch_classes_and_checks_the_others():
+    from lora_fx.passes.onnx.find_sites import module_tree
+
+    def scoped(op, inputs, output, path, cls):
+        node = helper.make_node(op, inputs, [output], name=f"node_{output}")
+        for key, value in (("pkg.torch.onnx.name_scopes", ["", path, output]), ("pkg.torch.onnx.class_hierarchy", ["Top", cls, f"aten.{op}"])):
+            node.metadata_props.add(key=key, value=repr(value))
+        return node
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), n) for n in ("val_1", "val_2")]
+    nodes = [
+        scoped("MatMul", ["x", "val_1"], "h", "fc", "torch.nn.modules.linear.Linear"),
+        scoped("Relu", ["h"], "a", "act", "torch.nn.modules.activation.ReLU"),
+        scoped("Sigmoid", ["a"], "g", "gate", "user.Gate"),
+        scoped("MatMul", ["g", "g"], "s", "gram", "user.Gram"),  # no site, and not a torch class: left out
+        scoped("Mul", ["val_2", "val_2"], "w", "mix", "torch.nn.modules.linear.NonDynamicallyQuantizableLinear"),
+        scoped("MatMul", ["s", "w"], "y", "mix", "torch.nn.modules.linear.NonDynamicallyQuantizableLinear"),
+    ]
+    tree = module_tree(_scoped_model(nodes, inits))
+    assert tree == {
+        "fc": ("torch.nn.modules.linear.Linear",),
+        "act": ("torch.nn.modules.activation.ReLU",),
+        "gate": ("user.Gate",),
+        # A torch class comes with the classes it derives from: targeting sees an nn.Linear, never refused.
+        "mix": ("torch.nn.modules.linear.NonDynamicallyQuantizableLinear", "torch.nn.modules.linear.Linear"),
+    }
+    assert [s.name for s in find_sites(_scoped_model(nodes, inits))] == ["fc"]
+    targets = lora_fx.select_targets(find_sites(_scoped_model(nodes, inits)), lora_fx.LoraConfig(r=2, target_modules=["fc", "gram", "mix"]),
+                                     modules=tree)
+    assert [t.site.name for t in targets] == ["fc"]
+    from lora_fx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gate \(Gate\), not a linear layer"):
+        lora_fx.select_targets(find_sites(_scoped_model(nodes, inits)), lora_fx.LoraConfig(r=2, target_modules=["fc", "gate"]), modules=tree)
+
+
+# ---- nn.MultiheadAttention ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mha_exports(tmp_path_factory):
+    """The FX tests' block (Linear, batch-first nn.MultiheadAttention, Linear), exported by both exporters."""
+    from tests.lora_fx.test_multihead_attention import _Block
+    from tests.lora_fx.test_onnx_multihead_attention import export_block
+
+    torch.manual_seed(0)
+    block = _Block().eval()
+    return block, export_block(block, tmp_path_factory.mktemp("mha"))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_multihead_attention_out_proj_is_named_and_grouped_as_in_fx(mha_exports, exporter):
+    """The attention module runs out_proj's Gemm itself, so the node's scope is ``attn``: the site used to be named
+    ``attn_2`` and ``["attn"]`` adapted in_proj alone. The weight's name says whose it is (``attn.out_proj.weight``);
+    the class metadata (dynamo) or the ``attn.in_proj_bias`` parameter (TorchScript) says ``attn`` is an
+    nn.MultiheadAttention, which PEFT adapts as a whole."""
+    block, paths = mha_exports
+    fx_sites = lora_fx.find_sites(lora_fx.capture(block, kwargs={"x": torch.randn(2, 5, 8)}))
+    sites = find_sites(lora_fx.load(paths[exporter]))
+    linear = lambda ss: [(s.name, s.part_of, s.in_features, s.out_features) for s in ss if s.kind is SiteKind.LINEAR]  # noqa: E731
+    assert linear(sites) == linear(fx_sites) == [
+        ("inp", None, 8, 16), ("attn", None, 16, 48), ("attn.out_proj", "attn", 16, 16), ("fc", None, 16, 4)]
+    # The attention site keeps a name of its own in ONNX, where site names are unique across kinds.
+    assert [s.name for s in sites if s.kind is SiteKind.ATTENTION] == ["attn_1"]
+    targets = lora_fx.select_targets(sites, lora_fx.LoraConfig(r=2, target_modules=["attn"]), modules=None)
+    assert [(t.site.name, t.part_of) for t in targets] == [("attn", None), ("attn.out_proj", "attn")]
+
+
+def test_a_parent_using_a_child_weight_is_not_grouped_without_evidence():
+    """``attn.out_proj`` is named after the weight's module, but ``part_of`` needs proof that the caller is an
+    nn.MultiheadAttention: here the caller has no ``in_proj_*`` parameter and no class metadata."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "mix.proj.weight")]
+    model = _scoped_model([helper.make_node("Gemm", ["x", "mix.proj.weight"], ["y"], name="/mix/Gemm", transB=1)], inits)
+    assert [(s.name, s.part_of) for s in find_sites(model)] == [("mix.proj", None)]
