@@ -47,6 +47,14 @@ def peft_site_name(site: str, part_of: str | None = None) -> str:
     return site
 
 
+def site_of_peft_name(name: str) -> tuple[str, str | None]:
+    """The inverse of ``peft_site_name``: ``attn.base_layer.out_proj`` -> (``attn.out_proj``, ``attn``).
+
+    ``base_layer`` inside a saved PEFT key only ever marks a module wrapped below another wrapped one."""
+    part_of, sep, rest = name.partition(".base_layer.")
+    return (f"{part_of}.{rest}", part_of) if sep else (name, None)
+
+
 def key_parts_as_peft(config: LoraConfig, tensors: dict[str, torch.Tensor], records: dict[str, dict[str, Any]]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """An adapter keyed by lora_fx site names (``target_modules`` the site list), keyed as PEFT has it where a
     site was adapted as part of a module (``records[site]["part_of"]``, as ``lora_sites`` holds them): the

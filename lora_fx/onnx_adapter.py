@@ -366,13 +366,18 @@ def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None =
     """
     import torch
 
-    from lora_fx.adapters import parse_peft_key, to_deployment_layout
+    from lora_fx.adapters import parse_peft_key, site_of_peft_name, to_deployment_layout
 
     pairs: dict[str, dict[str, Any]] = {}
+    parts: dict[str, str] = {}  # site -> the module PEFT wrapped it in (nn.MultiheadAttention's out_proj)
     for key, value in tensors.items():
-        site, which = parse_peft_key(key)
-        pairs.setdefault(site, {})[which] = value
-    scales = _site_scales(config, sorted(pairs))
+        site, part_of = site_of_peft_name(parse_peft_key(key)[0])
+        pairs.setdefault(site, {})[parse_peft_key(key)[1]] = value
+        if part_of:
+            parts[site] = part_of
+    # A wrapped child takes the rank and alpha of the module PEFT wrapped it in, as PEFT gives it.
+    by_key = _site_scales(config, sorted({parts.get(site, site) for site in pairs}))
+    scales = {site: by_key[parts.get(site, site)] for site in pairs}
     out, sites = {}, {}
     for site, pair in pairs.items():
         if set(pair) != {"A", "B"}:
@@ -396,6 +401,8 @@ def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None =
             # B is scaled in float64 and rounded once, into the dtype it is written in.
             out[name] = _to_numpy(value, (dtypes or {}).get(name), a.dtype)
         sites[site] = {"r": int(a.shape[0]), "alpha": alpha, "scale": scale, "in_features": int(a.shape[1]), "out_features": int(b.shape[0])}
+        if site in parts:
+            sites[site]["part_of"] = parts[site]
     return OnnxAdapter(out, fingerprint=fingerprint, sites=sites, config=config.to_dict())
 
 
@@ -508,7 +515,9 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any]) -> An
 
         # Checked against the sites the config would adapt before apply changes anything: a refused
         # adapter leaves the model as it was.
-        planned = {t.site.name: {"A": (t.r, t.site.in_features), "B": (t.site.out_features, t.r)}
+        from lora_fx.adapters import peft_site_name
+
+        planned = {peft_site_name(t.site.name, t.part_of): {"A": (t.r, t.site.in_features), "B": (t.site.out_features, t.r)}
                    for t in select_onnx_targets(model, config)}
         _check_tensors(tensors, planned, "the adapter")
         apply(model, config)

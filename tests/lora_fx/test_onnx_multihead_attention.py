@@ -93,3 +93,35 @@ def test_adapted_file_computes_what_its_peft_adapter_describes(exports, exporter
         assert rel(got, want) <= 1e-5
         assert rel(got, base) > 1e-3  # the adapters matter, out_proj's too
         assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_peft_adapter_loads_into_the_onnx_file(exports, exporter, tmp_path):
+    """A PEFT adapter keyed ``attn.base_layer.out_proj`` lands on the ``attn.out_proj`` slot, with the attention's
+    rank and alpha (rank_pattern/alpha_pattern on ``attn``): it used to be refused as having no LoRA slot."""
+    from tests.models import peft_wrap
+
+    block, paths = exports
+    torch.manual_seed(4)
+    pm = peft_wrap(copy.deepcopy(block), r=2, lora_alpha=4, target_modules=["attn"], rank_pattern={"attn": 3},
+                   alpha_pattern={"attn": 12}, init_lora_weights=False)
+    pm.save_pretrained(tmp_path / "peft")
+    model = lora_fx.load_adapter(lora_fx.load(paths[exporter]), tmp_path / "peft")
+    recs = read_records(model)
+    assert {s: (rec.get("part_of"), int(rec["r"])) for s, rec in recs.items()} == {"attn": (None, 3), "attn.out_proj": ("attn", 3)}
+    lora_fx.save(model, tmp_path / "lora.onnx")
+    ref = _merged(block, _peft_pairs(pm), 12 / 3)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(5))
+    got = ort_run(tmp_path / "lora.onnx", {"x": x.numpy()})
+    with torch.no_grad():
+        want, base = ref(x).numpy(), block(x).numpy()
+    assert rel(got, want) <= 1e-5
+    assert rel(got, base) > 1e-3
+    # And back: saved from the ONNX file, PEFT reads the same two adapters.
+    lora_fx.save_adapter(model, tmp_path / "again")
+    from safetensors.torch import load_file
+
+    first, again = load_file(str(tmp_path / "peft" / WEIGHTS_NAME)), load_file(str(tmp_path / "again" / WEIGHTS_NAME))
+    assert sorted(first) == sorted(again)
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], rtol=1e-6, atol=1e-7)
