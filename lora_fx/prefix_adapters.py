@@ -6,9 +6,10 @@ row ``2 l + 1`` its value prefix (``PeftModel.get_prompt`` permutes it to ``[lay
 heads, T, head_dim]`` and splits it into (key, value) pairs per layer). lora_fx graphs hold one
 ``<site>.prefix_key`` / ``<site>.prefix_value`` ``[kv_heads, T, head_dim]`` per attention site, the
 sites in graph order standing for PEFT's layers. With ``prefix_projection`` the saved tensor is the
-encoder's output (the folded prefixes), as PEFT saves it. Encoder-decoder models (T5, PEFT's
+encoder's output (the folded prefixes), as PEFT saves it. Encoder-decoder models (BART, T5..., PEFT's
 SEQ_2_SEQ_LM, ``num_transformer_submodules=2``) prefix the decoder's self-attention only, and decoder
-layer l reads block ``2 l mod num_layers`` (the record's ``block``; see ``insert_prefix.seq2seq_block``).
+layer l reads block ``2 l mod num_layers`` (the record's ``block``; see ``insert_prefix.seq2seq_block``),
+``num_layers`` being the encoder's layer count (the record's ``num_blocks``).
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ def _blocks(rec: dict[str, Any]) -> list[int]:
     return [r.get("block", i) for i, r in enumerate(rec["sites"].values())]
 
 
+def num_blocks(rec: dict[str, Any]) -> int:
+    """PEFT's ``num_layers`` for a prefix record: the blocks of ``prompt_embeddings`` (an encoder-decoder model
+    has one per encoder layer, which may outnumber its decoder layers)."""
+    return int(rec.get("num_blocks", len(rec["sites"])))
+
+
 def to_peft_blocks(rec: dict[str, Any], prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The recorded sites' prefixes as PEFT's ``prompt_embeddings``: each in its block; a block no site reads
-    (SEQ_2_SEQ_LM with an even layer count) is zero. Sites sharing a block must hold the same prefixes."""
+    (SEQ_2_SEQ_LM with an even layer count, or more encoder than decoder layers) is zero. Sites sharing a block must hold the same prefixes."""
     blocks: dict[int, tuple[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for (site, pair), block in zip(((s, prefixes[s]) for s in rec["sites"]), _blocks(rec)):
         if block in blocks:
@@ -69,12 +76,12 @@ def to_peft_blocks(rec: dict[str, Any], prefixes: dict[str, tuple[torch.Tensor, 
                 )
         blocks[block] = (site, pair)
     zero = tuple(torch.zeros_like(t) for t in next(iter(blocks.values()))[1])
-    return to_prompt_embeddings([blocks[b][1] if b in blocks else zero for b in range(len(rec["sites"]))])
+    return to_prompt_embeddings([blocks[b][1] if b in blocks else zero for b in range(num_blocks(rec))])
 
 
 def from_peft_blocks(rec: dict[str, Any], emb: torch.Tensor, kv_heads: int, head_dim: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The inverse of ``to_peft_blocks``: each recorded site's prefixes from its block."""
-    pairs = from_prompt_embeddings(emb, len(rec["sites"]), kv_heads, head_dim)
+    pairs = from_prompt_embeddings(emb, num_blocks(rec), kv_heads, head_dim)
     return {site: pairs[block] for site, block in zip(rec["sites"], _blocks(rec))}
 
 
@@ -134,7 +141,7 @@ def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
     kv, hd = shapes.pop()
     saved = PrefixConfig.from_dict(config.to_dict())
     saved.num_transformer_submodules = rec.get("num_transformer_submodules", 1)
-    saved.token_dim, saved.num_attention_heads, saved.num_layers = kv * hd, kv, len(rec["sites"])
+    saved.token_dim, saved.num_attention_heads, saved.num_layers = kv * hd, kv, num_blocks(rec)
     saved.encoder_hidden_size = saved.encoder_hidden_size or saved.token_dim
     return write_peft_dir(directory, saved, {PROMPT_EMBEDDINGS: emb})
 
@@ -179,24 +186,37 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
         raise AdapterError(f"{directory} holds no {PROMPT_EMBEDDINGS!r} tensor (found: {', '.join(sorted(tensors)) or 'none'})")
     emb = tensors[PROMPT_EMBEDDINGS]
     if _is_onnx(gm):
-        if config.num_transformer_submodules == 2:
+        from lora_fx.passes.onnx.insert_prefix import prefix_metadata
+
+        # An encoder-decoder layout loads only into the slots of a file lora_fx.export_onnx wrote from a torch graph.
+        layout = prefix_metadata(gm).get("num_transformer_submodules", 1) if prefix_metadata(gm) else None
+        if config.num_transformer_submodules == 2 and layout != 2:
             raise UnsupportedError(
-                f"{directory} is an encoder-decoder (SEQ_2_SEQ_LM, num_transformer_submodules=2) prefix adapter; the ONNX "
-                "pass does not rebuild T5's relative position bias over the prefix keys. Load it onto the torch model "
-                "(lora_fx.capture) and export that with lora_fx.export_onnx"
+                f"{directory} is an encoder-decoder (SEQ_2_SEQ_LM, num_transformer_submodules=2) prefix adapter, and this "
+                "ONNX model has no encoder-decoder prefix slots; the ONNX pass does not reproduce PEFT's decoder-only "
+                "prefixes (nor T5's relative position bias over them). Load it onto the torch model (lora_fx.capture, "
+                "lora_fx.load_adapter) and export that with lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters')"
+            )
+        if layout == 2 and config.num_transformer_submodules != 2:
+            raise AdapterError(
+                f"{directory} is a decoder-only / encoder-only prefix adapter (num_transformer_submodules="
+                f"{config.num_transformer_submodules or 1}), but this ONNX model holds encoder-decoder (SEQ_2_SEQ_LM) "
+                "prefix slots; was the adapter trained on another model?"
             )
         return _load_onto_onnx(gm, dataclasses.replace(config, prefix_projection=False), emb)
     info = meta(gm)
     if not info.get("prefix"):
         from lora_fx.passes.fx.find_sites import find_sites
-        from lora_fx.passes.fx.insert_prefix import describe, select_prefix_sites
+        from lora_fx.passes.fx.insert_prefix import describe, peft_num_layers, select_prefix_sites
 
         # The embeddings must fit the sites the config would prefix before apply changes anything: a
         # refused adapter leaves the model as it was.
-        planned = [describe(s) for s in select_prefix_sites(find_sites(gm), config)[0]]
+        sites = find_sites(gm)
+        chosen, blocks = select_prefix_sites(sites, config)
+        planned = [describe(s) for s in chosen]
         shapes = {(p.kv_heads, p.head_dim) for p in planned}
         if len(shapes) == 1:
-            from_prompt_embeddings(emb, len(planned), *shapes.pop())
+            from_prompt_embeddings(emb, peft_num_layers(sites, chosen, blocks), *shapes.pop())
         apply(gm, dataclasses.replace(config, prefix_projection=False))
     rec = info["prefix"]
     if rec.get("projection"):
@@ -240,7 +260,10 @@ def _load_onto_onnx(model: Any, config: PrefixConfig, emb: torch.Tensor) -> Any:
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
     kv, hd = shapes.pop()
-    pairs = dict(zip(sites, from_prompt_embeddings(emb, len(sites), kv, hd)))
+    if record.get("num_transformer_submodules") == 2:
+        pairs = from_peft_blocks(record, emb, kv, hd)
+    else:
+        pairs = dict(zip(sites, from_prompt_embeddings(emb, len(sites), kv, hd)))
     if not record:
         InsertPrefix(config, found, pairs)(model)
         return model
@@ -265,12 +288,18 @@ def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
     kv, hd = shapes.pop()
-    pairs = []
-    for rec in record["sites"].values():
-        pairs.append(tuple(torch.from_numpy(model.graph.initializers[rec[w]].const_value.numpy().astype(np.float32)) for w in ("key", "value")))
+    pairs = {}
+    for site, rec in record["sites"].items():
+        pairs[site] = tuple(torch.from_numpy(model.graph.initializers[rec[w]].const_value.numpy().astype(np.float32)) for w in ("key", "value"))
     text = model.metadata_props.get(PREFIX_CONFIG_KEY)
     config = PrefixConfig.from_dict(json.loads(text)) if text else PrefixConfig(num_virtual_tokens=record["num_virtual_tokens"])
     config.prefix_projection = False
-    config.token_dim, config.num_attention_heads, config.num_layers = kv * hd, kv, len(pairs)
+    config.token_dim, config.num_attention_heads, config.num_layers = kv * hd, kv, num_blocks(record)
     config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
-    return write_peft_dir(directory, config, {PROMPT_EMBEDDINGS: to_prompt_embeddings(pairs)})
+    if record.get("num_transformer_submodules") == 2:
+        # Exported from an encoder-decoder torch graph: the decoder's sites in PEFT's SEQ_2_SEQ_LM blocks.
+        config.num_transformer_submodules, config.task_type = 2, config.task_type or "SEQ_2_SEQ_LM"
+        emb = to_peft_blocks(record, pairs)
+    else:
+        emb = to_prompt_embeddings(list(pairs.values()))
+    return write_peft_dir(directory, config, {PROMPT_EMBEDDINGS: emb})

@@ -6,11 +6,17 @@ prefixes. A reparameterized model (``prefix_projection``) is exported with its p
 inputs with their trained values as defaults (``passes/onnx/expose_prefixes``); beside it,
 ``<stem>.adapters/<name>.onnx_adapter`` holds the same tensors for ONNX Runtime's adapter API and
 ``<stem>.adapters/<name>/`` the PEFT-format adapter.
+
+The file's ``lora_fx.prefix`` record lists the sites in the torch graph's layer order. Sites that share
+one parameter (an encoder-decoder's decoder layers reading one block of PEFT's SEQ_2_SEQ_LM embeddings)
+export as one initializer, named after one of them: every such site's record names that initializer, and
+the record keeps each site's ``block``, ``num_blocks`` and ``num_transformer_submodules``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ def export_prefix_onnx(
     from lora_fx.passes.fx.fold_prefix import fold_prefix
     from lora_fx.passes.fx.set_training_mode import set_training_mode
     from lora_fx.passes.onnx.expose_prefixes import expose_prefixes
-    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
+    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, PREFIX_KEY, prefix_metadata
 
     info = meta(gm)
     config = info.get("adapters", {}).get("default")
@@ -44,6 +50,7 @@ def export_prefix_onnx(
         fold_prefix(work)
         set_training_mode(work, False)  # export what inference runs: dropout off
     model = to_onnx_ir(work, dict(kwargs), custom_translation_table)
+    model.metadata_props[PREFIX_KEY] = json.dumps(_onnx_record(work, model))
     expose_prefixes(model)
     if config is not None:
         model.metadata_props[PREFIX_CONFIG_KEY] = config.to_json()
@@ -67,3 +74,41 @@ def export_prefix_onnx(
 
         result.peft_dirs.append(save_adapter(gm, out_dir / adapter_name))
     return result
+
+
+def _onnx_record(gm: Any, model: Any) -> dict[str, Any]:
+    """The ``lora_fx.prefix`` record of the exported file, from the torch graph's: each site with the names of
+    the initializers holding its prefixes (one initializer for sites sharing a parameter)."""
+    from lora_fx.errors import AdapterError
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.insert_prefix import KEY, VALUE
+
+    rec = meta(gm)["prefix"]
+    inits = model.graph.initializers
+    # torch.onnx writes a parameter registered under several module paths once, under one of those paths.
+    paths: dict[int, list[str]] = {}
+    for site in rec["sites"]:
+        module = gm.get_submodule(site)
+        for attr in (KEY, VALUE):
+            paths.setdefault(id(getattr(module, attr)), []).append(f"{site}.{attr}")
+    sites: dict[str, dict[str, Any]] = {}
+    for site, srec in rec["sites"].items():
+        module = gm.get_submodule(site)
+        entry: dict[str, Any] = {"kv_heads": srec["kv_heads"], "head_dim": srec["head_dim"]}
+        for which, attr in (("key", KEY), ("value", VALUE)):
+            names = [n for n in paths[id(getattr(module, attr))] if n in inits]
+            if len(names) != 1:
+                raise AdapterError(
+                    f"the exported graph holds {len(names)} initializers for the {which} prefix of site {site} "
+                    f"({', '.join(names) or 'none'}); torch.onnx.export did not keep the parameter names. Export "
+                    "with optimize=False, or report this model"
+                )
+            entry[which] = names[0]
+        if "block" in srec:
+            entry["block"] = srec["block"]
+        sites[site] = entry
+    out: dict[str, Any] = {"num_virtual_tokens": rec["num_virtual_tokens"], "sites": sites}
+    if rec.get("num_transformer_submodules") == 2:
+        out["num_transformer_submodules"] = 2
+        out["num_blocks"] = rec.get("num_blocks", len(sites))
+    return out

@@ -5,7 +5,10 @@ broadcast over the batch and concatenated in front of the site's keys and values
 embedding (the prefixes take none, as under PEFT where they sit in the KV cache). The attention
 mask gains T always-visible columns; ``is_causal`` becomes an explicit mask offset by T. Positions
 of the real tokens move to ``T .. T+n-1``, which is what PEFT's cache of length T does to
-transformers models, so PEFT's prefix adapters give PEFT's outputs here.
+transformers models, so PEFT's prefix adapters give PEFT's outputs here. Encoder-decoder models (BART,
+T5, Marian, Pegasus...; roles found from the graph by ``seq2seq_roles``) follow PEFT's SEQ_2_SEQ_LM: only
+the decoder's self-attention takes prefixes, read from PEFT's blocks (``seq2seq_block``), and only the
+decoder's positions move.
 """
 
 from __future__ import annotations
@@ -290,43 +293,142 @@ def _prefix_bias(graph: fx.Graph, anchor: fx.Node, rb: RelativeBias, T: int, lik
     return _call(graph, anchor, aten.constant_pad_nd.default, env[rb.end], [0, k], 0.0)
 
 
-def peft_prefix_sites(sites: Sequence[Site], chosen: Sequence[Site], explicit: bool) -> tuple[list[Site], dict[str, int] | None]:
-    """PEFT's prefix on a model with T5's relative position bias: (the sites to prefix, the block of PEFT's
-    SEQ_2_SEQ_LM ``prompt_embeddings`` each reads; None for other models).
+# ---- encoder-decoder structure ---------------------------------------------------------------------
+_PROJECTIONS = {aten.linear.default: 0, aten.addmm.default: 1, aten.mm.default: 0, aten.matmul.default: 0}
 
-    PEFT reaches such a model only through ``past_key_values`` of an encoder-decoder (SEQ_2_SEQ_LM): the
-    decoder's self-attention (causal buckets) gets the prefix; transformers drops the cache in the encoder
-    (bidirectional buckets; PEFT's FEATURE_EXTRACTION on T5EncoderModel fails or changes nothing) and PEFT
-    empties the cross-attention cache. Other models: the chosen sites, as they are."""
+
+def _projection_input(node: Any, budget: int = 40) -> fx.Node | None:
+    """The activation a query or key tensor was projected from: the input of the first linear met walking
+    back along first arguments (through views, transposes, scaling, LoRA's add), or None."""
+    while isinstance(node, fx.Node) and budget > 0:
+        budget -= 1
+        i = _PROJECTIONS.get(node.target)
+        if i is not None:
+            x = node.args[i]
+            # mm/matmul count as a projection only with a weight (a get_attr, maybe transposed) on the right.
+            if node.target in (aten.mm.default, aten.matmul.default):
+                w = node.args[1]
+                while isinstance(w, fx.Node) and w.target in _TRANSPOSES | {aten.t.default}:
+                    w = w.args[0]
+                if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                    node = node.args[0]
+                    continue
+            return x if isinstance(x, fx.Node) else None
+        if node.op != "call_function" or not node.args:
+            return None
+        first = node.args[0]
+        # A concatenation: the last part (the real keys behind an inserted prefix; rotary's halves share a source).
+        node = first[-1] if isinstance(first, (list, tuple)) and first else first
+    return None
+
+
+def _query_key(site: Site) -> tuple[Any, Any]:
+    node = site.handle
+    if site.op == "sdpa":
+        return _sdpa_arg(node, "query"), _sdpa_arg(node, "key")
+    scores = _eager_nodes(node)[0]
+    return scores.args[0], scores.args[1]
+
+
+def _ancestors(starts: Sequence[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+@dataclass
+class Seq2SeqRoles:
+    """The attention sites of an encoder-decoder graph by role: the encoder's self-attention, the decoder's
+    self-attention and the cross-attention (keys and values from the encoder's output), each in graph order;
+    ``encoder_nodes``, every node the encoder's output depends on."""
+
+    encoder: list[Site]
+    decoder: list[Site]
+    cross: list[Site]
+    encoder_nodes: set[fx.Node]
+
+
+def seq2seq_roles(sites: Sequence[Site]) -> Seq2SeqRoles | None:
+    """The roles of an encoder-decoder model's attention sites (BART, T5, Marian, Pegasus...), or None for a
+    model without cross-attention.
+
+    A cross-attention site projects its keys from another activation than its queries, one its queries do not
+    depend on (the encoder's output): self-attention projects both from one hidden state, fused or not."""
+    attention = [s for s in sites if s.kind is SiteKind.ATTENTION and isinstance(s.handle, fx.Node)]
+    sources = {}
+    for s in attention:
+        q, k = _query_key(s)
+        sources[id(s)] = (_projection_input(q), _projection_input(k))
+    candidates = [s for s in attention if None not in sources[id(s)] and sources[id(s)][0] is not sources[id(s)][1]]
+    if not candidates:
+        return None
+    encoder_nodes = _ancestors([sources[id(s)][1] for s in candidates])
+    # The encoder's output never depends on the decoder's hidden states: a key source that does is no encoder.
+    cross = [s for s in candidates if sources[id(s)][0] not in encoder_nodes]
+    if not cross:
+        return None
+    if len(cross) != len(candidates):
+        encoder_nodes = _ancestors([sources[id(s)][1] for s in cross])
+    crossing = {id(s) for s in cross}
+    encoder = [s for s in attention if id(s) not in crossing and s.handle in encoder_nodes]
+    decoder = [s for s in attention if id(s) not in crossing and s.handle not in encoder_nodes]
+    return Seq2SeqRoles(encoder, decoder, cross, encoder_nodes)
+
+
+def peft_prefix_sites(sites: Sequence[Site], chosen: Sequence[Site], explicit: bool) -> tuple[list[Site], dict[str, int] | None]:
+    """PEFT's prefix-tuning on this model: (the sites to prefix, the block of PEFT's SEQ_2_SEQ_LM
+    ``prompt_embeddings`` each reads; None for models without an encoder-decoder structure).
+
+    PEFT reaches an encoder-decoder model (BART, T5, Marian, Pegasus...) only through ``past_key_values``
+    (SEQ_2_SEQ_LM, ``num_transformer_submodules=2``): the decoder's self-attention gets the prefix;
+    transformers drops the cache in the encoder and PEFT empties the cross-attention cache. A T5 encoder
+    alone (bidirectional relative bias, no decoder) is refused: PEFT's FEATURE_EXTRACTION on T5EncoderModel
+    fails or changes nothing. Other models: the chosen sites, as they are."""
     sites = [s for s in sites if s.kind is SiteKind.ATTENTION]
-    biases = {id(s): site_relative_bias(s) for s in sites}
-    if not any(biases.values()):
+    roles = seq2seq_roles(sites)
+    if roles is None:
+        biases = [site_relative_bias(s) for s in sites]
+        if any(b is not None and b.bidirectional for b in biases) and not any(b is not None and not b.bidirectional for b in biases):
+            raise UnsupportedError(
+                "this model's attention uses T5's relative position bias and has no decoder self-attention: PEFT's "
+                "prefix-tuning never reaches a T5 encoder (transformers drops past_key_values there; PEFT with "
+                "FEATURE_EXTRACTION fails on a mask or changes nothing), so lora_fx has no PEFT behaviour to match. "
+                "Capture the encoder-decoder model (T5ForConditionalGeneration, PEFT's SEQ_2_SEQ_LM) or use LoRA (LoraConfig)"
+            )
         return list(chosen), None
-    decoder = [s for s in chosen if biases[id(s)] is not None and not biases[id(s)].bidirectional]
-    others = [s for s in chosen if s not in decoder]
+    decoder_ids = {id(s) for s in roles.decoder}
+    cross_ids = {id(s) for s in roles.cross}
+    others = [s for s in chosen if id(s) not in decoder_ids]
     if explicit and others:
+        role = "a cross-attention" if id(others[0]) in cross_ids else "the encoder's self-attention"
         raise UnsupportedError(
-            f"attention site {others[0].name} cannot take a prefix: in a model with T5's relative position bias PEFT's "
-            "prefix-tuning reaches only the decoder's self-attention (transformers drops the cache in the encoder and "
-            "PEFT empties the cross-attention cache), so there is no PEFT behaviour to match there. Select decoder "
-            "self-attention sites only, or use LoRA (LoraConfig) on the encoder"
+            f"attention site {others[0].name} cannot take a prefix: it is {role} in an encoder-decoder model, and PEFT's "
+            "prefix-tuning (SEQ_2_SEQ_LM) reaches only the decoder's self-attention (transformers drops the cache in "
+            "the encoder and PEFT empties the cross-attention cache), so there is no PEFT behaviour to match there. "
+            "Select decoder self-attention sites only, or use LoRA (LoraConfig) on the encoder"
         )
+    decoder = [s for s in chosen if id(s) in decoder_ids]
     if not decoder:
         raise UnsupportedError(
-            "this model's attention uses T5's relative position bias and has no decoder self-attention: PEFT's "
-            "prefix-tuning never reaches a T5 encoder (transformers drops past_key_values there; PEFT with "
-            "FEATURE_EXTRACTION fails on a mask or changes nothing), so lora_fx has no PEFT behaviour to match. "
-            "Capture the encoder-decoder model (T5ForConditionalGeneration, PEFT's SEQ_2_SEQ_LM) or use LoRA (LoraConfig)"
+            "this encoder-decoder model has no decoder self-attention lora_fx can find, the only place PEFT's "
+            "prefix-tuning reaches; use LoRA (LoraConfig) on this model"
         )
-    encoder_layers = sum(1 for s in sites if biases[id(s)] is not None and biases[id(s)].bidirectional)
-    if encoder_layers != len(decoder) and not explicit:
+    num_layers = len(roles.encoder)
+    if num_layers < len(roles.decoder):
         raise UnsupportedError(
-            f"this encoder-decoder model has {encoder_layers} encoder and {len(decoder)} decoder layers; PEFT's "
-            "SEQ_2_SEQ_LM prefix layout sizes the decoder's prefixes by the encoder's layer count, which only works "
-            "when both are equal. Use LoRA (LoraConfig) on this model"
+            f"this encoder-decoder model has {num_layers} encoder and {len(roles.decoder)} decoder layers; PEFT's "
+            "SEQ_2_SEQ_LM prefix layout sizes the prefixes by the encoder's layer count (num_layers), so decoder layers "
+            f"from {num_layers} on get no prefix and PEFT fails there (IndexError), leaving no PEFT behaviour to match. "
+            "Use LoRA (LoraConfig) on this model"
         )
-    layers = [s.name for s in sites if biases[id(s)] is not None and not biases[id(s)].bidirectional]
-    return decoder, {s.name: seq2seq_block(layers.index(s.name), encoder_layers or len(layers)) for s in decoder}
+    layers = [s.name for s in roles.decoder]
+    return decoder, {s.name: seq2seq_block(layers.index(s.name), num_layers) for s in decoder}
 
 
 def seq2seq_block(layer: int, num_layers: int) -> int:
@@ -388,6 +490,11 @@ class InsertPrefix:
             if ps.site.handle.meta.get(PREFIXED):
                 raise AdapterError(f"site {ps.site.name} already has a prefix")
         changed: list[str] = []
+        # Encoder-decoder models: the encoder's positions stay, as under PEFT (its cache is the decoder's alone).
+        roles = seq2seq_roles(find_sites(gm)) if self.blocks else None
+        keep = roles.encoder_nodes if roles is not None else frozenset()
+        # PEFT's num_layers: the blocks of prompt_embeddings (an encoder-decoder's encoder layer count).
+        self.num_blocks = len(roles.encoder) if roles is not None else len(described)
         sources = self._prefix_sources(gm, described)
         for ps, (pk, pv) in zip(described, sources):
             if ps.site.op == "sdpa":
@@ -396,7 +503,7 @@ class InsertPrefix:
                 self._rewrite_eager(gm.graph, ps, pk, pv, T)
             ps.site.handle.meta[PREFIXED] = True
             changed.append(ps.site.name)
-        changed += offset_positions(gm.graph, T)
+        changed += offset_positions(gm.graph, T, keep)
         gm.graph.lint()
         gm.recompile()
         info[META_PREFIX] = {
@@ -408,6 +515,7 @@ class InsertPrefix:
         }
         if self.blocks:
             info[META_PREFIX]["num_transformer_submodules"] = 2
+            info[META_PREFIX]["num_blocks"] = self.num_blocks
         return PassResult(gm, True, changed)
 
     # ---- where each site's prefixes come from --------------------------------------------------
@@ -446,7 +554,7 @@ class InsertPrefix:
         kv, hd = shapes.pop()
         token_dim = kv * hd
         hidden = self.config.encoder_hidden_size or token_dim
-        encoder = PrefixEncoder(T, token_dim, hidden, len(described), zero).to(device=ref.device, dtype=ref.dtype)
+        encoder = PrefixEncoder(T, token_dim, hidden, self.num_blocks, zero).to(device=ref.device, dtype=ref.dtype)
         gm.add_module(ENCODER, encoder)
         with graph.inserting_before(first):
             emb = _call(graph, None, aten.linear.default, graph.get_attr(f"{ENCODER}.embedding.weight"),
@@ -455,7 +563,7 @@ class InsertPrefix:
             h = _call(graph, None, aten.linear.default, h, graph.get_attr(f"{ENCODER}.transform.2.weight"),
                       graph.get_attr(f"{ENCODER}.transform.2.bias"))
             # PEFT's layout: [T, layers * 2 (key, value), kv_heads, head_dim].
-            h = _call(graph, None, aten.view.default, h, [T, 2 * len(described), kv, hd])
+            h = _call(graph, None, aten.view.default, h, [T, 2 * self.num_blocks, kv, hd])
             encoder_nodes = [emb, emb.args[0], *emb.args[1:], h.args[0], h.args[0].args[0], *h.args[0].args[1:], h]
             for i, ps in enumerate(described):
                 block = self.blocks[ps.site.name] if self.blocks else i
@@ -670,10 +778,13 @@ def position_sources(graph: fx.Graph) -> list[fx.Node]:
     return out
 
 
-def offset_positions(graph: fx.Graph, T: int) -> list[str]:
-    """Add T to every position source: under PEFT the cache of T prefixes puts real tokens at T.. T+n-1."""
+def offset_positions(graph: fx.Graph, T: int, keep: set[fx.Node] | frozenset = frozenset()) -> list[str]:
+    """Add T to every position source but those in ``keep`` (an encoder's, which PEFT's cache never reaches):
+    under PEFT the cache of T prefixes puts real tokens at T .. T+n-1."""
     changed = []
     for n in position_sources(graph):
+        if n in keep:
+            continue
         with graph.inserting_after(n):
             shifted = _call(graph, n, aten.add.Tensor, n, T)
         n.replace_all_uses_with(shifted, delete_user_cb=lambda user: user is not shifted)
@@ -686,15 +797,29 @@ def select_prefix_sites(sites: Sequence[Site], config: PrefixConfig) -> tuple[li
     the block of PEFT's ``prompt_embeddings`` each reads."""
     chosen = select_attention_sites(sites, config)
     chosen, blocks = peft_prefix_sites(sites, chosen, explicit=config.target_modules is not None)
+    _check_submodules(config, blocks)
+    return chosen, blocks
+
+
+def peft_num_layers(sites: Sequence[Site], chosen: Sequence[Site], blocks: dict[str, int] | None) -> int:
+    """PEFT's ``num_layers`` for these prefixed sites: the number of blocks in ``prompt_embeddings``. An
+    encoder-decoder model sizes them by its encoder (BART's and T5's ``num_hidden_layers``), however many
+    decoder layers read them; other models by the prefixed sites."""
+    if not blocks:
+        return len(chosen)
+    roles = seq2seq_roles(sites)
+    return len(roles.encoder) if roles is not None else len(chosen)
+
+
+def _check_submodules(config: PrefixConfig, blocks: dict[str, int] | None) -> None:
     want = config.num_transformer_submodules
     if want is not None and want != (2 if blocks else 1):
         raise AdapterError(
             f"this prefix-tuning config has num_transformer_submodules={want} (PEFT's "
             f"{'encoder-decoder' if want == 2 else 'decoder-only / encoder-only'} layout), but the model is "
-            f"{'an encoder-decoder (T5)' if blocks else 'not an encoder-decoder with relative position bias'}; "
+            f"{'an encoder-decoder' if blocks else 'not an encoder-decoder'}; "
             "was the adapter trained on another model?"
         )
-    return chosen, blocks
 
 
 def insert_prefix(gm: fx.GraphModule, config: PrefixConfig, sites: Sequence[Site] | None = None) -> PassResult:
@@ -733,7 +858,7 @@ def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
         # Record what PEFT records for this model, so the saved config loads in PEFT unchanged.
         config.token_dim = config.token_dim or kv * hd
         config.num_attention_heads = config.num_attention_heads or kv
-        config.num_layers = config.num_layers or len(rec["sites"])
+        config.num_layers = config.num_layers or rec.get("num_blocks", len(rec["sites"]))
         config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
     if config.task_type is None:
         # PEFT only injects prefixes through a task-specific PeftModel; a file without task_type loads as a no-op.
@@ -745,5 +870,5 @@ def apply_prefix(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["InsertPrefix", "PrefixEncoder", "PrefixSite", "apply_prefix", "describe", "insert_prefix", "offset_positions",
-           "position_sources", "relative_bias", "select_attention_sites", "select_prefix_sites"]
+__all__ = ["InsertPrefix", "PrefixEncoder", "PrefixSite", "Seq2SeqRoles", "apply_prefix", "describe", "insert_prefix", "offset_positions",
+           "position_sources", "relative_bias", "select_attention_sites", "select_prefix_sites", "seq2seq_roles"]

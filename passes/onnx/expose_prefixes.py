@@ -7,6 +7,8 @@ a same-named initializer as its default, so a run without an adapter uses the pr
 was exported with, and ``RunOptions.add_active_adapter`` (or a feed of that name) swaps them per
 request. T stays static: every adapter for one exported file has the same number of virtual tokens.
 The model also gets the ``lora_fx.prefix`` record ``insert_prefix`` writes, so ``fold_lora`` refuses it.
+Sites that share one prefix initializer (an encoder-decoder's decoder layers reading one block of PEFT's
+SEQ_2_SEQ_LM embeddings) name it in their records; it becomes one graph input.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class ExposePrefixes:
                 if value is None:
                     raise AdapterError(f"prefix initializer {name} of site {site} is missing from the graph")
                 if name in inputs:
-                    continue
+                    continue  # an input already, or the one initializer of sites sharing a prefix
                 graph.inputs.append(value)
+                inputs.add(name)
                 changed.append(name)
         return PassResult(model, bool(changed), changed)
 

@@ -30,12 +30,12 @@ import torch
 
 from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
-from lora_fx.passes.onnx.find_sites import attention_parts, find_sites
+from lora_fx.passes.onnx.find_sites import _projection_node, attention_parts, find_sites, linear_parts
 from lora_fx.passes.onnx.prefix_forms import FORMS, refusal
 from lora_fx.passes.onnx.prefix_nodes import MIN_OPSET, lower_to_opset
 from lora_fx.passes.onnx.prefix_positions import offset_positions, position_sources
 from lora_fx.passes.result import PassResult
-from lora_fx.sites import Site
+from lora_fx.sites import Site, SiteKind
 
 PREFIX_KEY = "lora_fx.prefix"
 
@@ -50,6 +50,64 @@ def prefix_names(site: str) -> tuple[str, str]:
 def prefix_metadata(model: ir.Model) -> dict[str, Any]:
     text = model.metadata_props.get(PREFIX_KEY)
     return json.loads(text) if text else {}
+
+
+def _ancestors(values: Sequence[ir.Value]) -> set[int]:
+    """ids of every value the given values are computed from (themselves included)."""
+    seen: set[int] = set()
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is not None:
+            stack.extend(node.inputs)
+    return seen
+
+
+def encoder_decoder_roles(sites: Sequence[Site]) -> tuple[list[Site], list[Site]] | None:
+    """(cross-attention sites, encoder self-attention sites) of an encoder-decoder model, or None.
+
+    A cross-attention projects its keys from another activation than its queries, one its queries do not
+    depend on (the encoder's output); the encoder's sites are those that output depends on."""
+    attention = [s for s in sites if s.kind is SiteKind.ATTENTION and isinstance(s.handle, ir.Node)]
+    sources = {}
+    for s in attention:
+        parts = attention_parts(s.handle)
+        if parts is None:
+            continue
+        q, k = (_projection_node(v) for v in (parts.q, parts.k))
+        qp, kp = (linear_parts(n) if n is not None else None for n in (q, k))
+        if qp is not None and kp is not None and qp.x is not kp.x:
+            sources[id(s)] = (qp.x, kp.x)
+    if not sources:
+        return None
+    encoder_values = _ancestors([k for _, k in sources.values()])
+    cross = [s for s in attention if id(s) in sources and id(sources[id(s)][0]) not in encoder_values]
+    if not cross:
+        return None
+    encoder_values = _ancestors([sources[id(s)][1] for s in cross])
+    crossing = {id(s) for s in cross}
+    encoder = [s for s in attention if id(s) not in crossing and any(id(o) in encoder_values for o in s.handle.outputs)]
+    return cross, encoder
+
+
+def _refuse_encoder_decoder(model: ir.Model) -> None:
+    roles = encoder_decoder_roles(find_sites(model))
+    if roles is None:
+        return
+    cross, encoder = roles
+    raise UnsupportedError(
+        f"this ONNX model is an encoder-decoder (cross-attention at {', '.join(s.name for s in cross)}; encoder "
+        f"self-attention at {', '.join(s.name for s in encoder) or 'none found'}). PEFT's prefix-tuning (SEQ_2_SEQ_LM) "
+        "reaches only the decoder's self-attention, reads its prefixes in PEFT's block layout and moves only the "
+        "decoder's positions; the ONNX pass does not reproduce that, and prefixing every site would silently differ "
+        "from PEFT. Apply the PrefixConfig to the torch model instead: gm = lora_fx.capture(model, kwargs=...); "
+        "lora_fx.apply(gm, PrefixConfig(...)) (or lora_fx.load_adapter(gm, peft_dir)); then "
+        "lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters')"
+    )
 
 
 class InsertPrefix:
@@ -81,6 +139,7 @@ class InsertPrefix:
                 f"prefix-tuning inserts ops of ONNX opset {MIN_OPSET} or later (Range), and this model imports opset {opset}: "
                 f"convert it with onnx.version_converter.convert_version(model, {MIN_OPSET}), or re-export it at a newer opset"
             )
+        _refuse_encoder_decoder(model)
         plan = []
         for site in self.sites:  # validate everything before the first change
             parts = attention_parts(site.handle)
@@ -164,5 +223,5 @@ def apply_prefix(model: ir.Model, config: PrefixConfig) -> ir.Model:
     return model
 
 
-__all__ = ["InsertPrefix", "PREFIX_KEY", "PREFIX_CONFIG_KEY", "apply_prefix", "insert_prefix", "offset_positions",
+__all__ = ["InsertPrefix", "PREFIX_KEY", "PREFIX_CONFIG_KEY", "apply_prefix", "encoder_decoder_roles", "insert_prefix", "offset_positions",
            "position_sources", "prefix_metadata", "prefix_names"]

@@ -115,7 +115,7 @@ def test_positions_must_move_by_t(tmp_path, name, monkeypatch):
     pm = _peft(base, name)
     pm.save_pretrained(tmp_path)
     gm = lora_fx.capture(base, kwargs=inputs(2, 8))
-    monkeypatch.setattr(insert_prefix_mod, "offset_positions", lambda graph, t: [])
+    monkeypatch.setattr(insert_prefix_mod, "offset_positions", lambda graph, t, keep=(): [])
     lora_fx.load_adapter(gm, tmp_path)
     b = inputs(2, 8)
     assert max_rel(run(gm, b), run(pm, b)) > 1e-3
