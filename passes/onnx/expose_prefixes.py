@@ -25,6 +25,10 @@ from lora_fx.passes.result import PassResult
 _NAME = re.compile(r"^(?P<site>.+)\.prefix_(?P<which>key|value)$")
 
 
+def _natural(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def record_prefixes(model: ir.Model) -> dict:
     """The ``lora_fx.prefix`` record, built from the prefix initializers when the model has none
     (a torch graph exported with ``torch.onnx.export`` keeps the parameter names, not the record)."""
@@ -48,8 +52,9 @@ def record_prefixes(model: ir.Model) -> dict:
         raise AdapterError(f"sites {incomplete} have a key or a value prefix but not both")
     if not sites:
         return {}
-    record = {"num_virtual_tokens": T, "sites": dict(sorted(sites.items()))}
-    model.metadata_props[PREFIX_KEY] = json.dumps(record, sort_keys=True)
+    # Layer order, which PEFT's prompt_embeddings blocks follow: numbers in names compare as numbers (h.2 before h.10).
+    record = {"num_virtual_tokens": T, "sites": dict(sorted(sites.items(), key=lambda kv: _natural(kv[0])))}
+    model.metadata_props[PREFIX_KEY] = json.dumps(record)
     return record
 
 

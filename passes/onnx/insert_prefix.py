@@ -177,7 +177,8 @@ class InsertPrefix:
         if plan:
             # The builders write opset-15 ops; an older model gets its own opset's spelling of them.
             lower_to_opset(graph, opset, plan_dtype)
-        model.metadata_props[PREFIX_KEY] = json.dumps(record, sort_keys=True)
+        # Not sort_keys: the sites' order is the layer order PEFT's prompt_embeddings blocks follow (h.10 sorts before h.2).
+        model.metadata_props[PREFIX_KEY] = json.dumps(record)
         model.metadata_props[PREFIX_CONFIG_KEY] = self.config.to_json()
         return PassResult(model, True, changed)
 

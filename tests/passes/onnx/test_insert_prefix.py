@@ -226,3 +226,38 @@ def test_two_additive_terms_each_gain_prefix_columns(tmp_path):
     p = np.exp(scores - scores.max(-1, keepdims=True))
     want = (p / p.sum(-1, keepdims=True)) @ values
     assert np.abs(ours - want).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_peft_layer_order_holds_past_ten_layers(tmp_path):
+    """PEFT's prompt_embeddings hold one block per layer in layer order; site names sort ``h.10`` before ``h.2``,
+    so a record kept in name order gave layer 10 the prefixes of layer 2 (and back out the same way)."""
+    import copy
+
+    import peft
+    import torch
+    import transformers as tf
+
+    from tests.runtime.onnx_models import _Positional
+
+    torch.manual_seed(0)
+    base = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_embd=16, n_layer=12, n_head=2, n_positions=64)).eval()
+    base.config.use_cache = False
+    b = inputs(2, 6, pad=1, seed=3)
+    names = ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        torch.onnx.export(_Positional(base, names, ["logits"]), tuple(b[k] for k in names), str(tmp_path / "gpt2.onnx"),
+                          dynamo=False, input_names=names, output_names=["logits"], opset_version=17,
+                          dynamic_axes={k: {0: "b", 1: "s"} for k in names})
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    model = lora_fx.load_adapter(lora_fx.load(tmp_path / "gpt2.onnx"), tmp_path / "adapter")
+    assert [s.split("transformer.")[1] for s in prefix_metadata(model)["sites"]] == [f"h.{i}.attn" for i in range(12)]
+    sess = _session(model, tmp_path)
+    keep = b["attention_mask"].bool().numpy()
+    ours = sess.run(None, {i.name: b[i.name].numpy() for i in sess.get_inputs()})[0]
+    ref = run(pm, b).numpy()
+    assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
+    lora_fx.save_adapter(model, tmp_path / "out")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
+    assert np.abs(run(back, b).numpy()[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
