@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -13,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Take an ONNX model with LoRA adapters (from lora-fx rewrite / lora_fx.apply) and write either a "
         "plain model with the adapters folded into W (--merge), or a model whose adapters are ONNX Runtime adapter "
         "slots (--adapters); the latter also writes the current adapter weights as <out stem>.adapters/<name>.onnx_adapter "
-        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots. On a quantized (QLoRA) "
+        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots (sites it leaves out stay the base model, with a warning, as lora-fx run serves them). On a quantized (QLoRA) "
         "model --merge needs --float (merged W kept in float) or --requantize (merged W quantized again; the error "
         "this adds is printed per site).",
     )
@@ -64,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{e['site']}: requantized ({e['format']}), max abs error {e['max_abs_error']:.3g}, "
                   f"relative error {e['relative_error']:.3g}")
         print(f"wrote {summary['model']} ({summary['mode']}, {len(summary['sites'])} sites)")
+    if summary.get("default_sites"):
+        print(f"lora-fx: warning: {args.adapter} covers {len(summary['sites']) - len(summary['default_sites'])} of the "
+              f"{len(summary['sites'])} adapter sites; these were merged as the base model: {', '.join(summary['default_sites'])}",
+              file=sys.stderr)
         for path in summary.get("adapters", []) + summary.get("peft_dirs", []):
             print(f"wrote {path}")
     return 0
@@ -116,9 +121,10 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
             loaded = read_onnx_adapter(adapter)
             slots = model_slots(model)
             check_fits(loaded, slots, model.metadata_props.get(FINGERPRINT_KEY), where=src.name)
-            missing = sorted(set(slots) - set(loaded.tensors))
-            if missing:
-                raise AdapterError(f"{adapter} lacks tensors for {missing[:4]}; a merge needs every site's A and B")
+            # As `lora-fx run` serves it: sites the adapter leaves out keep the slot defaults (B zero: the base).
+            from lora_fx.onnx_adapter import site_of
+
+            summary["default_sites"] = sorted({site_of(n) for n in slots} - set(loaded.site_names()))
             for key, arr in loaded.tensors.items():
                 model.graph.initializers[key].const_value = ir.tensor(arr, name=key)
         folder = FoldLora(quant_merge)

@@ -132,3 +132,25 @@ def test_outputs_named_like_savez_parameters_are_saved(tmp_path, capsys):
         assert sorted(got.files) == sorted(names)
         for name, want in zip(names, wants):
             np.testing.assert_array_equal(got[name], want)
+
+
+def test_merging_a_partial_adapter_gives_what_run_serves(served, tmp_path, capsys):
+    """export --merge --adapter folds what the adapter covers and warns about the rest, as run does (it used to
+    refuse the adapter that run accepts)."""
+    model, adapter, feeds, _ = served
+    good = read_onnx_adapter(adapter)
+    partial = write_onnx_adapter(tmp_path / "partial.onnx_adapter", OnnxAdapter(
+        {k: v for k, v in good.tensors.items() if k.startswith("fc1.")}, fingerprint=good.fingerprint))
+    assert main(["run", str(model), "--adapter", str(partial), "--inputs", str(tmp_path / "feeds.npz"),
+                 "-o", str(tmp_path / "served_out.npz")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(model), "-o", str(tmp_path / "merged.onnx"), "--merge", "--adapter", str(partial), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["default_sites"] == ["fc2", "head"]
+    assert err.startswith("lora-fx: warning: ") and err.rstrip().endswith("fc2, head"), err
+    with np.load(tmp_path / "served_out.npz", allow_pickle=False) as served_out:
+        assert rel(ort_run(tmp_path / "merged.onnx", feeds), served_out["y"]) <= 1e-5
+    assert rel(ort_run(tmp_path / "merged.onnx", feeds), ort_run(corpus().get(ENTRY).path, feeds)) > 1e-4  # fc1 merged
+    # The whole adapter: no warning.
+    assert main(["export", str(model), "-o", str(tmp_path / "merged2.onnx"), "--merge", "--adapter", str(adapter)]) == 0
+    assert capsys.readouterr().err == ""
