@@ -364,16 +364,22 @@ class QuantDType(str, enum.Enum):
         return parse_enum(cls, value, f"quant dtype {value!r} is not supported; use one of {', '.join(m.value for m in cls)}")
 
 
+# The block sizes ONNX Runtime's MatMulBnb4 and MatMulNBits accept (CPU and CUDA).
+QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
 @dataclass
 class QuantConfig:
     """How the frozen linear weights are stored (QLoRA): packed in 4 or 8 bits, dequantized before the matmul.
 
-    ``block_size``: weights per absmax/scale block for nf4 and int4 (blocks run over the weight
-    flattened row-major, as torchao and bitsandbytes do). ``double_quant``: nf4 block absmaxes are
-    themselves stored in 8 bits, ``double_quant_block_size`` of them per scale (about 4.127 bits a
-    weight). ``symmetric``: int4 without a zero point (zero point 8, as ONNX Runtime's MatMulNBits).
-    ``pad``: a weight whose size is not a multiple of ``block_size`` gets a zero-padded last block;
-    with ``pad=False`` such a weight is refused. ``target_modules`` / ``exclude_modules`` select the
+    ``block_size``: weights per absmax/scale block for nf4 and int4, one of ``QUANT_BLOCK_SIZES``
+    (the sizes ONNX Runtime's MatMulBnb4 / MatMulNBits run). nf4 blocks run over the weight flattened
+    row-major, as torchao and bitsandbytes do; int4 blocks run along each row, as MatMulNBits stores
+    them. ``double_quant``: nf4 block absmaxes are themselves stored in 8 bits,
+    ``double_quant_block_size`` of them per scale (about 4.127 bits a weight). ``symmetric``: int4
+    without a zero point (zero point 8, as ONNX Runtime's MatMulNBits). ``pad``: a weight (nf4) or a
+    row (int4) that is not a whole number of blocks gets a zero-padded last block; with
+    ``pad=False`` it is refused. ``target_modules`` / ``exclude_modules`` select the
     sites with LoraConfig's language; the default is every linear site except the output layer.
     """
 
@@ -400,6 +406,12 @@ class QuantConfig:
             # Two 4-bit codes share a byte, so a block must hold an even number of weights.
             if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value % 2:
                 raise ConfigError(f"{name} must be an even integer >= 2, got {value!r} (QLoRA uses 64 and 256)")
+        if self.dtype is not QuantDType.INT8 and self.block_size not in QUANT_BLOCK_SIZES:
+            # ONNX Runtime's MatMulBnb4 and MatMulNBits refuse any other block size at run time.
+            raise ConfigError(
+                f"block_size={self.block_size} is not one ONNX Runtime's 4-bit matmuls (MatMulBnb4, MatMulNBits) run; "
+                f"use one of {', '.join(map(str, QUANT_BLOCK_SIZES))} (QLoRA uses 64)"
+            )
         if self.double_quant and self.dtype is not QuantDType.NF4:
             raise ConfigError(f"double_quant applies to nf4 block absmaxes only, not to {self.dtype.value}; drop double_quant")
         if isinstance(self.target_modules, list) and not self.target_modules:

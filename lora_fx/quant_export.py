@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import torch
 
-from lora_fx.errors import ConfigError
 from lora_fx.kernels.quantized_linear import linear_int4, linear_int8, linear_nf4
 
 
@@ -51,8 +50,9 @@ def _onnx_functions() -> dict[Any, Callable]:
 
     * nf4 -> ``com.microsoft.MatMulBnb4`` (quant_type 1): the same flattened ``[N, K]`` layout, high
       nibble first, one absmax per block; double-quantized absmaxes are decoded in the graph first.
-    * int4 -> ``com.microsoft.MatMulNBits`` (bits 4): blocks along K, low nibble first, zero point 8
-      unless affine. Needs ``in_features % block_size == 0`` (the blocks must not straddle rows).
+    * int4 -> ``com.microsoft.MatMulNBits`` (bits 4): blocks along K, each row padded to whole blocks,
+      low nibble first, zero point 8 unless affine; ``accuracy_level=0`` so ONNX Runtime computes in
+      float, as training did (level 4 would quantize the activations to int8).
     * int8 -> ``DequantizeLinear`` (per output channel, axis 0) -> ``Transpose`` -> ``MatMul``.
 
     Export with ``optimize=False``: the exporter's optimizer would fold the int8 dequantize back
@@ -88,23 +88,16 @@ def _onnx_functions() -> dict[Any, Callable]:
         return _bias(y, bias)
 
     def _int4(x, qweight, qscale, qzero, bias, out_features, in_features, block_size):
-        if in_features % block_size:
-            raise ConfigError(
-                f"int4 export needs in_features ({in_features}) to be a multiple of block_size ({block_size}) so blocks "
-                f"run along rows as MatMulNBits stores them; quantize with a block size that divides it"
-            )
-        per_row = in_features // block_size
+        # lora_fx's int4 storage is MatMulNBits' own (blocks along rows, each row padded to whole blocks,
+        # zero points packed per row): only the shape of B changes.
+        per_row = -(-in_features // block_size)
         b = op.Reshape(qweight, op.Constant(value_ints=[out_features, per_row, block_size // 2]))
         scales = op.CastLike(qscale, x)
         if qzero is None:
-            y = matmul_nbits(x, b, scales, K=in_features, N=out_features, bits=4, block_size=block_size)
+            y = matmul_nbits(x, b, scales, K=in_features, N=out_features, bits=4, block_size=block_size, accuracy_level=0)
         else:
-            if per_row % 2:  # packed zero points must start a byte at each row
-                raise ConfigError(
-                    f"affine int4 export needs an even number of blocks per row (in_features/block_size = {per_row}); "
-                    f"use symmetric int4 or another block size"
-                )
-            y = matmul_nbits(x, b, scales, qzero, K=in_features, N=out_features, bits=4, block_size=block_size)
+            y = matmul_nbits(x, b, scales, qzero, K=in_features, N=out_features, bits=4, block_size=block_size,
+                             accuracy_level=0)
         return _bias(y, bias)
 
     def _int8(x, qweight, qscale, bias, out_features, in_features):

@@ -7,9 +7,11 @@ Formats (``QuantDType``):
   nearest of QLoRA's 16 normal-float values; two indices a byte, the first in the high nibble.
   ``double_quant``: the block absmaxes minus their mean are stored as int8, one float factor per
   ``double_quant_block_size`` absmaxes (torchao's ``double_quantize_scalers``).
-* int4: blocks of ``block_size``, fp16 scale per block; symmetric (``round(w / (absmax/7))`` + 8)
-  or affine (min/max scale and a 4-bit zero point). Low nibble first, as ONNX INT4 and ONNX
-  Runtime's MatMulNBits store it, so the bytes move into an ONNX file unchanged.
+* int4: ONNX Runtime's MatMulNBits layout: blocks of ``block_size`` along each row of W, a row
+  that is not a whole number of blocks zero-padded to one (``[N, ceil(K / block), block / 2]``
+  bytes), fp16 scale per block; symmetric (``round(w / (absmax/7))`` + 8) or affine (min/max scale
+  and a 4-bit zero point, packed per row: ``[N, ceil(blocks_per_row / 2)]`` bytes). Low nibble
+  first, so the bytes move into an ONNX file unchanged.
 * int8: one fp32 scale per output channel, ``round(w / (absmax/127))``.
 
 Decoding writes float32 rows into a per-thread scratch buffer through ``lora_fx.kernels.dequant``
@@ -43,9 +45,22 @@ NF4_CODE = (
 _CHUNK = 1 << 20
 
 
+def _finite(w: Tensor, what: str) -> Tensor:
+    """``w`` as float32, or ConfigError when it holds NaN or infinity (a scale would be NaN and every
+    weight of its block garbage)."""
+    w = w.detach().float()
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ConfigError(
+            f"{what}: {bad} of {w.numel()} weights are NaN or infinite and cannot be quantized; load a checkpoint "
+            f"with finite weights, or leave this site in float with QuantConfig(exclude_modules=[...])"
+        )
+    return w
+
+
 def _blocks(w: Tensor, block: int, pad: bool, what: str) -> tuple[Tensor, int]:
     """W flattened and cut into rows of ``block``; the last block zero-padded when needed."""
-    flat = w.detach().reshape(-1).float()
+    flat = _finite(w, what).reshape(-1)
     rest = flat.numel() % block
     if rest:
         if not pad:
@@ -155,8 +170,9 @@ class Decoder:
     """W ``[out_features, in_features]`` of one quantized site, decodable a range of rows at a time.
 
     4-bit formats: ``packed`` codes, a float ``scale`` (and ``zero``) per block of ``block_size``
-    weights of W flattened row-major. int8 (``table`` None): ``packed`` is the int8 ``[out, in]``
-    matrix and ``scale`` one float per row.
+    weights, of W flattened row-major (nf4), or with ``row_blocks`` blocks to each row, the last one
+    zero-padded (int4, MatMulNBits' layout). int8 (``table`` None): ``packed`` is the int8
+    ``[out, in]`` matrix and ``scale`` one float per row.
     """
 
     packed: Tensor
@@ -167,6 +183,12 @@ class Decoder:
     block_size: int
     out_features: int
     in_features: int
+    row_blocks: int = 0  # blocks per row when rows are padded to whole blocks; 0: blocks run over W flattened
+
+    @property
+    def align(self) -> int:
+        """The block size a tile of rows must respect (1 when every row starts a block)."""
+        return 1 if self.row_blocks or self.table is None else self.block_size
 
     def rows(self, r0: int, r1: int, scratch: bool = True) -> Tensor:
         """W[r0:r1] as float32; with ``scratch`` a view of this thread's buffer (overwritten by the next call)."""
@@ -177,6 +199,13 @@ class Decoder:
 
         if self.table is None:
             return dequant8(buffer((r1 - r0) * k).view(r1 - r0, k), self.packed[r0:r1], self.scale[r0:r1])
+        if self.row_blocks:
+            b0, b1 = r0 * self.row_blocks, r1 * self.row_blocks
+            out = buffer((b1 - b0) * bs)
+            dequant4(out, self.packed[b0 * bs // 2 : b1 * bs // 2], self.table, self.scale[b0:b1],
+                     self.zero[b0:b1] if self.zero is not None else None, self.high_first, bs)
+            # The padding of each row's last block is decoded and skipped: a strided view, which mm reads as is.
+            return out.view(r1 - r0, self.row_blocks * bs)[:, :k]
         e0, e1 = r0 * k, r1 * k
         b0, b1 = e0 // bs, -(-e1 // bs)
         out = buffer((b1 - b0) * bs)
@@ -186,7 +215,7 @@ class Decoder:
 
     def weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The whole W in ``dtype``, a tensor of the caller's own (never the scratch buffer)."""
-        return self.rows(0, self.out_features, scratch=False).to(dtype)
+        return self.rows(0, self.out_features, scratch=False).to(dtype).contiguous()
 
 
 def _nf4_absmax(qscale: Tensor, factor: Optional[Tensor], mean: Optional[Tensor], scaler_block_size: int) -> Tensor:
@@ -204,12 +233,17 @@ def nf4_decoder(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tensor]
 
 def int4_decoder(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], out_features: int, in_features: int,
                   block_size: int) -> Decoder:
-    scale = qscale.float()
+    scale = qscale.float().reshape(-1)
+    per_row = -(-in_features // block_size)
     if qzero is None:
-        return Decoder(qweight, scale, None, _INT4_SYMMETRIC_TABLE.to(qweight.device), False, block_size, out_features, in_features)
-    zeros = torch.empty(2 * qzero.numel(), device=qzero.device)  # the 4-bit zero points, one per block
-    dequant4(zeros, qzero, _INT4_TABLE.to(qzero.device), torch.ones(zeros.numel() // 2, device=qzero.device), None, False, 2)
-    return Decoder(qweight, scale, zeros[: scale.numel()], _INT4_TABLE.to(qweight.device), False, block_size, out_features, in_features)
+        return Decoder(qweight.reshape(-1), scale, None, _INT4_SYMMETRIC_TABLE.to(qweight.device), False, block_size,
+                       out_features, in_features, per_row)
+    zeros = torch.empty(2 * qzero.numel(), device=qzero.device)  # the 4-bit zero points, packed per row
+    dequant4(zeros, qzero.reshape(-1), _INT4_TABLE.to(qzero.device), torch.ones(zeros.numel() // 2, device=qzero.device),
+             None, False, 2)
+    zeros = zeros.view(out_features, -1)[:, :per_row].reshape(-1)  # drop each row's padding nibble
+    return Decoder(qweight.reshape(-1), scale, zeros, _INT4_TABLE.to(qweight.device), False, block_size, out_features,
+                   in_features, per_row)
 
 
 def int8_decoder(qweight: Tensor, qscale: Tensor) -> Decoder:
@@ -223,23 +257,48 @@ def dequantize_nf4(qweight: Tensor, qscale: Tensor, qscale_factor: Optional[Tens
                         scaler_block_size).weight(dtype)
 
 
+def _fp16_scale(scale: Tensor, what: str) -> Tensor:
+    if bool((scale > torch.finfo(torch.float16).max).any()):
+        raise ConfigError(
+            f"{what}: its weights need an int4 block scale of {float(scale.max()):.4g}, beyond float16's range "
+            f"({torch.finfo(torch.float16).max:.0f}), where int4 keeps its scales; quantize this site as nf4 or int8, "
+            f"or leave it in float with QuantConfig(exclude_modules=[...])"
+        )
+    return scale.half()
+
+
 def quantize_int4(w: Tensor, block_size: int = 64, symmetric: bool = True, pad: bool = True, what: str = "weight") -> dict[str, Tensor]:
-    """int4 storage of ``w``: ``qweight`` (codes 0..15, low nibble first), ``qscale`` (fp16 per block),
-    and when affine ``qzero`` (4-bit zero points, packed like the codes)."""
-    blocks, _ = _blocks(w, block_size, pad, what)
+    """int4 storage of ``w`` ``[N, K]`` in MatMulNBits' layout: ``qweight`` (codes 0..15, low nibble
+    first, ``ceil(K / block_size)`` blocks a row, the last zero-padded), ``qscale`` (fp16 per block),
+    and when affine ``qzero`` (4-bit zero points, packed per row). ``pad=False`` refuses a K that is
+    not a multiple of ``block_size``."""
+    w = _finite(w, what)
+    if w.dim() != 2:
+        raise ConfigError(f"{what}: int4 quantizes a 2-D [out, in] weight, got shape {list(w.shape)}")
+    n, k = w.shape
+    per_row = -(-k // block_size)
+    if k % block_size:
+        if not pad:
+            raise ConfigError(
+                f"{what}: in_features {k} is not a multiple of block_size={block_size}; use a block size that divides "
+                f"it or QuantConfig(pad=True) to zero-pad each row's last block (as MatMulNBits does)"
+            )
+        w = torch.nn.functional.pad(w, (0, per_row * block_size - k))
+    blocks = w.reshape(-1, block_size)
     if symmetric:
-        scale = (blocks.abs().amax(dim=1) / 7).half()
+        scale = _fp16_scale(blocks.abs().amax(dim=1) / 7, what)
         s = _safe(scale.float()).unsqueeze(1)
         codes = (blocks / s).round().clamp(-8, 7) + 8
         return {"qweight": _pack_low_first(codes), "qscale": scale}
     # Keep 0 inside [min, max] so zero weights (and zero padding) stay exactly zero.
     lo = blocks.amin(dim=1).clamp(max=0)
     hi = blocks.amax(dim=1).clamp(min=0)
-    scale = ((hi - lo) / 15).half()
+    scale = _fp16_scale((hi - lo) / 15, what)
     s = _safe(scale.float())
-    zero = (-lo / s).round().clamp(0, 15)
-    codes = ((blocks / s.unsqueeze(1)).round() + zero.unsqueeze(1)).clamp(0, 15)
-    zp = torch.cat([zero, zero.new_zeros(zero.numel() % 2)])
+    zero = (-lo / s).round().clamp(0, 15).view(n, per_row)
+    codes = ((blocks / s.unsqueeze(1)).round() + zero.reshape(-1, 1)).clamp(0, 15)
+    # MatMulNBits packs zero points per row: a row with an odd number of blocks ends on a padding nibble.
+    zp = torch.nn.functional.pad(zero, (0, per_row % 2))
     return {"qweight": _pack_low_first(codes), "qscale": scale, "qzero": _pack_low_first(zp)}
 
 
@@ -248,9 +307,9 @@ def dequantize_int4(qweight: Tensor, qscale: Tensor, qzero: Optional[Tensor], ou
     return int4_decoder(qweight, qscale, qzero, out_features, in_features, block_size).weight(dtype)
 
 
-def quantize_int8(w: Tensor) -> dict[str, Tensor]:
+def quantize_int8(w: Tensor, what: str = "weight") -> dict[str, Tensor]:
     """int8 storage of ``w`` ``[out, in]``: ``qweight`` int8 and ``qscale`` fp32 per output channel."""
-    w = w.detach().float()
+    w = _finite(w, what)
     scale = w.abs().amax(dim=1) / 127
     q = (w / _safe(scale).unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
     return {"qweight": q, "qscale": scale}

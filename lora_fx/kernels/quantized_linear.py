@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 # and backward decode W a tile of rows at a time (kernels/tiled_linear) into the scratch buffer.
 
 def _linear(x: Tensor, decoder: Decoder, bias: Optional[Tensor]) -> Tensor:
-    return tiled_linear(x, decoder.rows, decoder.out_features, decoder.in_features, decoder.block_size, bias)
+    return tiled_linear(x, decoder.rows, decoder.out_features, decoder.in_features, decoder.align, bias)
 
 
 @torch.library.custom_op("lora_fx::linear_nf4", mutates_args=())
@@ -51,7 +51,7 @@ def linear_int8(x: Tensor, qweight: Tensor, qscale: Tensor, bias: Optional[Tenso
 # (and torch.compile's AOT autograd, which traces the backward) sees one opaque call, never the native
 # decode kernels or the scratch buffer inside it. Same arguments as the forward, ``grad`` in place of x.
 def _grad_input(grad: Tensor, decoder: Decoder) -> Tensor:
-    return tiled_grad_input(grad, decoder.rows, decoder.out_features, decoder.in_features, decoder.block_size)
+    return tiled_grad_input(grad, decoder.rows, decoder.out_features, decoder.in_features, decoder.align)
 
 
 @torch.library.custom_op("lora_fx::linear_nf4_grad_input", mutates_args=())

@@ -87,35 +87,46 @@ class QuantizeWeights:
                 f"capture the float model again, or exclude these sites with QuantConfig(exclude_modules=...)"
             )
         report = meta(gm).setdefault("quant", {})
+        # Every weight is quantized before the graph changes: a refused weight (NaN, a scale out of range)
+        # leaves the model as it was.
+        storages = [self._storage(gm, target.site) for target in targets]
         changed: list[str] = []
-        for target in targets:
-            line = self._quantize_site(gm, target.site, report)
+        for target, storage in zip(targets, storages):
+            line = storage if isinstance(storage, str) else self._quantize_site(gm, target.site, report, storage)
             changed.append(line)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, any(not c.endswith("(left in float)") for c in changed), changed)
 
-    def _quantize_site(self, gm: fx.GraphModule, site: Any, report: dict) -> str:
+    def _storage(self, gm: fx.GraphModule, site: Any) -> dict[str, Tensor] | str:
+        """The site's packed storage, or the line saying why its weight stays in float."""
         cfg = self.config
-        node: fx.Node = site.handle
-        w_node, param, transposed, x, bias = _weight_of(gm, node)
-        target = w_node.target
-        shared = _shared(gm, target, param)
+        w_node, param, transposed, _, _ = _weight_of(gm, site.handle)
+        shared = _shared(gm, w_node.target, param)
         if shared:
             # Tied weights (an embedding shared with a head) are read elsewhere in float: leave them.
             return f"{site.name}: weight shared with {', '.join(shared)} (left in float)"
         w = param.detach().t() if transposed else param.detach()
-        out_f, in_f = w.shape
         what = f"site {site.name}"
         if cfg.dtype is QuantDType.NF4:
-            storage = quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, cfg.pad, what)
+            return quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, cfg.pad, what)
+        if cfg.dtype is QuantDType.INT4:
+            return quantize_int4(w, cfg.block_size, cfg.symmetric, cfg.pad, what)
+        return quantize_int8(w, what)
+
+    def _quantize_site(self, gm: fx.GraphModule, site: Any, report: dict, storage: dict[str, Tensor]) -> str:
+        cfg = self.config
+        node: fx.Node = site.handle
+        w_node, param, transposed, x, bias = _weight_of(gm, node)
+        target = w_node.target
+        w = param.detach().t() if transposed else param.detach()
+        out_f, in_f = w.shape
+        if cfg.dtype is QuantDType.NF4:
             extra = (out_f, in_f, cfg.block_size, cfg.double_quant_block_size)
         elif cfg.dtype is QuantDType.INT4:
-            storage = quantize_int4(w, cfg.block_size, cfg.symmetric, cfg.pad, what)
             extra = (out_f, in_f, cfg.block_size)
         else:
-            storage = quantize_int8(w)
             extra = (out_f, in_f)
         spec = SPECS[cfg.dtype]
         owner_path, _, leaf = target.rpartition(".")

@@ -12,12 +12,14 @@ becomes an ``Add`` after the quantized op, the form a ``MatMul`` site with a bia
 
 New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_zero`` so the site keeps its
 name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
-* int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K; ``in_features`` must be a
-  multiple of ``block_size``), zero point 8 or packed affine zero points.
+* int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K, each row padded to whole blocks
+  unless ``pad=False``, ``accuracy_level=0``), zero point 8 or packed affine zero points.
 * int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``
   (training runs this chain as ``lora_fx::linear_int8``: ``runtime/int8_linear``).
 
-The numerics are those of the FX pass (one implementation). Sites that are already quantized
+Scales and absmaxes are stored in the model's float type (MatMulBnb4 and MatMulNBits read them in
+the type of their input; so does the MatMul after DequantizeLinear). The numerics are those of the
+FX pass (one implementation). Sites that are already quantized
 (MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused. ONNX Runtime sessions
 should set ``session.qdq_matmulnbits_accuracy_level`` to 0 so a DQ+MatMul fusion keeps float math.
 """
@@ -47,10 +49,11 @@ def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[str, torch.Tensor], numel: int,
-                   cfg: QuantConfig, nodes: list[ir.Node]) -> ir.Value:
+                   cfg: QuantConfig, nodes: list[ir.Node], float_type: ir.DataType) -> ir.Value:
     """Double-quantized absmaxes stay int8 in the file; a small decode before MatMulBnb4 (which reads float
     absmaxes) computes ``qscale / factor + mean`` with one factor per ``double_quant_block_size`` blocks,
-    the arithmetic of ``lora_fx/kernels/quant_formats``. ONNX Runtime folds it once, at session start."""
+    the arithmetic of ``lora_fx/kernels/quant_formats``, cast to the model's float type last. ONNX Runtime
+    folds it once, at session start."""
     n_blocks = -(-numel // cfg.block_size)
     groups = -(-n_blocks // cfg.double_quant_block_size)
     factor = _init(graph, f"{name}.weight_scale_factor", storage["qscale_factor"].numpy())
@@ -69,6 +72,8 @@ def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[s
     per_block = add("Slice", [add("Reshape", [add("Expand", [add("Reshape", [factor, consts["column"]]), consts["grid"]]),
                                                consts["flat"]]), consts["start"], consts["end"]])
     absmax = add("Add", [add("Div", [add("Cast", [qscale], to=int(ir.DataType.FLOAT)), per_block]), mean])
+    if float_type != ir.DataType.FLOAT:  # MatMulBnb4 reads absmax in the type of its input
+        absmax = add("Cast", [absmax], to=int(float_type))
     return absmax
 
 
@@ -95,59 +100,61 @@ class QuantizeWeights:
         selector = LoraConfig(r=1, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules)
         targets = select_targets(sites, selector)
         graph = model.graph
+        # Every site is checked and quantized before the graph changes: a refusal leaves the model as it was.
+        plans = [self._plan(target) for target in targets]
         changed: list[str] = []
-        for target in targets:
-            node = target.site.handle
+        for target, node, _, weight_tensor, w, s in plans:
+            # Read again: rewriting an earlier site replaced the value this one may read as x.
             parts = linear_parts(node)
-            if node.domain == MS or any(n.op_type == "DequantizeLinear" for n in parts.chain):
-                raise ConfigError(f"site {target.site.name} is already quantized ({node.op_type}); a weight is quantized once")
-            why = _refusal(node, parts)
-            if why is not None:
-                raise UnsupportedError(f"site {target.site.name}: quantize_weights {why}; "
-                                       "exclude it with QuantConfig(exclude_modules=[...])")
-            stored = torch.from_numpy(np.array(const_tensor(parts.weight).numpy(), dtype=np.float32))
-            w = stored if parts.stored_out_in else stored.t()  # [out, in]
-            w = (w * parts.alpha if parts.alpha != 1.0 else w).contiguous()  # Gemm's alpha goes into W
+            dtype = weight_tensor.dtype
+            np_type = dtype.numpy()
+
+            def as_stored(t: torch.Tensor) -> np.ndarray:
+                return t.float().numpy().astype(np_type)
+
+            def as_read(a: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.asarray(a, dtype=np.float32).copy())
+
             n, k = w.shape
             name = target.site.name
-            dtype = ir.DataType.FLOAT
             if cfg.dtype is QuantDType.NF4:
-                s = formats.quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, pad=cfg.pad, what=f"site {name}")
                 packed = s["qweight"][: (n * k + 1) // 2]
                 q = _init(graph, f"{name}.weight_q", packed.numpy())
-                scale = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
                 nodes = []
-                absmax = scale
                 if cfg.double_quant:
-                    absmax = _decode_absmax(graph, name, scale, s, n * k, cfg, nodes)
+                    scale = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
+                    absmax = _decode_absmax(graph, name, scale, s, n * k, cfg, nodes, dtype)
+                    read = formats.nf4_decoder(s["qweight"], s["qscale"], s["qscale_factor"], s["qscale_mean"], n, k,
+                                               cfg.block_size, cfg.double_quant_block_size).scale
+                else:
+                    absmax = scale = _init(graph, f"{name}.weight_scale", as_stored(s["qscale"]))
+                    read = s["qscale"]
                 new = ir.node("MatMulBnb4", [parts.x, q, absmax], attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
-                deq = formats.dequantize_nf4(s["qweight"], s["qscale"], s.get("qscale_factor"), s.get("qscale_mean"), n, k,
-                                         cfg.block_size, cfg.double_quant_block_size)
-                stored_bytes = packed.numel() + sum(t.numel() * t.element_size() for key, t in s.items() if key != "qweight")
+                deq = formats.dequantize_nf4(s["qweight"], as_read(as_stored(read)), None, None, n, k, cfg.block_size,
+                                             cfg.double_quant_block_size)
+                stored_bytes = packed.numel() + sum(v.const_value.nbytes for key, v in graph.initializers.items()
+                                                    if key.startswith(f"{name}.weight_scale"))
                 nodes.append(new)
             elif cfg.dtype is QuantDType.INT4:
-                if k % cfg.block_size or (not cfg.symmetric and (k // cfg.block_size) % 2):
-                    raise UnsupportedError(
-                        f"site {name}: MatMulNBits needs in_features ({k}) divisible by block_size ({cfg.block_size})"
-                        + ("" if cfg.symmetric else " and an even number of blocks per row") + "; choose another block size"
-                    )
-                s = formats.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=False, what=f"site {name}")
-                b = s["qweight"].reshape(n, k // cfg.block_size, cfg.block_size // 2).numpy()
-                ins = [parts.x, _init(graph, f"{name}.weight_q", b), _init(graph, f"{name}.weight_scale", s["qscale"].float().numpy())]
+                b = s["qweight"].reshape(n, -(-k // cfg.block_size), cfg.block_size // 2).numpy()
+                scale = as_stored(s["qscale"])
+                ins = [parts.x, _init(graph, f"{name}.weight_q", b), _init(graph, f"{name}.weight_scale", scale)]
                 if "qzero" in s:
                     ins.append(_init(graph, f"{name}.weight_zero", s["qzero"].numpy()))
-                new = ir.node("MatMulNBits", ins, attributes={"K": k, "N": n, "bits": 4, "block_size": cfg.block_size}, domain=MS)
-                deq = formats.dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), n, k, cfg.block_size)
+                # accuracy_level 0: ONNX Runtime computes in float, as training does (4 quantizes x to int8).
+                new = ir.node("MatMulNBits", ins, attributes={"K": k, "N": n, "bits": 4, "block_size": cfg.block_size,
+                                                               "accuracy_level": 0}, domain=MS)
+                deq = formats.dequantize_int4(s["qweight"], as_read(scale), s.get("qzero"), n, k, cfg.block_size)
                 stored_bytes = sum(v.const_value.nbytes for v in ins[1:])
                 nodes = [new]
             else:
-                s = formats.quantize_int8(w)
+                scale = as_stored(s["qscale"])
                 q = _init(graph, f"{name}.weight_q", s["qweight"].numpy())
-                sc = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
+                sc = _init(graph, f"{name}.weight_scale", scale)
                 dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
                 tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
                 new = ir.node("MatMul", [parts.x, tr.outputs[0]])
-                deq = formats.dequantize_int8(s["qweight"], s["qscale"])
+                deq = formats.dequantize_int8(s["qweight"], as_read(scale))
                 stored_bytes = q.const_value.nbytes + sc.const_value.nbytes
                 nodes = [dq, tr, new]
             # find_sites names a site from its node's name or name-scope metadata: the new node keeps both.
@@ -174,9 +181,40 @@ class QuantizeWeights:
             if not any(True for _ in parts.weight.uses()) and parts.weight.name in graph.initializers:
                 del graph.initializers[parts.weight.name]
             max_err, rel = formats.quantization_error(w, deq)
-            changed.append(f"{name}: {cfg.dtype.value} {n}x{k}, {w.numel() * 4} -> {stored_bytes} bytes, "
+            changed.append(f"{name}: {cfg.dtype.value} {n}x{k}, {weight_tensor.nbytes} -> {stored_bytes} bytes, "
                            f"max abs error {max_err:.3g}, relative rms error {rel:.3g}")
         return PassResult(model, bool(changed), changed)
+
+    def _plan(self, target: Any) -> tuple:
+        """(target, node, parts, weight tensor, W [out, in] float32, quantized storage) of one site, or the refusal."""
+        from lora_fx.kernels import quant_formats as formats
+
+        cfg = self.config
+        node = target.site.handle
+        name = target.site.name
+        parts = linear_parts(node)
+        if node.domain == MS or any(n.op_type == "DequantizeLinear" for n in parts.chain):
+            raise ConfigError(f"site {name} is already quantized ({node.op_type}); a weight is quantized once")
+        why = _refusal(node, parts)
+        if why is not None:
+            raise UnsupportedError(f"site {name}: quantize_weights {why}; exclude it with QuantConfig(exclude_modules=[...])")
+        weight_tensor = const_tensor(parts.weight)
+        # Scales and absmaxes are read in the type of the op's input (ORT binds them to one type T1): a
+        # float16 model stores them float16, and the reported error uses the values as stored.
+        if not weight_tensor.dtype.is_floating_point():
+            raise UnsupportedError(f"site {name}: its weight is {weight_tensor.dtype.name}, not a float tensor; "
+                                   "exclude it with QuantConfig(exclude_modules=[...])")
+        stored = torch.from_numpy(np.array(weight_tensor.numpy(), dtype=np.float32))
+        w = stored if parts.stored_out_in else stored.t()  # [out, in]
+        w = (w * parts.alpha if parts.alpha != 1.0 else w).contiguous()  # Gemm's alpha goes into W
+        what = f"site {name}"
+        if cfg.dtype is QuantDType.NF4:
+            s = formats.quantize_nf4(w, cfg.block_size, cfg.double_quant, cfg.double_quant_block_size, pad=cfg.pad, what=what)
+        elif cfg.dtype is QuantDType.INT4:
+            s = formats.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=cfg.pad, what=what)
+        else:
+            s = formats.quantize_int8(w, what=what)
+        return target, node, parts, weight_tensor, w, s
 
 
 def quantize_weights(model: ir.Model, config: QuantConfig) -> PassResult:

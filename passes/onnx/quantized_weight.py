@@ -4,8 +4,9 @@ Recognises the storages ``quantize_weights`` (ONNX and FX export) writes and ONN
 
 * ``com.microsoft.MatMulBnb4`` with quant_type 1 (NF4): packed codes ``[ceil(N*K/2)]`` high nibble
   first, one absmax per ``block_size`` weights of the flattened ``[N, K]`` W;
-* ``com.microsoft.MatMulNBits`` with bits 4: ``[N, K/block, block/2]`` low nibble first, scales per
-  block, zero point 8 or packed uint8 zero points, optional bias (input 5);
+* ``com.microsoft.MatMulNBits`` with bits 4: ``[N, ceil(K/block), block/2]`` low nibble first (each
+  row padded to whole blocks), scales per block, zero point 8 or uint8 zero points packed per row,
+  optional bias (input 5);
 * ``MatMul(x, f(DequantizeLinear(q, scale[, zero])))`` with ``f`` Transposes / Casts: int8, one scale
   per tensor or per output channel.
 
@@ -140,7 +141,7 @@ class QuantizedWeight:
             q = formats.quantize_nf4(wt, bs, False, pad=True)
             new = {1: q["qweight"][: (n * k + 1) // 2].numpy(), 2: q["qscale"].numpy()}
         elif self.dtype is QuantDType.INT4:
-            q = formats.quantize_int4(wt, bs, symmetric=3 not in self.storage, pad=False)
+            q = formats.quantize_int4(wt, bs, symmetric=3 not in self.storage, pad=True)
             new = {1: q["qweight"].numpy(), 2: q["qscale"].float().numpy()}
             if 3 in self.storage:
                 new[3] = q["qzero"].numpy()
@@ -182,16 +183,16 @@ def quantized_weight(site: str, node: ir.Node) -> QuantizedWeight | None:
         n, k, bs = _attr(node, "N", 0), _attr(node, "K", 0), _attr(node, "block_size", 0)
         if _attr(node, "bits", 4) != 4:
             raise _refuse(site, f"MatMulNBits with bits={_attr(node, 'bits', 4)} (lora_fx quantizes 4 bits)")
-        if not bs or k % bs:
-            raise _refuse(site, f"MatMulNBits with K={k} not a multiple of block_size={bs}")
+        if not bs or bs % 2:
+            raise _refuse(site, f"MatMulNBits with block_size={bs}")
         if len(node.inputs) > 4 and node.inputs[4] is not None:
             raise _refuse(site, "MatMulNBits with g_idx")
         qw = QuantizedWeight(QuantDType.INT4, node, node, n, k, bs)
         qw.storage = {1: _np(node.inputs[1]), 2: _np(node.inputs[2])}
         if len(node.inputs) > 3 and node.inputs[3] is not None:
             zero = _np(node.inputs[3])
-            if zero.dtype != np.uint8 or (k // bs) % 2:
-                raise _refuse(site, "MatMulNBits zero points that are not packed uint8 with an even number of blocks per row")
+            if zero.dtype != np.uint8 or zero.size != n * ((-(-k // bs) + 1) // 2):
+                raise _refuse(site, "MatMulNBits zero points that are not 4-bit values packed in uint8 per row")
             qw.storage[3] = zero
         return qw
     if node.domain in ("", "ai.onnx") and node.op_type == "MatMul" and len(node.inputs) > 1:

@@ -56,11 +56,10 @@ def _quant_ops() -> Any:
 def _training_int4(inp: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None,
                    n: int, k: int, block: int, n_blocks: int) -> torch.Tensor | None:
     """MatMulNBits through ``lora_fx::linear_int4`` where the layouts agree, else None."""
-    # Blocks along each row of W [N, K] are lora_fx's blocks over W flattened when K is a whole number
-    # of blocks; 4-bit zero points pack the same way when each row holds an even number of blocks.
-    if k % block or block % 2 or inp.dtype not in _TRAINING_DTYPES:
+    # lora_fx's int4 storage is MatMulNBits' layout (rows padded to whole blocks, zero points packed per row).
+    if block % 2 or inp.dtype not in _TRAINING_DTYPES or packed.numel() != n * n_blocks * block // 2 or scales.numel() != n * n_blocks:
         return None
-    if zp is not None and (zp.dtype != torch.uint8 or n_blocks % 2):
+    if zp is not None and (zp.dtype != torch.uint8 or zp.numel() != n * ((n_blocks + 1) // 2)):
         return None
     return _quant_ops().linear_int4(inp, packed.reshape(-1), scales.reshape(-1).to(torch.float32),
                                     zp.reshape(-1) if zp is not None else None, None, n, k, block)
@@ -112,7 +111,12 @@ _FP4 = [0.0, 0.0052083333, 0.6666667, 1.0, 0.3333333, 0.5, 0.1666667, 0.25,
 def _matmul_bnb4(ctx, x, a):
     inp, packed, absmax = ctx.t(x[0]), ctx.t(x[1]), ctx.t(x[2])
     n, k, block, quant_type = a["N"], a["K"], a["block_size"], a.get("quant_type", 1)
-    if quant_type == 1 and a.get("transB", 1) != 0 and block % 2 == 0 and inp.dtype in _TRAINING_DTYPES:
+    if a.get("transB", 1) == 0:
+        # ONNX Runtime accepts x [..., N] then and gives y [..., K], but its values are no product with the
+        # decoded W that lora_fx could reproduce (checked against onnxruntime 1.32): refuse rather than guess.
+        raise UnsupportedError("com.microsoft.MatMulBnb4 with transB=0 is not supported (only the default transB=1, "
+                               "y = x @ W.T with W [N, K]); re-quantize the weight with transB=1")
+    if quant_type == 1 and block % 2 == 0 and inp.dtype in _TRAINING_DTYPES:
         # W [N, K] flattened in absmax blocks, high nibble first: lora_fx's own nf4 layout.
         n_blocks = -(-(n * k) // block)
         flat = packed.reshape(-1)
@@ -128,6 +132,4 @@ def _matmul_bnb4(ctx, x, a):
         codes_pad = F.pad(table[codes], (0, (-(n * k)) % block))
         vals = codes_pad.reshape(-1, block)
     w = (vals * absmax.to(torch.float32).reshape(-1, 1)).reshape(-1)[: n * k].reshape(n, k)
-    if a.get("transB", 1) == 0:
-        w = w.reshape(k, n).t()
     return torch.matmul(inp, w.to(inp.dtype).t())

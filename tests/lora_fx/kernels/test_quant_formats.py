@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_fx.kernels.quant_formats import NF4_CODE, dequantize_int4, dequantize_nf4, quantize_int4, quantize_int8, quantize_nf4
+from lora_fx.errors import ConfigError
+from lora_fx.kernels.quant_formats import (NF4_CODE, dequantize_int4, dequantize_int8, dequantize_nf4, quantize_int4, quantize_int8,
+                                          quantize_nf4)
 
 
 def test_nf4_code_book_is_qlora_normal_float():
@@ -109,3 +111,118 @@ def test_int8_equals_torch_per_channel_quantization():
     ref = torch.quantize_per_channel(w, s["qscale"].double(), torch.zeros(24, dtype=torch.long), 0, torch.qint8)
     assert torch.equal(s["qweight"], ref.int_repr())
     assert torch.allclose(s["qscale"], w.abs().amax(1) / 127)
+
+
+# ---- int4 in MatMulNBits' layout: rows padded to whole blocks, zero points packed per row --------
+def _reference_int4(w: torch.Tensor, block: int, symmetric: bool):
+    """ONNX Runtime's MatMulNBits storage of ``w`` [N, K], element by element from the contrib-op spec:
+    B [N, ceil(K/block), block/2] (low nibble first, each row zero-padded to whole blocks), one scale per
+    block, zero points [N, ceil(blocks/2)] packed low nibble first. Codes from lora_fx's definition."""
+    n, k = w.shape
+    per_row = -(-k // block)
+    packed = torch.zeros(n, per_row, block // 2, dtype=torch.uint8)
+    scales = torch.zeros(n, per_row, dtype=torch.float16)
+    zps = torch.zeros(n, (per_row + 1) // 2, dtype=torch.uint8)
+    deq = torch.zeros(n, k)
+    for r in range(n):
+        for b in range(per_row):
+            vals = [float(w[r, c]) if c < k else 0.0 for c in range(b * block, (b + 1) * block)]
+            if symmetric:
+                scale = torch.tensor(max(abs(v) for v in vals) / 7).half()
+                zero = 8
+            else:
+                lo, hi = min(min(vals), 0.0), max(max(vals), 0.0)
+                scale = torch.tensor((hi - lo) / 15).half()
+                zero = int(min(max(round(-lo / float(scale)), 0), 15)) if float(scale) else 0
+            s = float(scale) or 1.0
+            scales[r, b] = scale
+            zps[r, b // 2] |= zero << (4 * (b % 2))
+            for i, v in enumerate(vals):
+                q = round(v / s)
+                code = min(max(q, -8), 7) + 8 if symmetric else min(max(q + zero, 0), 15)
+                packed[r, b, i // 2] |= code << (4 * (i % 2))
+                c = b * block + i
+                if c < k:
+                    deq[r, c] = (code - zero) * float(scale)
+    return packed.reshape(-1), scales.reshape(-1), zps.reshape(-1), deq
+
+
+@pytest.mark.parametrize("k, block", [(40, 16), (72, 32), (64, 16)])  # 3 blocks a row: a padding zero-point nibble
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_storage_is_matmulnbits_layout_with_padded_rows(k, block, symmetric):
+    torch.manual_seed(k)
+    w = torch.randn(6, k) + (0.0 if symmetric else 0.4)
+    w[1] = 0.0  # all-zero rows: scale 0, every weight stays exactly 0
+    w[2, :block] = 0.37  # a constant block
+    packed, scales, zps, deq = _reference_int4(w, block, symmetric)
+    s = quantize_int4(w, block, symmetric=symmetric)
+    assert torch.equal(s["qweight"], packed)
+    assert torch.equal(s["qscale"], scales)
+    if symmetric:
+        assert "qzero" not in s
+    else:
+        assert torch.equal(s["qzero"], zps)
+    got = dequantize_int4(s["qweight"], s["qscale"], s.get("qzero"), 6, k, block)
+    assert got.shape == (6, k) and got.is_contiguous()
+    assert torch.equal(got, deq)
+    assert torch.all(got[1] == 0)
+    assert torch.allclose(got[2, :block], torch.full((block,), 0.37), rtol=2e-3)
+    if k % block:
+        with pytest.raises(ConfigError, match=rf"in_features {k} is not a multiple of block_size={block}.*pad=True"):
+            quantize_int4(w, block, symmetric=symmetric, pad=False)
+
+
+def test_int4_scales_beyond_float16_are_refused():
+    w = torch.randn(4, 64)
+    w[2, 3] = 1e6  # absmax / 7 > 65504: the fp16 scale would be inf and the block NaN
+    for symmetric in (True, False):
+        with pytest.raises(ConfigError, match="site q: .*beyond float16's range.*nf4 or int8"):
+            quantize_int4(w, 64, symmetric=symmetric, what="site q")
+    quantize_nf4(w, 64)  # nf4 and int8 keep float32 scales
+    quantize_int8(w)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(bad):
+    w = torch.randn(8, 64)
+    w[5, 7] = bad
+    for quantize in (lambda: quantize_nf4(w, 64, what="site fc"), lambda: quantize_nf4(w, 64, double_quant=True, what="site fc"),
+                     lambda: quantize_int4(w, 64, what="site fc"), lambda: quantize_int4(w, 64, symmetric=False, what="site fc"),
+                     lambda: quantize_int8(w, what="site fc")):
+        with pytest.raises(ConfigError, match=r"site fc: 1 of 512 weights are NaN or infinite.*exclude_modules"):
+            quantize()
+
+
+def test_zero_and_constant_blocks_decode_exactly():
+    w = torch.zeros(4, 64)
+    w[1] = 0.25  # constant blocks: every weight is the block's absmax (code 1.0)
+    w[2] = -3.0
+    nf4 = quantize_nf4(w, 32)
+    got = dequantize_nf4(nf4["qweight"], nf4["qscale"], None, None, 4, 64, 32, 256)
+    assert torch.equal(got, w)
+    i8 = quantize_int8(w)
+    assert torch.allclose(dequantize_int8(i8["qweight"], i8["qscale"]), w, rtol=1e-6, atol=0)
+    i4 = quantize_int4(w, 32)
+    assert torch.all(dequantize_int4(i4["qweight"], i4["qscale"], None, 4, 64, 32)[[0, 3]] == 0)
+
+
+def test_double_quantized_absmax_error_is_one_step_of_its_block_at_most():
+    """bitsandbytes' double quantization: absmax - mean in 8 bits, one scale per 256 blocks; each decoded
+    absmax is within one 8-bit step (max |absmax - mean| of its group / 128) of the true one, and the weight
+    error grows by at most that step on top of the single-quantized bound."""
+    torch.manual_seed(5)
+    w = torch.randn(96, 256) * torch.logspace(-3, 0, 96)[:, None]  # absmaxes over three decades
+    block, sblock = 64, 256
+    single = quantize_nf4(w, block)
+    double = quantize_nf4(w, block, double_quant=True, scaler_block_size=sblock)
+    absmax = single["qscale"]
+    mean = absmax.mean()
+    centered = torch.nn.functional.pad(absmax - mean, (0, (-absmax.numel()) % sblock)).view(-1, sblock)
+    step = (centered.abs().amax(1) / 128).repeat_interleave(sblock)[: absmax.numel()]
+    decoded = double["qscale"].float() / double["qscale_factor"].repeat_interleave(sblock)[: absmax.numel()] + double["qscale_mean"]
+    assert torch.all((decoded - absmax).abs() <= step * (1 + 1e-5) + 1e-7)
+    assert double["qscale"].dtype == torch.int8 and double["qscale_factor"].numel() == -(-absmax.numel() // sblock)
+    got = dequantize_nf4(double["qweight"], double["qscale"], double["qscale_factor"], double["qscale_mean"], 96, 256, block, sblock)
+    widest_gap = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:]))
+    bound = (absmax * widest_gap / 2 + step).repeat_interleave(block).view(96, 256)
+    assert torch.all((got - w).abs() <= bound * (1 + 1e-5) + 1e-7)

@@ -286,3 +286,63 @@ def test_cli_rewrite_quant_then_merge(tmp_path, capsys, quant):
     summary = json.loads(capsys.readouterr().out)
     assert [e["site"] for e in summary["requant_errors"]] == ["fc1", "fc2"]
     assert op in {n.op_type for n in lora_fx.load(req).graph}
+
+
+# ---- padded int4 rows, float16 bases, sites without an adapter -------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("fmt", ["int4-affine", "nf4-dq", "int8"])
+def test_merges_of_padded_and_half_precision_storage_follow_the_spec_decoded_weight(fmt, dtype):
+    """K = 72 with blocks of 32: MatMulNBits rows of 3 blocks (padded, a padding nibble in each row's zero points).
+    FLOAT gives W_deq + A @ B; REQUANTIZE stores it again in the same shapes, reporting the error it adds."""
+    from lora_fx.passes.onnx.fold_lora import FoldLora
+    from tests.passes.onnx.test_quantize_weights_parity import DTYPES, FORMATS, _model, _session, _spec_decode
+
+    def qlora() -> ir.Model:
+        model, _, _ = _model("matmul", dtype)
+        torch.manual_seed(0)
+        return lora_fx.apply(model, lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"], init_lora_weights=False),
+                             quant=QuantConfig(**{**FORMATS[fmt].to_dict(), "target_modules": ".*"}))
+
+    lora = qlora()
+    a = lora.graph.initializers["fc.lora_A.weight"].const_value.numpy().astype(np.float64)
+    b = lora.graph.initializers["fc.lora_B.weight"].const_value.numpy().astype(np.float64)
+    bias = lora.graph.initializers["fc.bias"].const_value.numpy().astype(np.float64)
+    merged = _spec_decode(lora) + (a @ b).T
+    x = np.random.default_rng(3).standard_normal((2, 3, 72)).astype(DTYPES[dtype][0])
+    tol = 1e-5 if dtype == "float32" else 4e-3
+    want = x.astype(np.float64) @ merged.T + bias
+    assert _rel(_session(lora).run(None, {"x": x})[0], want) <= tol  # the unmerged QLoRA model
+
+    floated = qlora()
+    fold_lora(floated, QuantMerge.FLOAT)
+    w = floated.graph.initializers["fc.weight"].const_value.numpy()
+    assert w.dtype == DTYPES[dtype][0] and w.shape == (72, 20)
+    # W_deq + A @ B, rounded once to the model's dtype (float32 decoding, so a float32 rounding or two apart).
+    np.testing.assert_allclose(w.astype(np.float64), merged.T, rtol=1e-5 if dtype == "float32" else 1e-3, atol=1e-7)
+    assert _rel(_session(floated).run(None, {"x": x})[0], want) <= tol
+
+    storage = _storage(lora)
+    folder = FoldLora(QuantMerge.REQUANTIZE)
+    folder(lora)
+    if fmt == "nf4-dq":  # the absmaxes come back as MatMulBnb4's plain absmax input (documented)
+        assert _storage(lora)["fc.weight_q"] == storage["fc.weight_q"]
+    else:
+        assert _storage(lora) == storage
+    requant = _spec_decode(lora)
+    (error,) = folder.errors
+    diff = requant - merged.astype(DTYPES[dtype][0]).astype(np.float64)
+    assert error.max_abs == pytest.approx(np.abs(diff).max(), rel=1e-3, abs=1e-6)
+    assert 0 < error.relative < (0.02 if fmt == "int8" else 0.15)
+    assert _rel(_session(lora).run(None, {"x": x})[0], x.astype(np.float64) @ requant.T + bias) <= tol
+
+
+@pytest.mark.parametrize("name", list(QUANTS))
+@pytest.mark.parametrize("mode", list(QuantMerge))
+def test_a_quantized_site_without_adapter_stays_byte_identical(name, mode):
+    model, _, _ = _mlp()
+    torch.manual_seed(0)
+    lora_fx.apply(model, lora_fx.LoraConfig(r=4, target_modules=["fc1"], init_lora_weights=False), quant=QUANTS[name])
+    fc2 = {n: v.const_value.tobytes() for n, v in model.graph.initializers.items() if n.startswith("fc2.")}
+    assert fc2
+    fold_lora(model, mode)
+    assert {n: v.const_value.tobytes() for n, v in model.graph.initializers.items() if n.startswith("fc2.")} == fc2

@@ -69,16 +69,21 @@ def test_matmul_bnb4_nf4(tmp_path: Path) -> None:
     check_against_ort(model, {"x": x}, tmp_path, tol=1e-4)
 
 
+# (64, 32): whole blocks; (40, 16): every row padded to 3 blocks, each row's zero points end on a padding nibble.
+@pytest.mark.parametrize("k, block", [(64, 32), (40, 16)])
 @pytest.mark.parametrize("op", ["MatMulBnb4", "MatMulNBits"])
-def test_training_through_4bit_onnx_weights_saves_no_float_weight(op: str, tmp_path: Path) -> None:
+def test_training_through_4bit_onnx_weights_saves_no_float_weight(op: str, k: int, block: int, tmp_path: Path) -> None:
     """The backward decodes W again (lora_fx's quantized ops) instead of keeping the decoded W."""
-    n, k, block = 48, 64, 32
+    n = 48
     if op == "MatMulBnb4":
-        inits = {"w": rng.integers(0, 256, (n * k // 2,)).astype(np.uint8), "a": (rng.random(n * k // block) + 0.5).astype(np.float32)}
+        blocks = -(-n * k // block)
+        inits = {"w": rng.integers(0, 256, (n * k // 2,)).astype(np.uint8), "a": (rng.random(blocks) + 0.5).astype(np.float32)}
         node = helper.make_node(op, ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block, quant_type=1)
     else:
-        inits = {"w": rng.integers(0, 256, (n, k // block, block // 2)).astype(np.uint8),
-                 "s": (rng.random(n * k // block) + 0.1).astype(np.float32), "z": rng.integers(0, 256, (n, 1)).astype(np.uint8)}
+        per_row = -(-k // block)
+        inits = {"w": rng.integers(0, 256, (n, per_row, block // 2)).astype(np.uint8),
+                 "s": (rng.random(n * per_row) + 0.1).astype(np.float32),
+                 "z": rng.integers(0, 256, (n, (per_row + 1) // 2)).astype(np.uint8)}
         node = helper.make_node(op, ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
     x = rng.standard_normal((3, 5, k)).astype(np.float32)
     model = single_op_model(node, {"x": x}, inits=inits)
@@ -99,3 +104,19 @@ def test_training_through_4bit_onnx_weights_saves_no_float_weight(op: str, tmp_p
     w_t = eye(x=torch.eye(k))["y"].detach()  # [K, N] = W.T
     torch.testing.assert_close(xt.grad, 2 * (xt.detach() @ w_t) @ w_t.t(), rtol=1e-4, atol=1e-4)
     check_against_ort(model, {"x": x}, tmp_path, tol=1e-4)
+
+
+
+def test_matmul_bnb4_with_trans_b_0_is_refused() -> None:
+    """ONNX Runtime's transB=0 reads x [..., N] and gives y [..., K] with values that are no product of x and
+    the decoded W (neither [N, K] nor [K, N]); lora_fx refuses it rather than compute something else."""
+    from lora_fx.errors import UnsupportedError
+
+    n, k, block = 8, 64, 32
+    node = helper.make_node("MatMulBnb4", ["x", "w", "a"], ["y"], domain="com.microsoft", K=k, N=n, block_size=block,
+                            quant_type=1, transB=0)
+    x = rng.standard_normal((2, n)).astype(np.float32)
+    model = single_op_model(node, {"x": x}, inits={"w": rng.integers(0, 256, (n * k // 2,)).astype(np.uint8),
+                                                   "a": (rng.random(n * k // block) + 0.5).astype(np.float32)})
+    with pytest.raises(UnsupportedError, match="MatMulBnb4 with transB=0 is not supported"):
+        OnnxModule(model, trainable=[])(x=torch.from_numpy(x))
