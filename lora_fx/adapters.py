@@ -4,6 +4,8 @@ PEFT layout (files, FX graphs): ``<site>.lora_A.weight`` ``[r, in]``, ``<site>.l
 ``[out, r]``, the scale ``alpha / r`` kept apart in the config.
 Deployment layout (ONNX graphs, ``.onnx_adapter`` files): ``lora_A`` ``[in, r]``, ``lora_B``
 ``[r, out]`` with the scale folded into B, so the site's output gains exactly ``x @ A @ B``.
+Modules trained in full (``modules_to_save``) are saved as PEFT saves them: each parameter under its
+model name, ``base_model.model.<module>.<param>`` (``base_model.model.classifier.weight``), in both layouts.
 """
 
 from __future__ import annotations
@@ -64,12 +66,27 @@ def key_parts_as_peft(config: LoraConfig, tensors: dict[str, torch.Tensor], reco
         return config, tensors
     renamed = {}
     for key, value in tensors.items():
+        if not is_lora_key(key):  # a module trained in full keeps its model name
+            renamed[key] = value
+            continue
         site, which = parse_peft_key(key)
         renamed[peft_key(peft_site_name(site, parts.get(site)), which) if site in parts else key] = value
     if isinstance(config.target_modules, list):
         kept = [t for t in config.target_modules if t not in parts]
         config.target_modules = kept + sorted(set(parts.values()) - set(kept))
     return config, renamed
+
+
+def is_lora_key(key: str) -> bool:
+    """A LoRA matrix's key (``...lora_A.weight``), as opposed to a parameter of a module trained in full."""
+    return (".lora_A." in key or ".lora_B." in key) and key.endswith(".weight")
+
+
+def split_saved(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An adapter's tensors as (LoRA matrices by key, parameters of modules trained in full by model name)."""
+    lora = {k: v for k, v in tensors.items() if is_lora_key(k)}
+    saved = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items() if not is_lora_key(k)}
+    return lora, saved
 
 
 def parse_peft_key(key: str) -> tuple[str, str]:
@@ -152,6 +169,11 @@ def save_adapter(model: Any, directory: str | os.PathLike) -> Path:
         name = peft_site_name(site, rec.get("part_of"))
         tensors[peft_key(name, "A")] = module.lora_A.weight
         tensors[peft_key(name, "B")] = module.lora_B.weight
+    from lora_fx.passes.fx.freeze_base import saved_base
+
+    params = dict(model.named_parameters())
+    for name in saved_base(model):  # modules trained in full, under the keys PEFT saves them with
+        tensors[f"{PEFT_PREFIX}{name}"] = params[name]
     saved = LoraConfig.from_dict(config.to_dict())
     if isinstance(saved.target_modules, str) and saved.target_modules.lower() == "all-linear" or saved.target_modules is None:
         # PEFT stores the expanded names too, so the file means the same thing on any model. A site adapted as
@@ -184,13 +206,14 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
 
         return load_prefix_adapter(model, directory)
     config, tensors = read_peft_dir(directory)
+    tensors, saved = split_saved(tensors)
     if not isinstance(model, fx.GraphModule):
         from lora_fx.api import _is_onnx
 
         if _is_onnx(model):
             from lora_fx.onnx_adapter import load_onnx_adapter
 
-            return load_onnx_adapter(model, config, tensors)
+            return load_onnx_adapter(model, config, tensors, saved)
         raise ConfigError(f"load_adapter takes a GraphModule or onnx_ir Model, got {type(model).__name__}")
     from lora_fx.api import apply
     from lora_fx.passes.fx.capture import meta
@@ -200,7 +223,10 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         # Checked against the sites the config would adapt before apply changes anything: a refused
         # adapter leaves the model as it was.
         _check_tensors(tensors, _planned_shapes(model, config), directory)
+        _check_saved(model, config, saved, directory)
         apply(model, config)
+    else:
+        _check_saved(model, config, saved, directory)
     lora_sites = info["lora_sites"]
     # Keyed by the names PEFT files use (attn.base_layer.out_proj for an nn.MultiheadAttention's out_proj).
     params = {
@@ -212,12 +238,64 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     for key, value in tensors.items():
         site, which = parse_peft_key(key)
         updates.append((params[site][which], value))
+    updates += _saved_updates(model, config, saved)
     with torch.no_grad():
         for param, value in updates:
             param.copy_(value.to(param.dtype))
     # Scales come from the loaded config: refresh them in the graph.
     _refresh_scales(model, config)
     return model
+
+
+def _check_saved(gm: Any, config: LoraConfig, saved: dict[str, Any], directory: Any) -> dict[str, Any]:
+    """The parameters of the modules ``config.modules_to_save`` names in ``gm``, each checked to have exactly one
+    tensor of its shape in ``saved`` (a model name -> tensor map)."""
+    from lora_fx.passes.fx.find_sites import module_tree
+    from lora_fx.passes.fx.freeze_base import module_parameters
+    from lora_fx.targeting import select_modules_to_save
+
+    params = module_parameters(gm, select_modules_to_save(config, module_tree(gm)))
+    for name, value in saved.items():
+        if name not in params:
+            raise AdapterError(
+                f"adapter tensor {PEFT_PREFIX}{name!r} is neither a LoRA matrix nor a parameter of a module its config's "
+                f"modules_to_save={config.modules_to_save!r} names in this model"
+                + (f" (those hold: {', '.join(sorted(params)[:6])})" if params else "")
+                + "; was it saved from another model?"
+            )
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise AdapterError(
+                f"adapter tensor {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, but this model's {name} is "
+                f"{tuple(params[name].shape)}; was it trained on another model (another number of labels)?"
+            )
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        raise AdapterError(
+            f"adapter in {directory} lacks the trained {', '.join(missing[:6])}: its config trains "
+            f"modules_to_save={config.modules_to_save!r} in full, so PEFT saves their weights with the adapter"
+        )
+    return params
+
+
+def _saved_updates(gm: Any, config: LoraConfig, saved: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(parameter, value) pairs setting the modules trained in full to ``saved``. The modules ``config`` names are
+    recorded as trained in full (trainable from now on); any recorded earlier that it does not name go back to
+    their base values and are frozen again, as they are in PEFT with the loaded adapter active."""
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.find_sites import module_tree
+    from lora_fx.passes.fx.freeze_base import MODULES_TO_SAVE, freeze_base, record_modules_to_save, saved_base
+    from lora_fx.targeting import select_modules_to_save
+
+    paths = select_modules_to_save(config, module_tree(gm))
+    named = set(record_modules_to_save(gm, paths))
+    params = dict(gm.named_parameters())
+    base = saved_base(gm)
+    updates = [(params[name], base.pop(name)) for name in list(base) if name not in named]
+    record = meta(gm).get(MODULES_TO_SAVE)
+    if record is not None:
+        record["modules"] = [m for m in record["modules"] if m in paths]
+    freeze_base(gm)
+    return updates + [(params[name], saved[name]) for name in sorted(named)]
 
 
 def _planned_shapes(gm: Any, config: LoraConfig) -> dict[str, dict[str, tuple[int, int]]]:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch.fx as fx
 
 from lora_fx.config import LoraConfig, PrefixConfig
-from lora_fx.errors import ConfigError
+from lora_fx.errors import ConfigError, LoraFxError
 from lora_fx.sites import Site
 from lora_fx.targeting import select_targets
 
@@ -59,7 +59,8 @@ def apply(model: Any, config: Any, *, quant: Any = None) -> Any:
 
     ``config`` is a ``LoraConfig`` (LoRA branches at the selected linear sites) or a
     ``PrefixConfig`` (learned key/value prefixes at attention sites); ``quant`` (a ``QuantConfig``)
-    stores the frozen linear weights quantized (QLoRA). Everything but the adapters is frozen.
+    stores the frozen linear weights quantized (QLoRA). Everything but the adapters and the modules
+    ``config.modules_to_save`` names (with ``task_type="SEQ_CLS"``: the classification head) is frozen.
     Works on a GraphModule from ``lora_fx.capture`` and on an onnx_ir Model from ``lora_fx.load``.
     """
     if not (isinstance(model, fx.GraphModule) or _is_onnx(model)):
@@ -92,6 +93,8 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
         # before, not after, or the caller is left with a quantized model and no adapter. Site names
         # survive quantization, so the selection made now is the one made after it.
         select_targets(find_sites(model), config, modules=_module_tree(model))
+    if quant is not None and isinstance(config, LoraConfig) and config.modules_to_save:
+        _refuse_quantized_modules_to_save(model, config, quant, ir_name)
     if quant is not None:
         # QLoRA: quantize first so the adapter branches attach to the dequantized weights' sites.
         from importlib import import_module
@@ -108,6 +111,33 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
 
         return import_module(f"lora_fx.passes.{ir_name}.insert_prefix").apply_prefix(model, config)
     raise AssertionError("unreachable: _check_config admits LoraConfig and PrefixConfig only")
+
+
+def _refuse_quantized_modules_to_save(model: Any, config: LoraConfig, quant: Any, ir_name: str) -> None:
+    """A module trained in full (``modules_to_save``) needs float weights: refuse one quantization would pack, and
+    any on an ONNX model (which cannot train it), before quantizing changes the model."""
+    from lora_fx.targeting import select_modules_to_save
+
+    tree = _module_tree(model)
+    heads = select_modules_to_save(config, tree)
+    if not heads:
+        return
+    if ir_name == "onnx":
+        from lora_fx.passes.onnx.insert_lora import refuse_modules_to_save
+
+        refuse_modules_to_save(model, config)
+    selector = LoraConfig(r=1, target_modules=quant.target_modules, exclude_modules=quant.exclude_modules)
+    try:
+        packed = [t.site.name for t in select_targets(find_sites(model), selector, modules=tree)]
+    except LoraFxError:
+        return  # the quantization pass reports its own selection errors
+    hit = sorted(n for n in packed if any(n == h or n.startswith(f"{h}.") for h in heads))
+    if hit:
+        raise ConfigError(
+            f"modules_to_save={config.modules_to_save!r} trains {', '.join(heads[:4])} in full, but the QuantConfig would "
+            f"store {', '.join(hit[:4])} quantized; a module trained in full needs float weights: leave it out of "
+            f"quantization (QuantConfig(exclude_modules={heads!r}))"
+        )
 
 
 def _module_tree(model: Any) -> Any:
@@ -127,8 +157,9 @@ def _module_tree(model: Any) -> Any:
 def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.find_sites import find_sites as fx_find_sites
-    from lora_fx.passes.fx.freeze_base import freeze_base
+    from lora_fx.passes.fx.freeze_base import freeze_base, module_parameters, record_modules_to_save
     from lora_fx.passes.fx.insert_lora import insert_lora
+    from lora_fx.targeting import select_modules_to_save
 
     info = meta(gm)
     if info.get("lora_sites"):
@@ -143,8 +174,13 @@ def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
             "or use load_adapter to load other trained weights into these sites"
         )
     sites = fx_find_sites(gm)
-    targets = select_targets(sites, config, model_type=info.get("model_type"), modules=_module_tree(gm))
+    tree = _module_tree(gm)
+    targets = select_targets(sites, config, model_type=info.get("model_type"), modules=tree)
+    # Checked before the graph changes: a refused module leaves the model as it was.
+    saved = select_modules_to_save(config, tree)
+    module_parameters(gm, saved)
     insert_lora(gm, targets, dropout=config.lora_dropout, init=config.init_lora_weights)
+    record_modules_to_save(gm, saved)
     freeze_base(gm)
     if config.base_model_name_or_path is None and info.get("name_or_path"):
         config.base_model_name_or_path = info["name_or_path"]

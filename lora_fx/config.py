@@ -47,11 +47,13 @@ class InitLoraWeights(enum.Enum):
 
 ALL_LINEAR = "all-linear"
 
+# The classification heads PeftModelForSequenceClassification adds to modules_to_save, in its order.
+SEQ_CLS_MODULES_TO_SAVE = ("classifier", "score")
+
 # PEFT fields with the value under which lora_fx behaves exactly like PEFT. Anything else is refused.
 _PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
     "use_dora": False,
     "bias": "none",
-    "modules_to_save": None,
     "layer_replication": None,
     "use_qalora": False,
     "target_parameters": None,
@@ -79,6 +81,10 @@ class LoraConfig:
     ``encoder.layer.0.attention.self.query``); a string is a regular expression that must match the
     whole site name; ``"all-linear"`` is every linear site except the model's output layer.
     ``None`` uses PEFT's default targets for the model type when lora_fx knows it.
+    ``modules_to_save``: modules trained in full beside the adapters and saved with them, matched as PEFT
+    matches them (a module whose path ends with the text, ``"classifier"`` matching ``classifier``);
+    LoRA never targets them or anything inside them. ``task_type="SEQ_CLS"`` adds PEFT's head names
+    (``SEQ_CLS_MODULES_TO_SAVE``: ``classifier`` and ``score``) as PEFT's sequence-classification model does.
     """
 
     r: int = 8
@@ -95,9 +101,19 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.init_lora_weights = InitLoraWeights.parse(self.init_lora_weights)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        elif isinstance(self.modules_to_save, list):
+            self.modules_to_save = list(self.modules_to_save)
+        if is_seq_cls(self.task_type):
+            # PeftModelForSequenceClassification trains (and saves) the head under one of these names; the
+            # names it writes to adapter_config.json come back here once, not once per round trip.
+            have = self.modules_to_save or []
+            self.modules_to_save = have + [n for n in SEQ_CLS_MODULES_TO_SAVE if n not in have]
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -134,6 +150,7 @@ class LoraConfig:
             )
         check_patterns("target_modules", self.target_modules)
         check_patterns("exclude_modules", self.exclude_modules)
+        check_modules_to_save(self.modules_to_save)
         for key in [*self.rank_pattern, *self.alpha_pattern]:
             check_regex("rank_pattern" if key in self.rank_pattern else "alpha_pattern", key)
 
@@ -350,6 +367,24 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
     return data
+
+
+def check_modules_to_save(value: Any) -> None:
+    """``modules_to_save``: None or a list of module names (PEFT also reads each one as a regular expression
+    when it keeps LoRA off those modules, so each must compile as one)."""
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"modules_to_save must be a list of module names (e.g. ['classifier']) or None, got {value!r}"
+        )
+    for name in value:
+        check_regex("modules_to_save", name)
+
+
+def is_seq_cls(task_type: Any) -> bool:
+    """``task_type`` is sequence classification, as a string or PEFT's ``TaskType`` enum."""
+    return str(getattr(task_type, "value", task_type) or "").upper() == "SEQ_CLS"
 
 
 class QuantDType(str, enum.Enum):

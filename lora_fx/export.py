@@ -174,6 +174,8 @@ def export_onnx(
     """Export a GraphModule from ``lora_fx.capture`` + ``lora_fx.apply`` to ONNX at ``path``.
 
     ``mode="merged"``: the adapters are folded into the weights (a plain model, the base's nodes).
+    Modules trained in full (``modules_to_save``) are written with the weights they hold now in ``merged``
+    mode; ``mode="adapters"`` refuses them (``UnsupportedError``).
     ``mode="adapters"``: the adapters become ONNX Runtime adapter slots and the current weights are
     written to ``<stem>.adapters/<adapter_name>.onnx_adapter`` (and, with ``peft_dir``, the same adapter
     as a PEFT directory ``<stem>.adapters/<adapter_name>/``). ``kwargs`` are example inputs, as for
@@ -216,6 +218,7 @@ def export_onnx(
     _refuse_shared_sites(gm)
     if mode is ExportMode.ADAPTERS and not records:
         raise ConfigError("this model has no LoRA adapter to expose; call lora_fx.apply(gm, LoraConfig(...)) first, or export mode='merged'")
+    _refuse_saved_modules_as_slots(gm, mode)
     was_training = bool(info.get("training", False))
     if was_training:
         set_training_mode(gm, False)  # export what inference runs: dropout off
@@ -254,6 +257,21 @@ def export_onnx(
             peft_config, tensors = key_parts_as_peft(*to_peft(adapter), records)
             result.peft_dirs.append(write_peft_dir(out_dir / adapter_name, peft_config, tensors))
     return result
+
+
+def _refuse_saved_modules_as_slots(gm: Any, mode: ExportMode) -> None:
+    """Modules trained in full (``modules_to_save``, the SEQ_CLS head) export merged, as the weights they hold now;
+    as swappable adapter slots they are not supported yet: say so before anything is exported."""
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.freeze_base import MODULES_TO_SAVE
+
+    modules = (meta(gm).get(MODULES_TO_SAVE) or {}).get("modules") or []
+    if mode is ExportMode.ADAPTERS and modules:
+        raise UnsupportedError(
+            f"this adapter trains {', '.join(modules[:4])} in full (modules_to_save), and mode='adapters' cannot make "
+            "such modules swappable ONNX Runtime slots yet (only LoRA matrices and prefixes); export mode='merged' "
+            "(the trained weights written into the model), or save_adapter for the PEFT directory"
+        )
 
 
 def _refuse_shared_sites(gm: Any) -> None:

@@ -502,11 +502,22 @@ def save_onnx_adapter(model: Any, directory: str | os.PathLike) -> Path:
     return write_peft_dir(directory, config, tensors)
 
 
-def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any]) -> Any:
-    """Set an ONNX model's LoRA weights from a PEFT adapter (applying the config first if it has none)."""
+def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved: Mapping[str, Any] | None = None) -> Any:
+    """Set an ONNX model's LoRA weights from a PEFT adapter (applying the config first if it has none).
+
+    ``saved``: the adapter's modules trained in full (``modules_to_save``, by model name), which an ONNX model
+    cannot take yet: refused by name."""
     import onnx_ir as ir
 
+    from lora_fx.errors import UnsupportedError
     from lora_fx.passes.onnx.lora_layout import read_records
+
+    if saved:
+        raise UnsupportedError(
+            f"this adapter trains {', '.join(sorted(saved)[:4])} in full (modules_to_save={config.modules_to_save!r}); "
+            "lora_fx loads such adapters onto captured torch models only (lora_fx.capture, then load_adapter), or "
+            "export that model with lora_fx.export_onnx"
+        )
 
     if not read_records(model):
         from lora_fx.adapters import _check_tensors

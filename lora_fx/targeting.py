@@ -15,6 +15,9 @@ The rules mirror ``peft.tuners.tuners_utils.check_target_module_exists`` and
 * An ``nn.MultiheadAttention`` targeted as a whole selects its in_proj site and its out_proj site
   (``Site.part_of``), with the attention module's rank and alpha, as PEFT's
   ``lora.MultiheadAttention`` does.
+* ``modules_to_save``: a module whose PEFT path (``base_model.model.<path>``) ends with an entry is
+  trained in full (``select_modules_to_save``); LoRA never targets it or anything inside it (PEFT keeps
+  out every name matching ``(^|.*\.)<entry>($|\..*)``).
 * ``rank_pattern`` / ``alpha_pattern``: the first key ``k`` (in insertion order) such that the
   site name matches ``(.*\\.)?(k)$``.
 """
@@ -77,6 +80,9 @@ def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None
 
 
 def is_excluded(config: LoraConfig, key: str) -> bool:
+    # PEFT never puts LoRA on a module it trains in full, nor inside one: the wrapper would run the copy, not LoRA.
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save or ()):
+        return True
     ex = config.exclude_modules
     if not ex:
         return False
@@ -85,14 +91,52 @@ def is_excluded(config: LoraConfig, key: str) -> bool:
     return _matches_list(ex, key)
 
 
+PEFT_MODULE_PREFIX = "base_model.model."
+
+
+def select_modules_to_save(config: LoraConfig, modules: ModuleTree) -> list[str]:
+    """The module paths ``config.modules_to_save`` trains in full, outermost first, as PEFT's ``_set_trainable``
+    picks them: every module whose path under the PEFT model (``base_model.model.<path>``) ends with an entry.
+
+    An entry that matches no module is refused (PEFT ignores it silently, so a typo trains nothing), except
+    the head names ``task_type="SEQ_CLS"`` adds, of which a model has one.
+    """
+    from lora_fx.config import SEQ_CLS_MODULES_TO_SAVE, is_seq_cls
+
+    wanted = list(config.modules_to_save or ())
+    if not wanted:
+        return []
+    paths = sorted(p for p in modules if p)
+    chosen: list[str] = []
+    used: set[str] = set()
+    for path in paths:
+        hit = [m for m in wanted if f"{PEFT_MODULE_PREFIX}{path}".endswith(m)]
+        if not hit:
+            continue
+        used.update(hit)
+        if not any(path.startswith(f"{c}.") for c in chosen):  # a module inside a saved one is saved with it
+            chosen.append(path)
+    optional = set(SEQ_CLS_MODULES_TO_SAVE) if is_seq_cls(config.task_type) else set()
+    unmatched = [m for m in wanted if m not in used and m not in optional]
+    if unmatched:
+        close = _closest(unmatched[0], paths)
+        raise TargetNotFoundError(
+            f"modules_to_save entr{'ies' if len(unmatched) > 1 else 'y'} {', '.join(map(repr, unmatched))} match"
+            f"{'' if len(unmatched) > 1 else 'es'} no module of this model (a module path or its ending, e.g. 'classifier')"
+            + (f"; closest: {', '.join(close)}" if close else "")
+            + "; fix the name or drop it from modules_to_save"
+        )
+    return chosen
+
+
 # PEFT's SEQ_CLS_HEAD_NAMES: with task_type SEQ_CLS, all-linear leaves out the first of these the model has.
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 
 def _seq_cls_head(config: LoraConfig, linear: Sequence[Site]) -> set[str]:
     """The classification head ``all-linear`` leaves out for ``task_type="SEQ_CLS"``, as PEFT does (a model
-    attribute named ``score`` or ``classifier``: a site of exactly that name); PEFT trains it in full
-    (``modules_to_save``) instead, which lora_fx does not do."""
+    attribute named ``score`` or ``classifier``: a site of exactly that name); it is trained in full instead
+    (``modules_to_save``, which SEQ_CLS fills in)."""
     if str(config.task_type or "").upper() != "SEQ_CLS":
         return set()
     names = {s.name for s in linear}

@@ -261,10 +261,26 @@ def select_onnx_targets(model: ir.Model, config: LoraConfig, model_type: str | N
     return targets
 
 
+def refuse_modules_to_save(model: ir.Model, config: LoraConfig) -> None:
+    """Training modules in full (``modules_to_save``) is done on captured GraphModules only: an ONNX model with
+    such a module is refused rather than given an adapter whose head stays untrained."""
+    from lora_fx.targeting import select_modules_to_save
+
+    saved = select_modules_to_save(config, module_tree(model))
+    if saved:
+        raise UnsupportedError(
+            f"modules_to_save={config.modules_to_save!r} names {', '.join(saved[:4])} of this ONNX model, to be trained "
+            "in full beside the adapters; lora_fx does that on torch models only (lora_fx.capture + apply). Capture the "
+            "torch model, or train LoRA alone on the ONNX file: LoraConfig(modules_to_save=None) and, for a classifier, "
+            "no task_type='SEQ_CLS' (which adds the head)"
+        )
+
+
 def apply_lora(model: ir.Model, config: LoraConfig, *, model_type: str | None = None,
                adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ir.Model:
     """Select the sites ``config`` targets and insert LoRA there (what ``lora_fx.apply`` calls for ONNX)."""
     targets = select_onnx_targets(model, config, model_type)
+    refuse_modules_to_save(model, config)
     InsertLora(targets, config.init_lora_weights, adapters, config.lora_dropout)(model)
     model.metadata_props[CONFIG_KEY] = config.to_json()
     return model

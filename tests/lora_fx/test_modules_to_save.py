@@ -1,0 +1,273 @@
+"""``modules_to_save`` and the classifier head PEFT trains with ``task_type="SEQ_CLS"``, against PEFT.
+
+Adapters cross in both directions by file (PEFT-trained or perturbed head + adapters -> lora_fx, lora_fx-trained
+-> PEFT), and the outputs must agree; the FX front end must train the head and only the head beside the adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lora_fx
+from lora_fx.config import LoraConfig
+from lora_fx.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedError
+from lora_fx.passes.fx.freeze_base import saved_base
+from tests.models import VOCAB, inputs, main_output, peft_lora_modules
+
+TOL = 1e-5
+
+
+def _bert_cls():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return tf.BertForSequenceClassification(cfg).eval()
+
+
+def _llama_cls():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=3,
+                         pad_token_id=0)
+    return tf.LlamaForSequenceClassification(cfg).eval()
+
+
+MODELS = {"bert": (_bert_cls, "classifier", ["query", "value"]), "llama": (_llama_cls, "score", ["q_proj", "v_proj"])}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return main_output(model(**batch)).float()
+
+
+def _perturb_peft(pm) -> None:
+    """Random lora_B and head copies, so a load that drops either changes the outputs."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if ".lora_B." in name or ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+
+def test_seq_cls_adds_the_heads_as_peft_and_round_trips(tmp_path):
+    import peft
+
+    ours = LoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["pooler"])
+    theirs = peft.get_peft_model(_bert_cls(), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"],
+                                                               modules_to_save=["pooler"])).peft_config["default"]
+    assert ours.modules_to_save == theirs.modules_to_save == ["pooler", "classifier", "score"]
+    assert LoraConfig.from_json(ours.to_json()) == ours
+    assert json.loads(ours.to_json())["modules_to_save"] == ["pooler", "classifier", "score"]
+    # PEFT's own to_dict, before and after its model added the heads: the same config here, heads once.
+    plain = peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"])
+    assert LoraConfig.from_dict(plain.to_dict()).modules_to_save == ["classifier", "score"]
+    assert LoraConfig.from_dict(theirs.to_dict()) == ours
+    assert LoraConfig(target_modules=["query"], modules_to_save=("b", "a")).modules_to_save == ["a", "b"]
+    assert LoraConfig(target_modules=["query"]).modules_to_save is None
+
+
+@pytest.mark.parametrize("bad", ["classifier", [""], [3], ["*x"]])
+def test_malformed_modules_to_save_is_refused_by_name(bad):
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        LoraConfig(target_modules=["query"], modules_to_save=bad)
+
+
+# ---- FX front end ----------------------------------------------------------------------------------
+
+
+def _peft_names(pm) -> set[str]:
+    """PEFT's trainable parameters by the names lora_fx gives them."""
+    out = set()
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            out.add(name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+                    .replace(".default.", "."))
+    return out
+
+
+@pytest.mark.parametrize("case", [
+    dict(task_type="SEQ_CLS", target_modules=["query", "value"]),
+    dict(task_type="SEQ_CLS", target_modules="all-linear"),
+    # PEFT keeps LoRA off a module trained in full and off everything inside it.
+    dict(target_modules=["dense"], modules_to_save=["pooler", "classifier"]),
+])
+def test_trainable_parameters_and_lora_sites_equal_peft(case):
+    import peft
+
+    model = _bert_cls()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, **copy.deepcopy(case)))
+    gm = lora_fx.capture(model, kwargs=inputs(2, 8))
+    lora_fx.apply(gm, LoraConfig(r=2, **case))
+    ours = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert ours == _peft_names(pm)
+    assert set(lora_fx.passes.fx.capture.meta(gm)["lora_sites"]) == set(peft_lora_modules(pm))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_peft_seq_cls_adapter_loads_with_its_head(name, tmp_path):
+    import peft
+
+    build, head, targets = MODELS[name]
+    model = _bert_cls() if name == "bert" else _llama_cls()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, task_type="SEQ_CLS", target_modules=targets))
+    _perturb_peft(pm)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    batch = inputs(2, 8)
+    want = _logits(pm, batch)
+    base = _logits(model, batch)
+
+    gm = lora_fx.capture(model, kwargs=batch)
+    lora_fx.load_adapter(gm, tmp_path / "peft")
+    got = _logits(gm, batch)
+    assert (got - want).abs().max() < TOL
+    assert (want - base).abs().max() > 1e-2  # the head and adapters moved the outputs
+
+    # Without its head the same adapter would not match: the head really came from the file.
+    params = dict(gm.named_parameters())
+    with torch.no_grad():
+        params[f"{head}.weight"].copy_(saved_base(gm)[f"{head}.weight"])
+    assert (_logits(gm, batch) - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_lora_fx_trained_head_loads_in_peft(name, tmp_path):
+    import peft
+
+    build, head, targets = MODELS[name]
+    model = build()
+    batch = inputs(4, 8)
+    labels = torch.tensor([0, 1, 2, 1])
+    gm = lora_fx.capture(model, kwargs=inputs(2, 8))
+    lora_fx.apply(gm, LoraConfig(r=4, task_type="SEQ_CLS", target_modules=targets))
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+
+    def loss_fn(out, b):
+        return torch.nn.functional.cross_entropy(main_output(out), b["labels"])
+
+    lora_fx.train(gm, [{**batch, "labels": labels}], loss_fn, steps=5, lr=1e-1, progress=False)
+    moved = {n for n, p in gm.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert {f"{head}.weight"} <= moved and all(".lora_" in n or n.startswith(f"{head}.") for n in moved)
+    # The base head is kept, as PEFT keeps original_module.
+    assert torch.equal(saved_base(gm)[f"{head}.weight"], before[f"{head}.weight"])
+
+    lora_fx.save_adapter(gm, tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier", "score"]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    assert type(pm).__name__ == "PeftModelForSequenceClassification"
+    assert (_logits(pm, batch) - _logits(gm, batch)).abs().max() < TOL
+    assert (_logits(pm, batch) - _logits(model, batch)).abs().max() > 1e-3
+
+
+def test_loading_an_adapter_without_the_head_restores_and_freezes_the_base_head(tmp_path):
+    import peft
+
+    model = _bert_cls()
+    with_head = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
+    _perturb_peft(with_head)
+    with_head.save_pretrained(tmp_path / "head")
+    plain = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["query"]))
+    _perturb_peft(plain)
+    plain.save_pretrained(tmp_path / "plain")
+    batch = inputs(2, 8)
+
+    gm = lora_fx.capture(model, kwargs=batch)
+    lora_fx.load_adapter(gm, tmp_path / "head")
+    lora_fx.load_adapter(gm, tmp_path / "plain")
+    assert (_logits(gm, batch) - _logits(plain.eval(), batch)).abs().max() < TOL
+    assert not dict(gm.named_parameters())["classifier.weight"].requires_grad
+    lora_fx.load_adapter(gm, tmp_path / "head")
+    assert (_logits(gm, batch) - _logits(with_head.eval(), batch)).abs().max() < TOL
+    assert dict(gm.named_parameters())["classifier.weight"].requires_grad
+
+
+def test_head_of_another_shape_is_refused_and_leaves_the_model_as_it_was(tmp_path):
+    import peft
+    import transformers as tf
+
+    torch.manual_seed(0)
+    other = tf.BertForSequenceClassification(tf.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=5)).eval()
+    peft.get_peft_model(other, peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"])).save_pretrained(tmp_path / "p")
+    gm = lora_fx.capture(_bert_cls(), kwargs=inputs(2, 8))
+    with pytest.raises(AdapterError, match=r"base_model.model.classifier.(weight|bias) has shape \(5.*this model.s classifier.(weight|bias) is \(3"):
+        lora_fx.load_adapter(gm, tmp_path / "p")
+    assert not lora_fx.passes.fx.capture.meta(gm).get("lora_sites")
+
+
+def test_a_module_to_save_that_matches_nothing_is_refused_before_any_change():
+    gm = lora_fx.capture(_bert_cls(), kwargs=inputs(2, 8))
+    with pytest.raises(TargetNotFoundError, match=r"modules_to_save entry 'clasifier'.*closest: classifier"):
+        lora_fx.apply(gm, LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]))
+    assert not lora_fx.passes.fx.capture.meta(gm).get("lora_sites")
+
+
+# ---- export and the ONNX front end ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_merged_export_writes_the_trained_head_and_other_paths_refuse_it(tmp_path):
+    """mode='merged' carries the trained head into ONNX Runtime; mode='adapters', apply on the ONNX file and
+    load_adapter onto it refuse a head they cannot train or swap, by name, before writing anything."""
+    import peft
+
+    from tests.exported import ort_run
+
+    model = _bert_cls()
+    batch = inputs(2, 8)
+    gm = lora_fx.capture(model, kwargs=batch)
+    lora_fx.apply(gm, LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
+    params = dict(gm.named_parameters())
+    with torch.no_grad():  # a trained head and adapter, as lora_fx.train leaves them
+        params["classifier.weight"].add_(torch.randn_like(params["classifier.weight"]))
+        for name, p in params.items():
+            if ".lora_B." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    feeds = {k: v.numpy() for k, v in batch.items()}
+    want = _logits(gm, batch).numpy()
+    lora_fx.export_onnx(gm, tmp_path / "merged.onnx", kwargs=batch)
+    np.testing.assert_allclose(ort_run(tmp_path / "merged.onnx", feeds), want, atol=TOL)
+
+    with pytest.raises(UnsupportedError, match=r"trains classifier in full.*mode='merged'"):
+        lora_fx.export_onnx(gm, tmp_path / "slots.onnx", kwargs=batch, mode="adapters")
+    assert not (tmp_path / "slots.onnx").exists()
+
+    lora_fx.export_onnx(lora_fx.capture(model, kwargs=batch), tmp_path / "base.onnx", kwargs=batch)
+    onnx_model = lora_fx.load(tmp_path / "base.onnx")
+    with pytest.raises(UnsupportedError, match=r"modules_to_save=\['classifier', 'score'\] names classifier"):
+        lora_fx.apply(onnx_model, LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
+    from lora_fx.passes.onnx.lora_layout import read_records
+
+    assert not read_records(onnx_model)
+    peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"])).save_pretrained(tmp_path / "p")
+    with pytest.raises(UnsupportedError, match=r"trains classifier.bias, classifier.weight in full"):
+        lora_fx.load_adapter(onnx_model, tmp_path / "p")
+    assert not read_records(onnx_model)
+
+
+def test_qlora_refuses_to_quantize_the_head_before_changing_the_model():
+    from lora_fx.config import QuantConfig
+
+    gm = lora_fx.capture(_bert_cls(), kwargs=inputs(2, 8))
+    config = LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"])
+    with pytest.raises(ConfigError, match=r"would store classifier quantized.*QuantConfig\(exclude_modules=\['classifier'\]\)"):
+        lora_fx.apply(gm, config, quant=QuantConfig())
+    assert not lora_fx.passes.fx.capture.meta(gm).get("quant") and not lora_fx.passes.fx.capture.meta(gm).get("lora_sites")
+    lora_fx.apply(gm, config, quant=QuantConfig(exclude_modules=["classifier"]))
+    params = dict(gm.named_parameters())
+    assert params["classifier.weight"].requires_grad and params["classifier.weight"].dtype == torch.float32
+    assert "bert.pooler.dense" in lora_fx.passes.fx.capture.meta(gm)["quant"]
