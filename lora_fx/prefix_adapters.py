@@ -246,13 +246,14 @@ def _load_onto_onnx(model: Any, config: PrefixConfig, emb: torch.Tensor) -> Any:
     """A PEFT prefix adapter onto an ONNX file: new prefix slots, or new values in existing ones."""
     from lora_fx.passes.onnx.find_sites import attention_parts, find_sites
     from lora_fx.passes.onnx.insert_lora import to_ir_tensor
-    from lora_fx.passes.onnx.insert_prefix import InsertPrefix, prefix_metadata, select_attention_sites
+    from lora_fx.passes.onnx.insert_prefix import InsertPrefix, prefix_metadata, refuse_merged_heads, select_attention_sites
 
     record = prefix_metadata(model)
     if record:
         sites = list(record["sites"])
         shapes = {(r["kv_heads"], r["head_dim"]) for r in record["sites"].values()}
     else:
+        refuse_merged_heads(model)
         found = select_attention_sites(find_sites(model), dataclasses.replace(config, target_modules=None))
         sites = [s.name for s in found]
         parts = [attention_parts(s.handle) for s in found]

@@ -9,6 +9,10 @@ Matches (on the graph as ``torch.export`` leaves it, before decompositions):
   ``matmul(q, kᵀ) → [scale] → [mask] → softmax → [dropout] → matmul(·, v)``. ``kv_heads`` is the
   model's key/value head count, looking through ``repeat_kv`` (GQA), so it can be below the head
   count of the K the node itself receives.
+* attention with merged heads (Bloom's ALiBi attention): ``baddbmm(bias, q, kᵀ)`` or ``bmm(q, kᵀ)`` on
+  ``[B*H, ...]`` tensors, viewed ``[B, H, q, k]`` for the mask and softmax, viewed back and ``bmm(·, v)``;
+  op ``eager_bmm``. The 4-D view is required: it gives the head count (and keeps nn.MultiheadAttention's
+  3-D bmm-softmax-bmm, which PEFT adapts as a whole module, out).
 
 Nodes that lora_fx itself inserted (adapter branches) are never sites. Each site is named after the
 module that called it, from the node's ``nn_module_stack``. ``nn.MultiheadAttention``'s out_proj, which
@@ -231,6 +235,52 @@ def _eager_attention(node: fx.Node) -> Site | None:
     return None
 
 
+_MERGED_SCORES = {aten.bmm.default: 0, aten.baddbmm.default: 1}  # op -> index of q in its args
+_HEAD_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _merged_heads_attention(node: fx.Node) -> Site | None:
+    """``node`` is a softmax over ``[B, H, q, k]`` scores that came from a ``[B*H, q, k]`` (b)bmm: walk back to
+    the score op and forward to ``bmm(p, v)``."""
+    src, heads_view = node.args[0], None
+    for _ in range(8):
+        if not isinstance(src, fx.Node):
+            return None
+        if src.target in _MERGED_SCORES:
+            break
+        if src.target in _HEAD_VIEWS:
+            heads_view = src
+        elif src.target not in _PASS_THROUGH:
+            return None
+        src = src.args[0]
+    else:
+        return None
+    shape = _shape(heads_view)
+    if shape is None or len(shape) != 4 or _static(shape[1]) is None:
+        return None
+    sink = node
+    for _ in range(6):
+        users = [u for u in sink.users if u.target is not aten._assert_tensor_metadata.default]
+        if len(users) != 1:
+            return None
+        prev, sink = sink, users[0]
+        if sink.target is aten.bmm.default:
+            if sink.args[0] is not prev:
+                return None
+            i = _MERGED_SCORES[src.target]
+            q = src.args[i]
+            qs, val = _shape(q), sink.meta.get("val")
+            heads = int(shape[1])
+            return Site(
+                name=module_path(sink) or sink.name, kind=SiteKind.ATTENTION, ir=IRKind.FX,
+                num_heads=heads, kv_heads=heads, head_dim=_static(qs[-1]) if qs else None,
+                dtype=_dtype(val) if isinstance(val, torch.Tensor) else "float32", op="eager_bmm", handle=sink,
+            )
+        if sink.target not in _PASS_THROUGH and sink.target not in _HEAD_VIEWS:
+            return None
+    return None
+
+
 def module_tree(gm: fx.GraphModule) -> dict[str, tuple[str, ...]]:
     """The captured model's modules (a ``lora_fx.sites.ModuleTree``): as ``capture`` recorded them, or for a
     GraphModule from elsewhere the modules its nodes were called from."""
@@ -267,7 +317,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if site is None and node.target is aten.scaled_dot_product_attention.default:
             site = _attention_site(node, node.args[0], node.args[1], "sdpa")
         elif site is None and node.target in _SOFTMAX_OPS:
-            site = _eager_attention(node)
+            site = _eager_attention(node) or _merged_heads_attention(node)
         elif site is not None:
             site.part_of = _whole_module(tree, node, site.name)
         if site is not None:

@@ -8,11 +8,13 @@ of the real tokens move to ``T .. T+n-1``, which is what PEFT's cache of length 
 transformers models, so PEFT's prefix adapters give PEFT's outputs here. Encoder-decoder models (BART,
 T5, Marian, Pegasus...; roles found from the graph by ``seq2seq_roles``) follow PEFT's SEQ_2_SEQ_LM: only
 the decoder's self-attention takes prefixes, read from PEFT's blocks (``seq2seq_block``), and only the
-decoder's positions move.
+decoder's positions move. Bloom (heads merged into the batch axis, ALiBi) moves no positions under PEFT; its
+ALiBi bias is recomputed for T + n keys as PEFT's mask with T ones in front makes Bloom compute it.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -87,17 +89,28 @@ def _repeat_kv(node: fx.Node) -> tuple[int, int] | None:
     return shape[1], shape[2]
 
 
+# The score op of an eager site -> the index of q in its args (k follows): matmul(q, kᵀ); with merged heads
+# (Bloom) bmm(q, kᵀ) or baddbmm(bias, q, kᵀ).
+_SCORE_OPS = {aten.matmul.default: 0, aten.bmm.default: 0, aten.baddbmm.default: 1}
+
+
 def _eager_nodes(sink: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
-    """For an eager site (the matmul(p, v) node): the score matmul, the softmax and the nodes between them."""
+    """For an eager site (the matmul / bmm(p, v) node): the score op, the softmax and the nodes between them."""
     path: list[fx.Node] = []
     softmax = sink.args[0]
     while isinstance(softmax, fx.Node) and softmax.target not in _SOFTMAX_OPS:
         softmax = softmax.args[0]
     src = softmax.args[0]
-    while isinstance(src, fx.Node) and src.target is not aten.matmul.default:
+    while isinstance(src, fx.Node) and src.target not in _SCORE_OPS:
         path.append(src)
         src = src.args[0]
     return src, softmax, path
+
+
+def _score_qk(scores: fx.Node) -> tuple[Any, Any]:
+    """(q, kᵀ) of a score op."""
+    i = _SCORE_OPS[scores.target]
+    return scores.args[i], scores.args[i + 1]
 
 
 def _static(x: Any) -> int | None:
@@ -107,6 +120,14 @@ def _static(x: Any) -> int | None:
 def describe(site: Site) -> PrefixSite:
     """The prefix shapes of an attention site, looking through repeat_kv for grouped-query models."""
     node = site.handle
+    if site.op == "eager_bmm":
+        # Heads merged into the batch axis ([B*H, ...]): the shapes come from the [B, H, q, k] view find_sites read.
+        if not site.num_heads or not site.head_dim:
+            raise UnsupportedError(
+                f"attention site {site.name}: its head count or head size is not a static number in the graph, so the "
+                "prefix shape [heads, T, head_dim] is unknown; capture the model with its real config"
+            )
+        return PrefixSite(site, int(site.num_heads), int(site.head_dim), 1)
     if site.op == "sdpa":
         k = _sdpa_arg(node, "key")
     else:
@@ -326,8 +347,7 @@ def _query_key(site: Site) -> tuple[Any, Any]:
     node = site.handle
     if site.op == "sdpa":
         return _sdpa_arg(node, "query"), _sdpa_arg(node, "key")
-    scores = _eager_nodes(node)[0]
-    return scores.args[0], scores.args[1]
+    return _score_qk(_eager_nodes(node)[0])
 
 
 def _ancestors(starts: Sequence[fx.Node]) -> set[fx.Node]:
@@ -467,6 +487,10 @@ class InsertPrefix:
       ``enable_gqa``, and keys/values repeated by transformers' ``repeat_kv`` (expand + reshape) for
       grouped-query attention: the prefixes are ``[kv_heads, T, head_dim]`` and repeated the same way;
     * the eager form ``matmul(q, kᵀ) → [scale] → [+mask | where | masked_fill] → softmax → matmul(·, v)``;
+    * the merged-heads form (Bloom, site op ``eager_bmm``): ``baddbmm(bias, q, kᵀ)`` or ``bmm(q, kᵀ)`` on
+      ``[B*H, ...]`` → view ``[B, H, q, k]`` → [+mask] → softmax → view → ``bmm(·, v)``: the prefixes enter in
+      that layout, and a bias over the keys is recomputed for T + k keys from its mask padded with T ones
+      (Bloom's ALiBi from ``cumsum(mask)``) or its key ``arange`` lengthened by T (no mask), as under PEFT;
     * positions: an ``arange`` that reaches rotary ``cos``/``sin``, an embedding's indices or the rows of
       a sin/cos table (GPT-J), a ``cumsum`` of a mask that reaches a position embedding (OPT, RoBERTa),
       a slice of a ``position_ids`` buffer (BERT) and a ``position_ids`` graph input get ``+ T``.
@@ -489,6 +513,10 @@ class InsertPrefix:
         for ps in described:
             if ps.site.handle.meta.get(PREFIXED):
                 raise AdapterError(f"site {ps.site.name} already has a prefix")
+            if ps.site.op == "eager_bmm":
+                bias = _key_bias(ps.site)
+                if bias is not None:
+                    _key_bias_root(gm.graph, bias, ps.site.name)  # refuse before anything changes
         changed: list[str] = []
         # Encoder-decoder models: the encoder's positions stay, as under PEFT (its cache is the decoder's alone).
         roles = seq2seq_roles(find_sites(gm)) if self.blocks else None
@@ -496,9 +524,12 @@ class InsertPrefix:
         # PEFT's num_layers: the blocks of prompt_embeddings (an encoder-decoder's encoder layer count).
         self.num_blocks = len(roles.encoder) if roles is not None else len(described)
         sources = self._prefix_sources(gm, described)
+        widened: dict[fx.Node, fx.Node] = {}  # a score bias shared by the layers (Bloom's ALiBi) -> its T + k version
         for ps, (pk, pv) in zip(described, sources):
             if ps.site.op == "sdpa":
                 self._rewrite_sdpa(gm.graph, ps, pk, pv, T)
+            elif ps.site.op == "eager_bmm":
+                self._rewrite_merged(gm.graph, ps, pk, pv, T, widened)
             else:
                 self._rewrite_eager(gm.graph, ps, pk, pv, T)
             ps.site.handle.meta[PREFIXED] = True
@@ -640,27 +671,166 @@ class InsertPrefix:
         with graph.inserting_before(sink):
             new_v = _call(graph, sink, aten.cat.default, [self._batched(graph, sink, pv, ps, v, False), v], 2)
         sink.args = (sink.args[0], new_v) + tuple(sink.args[2:])
-        on_path = set(path) | {scores}
-        for n in path:
-            if n.target is aten.add.Tensor:
-                i = next((i for i, a in enumerate(n.args[:2]) if isinstance(a, fx.Node) and a not in on_path and _val(a) is not None and _val(a).dim() >= 2), None)
-                if i is None:
-                    continue
-                with graph.inserting_before(n):
-                    padded = _pad_mask(graph, n, n.args[i], T, visible=True)
-                    rb = relative_bias(n.args[i])
-                    if rb is not None:
-                        # PEFT's cache gives the prefix keys their real relative-position bias, not 0.
-                        padded = _call(graph, n, aten.add.Tensor, padded, _prefix_bias(graph, n, rb, T, n.args[i]))
-                n.args = tuple(padded if j == i else a for j, a in enumerate(n.args))
-            elif n.target is aten.where.self:
-                with graph.inserting_before(n):
-                    padded = _pad_mask(graph, n, n.args[0], T, visible=True)
-                n.args = (padded,) + tuple(n.args[1:])
-            elif n.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-                with graph.inserting_before(n):
-                    padded = _pad_mask(graph, n, n.args[1], T, visible=False)
-                n.args = (n.args[0], padded) + tuple(n.args[2:])
+        _pad_path_masks(graph, scores, path, T)
+
+    def _rewrite_merged(self, graph: fx.Graph, ps: PrefixSite, pk: fx.Node, pv: fx.Node, T: int,
+                        widened: dict[fx.Node, fx.Node]) -> None:
+        """Bloom's form: q, kᵀ and v are ``[B*H, ...]``; the prefixes go in that layout (keys ``[B*H, hd, T]``,
+        values ``[B*H, T, hd]``, batch-major as ``[B, H]`` merges) and a score bias over the keys (ALiBi) is
+        recomputed for T + k keys."""
+        sink = ps.site.handle
+        scores, _softmax, path = _eager_nodes(sink)
+        i = _SCORE_OPS[scores.target]
+        kt, v = scores.args[i + 1], sink.args[1]
+        batch = _merged_batch(path)
+        bias = _key_bias(ps.site)
+        args = list(scores.args)
+        if bias is not None:
+            if bias not in widened:
+                widened[bias] = _widened_key_bias(graph, bias, T, ps.site.name)
+            args[0] = widened[bias]
+        with graph.inserting_before(scores):
+            new_kt = _call(graph, scores, aten.cat.default, [self._merged(graph, scores, pk, ps, kt, batch, True), kt], 2)
+        args[i + 1] = new_kt
+        scores.args = tuple(args)
+        with graph.inserting_before(sink):
+            new_v = _call(graph, sink, aten.cat.default, [self._merged(graph, sink, pv, ps, v, batch, False), v], 1)
+        sink.args = (sink.args[0], new_v) + tuple(sink.args[2:])
+        _pad_path_masks(graph, scores, path, T)
+
+    def _merged(self, graph: fx.Graph, anchor: fx.Node, p: fx.Node, ps: PrefixSite, like: fx.Node, batch: Any,
+                transpose: bool) -> fx.Node:
+        """``p`` [H, T, D] → ``[B*H, T, D]`` (or ``[B*H, D, T]``) in ``like``'s dtype, row ``b*H + h`` holding head h."""
+        T = self.config.num_virtual_tokens
+        val = _val(like)
+        if val is not None and val.dtype != torch.float32:
+            p = _call(graph, anchor, aten._to_copy.default, p, dtype=val.dtype)
+        if transpose:
+            p = _call(graph, anchor, aten.transpose.int, p, 1, 2)
+        p = _call(graph, anchor, aten.unsqueeze.default, p, 0)
+        p = _call(graph, anchor, aten.expand.default, p, [batch, -1, -1, -1])
+        rows, cols = (ps.head_dim, T) if transpose else (T, ps.head_dim)
+        return _call(graph, anchor, aten.reshape.default, p, [-1, rows, cols])
+
+
+def _merged_batch(path: Sequence[fx.Node]) -> Any:
+    """B of a merged-heads site: the first size of the ``[B, H, q, k]`` view of its scores (find_sites requires it)."""
+    for n in reversed(path):
+        if n.target in _RESHAPES and len(n.args) > 1 and len(n.args[1]) == 4:
+            return n.args[1][0]
+    raise UnsupportedError("attention with merged heads but no [B, H, q, k] view of its scores; report this model")
+
+
+_CONVERSIONS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+
+
+def _key_bias(site: Site) -> fx.Node | None:
+    """The score bias over the keys of a merged-heads site (``baddbmm``'s first argument), None if it has none
+    or it is broadcast over the keys (it then needs no prefix columns)."""
+    scores = _eager_nodes(site.handle)[0]
+    if scores.target is not aten.baddbmm.default:
+        return None
+    bias = scores.args[0]
+    val = _val(bias)
+    if val is None:
+        raise UnsupportedError(f"attention site {site.name}: its score bias has no recorded shape; re-capture with torch.export")
+    if val.dim() == 0 or (isinstance(val.shape[-1], int) and val.shape[-1] == 1):
+        return None
+    return bias
+
+
+def _key_bias_root(graph: fx.Graph, bias: fx.Node, site: str) -> tuple[fx.Node, bool]:
+    """Where a key bias numbers its keys: (the model's 2-D mask its ``cumsum`` counts, True) or (the ``arange``
+    over the keys, False). Raises when it is neither, before the pass changes anything."""
+    ancestors = _ancestors([bias])
+    cumsum = next((n for n in graph.nodes if n in ancestors and n.target is aten.cumsum.default), None)
+    if cumsum is not None:
+        root = cumsum.args[0]
+        # Back to the model's 2-D mask itself, so the sizes the chain reads from it (sym_size) follow the padding.
+        while isinstance(root, fx.Node) and root.target in _CONVERSIONS:
+            root = root.args[0]
+        val = _val(root)
+        if val is None or val.dim() != 2:
+            raise UnsupportedError(
+                f"attention site {site}: its score bias counts positions with a cumsum of something other than a "
+                "[batch, keys] mask, so lora_fx cannot number the prefix keys as PEFT's cache does; use LoRA (LoraConfig)"
+            )
+        return root, True
+    k = _val(bias).shape[-1]
+    aranges = [n for n in graph.nodes if n in ancestors and n.target in _ARANGES and _counts_keys(n, k)]
+    if len(aranges) != 1:
+        raise UnsupportedError(
+            f"attention site {site} adds a bias over its keys (shape {tuple(_val(bias).shape)}) that lora_fx cannot "
+            "recompute for the prefix keys (no cumsum of a mask and no single arange numbering the keys); use "
+            "LoRA (LoraConfig) on this model"
+        )
+    return aranges[0], False
+
+
+def _widened_key_bias(graph: fx.Graph, bias: fx.Node, T: int, site: str) -> fx.Node:
+    """``bias`` (a ``[.., k]`` score term numbering the keys: Bloom's ALiBi) recomputed for T prefix keys in front.
+
+    PEFT's cache of T prefixes makes the model number its keys from a mask with T ones in front (ALiBi from
+    ``cumsum(mask) - 1``: prefix key t gets ``slope * t``, real key j ``slope * (T + cumsum_j - 1) * mask_j``) or,
+    without a mask, from ``arange(T + k)``. The nodes from that mask (or arange) to ``bias`` are copied with the mask
+    padded by T ones (the arange lengthened by T), sizes read from the mask following it."""
+    ancestors = _ancestors([bias])
+    root, is_mask = _key_bias_root(graph, bias, site)
+    with graph.inserting_before(bias.next):
+        if is_mask:
+            start = _call(graph, bias, aten.constant_pad_nd.default, root, [T, 0], 1)
+        else:
+            end = root.args[0] if root.target is aten.arange.default else root.args[1]
+            longer = end + T if isinstance(end, int) else _call(graph, bias, operator.add, end, T)
+            if root.target is aten.arange.default:
+                start = _call(graph, bias, aten.arange.default, longer, **root.kwargs)
+            else:
+                start = _call(graph, bias, root.target, root.args[0], longer, *root.args[2:], **root.kwargs)
+        env: dict[fx.Node, fx.Node] = {root: start}
+        for n in list(graph.nodes):
+            if n is start:
+                break
+            if n in ancestors and n not in env and any(a in env for a in n.all_input_nodes):
+                copy = graph.node_copy(n, lambda a: env.get(a, a))
+                copy.meta[INSERTED] = True
+                # The copy has T more keys: the traced shapes of the original would mislead later passes.
+                copy.meta.pop("val", None)
+                copy.meta.pop("tensor_meta", None)
+                env[n] = copy
+    return env[bias]
+
+
+def _counts_keys(node: fx.Node, k: Any) -> bool:
+    """Whether an arange numbers the keys: from 0 (a slope table's arange starts at 1) over the key axis's length."""
+    val = _val(node)
+    if val is None or val.dim() != 1 or str(val.shape[0]) != str(k):
+        return False
+    return node.target is aten.arange.default or node.args[0] == 0
+
+
+def _pad_path_masks(graph: fx.Graph, scores: fx.Node, path: Sequence[fx.Node], T: int) -> None:
+    """Give the masks joining the scores between ``scores`` and the softmax T visible columns in front."""
+    on_path = set(path) | {scores}
+    for n in path:
+        if n.target is aten.add.Tensor:
+            i = next((i for i, a in enumerate(n.args[:2]) if isinstance(a, fx.Node) and a not in on_path and _val(a) is not None and _val(a).dim() >= 2), None)
+            if i is None:
+                continue
+            with graph.inserting_before(n):
+                padded = _pad_mask(graph, n, n.args[i], T, visible=True)
+                rb = relative_bias(n.args[i])
+                if rb is not None:
+                    # PEFT's cache gives the prefix keys their real relative-position bias, not 0.
+                    padded = _call(graph, n, aten.add.Tensor, padded, _prefix_bias(graph, n, rb, T, n.args[i]))
+            n.args = tuple(padded if j == i else a for j, a in enumerate(n.args))
+        elif n.target is aten.where.self:
+            with graph.inserting_before(n):
+                padded = _pad_mask(graph, n, n.args[0], T, visible=True)
+            n.args = (padded,) + tuple(n.args[1:])
+        elif n.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            with graph.inserting_before(n):
+                padded = _pad_mask(graph, n, n.args[1], T, visible=False)
+            n.args = (n.args[0], padded) + tuple(n.args[2:])
 
 
 def _pad_mask(graph: fx.Graph, anchor: fx.Node, mask: fx.Node, T: int, *, visible: bool) -> fx.Node:

@@ -30,7 +30,7 @@ import torch
 
 from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
-from lora_fx.passes.onnx.find_sites import _projection_node, attention_parts, find_sites, linear_parts
+from lora_fx.passes.onnx.find_sites import _projection_node, attention_parts, const_tensor, find_sites, is_inserted, linear_parts, site_name
 from lora_fx.passes.onnx.prefix_forms import FORMS, refusal
 from lora_fx.passes.onnx.prefix_nodes import MIN_OPSET, lower_to_opset
 from lora_fx.passes.onnx.prefix_positions import offset_positions, position_sources
@@ -110,6 +110,81 @@ def _refuse_encoder_decoder(model: ir.Model) -> None:
     )
 
 
+_MERGED_BACK = {"Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Reshape"}
+_MERGED_FORWARD = {"Reshape", "Cast", "Dropout", "Identity", "Where"}
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return len(value.shape) if value is not None and value.shape is not None else None
+
+
+def merged_heads_attention(model: ir.Model) -> list[tuple[str, ir.Node, bool]]:
+    """Attention computed with the heads merged into the batch axis (Bloom): ``MatMul`` on ``[batch*heads, ...]``
+    operands, reshaped to ``[batch, heads, q, k]`` for the mask and ``Softmax``, reshaped back into ``MatMul(·, v)``.
+    find_sites takes none of these for attention sites. Each as (module name, its Softmax, whether a tensor is
+    added to the scores before the reshape: Bloom's ALiBi)."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "Softmax" or node.domain != "" or is_inserted(node):
+            continue
+        # (value, a Reshape passed, a non-constant term added before it) back to the score MatMul.
+        frontier, scores = [(node.inputs[0], False, False)], None
+        for _ in range(8):
+            nxt = []
+            for value, reshaped, biased in frontier:
+                prod = value.producer() if value is not None else None
+                if prod is None or prod.domain != "":
+                    continue
+                if prod.op_type == "MatMul" and _rank(prod.inputs[0]) == 3 and _rank(prod.inputs[1]) == 3:
+                    if reshaped:
+                        scores = (prod, biased)
+                    continue
+                if prod.op_type == "Reshape":
+                    nxt.append((prod.inputs[0], True, biased))
+                elif prod.op_type in _MERGED_BACK:
+                    terms = [i for i in prod.inputs if i is not None and const_tensor(i) is None]
+                    # Between the MatMul and the Reshape (met after it, walking back): a bias on [batch*heads, q, k].
+                    added = reshaped and prod.op_type in ("Add", "Sub") and len(terms) > 1
+                    nxt.extend((i, reshaped, biased or added) for i in terms)
+            if scores is not None or not nxt:
+                break
+            frontier = nxt
+        if scores is None:
+            continue
+        value, sink = node.outputs[0], None
+        for _ in range(4):
+            users = [u for u, _ in value.uses() if u.op_type != "IsNaN"]
+            if len(users) != 1:
+                break
+            if users[0].op_type == "MatMul" and users[0].inputs[0] is value and _rank(value) == 3:
+                sink = users[0]
+                break
+            if users[0].op_type not in _MERGED_FORWARD:
+                break
+            value = users[0].outputs[0]
+        if sink is not None:
+            found.append((site_name(node), node, scores[1]))
+    return found
+
+
+def refuse_merged_heads(model: ir.Model) -> None:
+    """Refuse a model with attention the ONNX pass has no rule for (merged heads, Bloom), naming the FX route."""
+    found = merged_heads_attention(model)
+    if not found:
+        return
+    name, node, biased = found[0]
+    bias = (" and adds a bias over the keys to its scores (Bloom's ALiBi), which PEFT's cache recomputes for the T "
+            "prefix keys in front" if biased else "")
+    raise UnsupportedError(
+        f"attention site {name} (Softmax node {node.name!r}{f', and {len(found) - 1} more like it' if len(found) > 1 else ''}) "
+        f"cannot take a prefix in ONNX: it computes attention with the heads merged into the batch axis (MatMul on "
+        f"[batch*heads, ...] around a [batch, heads, q, k] Reshape, as Bloom does){bias}; the ONNX pass has no rule for "
+        "that form. Apply the PrefixConfig to the torch model instead: gm = lora_fx.capture(model, kwargs=...); "
+        "lora_fx.apply(gm, PrefixConfig(...)) (or lora_fx.load_adapter(gm, peft_dir)); then "
+        "lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters'), whose file holds the prefixes as adapter slots"
+    )
+
+
 class InsertPrefix:
     """Put per-site key/value prefixes in front of K and V at every attention site and move positions by T.
 
@@ -140,6 +215,7 @@ class InsertPrefix:
                 f"convert it with onnx.version_converter.convert_version(model, {MIN_OPSET}), or re-export it at a newer opset"
             )
         _refuse_encoder_decoder(model)
+        refuse_merged_heads(model)
         plan = []
         for site in self.sites:  # validate everything before the first change
             parts = attention_parts(site.handle)
@@ -208,6 +284,7 @@ def select_attention_sites(sites: Sequence[Site], config: PrefixConfig) -> list[
 
 
 def insert_prefix(model: ir.Model, config: PrefixConfig, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PassResult:
+    refuse_merged_heads(model)
     return InsertPrefix(config, select_attention_sites(find_sites(model), config), prefixes)(model)
 
 
@@ -225,4 +302,4 @@ def apply_prefix(model: ir.Model, config: PrefixConfig) -> ir.Model:
 
 
 __all__ = ["InsertPrefix", "PREFIX_KEY", "PREFIX_CONFIG_KEY", "apply_prefix", "encoder_decoder_roles", "insert_prefix", "offset_positions",
-           "position_sources", "prefix_metadata", "prefix_names"]
+           "merged_heads_attention", "position_sources", "prefix_metadata", "prefix_names", "refuse_merged_heads"]
