@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import math
 import os
 import sys
 from typing import Sequence
@@ -66,20 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_json(obj: object) -> None:
-    # allow_nan=False: json.dumps would write NaN / Infinity, which JSON does not have (JSON.parse, jq --seq and
+    # Strict JSON: json.dumps would write NaN / Infinity, which JSON does not have (JSON.parse, jq --seq and
     # strict parsers refuse the whole document); a NaN output statistic is written as null instead.
-    print(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
+    from lora_fx.report import json_text
 
-
-def _finite(obj: object) -> object:
-    """``obj`` with every non-finite float replaced by None, through dicts, lists and tuples."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    print(json_text(obj))
 
 
 if __name__ == "__main__":
