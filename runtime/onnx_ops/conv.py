@@ -9,6 +9,7 @@ with ``F.pad`` (negative amounts crop), so the convolution itself always runs wi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,16 @@ def _torch_pad(begin: list[int], end: list[int]) -> list[int]:
     return out
 
 
+def _explicit_pads(op_type: str, auto_pad: str, pads: Any, n: int) -> tuple[list[int], list[int]]:
+    """Begin and end pads per spatial axis for ``auto_pad`` VALID (none) or NOTSET (the ``pads`` attribute)."""
+    if auto_pad == "VALID":
+        return [0] * n, [0] * n
+    if auto_pad == "NOTSET":
+        pads = list(pads) if pads is not None else [0] * (2 * n)
+        return pads[:n], pads[n:]
+    raise UnsupportedError(f"{op_type} with auto_pad={auto_pad!r}: ONNX defines NOTSET, SAME_UPPER, SAME_LOWER and VALID")
+
+
 @op("Conv")
 def _conv(ctx, x, a):
     t, w = ctx.t(x[0]), ctx.t(x[1])
@@ -54,13 +65,8 @@ def _conv(ctx, x, a):
             small, big = total // 2, total - total // 2
             begin.append(small if auto_pad == "SAME_UPPER" else big)
             end.append(big if auto_pad == "SAME_UPPER" else small)
-    elif auto_pad == "VALID":
-        begin, end = [0] * n, [0] * n
-    elif auto_pad == "NOTSET":
-        pads = list(pads) if pads is not None else [0] * (2 * n)
-        begin, end = pads[:n], pads[n:]
     else:
-        raise UnsupportedError(f"Conv with auto_pad={auto_pad!r}: ONNX defines NOTSET, SAME_UPPER, SAME_LOWER and VALID")
+        begin, end = _explicit_pads("Conv", auto_pad, pads, n)
     fn, groups = _CONV[n], a.get("group", 1)
     if begin == end:
         return fn(t, w, bias, strides, begin, dilations, groups)
@@ -90,13 +96,8 @@ def _conv_transpose(ctx, x, a):
             small, big = total // 2, total - total // 2
             begin.append(small if auto_pad == "SAME_UPPER" else big)
             end.append(big if auto_pad == "SAME_UPPER" else small)
-    elif auto_pad == "VALID":
-        begin, end = [0] * n, [0] * n
-    elif auto_pad == "NOTSET":
-        pads = list(pads) if pads is not None else [0] * (2 * n)
-        begin, end = pads[:n], pads[n:]
     else:
-        raise UnsupportedError(f"ConvTranspose with auto_pad={auto_pad!r}: ONNX defines NOTSET, SAME_UPPER, SAME_LOWER and VALID")
+        begin, end = _explicit_pads("ConvTranspose", auto_pad, pads, n)
     fn = _CONV_T[n]
     if begin == end and all(p < max(s, d) for p, s, d in zip(out_pad, strides, dilations)) and min(begin) >= 0:
         return fn(t, w, bias, strides, begin, out_pad, groups, dilations)
