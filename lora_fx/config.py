@@ -105,6 +105,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         self.init_lora_weights = InitLoraWeights.parse(self.init_lora_weights)
+        self.task_type = task_type_name(self.task_type)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
         elif isinstance(self.modules_to_save, list):
@@ -238,6 +239,7 @@ class PrefixConfig:
     num_transformer_submodules: int | None = None
 
     def __post_init__(self) -> None:
+        self.task_type = task_type_name(self.task_type)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         self.validate()
@@ -380,6 +382,12 @@ def check_modules_to_save(value: Any) -> None:
         )
     for name in value:
         check_regex("modules_to_save", name)
+
+
+def task_type_name(task_type: Any) -> str | None:
+    """PEFT's ``TaskType`` enum (a str subclass whose ``str()`` is ``TaskType.SEQ_CLS`` on Python 3.11) as its plain
+    name, so comparisons and the saved JSON see ``"SEQ_CLS"``."""
+    return None if task_type is None else str(getattr(task_type, "value", task_type))
 
 
 def is_seq_cls(task_type: Any) -> bool:

@@ -137,7 +137,9 @@ def _seq_cls_head(config: LoraConfig, linear: Sequence[Site]) -> set[str]:
     """The classification head ``all-linear`` leaves out for ``task_type="SEQ_CLS"``, as PEFT does (a model
     attribute named ``score`` or ``classifier``: a site of exactly that name); it is trained in full instead
     (``modules_to_save``, which SEQ_CLS fills in)."""
-    if str(config.task_type or "").upper() != "SEQ_CLS":
+    from lora_fx.config import is_seq_cls
+
+    if not is_seq_cls(config.task_type):
         return set()
     names = {s.name for s in linear}
     return next(({n} for n in SEQ_CLS_HEAD_NAMES if n in names), set())

@@ -190,3 +190,20 @@ def test_peft_variants_that_change_the_adapters_output_are_refused(tmp_path, opt
     data[option] = dataclasses.asdict(value)
     with pytest.raises(ConfigError, match=f"PEFT option {option}=.* is not supported by lora_fx"):
         LoraConfig.from_dict(data)
+
+
+def test_peft_task_type_enum_becomes_its_name():
+    """PEFT's TaskType is a str enum whose str() is 'TaskType.SEQ_CLS' on Python 3.11: kept as given, the SEQ_CLS head
+    rule missed it and the saved JSON depended on how the enum serialises."""
+    import peft
+
+    from lora_fx.config import PrefixConfig
+    from lora_fx.sites import IRKind, Site, SiteKind
+    from lora_fx.targeting import select_targets
+
+    cfg = LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules="all-linear")
+    assert cfg.task_type == "SEQ_CLS" and type(cfg.task_type) is str
+    assert json.loads(cfg.to_json())["task_type"] == "SEQ_CLS"
+    assert PrefixConfig(task_type=peft.TaskType.CAUSAL_LM).task_type == "CAUSAL_LM"
+    sites = [Site(name=n, kind=SiteKind.LINEAR, ir=IRKind.FX, in_features=16, out_features=16) for n in ("dense", "classifier")]
+    assert [t.site.name for t in select_targets(sites, LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules="all-linear"))] == ["dense"]
