@@ -80,6 +80,16 @@ def _peft_pairs(pm) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for n, m in peft_lora_modules(pm).items()}
 
 
+def _agrees_with_peft_forward(gm, pm, block) -> None:
+    """PEFT's own forward, with its double-counted out_proj delta zeroed on both sides: in_proj and the keys match
+    (and the adapters still matter, so the comparison can fail)."""
+    pm.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
+    gm.get_submodule("attn.out_proj").lora_B.weight.zero_()
+    for x in _inputs():
+        assert max_rel(gm(x=x), pm(x)) <= 1e-5
+        assert max_rel(pm(x), block(x)) > 1e-3
+
+
 def test_targeting_the_attention_selects_in_proj_and_out_proj(block):
     gm = _capture(block)
     sites = lora_fx.find_sites(gm)
@@ -116,12 +126,7 @@ def test_peft_adapter_loads_with_the_outputs_its_tensors_describe(block, tmp_pat
         for x in _inputs():
             assert max_rel(gm(x=x), ref(x)) <= 1e-5
             assert max_rel(gm(x=x), block(x)) > 1e-3  # the adapters matter, so the comparison can fail
-        # PEFT's own forward, where its double-counted out_proj delta is zero: in_proj and the keys match.
-        pm.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
-        gm.get_submodule("attn.out_proj").lora_B.weight.zero_()
-        for x in _inputs():
-            assert max_rel(gm(x=x), pm(x)) <= 1e-5
-            assert max_rel(pm(x), block(x)) > 1e-3
+        _agrees_with_peft_forward(gm, pm, block)
 
 
 def test_saved_adapter_loads_in_peft(block, tmp_path):
@@ -145,11 +150,7 @@ def test_saved_adapter_loads_in_peft(block, tmp_path):
     with torch.no_grad():
         for x in _inputs():
             assert max_rel(gm(x=x), ref(x)) <= 1e-5
-        pm.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
-        gm.get_submodule("attn.out_proj").lora_B.weight.zero_()
-        for x in _inputs():
-            assert max_rel(gm(x=x), pm(x)) <= 1e-5
-            assert max_rel(pm(x), block(x)) > 1e-3
+        _agrees_with_peft_forward(gm, pm, block)
 
 
 def test_all_linear_saves_the_attention_as_peft_wraps_it(block, tmp_path):
