@@ -362,6 +362,14 @@ def _ancestors(starts: Sequence[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _erase_unused(graph: fx.Graph, nodes: set[fx.Node]) -> None:
+    """Erase the computed nodes among ``nodes`` that nothing reads any more, users before their inputs; nodes
+    outside ``nodes`` (whatever was dead before this pass) and inputs and parameters are left alone."""
+    for n in reversed(list(graph.nodes)):
+        if n in nodes and n.op == "call_function" and not n.users and not n.is_impure():
+            graph.erase_node(n)
+
+
 @dataclass
 class Seq2SeqRoles:
     """The attention sites of an encoder-decoder graph by role: the encoder's self-attention, the decoder's
@@ -535,6 +543,9 @@ class InsertPrefix:
             ps.site.handle.meta[PREFIXED] = True
             changed.append(ps.site.name)
         changed += offset_positions(gm.graph, T, keep)
+        # The widened copies replace the original score bias in every layer; its nodes would still run each
+        # forward for nothing (the exported ONNX graph would drop them, the GraphModule does not).
+        _erase_unused(gm.graph, _ancestors(list(widened)))
         gm.graph.lint()
         gm.recompile()
         info[META_PREFIX] = {

@@ -247,3 +247,18 @@ def test_a_key_bias_lora_fx_cannot_recompute_is_refused_before_any_change():
     with pytest.raises(lora_fx.errors.UnsupportedError, match="adds a bias over its keys .* use LoRA"):
         lora_fx.apply(gm, lora_fx.PrefixConfig(num_virtual_tokens=3))
     assert gm.code == code and not [n for n, _ in gm.named_parameters() if "prefix" in n]
+
+
+def test_the_replaced_alibi_leaves_no_dead_nodes():
+    """The widened ALiBi replaces the original in every layer; the original's nodes used to stay in the graph,
+    computed each forward and read by nothing. What the capture left dead itself stays as it was."""
+
+    def dead(gm):
+        return {n.name for n in gm.graph.nodes if n.op == "call_function" and not n.users and not n.is_impure()}
+
+    gm = lora_fx.capture(bloom(), kwargs=inputs(2, 8))
+    before, nodes = dead(gm), {n.name for n in gm.graph.nodes}
+    insert_prefix_mod.insert_prefix(gm, lora_fx.PrefixConfig(num_virtual_tokens=T))
+    assert dead(gm) == before
+    erased = nodes - {n.name for n in gm.graph.nodes}
+    assert erased and "attention_mask" not in erased  # the mask the widened copy starts from is still read
