@@ -4,7 +4,9 @@ The path is always ``torch.onnx.export(..., dynamo=True, optimize=False)`` (the 
 optimizer renames weights and folds transposes, losing the adapter names), then the ONNX passes:
 ``normalize_lora`` (exported branch → contract layout), then either ``fold_lora`` and onnxscript's
 optimizer, or ``serve_slots``: ``expose_adapters`` + ``hoist_lora_add``, the optimizer (which cannot
-touch the adapter slots because they are graph inputs), and ``fuse_lora_add`` last.
+touch the adapter slots because they are graph inputs), and ``fuse_lora_add`` last. Modules trained in
+full (``modules_to_save``, the SEQ_CLS head) are written as they are trained (merged) or become slots too,
+defaulting to their base values (adapters).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ MODEL_OPSET = 20
 
 class ExportMode(str, enum.Enum):
     MERGED = "merged"  # adapters folded into W: a plain model
-    ADAPTERS = "adapters"  # adapter slots (graph inputs with zero defaults) + .onnx_adapter files
+    ADAPTERS = "adapters"  # adapter slots (graph inputs with base defaults: zero B, the base head) + .onnx_adapter files
 
     @classmethod
     def parse(cls, value: "ExportMode | str") -> "ExportMode":
@@ -123,13 +125,25 @@ def _name_outputs(model: Any, spec: Any) -> None:
 
 
 def optimize_keeping_slots(model: Any) -> Any:
-    """onnxscript's optimizer (constant folding, dead-code removal); adapter slots, being graph inputs, stay."""
+    """onnxscript's optimizer (constant folding, dead-code removal); adapter slots stay, and are optimized
+    as the inputs they are: their defaults are out of the optimizer's sight while it runs."""
     import onnxscript.optimizer
 
+    from lora_fx.onnx_adapter import read_saved
     from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
 
-    names = adapter_names(read_records(model))
-    before = {n for n in names if n in model.graph.initializers}
+    graph = model.graph
+    names = adapter_names(read_records(model)) | set(read_saved(model.metadata_props))
+    before = {n for n in names if n in graph.initializers}
+    # The optimizer reads a slot's default as a constant although it is an input: it dropped a Gemm's
+    # all-zero base bias (a head slot), so the adapter's trained bias was never added.
+    hidden = {}
+    for name in sorted(before):
+        value = graph.initializers[name]
+        if value in graph.inputs:
+            hidden[name] = (value, value.const_value)
+            graph.initializers.pop(name)
+            value.const_value = None
     # It logs a warning per slot it may not deduplicate (graph inputs): that is the point of a slot.
     dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
     level = dedup.level
@@ -138,20 +152,26 @@ def optimize_keeping_slots(model: Any) -> Any:
         onnxscript.optimizer.optimize(model)
     finally:
         dedup.setLevel(level)
+        for value, default in hidden.values():
+            value.const_value = default
+            if value in graph.inputs:
+                graph.register_initializer(value)
     lost = sorted(before - set(model.graph.initializers))
     if lost:  # a regression in the optimizer would silently drop slots: refuse rather than ship it
         raise UnsupportedError(f"the ONNX optimizer removed adapter initializers {lost[:3]}; export with optimize=False")
     return model
 
 
-def serve_slots(model: Any, *, optimize: bool = True) -> Any:
+def serve_slots(model: Any, *, optimize: bool = True, saved: dict[str, tuple[str, Any]] | None = None) -> Any:
     """The adapter-slot deployment of a contract-form LoRA model, in place: slots exposed, each branch
-    summed in front of its bias (ORT's bias fusions survive), optimized, and fused into one Gemm per site."""
+    summed in front of its bias (ORT's bias fusions survive), optimized, and fused into one Gemm per site.
+    ``saved`` (``{parameter name: (module, base value)}``): parameters of modules trained in full that become
+    slots too, defaulting to their base values (before the optimizer, which cannot fold an input)."""
     from lora_fx.passes.onnx.expose_adapters import expose_adapters
     from lora_fx.passes.onnx.fuse_lora_add import fuse_lora_add
     from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
 
-    expose_adapters(model)
+    expose_adapters(model, saved)
     hoist_lora_add(model)
     if optimize:
         optimize_keeping_slots(model)
@@ -174,12 +194,14 @@ def export_onnx(
     """Export a GraphModule from ``lora_fx.capture`` + ``lora_fx.apply`` to ONNX at ``path``.
 
     ``mode="merged"``: the adapters are folded into the weights (a plain model, the base's nodes).
-    Modules trained in full (``modules_to_save``) are written with the weights they hold now in ``merged``
-    mode; ``mode="adapters"`` refuses them (``UnsupportedError``).
+    Modules trained in full (``modules_to_save``, the SEQ_CLS head) are written with the weights they hold now.
     ``mode="adapters"``: the adapters become ONNX Runtime adapter slots and the current weights are
     written to ``<stem>.adapters/<adapter_name>.onnx_adapter`` (and, with ``peft_dir``, the same adapter
-    as a PEFT directory ``<stem>.adapters/<adapter_name>/``). ``kwargs`` are example inputs, as for
-    ``capture``; batch and sequence dims stay dynamic. Every file is written whole or not at all.
+    as a PEFT directory ``<stem>.adapters/<adapter_name>/``). The parameters of modules trained in full
+    become slots too (graph inputs under their model names, ``classifier.weight``), whose defaults are the
+    base values, so no active adapter is the base model; their trained values go into the adapter files
+    (under PEFT's keys in the PEFT directory), and the base fingerprint leaves them out. ``kwargs`` are
+    example inputs, as for ``capture``; batch and sequence dims stay dynamic. Every file is written whole or not at all.
     ``custom_translation_table`` goes to ``torch.onnx.export`` (custom ops such as a dequantize step).
     ``quant_merge`` (``QuantMerge.FLOAT`` / ``REQUANTIZE``, or "float" / "requantize"): how ``mode="merged"``
     folds into a quantized (QLoRA) W; required when an adapted site's W is quantized. With REQUANTIZE the
@@ -218,7 +240,6 @@ def export_onnx(
     _refuse_shared_sites(gm)
     if mode is ExportMode.ADAPTERS and not records:
         raise ConfigError("this model has no LoRA adapter to expose; call lora_fx.apply(gm, LoraConfig(...)) first, or export mode='merged'")
-    _refuse_saved_modules_as_slots(gm, mode)
     was_training = bool(info.get("training", False))
     if was_training:
         set_training_mode(gm, False)  # export what inference runs: dropout off
@@ -241,9 +262,10 @@ def export_onnx(
         if optimize:
             optimize_keeping_slots(model)
     else:
-        adapter = current_adapter(model)
+        saved = _saved_slots(gm)
+        adapter = current_adapter(model, saved)  # the graph holds the trained head, as exported
         check_writable(adapter)  # before any file: a refused adapter must not leave a model behind
-        serve_slots(model, optimize=optimize)
+        serve_slots(model, optimize=optimize, saved=saved)
         adapter.fingerprint = stamp_fingerprint(model)
     result = ExportResult(path, mode, sites=sorted(records), fingerprint=adapter.fingerprint if adapter else None,
                           requant_errors=requant_errors)
@@ -259,19 +281,19 @@ def export_onnx(
     return result
 
 
-def _refuse_saved_modules_as_slots(gm: Any, mode: ExportMode) -> None:
-    """Modules trained in full (``modules_to_save``, the SEQ_CLS head) export merged, as the weights they hold now;
-    as swappable adapter slots they are not supported yet: say so before anything is exported."""
+def _saved_slots(gm: Any) -> dict[str, tuple[str, Any]]:
+    """``{parameter name: (module, base value as numpy)}`` of the modules ``gm`` trains in full."""
     from lora_fx.passes.fx.capture import meta
-    from lora_fx.passes.fx.freeze_base import MODULES_TO_SAVE
+    from lora_fx.passes.fx.freeze_base import MODULES_TO_SAVE, saved_base
 
     modules = (meta(gm).get(MODULES_TO_SAVE) or {}).get("modules") or []
-    if mode is ExportMode.ADAPTERS and modules:
-        raise UnsupportedError(
-            f"this adapter trains {', '.join(modules[:4])} in full (modules_to_save), and mode='adapters' cannot make "
-            "such modules swappable ONNX Runtime slots yet (only LoRA matrices and prefixes); export mode='merged' "
-            "(the trained weights written into the model), or save_adapter for the PEFT directory"
-        )
+    out = {}
+    for name, base in saved_base(gm).items():
+        module = next((m for m in modules if name.startswith(f"{m}.")), name.rpartition(".")[0])
+        base = base.detach().cpu()
+        # numpy has no bfloat16; float32 holds it exactly, and the slot takes the graph's dtype when exposed.
+        out[name] = (module, (base.float() if base.dtype.is_floating_point and base.itemsize < 4 else base).numpy())
+    return out
 
 
 def _refuse_shared_sites(gm: Any) -> None:

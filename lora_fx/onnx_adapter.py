@@ -2,11 +2,13 @@
 
 The file is written with ``onnxruntime.AdapterFormat`` and holds exactly the adapter tensors in
 deployment layout (``<site>.lora_A.weight`` ``[in, r]``, ``<site>.lora_B.weight`` ``[r, out]``,
-scale folded into B), so plain ONNX Runtime (``LoraAdapter.Load`` + ``RunOptions.add_active_adapter``)
-runs it on our exported models: ORT refuses any tensor that is not a model input, so nothing else can
-live among the parameters. The base-weight fingerprint travels in the file's ``model_version`` (31 bits)
-and in full in a JSON sidecar ``<file>.json`` beside it, with the per-site rank/alpha/scale and the
-LoraConfig needed to convert back to PEFT's layout. Nothing is ever unpickled.
+scale folded into B), and the parameters of modules trained in full (``modules_to_save``, the SEQ_CLS
+head) under their model names (``classifier.weight``, torch layout), so plain ONNX Runtime
+(``LoraAdapter.Load`` + ``RunOptions.add_active_adapter``) runs it on our exported models: ORT refuses
+any tensor that is not a model input, so nothing else can live among the parameters. The base-weight
+fingerprint travels in the file's ``model_version`` (31 bits) and in full in a JSON sidecar
+``<file>.json`` beside it, with the per-site rank/alpha/scale and the LoraConfig needed to convert back
+to PEFT's layout. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -39,15 +42,35 @@ class OnnxAdapter:
     config: dict[str, Any] | None = None  # LoraConfig.to_dict()
 
     def site_names(self) -> list[str]:
-        return sorted({site_of(name) for name in self.tensors})
+        """The sites its LoRA matrices and prefixes are for, and the modules whose trained parameters it holds
+        (``classifier``: the owner of ``classifier.weight``)."""
+        return sorted({site_of(name) if is_slot_name(name) else name.rpartition(".")[0] or name for name in self.tensors})
 
 
 SLOT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".prefix_key", ".prefix_value")
+# Model metadata: JSON {parameter name: module} of the slots of modules trained in full (modules_to_save).
+# Their names (classifier.weight) say nothing by themselves, unlike the suffixes above.
+SAVED_KEY = "lora_fx.modules_to_save"
 
 
 def is_slot_name(name: str) -> bool:
-    """Adapter tensors a model exposes as slots: LoRA matrices and attention prefixes."""
+    """Adapter tensors a model exposes as slots by their names alone: LoRA matrices and attention prefixes
+    (the slots of modules trained in full are listed in the model's ``SAVED_KEY`` metadata instead)."""
     return name.endswith(SLOT_SUFFIXES)
+
+
+def read_saved(metadata: Mapping[str, str]) -> dict[str, str]:
+    """``{parameter name: module}`` of the head slots a model's metadata lists (``{}`` when none)."""
+    text = metadata.get(SAVED_KEY)
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise AdapterError(f"model metadata {SAVED_KEY} is not a JSON map of parameter names to modules; export the model again")
+    return data
 
 
 def site_of(name: str) -> str:
@@ -85,14 +108,16 @@ def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
 
 
 def base_fingerprint(model: Any) -> str:
-    """sha256 over the base weights of an onnx_ir Model: every initializer that is not an adapter slot.
+    """sha256 over the base weights of an onnx_ir Model: every initializer that is not an adapter slot
+    (LoRA matrices, prefixes, the parameters of modules trained in full).
 
     Names do not enter the hash (re-exports may rename constants); each tensor's dtype, shape and
     bytes do, in sorted order, so the same weights give the same fingerprint.
     """
     from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
 
-    skip = adapter_names(read_records(model))
+    # The head slots (modules_to_save) are left out: each adapter brings its own head, as it brings its LoRA.
+    skip = adapter_names(read_records(model)) | set(read_saved(model.metadata_props))
     graph = model.graph
     inputs = {v.name for v in graph.inputs}
     digests = []
@@ -253,10 +278,18 @@ def _read_sidecar(side: Path, path: Path, adapter: OnnxAdapter) -> None:
 # ---- fitting an adapter to a model -------------------------------------------------------------
 @dataclass
 class Slot:
-    """One adapter input of a model: dtype name (numpy) and shape, ``None`` for the symbolic rank."""
+    """One adapter input of a model: dtype name (numpy) and shape, ``None`` for the symbolic rank;
+    ``module``: for a parameter of a module trained in full (``modules_to_save``), that module."""
 
     dtype: str
     shape: tuple[int | None, ...]
+    module: str | None = None
+
+
+def slot_site(name: str, slots: Mapping[str, Slot]) -> str:
+    """What a slot belongs to: its site (LoRA, prefix) or its module trained in full (``classifier``)."""
+    slot = slots.get(name)
+    return slot.module if slot is not None and slot.module else site_of(name)
 
 
 def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str | None, where: str = "the model") -> None:
@@ -278,9 +311,14 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
     check_nonempty(adapter.tensors, f"the adapter for {where}")
     unknown = sorted(set(adapter.tensors) - set(slots))
     if unknown:
+        params = [n for n in unknown if not is_slot_name(n)]
+        hint = (
+            f" {params[0]} is a parameter of a module trained in full (modules_to_save): it needs a model exported with "
+            "that module's slots (lora_fx.export_onnx(..., mode='adapters') of a model trained with it)" if params else ""
+        )
         raise AdapterError(
             f"adapter tensors {', '.join(unknown[:5])} have no adapter slot in {where}; its slots are "
-            f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?"
+            f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?{hint}"
         )
     sites, prefixes = set(), set()
     for name, arr in adapter.tensors.items():
@@ -292,6 +330,12 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             )
         if len(arr.shape) != len(slot.shape) or any(s is not None and s != d for s, d in zip(slot.shape, arr.shape)):
             want = tuple("r" if s is None else s for s in slot.shape)
+            if slot.module:
+                raise AdapterError(
+                    f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} for it: {slot.module} is "
+                    "trained in full (modules_to_save) and its shape is fixed by the base model; was the adapter trained "
+                    "for another number of labels or another model?"
+                )
             # Prefix slots fix the number of virtual tokens at export; LoRA slots leave only the rank free.
             layout = "prefixes are [kv_heads, virtual tokens, head_dim]" if ".prefix_" in name else "lora_A [in, r], lora_B [r, out]"
             raise AdapterError(f"adapter tensor {name} has shape {tuple(arr.shape)} but {where} expects {want} ({layout})")
@@ -299,6 +343,15 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             sites.add(site_of(name))
         elif ".prefix_" in name:
             prefixes.add(site_of(name))
+    heads = sorted({slots[name].module for name in adapter.tensors if slots[name].module})
+    for module in heads:
+        # The rest would stay at the base values: a trained weight with the base bias is neither head.
+        lacking = sorted(n for n, s in slots.items() if s.module == module and n not in adapter.tensors)
+        if lacking:
+            raise AdapterError(
+                f"the adapter holds only some parameters of {module} (trained in full, modules_to_save): it lacks "
+                f"{', '.join(lacking)}; a head comes whole, as PEFT saves it"
+            )
     for site in sorted(prefixes):
         # The other one would stay at the model's default prefix: keys of one prefix attending to values of another.
         if f"{site}.prefix_key" not in adapter.tensors or f"{site}.prefix_value" not in adapter.tensors:
@@ -312,20 +365,23 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
 
 
 def model_slots(model: Any) -> dict[str, Slot]:
-    """The adapter slots of an onnx_ir Model (graph inputs that are adapter initializers)."""
+    """The adapter slots of an onnx_ir Model (graph inputs that are adapter initializers), with the parameters of
+    modules trained in full its metadata lists."""
     from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
 
-    names = adapter_names(read_records(model))
+    saved = read_saved(model.metadata_props)
+    names = adapter_names(read_records(model)) | set(saved)
     slots = {}
     for value in model.graph.initializers.values():
         if value.name in names:
             dims = tuple(d if isinstance(d, int) else None for d in value.shape) if value in model.graph.inputs else tuple(value.shape)
-            slots[value.name] = Slot(value.const_value.numpy().dtype.name, dims)
+            slots[value.name] = Slot(value.const_value.numpy().dtype.name, dims, saved.get(value.name))
     return slots
 
 
-def current_adapter(model: Any) -> OnnxAdapter:
-    """The adapter weights a LoRA ONNX model holds now (before ``expose_adapters`` zeroes them)."""
+def current_adapter(model: Any, saved: Iterable[str] = ()) -> OnnxAdapter:
+    """The adapter weights a LoRA ONNX model holds now (before ``expose_adapters`` zeroes them), with the
+    parameters of modules trained in full: those its metadata lists and those named in ``saved``."""
     from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, read_records
 
     records = read_records(model)
@@ -336,6 +392,14 @@ def current_adapter(model: Any) -> OnnxAdapter:
         for key in ("a", "b"):
             value = model.graph.initializers[rec[key]]
             tensors[rec[key]] = np.array(value.const_value.numpy())
+    for name in sorted(set(read_saved(model.metadata_props)) | set(saved)):
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise AdapterError(
+                f"{name}, a parameter of a module trained in full (modules_to_save), is not an initializer of the "
+                "exported graph; export mode='merged' instead"
+            )
+        tensors[name] = np.array(value.const_value.numpy())
     config = model.metadata_props.get(CONFIG_KEY)
     return OnnxAdapter(
         tensors,
@@ -361,13 +425,16 @@ def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None =
               dtypes: Mapping[str, str] | None = None) -> OnnxAdapter:
     """A PEFT adapter (config + ``base_model.model.<site>.lora_X.weight`` tensors) in deployment layout.
 
-    ``dtypes`` (deployment name -> numpy dtype name, a model's slots): the float dtype each tensor is
-    written in, as loading into a torch model casts; without it the PEFT file's own dtype is kept.
+    Parameters of modules trained in full (``base_model.model.classifier.weight``) keep their layout, under
+    their model names (``classifier.weight``). ``dtypes`` (deployment name -> numpy dtype name, a model's
+    slots): the float dtype each tensor is written in, as loading into a torch model casts; without it the
+    PEFT file's own dtype is kept.
     """
     import torch
 
-    from lora_fx.adapters import parse_peft_key, site_of_peft_name, to_deployment_layout
+    from lora_fx.adapters import parse_peft_key, site_of_peft_name, split_saved, to_deployment_layout
 
+    tensors, saved = split_saved(tensors)
     pairs: dict[str, dict[str, Any]] = {}
     parts: dict[str, str] = {}  # site -> the module PEFT wrapped it in (nn.MultiheadAttention's out_proj)
     for key, value in tensors.items():
@@ -403,6 +470,9 @@ def from_peft(config: Any, tensors: Mapping[str, Any], fingerprint: str | None =
         sites[site] = {"r": int(a.shape[0]), "alpha": alpha, "scale": scale, "in_features": int(a.shape[1]), "out_features": int(b.shape[0])}
         if site in parts:
             sites[site]["part_of"] = parts[site]
+    for name, value in saved.items():
+        value = torch.as_tensor(value)
+        out[name] = _to_numpy(value, (dtypes or {}).get(name), value.dtype)
     return OnnxAdapter(out, fingerprint=fingerprint, sites=sites, config=config.to_dict())
 
 
@@ -426,14 +496,19 @@ def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
     """The PEFT config and tensors of an adapter in deployment layout.
 
     Without per-site scales (an .onnx_adapter from elsewhere, no sidecar) the scale is taken as 1:
-    PEFT gets ``lora_alpha = r`` per site, which computes the same outputs.
+    PEFT gets ``lora_alpha = r`` per site, which computes the same outputs. Parameters of modules trained
+    in full go under PEFT's keys for them (``base_model.model.classifier.weight``), their modules in the
+    config's ``modules_to_save``.
     """
     import torch
 
-    from lora_fx.adapters import from_deployment_layout, peft_key
+    from lora_fx.adapters import PEFT_PREFIX, from_deployment_layout, peft_key
     from lora_fx.config import LoraConfig
 
-    sites = adapter.site_names()
+    heads = {name: arr for name, arr in adapter.tensors.items() if not is_slot_name(name)}
+    sites = sorted({site_of(name) for name in adapter.tensors if name not in heads})
+    if not sites:
+        raise AdapterError("the adapter holds no LoRA matrices (lora_A / lora_B); a PEFT LoRA adapter needs them")
     tensors = {}
     ranks, alphas = {}, {}
     for site in sites:
@@ -455,6 +530,15 @@ def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
     config.target_modules = sites
     config.rank_pattern = {f"^{_escape(s)}$": r for s, r in ranks.items() if r != config.r} if not adapter.config else config.rank_pattern
     config.alpha_pattern = {f"^{_escape(s)}$": a for s, a in alphas.items() if a != config.lora_alpha} if not adapter.config else config.alpha_pattern
+    for name, arr in heads.items():
+        tensors[f"{PEFT_PREFIX}{name}"] = torch.from_numpy(np.array(arr))
+    # Without its module in modules_to_save PEFT would not load the head (a file from elsewhere, no sidecar):
+    # the module is the parameter's owner, which PEFT matches by suffix as it does classifier.
+    owners = sorted({name.rpartition(".")[0] for name in heads} - {""})
+    have = list(config.modules_to_save or [])
+    missing = [m for m in owners if not any(re.match(rf"(^|.*\.){h}($|\..*)", m) for h in have)]  # PEFT's matching
+    if missing:
+        config.modules_to_save = have + missing
     from lora_fx.adapters import key_parts_as_peft
 
     return key_parts_as_peft(config, tensors, adapter.sites)
@@ -505,8 +589,8 @@ def save_onnx_adapter(model: Any, directory: str | os.PathLike) -> Path:
 def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved: Mapping[str, Any] | None = None) -> Any:
     """Set an ONNX model's LoRA weights from a PEFT adapter (applying the config first if it has none).
 
-    ``saved``: the adapter's modules trained in full (``modules_to_save``, by model name), which an ONNX model
-    cannot take yet: refused by name."""
+    ``saved``: the adapter's modules trained in full (``modules_to_save``, by model name), which are not loaded
+    into an ONNX model's weights: refused by name (served models take them as slots, through ``.onnx_adapter`` files)."""
     import onnx_ir as ir
 
     from lora_fx.errors import UnsupportedError
@@ -516,7 +600,8 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved
         raise UnsupportedError(
             f"this adapter trains {', '.join(sorted(saved)[:4])} in full (modules_to_save={config.modules_to_save!r}); "
             "lora_fx loads such adapters onto captured torch models only (lora_fx.capture, then load_adapter), or "
-            "export that model with lora_fx.export_onnx"
+            "export that model with lora_fx.export_onnx; a model exported with mode='adapters' from one trained with "
+            "that module has it as slots: convert the adapter with peft_dir_to_onnx_adapter and serve it with runtime.Session"
         )
 
     if not read_records(model):
@@ -532,10 +617,12 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved
                    for t in select_onnx_targets(model, config)}
         _check_tensors(tensors, planned, "the adapter")
         apply(model, config)
-    slots = {name: Slot(s.dtype, tuple(s.shape)) for name, s in model_slots(model).items()}
+    slots = {name: Slot(s.dtype, tuple(s.shape), s.module) for name, s in model_slots(model).items()}
     adapter = from_peft(config, tensors, dtypes={name: slot.dtype for name, slot in slots.items()})
     check_fits(adapter, slots, None)
-    missing = sorted(set(slots) - set(adapter.tensors))
+    # A head slot (modules_to_save) keeps its base default, never written here: the head PEFT runs for an adapter
+    # without that module.
+    missing = sorted(n for n, slot in slots.items() if not slot.module and n not in adapter.tensors)
     if missing:
         raise AdapterError(f"the adapter lacks tensors for: {', '.join(missing[:10])}")
     for name, arr in adapter.tensors.items():

@@ -9,6 +9,9 @@ on one session at once; ``add_adapter(name, file, replace=True)`` swaps an adapt
 other threads run it (each call keeps the adapter it started with). As in ONNX Runtime, an adapter may
 set only some of the slots, the others keeping the model's defaults: ``add_adapter`` returns an
 ``AdapterInfo`` naming those sites (``default_sites``). Rank-0 (zero-size) adapters are refused.
+The slots are the inputs named as LoRA matrices or prefixes, and the parameters of modules trained in
+full (``modules_to_save``: the SEQ_CLS head) the model's ``lora_fx.modules_to_save`` metadata lists;
+these switch per call like the others, each adapter with its own head.
 
 On CPU an adapter is a ``LoraAdapter`` activated with ``RunOptions.add_active_adapter``. On CUDA the
 Python ``LoraAdapter.Load`` takes no allocator, so ORT would copy the adapter host-to-device on every
@@ -83,12 +86,14 @@ def _cuda_usable() -> bool:
 class AdapterInfo:
     """What ``Session.add_adapter`` registered.
 
-    ``sites``: the sites whose slots the adapter sets. ``default_sites``: the sites with slots it leaves
+    ``sites``: the sites whose slots the adapter sets, and the modules trained in full (``modules_to_save``,
+    ``classifier``) whose head it brings. ``default_sites``: the sites and modules with slots it leaves
     alone. As in ONNX Runtime, where an active adapter overrides only the inputs it names, those run
     with the model's own initializer: zeros in a model exported by lora-fx with adapter slots (the base
-    model at that site), the exported prefixes at a prefix slot. A partial adapter is legitimate (one
-    trained on q and v, served by a model with q, k and v slots), so it is registered, not refused;
-    check ``default_sites`` where every site should be covered.
+    model at that site), the exported prefixes at a prefix slot, the base head at a module trained in
+    full (what PEFT runs for an adapter without that module in its ``modules_to_save``). A partial
+    adapter is legitimate (one trained on q and v, served by a model with q, k and v slots), so it is
+    registered, not refused; check ``default_sites`` where every site should be covered.
     """
 
     name: str
@@ -135,13 +140,14 @@ class Session:
             options.add_session_config_entry(_ACCURACY_LEVEL, "0")
         self.device_id = device_id
         self._session = self._create(ort, options, providers)
+        self._saved = self._read_saved()
         self.providers: list[str] = list(self._session.get_providers())
         self.on_cuda = self.providers[0] == CUDA
         log.info("lora_fx.runtime.Session(%s): providers %s", self.path.name, ", ".join(self.providers))
         _warn_if_not_loaded(providers, self.providers)
         self.slots = self._read_slots()
         self._inputs = {i.name: _Input(i.name, _ORT_TYPES.get(i.type, i.type), _dims(i.shape))
-                        for i in self._session.get_inputs() if not _is_slot(i.name)}
+                        for i in self._session.get_inputs() if not self._is_slot(i.name)}
         self.inputs = list(self._inputs)
         self.outputs = [o.name for o in self._session.get_outputs()]
         self.fingerprint: str | None = self._session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
@@ -166,15 +172,27 @@ class Session:
         except Exception as exc:
             raise ModelLoadError(f"ONNX Runtime could not load {self.path}: {ort_message(exc)}") from None
 
+    def _read_saved(self) -> dict[str, str]:
+        """``{parameter name: module}`` of the head slots the model's metadata lists."""
+        from lora_fx.onnx_adapter import read_saved
+
+        try:
+            return read_saved(self._session.get_modelmeta().custom_metadata_map)
+        except AdapterError as exc:
+            raise ModelLoadError(f"{self.path}: {exc}") from None
+
+    def _is_slot(self, name: str) -> bool:
+        return _is_slot(name) or name in self._saved
+
     def _read_slots(self) -> dict[str, Any]:
         from lora_fx.onnx_adapter import Slot
 
         slots = {}
         # ORT lists inputs that have an initializer (the slots) apart from the required inputs.
         for inp in list(self._session.get_inputs()) + list(self._session.get_overridable_initializers()):
-            if _is_slot(inp.name):
+            if self._is_slot(inp.name):
                 dims = tuple(d if isinstance(d, int) else None for d in inp.shape)
-                slots[inp.name] = Slot(_ORT_TYPES.get(inp.type, inp.type), dims)
+                slots[inp.name] = Slot(_ORT_TYPES.get(inp.type, inp.type), dims, self._saved.get(inp.name))
         return slots
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -185,10 +203,10 @@ class Session:
 
     @property
     def slot_sites(self) -> list[str]:
-        """The sites the model has adapter slots for."""
-        from lora_fx.onnx_adapter import site_of
+        """The sites the model has adapter slots for, and the modules trained in full it has head slots for."""
+        from lora_fx.onnx_adapter import slot_site
 
-        return sorted({site_of(n) for n in self.slots})
+        return sorted({slot_site(n, self.slots) for n in self.slots})
 
     def adapter_info(self, name: str) -> AdapterInfo:
         """What the adapter registered under ``name`` covers (as ``add_adapter`` returned it)."""
@@ -226,7 +244,9 @@ class Session:
         if self.on_cuda:
             # Resident on the GPU from now on: a switch binds these, nothing crosses the bus per call.
             device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", self.device_id) for k, v in adapter.tensors.items()}
-        covered = adapter.site_names()
+        from lora_fx.onnx_adapter import slot_site
+
+        covered = sorted({slot_site(n, self.slots) for n in adapter.tensors})
         info = AdapterInfo(name, path, covered, sorted(set(self.slot_sites) - set(covered)))
         with self._lock:
             if name in self._adapters and not replace:
@@ -254,7 +274,7 @@ class Session:
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         unknown = sorted(set(feeds) - set(self.inputs))
         if unknown:
-            slots = [u for u in unknown if _is_slot(u)]
+            slots = [u for u in unknown if self._is_slot(u)]
             if slots:
                 raise ConfigError(f"{slots[0]} is an adapter slot; pass adapters with add_adapter + run(adapter=...), not as feeds")
             raise ConfigError(f"unknown inputs {unknown}; {self.path.name} takes {self.inputs}")

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Take an ONNX model with LoRA adapters (from lora-fx rewrite / lora_fx.apply) and write either a "
         "plain model with the adapters folded into W (--merge), or a model whose adapters are ONNX Runtime adapter "
         "slots (--adapters); the latter also writes the current adapter weights as <out stem>.adapters/<name>.onnx_adapter "
-        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots (sites it leaves out stay the base model, with a warning, as lora-fx run serves them). On a quantized (QLoRA) "
+        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots, a head it brings (modules_to_save slots) included (sites it leaves out stay the base model, a head the base head, with a warning, as lora-fx run serves them). On a quantized (QLoRA) "
         "model --merge needs --float (merged W kept in float) or --requantize (merged W quantized again; the error "
         "this adds is printed per site).",
     )
@@ -66,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
                   f"relative error {e['relative_error']:.3g}")
         print(f"wrote {summary['model']} ({summary['mode']}, {len(summary['sites'])} sites)")
     if summary.get("default_sites"):
-        print(f"lora-fx: warning: {args.adapter} covers {len(summary['sites']) - len(summary['default_sites'])} of the "
-              f"{len(summary['sites'])} adapter sites; these were merged as the base model: {', '.join(summary['default_sites'])}",
-              file=sys.stderr)
+        total = len(summary["adapter_sites"]) + len(summary["default_sites"])
+        print(f"lora-fx: warning: {args.adapter} covers {len(summary['adapter_sites'])} of the {total} adapter sites; "
+              f"these were merged as the base model (the base head for a module trained in full, modules_to_save): "
+              f"{', '.join(summary['default_sites'])}", file=sys.stderr)
+    if not args.json:
         for path in summary.get("adapters", []) + summary.get("peft_dirs", []):
             print(f"wrote {path}")
     return 0
@@ -121,12 +123,17 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
             loaded = read_onnx_adapter(adapter)
             slots = model_slots(model)
             check_fits(loaded, slots, model.metadata_props.get(FINGERPRINT_KEY), where=src.name)
-            # As `lora-fx run` serves it: sites the adapter leaves out keep the slot defaults (B zero: the base).
-            from lora_fx.onnx_adapter import site_of
+            # As `lora-fx run` serves it: sites the adapter leaves out keep the slot defaults (B zero: the base), and
+            # a head (modules_to_save) it does not bring stays the base head.
+            from lora_fx.onnx_adapter import slot_site
 
-            summary["default_sites"] = sorted({site_of(n) for n in slots} - set(loaded.site_names()))
+            summary["adapter_sites"] = sorted({slot_site(n, slots) for n in loaded.tensors})
+            summary["default_sites"] = sorted({slot_site(n, slots) for n in slots} - set(summary["adapter_sites"]))
             for key, arr in loaded.tensors.items():
                 model.graph.initializers[key].const_value = ir.tensor(arr, name=key)
+        from lora_fx.passes.onnx.expose_adapters import settle_saved
+
+        settle_saved(model)  # the head as the adapter set it: plain weights of the merged model
         folder = FoldLora(quant_merge)
         folder(model)
         optimize_keeping_slots(model)

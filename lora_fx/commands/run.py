@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             # there); a user who meant to serve the whole adapter would never notice.
             print(f"lora-fx: warning: {args.adapter} covers {len(session.slot_sites) - len(default_sites)} of the "
                   f"{len(session.slot_sites)} adapter sites of {Path(args.model).name}; these run with the model's defaults "
-                  f"(the base model for LoRA slots): {', '.join(default_sites)}", file=sys.stderr)
+                  f"(the base model for LoRA slots, the base head for a module trained in full): {', '.join(default_sites)}",
+                  file=sys.stderr)
     outputs = session.run(feeds, adapter=name)
     named = dict(zip(session.outputs, outputs))
     if args.out:

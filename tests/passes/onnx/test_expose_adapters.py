@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -97,3 +98,78 @@ def test_lora_dropout_changes_neither_the_fingerprint_nor_what_the_served_model_
     path = save(lora, "expose-dropout-served.onnx")
     got = ort_run(path, corpus().get(ENTRY).feeds(), adapter=write_onnx_adapter(TMP / "expose-dropout.onnx_adapter", adapter))
     assert rel(got, want) <= 1e-5
+
+
+# ---- modules trained in full (modules_to_save): head slots defaulting to the base head ------------
+
+
+def _head_served():
+    """gemm-mlp with LoRA on fc1 and fc2 and ``head`` trained in full: the graph holds the trained head (the
+    corpus values), its base is half the weight and an all-zero bias (what a fresh classifier has)."""
+    from lora_fx.export import serve_slots
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    lora = lora_fx.apply(lora_fx.load(corpus().get(ENTRY).path),
+                         lora_fx.LoraConfig(r=4, target_modules=["fc1", "fc2"], init_lora_weights=False))
+    want = ort_run(save(lora, "expose-head-lora.onnx"), corpus().get(ENTRY).feeds())
+    trained = {n: lora.graph.initializers[n].const_value.numpy().copy() for n in ("head.weight", "head.bias")}
+    base = {"head.weight": trained["head.weight"] * 0.5, "head.bias": np.zeros_like(trained["head.bias"])}
+    adapter = current_adapter(lora, ["head.weight", "head.bias"])
+    serve_slots(lora, saved={n: ("head", v) for n, v in base.items()})
+    adapter.fingerprint = lora.metadata_props[FINGERPRINT_KEY]
+    return lora, adapter, want, trained, base
+
+
+def _with_head(values: dict) -> ir.Model:
+    model = lora_fx.load(corpus().get(ENTRY).path)
+    for name, arr in values.items():
+        model.graph.initializers[name].const_value = ir.tensor(arr, name=name)
+    return model
+
+
+def test_head_slots_default_to_the_base_head_and_the_adapter_brings_the_trained_one():
+    from lora_fx.onnx_adapter import SAVED_KEY, model_slots
+
+    served, adapter, want, trained, base = _head_served()
+    feeds = corpus().get(ENTRY).feeds()
+    inputs = {v.name for v in served.graph.inputs}
+    assert {"head.weight", "head.bias"} <= inputs
+    assert json.loads(served.metadata_props[SAVED_KEY]) == {"head.weight": "head", "head.bias": "head"}
+    for name in base:
+        np.testing.assert_array_equal(served.graph.initializers[name].const_value.numpy(), base[name])
+        np.testing.assert_array_equal(adapter.tensors[name], trained[name])
+    slots = model_slots(served)
+    assert (slots["head.weight"].shape, slots["head.weight"].module) == ((5, 24), "head")
+    path = save(served, "expose-head-served.onnx")
+    # No adapter: the base model, base head included (LoRA B zero).
+    np.testing.assert_allclose(ort_run(path, feeds), ort_run(save(_with_head(base), "expose-head-base.onnx"), feeds), atol=1e-5)
+    # The adapter brings its head; the base bias is all zeros, which the optimizer once folded away for good.
+    got = ort_run(path, feeds, adapter=write_onnx_adapter(TMP / "expose-head.onnx_adapter", adapter))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(want - ort_run(path, feeds)).max() > 1e-2
+
+
+def test_the_fingerprint_leaves_the_head_slots_out_and_covers_the_rest():
+    served, _, _, _, _ = _head_served()
+    before = base_fingerprint(served)
+    other_head = copy.deepcopy(served)
+    w = other_head.graph.initializers["head.weight"]
+    w.const_value = ir.tensor(w.const_value.numpy() + 1.0, name=w.name)
+    assert base_fingerprint(other_head) == before  # each adapter brings its own head
+    other_base = copy.deepcopy(served)
+    w = other_base.graph.initializers["fc2.weight"]
+    arr = w.const_value.numpy().copy()
+    arr[0, 0] += 1e-3
+    w.const_value = ir.tensor(arr, name=w.name)
+    assert base_fingerprint(other_base) != before
+
+
+def test_a_head_slot_of_another_shape_or_name_is_refused():
+    from lora_fx.errors import UnsupportedError
+
+    lora = lora_fx.apply(lora_fx.load(corpus().get(ENTRY).path), lora_fx.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(AdapterError, match=r"base value of head.weight has shape \(3, 24\), but the graph's is \(5, 24\)"):
+        expose_adapters(lora, {"head.weight": ("head", np.zeros((3, 24), np.float32))})
+    with pytest.raises(UnsupportedError, match=r"classifier.weight \(classifier.*not an initializer.*mode='merged'"):
+        expose_adapters(lora, {"classifier.weight": ("classifier", np.zeros((3, 24), np.float32))})
