@@ -103,7 +103,10 @@ def write_peft_dir(directory: str | os.PathLike, config: LoraConfig, tensors: di
     """Write ``adapter_config.json`` and ``adapter_model.safetensors``; each file appears whole or not at all."""
     from safetensors.torch import save_file
 
+    from lora_fx.files import check_output_dir
+
     directory = Path(directory)
+    check_output_dir(directory)  # a file of that name: FileExistsError named neither the problem nor the way out
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
@@ -132,7 +135,22 @@ def read_peft_dir(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, t
     from lora_fx.onnx_adapter import check_nonempty
 
     check_nonempty(tensors, str(weights))  # rank 0: the base model, and a CUDA failure once deployed
+    _check_values(tensors, weights)
     return config, tensors
+
+
+def _check_values(tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """LoRA matrices are floating point and every floating tensor is finite: loading would otherwise cast integers
+    to other numbers than were trained, or make every output of the adapted sites NaN."""
+    for key, value in tensors.items():
+        if is_lora_key(key) and not value.is_floating_point():
+            raise AdapterError(f"{weights}: adapter tensor {key!r} is {value.dtype}, but LoRA matrices are floating "
+                               f"point; the file was not saved by PEFT or lora_fx: save the adapter again")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise AdapterError(f"{weights}: adapter tensor {key!r} holds {bad} NaN or inf values of {value.numel()}; "
+                               f"it was saved from a diverged training run: train again (lower the learning rate) "
+                               f"or use an earlier checkpoint")
 
 
 def save_adapter(model: Any, directory: str | os.PathLike) -> Path:

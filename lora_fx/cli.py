@@ -1,7 +1,9 @@
 """The ``lora-fx`` command line. Each subcommand lives in ``lora_fx/commands/<name>.py``.
 
 Every subcommand has ``--help``; ``--json`` prints machine-readable output; errors print one clear
-message to stderr and exit non-zero (no traceback unless ``LORA_FX_DEBUG=1``).
+message to stderr and exit non-zero (no traceback unless ``LORA_FX_DEBUG=1``): 2 for bad input
+(``LoraFxError``, or an ``OSError`` naming a path), 130 when interrupted, 1 for any other exception (a bug).
+The error goes to stderr, with or without ``--json``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line, not a traceback from deep inside torch or onnx
+        if os.environ.get("LORA_FX_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())
+        return fail(f"internal error, {type(exc).__name__}: {text[:500]}{'...' if len(text) > 500 else ''} (a bug in "
+                    f"lora-fx: rerun with LORA_FX_DEBUG=1 for the traceback and report it)", 1)
 
 
 def print_json(obj: object) -> None:

@@ -137,6 +137,8 @@ class LoraConfig:
         for name, alpha in alphas.items():
             if not _is_number(alpha):  # found otherwise only when the scale is computed, as a TypeError
                 raise ConfigError(f"{name} must be a number (the scale is alpha / r), got {alpha!r}")
+            if not math.isfinite(alpha):  # a NaN or inf scale turns every output of the site into NaN
+                raise ConfigError(f"{name} must be a finite number (the scale is alpha / r), got {alpha!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
         if isinstance(self.target_modules, list) and not self.target_modules:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from lora_fx.errors import ConfigError
 
@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     it owner-only, and a served adapter or model then cannot be read by a server running as another user.
     """
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -64,8 +65,18 @@ def check_output(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike]
             raise ConfigError(f"{path} is an input of this command; write the output to another path")
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; give the output a file name, e.g. one inside it")
+    refuse_special(path)
     check_output_dir(path.parent)
     return path
+
+
+def refuse_special(path: str | os.PathLike) -> None:
+    """Refuse an output path that exists and is no regular file or folder (a device such as /dev/null, a pipe,
+    a socket): a finished file is renamed onto the path, which would replace the device itself (as root)."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ConfigError(f"{path} is not a regular file (a device, pipe or socket); lora_fx writes a finished file "
+                          f"in its place, which would replace it: give the path of a file")
 
 
 def check_output_dir(directory: str | os.PathLike) -> Path:
@@ -94,3 +105,43 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Non
     """Call ``writer(tmp_path)`` and move the result onto ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def read_npz(path: str | os.PathLike, what: str = "data file", how: str = "np.savez(path, <name>=array, ...)") -> dict[str, Any]:
+    """The arrays of an .npz file by name; never unpickles.
+
+    Anything else is a ``ConfigError`` naming the file and ``how`` to write one: a missing file or a folder, a
+    single .npy array, a file that is no zip (np.load would take it for a pickle and speak of pickles), a
+    truncated zip, an entry that is no .npy array, an object array (it needs pickle).
+    """
+    import zipfile
+
+    import numpy as np
+
+    try:
+        path = require_file(path, what)
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # np.load picks the format from these bytes: a .npy gives one bare array (no names), and anything that is
+    # neither a zip nor a .npy is taken for a pickle, which allow_pickle=False refuses with a message about pickles.
+    if magic.startswith(b"\x93NUM"):
+        raise ConfigError(f"{path} is a single .npy array, not an .npz of named arrays; write one with {how}")
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise ConfigError(f"{path} is not an .npz file (a zip of arrays, as {how} writes)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        if "pickle" in str(exc):
+            raise ConfigError(f"{path} holds object arrays, which need pickle and are refused (lora_fx never "
+                              f"unpickles); store numeric arrays: {how}") from None
+        raise ConfigError(f"{path} is not a readable .npz of arrays ({exc}; truncated or corrupt?); write it again "
+                          f"with {how}") from None
+    # NpzFile hands back an entry that is no .npy file as its raw bytes.
+    raw = sorted(name for name, value in arrays.items() if not isinstance(value, np.ndarray))
+    if raw:
+        raise ConfigError(f"{path}: entries {raw} are not .npy arrays (the zip was not written by np.savez); "
+                          f"write it again with {how}")
+    return arrays

@@ -1,7 +1,8 @@
 """Reading and writing ONNX files as ``onnx_ir`` models.
 
 ``load`` checks what a model file promises before any pass sees it: that it parses as an ONNX model,
-that it has a graph, and that every external-data tensor it references is present and long enough.
+that it has a graph, and that every external-data tensor it references is present, long enough and in
+the model's folder.
 ``save`` writes the model (and its external data when large) under temporary names and renames
 them into place only when everything is written, so a failure never leaves a half-written file.
 """
@@ -26,8 +27,11 @@ def load(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model (external data supported) as an ``onnx_ir.Model``.
 
     Raises ``ModelLoadError`` naming the file and the reason when it is missing, unreadable,
-    truncated, not an ONNX model, or refers to external data that is missing or too short.
+    truncated, not an ONNX model, or refers to external data that is missing, too short, outside the
+    model's folder or hard-linked (which onnx_ir refuses when it reads the data).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ModelLoadError(f"load takes the path of an .onnx file, got {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file; pass the path of an .onnx model")
@@ -81,27 +85,76 @@ def _own_tensor_data(model: ir.Model) -> None:
                 node.attributes[name] = ir.AttrTensors(name, [_owned(t) for t in attr.value])
 
 
+def _external_tensors(model: ir.Model) -> list[tuple[str, ir.ExternalTensor]]:
+    """Every tensor stored in external data: initializers of the graph and its subgraphs, and tensor attributes."""
+    found = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                found.append((value.name, value.const_value))
+        for node in graph:
+            for attr in node.attributes.values():
+                tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else (
+                    attr.value if attr.type == ir.AttributeType.TENSORS else [])
+                found += [(t.name or f"{node.name}.{attr.name}", t) for t in tensors if isinstance(t, ir.ExternalTensor)]
+    return found
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = folder.rstrip(os.sep) + os.sep
+    return path.startswith(folder)
+
+
 def _check_external_data(model: ir.Model, path: Path) -> None:
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
-        data_path = Path(tensor.base_dir) / tensor.location
+    for name, tensor in _external_tensors(model):
+        base = os.path.abspath(tensor.base_dir or path.parent)
+        data_path = Path(base) / tensor.location
+        # onnx_ir refuses these only when a pass first reads the tensor (a ValueError deep inside a rewrite); a
+        # location leaving the model's folder would otherwise read any file on the machine into the weights.
+        if not (_inside(os.path.normpath(data_path), base) and _inside(os.path.realpath(data_path), os.path.realpath(base))):
+            raise ModelLoadError(
+                f"{path}: initializer {name!r} takes its data from {tensor.location!r}, outside the model's folder "
+                f"{base}; ONNX external data must lie in the model's folder, so lora_fx refuses it (it may be an "
+                f"attempt to read another file). Put the data file beside the model and re-export it"
+            )
         if not data_path.is_file():
             raise ModelLoadError(
-                f"{path}: initializer {value.name!r} is stored in external data file {data_path}, which is missing; "
+                f"{path}: initializer {name!r} is stored in external data file {data_path}, which is missing; "
                 f"keep the data file next to the model under the name the model records ({tensor.location})"
+            )
+        if data_path.stat().st_nlink > 1:
+            raise ModelLoadError(
+                f"{path}: external data file {data_path} has {data_path.stat().st_nlink} hard links, which onnx_ir "
+                f"refuses (a hard link can smuggle another file into the model's folder); replace it by a copy of its "
+                f"own: cp {data_path} {data_path}.copy && mv {data_path}.copy {data_path}"
             )
         end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
         if data_path.stat().st_size < end:
             raise ModelLoadError(
                 f"{path}: external data file {data_path} ends at byte {data_path.stat().st_size}, but initializer "
-                f"{value.name!r} needs bytes up to {end}; the data file is truncated: copy it again"
+                f"{name!r} needs bytes up to {end}; the data file is truncated: copy it again"
             )
 
 
 def _initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def external_data_files(model: ir.Model) -> list[Path]:
+    """The files ``model``'s external-data tensors are read from."""
+    return sorted({Path(os.path.abspath(Path(t.base_dir or ".") / t.location)) for _, t in _external_tensors(model)})
+
+
+def check_not_external_data(model: ir.Model, path: str | os.PathLike) -> None:
+    """Refuse ``path`` when it is one of the files ``model`` reads its weights from: the model file it was loaded
+    from keeps pointing there, and would read a protobuf as its weights."""
+    target = os.path.realpath(path)
+    for data in external_data_files(model):
+        if os.path.realpath(data) == target:
+            from lora_fx.errors import ConfigError
+
+            raise ConfigError(f"{path} is the external data file the input model reads its weights from; writing the "
+                              f"output there would break the input model: write it to another path")
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -110,13 +163,16 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     ``external_data=None`` stores the weights in ``<path name>.data`` beside the model when they
     exceed ``EXTERNAL_DATA_THRESHOLD``; ``True``/``False`` force the choice. Both files are written
     under a temporary directory next to ``path`` and renamed into place (data first) only when
-    both are complete.
+    both are complete. A ``path`` that is a folder, a device or pipe, a file whose folder cannot be
+    written, or one of the external data files ``model`` reads its weights from raises ``ConfigError``
+    before anything is written.
     """
     path = Path(path)
     if not isinstance(model, ir.Model):
         from lora_fx.errors import ConfigError
 
         raise ConfigError(f"save takes an onnx_ir Model (from lora_fx.load), got {type(model).__name__}")
+    check_not_external_data(model, path)
     if external_data is None:
         # A tensor still stored in another file's external data would be written as a reference to that
         # file, relative to the new location: copy such weights into our own data file instead.
@@ -127,6 +183,11 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         from onnx_ir import external_data as ext
 
         ext.load_to_model(model)
+    from lora_fx.files import check_output
+
+    # A folder, a parent that is a file or an unwritable folder would otherwise fail with an OS error naming the
+    # temporary file, not the path given.
+    check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = f"{path.name}.data"
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not Path(args.hf).is_dir():
         raise ConfigError(f"--hf {args.hf}: not a folder")
+    if not -(2**63) <= args.seed < 2**64:  # torch.manual_seed's range; beyond it every method failed on an overflow
+        raise ConfigError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     cfg = CompareConfig(
         hf_dir=args.hf, out_dir=args.out, methods=Method.parse_list(args.methods), data=args.data,
         label_prompts=args.label_prompts.split("|") if args.label_prompts else None, steps=args.steps, lr=args.lr,

@@ -92,11 +92,9 @@ def read_data(path: str) -> dict[str, Any]:
 
     p = require_file(path, "data file")
     if p.suffix == ".npz":
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except ValueError as exc:
-            raise ConfigError(f"{path}: {exc} (object arrays need pickle, which lora-fx never loads; store numeric arrays)") from None
+        from lora_fx.files import read_npz
+
+        return read_npz(p, "data file", "np.savez(path, <input name>=array, ..., <target>=array)")
     if p.suffix in (".jsonl", ".json"):
         try:
             text = p.read_text()
@@ -260,10 +258,12 @@ def check_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import lora_fx
+    from lora_fx.onnx_model import check_not_external_data
     from lora_fx.runtime.onnx_torch import check_supported
 
     check_options(args)
     model = load_model(args.model)
+    check_not_external_data(model, args.out)  # before training: save would refuse it only after the last step
     check_supported(model)  # before any work: an unsupported op is named and nothing is written
     outputs = [v.name for v in model.graph.outputs]
     output = args.output_name or outputs[0]

@@ -98,3 +98,60 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0 and "sites" in capsys.readouterr().out
+
+
+def _tiny_bert_folder(path: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    model = tf.BertModel(cfg).eval()
+    model.save_pretrained(path)
+    return model, {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("fault,match", [
+    ("renamed", "the .safetensors files lack 2 weights of BertModel (pooler.dense.bias, pooler.dense.weight)"),
+    ("integer", "weight 'encoder.layer.0.attention.self.query.weight' is stored as I32, but BertModel keeps it in floating point"),
+    ("reshaped", "weights in the .safetensors files have other shapes than config.json gives them"),
+])
+def test_safetensors_that_do_not_hold_the_models_weights_are_refused(tmp_path, capsys, fault, match):
+    # transformers loaded both with a warning table and exit 0: renamed weights initialised at random, integer
+    # weights cast to float; every later step then ran on numbers that were not the checkpoint's.
+    from safetensors.torch import save_file
+
+    _, state = _tiny_bert_folder(tmp_path)
+    if fault == "renamed":
+        state = {k.replace("pooler.", "head."): v for k, v in state.items()}
+    elif fault == "integer":
+        key = "encoder.layer.0.attention.self.query.weight"
+        state[key] = (state[key] * 100).to(torch.int32)
+    else:  # transformers' own message pointed at a table above it and at ignore_mismatched_sizes
+        key = "encoder.layer.0.attention.self.query.weight"
+        state[key] = state[key][:16]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert main(["sites", "--hf", str(tmp_path), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert match in captured.err and captured.out == "", captured.err
+    assert "ignore_mismatched_sizes" not in captured.err
+
+
+def test_a_pickle_beside_the_safetensors_is_never_read(tmp_path):
+    import pickle
+
+    from lora_fx.hf import load_hf_model
+
+    model, state = _tiny_bert_folder(tmp_path)
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    loaded = load_hf_model(tmp_path)
+    assert not marker.exists()
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                                   rtol=0, atol=0)

@@ -233,3 +233,56 @@ def test_big_endian_data_trains_as_the_same_numbers(tmp_path: Path, capsys) -> N
         runs.append(_run_json(capsys, ["train", str(model), "--data", str(path), "--steps", "3", "-o", str(tmp_path / out),
                                        "--no-progress", "--json"])["losses"])
     assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def _npz_bytes(kind: str, tmp_path: Path) -> bytes:
+    import io
+    import zipfile
+
+    if kind == "npy":  # np.save's single array under an .npz name
+        buf = io.BytesIO()
+        np.save(buf, _data()["x"])
+        return buf.getvalue()
+    if kind == "truncated":
+        np.savez(tmp_path / "whole.npz", **_data())
+        return (tmp_path / "whole.npz").read_bytes()[:900]
+    if kind == "not_npy_entries":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("x.npy", b"not an array")
+            z.writestr("labels.npy", b"not an array")
+        return buf.getvalue()
+    return {"empty": b"", "text": b"x,labels\n1,0\n"}[kind]
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("npy", "is a single .npy array, not an .npz of named arrays"), ("empty", "is not an .npz file"),
+    ("text", "is not an .npz file"), ("truncated", "is not a readable .npz of arrays"),
+    ("not_npy_entries", "entries ['labels', 'x'] are not .npy arrays"),
+])
+def test_npz_that_is_no_npz_is_named(tmp_path: Path, capsys, kind: str, match: str) -> None:
+    # A .npy ended in "TypeError: 'numpy.ndarray' object does not support the context manager protocol", an empty
+    # file in EOFError, a truncated one in BadZipFile; a text file was refused as "pickled data ... load it unsafely
+    # using allow_pickle" (np.load takes what is neither zip nor .npy for a pickle).
+    model, _ = _files(tmp_path)
+    (tmp_path / "bad.npz").write_bytes(_npz_bytes(kind, tmp_path))
+    out = tmp_path / "t.onnx"
+    assert main(["train", str(model), "--data", str(tmp_path / "bad.npz"), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "np.savez(path, <input name>=array" in err and "allow_pickle" not in err, err
+    assert not out.exists()
+
+
+def test_output_onto_the_models_external_data_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    # It trained, then wrote the tuned model over lora.onnx.data, the file lora.onnx reads its weights from.
+    (tmp_path / "ext").mkdir()
+    ir.save(om.mlp(hidden=16), str(tmp_path / "ext" / "lora.onnx"), external_data="lora.onnx.data", size_threshold_bytes=0)
+    np.savez(tmp_path / "train.npz", **_data())
+    data = tmp_path / "ext" / "lora.onnx.data"
+    before = data.read_bytes()
+    argv = ["train", str(tmp_path / "ext" / "lora.onnx"), "--data", str(tmp_path / "train.npz"), "--steps", "2",
+            "-o", str(data), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is the external data file the input model reads its weights from" in err, err
+    assert data.read_bytes() == before

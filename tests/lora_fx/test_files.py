@@ -40,3 +40,46 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path):
     with pytest.raises(ConfigError, match="is an input of this command"):
         check_output(tmp_path / "file", inputs=[tmp_path / "file"])
     assert check_output(tmp_path / "new" / "out.onnx") == tmp_path / "new" / "out.onnx"
+
+
+def test_read_npz_reads_arrays_and_never_unpickles(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from lora_fx.files import read_npz
+
+    np.savez(tmp_path / "ok.npz", a=np.arange(3), b=np.ones((2, 2), np.float32))
+    got = read_npz(tmp_path / "ok.npz")
+    assert sorted(got) == ["a", "b"] and got["b"].dtype == np.float32
+    np.testing.assert_array_equal(got["a"], np.arange(3))
+    np.savez(tmp_path / "obj.npz", a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ConfigError, match="object arrays, which need pickle"):
+        read_npz(tmp_path / "obj.npz")
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    (tmp_path / "pickle.npz").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ConfigError, match="is not an .npz file"):
+        read_npz(tmp_path / "pickle.npz")
+    with pytest.raises(ConfigError, match="no such data file"):
+        read_npz(tmp_path / "absent.npz")
+    with pytest.raises(ConfigError, match="is a directory"):
+        read_npz(tmp_path)
+
+
+def test_an_output_that_is_a_device_or_pipe_is_refused_and_left_as_it_is(tmp_path):
+    # The finished file was renamed onto the path: "-o /dev/null" run as root replaced the device node with a
+    # regular file (every later "> /dev/null" on the machine then wrote into it). A FIFO stands in for the device.
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        check_output(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        atomic_write_text(fifo, "x")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -139,3 +141,90 @@ def test_loaded_tensors_own_their_memory_so_deleted_weights_are_freed(tmp_path):
         got = by_name[init.name].numpy()
         assert got.dtype == want.dtype and np.array_equal(got, want)
     np.testing.assert_array_equal(by_name["c"].numpy(), np.arange(3))
+
+
+def _external(tmp_path, location: str):
+    """The test model stored with external data, its location rewritten to ``location``."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(_model_proto(), str(folder / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    proto = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(proto, str(folder / "m.onnx"))
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "symlink"])
+def test_external_data_outside_the_model_folder_is_refused_at_load(tmp_path, where):
+    """A location leaving the model's folder would read another file into the weights; onnx_ir refuses it only when
+    a pass reads the tensor (a ValueError from inside a rewrite or save), so load names it first."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(range(256)) * 64)  # long enough to pass for the weight's data
+    location = {"absolute": str(secret), "parent": "../secret.bin", "symlink": "link.data"}[where]
+    path = _external(tmp_path, location)
+    (path.parent / "m.onnx.data").unlink()
+    if where == "symlink":
+        (path.parent / "link.data").symlink_to(secret)
+    with pytest.raises(ModelLoadError, match="outside the model's folder") as info:
+        load(path)
+    assert "m.onnx" in str(info.value) and "fc.weight" in str(info.value)
+
+
+def test_external_data_symlinked_inside_the_folder_loads(tmp_path):
+    path = _external(tmp_path, "link.data")
+    (path.parent / "link.data").symlink_to(path.parent / "m.onnx.data")
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(_run(save(load(path), tmp_path / "out.onnx"), x), x @ onnx.numpy_helper.to_array(_model_proto().graph.initializer[0]))
+
+
+def test_hard_linked_external_data_is_refused_at_load_naming_the_way_out(tmp_path):
+    path = _external(tmp_path, "m.onnx.data")
+    os.link(path.parent / "m.onnx.data", tmp_path / "other.data")
+    with pytest.raises(ModelLoadError, match="hard links.*copy of its own"):
+        load(path)
+    (tmp_path / "other.data").unlink()
+    assert "fc.weight" in load(path).graph.initializers
+
+
+def test_load_refuses_what_is_no_path():
+    with pytest.raises(ModelLoadError, match="path of an .onnx file, got NoneType"):
+        load(None)
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_save_to_a_folder_or_under_a_file_is_refused_before_writing(model_file, tmp_path, where):
+    """The OS error named the temporary file (``.adir.x1y2.tmp/adir``) or the parent, not the path given."""
+    target = {"folder": tmp_path / "adir", "under_a_file": model_file / "x.onnx"}[where]
+    (tmp_path / "adir").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(lora_fx.ConfigError, match=str(target.parent if where == "under_a_file" else target)):
+        save(load(model_file), target)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_save_onto_a_pipe_is_refused_and_leaves_it(model_file, tmp_path):
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(lora_fx.ConfigError, match="is not a regular file"):
+        save(load(model_file), fifo)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_save_onto_the_inputs_external_data_file_is_refused_and_in_place_save_still_works(tmp_path):
+    # -o m.onnx.data wrote the new model over the data file m.onnx reads its weights from: the input model then
+    # loaded a protobuf as its weights (and the output got a m.onnx.data.data beside it).
+    path = _external(tmp_path, "m.onnx.data")
+    data = path.parent / "m.onnx.data"
+    before = data.read_bytes()
+    with pytest.raises(lora_fx.ConfigError, match="is the external data file the input model reads its weights from"):
+        save(load(path), data)
+    assert data.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    # Saving a model over the file it was loaded from replaces model and data together, and keeps the weights.
+    x = np.ones((2, 64), np.float32)
+    want = _run(path, x)
+    save(load(path), path, external_data=True)
+    np.testing.assert_array_equal(_run(path, x), want)

@@ -164,3 +164,42 @@ def test_options_of_the_other_method_are_refused(tmp_path, capsys, extra, match)
     # --method prefix --exclude-modules X used to adapt X anyway.
     out = tmp_path / "o.onnx"
     _expect_failure(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(out)] + extra, out, capsys, match)
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-inf"])
+def test_a_non_finite_lora_alpha_is_refused_and_writes_nothing(tmp_path, capsys, alpha):
+    # --lora-alpha nan wrote a model whose adapted sites output NaN once B left zero, and exited 0.
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(out), "--target-modules", "fc1",
+                     f"--lora-alpha={alpha}"], out, capsys, "lora_alpha must be a finite number")
+
+
+def test_external_data_outside_the_model_folder_is_refused_and_writes_nothing(tmp_path, capsys):
+    # The rewrite ran and then failed inside onnx_ir's save with a ValueError traceback ("may indicate a path
+    # traversal attack"); a location that onnx_ir did not check would have copied another file into the weights.
+    src = corpus().get("gemm-mlp").path
+    (tmp_path / "model").mkdir()
+    proto = onnx.load(str(src))
+    onnx.save(proto, str(tmp_path / "model" / "m.onnx"), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    (tmp_path / "model" / "m.onnx.data").rename(tmp_path / "elsewhere.data")
+    proto = onnx.load(str(tmp_path / "model" / "m.onnx"), load_external_data=False)
+    for init in proto.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.data"
+    onnx.save(proto, str(tmp_path / "model" / "m.onnx"))
+    out = tmp_path / "o.onnx"
+    _expect_failure(["rewrite", str(tmp_path / "model" / "m.onnx"), "-o", str(out), "--target-modules", "fc1"], out,
+                    capsys, "outside the model's folder")
+
+
+def test_an_output_that_is_a_pipe_is_refused_and_left_as_it_is(tmp_path, capsys):
+    # "-o /dev/null" (as root) replaced the device with the model file; a FIFO stands in for the device.
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(fifo), "--target-modules", "fc1"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
