@@ -53,7 +53,12 @@ def _onnx_functions() -> dict[Any, Callable]:
     * int4 -> ``com.microsoft.MatMulNBits`` (bits 4): blocks along K, each row padded to whole blocks,
       low nibble first, zero point 8 unless affine; ``accuracy_level=0`` so ONNX Runtime computes in
       float, as training did (level 4 would quantize the activations to int8).
-    * int8 -> ``DequantizeLinear`` (per output channel, axis 0) -> ``Transpose`` -> ``MatMul``.
+    * int8 -> ``DequantizeLinear`` (per output channel, axis 0) -> ``Transpose`` -> ``MatMul``, the
+      form ``passes/onnx/quantize_weights`` writes. Not ``MatMulNBits(bits=8)``: ONNX Runtime 1.31's
+      CPU kernel decodes W on every call, 2-4x slower (four 384x1536 layers: 8.05 vs 2.41 ms for 1
+      row, 19.3 vs 13.5 ms for 128). Under default session options ONNX Runtime fuses this form into
+      ``MatMulNBits(accuracy_level=4)`` (int8 activations, ~0.4% off); ``lora_fx.runtime.ort.Session``
+      sets ``session.qdq_matmulnbits_accuracy_level=0``, and plain ONNX Runtime users set the same.
 
     Export with ``optimize=False``: the exporter's optimizer would fold the int8 dequantize back
     into a float constant.

@@ -379,21 +379,29 @@ class OnnxModule(torch.nn.Module):
 
             (first, why), more = next(iter(self.int8_linears.refused.items())), len(self.int8_linears.refused) - 1
             warnings.warn(
-                f"{len(self.int8_linears.refused)} DequantizeLinear weight(s) of this graph are dequantized whole, so "
+                f"{len(self.int8_linears.refused)} int8 weight(s) of this graph are dequantized whole, so "
                 f"training keeps a float copy of each for backward (lora_fx's int8 op takes 2-D int8 weights with one "
-                f"scale per output channel and zero point 0): {first!r}: {why}" + (f" (and {more} more)" if more else ""),
+                f"scale per output channel and zero point 0, 128 in MatMulNBits): {first!r}: {why}"
+                + (f" (and {more} more)" if more else ""),
                 stacklevel=2,
             )
         fused = {}
         for hit in self.int8_linears.matched:
-            # The op's own storage: q itself for lora_fx's [N, K] layout, else one int8 transposed copy.
+            # The op's own storage: q itself for the DequantizeLinear [N, K] layout, else one int8 copy
+            # (transposed, or MatMulNBits' codes - 128 without the row padding).
             names = []
-            for part, t in zip(("qweight", "qscale"), int8_storage(hit, self.tensor(hit.qweight), self.tensor(hit.scale))):
+            for part, t in zip(("qweight", "qscale"), int8_storage(hit, self.tensor)):
                 name = f"{hit.consumer.name or hit.consumer.outputs[0].name}::int8_{part}"
                 self._attr_of[name] = _safe_attr_name(name, taken)
                 self.register_buffer(self._attr_of[name], t, persistent=False)
                 names.append(name)
             fused[id(hit.consumer)] = (hit, names)
+        for hit in self.int8_linears.matched:
+            # Initializers only the fused call's absorbed nodes read (MatMulNBits' B): the int8 copy replaces them.
+            for name in hit.released:
+                if name in self._attr_of and name not in self.trainable_names:
+                    delattr(self, self._attr_of.pop(name))
+                    self._init_consts.pop(name, None)
         self._nodes = self._compile(graph, set(init_consts), fused)
         self._shape_cache: dict[tuple, dict[str, Const]] = {}
         self._training_mode = False

@@ -12,7 +12,11 @@ Formats (``QuantDType``):
   bytes), fp16 scale per block; symmetric (``round(w / (absmax/7))`` + 8) or affine (min/max scale
   and a 4-bit zero point, packed per row: ``[N, ceil(blocks_per_row / 2)]`` bytes). Low nibble
   first, so the bytes move into an ONNX file unchanged.
-* int8: one fp32 scale per output channel, ``round(w / (absmax/127))``.
+* int8: one fp32 scale per output channel, ``round(w / (absmax/127))``; in ONNX files the same
+  ``[N, K]`` int8 codes and ``[N]`` scales behind a ``DequantizeLinear``. ``com.microsoft.MatMulNBits``
+  bits 8, which other tools write, holds codes + 128 as uint8 in rows padded to whole blocks with a
+  scale per block: ``int8_to_nbits`` / ``int8_from_nbits`` move lora_fx's int8 into and out of that
+  layout (each row's scale repeated per block), ``dequantize_int8_nbits`` decodes any of it.
 
 Decoding writes float32 rows into a per-thread scratch buffer through ``lora_fx.kernels.dequant``
 (native C where the machine builds it, else torch ops). Both front ends use these numerics: the FX
@@ -317,6 +321,69 @@ def quantize_int8(w: Tensor, what: str = "weight") -> dict[str, Tensor]:
 
 def dequantize_int8(qweight: Tensor, qscale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return int8_decoder(qweight, qscale).weight(dtype)
+
+
+def int8_to_nbits(qweight: Tensor, qscale: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """lora_fx's int8 storage (``qweight [N, K]`` int8, ``qscale [N]``) in MatMulNBits' 8-bit layout:
+    ``B`` uint8 ``[N, ceil(K / block), block]`` holding ``q + 128`` (the op's default zero point; the
+    padding of each row's last block is 128, a zero weight) and ``scales [N * blocks]``, each row's scale
+    once per block (same dtype as ``qscale``)."""
+    n, k = qweight.shape
+    blocks = -(-k // block_size)
+    codes = torch.nn.functional.pad(qweight.to(torch.int16), (0, blocks * block_size - k)) + 128
+    return codes.to(torch.uint8).reshape(n, blocks, block_size), qscale.reshape(n, 1).expand(n, blocks).reshape(-1).clone()
+
+
+def int8_from_nbits(b: Tensor, scales: Tensor, zero: Optional[Tensor], out_features: int, in_features: int,
+                    block_size: int) -> Optional[tuple[Tensor, Tensor]]:
+    """The inverse of ``int8_to_nbits``: ``(qweight [N, K] int8, qscale [N] float32)`` of a MatMulNBits
+    bits=8 weight, or None when it is not lora_fx's per-channel int8 (a row's blocks with different
+    scales, zero points other than 128, or shapes that do not fit)."""
+    n, k = out_features, in_features
+    blocks = -(-k // block_size)
+    if b.numel() != n * blocks * block_size or not int8_nbits_per_channel(scales, zero, n, blocks):
+        return None
+    q = (b.reshape(n, blocks * block_size)[:, :k].to(torch.int16) - 128).to(torch.int8).contiguous()
+    return q, scales.reshape(n, blocks)[:, 0].float().contiguous()
+
+
+def int8_nbits_per_channel(scales: Tensor, zero: Optional[Tensor], out_features: int, blocks: int) -> bool:
+    """Whether MatMulNBits bits=8 scales / zero points are lora_fx's per-channel int8: every block of a
+    row has the row's scale, and the zero point is 128 (absent, or uint8 128s)."""
+    n = out_features
+    if scales.numel() != n * blocks:
+        return False
+    per_block = scales.reshape(n, blocks)
+    if not bool((per_block == per_block[:, :1]).all()):
+        return False
+    return zero is None or (zero.dtype == torch.uint8 and zero.numel() == n * blocks and not bool((zero != 128).any()))
+
+
+def dequantize_int8_nbits(b: Tensor, scales: Tensor, zero: Optional[Tensor], out_features: int, in_features: int,
+                          block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """W ``[N, K]`` of a MatMulNBits bits=8 weight: per-channel int8 through ``dequantize_int8`` (the
+    same float32 values as the FX op), any other (per-block scales, zero points) as ``(code - zero) * scale``."""
+    own = int8_from_nbits(b, scales, zero, out_features, in_features, block_size)
+    if own is not None:
+        return dequantize_int8(own[0], own[1], dtype)
+    n, k = out_features, in_features
+    blocks = -(-k // block_size)
+    codes = b.reshape(n, blocks, block_size).to(torch.float32)
+    z = torch.full((n, blocks, 1), 128.0) if zero is None else zero.reshape(n, blocks, 1).to(torch.float32)
+    w = (codes - z) * scales.reshape(n, blocks, 1).to(torch.float32)
+    return w.reshape(n, blocks * block_size)[:, :k].to(dtype).contiguous()
+
+
+def quantize_int8_blocks(w: Tensor, block_size: int, what: str = "weight") -> tuple[Tensor, Tensor]:
+    """MatMulNBits bits=8 storage of ``w [N, K]`` with one scale per block (not per row): ``(B, scales)``
+    as ``int8_to_nbits`` lays them out. For weights other tools stored that way."""
+    w = _finite(w, what)
+    n, k = w.shape
+    blocks = -(-k // block_size)
+    padded = torch.nn.functional.pad(w, (0, blocks * block_size - k)).reshape(n * blocks, block_size)
+    q = quantize_int8(padded, what)
+    b, _ = int8_to_nbits(q["qweight"], q["qscale"], block_size)
+    return b.reshape(n, blocks, block_size), q["qscale"]
 
 
 def quantization_error(w: Tensor, deq: Tensor) -> tuple[float, float]:

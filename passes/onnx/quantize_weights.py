@@ -9,19 +9,26 @@ becomes an ``Add`` after the quantized op, the form a ``MatMul`` site with a bia
   same bytes ``lora_fx/kernels/quant_formats`` produces. MatMulBnb4 reads float absmaxes; with
   ``double_quant`` they are stored as int8 plus one factor per ``double_quant_block_size`` blocks and
   decoded by a few constant nodes in front of it (``weight_scale*`` initializers).
-
-New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_zero`` so the site keeps its
-name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
 * int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K, each row padded to whole blocks
   unless ``pad=False``, ``accuracy_level=0``), zero point 8 or packed affine zero points.
 * int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``
   (training runs this chain as ``lora_fx::linear_int8``: ``runtime/int8_linear``).
 
+Why int8 is not ``MatMulNBits(bits=8)``, which ONNX Runtime computes exactly under any session options:
+ONNX Runtime 1.31's CPU kernel for it decodes W on every call and runs 2-4x slower than this form (four
+384x1536 layers, one thread: 8.05 vs 2.41 ms for 1 row, 19.3 vs 13.5 ms for 128; float W 1.42 / 11.4).
+Under default options ONNX Runtime fuses this form into ``MatMulNBits(accuracy_level=4)``, which
+quantizes the activations to int8 (~0.4% off); ``lora_fx.runtime.ort.Session`` sets
+``session.qdq_matmulnbits_accuracy_level=0`` so it computes in float, as training does, and users of
+plain ONNX Runtime set the same option. bits=8 MatMulNBits files other tools write are read everywhere
+(``quantized_weight``).
+
+New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_zero`` so the site keeps its
+name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
 Scales and absmaxes are stored in the model's float type (MatMulBnb4 and MatMulNBits read them in
 the type of their input; so does the MatMul after DequantizeLinear). The numerics are those of the
 FX pass (one implementation). Sites that are already quantized
-(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused. ONNX Runtime sessions
-should set ``session.qdq_matmulnbits_accuracy_level`` to 0 so a DQ+MatMul fusion keeps float math.
+(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused.
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
 """A linear site's quantized weight in ONNX, read and rewritten in one place (helpers, not a pass).
 
-Recognises the storages ``quantize_weights`` (ONNX and FX export) writes and ONNX Runtime runs:
+Recognises the storages ``quantize_weights`` (ONNX and FX export) writes, and those of other tools
+that ONNX Runtime runs:
 
 * ``com.microsoft.MatMulBnb4`` with quant_type 1 (NF4): packed codes ``[ceil(N*K/2)]`` high nibble
   first, one absmax per ``block_size`` weights of the flattened ``[N, K]`` W;
 * ``com.microsoft.MatMulNBits`` with bits 4: ``[N, ceil(K/block), block/2]`` low nibble first (each
   row padded to whole blocks), scales per block, zero point 8 or uint8 zero points packed per row,
   optional bias (input 5);
+* ``com.microsoft.MatMulNBits`` with bits 8 (int8 as other tools write it, e.g. ONNX Runtime's
+  MatMulNBits quantizer): ``[N, ceil(K/block), block]`` uint8 codes, zero point 128 or one uint8 zero
+  point per block, scales per block (``per_channel``: every block of a row has the row's scale and the
+  zero point is 128, lora_fx's int8 numerics), optional bias (input 5);
 * ``MatMul(x, f(DequantizeLinear(q, scale[, zero])))`` with ``f`` Transposes / Casts: int8, one scale
-  per tensor or per output channel.
+  per tensor or per output channel (lora_fx writes ``DequantizeLinear(q [N, K], axis=0) -> Transpose``).
 
 Storage inputs may be computed from constants (the FX exporter writes ``CastLike`` / ``Reshape`` and,
 for double-quantized NF4 absmaxes, a small decode): they are evaluated here with numpy. Dequantizing
@@ -40,6 +45,11 @@ def _np(value: ir.Value) -> np.ndarray:
     return _evaluate(value)
 
 
+def constant_value(value: ir.Value) -> np.ndarray:
+    """The value of an initializer, a Constant, or a subgraph of constants computing it (UnsupportedError if none)."""
+    return _np(value)
+
+
 def _evaluate(value: ir.Value) -> np.ndarray:
     """The value of a constant-only subgraph (Cast, Reshape, ...), or UnsupportedError."""
     node = value.producer()
@@ -59,6 +69,8 @@ def _evaluate(value: ir.Value) -> np.ndarray:
         data, shape = _np(ins[0]), [int(d) for d in _np(ins[1])]
         shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
         return data.reshape(shape)
+    if op == "Concat":
+        return np.concatenate([_np(v) for v in ins], axis=int(node.attributes["axis"].value))
     if op == "Unsqueeze":
         return np.expand_dims(_np(ins[0]), tuple(int(a) for a in _np(ins[1])))
     if op == "Expand":
@@ -86,14 +98,20 @@ class QuantizedWeight:
     """One site's quantized W: where its storage enters the graph and how to decode it."""
 
     dtype: QuantDType
-    node: ir.Node  # MatMulBnb4 / MatMulNBits, or the DequantizeLinear of int8
+    node: ir.Node  # MatMulBnb4 / MatMulNBits, or the DequantizeLinear of an int8 MatMul
     matmul: ir.Node  # the node computing x @ W (== node for the contrib ops)
     out_features: int
     in_features: int
     block_size: int = 0
     storage: dict[int, np.ndarray] = field(default_factory=dict)  # node input index -> value as the node reads it
     stored_out_in: bool = True  # int8: q is [out, in] (else [in, out])
-    per_channel: bool = True  # int8: one scale per output channel (else one per tensor)
+    per_channel: bool = True  # int8: one scale per output channel (DequantizeLinear: else one per tensor;
+    # MatMulNBits: else per block or with zero points other than 128)
+
+    @property
+    def nbits_int8(self) -> bool:
+        """int8 in MatMulNBits (bits 8), not behind a DequantizeLinear."""
+        return self.dtype is QuantDType.INT8 and self.node.domain == MS
 
     @property
     def float_dtype(self) -> np.dtype:
@@ -122,6 +140,9 @@ class QuantizedWeight:
             zero = _t(s[3].reshape(-1)) if 3 in s else None
             scale = _t(s[2].reshape(-1).astype(np.float32))
             return formats.dequantize_int4(_t(s[1].reshape(-1)), scale, zero, n, k, bs).numpy()
+        if self.nbits_int8:
+            zero = _t(s[3].reshape(-1)) if 3 in s else None
+            return formats.dequantize_int8_nbits(_t(s[1]), _t(s[2].reshape(-1).astype(np.float32)), zero, n, k, bs).numpy()
         q = s[0] if self.stored_out_in else s[0].T
         scale = s[1].astype(np.float32)
         zero = s[2] if 2 in s else None
@@ -145,6 +166,15 @@ class QuantizedWeight:
             new = {1: q["qweight"].numpy(), 2: q["qscale"].float().numpy()}
             if 3 in self.storage:
                 new[3] = q["qzero"].numpy()
+        elif self.nbits_int8:
+            if self.per_channel:  # one scale per row, repeated per block: stays so
+                q = formats.quantize_int8(wt)
+                b, scale = formats.int8_to_nbits(q["qweight"], q["qscale"], bs)
+            else:
+                b, scale = formats.quantize_int8_blocks(wt, bs)
+            new = {1: b.numpy(), 2: scale.numpy()}
+            if 3 in self.storage:  # symmetric codes: every zero point 128
+                new[3] = np.full(self.storage[3].shape, 128, np.uint8)
         else:
             if self.per_channel:
                 q = formats.quantize_int8(wt)
@@ -181,12 +211,15 @@ def quantized_weight(site: str, node: ir.Node) -> QuantizedWeight | None:
         return qw
     if node.domain == MS and node.op_type == "MatMulNBits":
         n, k, bs = _attr(node, "N", 0), _attr(node, "K", 0), _attr(node, "block_size", 0)
-        if _attr(node, "bits", 4) != 4:
-            raise _refuse(site, f"MatMulNBits with bits={_attr(node, 'bits', 4)} (lora_fx quantizes 4 bits)")
+        bits = _attr(node, "bits", 4)
+        if bits not in (4, 8):
+            raise _refuse(site, f"MatMulNBits with bits={bits} (lora_fx quantizes 4 and 8 bits)")
         if not bs or bs % 2:
             raise _refuse(site, f"MatMulNBits with block_size={bs}")
         if len(node.inputs) > 4 and node.inputs[4] is not None:
             raise _refuse(site, "MatMulNBits with g_idx")
+        if bits == 8:
+            return _nbits_int8(site, node, n, k, bs)
         qw = QuantizedWeight(QuantDType.INT4, node, node, n, k, bs)
         qw.storage = {1: _np(node.inputs[1]), 2: _np(node.inputs[2])}
         if len(node.inputs) > 3 and node.inputs[3] is not None:
@@ -225,6 +258,25 @@ def quantized_weight(site: str, node: ir.Node) -> QuantizedWeight | None:
     return None
 
 
+def _nbits_int8(site: str, node: ir.Node, n: int, k: int, bs: int) -> QuantizedWeight:
+    """MatMulNBits bits 8: per-channel int8 (``per_channel``) or blocked int8."""
+    from lora_fx.kernels import quant_formats as formats
+
+    qw = QuantizedWeight(QuantDType.INT8, node, node, n, k, bs)
+    qw.storage = {1: _np(node.inputs[1]), 2: _np(node.inputs[2])}
+    blocks = -(-k // bs)
+    if qw.storage[1].dtype != np.uint8 or qw.storage[1].size != n * blocks * bs or qw.storage[2].size != n * blocks:
+        raise _refuse(site, f"MatMulNBits bits=8 whose B or scales do not have N={n} rows of {blocks} blocks of {bs}")
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        zero = _np(node.inputs[3])
+        if zero.dtype != np.uint8 or zero.size != n * blocks:
+            raise _refuse(site, "MatMulNBits bits=8 zero points that are not one uint8 per block")
+        qw.storage[3] = zero
+    zero = _t(qw.storage[3].reshape(-1)) if 3 in qw.storage else None
+    qw.per_channel = formats.int8_nbits_per_channel(_t(qw.storage[2].reshape(-1)), zero, n, blocks)
+    return qw
+
+
 # ---- rewriting -----------------------------------------------------------------------------------
 def _unique(graph: ir.Graph, name: str) -> str:
     while name in graph.initializers:
@@ -258,8 +310,8 @@ def prune(graph: ir.Graph, values: list[ir.Value]) -> None:
         work.extend(inputs)
 
 
-_NAMES = {QuantDType.NF4: {1: "weight_q", 2: "weight_scale"}, QuantDType.INT4: {1: "weight_q", 2: "weight_scale", 3: "weight_zero"},
-          QuantDType.INT8: {0: "weight_q", 1: "weight_scale", 2: "weight_zero"}}
+# Initializer names by the storage's node input index: the contrib ops (x is input 0), DequantizeLinear.
+_NAMES = {MS: {1: "weight_q", 2: "weight_scale", 3: "weight_zero"}, "": {0: "weight_q", 1: "weight_scale", 2: "weight_zero"}}
 
 
 def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict[int, np.ndarray]) -> None:
@@ -271,7 +323,7 @@ def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict
         if direct and len(list(value.uses())) == 1 and value not in graph.inputs:
             value.const_value = ir.tensor(array, name=value.name)
             continue
-        new = new_initializer(graph, f"{site}.{_NAMES[qw.dtype][index]}", array)
+        new = new_initializer(graph, f"{site}.{_NAMES[MS if qw.node.domain == MS else ''][index]}", array)
         qw.node.replace_input_with(index, new)
         old.append(value)
     prune(graph, old)
@@ -296,7 +348,8 @@ def replace_by_float(graph: ir.Graph, site: str, qw: QuantizedWeight, w: np.ndar
         nodes.append(add)
         out = add.outputs[0]
     old_out = node.outputs[0]
-    out.dtype, out.shape = old_out.dtype, old_out.shape
+    # The type as a whole: other tools' files often leave it unset, and a dtype of None would not serialize.
+    out.type, out.shape = old_out.type, old_out.shape
     name = old_out.name
     old_out.name = None
     out.name = name  # a graph output keeps its name

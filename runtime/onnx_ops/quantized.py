@@ -1,4 +1,4 @@
-"""Quantized weights: DequantizeLinear, com.microsoft MatMulNBits and MatMulBnb4.
+"""Quantized weights: DequantizeLinear, com.microsoft MatMulNBits (bits 4 and 8) and MatMulBnb4.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def _dequantize_linear(ctx, x, a):
 # tile at a time and decoded again in backward instead of saved, so training through an ONNX file's
 # 4-bit weights keeps no float copy of them alive across the step (torch.matmul on a decoded W would
 # save that W for its backward, one per layer). Other layouts take the plain decode below. int8 weights
-# (DequantizeLinear -> [Transpose ->] MatMul / Gemm) get the same treatment from runtime/int8_linear.
+# (MatMulNBits bits 8, DequantizeLinear -> [Transpose ->] MatMul / Gemm) get the same treatment from
+# runtime/int8_linear, which gives OnnxModule lora_fx's int8 storage once, at load; an int8 MatMulNBits
+# run outside it still goes through lora_fx::linear_int8 (saving an int8 copy of W, not a float one).
 _TRAINING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -76,12 +78,20 @@ def _matmul_nbits(ctx, x, a):
     inp = ctx.t(x[0])
     packed, scales = ctx.t(x[1]), ctx.t(x[2])
     zp = ctx.t(x[3]) if len(x) > 3 and x[3] is not None else None
-    if len(x) > 4 and any(v is not None for v in x[4:]):
-        raise UnsupportedError("com.microsoft.MatMulNBits with g_idx or bias inputs is not supported")
+    if len(x) > 4 and x[4] is not None:
+        raise UnsupportedError("com.microsoft.MatMulNBits with a g_idx input is not supported")
     n, k, bits, block = a["N"], a["K"], a.get("bits", 4), a["block_size"]
-    if bits != 4:
-        raise UnsupportedError(f"com.microsoft.MatMulNBits with bits={bits} is not supported (only 4)")
+    if bits not in (4, 8):
+        raise UnsupportedError(f"com.microsoft.MatMulNBits with bits={bits} is not supported (only 4 and 8)")
+    y = _nbits_product(inp, packed, scales, zp, n, k, bits, block)
+    return y + ctx.t(x[5]) if len(x) > 5 and x[5] is not None else y
+
+
+def _nbits_product(inp: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None,
+                   n: int, k: int, bits: int, block: int) -> torch.Tensor:
     n_blocks = -(-k // block)
+    if bits == 8:
+        return _matmul_nbits8(inp, packed, scales, zp, n, k, block)
     fast = _training_int4(inp, packed, scales, zp, n, k, block, n_blocks)
     if fast is not None:
         return fast
@@ -94,6 +104,22 @@ def _matmul_nbits(ctx, x, a):
     else:
         z = zp.reshape(n, n_blocks, 1).to(torch.float32)
     w = ((q - z) * sc).reshape(n, -1)[:, :k]  # [N, K]
+    return torch.matmul(inp, w.to(inp.dtype).t())
+
+
+def _matmul_nbits8(inp: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None,
+                   n: int, k: int, block: int) -> torch.Tensor:
+    """MatMulNBits bits 8: one uint8 code per weight, zero point 128 unless given (uint8, or float, per block)."""
+    from lora_fx.kernels import quant_formats as formats
+
+    if packed.numel() != n * -(-k // block) * block or scales.numel() != n * -(-k // block):
+        raise UnsupportedError(f"com.microsoft.MatMulNBits bits=8: B has {packed.numel()} codes and {scales.numel()} scales, "
+                               f"not N={n} rows of {-(-k // block)} blocks of {block}")
+    if inp.dtype in _TRAINING_DTYPES:
+        own = formats.int8_from_nbits(packed, scales.reshape(-1), zp.reshape(-1) if zp is not None else None, n, k, block)
+        if own is not None:  # lora_fx's int8: the op the FX front end trains with, same float32 W
+            return _quant_ops().linear_int8(inp, own[0], own[1], None, n, k)
+    w = formats.dequantize_int8_nbits(packed, scales.reshape(-1), zp.reshape(-1) if zp is not None else None, n, k, block)
     return torch.matmul(inp, w.to(inp.dtype).t())
 
 

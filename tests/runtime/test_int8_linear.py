@@ -39,6 +39,36 @@ def _model(form: str, zero_point: int = 0, shared: bool = False) -> tuple[ir.Mod
     inits: dict[str, np.ndarray] = {}
     nodes = []
     x_shape: list = ["batch", "seq", K]
+    if form in ("nbits", "nbits_computed"):  # per-channel int8 in MatMulNBits bits 8, as other tools write it
+        from lora_fx.kernels.quant_formats import int8_to_nbits
+
+        block = 16  # K = 40: rows padded to 3 blocks
+        blocks = -(-K // block)
+        ms = dict(domain="com.microsoft", K=K, N=N, bits=8, block_size=block, accuracy_level=0)
+        if form == "nbits":  # B and scales are initializers; a bias input
+            b_nb, s_nb = int8_to_nbits(torch.from_numpy(q), torch.from_numpy(scale), block)
+            inits.update(b=b_nb.numpy(), s=s_nb.numpy(), bias=bias)
+            zero = ""
+            if zero_point:  # zero points other than 128: another tool's int8, not lora_fx's
+                inits["z"] = np.full(N * blocks, 128 + zero_point, np.uint8)
+                w, zero = (q.astype(np.float32) - zero_point) * scale[:, None], "z"
+            nodes.append(helper.make_node("MatMulNBits", ["x", "b", "s", zero, "", "bias"], ["y"], **ms))
+            return _finish(form, nodes, inits, x_shape, shared), w, bias
+        # B and scales computed from int8 [N, K] codes and [N] scales by constant nodes, as an exporter may write them.
+        inits.update(q=q, s=scale, pad=np.zeros((N, blocks * block - K), np.int16),
+                     off=np.array(128, np.int16), b_shape=np.array([N, blocks, block], np.int64),
+                     col=np.array([N, 1], np.int64), grid=np.array([N, blocks], np.int64), flat=np.array([-1], np.int64))
+        nodes += [helper.make_node("Cast", ["q"], ["q16"], to=TensorProto.INT16),
+                  helper.make_node("Concat", ["q16", "pad"], ["q16p"], axis=1),
+                  helper.make_node("Add", ["q16p", "off"], ["c16"]),
+                  helper.make_node("Cast", ["c16"], ["c8"], to=TensorProto.UINT8),
+                  helper.make_node("Reshape", ["c8", "b_shape"], ["b"]),
+                  helper.make_node("Reshape", ["s", "col"], ["s_col"]),
+                  helper.make_node("Expand", ["s_col", "grid"], ["s_grid"]),
+                  helper.make_node("Reshape", ["s_grid", "flat"], ["s_flat"]),
+                  helper.make_node("CastLike", ["s_flat", "x"], ["s_nb"]),
+                  helper.make_node("MatMulNBits", ["x", "b", "s_nb"], ["y"], **ms)]
+        return _finish(form, nodes, inits, x_shape, shared), w, None
     if form == "lora_fx":  # passes/onnx/quantize_weights' int8 layout
         inits.update(q=q, s=scale)
         nodes += [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0),
@@ -65,16 +95,23 @@ def _model(form: str, zero_point: int = 0, shared: bool = False) -> tuple[ir.Mod
         nodes.append(helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=int(form == "gemm_transB")))
     else:
         raise AssertionError(form)
+    model = _finish(form, nodes, inits, x_shape, shared)
+    return model, w, (bias if form.startswith("gemm") else None)
+
+
+def _finish(form: str, nodes: list, inits: dict[str, np.ndarray], x_shape: list, shared: bool) -> ir.Model:
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-    if shared:  # the dequantized W is read a second time: it must stay a plain node
-        nodes.append(helper.make_node("ReduceSum", ["w"], ["w_sum"], keepdims=0))
-        outputs.append(helper.make_tensor_value_info("w_sum", TensorProto.FLOAT, None))
+    if shared:  # the dequantized W (or MatMulNBits' B) is read a second time: it must stay a plain node
+        if form.startswith("nbits"):
+            nodes.append(helper.make_node("Identity", ["b"], ["w_sum"]))
+        else:
+            nodes.append(helper.make_node("ReduceSum", ["w"], ["w_sum"], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("w_sum", TensorProto.UINT8 if form.startswith("nbits") else TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)], outputs,
                               initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    if form.startswith("gemm"):
-        return ir.serde.deserialize_model(model), w, bias
-    return ir.serde.deserialize_model(model), w, None
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    return ir.serde.deserialize_model(model)
 
 
 def _saved_float_matrices(module: OnnxModule, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list]:
@@ -89,13 +126,17 @@ def _saved_float_matrices(module: OnnxModule, x: torch.Tensor) -> tuple[dict[str
     return out, [s for s in saved if s[0] in {(N, K), (K, N)} and s[1].is_floating_point]
 
 
-@pytest.mark.parametrize("form", ["lora_fx", "ort_channel", "ort_tensor", "gemm_transB", "gemm"])
+@pytest.mark.parametrize("form", ["nbits", "nbits_computed", "lora_fx", "ort_channel", "ort_tensor", "gemm_transB", "gemm"])
 def test_int8_chain_runs_fused_like_onnxruntime_and_saves_no_float_weight(form: str, tmp_path: Path) -> None:
     model, w, bias = _model(form)
     path = tmp_path / "m.onnx"
     ir.save(model, str(path))
     module = OnnxModule(model, trainable=[])
     assert len(module.int8_linears.matched) == 1 and not module.int8_linears.refused
+    if form.startswith("nbits"):
+        # The op's int8 [N, K] copy replaces what only MatMulNBits read: no second copy of W is held.
+        assert not [b for b in module.buffers() if b.numel() >= N * K and b.dtype != torch.int8]
+        assert sum(b.numel() for b in module.buffers() if b.dtype == torch.int8) == N * K
     x_np = rng.standard_normal((2, K) if form.startswith("gemm") else (2, 3, K)).astype(np.float32)
     x = torch.from_numpy(x_np).requires_grad_()
     out, float_w = _saved_float_matrices(module, x)
@@ -111,13 +152,14 @@ def test_int8_chain_runs_fused_like_onnxruntime_and_saves_no_float_weight(form: 
 
 @pytest.mark.parametrize("form, zero_point, shared, why", [
     ("ort_channel", 3, False, "zero point is not 0"),
+    ("nbits", 3, False, "zero points are not 128"),
     ("lora_fx", 0, True, "feeds more than"),
 ])
 def test_chains_the_op_cannot_take_run_node_by_node_and_say_why(form, zero_point, shared, why, tmp_path: Path) -> None:
     model, w, _ = _model(form, zero_point=zero_point, shared=shared)
     path = tmp_path / "m.onnx"
     ir.save(model, str(path))
-    with pytest.warns(UserWarning, match=rf"1 DequantizeLinear weight\(s\) .* keeps a float copy .*{why}"):
+    with pytest.warns(UserWarning, match=rf"1 int8 weight\(s\) .* keeps a float copy .*{why}"):
         module = OnnxModule(model, trainable=[])
     assert not module.int8_linears.matched
     assert [why in r for r in module.int8_linears.refused.values()] == [True]
@@ -127,7 +169,45 @@ def test_chains_the_op_cannot_take_run_node_by_node_and_say_why(form, zero_point
     np.testing.assert_allclose(out["y"].detach().numpy(), ort_run(path, {"x": x_np})[0], rtol=1e-5, atol=1e-5)
 
 
-def test_qlora_int8_onnx_model_trains_without_float_weights(tmp_path: Path) -> None:
+def test_matmul_nbits_b_read_elsewhere_stays_and_the_fused_call_still_runs(tmp_path: Path) -> None:
+    model, w, bias = _model("nbits", shared=True)
+    path = tmp_path / "m.onnx"
+    ir.save(model, str(path))
+    module = OnnxModule(model, trainable=[])
+    assert len(module.int8_linears.matched) == 1 and module.int8_linears.matched[0].released == ("s",)
+    x_np = rng.standard_normal((2, 3, K)).astype(np.float32)
+    out, float_w = _saved_float_matrices(module, torch.from_numpy(x_np).requires_grad_())
+    assert not float_w
+    want = ort_run(path, {"x": x_np})
+    np.testing.assert_allclose(out["y"].detach().numpy(), want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["w_sum"].numpy(), want[1])
+
+
+def test_nodes_computing_the_activation_are_never_absorbed(tmp_path: Path) -> None:
+    """A CastLike(scales, x) (lora_fx's FX export writes one for int4 scales) reads x for its type: when x
+    comes from a node read by nothing else (a site without adapter), that node must still run; only the
+    constant nodes behind B go."""
+    model, w, _ = _model("nbits_computed")
+    graph = model.graph
+    x = graph.inputs[0]
+    relu = ir.node("Relu", [x], name="act")
+    relu.outputs[0].dtype, relu.outputs[0].shape = x.dtype, x.shape
+    graph.insert_before(graph.node(0), relu)
+    for user, index in list(x.uses()):
+        if user is not relu:
+            user.replace_input_with(index, relu.outputs[0])
+    path = tmp_path / "m.onnx"
+    ir.save(model, str(path))
+    module = OnnxModule(model, trainable=[])
+    (hit,) = module.int8_linears.matched
+    assert relu not in hit.skipped and {n.op_type for n in hit.skipped} >= {"Cast", "Concat", "Add", "Reshape", "Expand"}
+    x_np = rng.standard_normal((2, 3, K)).astype(np.float32)
+    got = module(x=torch.from_numpy(x_np))["y"].numpy()
+    np.testing.assert_allclose(got, ort_run(path, {"x": x_np})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, np.maximum(x_np, 0) @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_int8_onnx_model_trains_without_float_weights(tmp_path: Path, monkeypatch) -> None:
     """lora_fx.apply with an int8 QuantConfig on an ONNX MLP: every quantized site runs fused, the LoRA
     gradients equal the plain node-by-node path's, and the loss falls."""
     from tests.passes.onnx.test_quantize_weights import IN, OUT, _mlp
@@ -149,9 +229,11 @@ def test_qlora_int8_onnx_model_trains_without_float_weights(tmp_path: Path) -> N
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.named_adapters().items()}
 
+    from runtime.int8_linear import Int8Linears
+
+    # The same graph node by node (DequantizeLinear -> Transpose -> MatMul, a float W saved): what the fused path must equal.
+    monkeypatch.setitem(trainable_module.__globals__, "find_int8_linears", lambda graph: Int8Linears())
     plain = trainable_module(build())
-    plain.int8_linears.matched.clear()  # the same graph node by node: what the fused path must equal
-    plain._nodes = plain._compile(plain._model.graph, set(plain._init_consts), {})
     plain(x=x)["y"].pow(2).mean().backward()
     for name, p in plain.named_adapters().items():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)

@@ -113,6 +113,54 @@ def test_int8_equals_torch_per_channel_quantization():
     assert torch.allclose(s["qscale"], w.abs().amax(1) / 127)
 
 
+# ---- int8 in MatMulNBits' 8-bit layout (ONNX files other tools write) ----------------------------
+@pytest.mark.parametrize("k, block", [(40, 16), (64, 64), (100, 128)])
+def test_int8_nbits_layout_is_codes_plus_128_in_padded_rows_with_the_row_scale_per_block(k, block):
+    from lora_fx.kernels.quant_formats import dequantize_int8_nbits, int8_from_nbits, int8_to_nbits
+
+    torch.manual_seed(k)
+    w = torch.randn(5, k)
+    w[1] = 0.0
+    s = quantize_int8(w)
+    b, scales = int8_to_nbits(s["qweight"], s["qscale"], block)
+    per_row = -(-k // block)
+    assert b.dtype == torch.uint8 and b.shape == (5, per_row, block) and scales.shape == (5 * per_row,)
+    rows = b.reshape(5, -1).to(torch.int32)
+    for r in range(5):  # from the definition, element by element
+        for c in range(per_row * block):
+            assert int(rows[r, c]) == (int(s["qweight"][r, c]) + 128 if c < k else 128)
+        assert torch.equal(scales.view(5, per_row)[r], s["qscale"][r].expand(per_row))
+    q, scale = int8_from_nbits(b, scales, None, 5, k, block)
+    assert torch.equal(q, s["qweight"]) and torch.equal(scale, s["qscale"])
+    # Bit for bit the FX op's W, with the zero point absent or given as 128s.
+    want = dequantize_int8(s["qweight"], s["qscale"])
+    assert torch.equal(dequantize_int8_nbits(b, scales, None, 5, k, block), want)
+    assert torch.equal(dequantize_int8_nbits(b, scales, torch.full((5 * per_row,), 128, dtype=torch.uint8), 5, k, block), want)
+    # Other int8 (per-block scales, other zero points) is not lora_fx's: decoded from the definition instead.
+    if per_row > 1:
+        blocked = scales.clone()
+        blocked[-1] *= 2  # the last row's blocks no longer share one scale
+        assert int8_from_nbits(b, blocked, None, 5, k, block) is None
+    zero = torch.full((5 * per_row,), 120, dtype=torch.uint8)
+    assert int8_from_nbits(b, scales, zero, 5, k, block) is None
+    got = dequantize_int8_nbits(b, scales, zero, 5, k, block)
+    expect = (rows[:, :k].float() - 120) * s["qscale"][:, None]
+    assert torch.equal(got, expect)
+
+
+def test_int8_blocks_quantize_each_block_by_its_own_absmax():
+    from lora_fx.kernels.quant_formats import dequantize_int8_nbits, quantize_int8_blocks
+
+    torch.manual_seed(2)
+    w = torch.randn(4, 40) * torch.tensor([1.0, 10.0, 0.1])[torch.arange(40) // 16]  # blocks of 16 of different size
+    b, scales = quantize_int8_blocks(w, 16)
+    assert b.shape == (4, 3, 16) and scales.shape == (12,)
+    blocks = torch.nn.functional.pad(w, (0, 8)).view(4, 3, 16)
+    assert torch.equal(scales.view(4, 3), blocks.abs().amax(-1) / 127)
+    got = dequantize_int8_nbits(b, scales, None, 4, 40, 16)
+    assert torch.all((got - w).abs() <= scales.view(4, 3).repeat_interleave(16, 1)[:, :40] / 2 + 1e-6)
+
+
 # ---- int4 in MatMulNBits' layout: rows padded to whole blocks, zero points packed per row --------
 def _reference_int4(w: torch.Tensor, block: int, symmetric: bool):
     """ONNX Runtime's MatMulNBits storage of ``w`` [N, K], element by element from the contrib-op spec:

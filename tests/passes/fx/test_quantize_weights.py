@@ -358,8 +358,12 @@ def test_tied_output_layer_stays_float(zoo):
 
 # ---- ONNX export ------------------------------------------------------------------------------
 def _onnx_weight_bytes(model) -> int:
-    """Bytes of the initializers that feed linear sites' weights (packed storage and scales included)."""
+    """Bytes of the initializers that feed linear sites' weights (packed storage and scales included), also
+    where the exporter computes an op's input from them with constant nodes (int4's Reshape, nf4's absmax decode)."""
     from lora_fx.passes.onnx.find_sites import linear_parts
+
+    def read(n):  # the values a node computes from: CastLike's second input (int8's activation) gives only a type
+        return [i for i in (n.inputs[:1] if n.op_type == "CastLike" else n.inputs) if i is not None]
 
     total, seen = 0, set()
     for node in model.graph:
@@ -367,11 +371,16 @@ def _onnx_weight_bytes(model) -> int:
         if parts is None or parts.weight is None:
             continue
         values = [parts.weight] + ([v for v in node.inputs[2:4] if v is not None] if node.domain == "com.microsoft" else [])
-        values += [v for n in parts.chain for v in n.inputs[1:] if v is not None]
-        for v in values:
-            if v.name not in seen and v.const_value is not None:
-                seen.add(v.name)
+        values += [v for n in parts.chain for v in read(n)[1:]]
+        while values:
+            v = values.pop()
+            if v.name in seen:
+                continue
+            seen.add(v.name)
+            if v.const_value is not None:
                 total += v.const_value.nbytes
+            elif v.producer() is not None:
+                values += [i for i in read(v.producer()) if i is not node.inputs[0]]
     return total
 
 
@@ -399,7 +408,7 @@ def test_onnx_runtime_runs_exported_quantized_model(tmp_path, wide_llama, quant,
     sites = {s.name for s in lora_fx.find_sites(onnx_model) if s.kind.value == "linear"}
     assert set(quantized_nodes(gm)) <= sites
     ratio = (_onnx_weight_bytes(onnx_model) - model.lm_head.weight.numel() * 4) / float_bytes
-    assert ratio <= limit, ratio
+    assert limit - 0.03 < ratio <= limit, ratio  # the packed bytes are counted, computed inputs included
     options = ort.SessionOptions()
     # ORT's default for DQ+MatMul fusions quantizes activations to int8; training numerics are float.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")

@@ -63,9 +63,15 @@ def _nibbles(packed: np.ndarray, high_first: bool) -> np.ndarray:
 
 
 def _decode(model: ir.Model, site: str) -> np.ndarray:
-    """W ``[out, in]`` of ``site`` from its stored initializers (names from quantize_weights)."""
+    """W ``[out, in]`` of ``site`` from its stored initializers (names from quantize_weights; MatMulNBits bits 8
+    files of other tools: the node named ``<site>/…``)."""
     init = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}
-    node = next(n for n in model.graph if n.op_type in QUANT_OPS and any(v is not None and v.name == f"{site}.weight_q" for v in n.inputs))
+    node = next(n for n in model.graph if n.op_type in QUANT_OPS and (
+        any(v is not None and v.name == f"{site}.weight_q" for v in n.inputs) or (n.name or "").startswith(f"{site}/")))
+    if node.op_type == "MatMulNBits" and node.attributes["bits"].value == 8:
+        from tests.passes.onnx.test_int8_plain_ort import spec_decode_nbits8
+
+        return spec_decode_nbits8(node)
     q, scale = init[f"{site}.weight_q"], init[f"{site}.weight_scale"].astype(np.float64)
     if node.op_type == "DequantizeLinear":
         return q.astype(np.float64) * scale[:, None]
@@ -346,3 +352,40 @@ def test_a_quantized_site_without_adapter_stays_byte_identical(name, mode):
     assert fc2
     fold_lora(model, mode)
     assert {n: v.const_value.tobytes() for n, v in model.graph.initializers.items() if n.startswith("fc2.")} == fc2
+
+
+# ---- int8 in MatMulNBits bits 8, as other tools write it (ONNX Runtime's MatMulNBitsQuantizer) ---------------
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_another_tool_s_int8_matmul_nbits_file_is_folded_to_float_or_requantized_in_its_own_layout(block_size):
+    """Blocks of 32: a scale per block, requantized per block; 128: one block (one scale) a row, requantized
+    per row, fc2's K = 64 padded. FLOAT gives W_deq + A @ B; REQUANTIZE keeps op, shapes and bytes."""
+    from lora_fx.passes.onnx.quantized_weight import quantized_weight
+    from tests.passes.onnx.test_int8_plain_ort import ort_int8_mlp
+
+    model = ort_int8_mlp(block_size)
+    sites = {s.name: s for s in lora_fx.find_sites(model) if s.kind.value == "linear"}
+    assert {n: (s.in_features, s.out_features, s.has_bias) for n, s in sites.items()} == {"fc1": (IN, 64, True), "fc2": (64, 64, False)}
+    assert quantized_weight("fc1", sites["fc1"].handle).describe() == f"MatMulNBits int8, block {block_size}"
+    torch.manual_seed(0)
+    lora_fx.apply(model, lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=".*", init_lora_weights=False))
+    want = _run(model)
+    merged = {site: _merged_float(model, site) for site in ("fc1", "fc2")}
+    b1 = model.graph.initializers["fc1.bias"].const_value.numpy()
+    assert _rel(want, np.maximum(X @ merged["fc1"].T + b1, 0) @ merged["fc2"].T) <= 1e-5
+
+    floated = _copy(model)
+    fold_lora(floated, QuantMerge.FLOAT)
+    assert [n.op_type for n in floated.graph] == ["MatMul", "Add", "Relu", "MatMul"]
+    assert _rel(_run(floated), want) <= 1e-4
+
+    ops, storage = _ops(model), _storage(model)
+    result = fold_lora(model, QuantMerge.REQUANTIZE)
+    assert f"fc1: requantized (MatMulNBits int8, block {block_size}), max abs error" in "\n".join(result.changed)
+    assert _ops(model) == ops and _storage(model) == storage
+    for site, w in merged.items():
+        assert 0 < np.abs(_decode(model, site) - w).max() <= np.abs(w).max() * 0.01
+    fc1 = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.name.startswith("fc1/"))
+    scales = fc1.inputs[2].const_value.numpy().reshape(64, -1)
+    assert scales.shape[1] == IN // block_size and (block_size == 128 or not np.all(scales == scales[:, :1]))
+    expect = np.maximum(X @ _decode(model, "fc1").T + b1, 0) @ _decode(model, "fc2").T
+    assert _rel(_run(model), expect) <= 1e-5

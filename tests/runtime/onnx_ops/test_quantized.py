@@ -1,5 +1,5 @@
 """Quantized-weight ops (lora_fx.runtime.onnx_ops.quantized) against ONNX Runtime: DequantizeLinear
-(per channel, int4 blocked), MatMulNBits and MatMulBnb4, and training through them without a float W."""
+(per channel, int4 blocked), MatMulNBits (bits 4 and 8) and MatMulBnb4, and training through them without a float W."""
 
 from __future__ import annotations
 
@@ -57,6 +57,35 @@ def test_matmul_nbits(with_zp: bool, k: int, tmp_path: Path) -> None:
     x = rng.standard_normal((3, k)).astype(np.float32)
     model = single_op_model(node, {"x": x}, inits=inits)
     check_against_ort(model, {"x": x}, tmp_path, tol=1e-4)
+
+
+# per-channel int8 (one scale per row, zero point 128: run through lora_fx::linear_int8), per-block scales,
+# explicit uint8 zero points; K = 40 pads each row to 3 blocks of 16.
+@pytest.mark.parametrize("layout", ["per_row", "per_block", "zero_points"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_matmul_nbits_8_bits(layout: str, dtype, tmp_path: Path) -> None:
+    n, k, block = 6, 40, 16
+    blocks = -(-k // block)
+    packed = rng.integers(0, 256, (n, blocks, block)).astype(np.uint8)
+    scales = ((rng.random((n, blocks)) + 0.1) * 0.01).astype(dtype)
+    if layout != "per_block":
+        scales[:] = scales[:, :1]
+    inits = {"w": packed, "s": scales.reshape(-1)}
+    ins = ["x", "w", "s"]
+    if layout == "zero_points":
+        inits["z"] = rng.integers(100, 156, n * blocks).astype(np.uint8)
+        ins.append("z")
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain="com.microsoft", K=k, N=n, bits=8, block_size=block,
+                            accuracy_level=0)
+    x = rng.standard_normal((3, k)).astype(dtype)
+    model = single_op_model(node, {"x": x}, inits=inits)
+    check_against_ort(model, {"x": x}, tmp_path, tol=1e-4 if dtype == np.float32 else 2e-3)
+    # The decode the spec defines: (code - zero) * scale, zero 128 unless given; the row padding is never read.
+    zero = inits["z"].reshape(n, blocks, 1) if "z" in inits else 128
+    w = ((packed.astype(np.float64) - zero) * scales.astype(np.float64)[..., None]).reshape(n, -1)[:, :k]
+    got = OnnxModule(model, trainable=[])(x=torch.from_numpy(x))["y"].double().numpy()
+    want = x.astype(np.float64) @ w.T
+    assert np.abs(got - want).max() / np.abs(want).max() <= (1e-6 if dtype == np.float32 else 2e-3)
 
 
 def test_matmul_bnb4_nf4(tmp_path: Path) -> None:
