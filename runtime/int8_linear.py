@@ -9,7 +9,8 @@ time in forward and again in backward (as MatMulNBits bits 4 and MatMulBnb4 alre
 Matches, where the scale is one float per output channel (or one for the whole tensor):
 
 * ``DequantizeLinear(q [N, K], axis=0) -> Transpose -> MatMul(x, ·)``: lora_fx's ONNX int8 layout
-  (``passes/onnx/quantize_weights``);
+  (``passes/onnx/quantize_weights``), also with ``CastLike(·, x)`` before the Transpose, as lora_fx's
+  FX export writes it (``lora_fx/quant_export``);
 * ``com.microsoft.MatMulNBits`` with bits 8 and one scale a row (as other tools write it, e.g. ONNX
   Runtime's MatMulNBits quantizer with one block a row; ``quant_formats.int8_from_nbits``: codes + 128
   in rows padded to whole blocks, every block of a row with the row's scale, zero point 128), optional
@@ -124,6 +125,11 @@ def _match(graph: ir.Graph, consumer: ir.Node, found: Int8Linears) -> Int8Linear
             return None
         chain.append(producer)
         transposed = True
+        b = producer.inputs[0]
+        producer = b.producer()
+    if _is_op(producer, "CastLike") and producer.inputs[1] is consumer.inputs[0] and _single_use(b):
+        # W cast to x's type (lora_fx's FX export writes it so): what linear_int8 computes for that x anyway.
+        chain.append(producer)
         b = producer.inputs[0]
         producer = b.producer()
     if not _is_op(producer, "DequantizeLinear"):

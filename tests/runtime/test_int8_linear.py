@@ -74,6 +74,12 @@ def _model(form: str, zero_point: int = 0, shared: bool = False) -> tuple[ir.Mod
         nodes += [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0),
                   helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
                   helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    elif form == "fx_export":  # lora_fx/quant_export's translation of lora_fx::linear_int8: W cast like x first
+        inits.update(q=q, s=scale)
+        nodes += [helper.make_node("DequantizeLinear", ["q", "s"], ["w"], axis=0),
+                  helper.make_node("CastLike", ["w", "x"], ["wc"]),
+                  helper.make_node("Transpose", ["wc"], ["wt"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["x", "wt"], ["y"])]
     elif form in ("ort_channel", "ort_tensor"):  # ONNX Runtime's quantizer: W [K, N], zero point 0
         if form == "ort_tensor":
             scale = np.full(N, scale[0], np.float32)
@@ -126,7 +132,8 @@ def _saved_float_matrices(module: OnnxModule, x: torch.Tensor) -> tuple[dict[str
     return out, [s for s in saved if s[0] in {(N, K), (K, N)} and s[1].is_floating_point]
 
 
-@pytest.mark.parametrize("form", ["nbits", "nbits_computed", "lora_fx", "ort_channel", "ort_tensor", "gemm_transB", "gemm"])
+@pytest.mark.parametrize("form", ["nbits", "nbits_computed", "lora_fx", "fx_export", "ort_channel", "ort_tensor", "gemm_transB",
+                                  "gemm"])
 def test_int8_chain_runs_fused_like_onnxruntime_and_saves_no_float_weight(form: str, tmp_path: Path) -> None:
     model, w, bias = _model(form)
     path = tmp_path / "m.onnx"

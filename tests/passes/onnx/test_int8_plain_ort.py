@@ -186,6 +186,11 @@ def test_fx_int8_export_runs_exactly_in_onnx_runtime_with_accuracy_level_0(tmp_p
     result = export_onnx(copy.deepcopy(gm), tmp_path / "q.onnx", kwargs=inputs(2, 4), mode="adapters", peft_dir=False)
     ops = [n.op_type for n in load(tmp_path / "q.onnx").graph]
     assert ops.count("DequantizeLinear") == 7 and "MatMulNBits" not in ops
+    # Training through the exported file runs every int8 weight as lora_fx's int8 op (no float W kept).
+    from runtime.onnx_torch import OnnxModule
+
+    int8 = OnnxModule(load(tmp_path / "q.onnx"), trainable=[]).int8_linears
+    assert len(int8.matched) == 7 and not int8.refused, int8.refused
     options = ort.SessionOptions()
     options.add_session_config_entry(LEVEL, "0")
     session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
