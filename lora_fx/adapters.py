@@ -230,8 +230,11 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
 
         if _is_onnx(model):
             from lora_fx.onnx_adapter import load_onnx_adapter
+            from lora_fx.passes.onnx.insert_lora import check_saved_tensors, load_saved_tensors
 
-            return load_onnx_adapter(model, config, tensors, saved)
+            check_saved_tensors(model, config, saved, directory)  # before the LoRA load changes anything
+            load_onnx_adapter(model, config, tensors)
+            return load_saved_tensors(model, config, saved)  # the head, trained in full (modules_to_save)
         raise ConfigError(f"load_adapter takes a GraphModule or onnx_ir Model, got {type(model).__name__}")
     from lora_fx.api import apply
     from lora_fx.passes.fx.capture import meta

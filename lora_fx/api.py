@@ -115,11 +115,16 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
 
 def _refuse_quantized_modules_to_save(model: Any, config: LoraConfig, quant: Any, ir_name: str) -> None:
     """A module trained in full (``modules_to_save``) needs float weights: refuse one quantization would pack, and
-    any on an ONNX model (which cannot train it), before quantizing changes the model."""
+    one an ONNX model cannot train (already quantized in the file), before quantizing changes the model."""
     from lora_fx.targeting import select_modules_to_save
 
     tree = _module_tree(model)
-    heads = select_modules_to_save(config, tree)
+    if ir_name == "onnx":  # also the modules an ONNX module tree leaves out (TorchScript records no Linear)
+        from lora_fx.passes.onnx.insert_lora import saved_module_paths
+
+        heads = select_modules_to_save(config, saved_module_paths(model))
+    else:
+        heads = select_modules_to_save(config, tree)
     if not heads:
         return
     if ir_name == "onnx":

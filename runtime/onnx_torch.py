@@ -45,6 +45,7 @@ __all__ = ["OnnxModule", "check_supported", "torch_dtype", "trainable_initialize
 
 LORA_METADATA_KEY = "lora_fx.lora"
 PREFIX_METADATA_KEY = "lora_fx.prefix"
+SAVED_METADATA_KEY = "lora_fx.modules_to_save"  # {parameter: module} trained in full
 _ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 # Constants (shape arithmetic) larger than this stay tensors: they are data, not shapes.
 _CONST_LIMIT = 1024
@@ -70,7 +71,9 @@ def trainable_initializers(model: Any) -> list[str]:
 
     An initializer is an adapter if the model's ``lora_fx.lora`` metadata names it (``"a"``/``"b"``
     of a site), if its name ends in ``.lora_A.weight`` / ``.lora_B.weight`` (the public naming), or
-    if the ``lora_fx.prefix`` metadata names it (any string value of a site entry).
+    if the ``lora_fx.prefix`` metadata names it (any string value of a site entry). The parameters of
+    modules trained in full (``modules_to_save``: the SEQ_CLS head), which the ``lora_fx.modules_to_save``
+    metadata lists, train too.
     """
     inits = model.graph.initializers
     names: list[str] = []
@@ -81,6 +84,7 @@ def trainable_initializers(model: Any) -> list[str]:
         if isinstance(site, dict):
             names += [v for v in site.values() if isinstance(v, str) and v in inits]
     names += [n for n in inits if n.endswith(_ADAPTER_SUFFIXES)]
+    names += list(_metadata_json(model, SAVED_METADATA_KEY))
     seen: dict[str, None] = {}
     for n in names:
         if n in inits:

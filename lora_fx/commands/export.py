@@ -100,6 +100,8 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
                 quant_merge=None) -> dict:
     """The command's work, callable from Python: every output is computed before any file is written.
 
+    Modules trained in full (``modules_to_save``, the SEQ_CLS head, from ``lora_fx.apply`` on the ONNX file) are
+    merged as trained, or become slots defaulting to their base values, the trained head in the adapter files.
     ``quant_merge`` (``QuantMerge`` or "float" / "requantize"): how ``merge`` folds into quantized weights."""
     import onnx_ir as ir
 
@@ -132,7 +134,9 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
             for key, arr in loaded.tensors.items():
                 model.graph.initializers[key].const_value = ir.tensor(arr, name=key)
         from lora_fx.passes.onnx.expose_adapters import settle_saved
+        from lora_fx.passes.onnx.insert_lora import drop_saved_base
 
+        drop_saved_base(model)  # a head trained in full (lora_fx.apply on this file) is merged as trained
         settle_saved(model)  # the head as the adapter set it: plain weights of the merged model
         folder = FoldLora(quant_merge)
         folder(model)
@@ -145,9 +149,12 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         return summary
     if exposed:
         raise AdapterError(f"{src} already has adapter slots; its initializers are zero defaults, not an adapter to export")
-    weights = current_adapter(model)
+    from lora_fx.passes.onnx.insert_lora import drop_saved_base
+
+    weights = current_adapter(model)  # with the trained head, where one trains in full (modules_to_save)
     check_writable(weights)  # before any file is written
-    serve_slots(model)
+    # The head's slots default to its base values, kept beside it since lora_fx.apply: no adapter is the base model.
+    serve_slots(model, saved=drop_saved_base(model))
     from lora_fx.onnx_adapter import stamp_fingerprint
 
     weights.fingerprint = stamp_fingerprint(model)

@@ -220,11 +220,13 @@ def test_a_module_to_save_that_matches_nothing_is_refused_before_any_change():
 
 
 @pytest.mark.slow
-def test_merged_export_writes_the_trained_head_and_the_onnx_front_end_refuses_it(tmp_path):
+def test_merged_export_writes_the_trained_head_and_the_onnx_front_end_trains_it(tmp_path):
     """mode='merged' carries the trained head into ONNX Runtime (mode='adapters': tests/lora_fx/test_head_slots.py);
-    apply on the ONNX file and load_adapter onto it refuse a head they cannot train, by name, before any change."""
+    the exported base, rewritten by apply on the ONNX file, trains the head too and takes PEFT's SEQ_CLS adapter
+    (the ONNX front end's own tests: tests/lora_fx/test_onnx_modules_to_save.py)."""
     import peft
 
+    from lora_fx.runtime.onnx_torch import OnnxModule
     from tests.exported import ort_run
 
     model = _bert_cls()
@@ -244,15 +246,14 @@ def test_merged_export_writes_the_trained_head_and_the_onnx_front_end_refuses_it
 
     lora_fx.export_onnx(lora_fx.capture(model, kwargs=batch), tmp_path / "base.onnx", kwargs=batch)
     onnx_model = lora_fx.load(tmp_path / "base.onnx")
-    with pytest.raises(UnsupportedError, match=r"modules_to_save=\['classifier', 'score'\] names classifier"):
-        lora_fx.apply(onnx_model, LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
-    from lora_fx.passes.onnx.lora_layout import read_records
-
-    assert not read_records(onnx_model)
-    peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"])).save_pretrained(tmp_path / "p")
-    with pytest.raises(UnsupportedError, match=r"trains classifier.bias, classifier.weight in full"):
-        lora_fx.load_adapter(onnx_model, tmp_path / "p")
-    assert not read_records(onnx_model)
+    lora_fx.apply(onnx_model, LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
+    module = OnnxModule(onnx_model)
+    assert {"classifier.weight", "classifier.bias"} <= set(module.trainable_names)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
+    _perturb_peft(pm)
+    pm.save_pretrained(tmp_path / "p")
+    lora_fx.load_adapter(onnx_model, tmp_path / "p")
+    np.testing.assert_allclose(_logits(OnnxModule(onnx_model), batch).numpy(), _logits(pm.eval(), batch).numpy(), atol=TOL)
 
 
 def test_qlora_refuses_to_quantize_the_head_before_changing_the_model():
