@@ -230,7 +230,7 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
 
         if _is_onnx(model):
             from lora_fx.onnx_adapter import load_onnx_adapter
-            from lora_fx.passes.onnx.insert_lora import check_saved_tensors, load_saved_tensors
+            from lora_fx.passes.onnx.freeze_base import check_saved_tensors, load_saved_tensors
 
             check_saved_tensors(model, config, saved, directory)  # before the LoRA load changes anything
             load_onnx_adapter(model, config, tensors)

@@ -120,7 +120,7 @@ def _refuse_quantized_modules_to_save(model: Any, config: LoraConfig, quant: Any
 
     tree = _module_tree(model)
     if ir_name == "onnx":  # also the modules an ONNX module tree leaves out (TorchScript records no Linear)
-        from lora_fx.passes.onnx.insert_lora import saved_module_paths
+        from lora_fx.passes.onnx.freeze_base import saved_module_paths
 
         heads = select_modules_to_save(config, saved_module_paths(model))
     else:
@@ -128,7 +128,7 @@ def _refuse_quantized_modules_to_save(model: Any, config: LoraConfig, quant: Any
     if not heads:
         return
     if ir_name == "onnx":
-        from lora_fx.passes.onnx.insert_lora import refuse_modules_to_save
+        from lora_fx.passes.onnx.freeze_base import refuse_modules_to_save
 
         refuse_modules_to_save(model, config)
     selector = LoraConfig(r=1, target_modules=quant.target_modules, exclude_modules=quant.exclude_modules)

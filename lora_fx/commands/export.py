@@ -134,7 +134,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
             for key, arr in loaded.tensors.items():
                 model.graph.initializers[key].const_value = ir.tensor(arr, name=key)
         from lora_fx.passes.onnx.expose_adapters import settle_saved
-        from lora_fx.passes.onnx.insert_lora import drop_saved_base
+        from lora_fx.passes.onnx.freeze_base import drop_saved_base
 
         drop_saved_base(model)  # a head trained in full (lora_fx.apply on this file) is merged as trained
         settle_saved(model)  # the head as the adapter set it: plain weights of the merged model
@@ -149,7 +149,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         return summary
     if exposed:
         raise AdapterError(f"{src} already has adapter slots; its initializers are zero defaults, not an adapter to export")
-    from lora_fx.passes.onnx.insert_lora import drop_saved_base
+    from lora_fx.passes.onnx.freeze_base import drop_saved_base
 
     weights = current_adapter(model)  # with the trained head, where one trains in full (modules_to_save)
     check_writable(weights)  # before any file is written

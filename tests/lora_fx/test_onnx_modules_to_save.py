@@ -20,7 +20,7 @@ import lora_fx
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedError
 from lora_fx.onnx_adapter import SAVED_KEY, read_onnx_adapter, read_saved
-from lora_fx.passes.onnx.insert_lora import SAVED_BASE_KEY, saved_base
+from lora_fx.passes.onnx.freeze_base import SAVED_BASE_KEY, saved_base
 from lora_fx.passes.onnx.lora_layout import read_records
 from lora_fx.runtime.onnx_torch import OnnxModule
 from tests.exported import ort_run
