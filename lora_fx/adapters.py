@@ -100,17 +100,39 @@ def parse_peft_key(key: str) -> tuple[str, str]:
 
 
 def write_peft_dir(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors``; each file appears whole or not at all."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    A new folder is written under a temporary name beside it and renamed into place, so it appears whole or not
+    at all; in an existing folder each file is replaced whole or not at all."""
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
 
-    from lora_fx.files import check_output_dir
+    from lora_fx.files import _UMASK, check_output_dir
 
     directory = Path(directory)
     check_output_dir(directory)  # a file of that name: FileExistsError named neither the problem nor the way out
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    config.save_pretrained(directory)
+
+    def write(into: Path) -> None:
+        with atomic_path(into / WEIGHTS_NAME) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        config.save_pretrained(into)
+
+    if directory.is_dir():
+        write(directory)
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Interrupted (Ctrl-C during an export) a folder made in place was left empty or half-written, and read
+    # later as an adapter without weights.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it owner-only; a folder made by mkdir would not be
+        write(tmp)
+        os.rename(tmp, directory)  # onto a folder made meanwhile: refused unless it is empty
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -300,6 +300,20 @@ def _feeds_for(sess: Any, feeds: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in feeds.items() if k in names}
 
 
+def check_numbers(*, steps: Any, lr: Any, seed: Any) -> None:
+    """The budget every method trains with, refused before any method starts by ``lora_fx.train``'s own rule
+    (steps >= 1, a positive finite lr), which would refuse it only inside each training process; the seed must
+    be one torch takes (not None, which train takes: every method gets the same seed)."""
+    import numbers
+
+    from lora_fx.runtime.train import _check_numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise ConfigError(f"seed must be an integer in [-2**63, 2**64) (torch.manual_seed's range), got {seed!r}")
+    # weight_decay, max_grad_norm and warmup_steps: train's defaults, which every method is trained with
+    _check_numbers(steps=steps, lr=lr, weight_decay=0.0, max_grad_norm=1.0, warmup_steps=0, seed=seed)
+
+
 def check_config(cfg: CompareConfig) -> None:
     """What would otherwise fail inside a training process (a traceback, after minutes) or after every method
     has trained (no latency runs, an output folder that is a file): checked before any of them starts."""
@@ -311,10 +325,7 @@ def check_config(cfg: CompareConfig) -> None:
         # found inside each training process in turn otherwise, each failing the same way
         raise ConfigError(f"{hf} is not a transformers model folder with safetensors weights (config.json, *.safetensors, "
                           "tokenizer files); pass such a folder")
-    if cfg.steps < 1:
-        raise ConfigError(f"steps must be at least 1, got {cfg.steps}")
-    if not cfg.lr >= 0:  # NaN too; torch's AdamW refuses a negative rate only inside each training process
-        raise ConfigError(f"lr must be at least 0, got {cfg.lr}")
+    check_numbers(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
     if cfg.export and cfg.latency_runs < 1:
         raise ConfigError(f"latency_runs must be at least 1 (CLI: --latency-runs), got {cfg.latency_runs}; or skip timing with --no-export")
     for method in cfg.methods:

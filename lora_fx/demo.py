@@ -49,11 +49,21 @@ def serve_switching(model_path: str, adapter_file: str, task: Any) -> dict[str, 
     }
 
 
+def check_options(*, steps: Any, seed: Any) -> None:
+    """``steps`` (at least 1) and ``seed`` (in torch's range), checked as compare and ``lora_fx.train`` check
+    them: ``run_demo`` and ``lora-fx demo`` refuse them here, before the banner and the output folder, where
+    compare would refuse them only then."""
+    from lora_fx.compare import CompareConfig, check_numbers
+
+    check_numbers(steps=steps, lr=CompareConfig.lr, seed=seed)
+
+
 def run_demo(out_dir: str | Path = "out/demo", *, steps: int = 40, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     from lora_fx.compare import CompareConfig, Method, compare
     from lora_fx.files import check_output_dir
     from lora_fx.hf import minilm_dir
 
+    check_options(steps=steps, seed=seed)
     out_dir = check_output_dir(out_dir)  # a file of that name: said in one line, before minutes of training
     out_dir.mkdir(parents=True, exist_ok=True)
     if quick:

@@ -171,14 +171,35 @@ def check_nonempty(tensors: Mapping[str, Any], where: str) -> None:
             )
 
 
+def non_finite(tensors: Mapping[str, np.ndarray]) -> tuple[str, int, int] | None:
+    """The first float tensor holding NaN or inf: ``(name, how many, of how many)``; None when all are finite."""
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            return name, int((~np.isfinite(arr)).sum()), int(arr.size)
+    return None
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse NaN/inf adapter tensors where an adapter is read: served, every output of the sites they adapt
+    would be NaN, with exit status 0."""
+    bad = non_finite(tensors)
+    if bad is not None:
+        name, count, size = bad
+        raise AdapterError(
+            f"{where}: adapter tensor {name} holds {count} NaN or inf values of {size}; it was saved from a diverged "
+            "training run: train again (lower the learning rate) or use an earlier checkpoint"
+        )
+
+
 def check_writable(adapter: OnnxAdapter) -> None:
     """Refuse an empty adapter, a zero-size tensor or NaN/inf (call before writing anything that goes with it)."""
     if not adapter.tensors:
         raise AdapterError("refusing to write an empty adapter: it holds no tensors")
     check_nonempty(adapter.tensors, "refusing to write the adapter")
-    for name, arr in adapter.tensors.items():
-        if not np.isfinite(arr).all():
-            raise AdapterError(f"adapter tensor {name} holds NaN or inf (training diverged?); nothing was written")
+    bad = non_finite(adapter.tensors)
+    if bad is not None:
+        raise AdapterError(f"adapter tensor {bad[0]} holds NaN or inf (training diverged?); nothing was written")
 
 
 def write_onnx_adapter(path: str | os.PathLike, adapter: OnnxAdapter) -> Path:
@@ -214,7 +235,7 @@ def export_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], m
 
 
 def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
-    """Read an ``.onnx_adapter`` file (and its sidecar when present)."""
+    """Read an ``.onnx_adapter`` file (and its sidecar when present); zero-size and NaN/inf tensors are refused."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -228,19 +249,59 @@ def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
         tensors = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
         model_version = int(fmt.get_model_version())
     except Exception as exc:  # ORT raises RuntimeError/Fail with its own wording for bad files
-        hint = "an ONNX model, not an adapter" if path.suffix == ".onnx" else "truncated or corrupt?"
         raise AdapterError(
-            f"{path} is not a readable .onnx_adapter file ({hint}; ONNX Runtime: {ort_message(exc)}); "
+            f"{path} is not a readable .onnx_adapter file ({_what_it_holds(path)}; ONNX Runtime: {ort_message(exc)}); "
             "copy or export the adapter again"
         ) from None
     if not tensors:
         raise AdapterError(f"{path} holds no adapter tensors; copy or export the adapter again")
     check_nonempty(tensors, str(path))
+    check_finite(tensors, str(path))
     adapter = OnnxAdapter(tensors, short_fingerprint=_short_from_model_version(model_version))
     side = sidecar_path(path)
     if side.is_file():
         _read_sidecar(side, path, adapter)
     return adapter
+
+
+_ADAPTER_ID = b"TORT"  # the file identifier of ONNX Runtime's adapter flatbuffer, at bytes 4..8
+_HEAD = 4096  # bytes read to tell what a file holds
+
+
+def _what_it_holds(path: Path) -> str:
+    """What a file ONNX Runtime could not read as an adapter holds, told by its bytes, not its name: a text file
+    named .onnx is no model, and a damaged adapter named .onnx is still an adapter."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD)
+    if head[4:8] == _ADAPTER_ID:
+        return "truncated or corrupt?"
+    if _is_text(head):
+        return "a text file, not an adapter"
+    if len(head) >= 8 and _is_onnx_model(path):
+        return "an ONNX model, not an adapter"
+    return "truncated or corrupt?" if len(head) < 8 else "not in ONNX Runtime's adapter format"
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 without control characters other than whitespace: binary formats (ONNX's protobuf opens with
+    0x08, safetensors with a little-endian length, AdapterFormat with a 32-bit offset) have them up front."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(head) < _HEAD or exc.start < len(head) - 3:  # not merely a character cut by the block read
+            return False
+        text = head[: exc.start].decode("utf-8")
+    return not any((ord(ch) < 32 and ch not in "\t\n\r\f") or ord(ch) == 127 for ch in text)
+
+
+def _is_onnx_model(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and the like: not a model
+        return False
+    return model.ir_version > 0 and len(model.opset_import) > 0 and model.HasField("graph")
 
 
 def _read_sidecar(side: Path, path: Path, adapter: OnnxAdapter) -> None:

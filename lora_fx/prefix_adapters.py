@@ -150,7 +150,7 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lora_fx.adapters import WEIGHTS_NAME
+    from lora_fx.adapters import WEIGHTS_NAME, _check_values
 
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -158,9 +158,12 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
             raise AdapterError(f"{directory} holds adapter_model.bin, a pickle file lora_fx never reads; re-save it with safe_serialization=True")
         raise AdapterError(f"{weights} not found")
     try:
-        return load_file(str(weights))
+        tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
+    # As for LoRA files, before anything is loaded: NaN prefixes make every attention output they reach NaN.
+    _check_values(tensors, weights)
+    return tensors
 
 
 def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:

@@ -8,7 +8,7 @@ against the model once (base fingerprint, names, shapes, dtypes) and keeps it lo
 on one session at once; ``add_adapter(name, file, replace=True)`` swaps an adapter under a name while
 other threads run it (each call keeps the adapter it started with). As in ONNX Runtime, an adapter may
 set only some of the slots, the others keeping the model's defaults: ``add_adapter`` returns an
-``AdapterInfo`` naming those sites (``default_sites``). Rank-0 (zero-size) adapters are refused.
+``AdapterInfo`` naming those sites (``default_sites``). Rank-0 (zero-size) and NaN/inf adapters are refused.
 The slots are the inputs named as LoRA matrices or prefixes, and the parameters of modules trained in
 full (``modules_to_save``: the SEQ_CLS head) the model's ``lora_fx.modules_to_save`` metadata lists;
 these switch per call like the others, each adapter with its own head.
@@ -215,10 +215,10 @@ class Session:
     def add_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> AdapterInfo:
         """Register the ``.onnx_adapter`` at ``path`` under ``name`` (checked once, kept loaded).
 
-        Refused: a file for another base, with names, shapes or dtypes the slots do not take, or with
-        zero-size (rank-0) tensors. Returns an ``AdapterInfo`` whose ``default_sites`` lists the sites
-        the adapter leaves at the model's default (ONNX Runtime's semantics: only the named inputs are
-        overridden); it is logged at INFO level too.
+        Refused: a file for another base, with names, shapes or dtypes the slots do not take, with
+        zero-size (rank-0) tensors, or with NaN/inf values (``read_onnx_adapter``). Returns an
+        ``AdapterInfo`` whose ``default_sites`` lists the sites the adapter leaves at the model's default
+        (ONNX Runtime's semantics: only the named inputs are overridden); it is logged at INFO level too.
 
         ``replace=True`` swaps the adapter registered under ``name`` in one step: calls already running
         finish with the old one, later calls get the new one, and no call finds the name missing (as

@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every method: initialisation, data order (default: 0)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--num-virtual-tokens", type=int, default=16, help="prefix length (default: 16)")
-    p.add_argument("--latency-runs", type=int, default=30, help="timed ONNX Runtime calls per model (default: 30)")
+    p.add_argument("--latency-runs", type=int, default=None, help="timed ONNX Runtime calls per model (default: 30)")
     p.add_argument("--no-export", action="store_true", help="skip ONNX export and latency")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     p.set_defaults(func=run)
@@ -43,12 +43,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--hf {args.hf}: not a folder")
     if not -(2**63) <= args.seed < 2**64:  # torch.manual_seed's range; beyond it every method failed on an overflow
         raise ConfigError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    if args.no_export and args.latency_runs is not None:
+        # Latency is measured on the exported ONNX models: with --no-export the count was silently ignored.
+        raise ConfigError(f"--latency-runs {args.latency_runs} times the exported ONNX models, and --no-export exports "
+                          "none; drop --latency-runs, or --no-export to measure latency")
     cfg = CompareConfig(
         hf_dir=args.hf, out_dir=args.out, methods=Method.parse_list(args.methods), data=args.data,
         label_prompts=args.label_prompts.split("|") if args.label_prompts else None, steps=args.steps, lr=args.lr,
-        seed=args.seed, r=args.r, num_virtual_tokens=args.num_virtual_tokens, latency_runs=args.latency_runs,
-        export=not args.no_export,
+        seed=args.seed, r=args.r, num_virtual_tokens=args.num_virtual_tokens, export=not args.no_export,
     )
+    if args.latency_runs is not None:
+        cfg.latency_runs = args.latency_runs
     report = compare(cfg)
     if args.json:
         print_json(report)

@@ -25,32 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_feeds(path: str | Path) -> dict:
-    """The arrays of an .npz file by name; never unpickles."""
-    import zipfile
+    """The arrays of an .npz file by name (``lora_fx.files.read_npz``: never unpickles); the names, dtypes and
+    shapes are checked against the model's inputs when the session runs them."""
+    from lora_fx.files import read_npz
 
-    import numpy as np
-
-    from lora_fx.errors import ConfigError
-    from lora_fx.files import require_file
-
-    path = require_file(path, "inputs file")
-    how = "np.savez(path, <input name>=array, ...)"
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    # np.load picks the format from these bytes: a .npy gives one bare array (no names), and anything else
-    # is taken for a pickle, which allow_pickle=False then refuses with a message about pickles.
-    if magic.startswith(b"\x93NUMPY"):
-        raise ConfigError(f"{path} is a single .npy array; --inputs takes an .npz with one array per model input: {how}")
-    if not magic.startswith(b"PK"):
-        raise ConfigError(f"{path} is not an .npz file (a zip of arrays, as {how} writes)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        if "pickle" in str(exc):
-            raise ConfigError(f"{path} holds object arrays, which need pickle and are refused (lora-fx never unpickles); "
-                              f"store numeric arrays: {how}") from None
-        raise ConfigError(f"{path} is not an .npz of plain arrays ({how}): {exc} (truncated or corrupt?)") from None
+    return read_npz(path, "inputs file", "np.savez(path, <input name>=array, ...)")
 
 
 def save_outputs(path: str | Path, arrays: dict) -> None:
@@ -83,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lora_fx.cli import print_json
+    from lora_fx.errors import ConfigError
     from lora_fx.files import atomic_path, check_output, require_file
     from lora_fx.runtime.ort import CPU, Session
 
     require_file(args.model, "ONNX model")
+    if args.out == "":
+        # An empty -o (an unset shell variable) was taken for no -o at all: the outputs went nowhere, exit 0.
+        raise ConfigError(f"-o {args.out!r} is an empty path; name the .npz file for the outputs, or leave -o out")
     if args.out:  # -o feeds.npz used to replace the inputs with the outputs
         check_output(args.out, inputs=[p for p in (args.model, args.inputs, args.adapter) if p])
     feeds = load_feeds(args.inputs)

@@ -181,3 +181,58 @@ def test_peft_keys_parse_with_and_without_adapter_name():
     assert parse_peft_key("base_model.model.h.0.attn.lora_B.default.weight") == ("h.0.attn", "B")
     with pytest.raises(AdapterError, match="not a LoRA weight key"):
         parse_peft_key("base_model.model.classifier.weight")
+
+
+def test_an_interrupted_peft_dir_write_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """lora-fx export --adapters interrupted while it wrote the PEFT folder left an empty <name>/ folder, later
+    read as an adapter without weights. The folder is written under a temporary name and renamed into place."""
+    import os
+
+    import safetensors.torch
+
+    from lora_fx.cli import main
+    from tests.exported import lora_onnx, ort_run, rel, save
+    from tests.onnx_corpus import corpus
+
+    entry = corpus().get("gemm-mlp")
+    lora = lora_onnx("gemm-mlp", r=4, alpha=6)
+    src = save(lora, "adapters-interrupted.onnx")
+    want = ort_run(src, entry.feeds())
+    real_save = safetensors.torch.save_file
+
+    def interrupted(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    out = tmp_path / "served.onnx"
+    assert main(["export", str(src), "-o", str(out), "--adapters", "--name", "legal"]) == 130  # "interrupted"
+    adapters = tmp_path / "served.adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == ["legal.onnx_adapter", "legal.onnx_adapter.json"]
+    # Interrupted while writing the config instead: the same.
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+
+    def config_interrupted(self, directory):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_fx.LoraConfig, "save_pretrained", config_interrupted)
+    assert main(["export", str(src), "-o", str(out), "--adapters", "--name", "legal"]) == 130
+    assert sorted(p.name for p in adapters.iterdir()) == ["legal.onnx_adapter", "legal.onnx_adapter.json"]
+    monkeypatch.undo()
+    # Uninterrupted: the folder appears whole, with a new folder's permissions, and loads back as the trained adapter.
+    assert main(["export", str(src), "-o", str(out), "--adapters", "--name", "legal"]) == 0
+    peft_dir = adapters / "legal"
+    assert sorted(p.name for p in peft_dir.iterdir()) == ["adapter_config.json", WEIGHTS_NAME]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert peft_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    fresh = lora_fx.load_adapter(lora_fx.load(entry.path), peft_dir)
+    assert rel(ort_run(save(fresh, "adapters-interrupted-back.onnx"), entry.feeds()), want) <= 1e-6
+    # Into the existing folder, interrupted: its two files stay whole, as they were, and no temporary file is left.
+    kept = {p.name: p.read_bytes() for p in peft_dir.iterdir()}
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lora_fx.save_adapter(lora_onnx("gemm-mlp", r=4, alpha=6, seed=1), peft_dir)
+    assert {p.name: p.read_bytes() for p in peft_dir.iterdir()} == kept
+    assert sorted(p.name for p in adapters.iterdir()) == ["legal", "legal.onnx_adapter", "legal.onnx_adapter.json"]

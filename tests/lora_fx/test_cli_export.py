@@ -144,3 +144,52 @@ def test_run_json_is_strict_json_when_outputs_are_nan(lora_file, tmp_path, capsy
     # NaN / Infinity tokens (what json.dumps writes by default) break JSON.parse and other strict readers.
     summary = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert summary["outputs"]["y"]["mean"] is None and None in summary["outputs"]["y"]["first"]
+
+
+@pytest.mark.parametrize("flag", ["--float", "--requantize"])
+def test_a_quantization_flag_on_a_float_model_is_said_to_have_no_effect(lora_file, tmp_path, capsys, flag):
+    """--merge --float (or --requantize) on a model with no quantized weight was accepted silently."""
+    path, feeds, want = lora_file
+    assert main(["export", str(path), "-o", str(tmp_path / "plain.onnx"), "--merge"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(path), "-o", str(tmp_path / "flagged.onnx"), "--merge", flag, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mode"] == "merged"  # stdout stays the JSON alone
+    assert err == (f"lora-fx: warning: {flag} has no effect: lora.onnx has no quantized weights (MatMulBnb4, MatMulNBits, "
+                   "DequantizeLinear), so its adapters were merged into its float weights as without it\n"), err
+    # What the warning says: the model is the plain merge, which computes the LoRA model.
+    np.testing.assert_array_equal(ort_run(tmp_path / "flagged.onnx", feeds), ort_run(tmp_path / "plain.onnx", feeds))
+    assert rel(ort_run(tmp_path / "flagged.onnx", feeds), want) <= 1e-5
+    # On a quantized model the flag acts, and nothing is said.
+    import torch
+
+    torch.manual_seed(0)
+    quantized = lora_fx.apply(lora_fx.load(corpus().get(ENTRY).path),
+                              lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=".*", init_lora_weights=False),
+                              quant=lora_fx.QuantConfig(dtype="int8", target_modules=".*"))
+    lora_fx.save(quantized, tmp_path / "q.onnx")
+    assert main(["export", str(tmp_path / "q.onnx"), "-o", str(tmp_path / "q-merged.onnx"), "--merge", flag, "--json"]) == 0
+    assert capsys.readouterr().err == ""
+    tolerance = 1e-5 if flag == "--float" else 2e-2  # requantizing adds int8 rounding
+    assert rel(ort_run(tmp_path / "q-merged.onnx", feeds), ort_run(tmp_path / "q.onnx", feeds)) <= tolerance
+
+
+def test_a_single_adapters_option_given_to_merge_is_refused_in_the_singular(lora_file, tmp_path, capsys):
+    path, _, _ = lora_file
+    for given, message in ((["--name", "legal"], "--name goes with --adapters"), (["--no-peft"], "--no-peft goes with --adapters"),
+                           (["--name", "legal", "--no-peft"], "--name and --no-peft go with --adapters")):
+        assert main(["export", str(path), "-o", str(tmp_path / "out.onnx"), "--merge", *given]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_export_names_a_text_file_given_as_adapter_by_its_content(lora_file, tmp_path, capsys):
+    path, _, _ = lora_file
+    assert main(["export", str(path), "-o", str(tmp_path / "served.onnx"), "--adapters"]) == 0
+    (tmp_path / "text.onnx").write_text("not an adapter: a note\n")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "served.onnx"), "-o", str(tmp_path / "m.onnx"), "--merge", "--adapter",
+                 str(tmp_path / "text.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "text.onnx is not a readable .onnx_adapter file (a text file, not an adapter;" in err, err
+    assert "ONNX model" not in err and not (tmp_path / "m.onnx").exists()

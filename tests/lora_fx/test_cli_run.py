@@ -83,14 +83,23 @@ def test_inputs_files_that_are_not_an_npz_of_arrays_are_named(served, tmp_path, 
     (tmp_path / "notes.txt").write_text("x = 1, 2, 3")
     np.savez(tmp_path / "pickled.npz", x=np.array([{"x": 1}], dtype=object))
     (tmp_path / "cut.npz").write_bytes((tmp_path / "feeds.npz").read_bytes()[:100])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as zf:  # a zip of arrays, but not as np.savez writes them
+        zf.writestr("x", feeds["x"].tobytes())
     cases = {
         # np.load gives a bare array here: it used to end in "TypeError: ... context manager protocol".
-        "x.npy": "is a single .npy array; --inputs takes an .npz with one array per model input",
+        "x.npy": "is a single .npy array",
         # np.load takes any other file for a pickle, so the message was about pickles.
         "notes.txt": "is not an .npz file (a zip of arrays",
         str(model): "is not an .npz file",
+        "empty.npz": "is not an .npz file",
         "pickled.npz": "holds object arrays, which need pickle and are refused",
-        "cut.npz": "is not an .npz of plain arrays",
+        "cut.npz": "truncated or corrupt?",
+        # np.load hands back such an entry as its raw bytes: run's own reader fed them to the session, which
+        # refused input 'x' as "not an array", naming neither the file nor how to write one.
+        "raw.npz": "entries ['x'] are not .npy arrays (the zip was not written by np.savez); write it again with np.savez(",
     }
     capsys.readouterr()
     for name, message in cases.items():
@@ -154,3 +163,41 @@ def test_merging_a_partial_adapter_gives_what_run_serves(served, tmp_path, capsy
     # The whole adapter: no warning.
     assert main(["export", str(model), "-o", str(tmp_path / "merged2.onnx"), "--merge", "--adapter", str(adapter)]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_nan_adapter_is_refused_not_served(served, tmp_path, capsys):
+    from lora_fx.onnx_adapter import export_tensors
+
+    model, adapter, _, _ = served
+    good = read_onnx_adapter(adapter)
+    nan = {k: np.full_like(v, np.nan) for k, v in good.tensors.items()}
+    export_tensors(tmp_path / "nan.onnx_adapter", nan, good.short_fingerprint)
+    # What run did: exit 0, outputs all NaN (plain ONNX Runtime serves the file as it is).
+    assert np.isnan(ort_run(model, corpus().get(ENTRY).feeds(), adapter=tmp_path / "nan.onnx_adapter")).all()
+    capsys.readouterr()
+    assert main(["run", str(model), "--adapter", str(tmp_path / "nan.onnx_adapter"), "--inputs", str(tmp_path / "feeds.npz"),
+                 "-o", str(tmp_path / "out.npz"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "nan.onnx_adapter: adapter tensor" in err and "NaN or inf values" in err and "train again" in err, err
+    assert not (tmp_path / "out.npz").exists()
+    # Nor folded into a model by export --merge --adapter.
+    assert main(["export", str(model), "-o", str(tmp_path / "merged.onnx"), "--merge",
+                 "--adapter", str(tmp_path / "nan.onnx_adapter")]) == 2
+    assert "NaN or inf values" in capsys.readouterr().err and not (tmp_path / "merged.onnx").exists()
+
+
+def test_an_empty_output_path_is_refused(served, tmp_path, capsys, monkeypatch):
+    # -o "" (an unset shell variable) was taken for no -o: the outputs were printed, saved nowhere, exit 0.
+    model, adapter, feeds, want = served
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["run", str(model), "--adapter", str(adapter), "--inputs", str(tmp_path / "feeds.npz"), "-o", ""]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "-o '' is an empty path; name the .npz file for the outputs, or leave -o out" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # A named path gets the outputs: the LoRA model's own.
+    assert main(["run", str(model), "--adapter", str(adapter), "--inputs", str(tmp_path / "feeds.npz"), "-o", "out.npz"]) == 0
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as got:
+        assert rel(got["y"], want) <= 1e-5

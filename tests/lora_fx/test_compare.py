@@ -88,7 +88,13 @@ def test_compare_cli_bad_folder_exits_nonzero(tmp_path, capsys):
      "label 7 of 'I run' has no label prompt; there are 3 prompts"),
     ('{"text": "I ran", "label": 0, "split": "train"}\n', [], "no rows with split='test'"),
     (None, ["--latency-runs", "0"], "latency_runs must be at least 1"),
-    (None, ["--r", "0"], "r must be a positive integer"), (None, ["--lr", "-1"], "lr must be at least 0"),
+    (None, ["--r", "0"], "r must be a positive integer"),
+    (None, ["--lr", "-1"], "lr must be a positive, finite number (e.g. 1e-3), got -1.0"),
+    # Accepted before, where lora-fx train refuses it: every method "trained" without changing a weight.
+    (None, ["--lr", "0"], "lr must be a positive, finite number (e.g. 1e-3), got 0.0"),
+    (None, ["--lr", "nan"], "lr must be a positive, finite number"),
+    # The count was silently ignored: latency is measured on the exported models, which --no-export skips.
+    (None, ["--no-export", "--latency-runs", "5"], "--latency-runs 5 times the exported ONNX models, and --no-export exports none"),
     (None, ["-o", "{tmp}/a_file"], "a_file is a file, not a folder"),
 ])
 def test_compare_refuses_bad_input_before_any_method_trains(tmp_path, capsys, rows, extra, match):
@@ -253,3 +259,40 @@ def test_a_folder_that_is_no_model_is_refused_before_any_method_trains(tmp_path,
     err = capsys.readouterr().err
     assert "is not a transformers model folder with safetensors weights" in err and "[1/2]" not in err, err
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("lr", 0.0, r"lr must be a positive, finite number \(e\.g\. 1e-3\), got 0\.0"),  # train's own rule and words
+    ("lr", float("inf"), "lr must be a positive, finite number"),
+    ("steps", 0, "steps must be at least 1, got 0"),
+    ("seed", None, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) \(torch.manual_seed's range\), got None"),
+    ("seed", 2**64, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+])
+def test_compare_takes_the_budget_train_takes(tmp_path, field, value, match):
+    from lora_fx.compare import CompareConfig, check_config, compare
+
+    cfg = CompareConfig(hf_dir=str(minilm_dir()), out_dir=str(tmp_path / "report"), methods=[Method.LORA], steps=1)
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=match):
+        compare(cfg)
+    assert not (tmp_path / "report").exists()
+    setattr(cfg, field, {"lr": 1e-6, "steps": 1, "seed": -(2**63)}[field])  # values train takes pass
+    check_config(cfg)
+
+
+def test_latency_runs_reach_the_config_only_with_the_export(tmp_path, monkeypatch):
+    import lora_fx.compare
+
+    seen = []
+
+    def fake_compare(cfg):  # what the CLI hands over, without training
+        seen.append((cfg.export, cfg.latency_runs))
+        raise ConfigError("stop")
+
+    monkeypatch.setattr(lora_fx.compare, "compare", fake_compare)
+    argv = ["compare", "--hf", str(minilm_dir()), "--methods", "lora", "-o", str(tmp_path / "report")]
+    for extra in ([], ["--latency-runs", "7"], ["--no-export"]):
+        assert main(argv + extra) == 2
+    assert seen == [(True, 30), (True, 7), (False, 30)]
+    assert main(argv + ["--no-export", "--latency-runs", "30"]) == 2  # even the default count, given, is refused
+    assert len(seen) == 3

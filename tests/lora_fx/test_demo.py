@@ -68,3 +68,20 @@ def test_the_summary_prints_the_paired_latency_ratios_not_a_ratio_of_medians():
     assert "ONNX Runtime latency vs the plain base: lora merged 1.250x" in text and "2.000x" not in text
     no_latency = format_summary({**summary, "ort_latency_ms": {}, "ort_latency_ratio": {}})
     assert "ONNX Runtime latency" not in no_latency
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0}, "steps must be at least 1, got 0"),
+    ({"steps": -3, "quick": True}, "steps must be at least 1, got -3"),  # quick caps steps at 8; it must not hide -3
+    ({"steps": 1.5}, "steps must be at least 1, got 1.5"),
+    ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+    ({"seed": None}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\) \(torch.manual_seed's range\), got None"),
+])
+def test_run_demo_refuses_bad_numbers_before_the_banner_and_the_folder(tmp_path, capsys, kwargs, match):
+    # Only the CLI checked these: run_demo printed its banner and made the folder, and compare refused them only then
+    # (a None seed failed in every training process).
+    from lora_fx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        run_demo(tmp_path / "demo", **kwargs)
+    assert capsys.readouterr().err == "" and not (tmp_path / "demo").exists()

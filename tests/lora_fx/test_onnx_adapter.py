@@ -302,3 +302,48 @@ def test_rank0_peft_directories_are_refused(tmp_path):
         with pytest.raises(AdapterError, match=r"adapter_model.safetensors: adapter tensor \S+ has shape \((0, \d+|\d+, 0)\), zero-size \(rank 0\)"):
             load()
     assert not (tmp_path / "bad.onnx_adapter").exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_adapter_file_is_refused_where_it_is_read(tmp_path, bad):
+    """check_writable refuses NaN/inf on write; a file written by another tool (plain AdapterFormat) was read and
+    served, every output of its sites NaN, with exit status 0."""
+    from lora_fx.onnx_adapter import export_tensors
+
+    served, adapter, feeds, want = _served_model()
+    tensors = {k: np.array(v) for k, v in adapter.tensors.items()}
+    tensors["fc2.lora_B.weight"][0, :3] = bad
+    export_tensors(tmp_path / "bad.onnx_adapter", tensors, short_fingerprint(adapter.fingerprint))
+    # What refusing spares: plain ONNX Runtime runs it, and the outputs are not numbers.
+    assert not np.isfinite(ort_run(served, feeds, adapter=tmp_path / "bad.onnx_adapter")).all()
+    with pytest.raises(AdapterError, match=r"bad.onnx_adapter: adapter tensor fc2.lora_B.weight holds 3 NaN or inf "
+                                           r"values of \d+; .*diverged.*train again \(lower the learning rate\)"):
+        read_onnx_adapter(tmp_path / "bad.onnx_adapter")
+    with pytest.raises(AdapterError, match="holds 3 NaN or inf values"):  # nor converted to a PEFT directory
+        onnx_adapter_to_peft_dir(tmp_path / "bad.onnx_adapter", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    # The same tensors, finite, read and run as written.
+    tensors["fc2.lora_B.weight"] = np.array(adapter.tensors["fc2.lora_B.weight"])
+    export_tensors(tmp_path / "good.onnx_adapter", tensors, short_fingerprint(adapter.fingerprint))
+    for k, v in read_onnx_adapter(tmp_path / "good.onnx_adapter").tensors.items():
+        np.testing.assert_array_equal(v, adapter.tensors[k])
+    assert rel(ort_run(served, feeds, adapter=tmp_path / "good.onnx_adapter"), want) <= 1e-6
+
+
+def test_a_file_that_is_no_adapter_is_named_by_its_content_not_its_name(tmp_path):
+    """The hint came from the extension alone: a text file named .onnx was called an ONNX model."""
+    served, path, _, _ = _served_adapter(tmp_path)
+    data = path.read_bytes()
+    files = {
+        "notes.onnx": ("a text file, not an adapter", b"input_ids: 1 2 3\nlabels: 0\n"),
+        "notes.onnx_adapter": ("a text file, not an adapter", "poids de l'adaptateur — voir README\n".encode()),
+        "model.onnx_adapter": ("an ONNX model, not an adapter", served.read_bytes()),
+        "cut.onnx": (r"truncated or corrupt\?", data[:100]),  # an adapter still, whatever its name
+        "tiny.onnx": (r"truncated or corrupt\?", data[:5]),
+        "weights.onnx_adapter": ("not in ONNX Runtime's adapter format", b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + bytes(64)),
+    }
+    for name, (hint, content) in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(AdapterError, match=rf"{name} is not a readable .onnx_adapter file \({hint}; ONNX Runtime: ") as info:
+            read_onnx_adapter(tmp_path / name)
+        assert "ONNX model" not in str(info.value) or name == "model.onnx_adapter", (name, info.value)

@@ -383,3 +383,23 @@ def test_big_endian_feeds_run_as_their_values(served):
     swapped = feeds_["x"].astype(">f4")
     assert not swapped.dtype.isnative
     assert rel(sess.run({"x": swapped}, adapter="legal")[0], wants["legal"]) <= 1e-5
+
+
+def test_a_non_finite_adapter_is_refused_by_add_adapter_and_keeps_the_old_one(served, tmp_path):
+    """Registered, a NaN adapter made every output of its sites NaN; refused, ``replace=True`` keeps the old one."""
+    from lora_fx.onnx_adapter import export_tensors, read_onnx_adapter
+
+    path, paths, wants, feeds_ = served
+    good = read_onnx_adapter(paths["legal"])
+    tensors = {k: np.array(v) for k, v in good.tensors.items()}
+    tensors["fc1.lora_A.weight"][1, 0] = -np.inf
+    export_tensors(tmp_path / "inf.onnx_adapter", tensors, good.short_fingerprint)
+    assert not np.isfinite(ort_run(path, feeds_, adapter=tmp_path / "inf.onnx_adapter")).all()  # ORT serves it
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    with pytest.raises(AdapterError, match=r"inf.onnx_adapter: adapter tensor fc1.lora_A.weight holds 1 NaN or inf values"):
+        sess.add_adapter("inf", tmp_path / "inf.onnx_adapter")
+    assert sess.adapters == []
+    sess.add_adapter("legal", paths["legal"])
+    with pytest.raises(AdapterError, match="NaN or inf"):
+        sess.add_adapter("legal", tmp_path / "inf.onnx_adapter", replace=True)
+    assert rel(sess.run(feeds_, adapter="legal")[0], wants["legal"]) <= 1e-5
