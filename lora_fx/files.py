@@ -25,8 +25,9 @@ _UMASK = _umask()
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
-    The file gets the permissions an ordinary ``open`` would give it (0666 less the umask): mkstemp makes
-    it owner-only, and a served adapter or model then cannot be read by a server running as another user.
+    The file gets the permissions an ordinary ``open`` would give it (0666 less the umask), whoever wrote it:
+    mkstemp makes it owner-only, and a served adapter or model then cannot be read by a server running as
+    another user.
     """
     path = Path(path)
     refuse_special(path)
@@ -34,9 +35,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
+        # After the writer, not before: some writers replace the path with an owner-only temporary file of their
+        # own (safetensors' save_file renames one onto it), which a chmod made beforehand would not reach.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

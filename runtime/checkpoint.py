@@ -89,23 +89,18 @@ def load_checkpoint(
     if _META_KEY not in meta:
         raise ConfigError(f"{path} is not a lora_fx training checkpoint (no {_META_KEY} metadata)")
     state = json.loads(meta[_META_KEY])
+    _check_same_parameters(path, state["param_names"], tensors, params)  # first: another model explains all else
     _check_same_run(path, state, optimizer)
-    if sorted(state["param_names"]) != sorted(params):
-        raise ConfigError(
-            f"{path} was written for other trainable parameters ({len(state['param_names'])} saved, "
-            f"{len(params)} in this model); resume with the model and config the run started with, or use a new checkpoint dir"
-        )
     with torch.no_grad():
         for name, p in params.items():
-            saved = tensors[f"param.{name}"]
-            if saved.shape != p.shape:
-                raise ConfigError(f"{path}: parameter {name} has shape {tuple(saved.shape)}, the model has {tuple(p.shape)}")
-            p.copy_(saved.to(p.device, p.dtype))
+            p.copy_(tensors[f"param.{name}"].to(p.device, p.dtype))
+    # The optimizer numbers its state by position; the names say which parameter each position held.
+    position = {name: i for i, name in enumerate(params)}
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, index, field = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[field] = value
+            opt_state.setdefault(position[state["param_names"][int(index)]], {})[field] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     sched = dict(state["scheduler"])
     sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
@@ -115,6 +110,38 @@ def load_checkpoint(
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+def _check_same_parameters(path: Path, saved_names: list[str], tensors: dict[str, torch.Tensor],
+                           params: dict[str, torch.Tensor]) -> None:
+    """Refuse, before anything is loaded, a checkpoint whose parameters are not the model's: the names that
+    differ say which adapters (or which config: another r, other targets) the checkpoint was written for."""
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    absent = [n for n in saved_names if f"param.{n}" not in tensors]
+    if absent:
+        raise ConfigError(f"{path} lists parameters it holds no tensor for ({few(absent)}); it is damaged: delete it "
+                          "to start over")
+    saved = set(saved_names)
+    missing = [n for n in params if n not in saved]
+    extra = [n for n in saved_names if n not in params]
+    reshaped = [f"{n} {tuple(tensors[f'param.{n}'].shape)} saved, {tuple(p.shape)} in the model"
+                for n, p in params.items() if n in saved and tensors[f"param.{n}"].shape != p.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's are not in it ({few(missing)})")
+    if extra:
+        parts.append(f"{len(extra)} in it are not in the model ({few(extra)})")
+    if reshaped:
+        parts.append(f"{len(reshaped)} differ in shape ({few(reshaped)})")
+    if parts:
+        raise ConfigError(
+            f"{path} was written for other trainable parameters ({len(saved_names)} saved, {len(params)} in this "
+            f"model): {'; '.join(parts)}. Resume with the model and config the run started with, or use a new "
+            "checkpoint dir"
+        )
 
 
 def _check_same_run(path: Path, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:

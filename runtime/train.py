@@ -14,7 +14,10 @@ import math
 import numbers
 import sys
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -27,12 +30,21 @@ Batch = dict[str, Any]
 
 @dataclass
 class TrainResult:
+    """What a run did. ``losses``, ``grad_norms``, ``steps`` and ``tokens_seen`` cover every step the adapters
+    have been trained, those of a resumed checkpoint included; ``resumed_from_step`` is the checkpoint's step
+    (0 without one) and ``steps_this_run`` the steps this call trained; ``seconds`` is this call's time."""
+
     losses: list[float]
     steps: int
     seconds: float
     trainable_parameters: int
     tokens_seen: int = 0
     grad_norms: list[float] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+    @property
+    def steps_this_run(self) -> int:
+        return self.steps - self.resumed_from_step
 
     @property
     def final_loss(self) -> float:
@@ -42,6 +54,7 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["final_loss"] = self.final_loss
+        d["steps_this_run"] = self.steps_this_run
         return d
 
 
@@ -66,14 +79,257 @@ def _input_names(module: torch.nn.Module) -> set[str] | None:
     return set(params)
 
 
+class _Feeds:
+    """What the model takes, checked on each batch before the forward: a missing input, a value that is no
+    tensor, a wrong rank, fixed size or kind of dtype otherwise fail deep inside the graph ("mat1 and mat2
+    shapes cannot be multiplied", "Expected tensor for argument #1 'indices'", a failed shape guard).
+
+    ``specs``: input name -> (dtype or None, dims or None); a dim is an int (fixed) or a str (named: inputs
+    with the same name must agree there). ``exact``: ONNX graphs take their declared dtype only; a torch
+    graph takes any dtype of the same kind (int32 ids where it was captured with int64)."""
+
+    def __init__(self, required: list[str], specs: dict[str, tuple[Any, Any]], what: str, exact: bool) -> None:
+        self.required, self.specs, self.what, self.exact = required, specs, what, exact
+
+    @classmethod
+    def of(cls, model: Any, module: torch.nn.Module, names: set[str] | None) -> "_Feeds":
+        if not isinstance(model, torch.nn.Module):  # an onnx_ir Model
+            graph = model.graph
+            inputs = {v.name: v for v in graph.inputs if v.name not in graph.initializers}
+            return cls(list(inputs), {n: (_onnx_dtype(v), v.shape) for n, v in inputs.items()}, "graph input", True)
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            return cls([], {}, "model input", False)
+        required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        specs: dict[str, tuple[Any, Any]] = {}
+        if isinstance(module, fx.GraphModule) and names is not None:
+            # torch.export keeps the example inputs' dtypes and shapes (symbolic where dynamic) on the placeholders.
+            holders = [n for n in module.graph.nodes if n.op == "placeholder"]
+            if [h.target for h in holders] != list(params):
+                holders = [h for h in holders if h.target in names] if all(h.target in names for h in holders) else []
+            for h in holders:
+                val = h.meta.get("val")
+                if isinstance(val, torch.Tensor):
+                    dims = tuple(_dim_name(d) for d in val.shape)
+                    specs[str(h.target)] = (val.dtype, dims)
+        return cls(required, specs, "model input", False)
+
+    def describe(self) -> str:
+        def one(name: str) -> str:
+            dtype, dims = self.specs.get(name, (None, None))
+            parts = [str(dtype).removeprefix("torch.")] if dtype is not None else []
+            if dims is not None:
+                parts.append("(" + ", ".join(str(d) for d in _plain_dims(dims)) + ")")
+            return name + (f" ({', '.join(parts)})" if parts else "")
+
+        names = list(dict.fromkeys([*self.required, *self.specs]))
+        return ", ".join(one(n) for n in names)
+
+    def check(self, batch: Batch, step: int) -> None:
+        missing = [n for n in self.required if n not in batch]
+        if missing:
+            others = [k for k in batch if k not in self.required and k not in self.specs]
+            raise ConfigError(
+                f"batch {step + 1} lacks the {self.what}(s) {missing}; the model takes {self.describe()}"
+                + (f"; the batch's keys {others} are none of them (they reach loss_fn only)" if others else "")
+            )
+        present = {n: batch[n] for n in self.specs if n in batch}
+        for name, value in present.items():
+            if not isinstance(value, torch.Tensor) and self.exact:  # ONNX graphs are also fed numpy arrays and lists
+                import numpy as np
+
+                value = present[name] = np.asarray(value)
+                if value.dtype.kind not in "biuf":
+                    raise ConfigError(f"batch {step + 1}: {name!r} holds {value.dtype} values; the {self.what} {name!r} "
+                                      f"takes numbers ({self.describe()})")
+                dtype = torch.from_numpy(np.empty(0, value.dtype.newbyteorder("="))).dtype
+            elif not isinstance(value, torch.Tensor):
+                raise ConfigError(f"batch {step + 1}: {name!r} is {_what(value)}; the {self.what} {name!r} takes a "
+                                  f"tensor ({self.describe()})")
+            else:
+                dtype = value.dtype
+            want = self.specs[name][0]
+            if want is None:
+                continue
+            if (dtype != want) if self.exact else (_dtype_kind(dtype) != _dtype_kind(want)):
+                short = str(want).removeprefix("torch.")
+                raise ConfigError(f"batch {step + 1}: {name!r} is {str(dtype).removeprefix('torch.')}, but the "
+                                  f"{self.what} {name!r} is {short}: convert it (.to(torch.{short}))")
+        check_feed_shapes({n: v for n, v in present.items() if self.specs[n][1] is not None},
+                          {n: self.specs[n][1] for n in present}, step=step)
+
+
+def _onnx_dtype(value: Any) -> torch.dtype | None:
+    if value.dtype is None:
+        return None
+    from lora_fx.errors import UnsupportedError
+    from lora_fx.runtime.onnx_ops.registry import torch_dtype
+
+    try:
+        return torch_dtype(value.dtype.value)
+    except UnsupportedError:
+        return None
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "floating" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
+
+
+def _dim_name(dim: Any) -> int | str:
+    """An int for a fixed dim of a captured input; for a dynamic one its symbol (inputs sharing a symbol must
+    agree there)."""
+    if isinstance(dim, int):
+        return dim
+    return str(dim.node.expr) if hasattr(dim, "node") else str(dim)
+
+
+def _plain_dims(dims: Any) -> list[int | str]:
+    """Dims as a user reads them: onnx_ir's SymbolicDim as its name, torch's symbols as batch/seq by axis."""
+    out: list[int | str] = []
+    for axis, d in enumerate(dims):
+        if isinstance(d, int):
+            out.append(d)
+        elif isinstance(d, str):  # a torch symbol
+            out.append({0: "batch", 1: "seq"}.get(axis, d))
+        else:
+            out.append(getattr(d, "value", None) or "?")
+    return out
+
+
+def check_feed_shapes(arrays: dict[str, Any], inputs: dict[str, Any], batch_size: int | None = None,
+                      *, step: int | None = None) -> None:
+    """Each array has its input's rank and fixed dims, and dims the input shapes name alike (a sequence length
+    shared by input_ids and attention_mask) agree. Torch would otherwise fail deep in the graph, naming an op
+    the user never wrote.
+
+    ``inputs``: name -> shape (an onnx_ir Shape, or a tuple of ints and names). ``batch_size`` None: each
+    array is one batch, fed as it is (``train``'s batches; ``step`` numbers it in the message); an int: each
+    array holds every example of a data file, cut into batches of that size later (``lora-fx train``)."""
+    whole_data = batch_size is not None
+    named: dict[str, tuple[str, int]] = {}
+
+    def label(name: str) -> str:
+        return f"array {name!r}" if whole_data or step is None else repr(name)
+
+    where = "" if whole_data or step is None else f"batch {step + 1}: "
+    for name, arr in arrays.items():
+        shape = inputs[name]
+        if shape is None:
+            continue
+        raw = tuple(shape)
+        want = tuple(_plain_dims(raw)) if not all(isinstance(d, int) for d in raw) else raw
+        if whole_data:
+            way = "store it as (examples" + "".join(f", {d}" for d in want[1:]) + ")"
+        else:
+            way = "give it the shape (" + ", ".join(str(d) for d in want) + ")"
+        if arr.ndim != len(want) or any(isinstance(d, int) and arr.shape[i] != d
+                                        for i, d in enumerate(want) if i or not whole_data):
+            raise ConfigError(f"{where}{label(name)} has shape {tuple(arr.shape)}, but graph input {name!r} is "
+                              f"{want}: {way}")
+        if whole_data and isinstance(want[0], int) and (batch_size != want[0] or len(arr) % want[0]):
+            raise ConfigError(f"graph input {name!r} has a fixed batch of {want[0]}: use --batch-size {want[0]} and a "
+                              f"multiple of {want[0]} examples (the data have {len(arr)})")
+        for axis, dim in enumerate(raw):
+            if (whole_data and axis == 0) or isinstance(dim, int):
+                continue
+            key = dim if isinstance(dim, str) else getattr(dim, "value", None)
+            if key is None:
+                continue
+            first = named.setdefault(key, (name, arr.shape[axis]))
+            if first[1] != arr.shape[axis]:
+                shown = _plain_dims(raw)[axis]
+                what = "arrays" if whole_data or step is None else "inputs"
+                raise ConfigError(f"{where}{what} {first[0]!r} and {name!r} differ along the graph's dim {shown!r} "
+                                  f"({first[1]} vs {arr.shape[axis]}); pad them to one length")
+
+
 def _batches(source: Sequence[Batch] | Iterable[Batch] | Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
     if callable(source) and not isinstance(source, (list, tuple)):
-        return itertools.chain.from_iterable(source() for _ in itertools.count())
+        return _epochs(source)
     if isinstance(source, Sequence):
         if len(source) == 0:
             raise ConfigError("batches is empty")
         return itertools.cycle(source)
     return iter(source)
+
+
+def _epochs(make: Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
+    """The batches of ``make()``, called again for each epoch. An epoch without batches is refused: calling
+    again would spin forever."""
+    for epoch in itertools.count(1):
+        got = make()
+        if isinstance(got, (str, bytes, Mapping)) or not _iterable(got):
+            raise ConfigError(f"batches() returned {_what(got)} in epoch {epoch}; the callable must return a fresh "
+                              "iterable of batches (a list or generator of dicts) each time it is called")
+        empty = True
+        for batch in got:
+            empty = False
+            yield batch
+        if empty:
+            raise ConfigError(f"batches() returned no batches in epoch {epoch}; it must return a fresh iterable of "
+                              "batches each time it is called (a generator is used up after one pass: return a new one)")
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _what(value: Any) -> str:
+    """A value named for a message: its type, and the value itself when short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _check_arguments(batches: Any, loss_fn: Any, on_step: Any, checkpoint_dir: Any, checkpoint_every: Any,
+                     resume: Any) -> None:
+    """Refuse before any work what would otherwise fail inside the loop (a TypeError from itertools or the
+    loss call) or only after the last step (a checkpoint_dir that is a file)."""
+    if isinstance(batches, Mapping):
+        raise ConfigError("batches is a single batch (a dict); pass a list of batches, e.g. [batch]")
+    if batches is None or isinstance(batches, (str, bytes)) or not (callable(batches) or _iterable(batches)):
+        raise ConfigError(f"batches must be a list of batches (dicts of model input name -> tensor, plus what loss_fn "
+                          f"reads), an iterable of them, or a callable returning a fresh iterable per epoch; got "
+                          f"{_what(batches)}")
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be a function loss_fn(outputs, batch) returning the scalar loss tensor (e.g. "
+                          f"lora_fx.runtime.train.cross_entropy_on('logits')); got {_what(loss_fn)}")
+    if on_step is not None and not callable(on_step):
+        raise ConfigError(f"on_step must be a function on_step(step, loss) or None; got {_what(on_step)}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral) or checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be an integer of at least 0 (0: only at the end), got {checkpoint_every!r}")
+    if checkpoint_every and not checkpoint_dir:
+        raise ConfigError("checkpoint_every needs checkpoint_dir: name the directory the checkpoints go to")
+    if resume and not checkpoint_dir:
+        raise ConfigError("resume=True needs checkpoint_dir: the directory of the run to continue")
+    if checkpoint_dir:
+        from lora_fx.files import check_output_dir
+
+        if Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise ConfigError(f"checkpoint_dir {checkpoint_dir} is a file; name a folder (it is created)")
+        check_output_dir(checkpoint_dir)
+
+
+def _check_loss(loss: Any, step: int) -> None:
+    """The loss must be one floating number autograd can go back from to the adapters."""
+    want = "loss_fn must return a scalar floating torch tensor computed from the model's outputs"
+    where = f"at step {step + 1}"
+    if not isinstance(loss, torch.Tensor):
+        raise ConfigError(f"loss_fn returned {_what(loss)} {where}; {want} (e.g. F.cross_entropy(out['logits'], ...))")
+    if not loss.dtype.is_floating_point:
+        raise ConfigError(f"loss_fn returned a tensor of dtype {str(loss.dtype).removeprefix('torch.')} {where}; {want}: "
+                          "integers (argmax, counts of correct labels) have no gradient")
+    if loss.numel() != 1:
+        raise ConfigError(f"loss_fn returned a tensor of shape {tuple(loss.shape)} {where}; {want}: reduce it to one "
+                          "number (.mean() or .sum())")
+    if not loss.requires_grad:
+        raise ConfigError(f"loss_fn returned a tensor that does not depend on the model's outputs {where} (it needs no "
+                          f"gradient: detached, .item() made into a tensor again, or computed from the batch alone); {want}")
 
 
 def _torch_module(model: Any) -> torch.nn.Module:
@@ -108,13 +364,23 @@ def train(
 ) -> TrainResult:
     """Train the adapter parameters of ``model`` for ``steps`` steps.
 
-    ``batches``: a list (cycled), an iterable, or a callable returning a fresh iterable per epoch;
-    each batch is a dict whose keys that name model inputs are passed to the model.
-    ``loss_fn(outputs, batch)`` returns the scalar loss.
+    ``batches``: a list (cycled), an iterable (one pass: a warning when it ends before ``steps``), or a
+    callable returning a fresh iterable per epoch; each batch is a dict whose keys that name model inputs
+    are passed to the model. Each batch is checked against what the model takes before its forward: the
+    inputs a captured graph or an ONNX graph needs, their rank and fixed dims, dims they share, and their
+    dtype (its kind for a captured graph, the declared dtype for an ONNX graph).
+    ``loss_fn(outputs, batch)`` returns the loss: a scalar floating tensor computed from the outputs
+    (anything else is refused, naming what it returned). Gradients are on inside train, even when called
+    under ``torch.no_grad()``.
     ``checkpoint_dir``/``checkpoint_every``: save adapters, optimizer, step and RNG state every N
     steps (and at the end); ``resume=True`` continues from the checkpoint there, if any, on the
-    same loss curve (the data must be the same; the first ``step`` batches are skipped).
+    same loss curve (the data must be the same; the first ``step`` batches are skipped). A checkpoint
+    already past ``steps`` trains nothing more: a warning says so, the model holds the checkpoint's
+    adapters, and the result counts ``steps_this_run`` apart from the ``steps`` trained in all.
     An ONNX model's trained adapters are written back into its initializers when train returns.
+
+    Bad arguments (``batches``, ``loss_fn``, a ``checkpoint_dir`` that is a file) raise ``ConfigError``
+    before the first step; a batch or loss that does not fit, at the step it comes in, before its update.
 
     Raises ``TrainingDivergedError`` (a FloatingPointError) at the first step whose loss or gradient
     norm is nan/inf or whose update would make an adapter weight non-finite (or overflows float32 in
@@ -122,6 +388,7 @@ def train(
     """
     _check_numbers(steps=steps, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                    warmup_steps=warmup_steps, seed=seed)
+    _check_arguments(batches, loss_fn, on_step, checkpoint_dir, checkpoint_every, resume)
     module = _torch_module(model)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -131,13 +398,12 @@ def train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     names = _input_names(module)
+    feeds = _Feeds.of(model, module, names)
     source = _batches(batches)
     losses: list[float] = []
     norms: list[float] = []
     tokens = 0
     first_step = 0
-    if checkpoint_every and not checkpoint_dir:
-        raise ConfigError("checkpoint_every needs checkpoint_dir: name the directory the checkpoints go to")
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if resume:
         from lora_fx.runtime.checkpoint import has_checkpoint, load_checkpoint
@@ -145,7 +411,15 @@ def train(
         if has_checkpoint(checkpoint_dir):
             state = load_checkpoint(checkpoint_dir, params=trained, optimizer=opt, scheduler=sched)
             first_step, losses, norms, tokens = state["step"], state["losses"], state["grad_norms"], state["tokens"]
-            for _ in range(first_step):  # the data position of the interrupted run
+            if first_step > steps:
+                # As Hugging Face's Trainer does with a checkpoint past max_steps: train nothing more, and say so.
+                warnings.warn(
+                    f"the checkpoint in {checkpoint_dir} is already at step {first_step}, past the {steps} steps asked "
+                    f"for: nothing was trained; the model holds the adapters of step {first_step}. Pass steps above "
+                    f"{first_step} to train on, or another checkpoint_dir to start over",
+                    stacklevel=2,
+                )
+            for _ in range(min(first_step, steps)):  # the data position of the interrupted run
                 next(source, None)
     bar = None
     if progress:
@@ -162,11 +436,23 @@ def train(
             try:
                 batch = next(source)
             except StopIteration:
+                if not losses:
+                    raise ConfigError("batches yielded no batch; pass a list of batches (it is cycled), or a callable "
+                                      "returning a fresh iterable per epoch") from None
+                warnings.warn(f"batches ran out after step {step} of {steps}: an iterable is one pass; pass a list "
+                              "(cycled) or a callable returning a fresh iterable per epoch to train all steps",
+                              stacklevel=2)
                 break
+            if not isinstance(batch, Mapping):
+                raise ConfigError(f"batch {step + 1} is {_what(batch)}; each batch must be a dict of model input "
+                                  "name -> tensor (plus what loss_fn reads, such as labels)")
+            feeds.check(batch, step)
             inputs = {k: v for k, v in batch.items() if names is None or k in names}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            # enable_grad: a caller's torch.no_grad() would otherwise leave the loss without a graph to train on.
+            with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = module(**inputs)
                 loss = loss_fn(out, batch)
+            _check_loss(loss, step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise _diverged(step, steps, value, lr, "the loss is not finite")
@@ -206,6 +492,7 @@ def train(
     return TrainResult(
         losses=losses, steps=len(losses), seconds=time.perf_counter() - start,
         trainable_parameters=sum(p.numel() for p in params), tokens_seen=tokens, grad_norms=norms,
+        resumed_from_step=first_step,
     )
 
 
@@ -274,4 +561,4 @@ def cross_entropy_on(output_key: str, target_key: str = "labels") -> Callable[[A
     return loss_fn
 
 
-__all__ = ["TrainResult", "train", "cross_entropy_on"]
+__all__ = ["TrainResult", "check_feed_shapes", "cross_entropy_on", "train"]

@@ -130,6 +130,7 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
     import torch
 
     from lora_fx.runtime.onnx_torch import torch_dtype
+    from lora_fx.runtime.train import check_feed_shapes
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs if v.name not in graph.initializers}
@@ -150,7 +151,8 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
     n = next(iter(sizes.values()))
     if n == 0:
         raise ConfigError(f"the data hold no examples (arrays {sorted(names)} have length 0)")
-    _check_input_shapes({k: np.asarray(data[k]) for k in inputs}, inputs, batch_size)
+    # The same check lora_fx.train makes on each batch, here on whole arrays: before any conversion or training.
+    check_feed_shapes({k: np.asarray(data[k]) for k in inputs}, {k: v.shape for k, v in inputs.items()}, batch_size)
     tensors = {}
     for name in names:
         arr = np.asarray(data[name])
@@ -167,31 +169,6 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
             t = t.to(torch_dtype(inputs[name].dtype.value))
         tensors[name] = t
     return [{k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
-
-
-def _check_input_shapes(arrays: dict[str, Any], inputs: dict[str, Any], batch_size: int) -> None:
-    """Each array is examples x the graph input's shape: its rank and fixed dims, and the dims the graph names
-    alike (a sequence length shared by input_ids and attention_mask) agree. Torch would otherwise fail deep in
-    the graph, naming an op the user never wrote."""
-    named: dict[str, tuple[str, int]] = {}
-    for name, arr in arrays.items():
-        shape = inputs[name].shape
-        if shape is None:
-            continue
-        want = tuple(d if isinstance(d, int) else (getattr(d, "value", None) or "?") for d in shape)
-        per_example = "(examples" + "".join(f", {d}" for d in want[1:]) + ")"
-        if arr.ndim != len(want) or any(isinstance(d, int) and arr.shape[i] != d for i, d in enumerate(want) if i):
-            raise ConfigError(f"array {name!r} has shape {arr.shape}, but graph input {name!r} is {want}: "
-                              f"store it as {per_example}")
-        if isinstance(want[0], int) and (batch_size != want[0] or len(arr) % want[0]):
-            raise ConfigError(f"graph input {name!r} has a fixed batch of {want[0]}: use --batch-size {want[0]} and a "
-                              f"multiple of {want[0]} examples (the data have {len(arr)})")
-        for axis, dim in enumerate(want[1:], 1):
-            if isinstance(dim, str) and dim != "?":
-                first = named.setdefault(dim, (name, arr.shape[axis]))
-                if first[1] != arr.shape[axis]:
-                    raise ConfigError(f"arrays {first[0]!r} and {name!r} differ along the graph's dim {dim!r} "
-                                      f"({first[1]} vs {arr.shape[axis]}); pad them to one length")
 
 
 def _check_class_targets(y: Any, t: Any, target: str) -> None:
@@ -289,5 +266,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         first = result.losses[0] if result.losses else float("nan")
-        print(f"trained {result.steps} steps: loss {first:.4f} -> {result.final_loss:.4f}; wrote {args.out}")
+        done = f"trained {result.steps_this_run} steps" + (
+            f" (resumed at step {result.resumed_from_step}; {result.steps} in all)" if result.resumed_from_step else "")
+        print(f"{done}: loss {first:.4f} -> {result.final_loss:.4f}; wrote {args.out}")
     return 0

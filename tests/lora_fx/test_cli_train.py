@@ -286,3 +286,22 @@ def test_output_onto_the_models_external_data_is_refused_before_training(tmp_pat
     err = capsys.readouterr().err
     assert "is the external data file the input model reads its weights from" in err, err
     assert data.read_bytes() == before
+
+
+def test_resume_past_the_asked_steps_says_so_and_writes_the_checkpoint_model(tmp_path: Path, capsys) -> None:
+    # It used to print "trained 4 steps" for a call that trained none, with no word about the checkpoint.
+    model, data = _files(tmp_path)
+    common = ["train", str(model), "--data", str(data), "--batch-size", "16", "--checkpoint-dir", str(tmp_path / "ck"),
+              "--no-progress"]
+    four = _run_json(capsys, common + ["--steps", "4", "-o", str(tmp_path / "four.onnx"), "--json"])
+    assert (four["steps"], four["steps_this_run"], four["resumed_from_step"]) == (4, 4, 0)
+    with pytest.warns(UserWarning, match="already at step 4, past the 2 steps asked for: nothing was trained"):
+        assert main(common + ["--steps", "2", "--resume", "-o", str(tmp_path / "two.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("trained 0 steps (resumed at step 4; 4 in all): loss "), captured.out
+    weights = [ir.load(str(tmp_path / f"{n}.onnx")).graph.initializers["fc1.lora_B.weight"].const_value.numpy()
+               for n in ("four", "two")]
+    np.testing.assert_array_equal(weights[1], weights[0])
+    six = _run_json(capsys, common + ["--steps", "6", "--resume", "-o", str(tmp_path / "six.onnx"), "--json"])
+    assert (six["steps"], six["steps_this_run"], six["resumed_from_step"]) == (6, 2, 4)
+    assert six["losses"][:4] == four["losses"]

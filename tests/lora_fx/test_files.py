@@ -21,6 +21,29 @@ def test_written_files_get_the_permissions_open_would_give(tmp_path):
         assert mode & 0o044
 
 
+def test_a_writer_that_replaces_the_temporary_file_still_gives_the_ordinary_mode(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_fx import files
+    from lora_fx.files import atomic_write
+
+    def replace_owner_only(tmp):  # as safetensors does: its own mkstemp file, renamed onto ours
+        fd = os.open(tmp_path / "own.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x")
+        os.close(fd)
+        os.replace(tmp_path / "own.tmp", tmp)
+
+    atomic_write(tmp_path / "b.bin", replace_owner_only)
+    with atomic_path(tmp_path / "c.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    for name in ("b.bin", "c.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~files._UMASK, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "c.safetensors"]
+
+
 def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(tmp_path):
     (tmp_path / "keep.txt").write_text("old")
     with pytest.raises(RuntimeError):
