@@ -9,10 +9,13 @@ The error goes to stderr, with or without ``--json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-from typing import Sequence
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
 
 from lora_fx.errors import LoraFxError
 
@@ -47,6 +50,36 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _warnings_as_cli_lines() -> Iterator[None]:
+    """lora_fx's own warnings as ``lora-fx: warning: ...`` lines, as errors print, rather than Python's
+    ``file:line: UserWarning: ...`` with the source line under it; other libraries' keep their form.
+    ``formatwarning`` rather than ``showwarning``: a caller recording warnings (pytest) still gets them."""
+    original = warnings.formatwarning
+    roots = [str(Path(p).resolve()) + os.sep for p in _package_dirs()]
+
+    def formatwarning(message, category, filename, lineno, line=None):  # noqa: ANN001 - warnings' signature
+        if any(str(Path(filename).resolve()).startswith(r) for r in roots):
+            text = " ".join(str(message).split())
+            kind = "" if category is UserWarning else f"{category.__name__}: "
+            return f"lora-fx: warning: {kind}{text}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+def _package_dirs() -> list[str]:
+    import lora_fx
+    import lora_fx.passes
+    import lora_fx.runtime
+
+    return [*lora_fx.__path__, *lora_fx.passes.__path__, *lora_fx.runtime.__path__]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _warnings_as_cli_lines():
+            return int(args.func(args) or 0)
     # OSError: a file or folder the user named could not be read or written (exists, is a file, disk full,
     # read-only): its message names the path. FloatingPointError: training diverged (runtime.train says so).
     except (LoraFxError, OSError, FloatingPointError) as exc:

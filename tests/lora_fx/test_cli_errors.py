@@ -3,6 +3,8 @@ bad input, 130 when interrupted, 1 for a bug; the traceback only with LORA_FX_DE
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from lora_fx.cli import main
@@ -44,3 +46,39 @@ def test_json_errors_are_one_line_on_stderr_and_nothing_on_stdout(tmp_path, caps
     lines = captured.err.strip().splitlines()
     assert captured.out == "" and len(lines) == 1 and lines[0].startswith("lora-fx: error: "), captured
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_fx_warnings_print_as_cli_lines_and_others_keep_their_form(capsys, monkeypatch):
+    """A lora_fx warning printed as Python's ``file:line: UserWarning:`` with the source line under it."""
+    import warnings
+
+    from lora_fx import cli
+    from lora_fx.passes.onnx import fold_lora
+
+    def run(args):
+        warnings.warn_explicit("a site\n  left  at the default", UserWarning, fold_lora.__file__, 1)
+        warnings.warn_explicit("deprecated thing", DeprecationWarning, fold_lora.__file__, 2)
+        warnings.warn_explicit("from elsewhere", UserWarning, "/elsewhere/mod.py", 3)
+        return 0
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _ParserRunning(run))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # Python's own printing (pytest records warnings instead): format with formatwarning, write to stderr.
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+        assert cli.main(["x"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "lora-fx: warning: a site left at the default"
+    assert err[1] == "lora-fx: warning: DeprecationWarning: deprecated thing"
+    assert err[2].startswith("/elsewhere/mod.py:3: UserWarning: from elsewhere")
+    assert warnings.formatwarning is not None and "lora-fx" not in warnings.formatwarning("m", UserWarning, fold_lora.__file__, 1)
+
+
+class _ParserRunning:
+    def __init__(self, func):
+        self.func = func
+
+    def parse_args(self, argv):
+        import argparse
+
+        return argparse.Namespace(command="x", func=self.func)
