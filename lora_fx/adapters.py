@@ -290,9 +290,9 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     return model
 
 
-def _check_saved(gm: Any, config: LoraConfig, saved: dict[str, Any], directory: Any) -> dict[str, Any]:
+def _check_saved(gm: Any, config: Any, saved: dict[str, Any], directory: Any, key_prefix: str = PEFT_PREFIX) -> dict[str, Any]:
     """The parameters of the modules ``config.modules_to_save`` names in ``gm``, each checked to have exactly one
-    tensor of its shape in ``saved`` (a model name -> tensor map)."""
+    tensor of its shape in ``saved`` (a model name -> tensor map, read from keys ``key_prefix`` + name)."""
     from lora_fx.passes.fx.find_sites import module_tree
     from lora_fx.passes.fx.freeze_base import module_parameters
     from lora_fx.targeting import select_modules_to_save
@@ -301,14 +301,14 @@ def _check_saved(gm: Any, config: LoraConfig, saved: dict[str, Any], directory: 
     for name, value in saved.items():
         if name not in params:
             raise AdapterError(
-                f"adapter tensor {PEFT_PREFIX}{name!r} is neither a LoRA matrix nor a parameter of a module its config's "
-                f"modules_to_save={config.modules_to_save!r} names in this model"
+                f"adapter tensor {key_prefix}{name!r} is neither {'a LoRA matrix' if key_prefix == PEFT_PREFIX else 'a prefix'} "
+                f"nor a parameter of a module its config's modules_to_save={config.modules_to_save!r} names in this model"
                 + (f" (those hold: {', '.join(sorted(params)[:6])})" if params else "")
                 + "; was it saved from another model?"
             )
         if tuple(value.shape) != tuple(params[name].shape):
             raise AdapterError(
-                f"adapter tensor {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, but this model's {name} is "
+                f"adapter tensor {key_prefix}{name} has shape {tuple(value.shape)}, but this model's {name} is "
                 f"{tuple(params[name].shape)}; was it trained on another model (another number of labels)?"
             )
     missing = sorted(set(params) - set(saved))
@@ -320,7 +320,7 @@ def _check_saved(gm: Any, config: LoraConfig, saved: dict[str, Any], directory: 
     return params
 
 
-def _saved_updates(gm: Any, config: LoraConfig, saved: dict[str, Any]) -> list[tuple[Any, Any]]:
+def _saved_updates(gm: Any, config: Any, saved: dict[str, Any]) -> list[tuple[Any, Any]]:
     """(parameter, value) pairs setting the modules trained in full to ``saved``. The modules ``config`` names are
     recorded as trained in full (trainable from now on); any recorded earlier that it does not name go back to
     their base values and are frozen again, as they are in PEFT with the loaded adapter active."""

@@ -95,6 +95,10 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
         select_targets(find_sites(model), config, modules=_module_tree(model))
     if quant is not None and isinstance(config, LoraConfig) and config.modules_to_save:
         _refuse_quantized_modules_to_save(model, config, quant, ir_name)
+    if quant is not None and isinstance(config, PrefixConfig):
+        heads = _prefix_heads_config(model, config) if ir_name == "fx" else config
+        if heads.modules_to_save:
+            _refuse_quantized_modules_to_save(model, heads, quant, ir_name)
     if quant is not None:
         # QLoRA: quantize first so the adapter branches attach to the dequantized weights' sites.
         from importlib import import_module
@@ -107,9 +111,9 @@ def _apply(model: Any, config: Any, quant: Any) -> Any:
 
         return apply_lora(model, config)
     if type(config).__name__ == "PrefixConfig":
-        from importlib import import_module
-
-        return import_module(f"lora_fx.passes.{ir_name}.insert_prefix").apply_prefix(model, config)
+        if ir_name == "fx":
+            return _apply_prefix_fx(model, config)
+        return _apply_prefix_onnx(model, config)
     raise AssertionError("unreachable: _check_config admits LoraConfig and PrefixConfig only")
 
 
@@ -191,3 +195,45 @@ def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
         config.base_model_name_or_path = info["name_or_path"]
     info.setdefault("adapters", {})["default"] = config
     return gm
+
+
+def _apply_prefix_fx(gm: fx.GraphModule, config: PrefixConfig) -> fx.GraphModule:
+    """The prefixes, and the modules ``config.modules_to_save`` names trained in full beside them (with
+    ``task_type="SEQ_CLS"``, given or found from the model class: the classification head, as PEFT trains it)."""
+    from lora_fx.config import with_task_heads
+    from lora_fx.passes.fx.freeze_base import freeze_base, module_parameters, record_modules_to_save
+    from lora_fx.passes.fx.insert_prefix import apply_prefix
+    from lora_fx.targeting import select_modules_to_save
+
+    saved = select_modules_to_save(_prefix_heads_config(gm, config), _module_tree(gm))
+    module_parameters(gm, saved)
+    apply_prefix(gm, config)
+    config.modules_to_save = with_task_heads(config.task_type, config.modules_to_save)
+    record_modules_to_save(gm, saved)
+    freeze_base(gm)
+    return gm
+
+
+def _prefix_heads_config(gm: fx.GraphModule, config: PrefixConfig) -> PrefixConfig:
+    """``config`` with the task type ``apply_prefix`` will find when it has none (SEQ_CLS for a
+    *ForSequenceClassification): it goes into the saved config, and PEFT then trains the head, so the head's modules
+    are chosen and checked before the graph changes."""
+    import dataclasses
+
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.insert_prefix import _task_type
+
+    task = config.task_type or _task_type(str(meta(gm).get("model_class") or ""))
+    return dataclasses.replace(config, task_type=task) if task != config.task_type else config
+
+
+def _apply_prefix_onnx(model: Any, config: PrefixConfig) -> Any:
+    """The prefixes, and the modules ``config.modules_to_save`` names (``task_type="SEQ_CLS"``: the head) trained in
+    full beside them, as ``apply_lora`` trains them (``passes/onnx/freeze_base``)."""
+    from lora_fx.passes.onnx.freeze_base import plan_modules_to_save, record_modules_to_save
+    from lora_fx.passes.onnx.insert_prefix import apply_prefix
+
+    plan_modules_to_save(model, config)  # refused before the graph changes
+    apply_prefix(model, config)
+    record_modules_to_save(model, plan_modules_to_save(model, config))
+    return model

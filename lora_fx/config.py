@@ -205,9 +205,17 @@ class LoraConfig:
 
 
 # PromptLearningConfig/PrefixTuningConfig fields with the value lora_fx implements; others are refused.
-_PEFT_PREFIX_FIELDS_AT_DEFAULT: dict[str, Any] = {
-    "modules_to_save": None,
-}
+_PEFT_PREFIX_FIELDS_AT_DEFAULT: dict[str, Any] = {}
+
+
+def with_task_heads(task_type: Any, modules_to_save: list[str] | None) -> list[str] | None:
+    """``modules_to_save`` as PeftModelForSequenceClassification makes it for ``task_type``: for SEQ_CLS the head names
+    (``SEQ_CLS_MODULES_TO_SAVE``) added after the caller's, each name once."""
+    names = list(modules_to_save) if modules_to_save is not None else None
+    if is_seq_cls(task_type):
+        names = (names or []) + list(SEQ_CLS_MODULES_TO_SAVE)
+    # PEFT adds the heads once per adapter it sets up, so its prefix-tuning configs hold them twice.
+    return list(dict.fromkeys(names)) if names is not None else None
 
 
 @dataclass
@@ -226,6 +234,8 @@ class PrefixConfig:
     suffixes, or a regex over the whole site name; ``None`` means every attention site, as in PEFT.
     ``num_transformer_submodules`` is PEFT's: 1, or 2 for encoder-decoder models (SEQ_2_SEQ_LM), where
     PEFT's prefixes reach the decoder's self-attention only; filled in from the model when ``None``.
+    ``modules_to_save`` is PEFT's: modules trained in full beside the prefixes and saved with them, matched as
+    ``LoraConfig.modules_to_save``; ``task_type="SEQ_CLS"`` adds PEFT's head names (``classifier``, ``score``).
     """
 
     num_virtual_tokens: int = 20
@@ -239,11 +249,16 @@ class PrefixConfig:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     num_transformer_submodules: int | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.task_type = task_type_name(self.task_type)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        check_modules_to_save(self.modules_to_save)
+        self.modules_to_save = with_task_heads(self.task_type, self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
@@ -265,6 +280,7 @@ class PrefixConfig:
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is an empty list: leave it None for every attention site, or name some")
+        check_modules_to_save(self.modules_to_save)
 
     # ---- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

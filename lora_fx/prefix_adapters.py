@@ -10,6 +10,9 @@ encoder's output (the folded prefixes), as PEFT saves it. Encoder-decoder models
 SEQ_2_SEQ_LM, ``num_transformer_submodules=2``) prefix the decoder's self-attention only, and decoder
 layer l reads block ``2 l mod num_layers`` (the record's ``block``; see ``insert_prefix.seq2seq_block``),
 ``num_layers`` being the encoder's layer count (the record's ``num_blocks``).
+Modules trained in full (``modules_to_save``; ``task_type="SEQ_CLS"``: the classification head) are saved beside
+``prompt_embeddings`` as PEFT's prompt-learning models save them, ``base_model.<module>.<parameter>``
+(``base_model.classifier.weight``: no LoraModel sits between PeftModel and the transformers model).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"
+# The key prefix of a module trained in full in a PEFT prompt-learning file (LoRA files: adapters.PEFT_PREFIX).
+HEAD_PREFIX = "base_model."
 
 
 def to_prompt_embeddings(prefixes: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -143,7 +148,65 @@ def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
     saved.num_transformer_submodules = rec.get("num_transformer_submodules", 1)
     saved.token_dim, saved.num_attention_heads, saved.num_layers = kv * hd, kv, num_blocks(rec)
     saved.encoder_hidden_size = saved.encoder_hidden_size or saved.token_dim
-    return write_peft_dir(directory, saved, {PROMPT_EMBEDDINGS: emb})
+    return write_peft_dir(directory, saved, {PROMPT_EMBEDDINGS: emb, **_fx_heads(gm)})
+
+
+def _fx_heads(gm: Any) -> dict[str, torch.Tensor]:
+    """The parameters of the modules ``gm`` trains in full, under PEFT's prompt-learning keys."""
+    from lora_fx.passes.fx.freeze_base import saved_base
+
+    params = dict(gm.named_parameters())
+    return {f"{HEAD_PREFIX}{name}": params[name] for name in saved_base(gm)}
+
+
+def _split_heads(tensors: dict[str, torch.Tensor], directory: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A prefix adapter's ``prompt_embeddings`` and its modules trained in full by model name (``classifier.weight``)."""
+    if PROMPT_EMBEDDINGS not in tensors:
+        raise AdapterError(f"{directory} holds no {PROMPT_EMBEDDINGS!r} tensor (found: {', '.join(sorted(tensors)) or 'none'})")
+    heads = {}
+    for key, value in tensors.items():
+        if key == PROMPT_EMBEDDINGS:
+            continue
+        if not key.startswith(HEAD_PREFIX):
+            raise AdapterError(
+                f"{directory}: tensor {key!r} is neither {PROMPT_EMBEDDINGS} nor a parameter of a module trained in full "
+                f"({HEAD_PREFIX}<module>.<parameter>, as PEFT's prefix tuning saves modules_to_save); was the adapter "
+                "saved by another tool?"
+            )
+        heads[key.removeprefix(HEAD_PREFIX)] = value
+    return tensors[PROMPT_EMBEDDINGS], heads
+
+
+def _heads_unsaved(directory: Path, heads: dict[str, torch.Tensor]) -> bool:
+    """A file whose config leaves ``modules_to_save`` unset and that holds no head, though its task type (SEQ_CLS) makes
+    PEFT train one: written by lora_fx before it trained the head, with the base head. PEFT cannot load it (it looks for
+    the head's tensors); lora_fx loads it with the base head it was trained with, and saves that head with it again."""
+    from lora_fx.config import read_adapter_config
+
+    return not heads and read_adapter_config(directory).get("modules_to_save") is None
+
+
+def _fx_base_heads(gm: Any, config: PrefixConfig) -> dict[str, torch.Tensor]:
+    """The base values of the parameters ``config.modules_to_save`` trains in full in ``gm``."""
+    from lora_fx.passes.fx.find_sites import module_tree
+    from lora_fx.passes.fx.freeze_base import module_parameters, saved_base
+    from lora_fx.targeting import select_modules_to_save
+
+    base = saved_base(gm)
+    params = module_parameters(gm, select_modules_to_save(config, module_tree(gm)))
+    return {name: base.get(name, p).detach().clone() for name, p in params.items()}
+
+
+def _onnx_base_heads(model: Any, config: PrefixConfig) -> dict[str, torch.Tensor]:
+    """``_fx_base_heads`` for an ONNX model."""
+    from lora_fx.passes.onnx.freeze_base import plan_modules_to_save, saved_base, selected_modules
+
+    paths = selected_modules(model, config)
+    out = {p.name: torch.from_numpy(np.array(p.array)) for p in plan_modules_to_save(model, config)}
+    for name, (module, base) in saved_base(model).items():
+        if any(module == m or module.startswith(f"{m}.") for m in paths):
+            out[name] = torch.from_numpy(np.array(base))
+    return out
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -174,20 +237,18 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
     """
     import torch.fx as fx
 
-    from lora_fx.api import apply
+    from lora_fx.adapters import _check_saved, _saved_updates
+    from lora_fx.api import _is_onnx, apply
     from lora_fx.passes.fx.capture import meta
-    from lora_fx.passes.fx.insert_prefix import KEY, VALUE
-
-    from lora_fx.api import _is_onnx
+    from lora_fx.passes.fx.insert_prefix import KEY, VALUE, _task_type
+    from lora_fx.passes.onnx.freeze_base import check_saved_tensors, load_saved_tensors
 
     directory = Path(directory)
     if not (isinstance(gm, fx.GraphModule) or _is_onnx(gm)):
         raise ConfigError(f"prefix adapters load onto a GraphModule (lora_fx.capture) or an onnx_ir Model (lora_fx.load), got {type(gm).__name__}")
     config = PrefixConfig.from_pretrained(directory)
-    tensors = _read_tensors(directory)
-    if PROMPT_EMBEDDINGS not in tensors:
-        raise AdapterError(f"{directory} holds no {PROMPT_EMBEDDINGS!r} tensor (found: {', '.join(sorted(tensors)) or 'none'})")
-    emb = tensors[PROMPT_EMBEDDINGS]
+    emb, heads = _split_heads(_read_tensors(directory), directory)
+    unsaved = _heads_unsaved(directory, heads)
     if _is_onnx(gm):
         from lora_fx.passes.onnx.insert_prefix import prefix_metadata
 
@@ -206,8 +267,17 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
                 f"{config.num_transformer_submodules or 1}), but this ONNX model holds encoder-decoder (SEQ_2_SEQ_LM) "
                 "prefix slots; was the adapter trained on another model?"
             )
-        return _load_onto_onnx(gm, dataclasses.replace(config, prefix_projection=False), emb)
+        config = dataclasses.replace(config, prefix_projection=False)
+        heads = _onnx_base_heads(gm, config) if unsaved else heads
+        check_saved_tensors(gm, config, heads, directory, key_prefix=HEAD_PREFIX)  # before anything changes
+        _load_onto_onnx(gm, config, emb)
+        return load_saved_tensors(gm, config, heads)
     info = meta(gm)
+    if config.task_type is None and _task_type(str(info.get("model_class") or "")) == "SEQ_CLS":
+        # As apply finds it (and writes it into the config it records): PEFT then trains and saves the head.
+        config = dataclasses.replace(config, task_type="SEQ_CLS")
+    heads = _fx_base_heads(gm, config) if unsaved else heads
+    _check_saved(gm, config, heads, directory, key_prefix=HEAD_PREFIX)  # before anything changes
     if not info.get("prefix"):
         from lora_fx.passes.fx.find_sites import find_sites
         from lora_fx.passes.fx.insert_prefix import describe, peft_num_layers, select_prefix_sites
@@ -237,11 +307,17 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
     kv, hd = shapes.pop()
     pairs = from_peft_blocks(rec, emb, kv, hd)
+    # The head trained in full as the adapter has it; one apply trained that this adapter does not goes back to its base.
+    updates = _saved_updates(gm, config, heads)
     with torch.no_grad():
         for site, (pk, pv) in pairs.items():
             module = gm.get_submodule(site)
             getattr(module, KEY).copy_(pk.to(getattr(module, KEY).dtype))
             getattr(module, VALUE).copy_(pv.to(getattr(module, VALUE).dtype))
+        for param, value in updates:
+            param.copy_(value.to(param.dtype))
+    recorded = info["adapters"]["default"]  # saved with the model's prefixes: it describes the loaded head now
+    recorded.task_type, recorded.modules_to_save = config.task_type, config.modules_to_save
     return gm
 
 
@@ -306,4 +382,19 @@ def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
         emb = to_peft_blocks(record, pairs)
     else:
         emb = to_prompt_embeddings(list(pairs.values()))
-    return write_peft_dir(directory, config, {PROMPT_EMBEDDINGS: emb})
+    return write_peft_dir(directory, config, {PROMPT_EMBEDDINGS: emb, **_onnx_heads(model)})
+
+
+def _onnx_heads(model: Any) -> dict[str, torch.Tensor]:
+    """The parameters of the modules an ONNX model trains in full (its ``lora_fx.modules_to_save`` metadata), as they
+    are now, under PEFT's prompt-learning keys."""
+    from lora_fx.onnx_adapter import read_saved
+
+    out = {}
+    for name in read_saved(model.metadata_props):
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise AdapterError(f"{name}, a parameter of a module trained in full (modules_to_save), is not an initializer "
+                               "of this ONNX model; apply the adapter to the original model again")
+        out[f"{HEAD_PREFIX}{name}"] = torch.from_numpy(np.array(value.const_value.numpy()))
+    return out

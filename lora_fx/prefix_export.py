@@ -5,7 +5,9 @@ prefixes. A reparameterized model (``prefix_projection``) is exported with its p
 (the export runs on a copy; ``gm`` keeps training its encoder). The file gets the prefixes as graph
 inputs with their trained values as defaults (``passes/onnx/expose_prefixes``); beside it,
 ``<stem>.adapters/<name>.onnx_adapter`` holds the same tensors for ONNX Runtime's adapter API and
-``<stem>.adapters/<name>/`` the PEFT-format adapter.
+``<stem>.adapters/<name>/`` the PEFT-format adapter. Modules trained in full beside the prefixes
+(``modules_to_save``, the SEQ_CLS head) become slots too, under their model names and defaulting to their
+base values, as in LoRA's served export; their trained values go into both adapter files.
 
 The file's ``lora_fx.prefix`` record lists the sites in the torch graph's layer order. Sites that share
 one parameter (an encoder-decoder's decoder layers reading one block of PEFT's SEQ_2_SEQ_LM embeddings)
@@ -34,8 +36,8 @@ def export_prefix_onnx(
     peft_dir: bool = True,
     custom_translation_table: dict | None = None,
 ) -> Any:
-    from lora_fx.export import ExportMode, ExportResult, adapters_dir, optimize_keeping_slots, save_model, to_onnx_ir
-    from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, stamp_fingerprint, write_onnx_adapter
+    from lora_fx.export import ExportMode, ExportResult, _saved_slots, adapters_dir, optimize_keeping_slots, save_model, to_onnx_ir
+    from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, check_writable, stamp_fingerprint, write_onnx_adapter
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.fold_prefix import fold_prefix
     from lora_fx.passes.fx.set_training_mode import set_training_mode
@@ -51,7 +53,9 @@ def export_prefix_onnx(
         set_training_mode(work, False)  # export what inference runs: dropout off
     model = to_onnx_ir(work, dict(kwargs), custom_translation_table)
     model.metadata_props[PREFIX_KEY] = json.dumps(_onnx_record(work, model))
-    expose_prefixes(model)
+    saved = _saved_slots(gm)
+    heads = _trained_heads(model, saved)  # read before the slots take the base values as defaults
+    expose_prefixes(model, saved)
     if config is not None:
         model.metadata_props[PREFIX_CONFIG_KEY] = config.to_json()
     if optimize:
@@ -63,17 +67,35 @@ def export_prefix_onnx(
         for which in ("key", "value"):
             value = model.graph.initializers[rec[which]]
             tensors[rec[which]] = np.ascontiguousarray(value.const_value.numpy())
+    tensors.update(heads)
     path = Path(path)
     result = ExportResult(path, ExportMode.ADAPTERS, sites=sorted(record["sites"]), fingerprint=fingerprint)
+    adapter = OnnxAdapter(tensors, fingerprint=fingerprint, sites=record["sites"], config=config.to_dict() if config else None)
+    check_writable(adapter)  # before any file: a refused adapter (NaN after a diverged run) must not leave a model behind
     save_model(model, path)
     out_dir = adapters_dir(path)
-    adapter = OnnxAdapter(tensors, fingerprint=fingerprint, sites=record["sites"], config=config.to_dict() if config else None)
     result.adapter_paths.append(write_onnx_adapter(out_dir / f"{adapter_name}{SUFFIX}", adapter))
     if peft_dir:
         from lora_fx.adapters import save_adapter
 
         result.peft_dirs.append(save_adapter(gm, out_dir / adapter_name))
     return result
+
+
+def _trained_heads(model: Any, saved: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The values the exported graph holds for the parameters trained in full (``saved``'s names)."""
+    from lora_fx.errors import UnsupportedError
+
+    out = {}
+    for name, (module, _) in saved.items():
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise UnsupportedError(
+                f"{name} ({module}, trained in full: modules_to_save) is not an initializer of the exported graph, so it "
+                "cannot become an adapter slot beside the prefixes; save the adapter with lora_fx.save_adapter instead"
+            )
+        out[name] = np.ascontiguousarray(value.const_value.numpy())
+    return out
 
 
 def _onnx_record(gm: Any, model: Any) -> dict[str, Any]:

@@ -80,7 +80,9 @@ def trainable_initializers(model: Any) -> list[str]:
     for site in _metadata_json(model, LORA_METADATA_KEY).values():
         if isinstance(site, dict):
             names += [site[k] for k in ("a", "b") if isinstance(site.get(k), str)]
-    for site in _metadata_json(model, PREFIX_METADATA_KEY).values():
+    prefix = _metadata_json(model, PREFIX_METADATA_KEY)
+    # The record lists its sites under "sites" (beside num_virtual_tokens): read at the top level, no prefix trained.
+    for site in (prefix["sites"] if isinstance(prefix.get("sites"), dict) else prefix).values():
         if isinstance(site, dict):
             names += [v for v in site.values() if isinstance(v, str) and v in inits]
     names += [n for n in inits if n.endswith(_ADAPTER_SUFFIXES)]

@@ -27,8 +27,9 @@ def saved_base(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 
 def module_parameters(gm: fx.GraphModule, paths: Sequence[str]) -> dict[str, torch.nn.Parameter]:
     """The parameters of the modules at ``paths`` (by their names in ``gm``), each module checked to have some
-    floating-point parameters of its own and no quantized (QLoRA) weight."""
-    params = dict(gm.named_parameters())
+    floating-point parameters of its own and no quantized (QLoRA) weight. Adapter parameters inside such a module
+    (the prefixes of its attention) are the adapter's, not the module's."""
+    params = {n: p for n, p in gm.named_parameters() if not is_adapter_parameter(n)}
     quantized = set(meta(gm).get("quant") or {})
     out: dict[str, torch.nn.Parameter] = {}
     for path in paths:

@@ -9,12 +9,16 @@ request. T stays static: every adapter for one exported file has the same number
 The model also gets the ``lora_fx.prefix`` record ``insert_prefix`` writes, so ``fold_lora`` refuses it.
 Sites that share one prefix initializer (an encoder-decoder's decoder layers reading one block of PEFT's
 SEQ_2_SEQ_LM embeddings) name it in their records; it becomes one graph input.
+The parameters of modules trained in full beside the prefixes (``modules_to_save``, the SEQ_CLS head) become
+slots as LoRA's do (``expose_adapters._expose_saved``): under their model names, defaulting to their base values
+(what PEFT runs for an adapter that does not train them), listed in the ``lora_fx.modules_to_save`` metadata.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any, Mapping
 
 import onnx_ir as ir
 
@@ -63,10 +67,17 @@ class ExposePrefixes:
 
     Matches the initializers named in ``lora_fx.prefix`` (or, without the record, every initializer
     named ``<site>.prefix_key`` / ``<site>.prefix_value`` of shape ``[kv_heads, T, head_dim]``).
-    Prefixes that are graph inputs already are left alone.
+    Prefixes that are graph inputs already are left alone. ``saved`` (``{parameter name: (module, base value)}``):
+    parameters of modules trained in full, each an initializer of that name, made inputs defaulting to the base
+    value; ``changed`` names them by module.
     """
 
+    def __init__(self, saved: Mapping[str, tuple[str, Any]] | None = None) -> None:
+        self.saved = dict(saved or {})
+
     def __call__(self, model: ir.Model) -> PassResult:
+        from lora_fx.passes.onnx.expose_adapters import _expose_saved
+
         record = record_prefixes(model)
         if not record:
             raise AdapterError("this model has no prefixes to expose; apply a PrefixConfig before exporting")
@@ -84,8 +95,9 @@ class ExposePrefixes:
                 graph.inputs.append(value)
                 inputs.add(name)
                 changed.append(name)
+        changed += _expose_saved(model, self.saved)
         return PassResult(model, bool(changed), changed)
 
 
-def expose_prefixes(model: ir.Model) -> PassResult:
-    return ExposePrefixes()(model)
+def expose_prefixes(model: ir.Model, saved: Mapping[str, tuple[str, Any]] | None = None) -> PassResult:
+    return ExposePrefixes(saved)(model)

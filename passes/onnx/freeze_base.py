@@ -353,11 +353,15 @@ def _restore_base(model: ir.Model, names: Sequence[str]) -> None:
             model.metadata_props.pop(key, None)
 
 
-def check_saved_tensors(model: ir.Model, config: LoraConfig, saved: dict[str, Any], where: Any) -> None:
-    """Refuse, before anything changes, an adapter's modules trained in full (``saved``: model name -> tensor) that do
-    not fit the parameters ``config.modules_to_save`` names in this ONNX model, or lack some of them."""
+def check_saved_tensors(model: ir.Model, config: LoraConfig, saved: dict[str, Any], where: Any, key_prefix: str | None = None) -> None:
+    """Refuse, before anything changes, an adapter's modules trained in full (``saved``: model name -> tensor, read from
+    keys ``key_prefix`` + name, PEFT's LoRA ``base_model.model.`` by default) that do not fit the parameters
+    ``config.modules_to_save`` names in this ONNX model, or lack some of them."""
     from lora_fx.adapters import PEFT_PREFIX
     from lora_fx.onnx_adapter import read_saved
+
+    lora = key_prefix in (None, PEFT_PREFIX)
+    key_prefix = key_prefix or PEFT_PREFIX
 
     paths = selected_modules(model, config)
     params = {p.name: p.shape for p in plan_modules_to_save(model, config)}
@@ -367,12 +371,12 @@ def check_saved_tensors(model: ir.Model, config: LoraConfig, saved: dict[str, An
     for name, value in saved.items():
         if name not in params:
             raise AdapterError(
-                f"adapter tensor {PEFT_PREFIX}{name!r} is neither a LoRA matrix nor a parameter of a module its config's "
+                f"adapter tensor {key_prefix}{name!r} is neither {'a LoRA matrix' if lora else 'a prefix'} nor a parameter of a module its config's "
                 f"modules_to_save={config.modules_to_save!r} names in this ONNX model"
                 + (f" (those hold: {', '.join(sorted(params)[:6])})" if params else "") + "; was it saved from another model?"
             )
         if tuple(value.shape) != tuple(params[name]):
-            raise AdapterError(f"adapter tensor {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, but this model's {name} "
+            raise AdapterError(f"adapter tensor {key_prefix}{name} has shape {tuple(value.shape)}, but this model's {name} "
                                f"is {tuple(params[name])}; was it trained on another model (another number of labels)?")
     missing = sorted(set(params) - set(saved))
     if missing:
