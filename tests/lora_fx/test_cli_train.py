@@ -305,3 +305,29 @@ def test_resume_past_the_asked_steps_says_so_and_writes_the_checkpoint_model(tmp
     six = _run_json(capsys, common + ["--steps", "6", "--resume", "-o", str(tmp_path / "six.onnx"), "--json"])
     assert (six["steps"], six["steps_this_run"], six["resumed_from_step"]) == (6, 2, 4)
     assert six["losses"][:4] == four["losses"]
+
+
+@pytest.mark.slow
+def test_prefix_rewritten_onnx_file_trains_from_the_command_line(tmp_path: Path, capsys) -> None:
+    """`rewrite --method prefix` then `train`: the prefix initializers were never trainable on ONNX files (the
+    trainable set read the prefix record's top level, where its sites are not), so train refused the model."""
+    from tests.onnx_corpus import corpus
+
+    entry = corpus().get("gpt2-dynamo18")
+    rewritten = tmp_path / "p.onnx"
+    assert main(["rewrite", str(entry.path), "-o", str(rewritten), "--method", "prefix", "--num-virtual-tokens", "4"]) == 0
+    ids = np.random.default_rng(0).integers(0, 50, (32, 6)).astype(np.int64)
+    data = tmp_path / "lm.npz"
+    feeds = {"input_ids": ids, "labels": (ids[:, :] * 7 + 3) % 50}  # a fixed token map: learnable through the prefixes
+    names = {v.name for v in ir.load(str(rewritten)).graph.inputs}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones_like(ids)
+    np.savez(data, **feeds)
+    out = tmp_path / "tuned.onnx"
+    result = _run_json(capsys, ["train", str(rewritten), "--data", str(data), "--steps", "30", "--lr", "3e-2",
+                                "--batch-size", "8", "-o", str(out), "--json", "--no-progress"])
+    assert np.mean(result["losses"][-5:]) < np.mean(result["losses"][:5])
+    before, after = ir.load(str(rewritten)).graph.initializers, ir.load(str(out)).graph.initializers
+    prefixes = [n for n in before if "prefix" in n]
+    assert prefixes and all(not np.array_equal(before[n].const_value.numpy(), after[n].const_value.numpy())
+                            for n in prefixes)
