@@ -230,9 +230,17 @@ def _prefix_heads_config(gm: fx.GraphModule, config: PrefixConfig) -> PrefixConf
 def _apply_prefix_onnx(model: Any, config: PrefixConfig) -> Any:
     """The prefixes, and the modules ``config.modules_to_save`` names (``task_type="SEQ_CLS"``: the head) trained in
     full beside them, as ``apply_lora`` trains them (``passes/onnx/freeze_base``)."""
+    import dataclasses
+
+    from lora_fx.passes.fx.insert_prefix import _task_type
+    from lora_fx.passes.onnx.find_sites import model_class
     from lora_fx.passes.onnx.freeze_base import plan_modules_to_save, record_modules_to_save
     from lora_fx.passes.onnx.insert_prefix import apply_prefix
 
+    cls = model_class(model) if config.task_type is None else None
+    if cls is not None:
+        # As on the FX front end: PEFT injects prefixes only through a task's PeftModel, so the saved config needs one.
+        config = dataclasses.replace(config, task_type=_task_type(cls))
     plan_modules_to_save(model, config)  # refused before the graph changes
     apply_prefix(model, config)
     record_modules_to_save(model, plan_modules_to_save(model, config))

@@ -374,6 +374,17 @@ def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
     text = model.metadata_props.get(PREFIX_CONFIG_KEY)
     config = PrefixConfig.from_dict(json.loads(text)) if text else PrefixConfig(num_virtual_tokens=record["num_virtual_tokens"])
     config.prefix_projection = False
+    if config.task_type is None and record.get("num_transformer_submodules") != 2:
+        import warnings
+
+        # PeftModel.from_pretrained then builds a plain PeftModel, whose forward runs the base model alone.
+        warnings.warn(
+            "the saved PEFT config has no task_type, and PEFT applies prefixes only through a task's PeftModel "
+            "(PeftModel.from_pretrained would run the base model without them); this file records no model class "
+            "to infer it from: give it when applying (PrefixConfig(task_type='CAUSAL_LM'), lora-fx rewrite --task-type "
+            "CAUSAL_LM) or set task_type in adapter_config.json",
+            stacklevel=2,
+        )
     config.token_dim, config.num_attention_heads, config.num_layers = kv * hd, kv, num_blocks(record)
     config.encoder_hidden_size = config.encoder_hidden_size or config.token_dim
     if record.get("num_transformer_submodules") == 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -133,6 +134,10 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
 
     model = load(src)
     records = read_records(model)
+    from lora_fx.passes.onnx.insert_prefix import prefix_metadata
+
+    if not records and prefix_metadata(model):
+        return _export_prefix_file(src, out, model, merge=merge, adapter=adapter, name=name, peft_dir=peft_dir)
     if not records:
         raise AdapterError(f"{src} has no LoRA adapters (no lora_fx.lora metadata); rewrite it first: lora-fx rewrite {src} -o lora.onnx")
     exposed = any(v.name in model.graph.initializers for v in model.graph.inputs)
@@ -187,3 +192,52 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         summary["peft_dirs"] = [str(write_peft_dir(directory / name, config, tensors))]
     return summary
 
+
+def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: str | None, name: str, peft_dir: bool) -> dict:
+    """``export --adapters`` of a prefix-tuned ONNX file (``lora-fx rewrite --method prefix``, then train): the
+    prefixes become slots defaulting to their trained values (``expose_prefixes``), a head trained in full
+    (``modules_to_save``) slots defaulting to the base head; the adapter files hold the prefixes and the trained
+    head. Prefixes cannot be folded into weights, so ``--merge`` is refused with the way out."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from lora_fx.errors import AdapterError, UnsupportedError
+    from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model
+    from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, check_writable, read_saved, stamp_fingerprint, write_onnx_adapter
+    from lora_fx.passes.onnx.expose_prefixes import expose_prefixes
+    from lora_fx.passes.onnx.freeze_base import drop_saved_base
+    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
+
+    if merge or adapter:
+        raise UnsupportedError(
+            f"{src} holds prefix-tuning prefixes, which cannot be folded into weights (they are extra keys and values "
+            f"of each attention, not a change of W); serve them as ONNX Runtime adapter slots: lora-fx export {src} "
+            f"-o served.onnx --adapters"
+        )
+    record = prefix_metadata(model)
+    graph = model.graph
+    if any(graph.initializers.get(rec[w]) in graph.inputs for rec in record["sites"].values() for w in ("key", "value")):
+        raise AdapterError(f"{src} already has prefix slots; export the model it was made from")
+    saved = drop_saved_base(model)
+    # The trained values, read before the head's slots take the base head as their defaults.
+    trained = {n: np.ascontiguousarray(graph.initializers[n].const_value.numpy()) for n in read_saved(model.metadata_props)}
+    tensors = {rec[w]: np.ascontiguousarray(graph.initializers[rec[w]].const_value.numpy())
+               for rec in record["sites"].values() for w in ("key", "value")}
+    tensors.update(trained)
+    config_text = model.metadata_props.get(PREFIX_CONFIG_KEY)
+    weights = OnnxAdapter(tensors, sites=record["sites"], config=json.loads(config_text) if config_text else None)
+    check_writable(weights)  # before any file is written
+    expose_prefixes(model, saved)
+    optimize_keeping_slots(model)
+    weights.fingerprint = stamp_fingerprint(model)
+    save_model(model, out)
+    directory = adapters_dir(out)
+    summary: dict = {"model": str(out), "sites": sorted(record["sites"]), "mode": "adapters", "fingerprint": weights.fingerprint,
+                     "adapters": [str(write_onnx_adapter(directory / f"{name}{SUFFIX}", weights))]}
+    if peft_dir:
+        from lora_fx.prefix_adapters import save_onnx_prefix_adapter
+
+        for key, value in trained.items():  # the PEFT directory holds the trained head, not the slots' defaults
+            graph.initializers[key].const_value = ir.tensor(value, name=key)
+        summary["peft_dirs"] = [str(save_onnx_prefix_adapter(model, directory / name))]
+    return summary

@@ -26,6 +26,10 @@ def _csv(text: str | None) -> list[str] | str | None:
     return items
 
 
+# PEFT's TaskType names.
+TASK_TYPES = ["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "rewrite",
@@ -55,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="initialisation of A and B (kaiming/gaussian keep B zero; random changes the outputs; default kaiming)")
     p.add_argument("--num-virtual-tokens", type=int, default=None,
                    help="prefix method: learned key/value prefix length T per attention site (default 16)")
+    p.add_argument("--task-type", choices=TASK_TYPES, default=None,
+                   help="PEFT's task_type, saved in the adapter config: PEFT applies prefixes only through a task's "
+                   "PeftModel, and SEQ_CLS also trains the classification head in full (modules_to_save), as PEFT does "
+                   "(default: for prefix, from the model class a dynamo export records; else none)")
     p.add_argument("--external-data", action="store_true", help="store the weights in <output>.data")
     p.add_argument("--quant", choices=["nf4", "int4", "int8"], default=None,
                    help="lora: store every frozen linear weight quantized (QLoRA): nf4 (MatMulBnb4), int4 (MatMulNBits), "
@@ -76,7 +84,7 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("name the sites to adapt with --target-modules (e.g. query,value or all-linear); "
                           "see them with: lora-fx sites MODEL")
     config = LoraConfig(
-        r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
+        task_type=args.task_type, r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.r,
         target_modules=_csv(args.target_modules), exclude_modules=_csv(args.exclude_modules),
         use_rslora=args.use_rslora, init_lora_weights=args.init, lora_dropout=args.lora_dropout,
     )
@@ -98,13 +106,18 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rewrite_prefix(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from lora_fx.config import PrefixConfig
-    from lora_fx.passes.onnx.insert_prefix import apply_prefix, prefix_metadata
+    import json
 
-    config = PrefixConfig(num_virtual_tokens=args.num_virtual_tokens, target_modules=_csv(args.target_modules))
-    apply_prefix(model, config)
+    import lora_fx
+    from lora_fx.config import PrefixConfig
+    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
+
+    config = PrefixConfig(num_virtual_tokens=args.num_virtual_tokens, target_modules=_csv(args.target_modules),
+                          task_type=args.task_type)
+    lora_fx.apply(model, config)  # with the task type the file's model class gives, and its head for SEQ_CLS
     record = prefix_metadata(model)
-    return {"method": "prefix", "config": config.to_dict(), "sites": record["sites"]}
+    applied = model.metadata_props.get(PREFIX_CONFIG_KEY)
+    return {"method": "prefix", "config": json.loads(applied) if applied else config.to_dict(), "sites": record["sites"]}
 
 
 # One entry per --method; later methods (prefix, quantized bases) register here.

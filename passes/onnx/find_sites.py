@@ -767,6 +767,19 @@ def _dynamo_scopes(node: ir.Node) -> list[tuple[str, str | None]] | None:
     return [(str(s), str(c) if c else None) for s, c in zip(scopes[:-1], classes[:-1]) if s and s != _NO_MODULE]
 
 
+def model_class(model: ir.Model) -> str | None:
+    """The class of the torch module a dynamo export was made from (``transformers...GPT2LMHeadModel``): the root of
+    most nodes' ``class_hierarchy``; None for other exports, which do not record it."""
+    import collections
+
+    roots: collections.Counter[str] = collections.Counter()
+    for node in model.graph:
+        classes = _literal_list(node.metadata_props.get(CLASS_HIERARCHY))
+        if classes and isinstance(classes[0], str) and "." in classes[0] and not classes[0].startswith("_"):
+            roots[classes[0]] += 1
+    return roots.most_common(1)[0][0] if roots else None
+
+
 def _scope_class(node: ir.Node) -> str | None:
     """The class of the module that ran ``node`` (dynamo exports only)."""
     scopes = _dynamo_scopes(node)

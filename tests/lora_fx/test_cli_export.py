@@ -193,3 +193,50 @@ def test_export_names_a_text_file_given_as_adapter_by_its_content(lora_file, tmp
     err = capsys.readouterr().err
     assert "text.onnx is not a readable .onnx_adapter file (a text file, not an adapter;" in err, err
     assert "ONNX model" not in err and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_prefix_tuned_onnx_file_exports_as_slots_and_refuses_merge(tmp_path, capsys):
+    """`export --adapters` of a prefix-rewritten file was refused as having "no LoRA adapters"; serving prefixes
+    worked only from a torch graph. Trained prefixes from the command line now come out as slots and files."""
+    import copy
+
+    import torch
+
+    entry = corpus().get("gpt2-dynamo18")
+    rewritten, trained = tmp_path / "p.onnx", tmp_path / "t.onnx"
+    assert main(["rewrite", str(entry.path), "-o", str(rewritten), "--method", "prefix", "--num-virtual-tokens", "4"]) == 0
+    ids = np.random.default_rng(0).integers(0, 50, (16, 6)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    names = {v.name for v in ir.load(str(rewritten)).graph.inputs}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    np.savez(tmp_path / "d.npz", **feeds, labels=(ids * 7 + 3) % 50)
+    assert main(["train", str(rewritten), "--data", str(tmp_path / "d.npz"), "--steps", "5", "--lr", "5e-2",
+                 "-o", str(trained), "--no-progress"]) == 0
+    capsys.readouterr()
+    want = ort_run(trained, feeds)
+    assert rel(want, ort_run(rewritten, feeds)) > 1e-3  # training moved the prefixes: the checks below can fail
+
+    rc = main(["export", str(trained), "-o", str(tmp_path / "m.onnx"), "--merge"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be folded" in err and "--adapters" in err and not (tmp_path / "m.onnx").exists()
+
+    served = tmp_path / "served.onnx"
+    assert main(["export", str(trained), "-o", str(served), "--adapters", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "adapters" and summary["sites"]
+    adapter = summary["adapters"][0]
+    assert rel(ort_run(served, feeds, adapter), want) < 1e-5
+    assert rel(ort_run(served, feeds), want) < 1e-5  # the slots default to the prefixes trained
+    # The untrained prefixes as a second adapter: the same session switches to them.
+    other = tmp_path / "other.onnx"
+    assert main(["export", str(rewritten), "-o", str(other), "--adapters", "--name", "untrained", "--json"]) == 0
+    untrained = json.loads(capsys.readouterr().out)["adapters"][0]
+    assert rel(ort_run(served, feeds, untrained), ort_run(rewritten, feeds)) < 1e-5
+    # The PEFT directory beside it gives PEFT's model the same logits.
+    import peft
+
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(entry.model).eval(), summary["peft_dirs"][0]).eval()
+    with torch.no_grad():
+        logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert rel(logits, want) < 1e-4

@@ -203,3 +203,43 @@ def test_an_output_that_is_a_pipe_is_refused_and_left_as_it_is(tmp_path, capsys)
     assert main(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(fifo), "--target-modules", "fc1"]) == 2
     assert "is not a regular file" in capsys.readouterr().err
     assert stat.S_ISFIFO(fifo.lstat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+@pytest.mark.parametrize("name, task_type, expected", [
+    ("gpt2-dynamo18", None, "CAUSAL_LM"),  # from the model class the dynamo export records
+    ("gpt2-torchscript", "CAUSAL_LM", "CAUSAL_LM"),  # TorchScript records none: given
+    ("gpt2-torchscript", None, None),
+])
+def test_prefix_rewrite_saves_a_task_type_peft_applies_the_prefixes_with(tmp_path, capsys, name, task_type, expected):
+    """A prefix adapter saved from an ONNX file had task_type None, and PeftModel.from_pretrained then runs the base
+    model without the prefixes (PEFT injects them only through a task's PeftModel): 0.83 off the file's outputs."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+
+    entry = corpus().get(name)
+    out = tmp_path / "p.onnx"
+    argv = ["rewrite", str(entry.path), "-o", str(out), "--method", "prefix", "--num-virtual-tokens", "3", "--json"]
+    assert main(argv + (["--task-type", task_type] if task_type else [])) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["task_type"] == expected
+    model = lora_fx.load(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora_fx.save_adapter(model, tmp_path / "peft")
+    said = [str(w.message) for w in caught if "no task_type" in str(w.message)]
+    assert bool(said) == (expected is None)
+    if expected is None:
+        return
+    ids = np.random.default_rng(3).integers(0, 50, (2, 5)).astype(np.int64)
+    feeds = {i.name: (ids if i.name == "input_ids" else np.ones_like(ids))
+             for i in __import__("onnxruntime").InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()}
+    want = _ort(out, feeds)[0]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(entry.model).eval(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        got = pm(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    with torch.no_grad():
+        base = entry.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert np.abs(base - want).max() / np.abs(want).max() > 1e-3  # the prefixes matter: the comparison can fail
