@@ -351,6 +351,10 @@ class OnnxModule(torch.nn.Module):
         self.trainable_names = list(trainable_initializers(model) if trainable is None else trainable)
         taken: set[str] = set(dir(self))
         self._attr_of: dict[str, str] = {}
+        # Half-precision trainables train as float32 masters, cast to the graph's type where the graph reads them (as
+        # PEFT's autocast_adapter_dtype keeps adapters float32): AdamW's eps=1e-8 is 0 in float16, and a zero
+        # gradient (every lora_A at step 1, B starting at zero) then divides by zero.
+        self._compute_dtype: dict[str, torch.dtype] = {}
         init_consts: dict[str, Const] = {}
         # Subgraphs may hold initializers of their own: frozen, and (ONNX names being unique) kept beside the main ones.
         sub_inits = [(name, value) for node in _all_nodes(graph) for sub in _subgraphs(node)
@@ -369,6 +373,9 @@ class OnnxModule(torch.nn.Module):
             attr = _safe_attr_name(name, taken)
             self._attr_of[name] = attr
             if name in self.trainable_names:
+                if t.dtype in (torch.float16, torch.bfloat16):
+                    self._compute_dtype[name] = t.dtype
+                    t = t.float()
                 self.register_parameter(attr, torch.nn.Parameter(t))
             else:
                 # frozen weights are not part of state_dict(): checkpoints hold only what trains
@@ -506,7 +513,7 @@ class OnnxModule(torch.nn.Module):
         self.train(training)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The parameter or buffer holding initializer ``name``."""
+        """The parameter or buffer holding initializer ``name`` (a half-precision trainable: its float32 master)."""
         return getattr(self, self._attr_of[name])
 
     def named_adapters(self) -> dict[str, torch.nn.Parameter]:
@@ -563,6 +570,8 @@ class OnnxModule(torch.nn.Module):
     def _run(self, feeds: dict[str, torch.Tensor], consts: dict[str, Const] | None,
              record: dict[str, Const] | None) -> dict[str, Any]:
         env: dict[str, Any] = {n: getattr(self, a) for n, a in self._attr_of.items()}
+        for n, dtype in self._compute_dtype.items():
+            env[n] = env[n].to(dtype)
         env.update(self._init_consts)
         env.update(feeds)
         if consts:
