@@ -144,6 +144,16 @@ def optimize_keeping_slots(model: Any) -> Any:
             hidden[name] = (value, value.const_value)
             graph.initializers.pop(name)
             value.const_value = None
+    # Double-quantized nf4 absmaxes too: folding their decode would store them as float absmaxes (4x the
+    # bytes, and no longer the format the model was quantized in).
+    from lora_fx.passes.onnx.quantized_weight import double_quant_constants
+
+    stored = [v for v in double_quant_constants(graph) if v not in graph.inputs]
+    for value in stored:
+        hidden[value.name] = (value, value.const_value)
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        graph.inputs.append(value)
     # It logs a warning per slot it may not deduplicate (graph inputs): that is the point of a slot.
     dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
     level = dedup.level
@@ -156,6 +166,8 @@ def optimize_keeping_slots(model: Any) -> Any:
             value.const_value = default
             if value in graph.inputs:
                 graph.register_initializer(value)
+        for value in stored:
+            graph.inputs.remove(value)
     lost = sorted(before - set(model.graph.initializers))
     if lost:  # a regression in the optimizer would silently drop slots: refuse rather than ship it
         raise UnsupportedError(f"the ONNX optimizer removed adapter initializers {lost[:3]}; export with optimize=False")

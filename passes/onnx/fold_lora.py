@@ -7,9 +7,10 @@ cannot be folded into weights and are refused with the way out (export with adap
 A site whose W is stored quantized (MatMulBnb4 nf4, MatMulNBits int4, DequantizeLinear int8; also
 other tools' MatMulNBits bits 8; see ``quantized_weight``) is folded into the dequantized W only when
 the caller says what becomes of it (``QuantMerge``): ``FLOAT`` keeps the merged W in float (a plain
-MatMul), ``REQUANTIZE`` stores it again in the same format, block size and op, and reports the error
-requantization adds (``FoldLora.errors``, and one line per site in ``PassResult.changed``). Without a
-choice such a site is refused.
+MatMul), ``REQUANTIZE`` stores it again in the same format, block size and op (double-quantized nf4
+absmaxes stay int8 codes with a factor per ``double_quant_block_size``, decoded by the same nodes), and
+reports the error requantization adds (``FoldLora.errors``, and one line per site in
+``PassResult.changed``). Without a choice such a site is refused.
 """
 
 from __future__ import annotations

@@ -18,8 +18,12 @@ that ONNX Runtime runs:
 Storage inputs may be computed from constants (the FX exporter writes ``CastLike`` / ``Reshape`` and,
 for double-quantized NF4 absmaxes, a small decode): they are evaluated here with numpy. Dequantizing
 uses the very functions of ``lora_fx/kernels/quant_formats`` (one implementation of the numerics).
-Requantizing writes the storage the node reads, in the same shapes and dtypes: a double-quantized NF4
-absmax decoded in the graph (FX export) comes back as MatMulBnb4's plain float absmax input.
+Requantizing writes the storage the node reads, in the same shapes and dtypes. Double-quantized NF4
+absmaxes (int8 codes, one factor per ``double_quant_block_size`` absmaxes and their mean, decoded by
+constant nodes in front of MatMulBnb4, as ``quantize_weights`` and the FX exporter write them;
+``DoubleQuant``) are requantized the same way, into those constants, the decode left as it is. A decode
+lora_fx does not recognise, or one shared with other nodes, comes back as MatMulBnb4's plain float
+absmax input.
 """
 
 from __future__ import annotations
@@ -92,6 +96,107 @@ def _evaluate(value: ir.Value) -> np.ndarray:
     raise UnsupportedError(f"quantized weight input {value.name!r} comes from {op}, which lora_fx cannot evaluate; cannot merge into it")
 
 
+# ---- double-quantized NF4 absmaxes -----------------------------------------------------------------
+# The decode's constants, by the key quantize_nf4 gives them, and the initializer name quantize_weights uses.
+_DQ_NAMES = {"qscale": "weight_scale", "qscale_factor": "weight_scale_factor", "qscale_mean": "weight_scale_mean"}
+_AS_IS = {"Cast", "CastLike", "Identity"}
+_SPREAD = {"Slice", "Reshape", "Expand", "Unsqueeze", "Identity", "Cast"}
+
+
+@dataclass
+class DoubleQuant:
+    """MatMulBnb4's absmax input computed as ``qscale / factor + mean`` from constants: int8 ``qscale``,
+    one float factor per ``block_size`` absmaxes, spread over them by Reshape/Unsqueeze/Expand/Slice."""
+
+    block_size: int
+    values: dict[str, ir.Value]  # "qscale" / "qscale_factor" / "qscale_mean" -> the constant
+    reads: dict[str, tuple[ir.Node, int]]  # the same keys -> the decode node and input index reading it
+
+
+def _back(value: ir.Value | None, ops: set[str]) -> tuple[ir.Value | None, list[ir.Node]]:
+    """``value`` followed back through producers of ``ops`` (their input 0), and those producers."""
+    nodes = []
+    while value is not None and value.producer() is not None and value.producer().op_type in ops \
+            and value.producer().domain in ("", "ai.onnx") and value.producer().inputs:
+        nodes.append(value.producer())
+        value = nodes[-1].inputs[0]
+    return value, nodes
+
+
+def _stored(value: ir.Value | None) -> bool:
+    """An initializer or a Constant's output: a tensor the file holds."""
+    if value is None:
+        return False
+    node = value.producer()
+    return (node is None or node.op_type == "Constant") and ir.convenience.get_const_tensor(value) is not None
+
+
+def _double_quant(node: ir.Node, absmax_read: np.ndarray, n_blocks: int) -> DoubleQuant | None:
+    """The double quantization behind MatMulBnb4 ``node``'s absmax input, None when it is not one whose
+    decode reproduces ``absmax_read`` exactly and feeds this node alone."""
+    from lora_fx.kernels import quant_formats as formats
+
+    value, nodes = _back(node.inputs[2], _AS_IS)
+    add = value.producer() if value is not None else None
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    for i in (0, 1):
+        div = add.inputs[i].producer() if add.inputs[i] is not None else None
+        if div is not None and div.op_type == "Div" and div.domain in ("", "ai.onnx") and _stored(add.inputs[1 - i]):
+            break
+    else:
+        return None
+    mean_at = (add, 1 - i)
+    qscale, q_nodes = _back(div.inputs[0], _AS_IS)
+    factor, f_nodes = _back(div.inputs[1], _SPREAD)
+    expand = next((n for n in f_nodes if n.op_type == "Expand"), None)
+    if not (_stored(qscale) and _stored(factor)) or expand is None:
+        return None
+    try:
+        q, f, mean, grid = _np(qscale), _np(factor), _np(mean_at[0].inputs[mean_at[1]]), _np(expand.inputs[1])
+    except UnsupportedError:
+        return None
+    if q.dtype != np.int8 or q.size != n_blocks or mean.size != 1 or grid.size < 1 or int(grid.reshape(-1)[-1]) < 1:
+        return None
+    block = int(grid.reshape(-1)[-1])
+    if f.size != -(-n_blocks // block) or not np.issubdtype(f.dtype, np.floating):
+        return None
+    decoded = formats.nf4_decoder(torch.zeros(1, dtype=torch.uint8), _t(q.reshape(-1)), _t(f.reshape(-1).astype(np.float32)),
+                                  _t(mean.reshape(-1).astype(np.float32)), 1, 1, 1, block).scale
+    # Requantizing writes these constants through lora_fx's decode: it must be the graph's own, to the bit.
+    if not np.array_equal(decoded.numpy().astype(absmax_read.dtype), absmax_read.reshape(-1)):
+        return None
+    # The rewrite changes the constants in place: the decode must compute this node's absmax and nothing else.
+    decode = [*nodes, add, div, *q_nodes, *f_nodes]
+    ids = {id(n) for n in decode}
+    for n in decode:
+        for out in n.outputs:
+            graph = n.graph
+            if (graph is not None and out in graph.outputs) or any(
+                    id(use.node) not in ids and not (use.node is node and use.idx == 2) for use in out.uses()):
+                return None
+    reads = {"qscale": (q_nodes[-1], 0) if q_nodes else (div, 0), "qscale_factor": (f_nodes[-1], 0) if f_nodes else (div, 1),
+             "qscale_mean": mean_at}
+    values = {"qscale": qscale, "qscale_factor": factor, "qscale_mean": mean_at[0].inputs[mean_at[1]]}
+    return DoubleQuant(block, values, reads)
+
+
+def double_quant_constants(graph: ir.Graph) -> list[ir.Value]:
+    """The initializers holding double-quantized NF4 absmaxes (``DoubleQuant``) of the graph's MatMulBnb4 nodes."""
+    out = []
+    for node in graph:
+        n, k, block = (_attr(node, key, 0) for key in ("N", "K", "block_size"))
+        if node.domain != MS or node.op_type != "MatMulBnb4" or len(node.inputs) < 3 or not (n and k and block):
+            continue
+        try:  # the absmaxes only: the packed W is not read
+            dq = _double_quant(node, _np(node.inputs[2]), -(-n * k // block))
+        except UnsupportedError:
+            continue
+        if dq is not None:
+            out += [v for v in dq.values.values() if v.name in graph.initializers and graph.initializers[v.name] is v and v not in out]
+    return out
+
+
 # ---- the quantized weight of one site ------------------------------------------------------------
 @dataclass
 class QuantizedWeight:
@@ -103,7 +208,10 @@ class QuantizedWeight:
     out_features: int
     in_features: int
     block_size: int = 0
-    storage: dict[int, np.ndarray] = field(default_factory=dict)  # node input index -> value as the node reads it
+    # node input index -> value as the node reads it; nf4 with ``double_quant`` also the DoubleQuant keys
+    # ("qscale", "qscale_factor", "qscale_mean") -> the constant's value
+    storage: dict[int | str, np.ndarray] = field(default_factory=dict)
+    double_quant: DoubleQuant | None = None
     stored_out_in: bool = True  # int8: q is [out, in] (else [in, out])
     per_channel: bool = True  # int8: one scale per output channel (DequantizeLinear: else one per tensor;
     # MatMulNBits: else per block or with zero points other than 128)
@@ -121,9 +229,10 @@ class QuantizedWeight:
 
     def describe(self) -> str:
         op = self.node.op_type
-        return f"{op} {self.dtype.value}" + (f", block {self.block_size}" if self.block_size else "")
+        return f"{op} {self.dtype.value}" + (f", block {self.block_size}" if self.block_size else "") + (
+            f", double quant block {self.double_quant.block_size}" if self.double_quant else "")
 
-    def dequantize(self, storage: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    def dequantize(self, storage: dict[int | str, np.ndarray] | None = None) -> np.ndarray:
         """W ``[out, in]`` float32, decoded exactly as ``lora_fx/kernels/quant_formats`` does."""
         from lora_fx.kernels import quant_formats as formats
 
@@ -134,7 +243,15 @@ class QuantizedWeight:
             packed = np.zeros(n_blocks * bs // 2, np.uint8)
             flat = s[1].reshape(-1)
             packed[: flat.size] = flat
-            absmax = _t(s[2].reshape(-1).astype(np.float32))
+            if self.double_quant is None:
+                absmax = s[2].reshape(-1)
+            else:
+                decoded = formats.nf4_decoder(_t(packed), _t(s["qscale"].reshape(-1)),
+                                              _t(s["qscale_factor"].reshape(-1).astype(np.float32)),
+                                              _t(s["qscale_mean"].reshape(-1).astype(np.float32)), n, k, bs,
+                                              self.double_quant.block_size).scale
+                absmax = decoded.numpy().astype(self.storage[2].dtype)  # the decode's last Cast: the type MatMulBnb4 reads
+            absmax = _t(absmax.astype(np.float32))
             return formats.dequantize_nf4(_t(packed), absmax, None, None, n, k, bs, 256).numpy()
         if self.dtype is QuantDType.INT4:
             zero = _t(s[3].reshape(-1)) if 3 in s else None
@@ -152,15 +269,20 @@ class QuantizedWeight:
             return formats.dequantize_int8(_t(q), _t(scale.reshape(-1))).numpy()
         return (q.astype(np.float32) * scale).astype(np.float32)
 
-    def quantize(self, w: np.ndarray) -> dict[int, np.ndarray]:
+    def quantize(self, w: np.ndarray) -> dict[int | str, np.ndarray]:
         """Storage of ``w`` ``[out, in]`` in this site's format, shapes and dtypes (what the node reads)."""
         from lora_fx.kernels import quant_formats as formats
 
         wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         n, k, bs = self.out_features, self.in_features, self.block_size
         if self.dtype is QuantDType.NF4:
-            q = formats.quantize_nf4(wt, bs, False, pad=True)
-            new = {1: q["qweight"][: (n * k + 1) // 2].numpy(), 2: q["qscale"].numpy()}
+            dq = self.double_quant
+            q = formats.quantize_nf4(wt, bs, dq is not None, dq.block_size if dq is not None else 256, pad=True)
+            new = {1: q["qweight"][: (n * k + 1) // 2].numpy()}
+            if dq is None:
+                new[2] = q["qscale"].numpy()
+            else:  # the decode in front of the node stays; its constants change
+                new.update({key: q[key].numpy() for key in _DQ_NAMES})
         elif self.dtype is QuantDType.INT4:
             q = formats.quantize_int4(wt, bs, symmetric=3 not in self.storage, pad=True)
             new = {1: q["qweight"].numpy(), 2: q["qscale"].float().numpy()}
@@ -208,6 +330,10 @@ def quantized_weight(site: str, node: ir.Node) -> QuantizedWeight | None:
             raise _refuse(site, "MatMulBnb4 with quant_type 0 (FP4) is not a format lora_fx quantizes")
         qw = QuantizedWeight(QuantDType.NF4, node, node, _attr(node, "N", 0), _attr(node, "K", 0), _attr(node, "block_size", 0))
         qw.storage = {1: _np(node.inputs[1]), 2: _np(node.inputs[2])}
+        if qw.block_size:
+            qw.double_quant = _double_quant(node, qw.storage[2], -(-qw.out_features * qw.in_features // qw.block_size))
+        if qw.double_quant is not None:
+            qw.storage.update({key: _np(v) for key, v in qw.double_quant.values.items()})
         return qw
     if node.domain == MS and node.op_type == "MatMulNBits":
         n, k, bs = _attr(node, "N", 0), _attr(node, "K", 0), _attr(node, "block_size", 0)
@@ -314,17 +440,23 @@ def prune(graph: ir.Graph, values: list[ir.Value]) -> None:
 _NAMES = {MS: {1: "weight_q", 2: "weight_scale", 3: "weight_zero"}, "": {0: "weight_q", 1: "weight_scale", 2: "weight_zero"}}
 
 
-def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict[int, np.ndarray]) -> None:
-    """Give ``qw.node`` new storage (same shapes and dtypes); an initializer only it reads is updated in place."""
+def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict[int | str, np.ndarray]) -> None:
+    """Give ``qw.node`` new storage (same shapes and dtypes), double-quantized absmaxes into the constants of
+    their decode; an initializer only its reader reads is updated in place."""
     old = []
-    for index, array in storage.items():
-        value = qw.node.inputs[index]
+    for key, array in storage.items():
+        if isinstance(key, str):
+            value, (reader, index) = qw.double_quant.values[key], qw.double_quant.reads[key]
+            name = _DQ_NAMES[key]
+        else:
+            value, reader, index = qw.node.inputs[key], qw.node, key
+            name = _NAMES[MS if qw.node.domain == MS else ""][key]
         direct = value.name in graph.initializers and graph.initializers[value.name] is value
         if direct and len(list(value.uses())) == 1 and value not in graph.inputs:
             value.const_value = ir.tensor(array, name=value.name)
             continue
-        new = new_initializer(graph, f"{site}.{_NAMES[MS if qw.node.domain == MS else ''][index]}", array)
-        qw.node.replace_input_with(index, new)
+        new = new_initializer(graph, f"{site}.{name}", array)
+        reader.replace_input_with(index, new)
         old.append(value)
     prune(graph, old)
 

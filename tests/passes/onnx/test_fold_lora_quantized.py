@@ -17,8 +17,10 @@ from lora_fx.kernels.quant_formats import NF4_CODE
 from lora_fx.passes.onnx.fold_lora import QuantMerge, fold_lora
 from tests.passes.onnx.test_quantize_weights import IN, _mlp
 
+DQ_BLOCK = 16  # absmaxes a double-quantization factor: fc1 has 256 blocks of 32 weights, so 16 factors
 QUANTS = {
     "nf4": QuantConfig(dtype="nf4", block_size=32, double_quant=False, target_modules=".*"),
+    "nf4-dq": QuantConfig(dtype="nf4", block_size=32, double_quant=True, double_quant_block_size=DQ_BLOCK, target_modules=".*"),
     "int4": QuantConfig(dtype="int4", block_size=32, target_modules=".*"),
     "int4-affine": QuantConfig(dtype="int4", block_size=32, symmetric=False, target_modules=".*"),
     "int8": QuantConfig(dtype="int8", target_modules=".*"),
@@ -62,9 +64,15 @@ def _nibbles(packed: np.ndarray, high_first: bool) -> np.ndarray:
     return np.stack([hi, lo] if high_first else [lo, hi], axis=1).reshape(-1)
 
 
-def _decode(model: ir.Model, site: str) -> np.ndarray:
+def _absmax(q: np.ndarray, factor: np.ndarray, mean: np.ndarray, n_blocks: int, dq_block: int) -> np.ndarray:
+    """QLoRA's double quantization: absmax = int8 code / the factor of its group of ``dq_block`` + the mean."""
+    return q.reshape(-1).astype(np.float64) / np.repeat(factor.reshape(-1).astype(np.float64), dq_block)[:n_blocks] \
+        + float(mean.reshape(-1)[0])
+
+
+def _decode(model: ir.Model, site: str, dq_block: int = DQ_BLOCK) -> np.ndarray:
     """W ``[out, in]`` of ``site`` from its stored initializers (names from quantize_weights; MatMulNBits bits 8
-    files of other tools: the node named ``<site>/…``)."""
+    files of other tools: the node named ``<site>/…``); double-quantized nf4 absmaxes with ``dq_block`` a factor."""
     init = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}
     node = next(n for n in model.graph if n.op_type in QUANT_OPS and (
         any(v is not None and v.name == f"{site}.weight_q" for v in n.inputs) or (n.name or "").startswith(f"{site}/")))
@@ -77,6 +85,9 @@ def _decode(model: ir.Model, site: str) -> np.ndarray:
         return q.astype(np.float64) * scale[:, None]
     n, k, bs = (node.attributes[a].value for a in ("N", "K", "block_size"))
     if node.op_type == "MatMulBnb4":
+        if f"{site}.weight_scale_factor" in init:
+            scale = _absmax(init[f"{site}.weight_scale"], init[f"{site}.weight_scale_factor"],
+                            init[f"{site}.weight_scale_mean"], -(-n * k // bs), dq_block)
         codes = np.asarray(NF4_CODE, np.float64)[_nibbles(q, True)][: n * k]
         return (codes * np.repeat(scale, bs)[: n * k]).reshape(n, k)
     codes = _nibbles(q, False).astype(np.float64)
@@ -84,10 +95,10 @@ def _decode(model: ir.Model, site: str) -> np.ndarray:
     return ((codes - np.repeat(zero, bs)) * np.repeat(scale.reshape(-1), bs)).reshape(n, k)
 
 
-def _merged_float(model: ir.Model, site: str) -> np.ndarray:
+def _merged_float(model: ir.Model, site: str, dq_block: int = DQ_BLOCK) -> np.ndarray:
     a = model.graph.initializers[f"{site}.lora_A.weight"].const_value.numpy().astype(np.float64)
     b = model.graph.initializers[f"{site}.lora_B.weight"].const_value.numpy().astype(np.float64)
-    return _decode(model, site) + (a @ b).T
+    return _decode(model, site, dq_block) + (a @ b).T
 
 
 def _storage(model: ir.Model) -> dict[str, tuple]:
@@ -129,8 +140,10 @@ def test_requantize_keeps_the_format_and_reports_the_error_it_adds(name):
     from lora_fx.passes.onnx.fold_lora import FoldLora
 
     folder = FoldLora(QuantMerge.REQUANTIZE)
+    size = sum(v.const_value.nbytes for n, v in lora.graph.initializers.items() if ".lora_" not in n)
     result = folder(lora)
     assert _ops(lora) == ops and _storage(lora) == storage  # same ops, same W bytes (shapes, dtypes)
+    assert sum(v.const_value.nbytes for v in lora.graph.initializers.values()) == size
     assert not [n for n in lora.graph.initializers if ".lora_" in n]
     errors = {e.site: e for e in folder.errors}
     assert sorted(errors) == ["fc1", "fc2"]
@@ -294,6 +307,104 @@ def test_cli_rewrite_quant_then_merge(tmp_path, capsys, quant):
     assert op in {n.op_type for n in lora_fx.load(req).graph}
 
 
+# ---- double quantization survives requantization, on both routes -----------------------------------------
+def _dq_storage(model: ir.Model, names: dict[str, str]) -> dict[str, tuple]:
+    init = model.graph.initializers
+    return {key: (init[name].const_value.dtype, tuple(init[name].const_value.shape), init[name].const_value.nbytes)
+            for key, name in names.items()}
+
+
+def test_cli_rewrite_double_quant_then_merge_requantize_keeps_double_quantization(tmp_path, capsys):
+    """lora-fx rewrite --quant nf4 --double-quant, export --merge --requantize: int8 absmaxes, one factor per 256
+    (the default) and their mean, decoded in front of MatMulBnb4, as in the source; the file no larger."""
+    from lora_fx.cli import main
+
+    base, _, _ = _mlp()
+    src, q, req = tmp_path / "mlp.onnx", tmp_path / "q.onnx", tmp_path / "requant.onnx"
+    lora_fx.save(base, src)
+    assert main(["rewrite", str(src), "-o", str(q), "--r", "4", "--target-modules", ".*", "--init", "random",
+                 "--quant", "nf4", "--double-quant", "--quant-block-size", "32"]) == 0
+    source = lora_fx.load(q)
+    names = {f"{site}.{suffix}": f"{site}.weight_{suffix}" for site in ("fc1", "fc2") for suffix in ("q", "scale", "scale_factor", "scale_mean")}
+    storage = _dq_storage(source, names)
+    assert storage["fc1.scale"][0] == ir.DataType.INT8 and storage["fc1.scale_factor"][1] == (1,)
+    merged = {site: _merged_float(source, site, 256) for site in ("fc1", "fc2")}
+    for site in merged:  # the reference decoder reads the source as ORT does, so it can judge the requantized file
+        b = source.graph.initializers[f"{site}.lora_B.weight"]
+        b.const_value = ir.tensor(np.zeros_like(b.const_value.numpy()), name=b.name)
+    b1 = source.graph.initializers["fc1.bias"].const_value.numpy()
+    assert _rel(_run(source), np.maximum(X @ _decode(source, "fc1", 256).T + b1, 0) @ _decode(source, "fc2", 256).T) <= 1e-4
+    capsys.readouterr()
+
+    assert main(["export", str(q), "-o", str(req), "--merge", "--requantize", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    written = lora_fx.load(req)
+    assert _dq_storage(written, names) == storage
+    assert _ops(written) == _ops(source)  # the decode nodes, MatMulBnb4, bias Add, Relu
+    assert sum(v[2] for v in _dq_storage(written, names).values()) == sum(v[2] for v in storage.values())
+    # The optimizer export runs shares the equal shape constants of the two decodes: a few bytes fewer, never more.
+    assert sum(v.const_value.nbytes for v in written.graph.initializers.values()) <= sum(
+        v.const_value.nbytes for n, v in source.graph.initializers.items() if ".lora_" not in n)
+    errors = {e["site"]: e for e in summary["requant_errors"]}
+    for site, w in merged.items():
+        diff = _decode(written, site, 256) - w
+        assert errors[site]["max_abs_error"] == pytest.approx(np.abs(diff).max(), rel=1e-4)
+        assert errors[site]["relative_error"] == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(w), rel=1e-4)
+        assert 0 < errors[site]["relative_error"] < 0.15
+    expect = np.maximum(X @ _decode(written, "fc1", 256).T + b1, 0) @ _decode(written, "fc2", 256).T
+    got = _session(str(req)).run(None, {"x": X})[0]
+    assert _rel(got, expect) <= 1e-4
+    floated = np.maximum(X @ merged["fc1"].T + b1, 0) @ merged["fc2"].T
+    assert _rel(got, floated) <= 0.3
+
+
+def test_export_onnx_merged_requantize_of_a_double_quantized_graph_module_keeps_double_quantization(tmp_path, captured):
+    """The FX route: the file holds the GraphModule's storage, requantized in its own shapes and dtypes (int8
+    absmaxes, DQ_BLOCK to a factor), and ONNX Runtime computes x times the spec-decoded requantized W."""
+    import copy
+
+    from lora_fx.export import export_onnx
+
+    gm0, kwargs = captured
+    torch.manual_seed(1)
+    gm = lora_fx.apply(copy.deepcopy(gm0), lora_fx.LoraConfig(r=4, target_modules=".*", init_lora_weights=False),
+                       quant=QUANTS["nf4-dq"])
+    buffers = {name: buf for name, buf in gm.named_buffers() if name.split(".")[-1].startswith("q")}
+    assert sorted(buffers) == sorted(f"{s}.{k}" for s in ("fc1", "fc2") for k in ("qweight", "qscale", "qscale_factor", "qscale_mean"))
+    feeds = {"x": kwargs["x"].numpy()}
+
+    floated = tmp_path / "float.onnx"
+    export_onnx(gm, floated, kwargs=kwargs, mode="merged", quant_merge=QuantMerge.FLOAT)
+    float_model = lora_fx.load(floated)
+    merged = {site: float_model.graph.initializers[f"{site}.weight"].const_value.numpy().T.astype(np.float64)
+              for site in ("fc1", "fc2")}
+
+    path = tmp_path / "requant.onnx"
+    result = export_onnx(gm, path, kwargs=kwargs, mode="merged", quant_merge="requantize")
+    model = lora_fx.load(path)
+    init = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}
+    for name, buf in buffers.items():
+        assert (init[name].dtype, init[name].shape) == (buf.numpy().dtype, tuple(buf.shape)), name
+    assert sum(init[name].nbytes for name in buffers) == sum(buf.numpy().nbytes for buf in buffers.values())
+    assert {n.op_type for n in model.graph} >= {"MatMulBnb4", "Cast", "Div", "Expand"}
+    errors = {e.site: e for e in result.requant_errors}
+    decoded = {}
+    for site, w in merged.items():
+        n, k = w.shape
+        absmax = _absmax(init[f"{site}.qscale"], init[f"{site}.qscale_factor"], init[f"{site}.qscale_mean"], n * k // 32, DQ_BLOCK)
+        codes = np.asarray(NF4_CODE, np.float64)[_nibbles(init[f"{site}.qweight"], True)][: n * k]
+        decoded[site] = (codes * np.repeat(absmax, 32)[: n * k]).reshape(n, k)
+        diff = decoded[site] - w
+        assert errors[site].max_abs == pytest.approx(np.abs(diff).max(), rel=1e-4, abs=1e-7)
+        assert errors[site].relative == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(w), rel=1e-4)
+        assert "double quant block 16" in errors[site].format
+    x = feeds["x"].astype(np.float64)
+    b1, b2 = init["fc1.bias"], init["fc2.bias"]
+    got = _session(str(path)).run(None, feeds)[0]
+    assert _rel(got, np.maximum(x @ decoded["fc1"].T + b1, 0) @ decoded["fc2"].T + b2) <= 1e-4
+    assert _rel(got, _session(str(floated)).run(None, feeds)[0]) <= 0.3
+
+
 # ---- padded int4 rows, float16 bases, sites without an adapter -------------------------------------
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("fmt", ["int4-affine", "nf4-dq", "int8"])
@@ -330,10 +441,7 @@ def test_merges_of_padded_and_half_precision_storage_follow_the_spec_decoded_wei
     storage = _storage(lora)
     folder = FoldLora(QuantMerge.REQUANTIZE)
     folder(lora)
-    if fmt == "nf4-dq":  # the absmaxes come back as MatMulBnb4's plain absmax input (documented)
-        assert _storage(lora)["fc.weight_q"] == storage["fc.weight_q"]
-    else:
-        assert _storage(lora) == storage
+    assert _storage(lora) == storage  # nf4-dq: int8 absmaxes, factors and mean, as the source had them
     requant = _spec_decode(lora)
     (error,) = folder.errors
     diff = requant - merged.astype(DTYPES[dtype][0]).astype(np.float64)
