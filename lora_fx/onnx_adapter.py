@@ -61,7 +61,12 @@ def is_slot_name(name: str) -> bool:
 
 def read_saved(metadata: Mapping[str, str]) -> dict[str, str]:
     """``{parameter name: module}`` of the head slots a model's metadata lists (``{}`` when none)."""
-    text = metadata.get(SAVED_KEY)
+    return read_name_map(metadata, SAVED_KEY)
+
+
+def read_name_map(metadata: Mapping[str, str], key: str) -> dict[str, str]:
+    """A ``{name: name}`` JSON map lora_fx keeps in model metadata under ``key`` (``{}`` when absent)."""
+    text = metadata.get(key)
     if not text:
         return {}
     try:
@@ -69,7 +74,8 @@ def read_saved(metadata: Mapping[str, str]) -> dict[str, str]:
     except json.JSONDecodeError:
         data = None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise AdapterError(f"model metadata {SAVED_KEY} is not a JSON map of parameter names to modules; export the model again")
+        raise AdapterError(f"model metadata {key} is not a JSON map of names; the model was changed outside lora_fx: "
+                           "export it again, or apply the adapter to the original model again")
     return data
 
 

@@ -150,16 +150,9 @@ def plan_modules_to_save(model: ir.Model, config: LoraConfig) -> list[HeadParam]
 
 
 def _read_json(model: ir.Model, key: str) -> dict[str, str]:
-    text = model.metadata_props.get(key)
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        raise AdapterError(f"model metadata {key} is not a JSON map; apply the adapter to the original model again")
-    return data
+    from lora_fx.onnx_adapter import read_name_map
+
+    return read_name_map(model.metadata_props, key)
 
 
 def _fx_linear_args(node: ir.Node) -> list[str] | None:
