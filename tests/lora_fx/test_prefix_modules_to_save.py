@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from lora_fx.passes.fx.freeze_base import saved_base
 from lora_fx.prefix_adapters import to_peft_blocks
 from lora_fx.runtime.onnx_torch import OnnxModule
 from tests.models import VOCAB, inputs
+from tests.lora_fx.test_onnx_modules_to_save import _export  # ONNX files as a user exports them
 
 T = 4
 TOL = 1e-5
@@ -365,19 +365,6 @@ def test_served_export_makes_head_slots_and_the_adapter_carries_the_trained_head
 
 
 # ---- ONNX front end ----------------------------------------------------------------------------------------
-
-
-def _export(model, path, exporter: str) -> None:
-    kw = inputs(2, 8)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-            torch.onnx.export(model, (), str(path), kwargs=kw, dynamo=True, opset_version=18, input_names=list(kw),
-                              output_names=["logits"], dynamic_shapes={k: {0: batch, 1: seq} for k in kw}, verbose=False)
-        else:
-            torch.onnx.export(model, (kw["input_ids"], kw["attention_mask"]), str(path), dynamo=False, opset_version=17,
-                              input_names=list(kw), output_names=["logits"], dynamic_axes={k: {0: "batch", 1: "seq"} for k in kw})
 
 
 @pytest.fixture(scope="module")
