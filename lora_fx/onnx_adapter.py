@@ -446,6 +446,19 @@ def model_slots(model: Any) -> dict[str, Slot]:
     return slots
 
 
+def trained_values(model: Any, names: Iterable[str], way_out: str) -> dict[str, np.ndarray]:
+    """The values ``model`` holds now for the parameters of modules trained in full (``modules_to_save``) named in
+    ``names``, read before the slots' defaults take the base values; ``way_out`` ends the error for one missing."""
+    out = {}
+    for name in sorted(names):
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise AdapterError(f"{name}, a parameter of a module trained in full (modules_to_save), is not an initializer "
+                               f"of the exported graph; {way_out}")
+        out[name] = np.ascontiguousarray(value.const_value.numpy())
+    return out
+
+
 def current_adapter(model: Any, saved: Iterable[str] = ()) -> OnnxAdapter:
     """The adapter weights a LoRA ONNX model holds now (before ``expose_adapters`` zeroes them), with the
     parameters of modules trained in full: those its metadata lists and those named in ``saved``."""
@@ -459,14 +472,8 @@ def current_adapter(model: Any, saved: Iterable[str] = ()) -> OnnxAdapter:
         for key in ("a", "b"):
             value = model.graph.initializers[rec[key]]
             tensors[rec[key]] = np.array(value.const_value.numpy())
-    for name in sorted(set(read_saved(model.metadata_props)) | set(saved)):
-        value = model.graph.initializers.get(name)
-        if value is None or value.const_value is None:
-            raise AdapterError(
-                f"{name}, a parameter of a module trained in full (modules_to_save), is not an initializer of the "
-                "exported graph; export mode='merged' instead"
-            )
-        tensors[name] = np.array(value.const_value.numpy())
+    tensors.update(trained_values(model, set(read_saved(model.metadata_props)) | set(saved),
+                                  "export mode='merged' instead"))
     config = model.metadata_props.get(CONFIG_KEY)
     return OnnxAdapter(
         tensors,

@@ -37,7 +37,7 @@ def export_prefix_onnx(
     custom_translation_table: dict | None = None,
 ) -> Any:
     from lora_fx.export import ExportMode, ExportResult, _saved_slots, adapters_dir, optimize_keeping_slots, save_model, to_onnx_ir
-    from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, check_writable, stamp_fingerprint, write_onnx_adapter
+    from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, check_writable, stamp_fingerprint, trained_values, write_onnx_adapter
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.fold_prefix import fold_prefix
     from lora_fx.passes.fx.set_training_mode import set_training_mode
@@ -54,7 +54,8 @@ def export_prefix_onnx(
     model = to_onnx_ir(work, dict(kwargs), custom_translation_table)
     model.metadata_props[PREFIX_KEY] = json.dumps(_onnx_record(work, model))
     saved = _saved_slots(gm)
-    heads = _trained_heads(model, saved)  # read before the slots take the base values as defaults
+    # Read before the slots take the base values as defaults.
+    heads = trained_values(model, saved, "save the adapter with lora_fx.save_adapter instead")
     expose_prefixes(model, saved)
     if config is not None:
         model.metadata_props[PREFIX_CONFIG_KEY] = config.to_json()
@@ -80,22 +81,6 @@ def export_prefix_onnx(
 
         result.peft_dirs.append(save_adapter(gm, out_dir / adapter_name))
     return result
-
-
-def _trained_heads(model: Any, saved: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The values the exported graph holds for the parameters trained in full (``saved``'s names)."""
-    from lora_fx.errors import UnsupportedError
-
-    out = {}
-    for name, (module, _) in saved.items():
-        value = model.graph.initializers.get(name)
-        if value is None or value.const_value is None:
-            raise UnsupportedError(
-                f"{name} ({module}, trained in full: modules_to_save) is not an initializer of the exported graph, so it "
-                "cannot become an adapter slot beside the prefixes; save the adapter with lora_fx.save_adapter instead"
-            )
-        out[name] = np.ascontiguousarray(value.const_value.numpy())
-    return out
 
 
 def _onnx_record(gm: Any, model: Any) -> dict[str, Any]:

@@ -203,7 +203,8 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
 
     from lora_fx.errors import AdapterError, UnsupportedError
     from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model
-    from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, check_writable, read_saved, stamp_fingerprint, write_onnx_adapter
+    from lora_fx.onnx_adapter import (SUFFIX, OnnxAdapter, check_writable, read_saved, stamp_fingerprint, trained_values,
+                                      write_onnx_adapter)
     from lora_fx.passes.onnx.expose_prefixes import expose_prefixes
     from lora_fx.passes.onnx.freeze_base import drop_saved_base
     from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
@@ -220,7 +221,7 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
         raise AdapterError(f"{src} already has prefix slots; export the model it was made from")
     saved = drop_saved_base(model)
     # The trained values, read before the head's slots take the base head as their defaults.
-    trained = {n: np.ascontiguousarray(graph.initializers[n].const_value.numpy()) for n in read_saved(model.metadata_props)}
+    trained = trained_values(model, read_saved(model.metadata_props), "export the model lora_fx.apply wrote")
     tensors = {rec[w]: np.ascontiguousarray(graph.initializers[rec[w]].const_value.numpy())
                for rec in record["sites"].values() for w in ("key", "value")}
     tensors.update(trained)
