@@ -20,6 +20,7 @@ from lora_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
 from lora_fx.runtime.train import cross_entropy_on
 from tests.runtime import onnx_models as om
 from tests.runtime.test_train import _counting_batches
+from tests.runtime.test_train_onnx import _mlp_batches as _train_onnx_batches
 
 LOSS = cross_entropy_on("logits")
 
@@ -39,12 +40,7 @@ def _onnx_adapters(model) -> dict[str, np.ndarray]:
 
 
 def _mlp_batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        x = torch.randn(16, 8, generator=gen)
-        out.append({"x": x, "labels": (x[:, 0] > 0).long() + (x[:, 1] > 0).long()})
-    return out
+    return _train_onnx_batches(n)
 
 
 _MLP = object()
