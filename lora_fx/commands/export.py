@@ -58,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
     quant_merge = getattr(args, "quant_merge", None)
     if quant_merge and not args.merge:
         raise ConfigError(f"--{quant_merge} goes with --merge (what a merge makes of a quantized W); --adapters keeps W as it is")
-    # Accepted, as a script may pass it for every model, but said: the merge is the plain float one either way.
-    idle_quant_flag = bool(quant_merge) and has_no_quantized_weights(src)
     summary = export_file(src, out, merge=args.merge, adapter=args.adapter, name=args.name, peft_dir=not args.no_peft,
                           quant_merge=quant_merge)
     if args.json:
@@ -74,26 +72,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"lora-fx: warning: {args.adapter} covers {len(summary['adapter_sites'])} of the {total} adapter sites; "
               f"these were merged as the base model (the base head for a module trained in full, modules_to_save): "
               f"{', '.join(summary['default_sites'])}", file=sys.stderr)
-    if idle_quant_flag:
-        print(f"lora-fx: warning: --{quant_merge} has no effect: {src.name} has no quantized weights (MatMulBnb4, "
-              "MatMulNBits, DequantizeLinear), so its adapters were merged into its float weights as without it",
+    if quant_merge and not summary.get("quantized_sites"):
+        # Accepted, as a script may pass it for every model, but said: the merge is the plain float one either way.
+        print(f"lora-fx: warning: --{quant_merge} has no effect: no adapter site of {src.name} has a quantized weight "
+              "(MatMulBnb4, MatMulNBits, DequantizeLinear), so its adapters were merged into its float weights as without it",
               file=sys.stderr)
     if not args.json:
         for path in summary.get("adapters", []) + summary.get("peft_dirs", []):
             print(f"wrote {path}")
     return 0
-
-
-def has_no_quantized_weights(src: Path) -> bool:
-    """Whether the model's graph surely holds no node of a quantized weight format ``--float`` / ``--requantize``
-    act on (False for a file that is no readable model: export_file refuses it in its own words)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(src), load_external_data=False).graph
-    except Exception:  # protobuf's DecodeError, OSError and the like
-        return False
-    return not any(node.op_type in ("MatMulBnb4", "MatMulNBits", "DequantizeLinear") for node in graph.node)
 
 
 def check_outputs(out: Path, args: argparse.Namespace) -> None:
@@ -168,6 +155,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         summary["mode"] = "merged"
         if folder.quant_merge is not None:
             summary["quant_merge"] = folder.quant_merge.value
+            summary["quantized_sites"] = folder.quantized_sites
             summary["requant_errors"] = [e.to_dict() for e in folder.errors]
         save_model(model, out)
         return summary

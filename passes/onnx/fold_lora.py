@@ -153,6 +153,7 @@ class FoldLora:
     def __init__(self, quant_merge: QuantMerge | None = None) -> None:
         self.quant_merge = QuantMerge.parse(quant_merge)
         self.errors: list[RequantError] = []
+        self.quantized_sites: list[str] = []  # the folded sites whose W was stored quantized
 
     def __call__(self, model: ir.Model) -> PassResult:
         if has_prefix(model):
@@ -166,6 +167,7 @@ class FoldLora:
         folds = [self._plan(graph, site, rec) for site, rec in records.items()]
         merged = {}
         self.errors = []
+        self.quantized_sites = [f.branch.site for f in folds if f.quant is not None]
         # Compute and check every new weight before touching the model: a refusal leaves it as it was.
         for fold in folds:
             merged[fold.branch.site] = self._merged_quantized(fold) if fold.quant is not None else self._merged_weight(fold)

@@ -155,8 +155,8 @@ def test_a_quantization_flag_on_a_float_model_is_said_to_have_no_effect(lora_fil
     assert main(["export", str(path), "-o", str(tmp_path / "flagged.onnx"), "--merge", flag, "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["mode"] == "merged"  # stdout stays the JSON alone
-    assert err == (f"lora-fx: warning: {flag} has no effect: lora.onnx has no quantized weights (MatMulBnb4, MatMulNBits, "
-                   "DequantizeLinear), so its adapters were merged into its float weights as without it\n"), err
+    assert err == (f"lora-fx: warning: {flag} has no effect: no adapter site of lora.onnx has a quantized weight (MatMulBnb4, "
+                   "MatMulNBits, DequantizeLinear), so its adapters were merged into its float weights as without it\n"), err
     # What the warning says: the model is the plain merge, which computes the LoRA model.
     np.testing.assert_array_equal(ort_run(tmp_path / "flagged.onnx", feeds), ort_run(tmp_path / "plain.onnx", feeds))
     assert rel(ort_run(tmp_path / "flagged.onnx", feeds), want) <= 1e-5
@@ -172,6 +172,15 @@ def test_a_quantization_flag_on_a_float_model_is_said_to_have_no_effect(lora_fil
     assert capsys.readouterr().err == ""
     tolerance = 1e-5 if flag == "--float" else 2e-2  # requantizing adds int8 rounding
     assert rel(ort_run(tmp_path / "q-merged.onnx", feeds), ort_run(tmp_path / "q.onnx", feeds)) <= tolerance
+    # Quantized weights away from the adapter sites: the flag acts on none of them, which is said.
+    torch.manual_seed(0)
+    apart = lora_fx.apply(lora_fx.load(corpus().get(ENTRY).path),
+                          lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1"], init_lora_weights=False),
+                          quant=lora_fx.QuantConfig(dtype="int8", target_modules=["fc2", "head"]))
+    lora_fx.save(apart, tmp_path / "apart.onnx")
+    assert main(["export", str(tmp_path / "apart.onnx"), "-o", str(tmp_path / "apart-merged.onnx"), "--merge", flag]) == 0
+    assert "has no effect: no adapter site of apart.onnx has a quantized weight" in capsys.readouterr().err
+    assert rel(ort_run(tmp_path / "apart-merged.onnx", feeds), ort_run(tmp_path / "apart.onnx", feeds)) <= 1e-5
 
 
 def test_a_single_adapters_option_given_to_merge_is_refused_in_the_singular(lora_file, tmp_path, capsys):
