@@ -168,7 +168,7 @@ def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
     from lora_fx.passes.fx.find_sites import find_sites as fx_find_sites
     from lora_fx.passes.fx.freeze_base import freeze_base, module_parameters, record_modules_to_save
     from lora_fx.passes.fx.insert_lora import insert_lora
-    from lora_fx.targeting import select_modules_to_save
+    from lora_fx.targeting import refuse_adapted_saved, select_modules_to_save
 
     info = meta(gm)
     if info.get("lora_sites"):
@@ -187,6 +187,7 @@ def _apply_fx(gm: fx.GraphModule, config: LoraConfig) -> fx.GraphModule:
     targets = select_targets(sites, config, model_type=info.get("model_type"), modules=tree)
     # Checked before the graph changes: a refused module leaves the model as it was.
     saved = select_modules_to_save(config, tree)
+    refuse_adapted_saved(targets, saved)
     module_parameters(gm, saved)
     insert_lora(gm, targets, dropout=config.lora_dropout, init=config.init_lora_weights)
     record_modules_to_save(gm, saved)

@@ -129,6 +129,31 @@ def select_modules_to_save(config: LoraConfig, modules: ModuleTree) -> list[str]
     return chosen
 
 
+def adapted_and_saved(site: str, module: str) -> str:
+    """Why a site both targeted and trained in full (``modules_to_save``) is refused, and the way out."""
+    return (
+        f"{module} is trained in full (modules_to_save, whose entries match module-name endings; task_type SEQ_CLS "
+        f"adds 'classifier' and 'score'), and the targets also put LoRA on its linear layer {site}: a module is trained "
+        f"in full or adapted, not both (PEFT fails on this config). Leave {site} out of the targets: "
+        f"exclude_modules=[{site!r}] keeps it out of 'all-linear'"
+    )
+
+
+def refuse_adapted_saved(targets: Sequence[Target], saved: Sequence[str]) -> None:
+    """Refuse a target at or inside a module trained in full.
+
+    PEFT keeps LoRA off a module to save by a dotted match (``is_excluded``) but picks the modules to save by a
+    plain suffix (``select_modules_to_save``), so a name like DistilBERT's ``pre_classifier`` is both picked
+    (it ends with ``classifier``, a SEQ_CLS head name) and targeted by ``all-linear``; PEFT then fails with a
+    TypeError, and an adapter saved with both would not load in PEFT."""
+    from lora_fx.errors import AdapterError
+
+    for t in targets:
+        for module in saved:
+            if t.site.name == module or t.site.name.startswith(f"{module}."):
+                raise AdapterError(adapted_and_saved(t.site.name, module))
+
+
 # PEFT's SEQ_CLS_HEAD_NAMES: with task_type SEQ_CLS, all-linear leaves out the first of these the model has.
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 

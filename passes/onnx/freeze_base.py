@@ -167,8 +167,9 @@ def _site_params(graph: ir.Graph, site: Any, module: str) -> list[HeadParam]:
     parts = linear_parts(node)
     where = f"modules_to_save names {module}, whose linear layer {site.name}"
     if ADAPTED in node.metadata_props:
-        raise AdapterError(f"{where} already has a LoRA adapter; a module is trained in full or adapted, not both: "
-                           "leave it out of target_modules")
+        from lora_fx.targeting import adapted_and_saved
+
+        raise AdapterError(adapted_and_saved(site.name, module))
     ops = [n.op_type for n in parts.chain] if parts is not None else []
     if parts is None or node.op_type in _QUANT_OPS or any(op in _QUANT_OPS for op in ops):
         raise UnsupportedError(

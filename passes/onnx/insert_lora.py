@@ -268,10 +268,12 @@ def apply_lora(model: ir.Model, config: LoraConfig, *, model_type: str | None = 
                adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> ir.Model:
     """Select the sites ``config`` targets and insert LoRA there (what ``lora_fx.apply`` calls for ONNX); the modules
     ``config.modules_to_save`` names (with ``task_type="SEQ_CLS"``: the classification head) train in full beside."""
-    from lora_fx.passes.onnx.freeze_base import plan_modules_to_save, record_modules_to_save
+    from lora_fx.passes.onnx.freeze_base import plan_modules_to_save, record_modules_to_save, selected_modules
+    from lora_fx.targeting import refuse_adapted_saved
 
     targets = select_onnx_targets(model, config, model_type)
-    plan_modules_to_save(model, config)  # refused before the graph changes
+    refuse_adapted_saved(targets, selected_modules(model, config))  # refused before the graph changes
+    plan_modules_to_save(model, config)
     InsertLora(targets, config.init_lora_weights, adapters, config.lora_dropout)(model)
     # Planned again: inserting LoRA redirected the inputs the first plan's nodes read.
     record_modules_to_save(model, plan_modules_to_save(model, config))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -268,3 +269,65 @@ def test_qlora_refuses_to_quantize_the_head_before_changing_the_model():
     params = dict(gm.named_parameters())
     assert params["classifier.weight"].requires_grad and params["classifier.weight"].dtype == torch.float32
     assert "bert.pooler.dense" in lora_fx.passes.fx.capture.meta(gm)["quant"]
+
+
+def _distilbert_cls():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=1, n_heads=4, max_position_embeddings=64,
+                              num_labels=3)
+    return tf.DistilBertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("front_end", ["fx", "onnx"])
+def test_a_head_layer_all_linear_also_targets_is_refused_and_exclude_modules_gives_a_peft_adapter(front_end, tmp_path):
+    """DistilBERT's ``pre_classifier`` ends with ``classifier`` (a SEQ_CLS head name, matched as a suffix), so PEFT
+    trains it in full, while 'all-linear' also targets it (PEFT keeps LoRA off modules to save by a dotted match
+    only): PEFT fails with a TypeError. The FX front end used to adapt it and train it in full, saving an adapter
+    PEFT cannot load; the ONNX one refused only after inserting LoRA, leaving the model half rewritten."""
+    import peft
+
+    from lora_fx.onnx_model import load as load_onnx
+
+    eager = _distilbert_cls()
+    batch = {k: v for k, v in inputs(2, 8).items() if k in ("input_ids", "attention_mask")}
+
+    def fresh():
+        if front_end == "fx":
+            return lora_fx.capture(eager, kwargs=batch)
+        path = tmp_path / "base.onnx"
+        if not path.exists():
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(eager, (), str(path), kwargs=batch, dynamo=True, opset_version=18,
+                                  input_names=list(batch), verbose=False)
+        return load_onnx(path)
+
+    model = fresh()
+    with pytest.raises(AdapterError, match=r"pre_classifier is trained in full .*exclude_modules=\['pre_classifier'\]"):
+        lora_fx.apply(model, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    # Refused before any change: the same model takes the config that leaves the head layer out.
+    torch.manual_seed(2)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["pre_classifier"],
+                        task_type="SEQ_CLS", init_lora_weights=False)
+    model = lora_fx.apply(model, config)
+    lora_fx.save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "pre_classifier" not in saved["target_modules"]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(eager), tmp_path / "adapter").eval()
+    assert {n for n, _ in pm.named_modules() if n.endswith("modules_to_save")} == {
+        "base_model.model.pre_classifier.modules_to_save", "base_model.model.classifier.modules_to_save"}
+    if front_end == "fx":
+        assert {n for n, p in model.named_parameters() if p.requires_grad and "lora" not in n} == {
+            "pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
+        with torch.no_grad():
+            ours = main_output(model(**batch)).numpy()
+    else:
+        from tests.exported import ort_run
+
+        lora_fx.save(model, tmp_path / "lora.onnx")
+        ours = ort_run(tmp_path / "lora.onnx", {k: v.numpy() for k, v in batch.items()})
+    want = _logits(pm, batch).numpy()
+    assert np.abs(want - _logits(eager, batch).numpy()).max() > 1e-3  # the adapter changes the output
+    np.testing.assert_allclose(ours, want, rtol=0, atol=TOL * max(1.0, float(np.abs(want).max())))
