@@ -151,7 +151,10 @@ def _from_torch(t: torch.Tensor, dtype: Any, name: str) -> Any:
     if dtype == ir.DataType.BFLOAT16:
         import ml_dtypes
 
-        return ir.Tensor(t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=name)
+        # A trainable's float32 master is rounded as the graph rounds it in forward; viewing its bits as
+        # uint16 unrounded would split each float32 into two bfloat16s (twice the columns, garbage values).
+        bits = t.to(torch.bfloat16, copy=True).view(torch.uint16)
+        return ir.Tensor(bits.numpy().view(ml_dtypes.bfloat16), name=name)
     return ir.Tensor(t.numpy().astype(dtype.numpy(), copy=True), name=name)
 
 
