@@ -363,6 +363,22 @@ def unmatched_error(config: LoraConfig, sites: Sequence[Site], kind: SiteKind = 
     return TargetNotFoundError(msg)
 
 
+def _unreachable(config: LoraConfig, target_modules: list[str] | str, sites: Sequence[Site]) -> tuple[list[Site], str | None]:
+    """The linear layers the front end found where no pass rewrites them (``sites.unreachable``: ONNX layers inside
+    If/Loop/Scan subgraphs) that the config targets, and why they stay as they are (``sites.unreachable_note``)."""
+    note = getattr(sites, "unreachable_note", None)
+    hidden = [s for s in getattr(sites, "unreachable", ()) if s.kind is SiteKind.LINEAR]
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+        # The expanded names are the main graph's: all-linear means every linear layer but the output layer.
+        return [s for s in hidden if not s.is_output_layer and not is_excluded(config, s.name)], note
+    return [s for s in hidden if matches_target(config, target_modules, s.name)], note
+
+
+def _unreachable_text(matched: Sequence[Site]) -> str:
+    shown = ", ".join(s.name for s in matched[:4]) + (f", ... {len(matched) - 4} more" if len(matched) > 4 else "")
+    return f"{len(matched)} linear layer{'s' if len(matched) != 1 else ''} ({shown})"
+
+
 def select_targets(
     sites: Sequence[Site], config: LoraConfig, model_type: str | None = None, modules: ModuleTree | None = None
 ) -> list[Target]:
@@ -371,11 +387,17 @@ def select_targets(
     ``modules`` is the model's module tree where it is known (FX: ``passes.fx.find_sites.module_tree``; ONNX:
     ``passes.onnx.find_sites.module_tree``): with it a target matching a module that is no linear layer is
     refused, as PEFT refuses it.
+    ``sites`` may also carry ``unreachable`` (Sites no pass rewrites: ONNX layers inside control-flow subgraphs) and
+    ``unreachable_note`` (why, and the way out), as ``passes.onnx.find_sites`` returns them: a target matching only
+    such layers is refused with that note, and one matching some of them besides main-graph sites warns with it.
     Raises ``TargetNotFoundError`` listing the available names when nothing matches, ``ConfigError``
     for a target PEFT refuses, and ``UnsupportedError`` for a module lora_fx cannot adapt as PEFT would.
     """
     linear = [s for s in sites if s.kind is SiteKind.LINEAR]
     if not linear:
+        note = getattr(sites, "unreachable_note", None)
+        if note:
+            raise TargetNotFoundError(f"this model's main graph has no linear site that LoRA can adapt: {note}")
         raise TargetNotFoundError("this model has no linear site that LoRA can adapt (no linear / MatMul with a constant weight)")
     target_modules = resolve_target_modules(config, sites, model_type)
     check_no_container_targets(config, target_modules, linear)
@@ -412,6 +434,22 @@ def select_targets(
                 stacklevel=2,
             )
         out.append(Target(site=site, r=r, alpha=alpha, scale=config.scaling(r, alpha), part_of=via))
+    hidden, note = _unreachable(config, target_modules, sites)
     if not out:
-        raise unmatched_error(config, sites)
+        error = unmatched_error(config, sites)
+        if hidden:
+            names = str(error).split("\n", 1)[-1]  # the names the main graph offers, after the first line
+            raise TargetNotFoundError(
+                f"target_modules={config.target_modules!r} matches no linear site of this model's main graph, only "
+                f"{_unreachable_text(hidden)} that lora_fx cannot adapt: {note}\n{names}"
+            )
+        if note:  # the layer wanted may be one of them, under a name the user did not expect
+            raise TargetNotFoundError(f"{error}\nbeyond these: {note}")
+        raise error
+    if hidden:
+        warnings.warn(
+            f"target_modules={config.target_modules!r} also matches {_unreachable_text(hidden)} left without an "
+            f"adapter: {note}",
+            stacklevel=2,
+        )
     return out

@@ -44,12 +44,19 @@ def run(args: argparse.Namespace) -> int:
     from lora_fx.sites import format_sites
 
     sites = load_sites(args)
+    # ONNX layers inside If/Loop/Scan subgraphs (passes.onnx.find_sites.Sites.subgraphs): listed, never rewritten.
+    groups = [(g, [s for s in g.sites if not args.kind or s.kind.value == args.kind]) for g in getattr(sites, "subgraphs", ())]
+    note = getattr(sites, "unreachable_note", None)
     if args.kind:
         sites = [s for s in sites if s.kind.value == args.kind]
     if args.json:
-        print_json([s.to_dict() for s in sites])
+        print_json([s.to_dict() for s in sites]
+                   + [dict(s.to_dict(), rewritable=False, inside=g.where) for g, hidden in groups for s in hidden])
     else:
         print(format_sites(sites))
         n_lin = sum(s.kind.value == "linear" for s in sites)
         print(f"\n{len(sites)} sites: {n_lin} linear, {len(sites) - n_lin} attention")
+        hidden = [s for _, part in groups for s in part]
+        if hidden:
+            print(f"\nnot rewritable, inside control-flow subgraphs ({len(hidden)}):\n{format_sites(hidden)}\n\n{note}")
     return 0

@@ -21,6 +21,11 @@ optional mask (``Add``/``Where``, torch's ``IsNaN``/``Where`` guards) → ``Soft
 shapes or attributes, and for grouped-query models from the K projection (so a repeated K still
 reports the true kv head count).
 
+Only the main graph is searched for sites that passes rewrite. Sites inside control-flow subgraphs (the branches
+of ``If``, the bodies of ``Loop`` and ``Scan``, nested at any depth; Hugging Face Optimum's merged decoders hold the
+whole decoder in an ``If``) are found the same way and reported apart (``Sites.subgraphs``), so that target
+selection can say why a target matching them is not adapted; no pass rewrites them.
+
 Names, in order of preference: the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata (the
 calling module's path), TorchScript node names (``/encoder/layer.0/attention/self/query/MatMul``),
 the weight initializer's name (``….weight``), the node name; a module that runs a linear on its
@@ -42,6 +47,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -664,56 +670,201 @@ def _attention_name(att: AttentionParts) -> str:
     return _longer_path(own, owner) or own
 
 
+def _graph_sites(graph: ir.Graph, root: ir.Graph, unique: Callable[[str], str]) -> list[Site]:
+    """The linear and attention sites among ``graph``'s own nodes (not those of its subgraphs), in graph order.
+
+    ``root`` is the model's main graph (a subgraph reads its weights from there); ``unique`` makes a name unique.
+    """
+    nodes = list(graph)
+    linear = [p for p in (linear_parts(n) for n in nodes) if p is not None]
+    by_node = {id(p.node): p for p in linear}
+    output_layers = _output_layer_nodes(graph, linear)
+    sites: list[Site] = []
+    for node in nodes:
+        parts = by_node.get(id(node))
+        if parts is not None:
+            name = site_name(node, parts.weight, parts.bias)
+            sites.append(Site(
+                # com.microsoft.Attention's packed projection shares the node with its attention site.
+                name=unique(name if parts.adaptable else f"{name}.qkv"), kind=SiteKind.LINEAR, ir=IRKind.ONNX,
+                in_features=parts.in_features, out_features=parts.out_features, dtype=parts.dtype,
+                has_bias=parts.bias is not None, fan_in_fan_out=not parts.stored_out_in,
+                is_output_layer=id(node) in output_layers,
+                op=node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
+                part_of=_whole_module(root, node, name), handle=node,
+            ))
+            if parts.adaptable:
+                continue
+        att = attention_parts(node)
+        if att is not None:
+            hidden = att.num_heads * att.head_dim if att.num_heads and att.head_dim else None
+            sites.append(Site(
+                name=unique(_attention_name(att)), kind=SiteKind.ATTENTION, ir=IRKind.ONNX,
+                num_heads=att.num_heads, kv_heads=att.kv_heads, head_dim=att.head_dim,
+                in_features=hidden, out_features=hidden,
+                dtype=dtype_name(att.output.dtype), op=att.op, handle=node,
+            ))
+    return sites
+
+
+def _namer() -> Callable[[str], str]:
+    """A function giving a name used before ``_1``, ``_2``… on its later uses."""
+    seen: dict[str, int] = {}
+
+    def unique(name: str) -> str:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        return name if count == 0 else f"{name}_{count}"
+
+    return unique
+
+
+# ---- control-flow subgraphs ----------------------------------------------------------------------
+
+# Hugging Face Optimum's merged decoder (decoder_model_merged.onnx): one If node of this name, switched by this input,
+# its branches the decoder with and without past key values.
+_OPTIMUM_IF = "optimum::if"
+_OPTIMUM_SWITCH = "use_cache_branch"
+
+
+def _subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
+    """The graphs a node's attributes hold (If's ``then_branch`` / ``else_branch``, Loop's and Scan's ``body``)."""
+    found: list[tuple[str, ir.Graph]] = []
+    for key, attr in node.attributes.items():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append((key, attr.value))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found += [(f"{key}[{i}]", g) for i, g in enumerate(attr.value)]
+    return found
+
+
+@dataclass
+class SubgraphLayers:
+    """The linear and attention sites inside one main-graph node's subgraphs (an ``If``'s branches, a ``Loop``'s or
+    ``Scan``'s body, and any control flow nested in them), which no lora_fx pass rewrites.
+
+    ``sites`` holds each layer once: a layer found under the same name in several branches (Optimum's merged decoder
+    holds the whole decoder in both, reading one set of weights) is the same layer. ``subgraphs`` names the node's
+    attributes the sites lie in.
+    """
+
+    node: ir.Node
+    subgraphs: list[str]
+    sites: list[Site]
+
+    @property
+    def linear(self) -> list[Site]:
+        return [s for s in self.sites if s.kind is SiteKind.LINEAR]
+
+    @property
+    def is_optimum_merged(self) -> bool:
+        node = self.node
+        switch = any(v is not None and v.name == _OPTIMUM_SWITCH for v in node.inputs)
+        return node.op_type == "If" and (node.name == _OPTIMUM_IF or switch)
+
+    @property
+    def where(self) -> str:
+        """``If node 'optimum::if' (else_branch, then_branch)``."""
+        return f"{self.node.op_type} node {self.node.name or '(unnamed)'!r} ({', '.join(self.subgraphs)})"
+
+
+def _site_weight(site: Site) -> ir.Value | None:
+    parts = linear_parts(site.handle) if site.kind is SiteKind.LINEAR else None
+    return parts.weight if parts is not None else None
+
+
+def subgraph_layers(model: ir.Model) -> list[SubgraphLayers]:
+    """The linear and attention sites inside control-flow subgraphs, one entry per main-graph node holding any,
+    in graph order. Names are made as ``find_sites`` makes them, unique among the subgraphs of one node."""
+    root = model.graph
+    found: list[SubgraphLayers] = []
+    for node in root:
+        branches = _subgraphs(node)
+        if not branches:
+            continue
+        sites: list[Site] = []
+        names: set[str] = set()
+        weights: set[int] = set()
+        holding: list[str] = []
+        for key, branch in branches:
+            unique = _namer()  # per branch: the branches of an If may hold copies of the same layers
+            stack, own = [branch], []
+            while stack:
+                graph = stack.pop()
+                own += _graph_sites(graph, root, unique)
+                stack += [g for n in graph for _, g in _subgraphs(n)]
+            own_weights = {id(_site_weight(s)) for s in own} - {id(None)}
+            # A copy reads the same outer-scope weight, even where the exporter named its node differently.
+            new = [s for s in own if s.name not in names and id(_site_weight(s)) not in weights]
+            if own:
+                holding.append(key)
+            names.update(s.name for s in own)
+            weights |= own_weights
+            sites += new
+        if sites:
+            found.append(SubgraphLayers(node, holding, sites))
+    return found
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def subgraph_note(groups: list[SubgraphLayers]) -> str | None:
+    """Why the layers in ``groups`` are left as they are, and the way out; None when there are none."""
+    if not groups:
+        return None
+    parts = []
+    for group in groups:
+        n_lin = len(group.linear)
+        n_att = len(group.sites) - n_lin
+        what = " and ".join(p for p in (
+            _count(n_lin, "linear layer") if n_lin else "", _count(n_att, "attention site") if n_att else "") if p)
+        names = [s.name for s in group.sites]
+        example = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        parts.append(f"{what} ({example}) lie{'s' if len(names) == 1 else ''} inside the subgraphs of {group.where}")
+    text = "; ".join(parts) + ", which lora_fx does not rewrite (its passes rewrite the main graph only)."
+    if any(g.is_optimum_merged for g in groups):
+        text += (
+            " This is Hugging Face Optimum's merged decoder (decoder_model_merged.onnx, the decoders with and without "
+            "past key values as the two branches of one If): rewrite decoder_model.onnx and decoder_with_past_model.onnx "
+            "instead, which `optimum-cli export onnx --no-post-process` keeps apart."
+        )
+    else:
+        text += " Export the model without control flow (layers unrolled into the main graph, no If/Loop/Scan around them)."
+    return text
+
+
+class Sites(list):
+    """``find_sites``' result: a list of the main graph's ``Site`` objects, in graph order, with what lies beyond it.
+
+    ``subgraphs`` lists the sites found inside control-flow subgraphs (``SubgraphLayers``), ``unreachable`` the same
+    sites flat, and ``unreachable_note`` says why no pass rewrites them and the way out (None when there are none).
+    ``lora_fx.targeting.select_targets`` reads ``unreachable`` and ``unreachable_note`` to explain a target that
+    matches only such layers; a list built from this one (filtered, sliced) is a plain list without them.
+    """
+
+    def __init__(self, sites: Iterable[Site] = (), subgraphs: Iterable[SubgraphLayers] = ()) -> None:
+        super().__init__(sites)
+        self.subgraphs = list(subgraphs)
+        self.unreachable = [s for g in self.subgraphs for s in g.sites]
+        self.unreachable_note = subgraph_note(self.subgraphs)
+
+
 class FindSites:
     """Collect every linear and attention site of an ONNX model, in graph order (read-only).
 
-    Matches the forms listed in this module's docstring; returns ``Site`` objects with
-    ``ir = IRKind.ONNX`` and ``handle`` = the ONNX node (the Softmax for decomposed attention).
+    Matches the forms listed in this module's docstring in the main graph; returns them as ``Site`` objects with
+    ``ir = IRKind.ONNX`` and ``handle`` = the ONNX node (the Softmax for decomposed attention), in a ``Sites`` list
+    that also reports the sites inside control-flow subgraphs, which no pass rewrites.
     """
 
-    def __call__(self, model: ir.Model) -> list[Site]:
-        graph = model.graph
-        nodes = list(graph)
-        linear = [p for p in (linear_parts(n) for n in nodes) if p is not None]
-        by_node = {id(p.node): p for p in linear}
-        output_layers = _output_layer_nodes(graph, linear)
-        seen: dict[str, int] = {}
-        sites: list[Site] = []
-
-        def unique(name: str) -> str:
-            count = seen.get(name, 0)
-            seen[name] = count + 1
-            return name if count == 0 else f"{name}_{count}"
-
-        for node in nodes:
-            parts = by_node.get(id(node))
-            if parts is not None:
-                name = site_name(node, parts.weight, parts.bias)
-                sites.append(Site(
-                    # com.microsoft.Attention's packed projection shares the node with its attention site.
-                    name=unique(name if parts.adaptable else f"{name}.qkv"), kind=SiteKind.LINEAR, ir=IRKind.ONNX,
-                    in_features=parts.in_features, out_features=parts.out_features, dtype=parts.dtype,
-                    has_bias=parts.bias is not None, fan_in_fan_out=not parts.stored_out_in,
-                    is_output_layer=id(node) in output_layers,
-                    op=node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}",
-                    part_of=_whole_module(graph, node, name), handle=node,
-                ))
-                if parts.adaptable:
-                    continue
-            att = attention_parts(node)
-            if att is not None:
-                hidden = att.num_heads * att.head_dim if att.num_heads and att.head_dim else None
-                sites.append(Site(
-                    name=unique(_attention_name(att)), kind=SiteKind.ATTENTION, ir=IRKind.ONNX,
-                    num_heads=att.num_heads, kv_heads=att.kv_heads, head_dim=att.head_dim,
-                    in_features=hidden, out_features=hidden,
-                    dtype=dtype_name(att.output.dtype), op=att.op, handle=node,
-                ))
-        return sites
+    def __call__(self, model: ir.Model) -> Sites:
+        return Sites(_graph_sites(model.graph, model.graph, _namer()), subgraph_layers(model))
 
 
-def find_sites(model: ir.Model) -> list[Site]:
-    """Every linear and attention site of ``model``, in graph order."""
+def find_sites(model: ir.Model) -> Sites:
+    """Every linear and attention site of ``model``'s main graph, in graph order (see ``Sites`` for the others)."""
     return FindSites()(model)
 
 

@@ -1,0 +1,335 @@
+"""Linear and attention layers inside control-flow subgraphs (If branches, Loop bodies): found, reported, never rewritten.
+
+The models are built by hand the way the exporters that write them lay them out: Hugging Face Optimum's merged decoder
+(``decoder_model_merged.onnx``: one ``If`` named ``optimum::if``, switched by ``use_cache_branch``, the decoder with and
+without past key values as its two branches, both reading the weights as outer-scope initializers of the main graph)
+and a ``Loop`` whose body runs a layer on outer-scope weights.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import lora_fx
+from lora_fx.cli import main
+from lora_fx.errors import TargetNotFoundError
+from lora_fx.passes.onnx.find_sites import find_sites
+from lora_fx.passes.onnx.insert_lora import apply_lora, lora_metadata
+from lora_fx.sites import SiteKind
+
+F = TensorProto.FLOAT
+HIDDEN, VOCAB, LAYERS = 8, 11, 2
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _weights(rng: np.random.Generator) -> list[onnx.TensorProto]:
+    """A tiny decoder's parameters, stored ``[in, out]`` as TorchScript exports keep MatMul weights."""
+    arrays = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN))}
+    for i in range(LAYERS):
+        for proj in ("q_proj", "v_proj"):
+            arrays[f"model.layers.{i}.self_attn.{proj}.weight"] = rng.standard_normal((HIDDEN, HIDDEN)) / HIDDEN**0.5
+        arrays[f"model.layers.{i}.self_attn.v_proj.bias"] = rng.standard_normal(HIDDEN)
+    arrays["lm_head.weight"] = rng.standard_normal((HIDDEN, VOCAB)) / HIDDEN**0.5
+    return [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+
+
+def _decoder_nodes(tag: str, ids: str, extra: str | None = None) -> tuple[list[onnx.NodeProto], str]:
+    """One branch's decoder: embedding lookup, per layer ``relu(q_proj(h)) -> v_proj (+ bias)`` with a residual, and
+    lm_head; the nodes named as TorchScript names them. ``extra`` (the past, in the with-past branch) is added in."""
+    t = lambda name: f"{name}_{tag}"  # noqa: E731  (value names must be unique across the model's graphs)
+    nodes = [helper.make_node("Gather", ["model.embed_tokens.weight", ids], [t("h0")], name="/model/embed_tokens/Gather")]
+    h = t("h0")
+    if extra is not None:
+        nodes.append(helper.make_node("Add", [h, extra], [t("hp")], name="/model/past/Add"))
+        h = t("hp")
+    for i in range(LAYERS):
+        scope = f"/model/layers.{i}/self_attn"
+        w = f"model.layers.{i}.self_attn"
+        nodes += [
+            helper.make_node("MatMul", [h, f"{w}.q_proj.weight"], [t(f"q{i}")], name=f"{scope}/q_proj/MatMul"),
+            helper.make_node("Relu", [t(f"q{i}")], [t(f"r{i}")], name=f"{scope}/Relu"),
+            helper.make_node("MatMul", [t(f"r{i}"), f"{w}.v_proj.weight"], [t(f"v{i}")], name=f"{scope}/v_proj/MatMul"),
+            helper.make_node("Add", [t(f"v{i}"), f"{w}.v_proj.bias"], [t(f"vb{i}")], name=f"{scope}/v_proj/Add"),
+            helper.make_node("Add", [h, t(f"vb{i}")], [t(f"h{i + 1}")], name=f"/model/layers.{i}/Add"),
+        ]
+        h = t(f"h{i + 1}")
+    nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], [t("logits")], name="/lm_head/MatMul"))
+    return nodes, t("logits")
+
+
+def merged_decoder(rng: np.random.Generator) -> onnx.ModelProto:
+    """Optimum's merged decoder layout: the main graph is the If alone, over shared initializers."""
+    with_past, out_p = _decoder_nodes("with_past", "input_ids", extra="past")
+    no_past, out_n = _decoder_nodes("no_past", "input_ids")
+    logits = lambda name: helper.make_tensor_value_info(name, F, ["b", "s", VOCAB])  # noqa: E731
+    then_g = helper.make_graph(with_past, "with_past", [], [logits(out_p)])
+    else_g = helper.make_graph(no_past, "no_past", [], [logits(out_n)])
+    node = helper.make_node("If", ["use_cache_branch"], ["logits"], name="optimum::if", then_branch=then_g, else_branch=else_g)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("past", F, ["b", "s", HIDDEN]),
+              helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])]
+    graph = helper.make_graph([node], "merged", inputs, [logits("logits")], _weights(rng))
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+def looped_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """A Loop whose body runs a linear layer and a decomposed attention on outer-scope weights, with an If nested in
+    the body holding one more linear layer."""
+    names = ["blk.q.weight", "blk.k.weight", "blk.v.weight", "blk.gate.weight"]
+    inits = [numpy_helper.from_array((rng.standard_normal((HIDDEN, HIDDEN)) / HIDDEN**0.5).astype(np.float32), n) for n in names]
+    inits.append(numpy_helper.from_array(np.array(HIDDEN**0.5, np.float32), "sqrt_d"))
+    gate = helper.make_graph([helper.make_node("MatMul", ["h_in", "blk.gate.weight"], ["g"], name="/blk/gate/MatMul")],
+                             "gate", [], [helper.make_tensor_value_info("g", F, [1, 1, 4, HIDDEN])])
+    keep = helper.make_graph([helper.make_node("Identity", ["h_in"], ["g2"])], "keep", [], [helper.make_tensor_value_info("g2", F, [1, 1, 4, HIDDEN])])
+    body_nodes = [
+        helper.make_node("MatMul", ["h_in", "blk.q.weight"], ["q"], name="/blk/q/MatMul"),
+        helper.make_node("MatMul", ["h_in", "blk.k.weight"], ["k"], name="/blk/k/MatMul"),
+        helper.make_node("MatMul", ["h_in", "blk.v.weight"], ["v"], name="/blk/v/MatMul"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="/blk/attn/Transpose"),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="/blk/attn/MatMul"),
+        helper.make_node("Div", ["s", "sqrt_d"], ["sd"], name="/blk/attn/Div"),
+        helper.make_node("Softmax", ["sd"], ["p"], axis=-1, name="/blk/attn/Softmax"),
+        helper.make_node("MatMul", ["p", "v"], ["o"], name="/blk/attn/MatMul_1"),
+        helper.make_node("If", ["gated"], ["go"], name="/blk/If", then_branch=gate, else_branch=keep),
+        helper.make_node("Add", ["o", "go"], ["h_out"], name="/blk/Add"),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+    ]
+    shape = [1, 1, 4, HIDDEN]
+    body = helper.make_graph(
+        body_nodes, "layer",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", F, shape)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("h_out", F, shape)],
+    )
+    node = helper.make_node("Loop", ["n", "", "x"], ["y"], name="layer_loop", body=body)
+    inputs = [helper.make_tensor_value_info("x", F, shape), helper.make_tensor_value_info("n", TensorProto.INT64, []),
+              helper.make_tensor_value_info("gated", TensorProto.BOOL, [])]
+    graph = helper.make_graph([node], "looped", inputs, [helper.make_tensor_value_info("y", F, shape)], inits)
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+def mixed_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """An encoder linear in the main graph (``enc.fc``, bias Add) feeding the merged decoder's If, whose branches read
+    its output from the outer scope."""
+    proto = merged_decoder(rng)
+    graph = proto.graph
+    graph.initializer.extend([
+        numpy_helper.from_array((rng.standard_normal((HIDDEN, HIDDEN)) / HIDDEN**0.5).astype(np.float32), "enc.fc.weight"),
+        numpy_helper.from_array(rng.standard_normal(HIDDEN).astype(np.float32), "enc.fc.bias"),
+    ])
+    encoder = [helper.make_node("MatMul", ["enc_in", "enc.fc.weight"], ["enc_mm"], name="/enc/fc/MatMul"),
+               helper.make_node("Add", ["enc_mm", "enc.fc.bias"], ["enc_out"], name="/enc/fc/Add")]
+    for node in list(graph.node):
+        graph.node.remove(node)
+    graph.node.extend(encoder + [node])
+    # The branches' past is the encoder's output now: the subgraphs read a value the rewrite redirects.
+    for attr in graph.node[-1].attribute:
+        for sub in attr.g.node:
+            sub.input[:] = ["enc_out" if name == "past" else name for name in sub.input]
+    graph.input.remove(next(i for i in graph.input if i.name == "past"))
+    graph.input.insert(0, helper.make_tensor_value_info("enc_in", F, ["b", "s", HIDDEN]))
+    # Both branches read the past, so the no-past one does too (as a cross-attention would).
+    no_past = next(a.g for a in graph.node[-1].attribute if a.name == "else_branch")
+    first = no_past.node[0]
+    no_past.node.insert(1, helper.make_node("Add", [first.output[0], "enc_out"], ["h0_enc_no_past"], name="/model/enc/Add"))
+    for sub in list(no_past.node)[2:]:
+        sub.input[:] = ["h0_enc_no_past" if name == first.output[0] else name for name in sub.input]
+    return proto
+
+
+def _ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.serde.deserialize_model(proto)
+
+
+def _ort(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    onnx.checker.check_model(proto)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _feeds(rng: np.random.Generator, use_cache: bool) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": rng.integers(0, VOCAB, (2, 3)).astype(np.int64),
+        "past": rng.standard_normal((2, 3, HIDDEN)).astype(np.float32),
+        "enc_in": rng.standard_normal((2, 3, HIDDEN)).astype(np.float32),
+        "use_cache_branch": np.array([use_cache]),
+    }
+
+
+DECODER_LINEAR = [f"model.layers.{i}.self_attn.{p}" for i in range(LAYERS) for p in ("q_proj", "v_proj")] + ["lm_head"]
+
+
+# ---- find_sites -----------------------------------------------------------------------------------
+
+
+def test_merged_decoder_layers_are_found_once_inside_the_if_and_not_as_sites():
+    sites = find_sites(_ir(merged_decoder(np.random.default_rng(0))))
+    assert list(sites) == []
+    (group,) = sites.subgraphs
+    assert (group.node.name, group.node.op_type, group.subgraphs) == ("optimum::if", "If", ["else_branch", "then_branch"])
+    # Each layer once, though both branches hold it; named and shaped as in the main graph.
+    assert [(s.name, s.in_features, s.out_features, s.has_bias) for s in group.sites] == [
+        (n, HIDDEN, VOCAB if n == "lm_head" else HIDDEN, n.endswith("v_proj")) for n in DECODER_LINEAR]
+    assert [s.name for s in sites.unreachable if s.is_output_layer] == ["lm_head"]
+    assert group.is_optimum_merged
+    assert sites.unreachable_note.startswith(
+        "5 linear layers (model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, ...) "
+        "lie inside the subgraphs of If node 'optimum::if' (else_branch, then_branch), which lora_fx does not rewrite")
+    assert "decoder_model.onnx" in sites.unreachable_note and "--no-post-process" in sites.unreachable_note
+
+
+def test_loop_body_layers_and_nested_control_flow_are_found():
+    sites = find_sites(_ir(looped_model(np.random.default_rng(0))))
+    assert list(sites) == []
+    (group,) = sites.subgraphs
+    assert (group.node.name, group.subgraphs) == ("layer_loop", ["body"])
+    assert [(s.name, s.kind) for s in group.sites] == [
+        ("blk.q", SiteKind.LINEAR), ("blk.k", SiteKind.LINEAR), ("blk.v", SiteKind.LINEAR), ("blk.attn", SiteKind.ATTENTION),
+        ("blk.gate", SiteKind.LINEAR),  # in the If nested in the body
+    ]
+    assert sites.unreachable_note.startswith("4 linear layers and 1 attention site (blk.q, blk.k, blk.v, ...) lie inside the "
+                                             "subgraphs of Loop node 'layer_loop' (body)")
+    assert "Export the model without control flow" in sites.unreachable_note
+    assert "Optimum" not in sites.unreachable_note
+
+
+def test_branch_copies_of_a_layer_with_other_node_names_count_once():
+    """An optimizer may rename each branch's nodes apart (``MatMul_3``, ``MatMul_17``) and leave the weight an anonymous
+    ``onnx::`` initializer: the copies still read one outer-scope weight, so they are one layer."""
+    w = numpy_helper.from_array(np.ones((HIDDEN, HIDDEN), np.float32), "onnx::MatMul_5")
+    branch = lambda tag, name: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["x", "onnx::MatMul_5"], [f"y_{tag}"], name=name)], tag, [],
+        [helper.make_tensor_value_info(f"y_{tag}", F, ["b", HIDDEN])])
+    node = helper.make_node("If", ["c"], ["y"], name="If_0", then_branch=branch("a", "MatMul_3"), else_branch=branch("b", "MatMul_17"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, ["b", HIDDEN]),
+                                            helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", F, ["b", HIDDEN])], [w])
+    (group,) = find_sites(_ir(helper.make_model(graph, opset_imports=OPSET))).subgraphs
+    assert [s.name for s in group.sites] == ["MatMul_17"]  # else_branch comes first in the node's attributes
+    assert group.subgraphs == ["else_branch", "then_branch"] and not group.is_optimum_merged
+
+
+def test_a_model_without_control_flow_reports_nothing_beyond_its_sites(onnx_corpus):
+    sites = find_sites(lora_fx.load(onnx_corpus.get("gemm-mlp").path))
+    assert [s.name for s in sites] == ["fc1", "fc2", "head"]
+    assert (sites.subgraphs, sites.unreachable, sites.unreachable_note) == ([], [], None)
+
+
+# ---- targeting and the rewrite --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [["q_proj", "v_proj"], "all-linear", ".*q_proj"])
+def test_merged_decoder_is_refused_naming_the_if_and_the_way_out(target):
+    model = _ir(merged_decoder(np.random.default_rng(0)))
+    before = set(model.graph.initializers)
+    with pytest.raises(TargetNotFoundError) as info:
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=target))
+    msg = str(info.value)
+    assert "If node 'optimum::if'" in msg and "5 linear layers" in msg, msg
+    assert "decoder_model.onnx" in msg and "optimum-cli export onnx --no-post-process" in msg, msg
+    assert set(model.graph.initializers) == before and not lora_metadata(model)
+
+
+def test_loop_model_is_refused_with_the_generic_way_out():
+    with pytest.raises(TargetNotFoundError, match=r"inside the subgraphs of Loop node 'layer_loop' \(body\).*without control flow"):
+        lora_fx.apply(_ir(looped_model(np.random.default_rng(0))), lora_fx.LoraConfig(r=2, target_modules=["q", "v"]))
+
+
+def test_a_target_matching_only_subgraph_layers_is_refused_when_the_main_graph_has_others():
+    model = _ir(mixed_model(np.random.default_rng(0)))
+    with pytest.raises(TargetNotFoundError) as info:
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+    msg = str(info.value)
+    assert msg.startswith("target_modules=['q_proj'] matches no linear site of this model's main graph, only 2 linear layers "
+                          "(model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj) that lora_fx cannot adapt"), msg
+    assert "If node 'optimum::if'" in msg and "\nsites:\n  enc.fc" in msg, msg
+    # A typo still lists the main graph's names, and says what lies beyond them.
+    with pytest.raises(TargetNotFoundError, match=r"(?s)closest to 'enc_fc': .*beyond these: 5 linear layers"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["enc_fc"]))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_mixed_model_rewrites_the_main_graph_warns_and_still_runs_in_ort(use_cache):
+    rng = np.random.default_rng(0)
+    proto = mixed_model(rng)
+    feeds = _feeds(np.random.default_rng(1), use_cache)
+    base = _ort(proto, feeds)
+    model = _ir(proto)
+    with pytest.warns(UserWarning) as record:
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
+    (msg,) = {str(w.message) for w in record if "optimum::if" in str(w.message)}
+    assert msg.startswith("target_modules='all-linear' also matches 4 linear layers (model.layers.0.self_attn.q_proj, "), msg
+    assert "left without an adapter" in msg and "--no-post-process" in msg, msg
+    assert sorted(lora_metadata(model)) == ["enc.fc"]
+    # B starts at zero: the rewritten model computes the base model, in either branch.
+    np.testing.assert_array_equal(_ort(model, feeds), base)
+
+
+def test_mixed_model_adapter_reaches_the_branches_as_merged_weights_do():
+    """A nonzero adapter on the main-graph site changes what the branches read, exactly as folding it into W does."""
+    proto = mixed_model(np.random.default_rng(0))
+    feeds = _feeds(np.random.default_rng(1), True)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, HIDDEN, generator=g), torch.randn(HIDDEN, 2, generator=g)
+    config = lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["enc.fc"])
+    model = _ir(proto)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enc.fc alone matches no subgraph layer: nothing to warn about
+        apply_lora(model, config, adapters={"enc.fc": (a, b)})
+    merged = onnx.ModelProto()
+    merged.CopyFrom(proto)
+    w = next(t for t in merged.graph.initializer if t.name == "enc.fc.weight")
+    # The stored weight is [in, out] (x @ W): PEFT's B @ A is [out, in].
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + 2.0 * (b @ a).numpy().T, "enc.fc.weight"))
+    got, want, base = _ort(model, feeds), _ort(merged, feeds), _ort(proto, feeds)
+    assert np.abs(want - base).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_main_graph_target_alone_does_not_warn():
+    model = _ir(mixed_model(np.random.default_rng(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc"]))
+    assert sorted(lora_metadata(model)) == ["enc.fc"]
+
+
+# ---- lora-fx sites --------------------------------------------------------------------------------
+
+
+def test_sites_command_lists_subgraph_layers_as_not_rewritable(tmp_path, capsys):
+    path = tmp_path / "decoder_model_merged.onnx"
+    onnx.save(mixed_model(np.random.default_rng(0)), str(path))
+    assert main(["sites", str(path)]) == 0
+    out = capsys.readouterr().out
+    table, rest = out.split("\nnot rewritable, inside control-flow subgraphs (5):\n")
+    assert "enc.fc" in table and "q_proj" not in table and "1 sites: 1 linear, 0 attention" in table
+    assert all(name in rest for name in DECODER_LINEAR) and "If node 'optimum::if'" in rest, rest
+    assert main(["sites", str(path), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [(e["name"], e.get("rewritable", True)) for e in entries] == [("enc.fc", True)] + [(n, False) for n in DECODER_LINEAR]
+    assert {e["inside"] for e in entries[1:]} == {"If node 'optimum::if' (else_branch, then_branch)"}
+
+
+def test_rewrite_command_refuses_a_merged_decoder_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LORA_FX_DEBUG", raising=False)
+    path = tmp_path / "decoder_model_merged.onnx"
+    onnx.save(merged_decoder(np.random.default_rng(0)), str(path))
+    out = tmp_path / "lora.onnx"
+    assert main(["rewrite", str(path), "-o", str(out), "--target-modules", "q_proj,v_proj"]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert "If node 'optimum::if'" in err and "--no-post-process" in err, err
+    assert not out.exists()
