@@ -156,6 +156,13 @@ def select_attention_sites(sites: Sequence[Site], config: PrefixConfig) -> list[
 
     attention = [s for s in sites if s.kind is SiteKind.ATTENTION]
     if not attention:
+        # ONNX sites carry the layers of control-flow subgraphs apart (passes.onnx.find_sites.Sites), with why.
+        hidden = [s for s in getattr(sites, "unreachable", ()) if s.kind is SiteKind.ATTENTION]
+        if hidden:
+            raise TargetNotFoundError(
+                f"this model's main graph has no attention site for prefix-tuning, only {len(hidden)} inside "
+                f"control-flow subgraphs: {sites.unreachable_note}"
+            )
         raise TargetNotFoundError(
             "this model has no attention site for prefix-tuning (no scaled_dot_product_attention and no "
             "matmul-softmax-matmul attention in the graph); use LoRA (LoraConfig) on its linear sites instead"

@@ -247,6 +247,14 @@ def test_loop_model_is_refused_with_the_generic_way_out():
         lora_fx.apply(_ir(looped_model(np.random.default_rng(0))), lora_fx.LoraConfig(r=2, target_modules=["q", "v"]))
 
 
+def test_prefix_tuning_on_attention_only_inside_a_loop_is_refused_with_the_note():
+    model = _ir(looped_model(np.random.default_rng(0)))
+    before = set(model.graph.initializers)
+    with pytest.raises(TargetNotFoundError, match=r"only 1 inside control-flow subgraphs: .*Loop node 'layer_loop'"):
+        lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=2))
+    assert set(model.graph.initializers) == before
+
+
 def test_a_target_matching_only_subgraph_layers_is_refused_when_the_main_graph_has_others():
     model = _ir(mixed_model(np.random.default_rng(0)))
     with pytest.raises(TargetNotFoundError) as info:
