@@ -9,11 +9,16 @@ any tensor that is not a model input, so nothing else can live among the paramet
 fingerprint travels in the file's ``model_version`` (31 bits) and in full in a JSON sidecar
 ``<file>.json`` beside it, with the per-site rank/alpha/scale and the LoraConfig needed to convert back
 to PEFT's layout. Nothing is ever unpickled.
+
+A model with head slots (``modules_to_save``) leaves the head out of its fingerprint, while an export of the
+same base without them counts the head as a base weight: the head-slot model also records the fingerprints
+that export can have (``HEADS_AS_BASE_KEY``), so that export's adapters run on it with the base head.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -51,6 +56,9 @@ SLOT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".prefix_key", ".prefix_val
 # Model metadata: JSON {parameter name: module} of the slots of modules trained in full (modules_to_save).
 # Their names (classifier.weight) say nothing by themselves, unlike the suffixes above.
 SAVED_KEY = "lora_fx.modules_to_save"
+# Model metadata, beside SAVED_KEY: JSON {"base_fingerprint": the model's own, "heads_as_base": [...]}, the
+# fingerprints an export of the same base without head slots has (its head counted as a base weight).
+HEADS_AS_BASE_KEY = "lora_fx.base_fingerprints_heads_as_base"
 
 
 def is_slot_name(name: str) -> bool:
@@ -120,25 +128,95 @@ def base_fingerprint(model: Any) -> str:
     Names do not enter the hash (re-exports may rename constants); each tensor's dtype, shape and
     bytes do, in sorted order, so the same weights give the same fingerprint.
     """
+    return _combine(_base_digests(model))
+
+
+def _tensor_digest(arr: np.ndarray) -> str:
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _combine(digests: Iterable[str]) -> str:
+    total = hashlib.sha256()
+    for d in sorted(digests):
+        total.update(d.encode())
+    return total.hexdigest()
+
+
+def _base_digests(model: Any) -> list[str]:
+    """The per-tensor digests ``base_fingerprint`` combines."""
     from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
 
     # The head slots (modules_to_save) are left out: each adapter brings its own head, as it brings its LoRA.
     skip = adapter_names(read_records(model)) | set(read_saved(model.metadata_props))
     graph = model.graph
     inputs = {v.name for v in graph.inputs}
-    digests = []
-    for name, value in graph.initializers.items():
-        if name in skip or name in inputs or value.const_value is None or _only_dropout_ratio(value):
-            continue
-        arr = np.ascontiguousarray(value.const_value.numpy())
-        h = hashlib.sha256()
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
-        digests.append(h.hexdigest())
-    total = hashlib.sha256()
-    for d in sorted(digests):
-        total.update(d.encode())
-    return total.hexdigest()
+    return [_tensor_digest(value.const_value.numpy()) for name, value in graph.initializers.items()
+            if not (name in skip or name in inputs or value.const_value is None or _only_dropout_ratio(value))]
+
+
+# Forms of the head beyond which heads_as_base_fingerprints stops: 2 per weight and per zero bias, so a
+# head of 8 parameters (RoBERTa's dense + out_proj has 4) is still covered whole.
+_MAX_HEAD_FORMS = 256
+
+
+def heads_as_base_fingerprints(model: Any, digests: Iterable[str] | None = None) -> list[str]:
+    """The base fingerprints an export of the same base *without* head slots has, for a model with head slots
+    (``modules_to_save``) holding their defaults, the base head; ``[]`` for a model without head slots.
+
+    That export counts the head among its base weights, in the form its optimizer left it: each head parameter
+    as it is, transposed (a ``MatMul`` weight whose ``Transpose`` was folded: Llama's ``score``), or gone when
+    all zeros (a ``Gemm``'s zero bias is dropped): one fingerprint per combination. Any of them matching means
+    that export's base weights are this model's with this head, so its adapters compute here what they
+    computed there. ``digests``: this model's ``_base_digests``, when already computed.
+    """
+    saved = read_saved(model.metadata_props)
+    if not saved:
+        return []
+    base = list(_base_digests(model) if digests is None else digests)
+    forms: list[list[str | None]] = []
+    for name in sorted(saved):
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            return []  # a head slot without a default: no base head to count
+        arr = value.const_value.numpy()
+        options: list[str | None] = [_tensor_digest(arr)]
+        if arr.ndim == 2:
+            options.append(_tensor_digest(arr.T))
+        if not arr.any():
+            options.append(None)
+        forms.append(list(dict.fromkeys(options)))
+    combos = itertools.islice(itertools.product(*forms), _MAX_HEAD_FORMS)
+    return list(dict.fromkeys(_combine(base + [d for d in combo if d is not None]) for combo in combos))
+
+
+def model_fingerprints(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The base fingerprints adapters for a model may carry, from its metadata: its own first, then, for a
+    model with head slots, those of an export of the same base without them (``heads_as_base_fingerprints``,
+    as ``stamp_fingerprint`` recorded them); ``()`` for a model without one."""
+    from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
+
+    fingerprint = metadata.get(FINGERPRINT_KEY)
+    if not fingerprint:
+        return ()
+    text = metadata.get(HEADS_AS_BASE_KEY)
+    if not text or not read_saved(metadata):
+        return (fingerprint,)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    others = data.get("heads_as_base") if isinstance(data, dict) else None
+    if not isinstance(others, list) or not all(isinstance(fp, str) for fp in others):
+        raise AdapterError(f"model metadata {HEADS_AS_BASE_KEY} is not the JSON lora_fx writes; the model was changed "
+                           "outside lora_fx: export it again")
+    # Recorded beside another fingerprint (the weights changed since): it says nothing about these weights.
+    if data.get("base_fingerprint") != fingerprint:
+        return (fingerprint,)
+    return (fingerprint, *(fp for fp in others if fp != fingerprint))
 
 
 def _only_dropout_ratio(value: Any) -> bool:
@@ -149,10 +227,18 @@ def _only_dropout_ratio(value: Any) -> bool:
 
 
 def stamp_fingerprint(model: Any) -> str:
+    """Record the model's base fingerprint in its metadata (and, with head slots, ``heads_as_base_fingerprints``
+    under ``HEADS_AS_BASE_KEY``); returns it."""
     from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
 
-    fp = base_fingerprint(model)
+    digests = _base_digests(model)
+    fp = _combine(digests)
     model.metadata_props[FINGERPRINT_KEY] = fp
+    others = heads_as_base_fingerprints(model, digests)
+    if others:
+        model.metadata_props[HEADS_AS_BASE_KEY] = json.dumps({"base_fingerprint": fp, "heads_as_base": others})
+    else:
+        model.metadata_props.pop(HEADS_AS_BASE_KEY, None)
     return fp
 
 
@@ -343,6 +429,25 @@ def _read_sidecar(side: Path, path: Path, adapter: OnnxAdapter) -> None:
 
 
 # ---- fitting an adapter to a model -------------------------------------------------------------
+def _check_heads_have_slots(adapter: OnnxAdapter, slots: Mapping[str, Slot], accepted: tuple[str, ...], where: str) -> None:
+    """Refuse a head (parameters of a module trained in full) on a model without slots for it, before the
+    fingerprints are compared: a model exported without head slots counts the head as a base weight, so the
+    fingerprints of the same base differ there too, and "another base" would send the user the wrong way."""
+    heads = sorted(n for n in adapter.tensors if not is_slot_name(n) and n not in slots)
+    if not heads:
+        return
+    modules = sorted({n.rpartition(".")[0] or n for n in heads})
+    same = not accepted or adapter.fingerprint in accepted or (
+        not adapter.fingerprint and adapter.short_fingerprint in (None, *map(short_fingerprint, accepted)))
+    also = "" if same else " (their base-weight fingerprints differ too, as between exports of one base with and without head slots)"
+    raise AdapterError(
+        f"adapter tensors {', '.join(heads[:5])} are parameters of {', '.join(modules[:3])}, trained in full "
+        f"(modules_to_save), and have no adapter slot in {where}, which was exported without that module{also}: it "
+        "runs on a model exported with that module's slots, as an adapter's own export is: a model trained with "
+        "modules_to_save, exported by lora_fx.export_onnx(..., mode='adapters') (CLI: lora-fx export --adapters)"
+    )
+
+
 @dataclass
 class Slot:
     """One adapter input of a model: dtype name (numpy) and shape, ``None`` for the symbolic rank;
@@ -359,33 +464,40 @@ def slot_site(name: str, slots: Mapping[str, Slot]) -> str:
     return slot.module if slot is not None and slot.module else site_of(name)
 
 
-def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str | None, where: str = "the model") -> None:
-    """Refuse an adapter for another base, with unknown names, or with a wrong shape, rank or dtype."""
-    if fingerprint and adapter.fingerprint and adapter.fingerprint != fingerprint:
-        raise AdapterError(
-            f"this adapter was trained on a different base model than {where} (base-weight fingerprint "
-            f"{adapter.fingerprint[:12]}… vs {fingerprint[:12]}…); use the model it was trained on, or retrain it"
-        )
-    if fingerprint and not adapter.fingerprint and adapter.short_fingerprint not in (None, short_fingerprint(fingerprint)):
-        raise AdapterError(
-            f"this adapter was trained on a different base model than {where} (fingerprint {adapter.short_fingerprint} "
-            f"vs {short_fingerprint(fingerprint)}); use the model it was trained on, or retrain it"
-        )
+def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str | Iterable[str] | None,
+               where: str = "the model") -> None:
+    """Refuse an adapter for another base, with unknown names, or with a wrong shape, rank or dtype; a head
+    (``modules_to_save``) on a model without slots for it is refused as such before the fingerprints are compared.
+
+    ``fingerprint``: the model's base fingerprint, or all those it accepts (``model_fingerprints``: its own first,
+    then for a model with head slots those of an export of the same base without them)."""
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else tuple(fp for fp in fingerprint or () if fp)
+    if slots:
+        _check_heads_have_slots(adapter, slots, accepted, where)
+    theirs = None
+    if accepted and adapter.fingerprint and adapter.fingerprint not in accepted:
+        theirs, ours = f"base-weight fingerprint {adapter.fingerprint[:12]}…", f"{accepted[0][:12]}…"
+    elif accepted and not adapter.fingerprint and adapter.short_fingerprint not in (None, *map(short_fingerprint, accepted)):
+        theirs, ours = f"fingerprint {adapter.short_fingerprint}", str(short_fingerprint(accepted[0]))
+    if theirs:
+        hint = ""
+        if len(accepted) == 1 and any(slot.module for slot in slots.values()):
+            # Written before head-slot models recorded the fingerprints of their exports without head slots.
+            hint = (f". If it comes from an export of the same base without modules_to_save, export {where} again "
+                    "with this lora_fx (it then takes such adapters, with the base head), or convert the adapter's PEFT "
+                    "directory for it: peft_dir_to_onnx_adapter")
+        raise AdapterError(f"this adapter was trained on a different base model than {where} ({theirs} vs {ours}); "
+                           f"use the model it was trained on, or retrain it{hint}")
     if not slots:
         raise AdapterError(f"{where} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
     if not adapter.tensors:
         raise AdapterError(f"the adapter holds no tensors; it would run {where} as the base model")
     check_nonempty(adapter.tensors, f"the adapter for {where}")
     unknown = sorted(set(adapter.tensors) - set(slots))
-    if unknown:
-        params = [n for n in unknown if not is_slot_name(n)]
-        hint = (
-            f" {params[0]} is a parameter of a module trained in full (modules_to_save): it needs a model exported with "
-            "that module's slots (lora_fx.export_onnx(..., mode='adapters') of a model trained with it)" if params else ""
-        )
+    if unknown:  # LoRA matrices and prefixes: heads without slots were refused above
         raise AdapterError(
             f"adapter tensors {', '.join(unknown[:5])} have no adapter slot in {where}; its slots are "
-            f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?{hint}"
+            f"{', '.join(sorted(slots)[:6])}{'…' if len(slots) > 6 else ''}. Was it made for another model?"
         )
     sites, prefixes = set(), set()
     for name, arr in adapter.tensors.items():

@@ -151,6 +151,7 @@ class Session:
         self.inputs = list(self._inputs)
         self.outputs = [o.name for o in self._session.get_outputs()]
         self.fingerprint: str | None = self._session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
+        self._fingerprints = self._read_fingerprints()
         self._adapters: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
 
@@ -178,6 +179,16 @@ class Session:
 
         try:
             return read_saved(self._session.get_modelmeta().custom_metadata_map)
+        except AdapterError as exc:
+            raise ModelLoadError(f"{self.path}: {exc}") from None
+
+    def _read_fingerprints(self) -> tuple[str, ...]:
+        """The base fingerprints an adapter may carry: the model's own, and for head slots those of an export of
+        the same base without them (``onnx_adapter.model_fingerprints``)."""
+        from lora_fx.onnx_adapter import model_fingerprints
+
+        try:
+            return model_fingerprints(self._session.get_modelmeta().custom_metadata_map)
         except AdapterError as exc:
             raise ModelLoadError(f"{self.path}: {exc}") from None
 
@@ -235,7 +246,7 @@ class Session:
             raise AdapterError(f"{self.path.name} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
         path = Path(path)
         adapter = read_onnx_adapter(path)
-        check_fits(adapter, self.slots, self.fingerprint, where=self.path.name)
+        check_fits(adapter, self.slots, self._fingerprints, where=self.path.name)
         try:
             host = _private_lora_adapter(ort, adapter.tensors)
         except Exception as exc:

@@ -114,10 +114,11 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
 
     from lora_fx.errors import AdapterError, ConfigError
     from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model, serve_slots
-    from lora_fx.onnx_adapter import SUFFIX, check_fits, check_writable, current_adapter, model_slots, read_onnx_adapter, to_peft, write_onnx_adapter
+    from lora_fx.onnx_adapter import (SUFFIX, check_fits, check_writable, current_adapter, model_fingerprints, model_slots,
+                                      read_onnx_adapter, to_peft, write_onnx_adapter)
     from lora_fx.onnx_model import load
     from lora_fx.passes.onnx.fold_lora import FoldLora
-    from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY, read_records
+    from lora_fx.passes.onnx.lora_layout import read_records
 
     model = load(src)
     records = read_records(model)
@@ -135,7 +136,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         if adapter:
             loaded = read_onnx_adapter(adapter)
             slots = model_slots(model)
-            check_fits(loaded, slots, model.metadata_props.get(FINGERPRINT_KEY), where=src.name)
+            check_fits(loaded, slots, model_fingerprints(model.metadata_props), where=src.name)
             # As `lora-fx run` serves it: sites the adapter leaves out keep the slot defaults (B zero: the base), and
             # a head (modules_to_save) it does not bring stays the base head.
             from lora_fx.onnx_adapter import slot_site

@@ -114,14 +114,15 @@ def _expose_saved(model: ir.Model, saved: Mapping[str, tuple[str, Any]]) -> list
 def settle_saved(model: ir.Model) -> list[str]:
     """The head slots (``lora_fx.modules_to_save``) as plain initializers holding the values they hold now, as
     a merge leaves them: no longer inputs, no longer listed. Returns their names."""
-    from lora_fx.onnx_adapter import SAVED_KEY, read_saved
+    from lora_fx.onnx_adapter import HEADS_AS_BASE_KEY, SAVED_KEY, read_saved
 
     names = sorted(read_saved(model.metadata_props))
     for name in names:
         value = model.graph.initializers.get(name)
         if value is not None and value in model.graph.inputs:
             model.graph.inputs.remove(value)
-    model.metadata_props.pop(SAVED_KEY, None)
+    for key in (SAVED_KEY, HEADS_AS_BASE_KEY):
+        model.metadata_props.pop(key, None)
     return names
 
 

@@ -3,22 +3,26 @@
 ``export_onnx(mode="adapters")`` of a model whose head trains in full: the head's parameters are slots whose defaults
 are the base head, the ``.onnx_adapter`` and the PEFT directory carry the trained head, ``runtime.Session`` switches
 heads per call, plain onnxruntime runs the file, a PEFT SEQ_CLS adapter converts and runs as in PEFT, and
-``export --merge --adapter`` folds the head in.
+``export --merge --adapter`` folds the head in, and an adapter of an export of the same base without head slots
+(LoRA only, its base head counted as a base weight) runs on the head-slot model with the base head.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 import lora_fx
 from lora_fx.config import LoraConfig
-from lora_fx.errors import AdapterError
-from lora_fx.onnx_adapter import OnnxAdapter, SAVED_KEY, peft_dir_to_onnx_adapter, read_onnx_adapter, write_onnx_adapter
+from lora_fx.errors import AdapterError, ModelLoadError
+from lora_fx.onnx_adapter import (HEADS_AS_BASE_KEY, OnnxAdapter, SAVED_KEY, model_fingerprints, peft_dir_to_onnx_adapter,
+                                  read_onnx_adapter, write_onnx_adapter)
 from lora_fx.runtime.ort import Session
 from tests.exported import ort_run
 from tests.models import VOCAB, inputs, main_output
@@ -273,3 +277,162 @@ def test_llama_score_head_without_bias_read_at_every_position_is_a_slot_too(tmp_
     assert np.abs(want - base).max() > 1e-1
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), result.peft_dirs[0]).eval()
     np.testing.assert_allclose(_logits(pm, batch), want, atol=1e-5)
+
+    # A LoRA-only export of the same base stores score.weight as the optimizer folded its Transpose ([hidden, labels]):
+    # its adapter still runs on the head-slot model, with the base head.
+    twin = _lora_only_export(model, batch, tmp_path / "twin", ["q_proj", "v_proj"], seed=8)
+    ref = ort_run(twin.model_path, feeds, adapter=twin.adapter_paths[0])
+    assert twin.fingerprint != result.fingerprint and np.abs(ref - base).max() > 1e-3
+    session = Session(result.model_path, providers=["CPUExecutionProvider"])
+    assert session.add_adapter("twin", twin.adapter_paths[0]).default_sites == ["score"]
+    np.testing.assert_allclose(session.run(feeds, adapter="twin")[0], ref, atol=1e-5)
+    np.testing.assert_allclose(ort_run(result.model_path, feeds, adapter=twin.adapter_paths[0]), ref, atol=1e-5)
+
+
+# ---- adapters of an export of the same base without head slots ---------------------------------------------------
+def _lora_only_export(model, batch, directory, targets, seed: int, head=None):
+    """``model`` (or a copy whose head weight is ``head``) with LoRA only, lora_B perturbed, exported with slots: its
+    head is a plain base weight there, counted in its fingerprint."""
+    model = copy.deepcopy(model)
+    if head is not None:
+        with torch.no_grad():
+            model.apply(head)
+    gm = lora_fx.capture(model, kwargs=batch)
+    lora_fx.apply(gm, LoraConfig(r=2, target_modules=targets))
+    _perturb(((n, p) for n, p in gm.named_parameters() if ".lora_B." in n), seed)  # the head stays the base's
+    result = lora_fx.export_onnx(gm, directory / "lora_only.onnx", kwargs=batch, mode="adapters", peft_dir=False)
+    result.logits = _logits(gm, batch)
+    return result
+
+
+@pytest.fixture(scope="module")
+def lora_only(served):
+    """The served model's base exported with LoRA only (no modules_to_save), a trained adapter beside it."""
+    return _lora_only_export(served["model"], served["batch"], served["tmp"], TARGETS, seed=8)
+
+
+@pytest.mark.slow
+def test_a_lora_only_adapter_of_the_same_base_runs_on_the_head_slot_model_with_the_base_head(served, lora_only, tmp_path, capsys):
+    from lora_fx.cli import main
+
+    model_path, feeds = served["result"].model_path, served["feeds"]
+    adapter = lora_only.adapter_paths[0]
+    assert lora_only.fingerprint != served["result"].fingerprint  # the head counts as a base weight there
+    assert not any(k.startswith("classifier.") for k in read_onnx_adapter(adapter).tensors)
+    # The reference: the LoRA-only model with its adapter, in plain onnxruntime (and in torch, to the export's tolerance).
+    ref = ort_run(lora_only.model_path, feeds, adapter=adapter)
+    np.testing.assert_allclose(ref, lora_only.logits, atol=1e-4)
+    # The base head is small (std 0.02), so LoRA alone moves the logits little, yet 100x the tolerance below.
+    assert np.abs(ref - served["base"]).max() > 1e-3 and np.abs(ref - served["want"]).max() > 1e-1
+
+    session = Session(model_path, providers=["CPUExecutionProvider"])
+    assert session.add_adapter("lora_only", adapter).default_sites == ["classifier"]
+    session.add_adapter("ours", served["result"].adapter_paths[0])
+    for name, want in [("lora_only", ref), ("ours", served["want"]), (None, served["base"]), ("lora_only", ref)]:
+        np.testing.assert_allclose(session.run(feeds, adapter=name)[0], want, atol=1e-5 if name != "ours" else 1e-4,
+                                   err_msg=str(name))
+    # Plain onnxruntime runs the file on the head-slot model as it is.
+    np.testing.assert_allclose(ort_run(model_path, feeds, adapter=adapter), ref, atol=1e-5)
+    # Without its sidecar only the 31-bit fingerprint in the file's model_version is left: it is recognised too.
+    alone = shutil.copy(adapter, tmp_path / "alone.onnx_adapter")
+    assert read_onnx_adapter(alone).fingerprint is None
+    session.add_adapter("alone", alone)
+    np.testing.assert_allclose(session.run(feeds, adapter="alone")[0], ref, atol=1e-5)
+    # lora-fx export --merge folds it with the base head.
+    capsys.readouterr()
+    assert main(["export", str(model_path), "-o", str(tmp_path / "folded.onnx"), "--merge", "--adapter", str(adapter), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["default_sites"] == ["classifier"]
+    np.testing.assert_allclose(ort_run(tmp_path / "folded.onnx", feeds), ref, atol=1e-5)
+    # The merged model has no head slots, so nothing of theirs stays in its metadata.
+    assert not {p.key for p in onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False).metadata_props} & {
+        SAVED_KEY, HEADS_AS_BASE_KEY}
+
+
+@pytest.mark.slow
+def test_a_lora_only_adapter_of_a_base_with_another_head_is_refused(served, tmp_path):
+    """The head slots' defaults are part of what the LoRA-only fingerprint vouches for: with another base head the
+    adapter would run beside a head it was not trained with."""
+
+    def other_head(module):
+        if isinstance(module, torch.nn.Linear) and module.out_features == 3:
+            module.weight.add_(0.25)
+
+    other = _lora_only_export(served["model"], served["batch"], tmp_path, TARGETS, seed=9, head=other_head)
+    session = Session(served["result"].model_path, providers=["CPUExecutionProvider"])
+    with pytest.raises(AdapterError, match=r"different base model than served.onnx \(base-weight fingerprint"):
+        session.add_adapter("other", other.adapter_paths[0])
+    alone = shutil.copy(other.adapter_paths[0], tmp_path / "alone.onnx_adapter")
+    with pytest.raises(AdapterError, match=r"different base model than served.onnx \(fingerprint \d+"):
+        session.add_adapter("other", alone)
+    assert session.adapters == []
+
+
+@pytest.mark.slow
+def test_a_head_slot_model_written_before_takes_its_adapters_and_names_the_way_out_for_lora_only_ones(served, lora_only, tmp_path):
+    import onnx_ir as ir
+
+    model = ir.load(str(served["result"].model_path))
+    assert model_fingerprints(model.metadata_props) == (served["result"].fingerprint, *json.loads(
+        model.metadata_props[HEADS_AS_BASE_KEY])["heads_as_base"])
+    del model.metadata_props[HEADS_AS_BASE_KEY]  # as lora_fx wrote head-slot models before
+    lora_fx.save(model, tmp_path / "old.onnx")
+    session = Session(tmp_path / "old.onnx", providers=["CPUExecutionProvider"])
+    session.add_adapter("ours", served["result"].adapter_paths[0])
+    np.testing.assert_allclose(session.run(served["feeds"], adapter="ours")[0], served["want"], atol=1e-4)
+    with pytest.raises(AdapterError, match=r"different base model than old.onnx.*same base without modules_to_save, "
+                                           r"export old.onnx again.*peft_dir_to_onnx_adapter"):
+        session.add_adapter("lora_only", lora_only.adapter_paths[0])
+
+    # Recorded beside another fingerprint (the weights were changed after the export), the list vouches for nothing.
+    model.metadata_props[HEADS_AS_BASE_KEY] = json.dumps({"base_fingerprint": "0" * 64, "heads_as_base": [lora_only.fingerprint]})
+    assert model_fingerprints(model.metadata_props) == (served["result"].fingerprint,)
+    model.metadata_props[HEADS_AS_BASE_KEY] = "[1, 2"
+    lora_fx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(ModelLoadError, match=f"{HEADS_AS_BASE_KEY} is not the JSON lora_fx writes.*export it again"):
+        Session(tmp_path / "bad.onnx", providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.slow
+def test_a_head_onto_the_lora_only_model_is_refused_as_a_missing_head_slot_not_another_base(served, lora_only, capsys):
+    """The reverse: the head-slot model's adapter carries the trained head, which a model without head slots cannot
+    take; their fingerprints differ too, and the message must say why and where the adapter runs."""
+    from lora_fx.cli import main
+
+    ours = served["result"].adapter_paths[0]
+    session = Session(lora_only.model_path, providers=["CPUExecutionProvider"])
+    want = r"classifier.bias, classifier.weight are parameters of classifier, trained in full \(modules_to_save\), " \
+           r"and have no adapter slot in lora_only.onnx.*fingerprints differ too.*mode='adapters'"
+    with pytest.raises(AdapterError, match=want) as info:
+        session.add_adapter("ours", ours)
+    assert "different base" not in str(info.value)
+    capsys.readouterr()
+    assert main(["export", str(lora_only.model_path), "-o", str(served["tmp"] / "no.onnx"), "--merge", "--adapter", str(ours)]) != 0
+    assert "have no adapter slot in lora_only.onnx" in capsys.readouterr().err
+    assert not (served["tmp"] / "no.onnx").exists()
+
+
+@pytest.mark.slow
+def test_onnx_front_end_a_lora_only_adapter_runs_on_the_head_slot_export_of_the_same_file(tmp_path):
+    """A user's ONNX classifier (Llama, dynamo-optimized: the head a transposed, unnamed constant) rewritten twice,
+    with the head trained in full and with LoRA only, each exported with slots (``lora-fx export --adapters``)."""
+    from lora_fx.commands.export import export_file
+    from tests.lora_fx.test_onnx_modules_to_save import ARCHS, _export
+
+    build, _, _, targets = ARCHS["llama"]
+    _export(build(), tmp_path / "user.onnx", "dynamo")
+    feeds = {k: v.numpy() for k, v in inputs(2, 8, seed=7).items()}
+    out = {}
+    for name, task in (("cls", "SEQ_CLS"), ("plain", None)):
+        onnx_model = lora_fx.load(tmp_path / "user.onnx")
+        torch.manual_seed(5)
+        lora_fx.apply(onnx_model, LoraConfig(r=2, task_type=task, target_modules=targets, init_lora_weights=False))
+        lora_fx.save(onnx_model, tmp_path / f"{name}.onnx")
+        out[name] = export_file(tmp_path / f"{name}.onnx", tmp_path / f"{name}_served.onnx", merge=False)
+    assert out["plain"]["fingerprint"] != out["cls"]["fingerprint"]
+    adapter = out["plain"]["adapters"][0]
+    ref = ort_run(tmp_path / "plain.onnx", feeds)  # the LoRA model itself, before export
+    np.testing.assert_allclose(ort_run(tmp_path / "plain_served.onnx", feeds, adapter=adapter), ref, atol=1e-5)
+    assert np.abs(ref - ort_run(tmp_path / "user.onnx", feeds)).max() > 1e-2
+    session = Session(tmp_path / "cls_served.onnx", providers=["CPUExecutionProvider"])
+    assert session.add_adapter("plain", adapter).default_sites == ["score"]
+    np.testing.assert_allclose(session.run(feeds, adapter="plain")[0], ref, atol=1e-5)
