@@ -63,6 +63,15 @@ def _dynamic_shapes(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ignore_leafspec_warning() -> None:
+    """Silence torch 2.13's FutureWarning about ``LeafSpec`` inside a ``warnings.catch_warnings()`` block: torch
+    raises it itself when it deep-copies an output spec (the exporter does, as does deep-copying a GraphModule),
+    and the user can do nothing about it."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
 def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict | None = None) -> Any:
     """``torch.onnx.export`` with names kept, dynamic batch and sequence dims; returns an onnx_ir Model."""
     import contextlib
@@ -80,6 +89,7 @@ def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict |
         # graph instead (set_training_mode), so the flag means nothing here.
         with torch.no_grad(), contextlib.redirect_stdout(quiet), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+            ignore_leafspec_warning()
             program = torch.onnx.export(
                 gm, (), kwargs=kwargs, dynamo=True, optimize=False, opset_version=MODEL_OPSET,
                 dynamic_shapes=_dynamic_shapes(kwargs), verbose=False, report=False,

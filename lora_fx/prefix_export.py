@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def export_prefix_onnx(
     custom_translation_table: dict | None = None,
 ) -> Any:
     from lora_fx.export import ExportMode, ExportResult, _saved_slots, adapters_dir, optimize_keeping_slots, save_model, to_onnx_ir
+    from lora_fx.export import ignore_leafspec_warning
     from lora_fx.onnx_adapter import SUFFIX, OnnxAdapter, check_writable, stamp_fingerprint, trained_values, write_onnx_adapter
     from lora_fx.passes.fx.capture import meta
     from lora_fx.passes.fx.fold_prefix import fold_prefix
@@ -48,7 +50,9 @@ def export_prefix_onnx(
     config = info.get("adapters", {}).get("default")
     work = gm
     if info["prefix"].get("projection") or info.get("training"):
-        work = copy.deepcopy(gm)
+        with warnings.catch_warnings():
+            ignore_leafspec_warning()
+            work = copy.deepcopy(gm)
         fold_prefix(work)
         set_training_mode(work, False)  # export what inference runs: dropout off
     model = to_onnx_ir(work, dict(kwargs), custom_translation_table)

@@ -250,3 +250,16 @@ def test_an_adapted_module_that_runs_twice_is_refused_before_export(tmp_path, mo
     with pytest.raises(UnsupportedError, match=r"more than once per forward .*: layer; .*exclude_modules"):
         lora_fx.export_onnx(gm, tmp_path / "m.onnx", kwargs=example, mode=mode)
     assert not list(tmp_path.iterdir())
+
+
+def test_export_shows_the_user_no_torch_internal_leafspec_warning(tmp_path):
+    """torch 2.13 warns (FutureWarning) about its own deprecated LeafSpec when the exporter deep-copies an output
+    spec; the demo printed it at every export, and the user can do nothing about it."""
+    import warnings
+
+    kw = {k: v for k, v in models.inputs(2, 8).items()}
+    gm = lora_fx.apply(lora_fx.capture(models.build("bert"), kwargs=kw), lora_fx.LoraConfig(r=2, target_modules=["query"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora_fx.export_onnx(gm, tmp_path / "m.onnx", kwargs=kw, mode="merged")
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
