@@ -263,11 +263,18 @@ def check_nonempty(tensors: Mapping[str, Any], where: str) -> None:
             )
 
 
+def is_bfloat16(dtype: Any) -> bool:
+    """Whether ``dtype`` is ml_dtypes' bfloat16, the numpy dtype onnx_ir gives bfloat16 tensors. numpy files it under
+    kind 'V' (void), so a float test by kind misses it; ONNX Runtime and ``torch.from_numpy`` do not take it."""
+    return np.dtype(dtype).name == "bfloat16"
+
+
 def non_finite(tensors: Mapping[str, np.ndarray]) -> tuple[str, int, int] | None:
-    """The first float tensor holding NaN or inf: ``(name, how many, of how many)``; None when all are finite."""
+    """The first float tensor (bfloat16 included) holding NaN or inf: ``(name, how many, of how many)``; None when
+    all are finite."""
     for name, arr in tensors.items():
         arr = np.asarray(arr)
-        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        if (arr.dtype.kind in "fc" or is_bfloat16(arr.dtype)) and not np.isfinite(arr).all():
             return name, int((~np.isfinite(arr)).sum()), int(arr.size)
     return None
 
@@ -322,8 +329,54 @@ def export_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], m
         fmt.set_model_version(model_version)
     # OrtValues borrow the numpy buffers: keep the arrays alive until the file is written.
     arrays = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
-    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.set_parameters({k: ort_value(v) for k, v in arrays.items()})
     fmt.export_adapter(str(path))
+
+
+_ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16
+
+
+def ort_value(arr: np.ndarray, device: str = "cpu", device_id: int = 0) -> Any:
+    """``arr`` as an OrtValue: on the CPU over the buffer of ``arr`` (or of a contiguous copy), which the OrtValue
+    keeps alive; on another device a copy there.
+
+    ONNX Runtime maps no numpy dtype to bfloat16 (ml_dtypes' is refused): such an array goes in as its 16-bit
+    patterns, typed bfloat16."""
+    import onnxruntime as ort
+
+    arr = np.ascontiguousarray(arr)
+    if not is_bfloat16(arr.dtype):
+        if device == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(arr)
+        return ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
+    bits = arr.view(np.uint16)
+    if device == "cpu":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _ONNX_BFLOAT16)
+    value = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), _ONNX_BFLOAT16, device, device_id)
+    value.update_inplace(bits)
+    return value
+
+
+def ort_value_to_numpy(value: Any) -> np.ndarray:
+    """A copy of a CPU OrtValue's tensor as a numpy array, bfloat16 as ml_dtypes.bfloat16 (``OrtValue.numpy`` has
+    no bfloat16: its bytes are read through DLPack instead, nothing unpickled)."""
+    if value.data_type() != "tensor(bfloat16)":
+        return np.array(value.numpy(), copy=True)
+    import ml_dtypes
+    import torch
+
+    bits = torch.from_dlpack(value).view(torch.uint16)
+    return bits.numpy().copy().view(ml_dtypes.bfloat16)
+
+
+def _torch(arr: np.ndarray) -> Any:
+    """A torch tensor holding a copy of ``arr``; bfloat16 (which ``torch.from_numpy`` refuses) bit for bit."""
+    import torch
+
+    arr = np.array(arr)
+    if is_bfloat16(arr.dtype):
+        return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
 
 
 def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
@@ -338,7 +391,7 @@ def read_onnx_adapter(path: str | os.PathLike) -> OnnxAdapter:
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         # Copies: the parameters' memory belongs to ``fmt``, which is freed on return.
-        tensors = {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+        tensors = {k: ort_value_to_numpy(v) for k, v in fmt.get_parameters().items()}
         model_version = int(fmt.get_model_version())
     except Exception as exc:  # ORT raises RuntimeError/Fail with its own wording for bad files
         raise AdapterError(
@@ -666,10 +719,15 @@ _FLOATS = ("float16", "float32", "float64")
 
 
 def _to_numpy(value: Any, want: str | None, default: Any) -> np.ndarray:
-    """``value`` as a numpy array in ``want`` (a float dtype name) or else in torch dtype ``default``.
-    bfloat16 has no numpy dtype: it goes through float32, which holds it exactly."""
+    """``value`` as a numpy array in ``want`` (a float dtype name, bfloat16 included: ml_dtypes') or else in torch
+    dtype ``default``. Without ``want`` bfloat16 goes through float32, which holds it exactly."""
     import torch
 
+    if want == "bfloat16" and value.is_floating_point():
+        import ml_dtypes
+
+        # Rounded once, by torch, from whatever precision the value has (B was scaled in float64).
+        return value.detach().cpu().to(torch.bfloat16).view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
     if want not in _FLOATS or not value.is_floating_point():
         value, want = value.to(default), None
     if value.dtype == torch.bfloat16:
@@ -686,8 +744,6 @@ def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
     in full go under PEFT's keys for them (``base_model.model.classifier.weight``), their modules in the
     config's ``modules_to_save``.
     """
-    import torch
-
     from lora_fx.adapters import PEFT_PREFIX, from_deployment_layout, peft_key
     from lora_fx.config import LoraConfig
 
@@ -698,8 +754,8 @@ def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
     tensors = {}
     ranks, alphas = {}, {}
     for site in sites:
-        a = torch.from_numpy(np.array(adapter.tensors[f"{site}.lora_A.weight"]))
-        b = torch.from_numpy(np.array(adapter.tensors[f"{site}.lora_B.weight"]))
+        a = _torch(adapter.tensors[f"{site}.lora_A.weight"])
+        b = _torch(adapter.tensors[f"{site}.lora_B.weight"])
         rec = adapter.sites.get(site) or {}
         r = int(a.shape[1])
         scale = float(rec.get("scale", 1.0))
@@ -717,7 +773,7 @@ def to_peft(adapter: OnnxAdapter) -> tuple[Any, dict[str, Any]]:
     config.rank_pattern = {f"^{_escape(s)}$": r for s, r in ranks.items() if r != config.r} if not adapter.config else config.rank_pattern
     config.alpha_pattern = {f"^{_escape(s)}$": a for s, a in alphas.items() if a != config.lora_alpha} if not adapter.config else config.alpha_pattern
     for name, arr in heads.items():
-        tensors[f"{PEFT_PREFIX}{name}"] = torch.from_numpy(np.array(arr))
+        tensors[f"{PEFT_PREFIX}{name}"] = _torch(arr)
     # Without its module in modules_to_save PEFT would not load the head (a file from elsewhere, no sidecar):
     # the module is the parameter's owner, which PEFT matches by suffix as it does classifier.
     owners = sorted({name.rpartition(".")[0] for name in heads} - {""})

@@ -13,6 +13,11 @@ The slots are the inputs named as LoRA matrices or prefixes, and the parameters 
 full (``modules_to_save``: the SEQ_CLS head) the model's ``lora_fx.modules_to_save`` metadata lists;
 these switch per call like the others, each adapter with its own head.
 
+bfloat16 inputs and outputs are ml_dtypes.bfloat16 arrays (feeds may also be torch bfloat16 tensors), passed to
+ONNX Runtime as OrtValues, since its numpy interface has no bfloat16; a float32 feed for a bfloat16 input is refused
+as other lossy casts are. ORT's CPU provider has bfloat16 kernels for few ops (not Mul, not MatMul): a model it
+cannot load for that reason is refused with ``ModelLoadError`` saying so and naming the ways out.
+
 On CPU an adapter is a ``LoraAdapter`` activated with ``RunOptions.add_active_adapter``. On CUDA the
 Python ``LoraAdapter.Load`` takes no allocator, so ORT would copy the adapter host-to-device on every
 run: instead the tensors are copied to the device once, at ``add_adapter``, and bound with
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +156,7 @@ class Session:
                         for i in self._session.get_inputs() if not self._is_slot(i.name)}
         self.inputs = list(self._inputs)
         self.outputs = [o.name for o in self._session.get_outputs()]
+        self._bf16_outputs = {o.name for o in self._session.get_outputs() if o.type == "tensor(bfloat16)"}
         self.fingerprint: str | None = self._session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY)
         self._fingerprints = self._read_fingerprints()
         self._adapters: dict[str, _Loaded] = {}
@@ -171,7 +178,8 @@ class Session:
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"ONNX Runtime could not load {self.path}: {ort_message(exc)}") from None
+            message = ort_message(exc)
+            raise ModelLoadError(f"ONNX Runtime could not load {self.path}: {message}{_bfloat16_hint(self.path, message)}") from None
 
     def _read_saved(self) -> dict[str, str]:
         """``{parameter name: module}`` of the head slots the model's metadata lists."""
@@ -237,7 +245,7 @@ class Session:
         """
         import onnxruntime as ort
 
-        from lora_fx.onnx_adapter import check_fits, read_onnx_adapter
+        from lora_fx.onnx_adapter import check_fits, ort_value, read_onnx_adapter
 
         if not isinstance(name, str) or not name:
             # run(adapter=None) means the base model: a non-string name could never be asked for.
@@ -254,7 +262,7 @@ class Session:
         device = None
         if self.on_cuda:
             # Resident on the GPU from now on: a switch binds these, nothing crosses the bus per call.
-            device = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), "cuda", self.device_id) for k, v in adapter.tensors.items()}
+            device = {k: ort_value(v, "cuda", self.device_id) for k, v in adapter.tensors.items()}
         from lora_fx.onnx_adapter import slot_site
 
         covered = sorted({slot_site(n, self.slots) for n in adapter.tensors})
@@ -315,25 +323,32 @@ class Session:
         """One feed as the array the model takes, or a refusal naming the input, what it got and the fix.
 
         Lists take the input's dtype; arrays are cast only where nothing is lost (int32 ids or a bool
-        mask for int64 inputs); ORT's own refusals name neither the input nor the way out."""
+        mask for int64 inputs); ORT's own refusals name neither the input nor the way out. A bfloat16 input takes
+        ml_dtypes.bfloat16 arrays, torch bfloat16 tensors, and the bare 2-byte values an .npz keeps of bfloat16."""
+        want = _numpy_dtype(spec.dtype)
         if hasattr(value, "detach"):  # a torch tensor, possibly on a GPU or requiring grad
-            value = value.detach().cpu().numpy()
+            value = _tensor_to_numpy(value)
         if not isinstance(value, np.ndarray):
             try:
-                value = np.asarray(value, dtype=spec.dtype if spec.dtype in _NUMPY_NAMES else None)
+                value = np.asarray(value, dtype=want)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"input {spec.name!r} is not an array ({exc}); {self.path.name} takes {spec.dtype}") from None
         if not value.dtype.isnative:
             # ORT reads the bytes as native order: a big-endian array (an .npz from another machine, '>f4')
             # would run as garbage, silently.
             value = value.astype(value.dtype.newbyteorder("="))
-        if spec.dtype in _NUMPY_NAMES and value.dtype.name != spec.dtype:
-            if not np.can_cast(value.dtype, spec.dtype, casting="safe"):
+        if spec.dtype == "bfloat16" and value.dtype.kind == "V" and value.dtype.itemsize == 2 and value.dtype.names is None:
+            # np.save / np.savez store ml_dtypes' bfloat16 as bare 2-byte values ('|V2'): an .npz of bfloat16
+            # feeds (lora-fx run --inputs) reads back so.
+            value = value.view(want)
+        if want is not None and value.dtype.name != spec.dtype:
+            if not np.can_cast(value.dtype, want, casting="safe"):
+                module = "ml_dtypes" if spec.dtype == "bfloat16" else "np"
                 raise ConfigError(
                     f"input {spec.name!r} is {value.dtype.name} but {self.path.name} takes {spec.dtype}; "
-                    f"pass {spec.name}.astype(np.{spec.dtype})"
+                    f"pass {spec.name}.astype({module}.{spec.dtype})"
                 )
-            value = value.astype(spec.dtype)
+            value = value.astype(want)
         if spec.shape is not None:
             fixed = [(i, d) for i, d in enumerate(spec.shape) if isinstance(d, int)]
             if value.ndim != len(spec.shape) or any(value.shape[i] != d for i, d in fixed):
@@ -364,23 +379,50 @@ class Session:
             options = ort.RunOptions()
             if loaded is not None:
                 options.add_active_adapter(loaded.host)
+            if self._takes_bfloat16(feeds, names):
+                from lora_fx.onnx_adapter import ort_value, ort_value_to_numpy
+
+                # ORT's numpy interface has no bfloat16, in or out: such runs go through OrtValues.
+                values = self._session.run_with_ort_values(names or self.outputs, {k: ort_value(v) for k, v in feeds.items()}, options)
+                return [ort_value_to_numpy(v) for v in values]
             return self._session.run(names, feeds, options)
         except Exception as exc:
             if isinstance(exc, (AdapterError, ConfigError)):
                 raise
             raise ConfigError(f"ONNX Runtime refused the run ({self.path.name}, adapter {adapter!r}): {ort_message(exc)}") from None
 
+    def _takes_bfloat16(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None) -> bool:
+        from lora_fx.onnx_adapter import is_bfloat16
+
+        return any(is_bfloat16(v.dtype) for v in feeds.values()) or bool(self._bf16_outputs & set(output_names or self.outputs))
+
+    # Where ``_run_bound`` puts the outputs; the tests run it on the CPU.
+    _device = "cuda"
+
     def _run_bound(self, feeds: dict[str, np.ndarray], loaded: _Loaded | None, output_names: Sequence[str] | None) -> list[np.ndarray]:
+        from lora_fx.onnx_adapter import is_bfloat16, ort_value, ort_value_to_numpy
+
         binding = self._session.io_binding()
+        bound = []  # the OrtValues of bfloat16 feeds, alive until the run is done
         for k, v in feeds.items():
-            binding.bind_cpu_input(k, v)
+            if is_bfloat16(v.dtype):
+                bound.append(ort_value(v))
+                binding.bind_ortvalue_input(k, bound[-1])
+            else:
+                binding.bind_cpu_input(k, v)
         if loaded is not None and loaded.device is not None:
             for k, v in loaded.device.items():
                 binding.bind_ortvalue_input(k, v)
-        for name in output_names or self.outputs:
-            binding.bind_output(name, "cuda", self.device_id)
+        names = output_names or self.outputs
+        # copy_outputs_to_cpu makes numpy arrays, which have no bfloat16: with a bfloat16 output all land on the
+        # host (where copy_outputs_to_cpu would have copied them anyway) and are read as OrtValues.
+        host = bool(self._bf16_outputs & set(names))
+        for name in names:
+            binding.bind_output(name, "cpu" if host else self._device, 0 if host else self.device_id)
         self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        if not host:
+            return binding.copy_outputs_to_cpu()
+        return [ort_value_to_numpy(v) for v in binding.get_outputs()]
 
     def __repr__(self) -> str:
         return f"Session({str(self.path)!r}, providers={self.providers}, adapters={self.adapters})"
@@ -412,6 +454,58 @@ def _private_lora_adapter(ort: Any, tensors: Mapping[str, np.ndarray]) -> Any:
 
 
 _NUMPY_NAMES = {"float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"}
+
+
+def _numpy_dtype(name: str) -> Any:
+    """The numpy dtype of an input type name from ``_ORT_TYPES`` (bfloat16: ml_dtypes'); None for the others,
+    which are passed to ONNX Runtime unchecked."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name) if name in _NUMPY_NAMES else None
+
+
+def _tensor_to_numpy(tensor: Any) -> np.ndarray:
+    """A torch tensor as a numpy array on the host; bfloat16, which ``Tensor.numpy`` refuses, as ml_dtypes.bfloat16."""
+    import torch
+
+    tensor = tensor.detach().cpu()
+    if tensor.dtype != torch.bfloat16:
+        return tensor.numpy()
+    import ml_dtypes
+
+    return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+
+
+def _bfloat16_hint(path: Path, message: str) -> str:
+    """For ORT's "no kernel" refusal of a model that computes in bfloat16: why, and the ways out ("" otherwise).
+    ORT's CPU provider has bfloat16 kernels for few ops (not Mul, not MatMul), so nearly every bfloat16 export
+    is refused there, naming only an op and a node."""
+    found = _NO_KERNEL.search(message)
+    if found is None or not _has_bfloat16(path):
+        return ""
+    op, node = found.group(1), found.group(3)
+    return (f". The model computes in bfloat16, and ONNX Runtime's CPU execution provider has no bfloat16 kernel for "
+            f"{op} (node {node}): run it with the CUDA execution provider (onnxruntime-gpu on a GPU), or export the "
+            "model in float32 or float16; lora_fx still rewrites and trains the bfloat16 file (training runs in torch)")
+
+
+def _has_bfloat16(path: Path) -> bool:
+    """Whether the model's inputs, outputs or initializers are bfloat16 (its weights are not read)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # unreadable by onnx: no hint, ORT's own message stands
+        return False
+    bf16 = onnx.TensorProto.BFLOAT16
+    values = list(graph.input) + list(graph.output)
+    return (any(v.type.tensor_type.elem_type == bf16 for v in values)
+            or any(t.data_type == bf16 for t in graph.initializer))
 
 
 def _dims(shape: Any) -> tuple[int | str | None, ...] | None:

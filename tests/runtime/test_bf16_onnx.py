@@ -8,8 +8,9 @@ rounding, not bit for bit. Training keeps float32 masters of A and B (``OnnxModu
 writes them back rounded to bfloat16.
 
 ONNX Runtime's CPU provider has bfloat16 kernels for few ops (not Mul, not MatMul), so the ORT half of the
-path is checked for a clear refusal, not numbers. The tests marked xfail(strict) state what the adapter
-files (``lora_fx/onnx_adapter.py``) and the refusal message (``runtime/ort.py``) do not do yet for bfloat16.
+path is checked for a clear refusal naming bfloat16 and the ways out, not numbers; bfloat16 feeds and outputs
+are checked on a graph the CPU provider does run (Cast). The adapter files (``.onnx_adapter``, the PEFT
+directory) hold bfloat16 tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -202,10 +203,6 @@ def test_cli_rewrite_train_and_merge_a_bf16_export(llama, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, TypeError), reason=(
-    "lora_fx/onnx_adapter.py cannot write bfloat16 tensors: export_tensors hands ml_dtypes arrays to "
-    "OrtValue.ortvalue_from_numpy (RuntimeError), to_peft to torch.from_numpy (TypeError), and read_onnx_adapter "
-    "calls OrtValue.numpy(), which has no bfloat16"))
 def test_export_adapters_of_a_bf16_model_writes_bf16_slots_and_a_peft_dir(llama, tmp_path) -> None:
     import peft
 
@@ -230,8 +227,6 @@ def test_export_adapters_of_a_bf16_model_writes_bf16_slots_and_a_peft_dir(llama,
         assert _rel(pm(**batch).logits, OnnxModule(lora_fx.load(tuned))(**batch)["logits"]) <= BF16_TOL
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "lora_fx/onnx_adapter.py to_peft calls torch.from_numpy on ml_dtypes bfloat16 arrays"))
 def test_save_adapter_of_a_bf16_onnx_model_writes_peft_layout(tmp_path) -> None:
     from safetensors.torch import load_file
 
@@ -245,14 +240,58 @@ def test_save_adapter_of_a_bf16_onnx_model_writes_peft_layout(tmp_path) -> None:
     assert _rel(saved["base_model.model.fc.lora_B.weight"], b) <= 2.0 ** -8
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lora_fx/onnx_adapter.py non_finite checks dtype.kind in 'fc'; ml_dtypes bfloat16 is kind 'V', so NaN/inf "
-    "bfloat16 adapters pass check_writable / check_finite"))
-def test_non_finite_bf16_adapter_tensors_are_found() -> None:
-    from lora_fx.onnx_adapter import non_finite
+def test_a_peft_adapter_goes_back_onto_a_bf16_onnx_model_bit_for_bit(tmp_path) -> None:
+    """save_adapter's PEFT directory loads onto a fresh bfloat16 graph (load_adapter) and converts into an
+    .onnx_adapter for the served model (peft_dir_to_onnx_adapter), both in bfloat16, the model's slot dtype;
+    with scale 2 the layout conversions are exact, so the bits come back unchanged."""
+    from lora_fx.commands.export import export_file
+    from lora_fx.onnx_adapter import peft_dir_to_onnx_adapter, read_onnx_adapter
+
+    torch.manual_seed(0)
+    model = lora_fx.apply(_tiny_bf16_graph(), lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False))
+    folder = lora_fx.save_adapter(model, tmp_path / "peft")
+    fresh = lora_fx.load_adapter(_tiny_bf16_graph(), folder)
+    names = ["fc.lora_A.weight", "fc.lora_B.weight"]
+    for name in names:
+        value = fresh.graph.initializers[name].const_value
+        assert value.dtype == ir.DataType.BFLOAT16
+        np.testing.assert_array_equal(value.numpy().view(np.uint16), model.graph.initializers[name].const_value.numpy().view(np.uint16))
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(OnnxModule(fresh)(x=x)["y"], OnnxModule(model)(x=x)["y"])
+
+    tuned = lora_fx.save(model, tmp_path / "tuned.onnx")
+    summary = export_file(tuned, tmp_path / "served.onnx", merge=False, peft_dir=False)
+    converted = read_onnx_adapter(peft_dir_to_onnx_adapter(folder, summary["model"], tmp_path / "converted.onnx_adapter"))
+    exported = read_onnx_adapter(summary["adapters"][0])
+    for name in names:
+        np.testing.assert_array_equal(_bits(converted.tensors[name]), _bits(exported.tensors[name]))
+        np.testing.assert_array_equal(_bits(exported.tensors[name]), model.graph.initializers[name].const_value.numpy().view(np.uint16))
+    # Folded from the served model and the .onnx_adapter, or from the LoRA model itself: the same W'.
+    export_file(Path(summary["model"]), tmp_path / "m1.onnx", merge=True, adapter=str(tmp_path / "converted.onnx_adapter"))
+    export_file(tuned, tmp_path / "m2.onnx", merge=True)
+    w1, w2 = (lora_fx.load(tmp_path / m).graph.initializers["fc.weight"].const_value.numpy() for m in ("m1.onnx", "m2.onnx"))
+    np.testing.assert_array_equal(_bits(w1), _bits(w2))
+    assert not np.array_equal(_bits(w1), _tiny_bf16_graph().graph.initializers["fc.weight"].const_value.numpy().view(np.uint16))
+
+
+def test_non_finite_bf16_adapter_tensors_are_found(tmp_path) -> None:
+    """NaN/inf in bfloat16 adapter tensors (numpy kind 'V', not 'f') are refused where an adapter is written and
+    where one is read."""
+    from lora_fx.errors import AdapterError
+    from lora_fx.onnx_adapter import OnnxAdapter, export_tensors, non_finite, read_onnx_adapter, write_onnx_adapter
 
     bad = np.array([[1.0, np.nan], [np.inf, 2.0]], np.float32).astype(ml_dtypes.bfloat16)
     assert non_finite({"fc.lora_B.weight": bad}) == ("fc.lora_B.weight", 2, 4)
+    assert non_finite({"fc.lora_B.weight": np.where(np.isfinite(bad), bad, 0).astype(ml_dtypes.bfloat16)}) is None
+    good = np.ones((2, 2), ml_dtypes.bfloat16)
+    with pytest.raises(AdapterError, match="fc.lora_B.weight holds NaN or inf"):
+        write_onnx_adapter(tmp_path / "bad.onnx_adapter", OnnxAdapter({"fc.lora_A.weight": good, "fc.lora_B.weight": bad}))
+    assert list(tmp_path.iterdir()) == []
+    # A file from another writer, which checked nothing.
+    export_tensors(tmp_path / "other.onnx_adapter", {"fc.lora_A.weight": good, "fc.lora_B.weight": bad})
+    with pytest.raises(AdapterError, match="fc.lora_B.weight holds 2 NaN or inf values of 4"):
+        read_onnx_adapter(tmp_path / "other.onnx_adapter")
 
 
 def test_onnx_runtime_cpu_refuses_bf16_with_a_lora_fx_error(capsys, tmp_path) -> None:
@@ -271,9 +310,6 @@ def test_onnx_runtime_cpu_refuses_bf16_with_a_lora_fx_error(capsys, tmp_path) ->
     assert "could not load" in err and "MatMul" in err and "Traceback" not in err and "NOT_IMPLEMENTED" not in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime/ort.py passes ORT's message on without saying the model computes in bfloat16 or how to run it "
-    "(CUDA, or a float32/float16 export)"))
 def test_onnx_runtime_cpu_refusal_names_bfloat16_and_the_way_out(tmp_path) -> None:
     from lora_fx.runtime.ort import Session
 
@@ -282,3 +318,171 @@ def test_onnx_runtime_cpu_refusal_names_bfloat16_and_the_way_out(tmp_path) -> No
         Session(path, providers=["CPUExecutionProvider"])
     text = str(info.value)
     assert "bfloat16" in text and "CUDA" in text and "float32" in text
+    assert "no bfloat16 kernel for MatMul (node " in text and "float16" in text and "trains the bfloat16 file" in text
+
+
+def test_the_bfloat16_hint_goes_only_with_bfloat16_models(tmp_path) -> None:
+    """ORT's "no kernel" refusal gains the bfloat16 explanation only for a model that has bfloat16 tensors."""
+    from lora_fx.runtime.ort import _bfloat16_hint
+
+    message = "Could not find an implementation for Mul(14) node with name 'node_Mul_3'"
+    bf16 = lora_fx.save(_tiny_bf16_graph(), tmp_path / "bf16.onnx")
+    hint = _bfloat16_hint(bf16, message)
+    assert "no bfloat16 kernel for Mul (node node_Mul_3)" in hint and "CUDA execution provider" in hint
+    assert _bfloat16_hint(bf16, "Load model from x failed: protobuf parsing failed") == ""
+    plain = _tiny_bf16_graph()
+    for value in [*plain.graph.inputs, *plain.graph.outputs]:
+        value.dtype = ir.DataType.FLOAT
+    weight = plain.graph.initializers["fc.weight"]
+    weight.const_value = ir.tensor(weight.const_value.numpy().astype(np.float32), name="fc.weight")
+    weight.dtype = ir.DataType.FLOAT
+    assert _bfloat16_hint(lora_fx.save(plain, tmp_path / "f32.onnx"), message) == ""
+
+
+def _cast_bf16_graph(slots: bool = False) -> ir.Model:
+    """x (bfloat16) -> y = Cast(x) to float32, z = Identity(x): ops ORT's CPU provider has bfloat16 kernels for.
+    With ``slots``, adapter slots fc.lora_A.weight [8, 2] and fc.lora_B.weight [2, 4] (bfloat16, zero defaults)
+    are read out as float32 outputs a and b."""
+    def value(name: str, shape: list, dtype: ir.DataType) -> ir.Value:
+        return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype))
+
+    x, y, z = value("x", ["batch", 8], ir.DataType.BFLOAT16), value("y", ["batch", 8], ir.DataType.FLOAT), value("z", ["batch", 8], ir.DataType.BFLOAT16)
+    nodes = [ir.node("Cast", [x], attributes={"to": ir.DataType.FLOAT}, outputs=[y]), ir.node("Identity", [x], outputs=[z])]
+    inputs, outputs, initializers = [x], [y, z], []
+    if slots:
+        for part, shape, out in (("A", [8, 2], "a"), ("B", [2, 4], "b")):
+            name = f"fc.lora_{part}.weight"
+            slot = value(name, shape, ir.DataType.BFLOAT16)
+            slot.const_value = ir.Tensor(np.zeros(shape, ml_dtypes.bfloat16), name=name)
+            read = value(out, shape, ir.DataType.FLOAT)
+            nodes.append(ir.node("Cast", [slot], attributes={"to": ir.DataType.FLOAT}, outputs=[read]))
+            inputs.append(slot)
+            outputs.append(read)
+            initializers.append(slot)
+    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers, opset_imports={"": 18})
+    return ir.Model(graph, ir_version=10)
+
+
+def _bits(arr: np.ndarray) -> np.ndarray:
+    assert arr.dtype == ml_dtypes.bfloat16
+    return arr.view(np.uint16)
+
+
+def test_bf16_feeds_and_outputs_run_through_onnx_runtime_on_cpu(tmp_path) -> None:
+    """bfloat16 inputs take ml_dtypes arrays, torch bfloat16 tensors and lists; bfloat16 outputs come back as
+    ml_dtypes arrays (ORT's numpy interface has neither). Checked against the exact casts and the torch runtime."""
+    from lora_fx.runtime.ort import Session
+
+    model = _cast_bf16_graph()
+    session = Session(lora_fx.save(model, tmp_path / "cast.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(ml_dtypes.bfloat16)
+    with torch.no_grad():
+        reference = OnnxModule(model)(x=torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16))
+    assert torch.equal(reference["y"], torch.from_numpy(x.astype(np.float32)))
+    for feed in (x, torch.from_numpy(x.view(np.uint16).copy()).view(torch.bfloat16), x.astype(np.float32).tolist()):
+        y, z = session.run({"x": feed})
+        np.testing.assert_array_equal(y, x.astype(np.float32))
+        np.testing.assert_array_equal(_bits(z), _bits(x))
+    (only_y,) = session.run({"x": x}, output_names="y")
+    np.testing.assert_array_equal(only_y, x.astype(np.float32))
+    # int8 goes into bfloat16 exactly: cast, as int32 ids are for int64 inputs.
+    ints = np.arange(-12, 12, dtype=np.int8).reshape(3, 8)
+    np.testing.assert_array_equal(session.run({"x": ints}, output_names=["y"])[0], ints.astype(np.float32))
+    # lora-fx run: an .npz keeps bfloat16 as bare 2-byte values ('|V2'), in and out.
+    np.savez(tmp_path / "in.npz", x=x)
+    assert main(["run", str(tmp_path / "cast.onnx"), "--inputs", str(tmp_path / "in.npz"), "--cpu", "-o", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
+        np.testing.assert_array_equal(out["y"], x.astype(np.float32))
+        np.testing.assert_array_equal(out["z"].view(np.uint16), _bits(x))
+    # The IOBinding path the CUDA provider takes, run on the host.
+    session._device = "cpu"
+    y, z = session._run_bound({"x": x}, None, None)
+    np.testing.assert_array_equal(y, x.astype(np.float32))
+    np.testing.assert_array_equal(_bits(z), _bits(x))
+    np.testing.assert_array_equal(session._run_bound({"x": x}, None, ["y"])[0], x.astype(np.float32))
+
+
+class _NoRun:
+    """Stands in for the ONNX Runtime session: the refusal must come before ORT is asked to run."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"ONNX Runtime was called ({name}) with a feed that should have been refused")
+
+
+def test_a_float32_feed_to_a_bf16_input_is_refused_before_onnx_runtime_runs(tmp_path, monkeypatch, capsys) -> None:
+    from lora_fx.errors import ConfigError
+    from lora_fx.runtime.ort import Session
+
+    path = lora_fx.save(_cast_bf16_graph(), tmp_path / "cast.onnx")
+    session = Session(path, providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(session, "_session", _NoRun())
+    for dtype in (np.float32, np.float16, np.float64):
+        with pytest.raises(ConfigError, match=rf"input 'x' is {np.dtype(dtype).name} but cast\.onnx takes bfloat16; "
+                           r"pass x\.astype\(ml_dtypes\.bfloat16\)"):
+            session.run({"x": np.ones((2, 8), dtype)})
+    with pytest.raises(ConfigError, match="input 'x' is float32 but cast.onnx takes bfloat16"):
+        session.run({"x": torch.ones(2, 8)})
+    with pytest.raises(ConfigError, match=r"input 'x' has shape \(2, 7\)"):
+        session.run({"x": np.ones((2, 7), ml_dtypes.bfloat16)})
+    # The command line: the same words, exit status 2.
+    feeds = tmp_path / "in.npz"
+    np.savez(feeds, x=np.ones((2, 8), np.float32))
+    capsys.readouterr()
+    assert main(["run", str(path), "--inputs", str(feeds), "--cpu"]) == 2
+    assert "input 'x' is float32 but cast.onnx takes bfloat16" in capsys.readouterr().err
+
+
+def test_a_bf16_adapter_is_served_by_onnx_runtime_on_cpu(tmp_path) -> None:
+    """A bfloat16 .onnx_adapter round-trips bit for bit (file and sidecar), and Session switches it in: the
+    slots read out exactly its values with it, the zero defaults without."""
+    from lora_fx.onnx_adapter import OnnxAdapter, read_onnx_adapter, write_onnx_adapter
+    from lora_fx.runtime.ort import Session
+
+    rng = np.random.default_rng(1)
+    tensors = {"fc.lora_A.weight": rng.standard_normal((8, 2)).astype(ml_dtypes.bfloat16),
+               "fc.lora_B.weight": rng.standard_normal((2, 4)).astype(ml_dtypes.bfloat16)}
+    path = write_onnx_adapter(tmp_path / "t.onnx_adapter", OnnxAdapter(tensors, sites={"fc": {"r": 2, "scale": 1.0}}))
+    back = read_onnx_adapter(path)
+    assert back.sites == {"fc": {"r": 2, "scale": 1.0}}  # the sidecar's digest matched the tensors read back
+    assert set(back.tensors) == set(tensors)
+    for name, arr in tensors.items():
+        assert back.tensors[name].shape == arr.shape
+        np.testing.assert_array_equal(_bits(back.tensors[name]), _bits(arr))
+
+    session = Session(lora_fx.save(_cast_bf16_graph(slots=True), tmp_path / "slots.onnx"), providers=["CPUExecutionProvider"])
+    assert {name: slot.dtype for name, slot in session.slots.items()} == dict.fromkeys(tensors, "bfloat16")
+    session.add_adapter("t", path)
+    x = np.ones((1, 8), ml_dtypes.bfloat16)
+    _, _, a, b = session.run({"x": x}, adapter="t")
+    np.testing.assert_array_equal(a, tensors["fc.lora_A.weight"].astype(np.float32))
+    np.testing.assert_array_equal(b, tensors["fc.lora_B.weight"].astype(np.float32))
+    _, _, a, b = session.run({"x": x})
+    assert not a.any() and not b.any()
+
+
+@pytest.mark.slow
+def test_export_adapters_of_a_bf16_prefix_model_writes_bf16_slots_and_a_peft_dir(llama, tmp_path) -> None:
+    import peft
+
+    from lora_fx.commands.export import export_file
+    from lora_fx.onnx_adapter import read_onnx_adapter
+    from lora_fx.passes.onnx.insert_prefix import prefix_metadata
+
+    hf, path = llama
+    torch.manual_seed(0)
+    model = lora_fx.apply(lora_fx.load(path), lora_fx.PrefixConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    tuned = lora_fx.save(model, tmp_path / "tuned.onnx")
+    summary = export_file(tuned, tmp_path / "served.onnx", merge=False)
+    served = lora_fx.load(summary["model"])
+    adapter = read_onnx_adapter(summary["adapters"][0])
+    names = {rec[w] for rec in prefix_metadata(model)["sites"].values() for w in ("key", "value")}
+    assert set(adapter.tensors) == names
+    for name, arr in adapter.tensors.items():
+        assert served.graph.initializers[name].const_value.dtype == ir.DataType.BFLOAT16
+        np.testing.assert_array_equal(_bits(arr), model.graph.initializers[name].const_value.numpy().view(np.uint16))
+    batch = models.inputs(2, 8, pad=3)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), summary["peft_dirs"][0]).eval()
+    with torch.no_grad():
+        ours = OnnxModule(lora_fx.load(tuned))(**batch)["logits"]
+        assert _rel(ours, hf(**batch).logits) > 0.1  # the prefixes really change the output
+        assert _rel(pm(**batch).logits, ours) <= BF16_TOL
