@@ -291,15 +291,25 @@ def export_onnx(
         adapter.fingerprint = stamp_fingerprint(model)
     result = ExportResult(path, mode, sites=sorted(records), fingerprint=adapter.fingerprint if adapter else None,
                           requant_errors=requant_errors)
-    save_model(model, path)
-    if adapter is not None:
-        out_dir = adapters_dir(path)
-        result.adapter_paths.append(write_onnx_adapter(out_dir / f"{adapter_name}{SUFFIX}", adapter))
-        if peft_dir:
-            from lora_fx.adapters import key_parts_as_peft, write_peft_dir
+    if adapter is None:
+        save_model(model, path)
+        return result
+    from lora_fx.adapters import key_parts_as_peft, write_peft_dir
+    from lora_fx.files import write_with_adapters
 
-            peft_config, tensors = key_parts_as_peft(*to_peft(adapter), records)
-            result.peft_dirs.append(write_peft_dir(out_dir / adapter_name, peft_config, tensors))
+    out_dir = adapters_dir(path)
+    peft = key_parts_as_peft(*to_peft(adapter), records) if peft_dir else None
+
+    def write_adapters(stage: Any) -> None:
+        write_onnx_adapter(stage.path(f"{adapter_name}{SUFFIX}"), adapter)
+        if peft is not None:
+            write_peft_dir(stage.path(adapter_name), *peft)
+
+    # The adapter files first, staged, then the model: a failure leaves no model without its adapters.
+    write_with_adapters(model, path, out_dir, write_adapters, save_model)
+    result.adapter_paths.append(out_dir / f"{adapter_name}{SUFFIX}")
+    if peft is not None:
+        result.peft_dirs.append(out_dir / adapter_name)
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -148,3 +149,57 @@ def read_npz(path: str | os.PathLike, what: str = "data file", how: str = "np.sa
         raise ConfigError(f"{path}: entries {raw} are not .npy arrays (the zip was not written by np.savez); "
                           f"write it again with {how}")
     return arrays
+
+
+class Staging:
+    """Adapter outputs written under a temporary folder inside ``directory`` and moved to their names there
+    (``commit``) once the model is written; ``discard`` removes them, and ``directory`` too when made for them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._made = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        # Inside the destination folder: a rename from there cannot cross file systems (the folder may be a link).
+        self.root = Path(tempfile.mkdtemp(prefix=".lora_fx-staged.", dir=directory))
+
+    def path(self, name: str) -> Path:
+        """Where to write what ends up as ``directory / name``."""
+        return self.root / name
+
+    def commit(self) -> None:
+        for entry in sorted(self.root.iterdir()):
+            _move(entry, self.directory / entry.name)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self._made:
+            try:
+                self.directory.rmdir()
+            except OSError:  # something else was written there meanwhile: not ours to remove
+                pass
+
+
+def _move(src: Path, dest: Path) -> None:
+    """``src`` onto ``dest``, a file replaced whole; a folder onto an existing one file by file, as
+    ``write_peft_dir`` writes into an existing folder."""
+    if src.is_dir() and dest.is_dir():
+        for entry in sorted(src.iterdir()):
+            _move(entry, dest / entry.name)
+        return
+    os.replace(src, dest)
+
+
+def write_with_adapters(model: Any, out: Path, directory: Path, write_adapters: Callable[[Staging], None],
+                         save_model: Callable[[Any, Path], Any]) -> None:
+    """Write the adapter files (``write_adapters`` into a ``Staging`` of ``directory``), then the model, then move
+    the adapter files into place: a refused or failed adapter write leaves no model, a failed model write no
+    adapters."""
+    stage = Staging(directory)
+    try:
+        write_adapters(stage)
+        save_model(model, out)
+        stage.commit()
+    except BaseException:  # Ctrl-C included: the staged files are ours to remove
+        stage.discard()
+        raise

@@ -77,13 +77,21 @@ def export_prefix_onnx(
     result = ExportResult(path, ExportMode.ADAPTERS, sites=sorted(record["sites"]), fingerprint=fingerprint)
     adapter = OnnxAdapter(tensors, fingerprint=fingerprint, sites=record["sites"], config=config.to_dict() if config else None)
     check_writable(adapter)  # before any file: a refused adapter (NaN after a diverged run) must not leave a model behind
-    save_model(model, path)
-    out_dir = adapters_dir(path)
-    result.adapter_paths.append(write_onnx_adapter(out_dir / f"{adapter_name}{SUFFIX}", adapter))
-    if peft_dir:
-        from lora_fx.adapters import save_adapter
+    from lora_fx.adapters import save_adapter
+    from lora_fx.files import write_with_adapters
 
-        result.peft_dirs.append(save_adapter(gm, out_dir / adapter_name))
+    out_dir = adapters_dir(path)
+
+    def write_adapters(stage: Any) -> None:
+        write_onnx_adapter(stage.path(f"{adapter_name}{SUFFIX}"), adapter)
+        if peft_dir:
+            save_adapter(gm, stage.path(adapter_name))
+
+    # The adapter files first, staged, then the model: a failure leaves no model without its adapters.
+    write_with_adapters(model, path, out_dir, write_adapters, save_model)
+    result.adapter_paths.append(out_dir / f"{adapter_name}{SUFFIX}")
+    if peft_dir:
+        result.peft_dirs.append(out_dir / adapter_name)
     return result
 
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -111,7 +107,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
                 quant_merge=None) -> dict:
     """The command's work, callable from Python: every output is computed before any file is written, and with
     ``merge=False`` the adapter files are written (under a temporary folder) before the model, which only then is
-    written and joined by them (``_write_with_adapters``): a failure leaves no model without its adapters.
+    written and joined by them (``lora_fx.files.write_with_adapters``): a failure leaves no model without its adapters.
 
     Modules trained in full (``modules_to_save``, the SEQ_CLS head, from ``lora_fx.apply`` on the ONNX file) are
     merged as trained, or become slots defaulting to their base values, the trained head in the adapter files.
@@ -120,6 +116,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
 
     from lora_fx.errors import AdapterError, ConfigError
     from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model, serve_slots
+    from lora_fx.files import Staging, write_with_adapters
     from lora_fx.onnx_adapter import (SUFFIX, check_fits, check_writable, current_adapter, model_fingerprints, model_slots,
                                       read_onnx_adapter, to_peft, write_onnx_adapter)
     from lora_fx.onnx_model import load
@@ -181,71 +178,17 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     directory = adapters_dir(out)
     summary.update(mode="adapters", fingerprint=weights.fingerprint, adapters=[str(directory / f"{name}{SUFFIX}")])
 
-    def write_adapters(stage: _Staging) -> None:
+    def write_adapters(stage: Staging) -> None:
         write_onnx_adapter(stage.path(f"{name}{SUFFIX}"), weights)
         if peft is not None:
             from lora_fx.adapters import write_peft_dir
 
             write_peft_dir(stage.path(name), *peft)
 
-    _write_with_adapters(model, out, directory, write_adapters, save_model)
+    write_with_adapters(model, out, directory, write_adapters, save_model)
     if peft is not None:
         summary["peft_dirs"] = [str(directory / name)]
     return summary
-
-
-class _Staging:
-    """Adapter outputs written under a temporary folder inside ``directory`` and moved to their names there
-    (``commit``) once the model is written; ``discard`` removes them, and ``directory`` too when made for them."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._made = not directory.exists()
-        directory.mkdir(parents=True, exist_ok=True)
-        # Inside the destination folder: a rename from there cannot cross file systems (the folder may be a link).
-        self.root = Path(tempfile.mkdtemp(prefix=".lora_fx-staged.", dir=directory))
-
-    def path(self, name: str) -> Path:
-        """Where to write what ends up as ``directory / name``."""
-        return self.root / name
-
-    def commit(self) -> None:
-        for entry in sorted(self.root.iterdir()):
-            _move(entry, self.directory / entry.name)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        if self._made:
-            try:
-                self.directory.rmdir()
-            except OSError:  # something else was written there meanwhile: not ours to remove
-                pass
-
-
-def _move(src: Path, dest: Path) -> None:
-    """``src`` onto ``dest``, a file replaced whole; a folder onto an existing one file by file, as
-    ``write_peft_dir`` writes into an existing folder."""
-    if src.is_dir() and dest.is_dir():
-        for entry in sorted(src.iterdir()):
-            _move(entry, dest / entry.name)
-        return
-    os.replace(src, dest)
-
-
-def _write_with_adapters(model: Any, out: Path, directory: Path, write_adapters: Callable[[_Staging], None],
-                         save_model: Callable[[Any, Path], Any]) -> None:
-    """Write the adapter files (``write_adapters`` into a ``_Staging`` of ``directory``), then the model, then move
-    the adapter files into place: a refused or failed adapter write leaves no model, a failed model write no
-    adapters."""
-    stage = _Staging(directory)
-    try:
-        write_adapters(stage)
-        save_model(model, out)
-        stage.commit()
-    except BaseException:  # Ctrl-C included: the staged files are ours to remove
-        stage.discard()
-        raise
 
 
 def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: str | None, name: str, peft_dir: bool) -> dict:
@@ -290,6 +233,8 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
     summary: dict = {"model": str(out), "sites": sorted(record["sites"]), "mode": "adapters", "fingerprint": weights.fingerprint,
                      "adapters": [str(directory / f"{name}{SUFFIX}")]}
 
+    from lora_fx.files import write_with_adapters
+
     def write_adapters(stage) -> None:
         write_onnx_adapter(stage.path(f"{name}{SUFFIX}"), weights)
         if not peft_dir:
@@ -307,7 +252,7 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
             for key, value in defaults.items():
                 graph.initializers[key].const_value = value
 
-    _write_with_adapters(model, out, directory, write_adapters, save_model)
+    write_with_adapters(model, out, directory, write_adapters, save_model)
     if peft_dir:
         summary["peft_dirs"] = [str(directory / name)]
     return summary

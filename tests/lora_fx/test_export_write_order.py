@@ -165,3 +165,34 @@ def test_a_prefix_export_with_a_trained_head_serves_the_base_head_by_default(tmp
     want = ort_run(tuned, feeds)
     assert rel(ort_run(summary["model"], feeds, summary["adapters"][0]), want) <= 1e-5
     assert rel(ort_run(summary["model"], feeds), want) > 1e-3  # without the adapter: the base head
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("writer", ["lora_fx.onnx_adapter.write_onnx_adapter", "lora_fx.adapters.write_peft_dir",
+                                    "lora_fx.export.save_model"])
+def test_export_onnx_with_adapters_writes_all_its_files_or_none(tmp_path, monkeypatch, method, writer):
+    """The Python API (export_onnx / export_prefix_onnx) wrote the model first, so a failed adapter write left a
+    served model without its adapters."""
+    from tests import models
+
+    kw = models.inputs(2, 8)
+    gm = lora_fx.capture(models.build("bert"), kwargs=kw)
+    config = (lora_fx.LoraConfig(r=2, target_modules=["query"]) if method == "lora"
+              else lora_fx.PrefixConfig(num_virtual_tokens=2))
+    gm = lora_fx.apply(gm, config)
+    if method == "prefix" and writer.endswith("write_peft_dir"):
+        writer = "lora_fx.prefix_adapters.save_prefix_adapter"  # the prefix PEFT dir's writer
+    real = {}
+    import importlib
+
+    module, _, attr = writer.rpartition(".")
+    real[writer] = getattr(importlib.import_module(module), attr)
+    monkeypatch.setattr(writer, _disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        lora_fx.export_onnx(gm, tmp_path / "served.onnx", kwargs=kw, mode="adapters")
+    assert _files(tmp_path) == []
+    monkeypatch.setattr(writer, real[writer])
+    result = lora_fx.export_onnx(gm, tmp_path / "served.onnx", kwargs=kw, mode="adapters")
+    assert result.adapter_paths[0].is_file() and (result.peft_dirs[0] / "adapter_config.json").is_file()
+    assert not [p for p in _files(tmp_path) if ".lora_fx-staged." in p or p.endswith(".tmp")]
