@@ -803,20 +803,59 @@ def onnx_adapter_to_peft_dir(path: str | os.PathLike, directory: str | os.PathLi
 def peft_dir_to_onnx_adapter(directory: str | os.PathLike, model: Any, path: str | os.PathLike) -> Path:
     """Convert a PEFT adapter directory into an ``.onnx_adapter`` for ``model`` (an .onnx path or onnx_ir Model
     with adapter slots); the adapter is checked against the model's slots and stamped with its fingerprint."""
-    from lora_fx.adapters import read_peft_dir
-    from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
-
     where = "the model"
     if not hasattr(model, "graph"):
         import onnx_ir as ir
 
         where, model = Path(model).name, ir.load(str(model))
-    config, tensors = read_peft_dir(directory)
-    fingerprint = model.metadata_props.get(FINGERPRINT_KEY)
-    slots = model_slots(model)
-    adapter = from_peft(config, tensors, fingerprint, {name: slot.dtype for name, slot in slots.items()})
-    check_fits(adapter, slots, fingerprint, where=where)
+    if not Path(directory).is_dir():
+        from lora_fx.adapters import read_peft_dir
+
+        read_peft_dir(directory)  # refuses it in its own words
+    adapter = read_adapter_for(directory, model_slots(model), model_fingerprints(model.metadata_props), where)
     return write_onnx_adapter(path, adapter)
+
+
+def read_adapter_for(path: str | os.PathLike, slots: Mapping[str, Slot], fingerprints: Iterable[str],
+                     where: str = "the model") -> OnnxAdapter:
+    """The adapter at ``path`` for a model with these slots, checked to fit it (``check_fits``): an ``.onnx_adapter``
+    file, or a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) converted on
+    the way to the deployment layout in the slots' dtypes. A PEFT directory records no base model, so it is
+    stamped with the model's own fingerprint, as ``peft_dir_to_onnx_adapter`` stamps it."""
+    path = Path(path)
+    fingerprints = tuple(fingerprints)
+    if not path.is_dir():
+        adapter = read_onnx_adapter(path)
+    else:
+        from lora_fx.adapters import read_peft_dir
+        from lora_fx.config import ADAPTER_CONFIG_NAME
+
+        config_path = path / ADAPTER_CONFIG_NAME
+        if not config_path.is_file():
+            raise AdapterError(f"{path} is a folder without {ADAPTER_CONFIG_NAME}; pass an .onnx_adapter file or a "
+                               "PEFT adapter directory (what PeftModel.save_pretrained or lora_fx.save_adapter writes)")
+        peft_type = _peft_type_of(config_path)
+        if peft_type not in (None, "LORA"):
+            raise AdapterError(
+                f"{path} is a {peft_type} PEFT adapter; only LoRA directories convert on the way in. Serve a prefix "
+                "adapter as the .onnx_adapter its export writes: load the directory onto the captured model "
+                "(lora_fx.load_adapter), then lora_fx.export_onnx(..., mode='adapters')"
+            )
+        config, tensors = read_peft_dir(path)
+        dtypes = {name: slot.dtype for name, slot in slots.items()}
+        adapter = from_peft(config, tensors, fingerprints[0] if fingerprints else None, dtypes)
+    check_fits(adapter, slots, fingerprints, where=where)
+    return adapter
+
+
+def _peft_type_of(config_path: Path) -> str | None:
+    """The ``peft_type`` an adapter_config.json names (PEFT writes "LORA"; ``None`` when it names none)."""
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path} is not readable JSON ({exc}); copy or save the adapter again") from None
+    value = data.get("peft_type") if isinstance(data, dict) else None
+    return str(value).rpartition(".")[2].upper() if value is not None else None
 
 
 # ---- adapter state of an onnx_ir model (lora_fx.save_adapter / load_adapter) -------------------

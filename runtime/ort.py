@@ -232,7 +232,8 @@ class Session:
         return self._get(name).info
 
     def add_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> AdapterInfo:
-        """Register the ``.onnx_adapter`` at ``path`` under ``name`` (checked once, kept loaded).
+        """Register the adapter at ``path`` under ``name`` (checked once, kept loaded): an ``.onnx_adapter`` file, or a
+        PEFT LoRA adapter directory, converted to the slots' layout and dtypes on the way (``read_adapter_for``).
 
         Refused: a file for another base, with names, shapes or dtypes the slots do not take, with
         zero-size (rank-0) tensors, or with NaN/inf values (``read_onnx_adapter``). Returns an
@@ -245,7 +246,7 @@ class Session:
         """
         import onnxruntime as ort
 
-        from lora_fx.onnx_adapter import check_fits, ort_value, read_onnx_adapter
+        from lora_fx.onnx_adapter import ort_value, read_adapter_for
 
         if not isinstance(name, str) or not name:
             # run(adapter=None) means the base model: a non-string name could never be asked for.
@@ -253,8 +254,7 @@ class Session:
         if not self.slots:
             raise AdapterError(f"{self.path.name} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
         path = Path(path)
-        adapter = read_onnx_adapter(path)
-        check_fits(adapter, self.slots, self._fingerprints, where=self.path.name)
+        adapter = read_adapter_for(path, self.slots, self._fingerprints, where=self.path.name)
         try:
             host = _private_lora_adapter(ort, adapter.tensors)
         except Exception as exc:

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Take an ONNX model with LoRA adapters (from lora-fx rewrite / lora_fx.apply) and write either a "
         "plain model with the adapters folded into W (--merge), or a model whose adapters are ONNX Runtime adapter "
         "slots (--adapters); the latter also writes the current adapter weights as <out stem>.adapters/<name>.onnx_adapter "
-        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter into a model with slots, a head it brings (modules_to_save slots) included (sites it leaves out stay the base model, a head the base head, with a warning, as lora-fx run serves them). On a quantized (QLoRA) "
+        "and as a PEFT adapter directory beside it. --merge --adapter FILE folds an .onnx_adapter (or a PEFT LoRA adapter directory) into a model with slots, a head it brings (modules_to_save slots) included (sites it leaves out stay the base model, a head the base head, with a warning, as lora-fx run serves them). On a quantized (QLoRA) "
         "model --merge needs --float (merged W kept in float) or --requantize (merged W quantized again; the error "
         "this adds is printed per site).",
     )
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     quant.add_argument("--requantize", dest="quant_merge", action="store_const", const="requantize",
                        help="with --merge on a quantized model: quantize the merged W again (same format and op); "
                        "prints the error this adds per site")
-    p.add_argument("--adapter", metavar="FILE", help="with --merge: fold this .onnx_adapter (for a model with adapter slots)")
+    p.add_argument("--adapter", metavar="FILE", help="with --merge: fold this .onnx_adapter or PEFT LoRA adapter directory (for a model with adapter slots)")
     p.add_argument("--name", default=None, help="with --adapters: name of the written adapter (default: default)")
     p.add_argument("--no-peft", action="store_true", help="with --adapters: do not write the PEFT directory")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -117,8 +117,8 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     from lora_fx.errors import AdapterError, ConfigError
     from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model, serve_slots
     from lora_fx.files import Staging, write_with_adapters
-    from lora_fx.onnx_adapter import (SUFFIX, check_fits, check_writable, current_adapter, model_fingerprints, model_slots,
-                                      read_onnx_adapter, to_peft, write_onnx_adapter)
+    from lora_fx.onnx_adapter import (SUFFIX, check_writable, current_adapter, model_fingerprints, model_slots,
+                                      read_adapter_for, to_peft, write_onnx_adapter)
     from lora_fx.onnx_model import load
     from lora_fx.passes.onnx.fold_lora import FoldLora
     from lora_fx.passes.onnx.lora_layout import read_records
@@ -137,9 +137,8 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         if exposed and not adapter:
             raise ConfigError(f"{src} has adapter slots (zero by default); name the adapter to fold: --merge --adapter FILE.onnx_adapter")
         if adapter:
-            loaded = read_onnx_adapter(adapter)
             slots = model_slots(model)
-            check_fits(loaded, slots, model_fingerprints(model.metadata_props), where=src.name)
+            loaded = read_adapter_for(adapter, slots, model_fingerprints(model.metadata_props), where=src.name)
             # As `lora-fx run` serves it: sites the adapter leaves out keep the slot defaults (B zero: the base), and
             # a head (modules_to_save) it does not bring stays the base head.
             from lora_fx.onnx_adapter import slot_site

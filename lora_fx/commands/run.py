@@ -10,13 +10,13 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="run an ONNX model in ONNX Runtime, with an .onnx_adapter active",
+        help="run an ONNX model in ONNX Runtime, with an adapter active",
         description="Run an ONNX model (e.g. one exported with --adapters) on the inputs in an .npz file, with an "
-        ".onnx_adapter active (or none: the base model). Prints each output's shape and summary statistics; "
+        ".onnx_adapter or a PEFT LoRA adapter directory active (or none: the base model). Prints each output's shape and summary statistics; "
         "-o saves the outputs as .npz. The execution providers chosen are reported.",
     )
     p.add_argument("model", help="the .onnx model")
-    p.add_argument("--adapter", metavar="FILE", help="an .onnx_adapter to activate for the run")
+    p.add_argument("--adapter", metavar="FILE", help="an .onnx_adapter (or a PEFT LoRA adapter directory) to activate for the run")
     p.add_argument("--inputs", metavar="NPZ", required=True, help="an .npz file with one array per model input (no pickle)")
     p.add_argument("-o", "--out", metavar="NPZ", help="save the outputs to this .npz file")
     p.add_argument("--cpu", action="store_true", help="force the CPU execution provider")
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     name = None
     default_sites: list[str] | None = None  # None: no adapter, every site runs the model's defaults
     if args.adapter:
-        name = Path(args.adapter).stem
+        name = "adapter"  # the session's one adapter: a name from the path would be empty for "." or "dir/.."
         default_sites = session.add_adapter(name, args.adapter).default_sites
         if default_sites:
             # ONNX Runtime runs the slots an adapter does not name with the model's defaults (zeros: the base model

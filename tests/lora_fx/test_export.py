@@ -145,6 +145,49 @@ def test_peft_adapter_becomes_an_onnx_adapter_that_gives_peft_outputs(name):
         assert rel(ort_run(served, nb, adapter=out), want) <= 1e-4
 
 
+@pytest.mark.parametrize("name", NAMES[:2])
+def test_a_peft_directory_is_served_as_it_is(name, tmp_path, capsys):
+    """A PEFT user's directory goes straight into runtime.Session, lora-fx run and export --merge --adapter, converted
+    on the way (it used to need peft_dir_to_onnx_adapter first), giving PEFT's outputs."""
+    import json
+
+    from lora_fx.cli import main
+    from lora_fx.errors import AdapterError
+    from lora_fx.runtime import Session
+
+    torch.manual_seed(5)
+    pm = models.peft_wrap(eager(name), r=2, lora_alpha=5, target_modules="all-linear", init_lora_weights=False)
+    peft_dir = tmp_path / "legal"
+    pm.save_pretrained(str(peft_dir))
+    served = exported(name, "adapters").model_path
+    tb, nb = feeds(2, 7, pad=1)
+    want = models.run(pm, tb).numpy()
+    assert rel(want, models.run(eager(name), tb).numpy()) > 1e-3
+    sess = Session(served)
+    info = sess.add_adapter("legal", peft_dir)
+    assert info.default_sites == []
+    assert rel(sess.run(nb, adapter="legal")[0], want) <= 1e-4
+    np.savez(tmp_path / "feeds.npz", **nb)
+    assert main(["run", str(served), "--adapter", str(peft_dir), "--inputs", str(tmp_path / "feeds.npz"),
+                 "-o", str(tmp_path / "out.npz")]) == 0
+    with np.load(tmp_path / "out.npz") as out:
+        assert rel(out[sess.outputs[0]], want) <= 1e-4
+    assert main(["export", str(served), "-o", str(tmp_path / "merged.onnx"), "--merge", "--adapter", str(peft_dir)]) == 0
+    assert rel(ort_run(tmp_path / "merged.onnx", nb), want) <= 1e-4
+    # Folders that are no LoRA directory are refused by what they are.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="folder without adapter_config.json"):
+        sess.add_adapter("empty", tmp_path / "empty")
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
+    with pytest.raises(AdapterError, match="PREFIX_TUNING PEFT adapter; only LoRA directories"):
+        sess.add_adapter("prefix", prefix)
+    capsys.readouterr()
+    assert main(["run", str(served), "--adapter", str(prefix), "--inputs", str(tmp_path / "feeds.npz")]) != 0
+    assert "only LoRA directories convert" in capsys.readouterr().err
+
+
 MIXED_RANKS = {
     "gpt2": dict(r=3, lora_alpha=5, target_modules=["c_proj"], layers_to_transform=[1]),
     "llama": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
