@@ -17,9 +17,11 @@ Attention sites (``kind == attention``): the opset-23/24 ``Attention`` op;
 ``com.microsoft.MultiHeadAttention`` / ``Attention`` / ``GroupQueryAttention``; and the decomposed
 form exporters write: ``MatMul(q, kᵀ)`` → scale (``Mul``/``Div``, on the scores or on q and k) →
 optional mask (``Add``/``Where``, torch's ``IsNaN``/``Where`` guards) → ``Softmax`` → optional
-``Where``/``Cast``/``Dropout`` → ``MatMul(·, v)``. ``num_heads`` and ``kv_heads`` come from static
-shapes or attributes, and for grouped-query models from the K projection (so a repeated K still
-reports the true kv head count).
+``Where``/``Cast``/``Dropout`` → ``MatMul(·, v)``; and the same with the heads merged into the batch axis
+(Bloom; ``op == "merged_heads"``): ``MatMul`` on ``[batch*heads, ...]`` → scale, bias → Reshape to
+``[batch, heads, q, k]`` → mask → ``Softmax`` → Reshape back → ``MatMul(·, v)``, the heads read from that
+view. ``num_heads`` and ``kv_heads`` come from static shapes or attributes, and for grouped-query models
+from the K projection (so a repeated K still reports the true kv head count).
 
 Only the main graph is searched for sites that passes rewrite. Sites inside control-flow subgraphs (the branches
 of ``If``, the bodies of ``Loop`` and ``Scan``, nested at any depth; Hugging Face Optimum's merged decoders hold the
@@ -544,8 +546,89 @@ def _decomposed_attention(softmax: ir.Node) -> AttentionParts | None:
     return AttentionParts(softmax, q, k, sink.inputs[1], sink.outputs[0], q_heads, k_heads, head_dim, "decomposed")
 
 
+_MERGED_BACK = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Reshape"}
+_MERGED_FORWARD = _PROB_OPS | {"Reshape"}
+
+
+def _merged_heads_attention(softmax: ir.Node) -> AttentionParts | None:
+    """Attention with the heads merged into the batch axis (Bloom): ``MatMul`` on ``[batch*heads, ...]`` operands,
+    a Reshape of the scores to ``[batch, heads, q, k]`` (the heads a constant) before the ``Softmax``, a Reshape of
+    the probabilities back into ``MatMul(·, v)``. Without that 4-D view (``nn.MultiheadAttention``'s own 3-D
+    attention) it is no site, as in the FX front end."""
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return None
+    frontier, scores, heads, scale = [(softmax.inputs[0], None)], None, None, 1.0
+    for _ in range(10):
+        nxt = []
+        for value, view in frontier:
+            node = value.producer() if value is not None else None
+            if node is None or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "MatMul" and const_tensor(node.inputs[0]) is None and const_tensor(node.inputs[1]) is None:
+                if view is not None and _rank(node.inputs[0]) in (3, None):
+                    scores, heads = node, view
+                continue
+            if node.op_type not in _MERGED_BACK:
+                continue
+            if node.op_type == "Reshape":
+                entries, shape = _shape_entries(node.inputs[1]), _static_shape(node.outputs[0])
+                if view is None and entries and len(entries) == 4 and isinstance(entries[1], int) and entries[1] > 0:
+                    view = entries[1]
+                elif view is None and shape and len(shape) == 4 and shape[1]:
+                    view = shape[1]  # an unoptimized export spells the target in pieces; its output shape says
+                nxt.append((node.inputs[0], view))
+                continue
+            if node.op_type in ("Mul", "Div") and view is not None:
+                s = _scalar(node.inputs[1])
+                if s is not None:
+                    scale *= s if node.op_type == "Mul" else 1.0 / s
+            nxt.extend((i, view) for i in node.inputs if i is not None and const_tensor(i) is None)
+        if scores is not None or not nxt:
+            break
+        frontier = nxt
+    if scores is None:
+        return None
+    value, sink, merged = softmax.outputs[0], None, False
+    for _ in range(5):
+        users = [u for u, _ in value.uses() if u.op_type != "IsNaN"]
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op_type == "MatMul" and user.inputs[0] is value and const_tensor(user.inputs[1]) is None:
+            sink = user
+            break
+        if user.op_type not in _MERGED_FORWARD:
+            return None
+        merged = merged or user.op_type == "Reshape"
+        value = user.outputs[0]
+    if sink is None or not merged:
+        return None
+    q, kt = scores.inputs[0], scores.inputs[1]
+    k = kt.producer().inputs[0] if kt.producer() is not None and kt.producer().op_type == "Transpose" else kt
+    qs = _static_shape(q)
+    head_dim = qs[-1] if qs and len(qs) == 3 and qs[-1] else None
+    if head_dim is None:
+        # No static shapes (TorchScript): the Reshape that merged q's heads, [batch*heads, -1, head_dim], says.
+        back = q
+        for _ in range(4):
+            node = back.producer() if back is not None else None
+            if node is None or node.op_type not in ("Reshape", "Mul", "Div", "Cast", "Identity"):
+                break
+            if node.op_type == "Reshape":
+                entries = _shape_entries(node.inputs[1])
+                if entries and len(entries) == 3 and isinstance(entries[2], int) and entries[2] > 0:
+                    head_dim = entries[2]
+                break
+            back = node.inputs[0]
+    if head_dim is None and scale != 1.0:
+        guess = round(1.0 / (scale * scale))
+        head_dim = guess if guess > 0 and abs(1.0 / math.sqrt(guess) - scale) < 1e-3 * scale else None
+    return AttentionParts(softmax, q, k, sink.inputs[1], sink.outputs[0], heads, heads, head_dim, "merged_heads")
+
+
 def attention_parts(node: ir.Node) -> AttentionParts | None:
-    """The parts of ``node`` if it is an attention site (an Attention op or a decomposed Softmax)."""
+    """The parts of ``node`` if it is an attention site (an Attention op or the Softmax of a decomposed attention,
+    heads merged into the batch axis or not)."""
     if is_inserted(node):
         return None
     op, domain = node.op_type, node.domain
@@ -584,7 +667,7 @@ def attention_parts(node: ir.Node) -> AttentionParts | None:
             heads, kv, head_dim = _heads_from(q, k, head_dim, None, heads, kv)
         return AttentionParts(node, q, k, v, node.outputs[0], heads, kv, head_dim, f"{MS}.{op}")
     if domain in ("", "ai.onnx") and op == "Softmax":
-        return _decomposed_attention(node)
+        return _decomposed_attention(node) or _merged_heads_attention(node)
     return None
 
 

@@ -31,7 +31,7 @@ import torch
 from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 from lora_fx.passes.onnx.find_sites import _projection_node, attention_parts, const_tensor, find_sites, is_inserted, linear_parts, site_name
-from lora_fx.passes.onnx.prefix_forms import FORMS, refusal
+from lora_fx.passes.onnx.prefix_forms import FORMS, forget_widened, refusal
 from lora_fx.passes.onnx.prefix_nodes import MIN_OPSET, lower_to_opset
 from lora_fx.passes.onnx.prefix_positions import offset_positions, position_sources
 from lora_fx.passes.result import PassResult
@@ -120,12 +120,12 @@ def _rank(value: ir.Value | None) -> int | None:
 
 def merged_heads_attention(model: ir.Model) -> list[tuple[str, ir.Node, bool]]:
     """Attention computed with the heads merged into the batch axis (Bloom): ``MatMul`` on ``[batch*heads, ...]``
-    operands, reshaped to ``[batch, heads, q, k]`` for the mask and ``Softmax``, reshaped back into ``MatMul(·, v)``.
-    find_sites takes none of these for attention sites. Each as (module name, its Softmax, whether a tensor is
-    added to the scores before the reshape: Bloom's ALiBi)."""
+    operands, reshaped to ``[batch, heads, q, k]`` for the mask and ``Softmax``, reshaped back into ``MatMul(·, v)``,
+    that find_sites did not take for an attention site (the head count of that view unreadable). Each as (module
+    name, its Softmax, whether a tensor is added to the scores before the reshape: Bloom's ALiBi)."""
     found = []
     for node in model.graph:
-        if node.op_type != "Softmax" or node.domain != "" or is_inserted(node):
+        if node.op_type != "Softmax" or node.domain != "" or is_inserted(node) or attention_parts(node) is not None:
             continue
         # (value, a Reshape passed, a non-constant term added before it) back to the score MatMul.
         frontier, scores = [(node.inputs[0], False, False)], None
@@ -168,7 +168,8 @@ def merged_heads_attention(model: ir.Model) -> list[tuple[str, ir.Node, bool]]:
 
 
 def refuse_merged_heads(model: ir.Model) -> None:
-    """Refuse a model with attention the ONNX pass has no rule for (merged heads, Bloom), naming the FX route."""
+    """Refuse a model with merged-heads attention find_sites could not read (see ``merged_heads_attention``), naming
+    the FX route: prefixing the other sites alone would silently differ from PEFT."""
     found = merged_heads_attention(model)
     if not found:
         return
@@ -178,8 +179,9 @@ def refuse_merged_heads(model: ir.Model) -> None:
     raise UnsupportedError(
         f"attention site {name} (Softmax node {node.name!r}{f', and {len(found) - 1} more like it' if len(found) > 1 else ''}) "
         f"cannot take a prefix in ONNX: it computes attention with the heads merged into the batch axis (MatMul on "
-        f"[batch*heads, ...] around a [batch, heads, q, k] Reshape, as Bloom does){bias}; the ONNX pass has no rule for "
-        "that form. Apply the PrefixConfig to the torch model instead: gm = lora_fx.capture(model, kwargs=...); "
+        f"[batch*heads, ...] around a [batch, heads, q, k] Reshape, as Bloom does){bias}, and the graph does not say how "
+        "many heads that view has (neither a constant in its target nor a static shape). Apply the PrefixConfig to the "
+        "torch model instead: gm = lora_fx.capture(model, kwargs=...); "
         "lora_fx.apply(gm, PrefixConfig(...)) (or lora_fx.load_adapter(gm, peft_dir)); then "
         "lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters'), whose file holds the prefixes as adapter slots"
     )
@@ -189,9 +191,10 @@ class InsertPrefix:
     """Put per-site key/value prefixes in front of K and V at every attention site and move positions by T.
 
     Matches the decomposed attention exporters write (``MatMul(q, kᵀ)`` → scale → ``Add(mask)`` →
-    ``Softmax`` → ``MatMul(·, v)``, K possibly repeated for grouped-query models), the opset-23
+    ``Softmax`` → ``MatMul(·, v)``, K possibly repeated for grouped-query models, or with the heads merged
+    into the batch axis and an ALiBi bias recomputed for T + k keys: Bloom), the opset-23
     ``Attention`` op, ``com.microsoft`` ``MultiHeadAttention``, ``GroupQueryAttention`` and ``Attention``
-    (see the module docstring for how the prefix enters each), and positions: a ``Range`` reaching
+    (see ``prefix_forms`` for how the prefix enters each), and positions: a ``Range`` reaching
     ``Cos``/``Sin`` (rotary) or a constant-table ``Gather`` (position embeddings), a ``Slice`` of a
     ``…position_ids`` initializer (BERT), a ``position_ids`` graph input. Refuses, naming the site and
     the reason and before changing anything, sites that already read or write a KV cache; unpacks
@@ -249,6 +252,7 @@ class InsertPrefix:
             record["sites"][site.name] = {"kv_heads": parts.kv_heads, "head_dim": parts.head_dim,
                                           "key": values[0].name, "value": values[1].name}
             changed.append(site.name)
+        forget_widened(graph)
         changed += offset_positions(graph, T)
         if plan:
             # The builders write opset-15 ops; an older model gets its own opset's spelling of them.

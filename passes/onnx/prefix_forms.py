@@ -23,7 +23,13 @@ Attention forms and how the prefix enters each:
   batched prompts then stop with its "batch_size must be 1" error.
 * ``com.microsoft.Attention`` (packed QKV weight): unpacked into ``MatMul`` + ``Split`` +
   ``MultiHeadAttention`` with the same bias, ``attention_bias`` and attributes, then as above (its own
-  prefix entry, ``past``, ORT refuses together with ``attention_bias``).
+  prefix entry, ``past``, ORT refuses together with ``attention_bias``);
+* heads merged into the batch axis (Bloom: ``MatMul`` on ``[batch*heads, ...]`` around a ``[batch, heads, q, -1]``
+  Reshape of the scores): ``Concat`` on kᵀ and V in that layout (row ``b*heads + h`` holds head h), T zero columns
+  in front of the mask added after the Reshape, and a bias over the keys added before it (ALiBi) computed again
+  for T + k keys, as PEFT's cache makes the model compute it: from the ``[batch, keys]`` mask its ``CumSum``
+  counts, with T ones in front, or from its ``Range(0, keys)`` lengthened by T. Refused: any other key bias,
+  views that name the key length.
 
 Refused, naming the site and the reason, before anything changes: sites that already take a KV cache
 (past inputs or used present outputs), masks whose visible value or key axis cannot be told from the
@@ -48,6 +54,7 @@ from lora_fx.passes.onnx.prefix_nodes import (
     emit_const,
     input_at,
     is_used,
+    merged_batched,
     pad_front,
     rank_of,
     set_input,
@@ -485,10 +492,255 @@ def _rewrite_com_attention(graph: ir.Graph, site: Site, parts: Any, T: int, valu
     _rewrite_mha(graph, site, unpacked, T, values, facts)
 
 
+# ---- heads merged into the batch axis (Bloom) -------------------------------------------------------------
+
+_WIDENED = "lora_fx.prefix.widened_key_bias"  # graph.meta: id(original value) -> its copy over T + k keys
+_KEY_BIAS_SEARCH = 400  # nodes walked back from a score bias looking for the CumSum that numbers its keys
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    """The integers of a constant: an initializer, or a ``Constant`` node's ``value``/``value_ints``/``value_int``."""
+    t = const_tensor(value)
+    if t is not None:
+        return [int(v) for v in np.asarray(t.numpy()).reshape(-1)]
+    node = value.producer() if value is not None else None
+    if node is not None and node.op_type == "Constant":
+        if "value_ints" in node.attributes:
+            return [int(v) for v in node.attributes.get_ints("value_ints")]
+        if "value_int" in node.attributes:
+            return [node.attributes.get_int("value_int")]
+    return None
+
+
+def _last_target_entry(shape: ir.Value) -> int | None:
+    """The last entry of a Reshape target (a constant or a Concat of pieces), None where the graph computes it."""
+    whole = _ints(shape)
+    if whole is not None:
+        return whole[-1] if whole else None
+    node = shape.producer()
+    if node is not None and node.op_type == "Concat" and node.inputs:
+        piece = _ints(node.inputs[-1])
+        return piece[-1] if piece else None
+    return None
+
+
+def _constant(value: ir.Value) -> bool:
+    """A constant, or one cast like another tensor (an unoptimized export's ``CastLike(scale, scores)``)."""
+    node = value.producer()
+    return const_tensor(value) is not None or (node is not None and node.op_type in ("Cast", "CastLike")
+                                               and const_tensor(node.inputs[0]) is not None)
+
+
+def _ancestor_nodes(value: ir.Value, budget: int) -> list[ir.Node]:
+    seen: dict[int, ir.Node] = {}
+    stack = [value]
+    while stack and len(seen) < budget:
+        v = stack.pop()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        stack.extend(node.inputs)
+    return list(seen.values())
+
+
+def _sequence_length(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a tensor's size on axis 1 (the sequence) read from its shape: ``Shape(x)[1]`` as
+    ``Shape(start=1, end=2)``, ``Gather(Shape(x), 1)`` or ``Slice(Shape(x), 1, 2)``, through casts and reshapes."""
+    for _ in range(6):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return False
+        if node.op_type == "Shape":
+            return node.attributes.get_int("start", 0) == 1 and node.attributes.get_int("end", 0) == 2
+        if node.op_type in ("Gather", "Slice") and node.inputs[0] is not None and node.inputs[0].producer() is not None \
+                and node.inputs[0].producer().op_type == "Shape" and "start" not in node.inputs[0].producer().attributes:
+            if node.op_type == "Gather":
+                return _ints(node.inputs[1]) == [1]
+            return _ints(node.inputs[1]) == [1] and _ints(node.inputs[2]) == [2]
+        if node.op_type not in ("Cast", "Squeeze", "Unsqueeze", "Reshape", "Identity"):
+            return False
+        value = node.inputs[0]
+    return False
+
+
+def _key_bias_root(site: Site, parts: Any, bias: ir.Value) -> tuple[ir.Value, bool]:
+    """Where a score bias numbers its keys (Bloom's ALiBi): ``(the [batch, keys] mask its CumSum counts, True)``
+    (``slope * (cumsum(mask) - 1) * mask``) or, exported without a mask, ``(the Range(0, keys) it counts, False)``.
+    Refuses a bias lora_fx cannot recompute for T prefix keys."""
+    ancestors = _ancestor_nodes(bias, _KEY_BIAS_SEARCH)
+    cumsums = [n for n in ancestors if n.op_type == "CumSum" and n.domain in ("", "ai.onnx")]
+    ranges = [n for n in ancestors if n.op_type == "Range" and n.domain in ("", "ai.onnx")]
+    if len(cumsums) == 1:
+        root = cumsums[0].inputs[0]
+        while root is not None and root.producer() is not None and root.producer().op_type in ("Cast", "Identity"):
+            root = root.producer().inputs[0]
+        if (root is not None and _ints(cumsums[0].inputs[1]) in ([-1], [1]) and rank_of(root) == 2
+                and not any(cumsums[0].attributes.get_int(a, 0) for a in ("exclusive", "reverse"))):
+            return root, True
+    elif (not cumsums and len(ranges) == 1 and _ints(ranges[0].inputs[0]) == [0] and _ints(ranges[0].inputs[2]) == [1]
+          and _sequence_length(ranges[0].inputs[1])):
+        return ranges[0].outputs[0], False
+    raise UnsupportedError(refusal(
+        site, parts, "it adds a bias over its keys to the scores that lora_fx cannot recompute for the prefix keys (neither "
+        "a CumSum of a [batch, keys] mask nor a single Range(0, keys) numbers them, as in Bloom's ALiBi); PEFT's cache "
+        "gives prefix keys a bias of their own. Use LoRA (LoraConfig) on this model, or apply the PrefixConfig to the "
+        "torch model: gm = lora_fx.capture(model, kwargs=...); lora_fx.apply(gm, PrefixConfig(...)); "
+        "lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters')"))
+
+
+def _check_merged(site: Site, parts: Any, graph: ir.Graph) -> dict[str, Any]:
+    softmax = parts.node
+    scores, chain = _scores_of(softmax)
+    sink = parts.output.producer()
+    if scores.inputs[0] is not parts.q or sink is None or sink.op_type != "MatMul":
+        raise UnsupportedError(refusal(site, parts, "its score MatMul(q, kᵀ) or its MatMul(·, v) is not where "
+                                        "find_sites saw it"))
+    # Nodes between the probabilities and MatMul(·, v) (the Reshape back to [batch*heads, q, k]) count too.
+    forward, value = [], softmax.outputs[0]
+    while value is not sink.inputs[0]:
+        user = next(u for u, _ in value.uses() if u.op_type != "IsNaN")
+        forward.append(user)
+        value = user.outputs[0]
+    views = [n for n in chain + forward if n.op_type == "Reshape"]
+    for view in views:
+        if _last_target_entry(view.inputs[1]) != -1:
+            # A view naming the key length (rather than -1) would contradict the T + k keys after the prefix.
+            raise UnsupportedError(refusal(site, parts, f"its Reshape {view.name!r} of the scores does not leave the key "
+                                            "axis to be inferred (-1), so it cannot take T more keys"))
+    heads_view = next(v for v in views if v in chain)
+    after_view = {id(n) for n in _score_chain(heads_view, chain)}
+    on_path = {id(n) for n in chain} | {id(scores)}
+    biases, masks = [], []
+    for node in chain:
+        terms = [(i, t) for i, t in enumerate(node.inputs) if t is not None and not _constant(t)
+                 and (t.producer() is None or id(t.producer()) not in on_path)]
+        if node.op_type in ("Reshape", "Cast", "Identity") or not terms:
+            continue
+        if node.op_type != "Add" or len(terms) != 1:
+            raise UnsupportedError(refusal(site, parts, f"its scores meet another tensor at {node.op_type} node "
+                                            f"{node.name!r}, which lora_fx cannot give T prefix columns"))
+        i, term = terms[0]
+        _refuse_relative_bias(site, parts, term, "score bias")
+        if id(node) in after_view:
+            masks.append((node, i))  # [batch, 1 or heads, q, k]: the mask, T visible columns in front
+        elif static_dim(term, -1) != 1:
+            biases.append((node, i, *_key_bias_root(site, parts, term)))  # [batch*heads, 1 or q, k]: ALiBi
+    return {"scores": scores, "sink": sink, "biases": biases, "masks": masks}
+
+
+def _widened_key_bias(graph: ir.Graph, bias: ir.Value, root: ir.Value, is_mask: bool, T: int) -> ir.Value:
+    """``bias`` computed again for T prefix keys in front, as the model computes it under PEFT's cache of T prefixes:
+    from ``root``, the model's ``[batch, keys]`` mask, with T ones in front (ALiBi: prefix key t gets ``slope * t``,
+    real key j ``slope * (T + cumsum_j - 1) * mask_j``), or from the ``Range(0, keys)`` lengthened by T (no mask).
+    The nodes from ``root`` to ``bias`` are copied once per graph (layers share them), sizes read from the mask
+    following it."""
+    # Keyed by id, holding the original too: it stays alive, so no later value takes its id.
+    memo: dict[int, tuple[ir.Value, ir.Value]] = graph.meta.setdefault(_WIDENED, {})
+
+    def widened(value: ir.Value | None) -> ir.Value | None:
+        entry = memo.get(id(value)) if value is not None else None
+        return entry[1] if entry is not None else None
+
+    if widened(root) is None:
+        nodes: list[ir.Node] = []
+        if is_mask:
+            tag = f"{root.name}/prefix_ones"
+            lead = emit(nodes, "Shape", [root], f"{tag}/batch", start=0, end=1)
+            shape = emit(nodes, "Concat", [lead, emit_const(nodes, np.array([T], np.int64), f"{tag}/T")], f"{tag}/shape", axis=0)
+            if root.dtype is not None:
+                ones = emit(nodes, "ConstantOfShape", [shape], tag, value=ir.tensor(np.ones(1, root.dtype.numpy())))
+            else:
+                ones = emit(nodes, "ConstantOfShape", [shape], f"{tag}/i64", value=ir.tensor(np.ones(1, np.int64)))
+                ones = emit(nodes, "CastLike", [ones, root], tag)
+            new = emit(nodes, "Concat", [ones, root], f"{root.name}/prefix_padded", axis=-1)
+        else:
+            start, limit, delta = root.producer().inputs
+            tag = f"{root.name}/prefix_longer"
+            t = emit(nodes, "CastLike", [emit_const(nodes, np.array(T, np.int64), f"{tag}/T"), limit], f"{tag}/T_like")
+            new = emit(nodes, "Range", [start, emit(nodes, "Add", [limit, t], f"{tag}/limit"), delta], tag)
+        if root.dtype is not None:
+            new.dtype = root.dtype
+        producer = root.producer()
+        if producer is None:
+            graph.insert_before(next(iter(graph)), nodes)
+        else:
+            graph.insert_after(producer, nodes)
+        memo[id(root)] = (root, new)
+    chain = {id(n) for n in _ancestor_nodes(bias, 1 << 30)}
+    for node in list(graph):
+        if id(node) not in chain or widened(node.outputs[0]) is not None or is_inserted(node):
+            continue
+        if not any(widened(i) is not None for i in node.inputs):
+            continue  # not computed from the mask: shared as it is
+        copy = ir.Node(node.domain, node.op_type, [widened(i) or i for i in node.inputs],
+                       [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()], num_outputs=len(node.outputs),
+                       version=node.version, overload=node.overload, name=f"{node.name}/prefix_widened",
+                       metadata_props={INSERTED: "prefix"})
+        for old, new in zip(node.outputs, copy.outputs):
+            # The copy has T more keys: the recorded shapes would contradict it.
+            new.name = f"{old.name}/prefix_widened"
+            if old.dtype is not None:
+                new.dtype = old.dtype
+            memo[id(old)] = (old, new)
+        graph.insert_after(node, copy)
+    return widened(bias)
+
+
+def _remove_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove the nodes ``value`` was computed from that nothing reads any longer (the original ALiBi, once every
+    layer reads its widened copy)."""
+    chain = {id(n) for n in _ancestor_nodes(value, 1 << 30)}
+    for node in reversed([n for n in graph if id(n) in chain]):
+        if not any(is_used(o) for o in node.outputs):
+            graph.remove(node, safe=True)
+
+
+def _rewrite_merged(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value],
+                    facts: dict[str, Any]) -> None:
+    heads, tag = parts.num_heads, f"{site.name}/prefix"
+    scores, sink = facts["scores"], facts["sink"]
+    # K: scores = MatMul(q, [Mul](kᵀ, s)) on [batch*heads, hd, k]; the prefix joins kᵀ on its last axis, before a scale.
+    kt_consumer, kt_index = scores, 1
+    producer = scores.inputs[1].producer()
+    if producer is not None and producer.op_type in ("Mul", "Div") and const_tensor(producer.inputs[1]) is not None:
+        kt_consumer, kt_index = producer, 0
+    kt = kt_consumer.inputs[kt_index]
+    _grow_key_axis(scores, sink, T)
+    if kt_consumer is not scores:
+        _grow_key_axis(kt_consumer, scores, T)
+    nodes: list[ir.Node] = []
+    pk = merged_batched(nodes, values[0], heads, kt, True, f"{tag}/key")
+    new_kt = emit(nodes, "Concat", [pk, kt], f"{tag}/key/concat", axis=-1)
+    graph.insert_before(kt_consumer, nodes)
+    kt_consumer.replace_input_with(kt_index, new_kt)
+    # V: MatMul(p, v) with v [batch*heads, k, hd]: the prefix joins on the key axis.
+    v, nodes = sink.inputs[1], []
+    pv = merged_batched(nodes, values[1], heads, v, False, f"{tag}/value")
+    new_v = emit(nodes, "Concat", [pv, v], f"{tag}/value/concat", axis=1)
+    graph.insert_before(sink, nodes)
+    sink.replace_input_with(1, new_v)
+    for n, (node, i) in enumerate(facts["masks"]):
+        nodes = []
+        padded = pad_front(nodes, node.inputs[i], T, f"{tag}/mask" + (f"_{n}" if n else ""))
+        graph.insert_before(node, nodes)
+        node.replace_input_with(i, padded)
+    for node, i, root, is_mask in facts["biases"]:
+        old = node.inputs[i]
+        node.replace_input_with(i, _widened_key_bias(graph, old, root, is_mask, T))
+        _remove_unused(graph, old)
+
+
+def forget_widened(graph: ir.Graph) -> None:
+    """Drop the pass's record of the widened key biases (in-memory only) once every site is rewritten."""
+    graph.meta.pop(_WIDENED, None)
+
+
 FORMS = {
     "decomposed": (_check_decomposed, _rewrite_decomposed),
     "Attention": (_check_onnx_attention, _rewrite_onnx_attention),
     f"{MS}.MultiHeadAttention": (_check_mha, _rewrite_mha),
     f"{MS}.GroupQueryAttention": (_check_gqa, _rewrite_gqa),
     f"{MS}.Attention": (_check_com_attention, _rewrite_com_attention),
+    "merged_heads": (_check_merged, _rewrite_merged),
 }

@@ -75,6 +75,18 @@ def batched(nodes: list[ir.Node], p: ir.Value, kv: int, reps: int, T: int, hd: i
     return emit(nodes, "Expand", [p, shape], f"{tag}/batched")
 
 
+def merged_batched(nodes: list[ir.Node], p: ir.Value, heads: int, like: ir.Value, transpose: bool, tag: str) -> ir.Value:
+    """Prefix ``p`` ``[heads, T, hd]`` for attention with the heads merged into the batch axis: ``[batch*heads, T,
+    hd]`` (``[batch*heads, hd, T]`` transposed), row ``b*heads + h`` holding head h as a ``[batch, heads]`` merge
+    orders them; ``batch*heads`` is the first dim of ``like``."""
+    if transpose:
+        p = emit(nodes, "Transpose", [p], f"{tag}/t", perm=[0, 2, 1])
+    rows = emit(nodes, "Shape", [like], f"{tag}/rows", start=0, end=1)
+    batch = emit(nodes, "Div", [rows, emit_const(nodes, np.array([heads], np.int64), f"{tag}/heads")], f"{tag}/batch")
+    reps = emit(nodes, "Concat", [batch, emit_const(nodes, np.ones(2, np.int64), f"{tag}/ones")], f"{tag}/reps", axis=0)
+    return emit(nodes, "Tile", [p, reps], f"{tag}/batched")
+
+
 def visible_fill(dtype: ir.DataType | None) -> np.ndarray | None:
     """What a visible mask entry holds: True for boolean masks, 1 for integer padding masks, 0 (additive) else."""
     if dtype == ir.DataType.BOOL:
