@@ -199,13 +199,14 @@ def _fx_base_heads(gm: Any, config: PrefixConfig) -> dict[str, torch.Tensor]:
 
 def _onnx_base_heads(model: Any, config: PrefixConfig) -> dict[str, torch.Tensor]:
     """``_fx_base_heads`` for an ONNX model."""
+    from lora_fx.onnx_adapter import _torch
     from lora_fx.passes.onnx.freeze_base import plan_modules_to_save, saved_base, selected_modules
 
     paths = selected_modules(model, config)
-    out = {p.name: torch.from_numpy(np.array(p.array)) for p in plan_modules_to_save(model, config)}
+    out = {p.name: _torch(p.array) for p in plan_modules_to_save(model, config)}
     for name, (module, base) in saved_base(model).items():
         if any(module == m or module.startswith(f"{m}.") for m in paths):
-            out[name] = torch.from_numpy(np.array(base))
+            out[name] = _torch(base)
     return out
 
 
@@ -399,7 +400,7 @@ def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
 def _onnx_heads(model: Any) -> dict[str, torch.Tensor]:
     """The parameters of the modules an ONNX model trains in full (its ``lora_fx.modules_to_save`` metadata), as they
     are now, under PEFT's prompt-learning keys."""
-    from lora_fx.onnx_adapter import read_saved
+    from lora_fx.onnx_adapter import _torch, read_saved
 
     out = {}
     for name in read_saved(model.metadata_props):
@@ -407,5 +408,6 @@ def _onnx_heads(model: Any) -> dict[str, torch.Tensor]:
         if value is None or value.const_value is None:
             raise AdapterError(f"{name}, a parameter of a module trained in full (modules_to_save), is not an initializer "
                                "of this ONNX model; apply the adapter to the original model again")
-        out[f"{HEAD_PREFIX}{name}"] = torch.from_numpy(np.array(value.const_value.numpy()))
+        # In the model's dtype, as PEFT keeps a bfloat16 model's head (bfloat16 bit for bit).
+        out[f"{HEAD_PREFIX}{name}"] = _torch(value.const_value.numpy())
     return out

@@ -567,7 +567,12 @@ class OnnxModule(torch.nn.Module):
         out = {}
         for n in self.input_names:
             v = inputs[n]
-            out[n] = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+            if isinstance(v, torch.Tensor):
+                out[n] = v
+            elif np.asarray(v).dtype.name == "bfloat16":  # ml_dtypes' bfloat16, which torch.as_tensor refuses: its bits
+                out[n] = torch.from_numpy(np.ascontiguousarray(v).view(np.uint16).copy()).view(torch.bfloat16)
+            else:
+                out[n] = torch.as_tensor(np.asarray(v))
         return out
 
     def _run(self, feeds: dict[str, torch.Tensor], consts: dict[str, Const] | None,

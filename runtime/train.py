@@ -140,11 +140,19 @@ class _Feeds:
             if not isinstance(value, torch.Tensor) and self.exact:  # ONNX graphs are also fed numpy arrays and lists
                 import numpy as np
 
+                from lora_fx.onnx_adapter import is_bfloat16
+
                 value = present[name] = np.asarray(value)
-                if value.dtype.kind not in "biuf":
+                if is_bfloat16(value.dtype):  # ml_dtypes' bfloat16: numpy kind 'V', and torch.from_numpy refuses it
+                    dtype = torch.bfloat16
+                elif value.dtype.kind not in "biuf":
+                    raw = value.dtype.kind == "V" and value.dtype.itemsize == 2 and value.dtype.names is None
+                    hint = ("; an .npz keeps bfloat16 as bare 2-byte values: read them back with "
+                            "<array>.view(ml_dtypes.bfloat16)") if raw else ""
                     raise ConfigError(f"batch {step + 1}: {name!r} holds {value.dtype} values; the {self.what} {name!r} "
-                                      f"takes numbers ({self.describe()})")
-                dtype = torch.from_numpy(np.empty(0, value.dtype.newbyteorder("="))).dtype
+                                      f"takes numbers ({self.describe()}){hint}")
+                else:
+                    dtype = torch.from_numpy(np.empty(0, value.dtype.newbyteorder("="))).dtype
             elif not isinstance(value, torch.Tensor):
                 raise ConfigError(f"batch {step + 1}: {name!r} is {_what(value)}; the {self.what} {name!r} takes a "
                                   f"tensor ({self.describe()})")

@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="the .onnx model")
     p.add_argument("--adapter", metavar="FILE", help="an .onnx_adapter (or a PEFT LoRA adapter directory) to activate for the run")
     p.add_argument("--inputs", metavar="NPZ", required=True, help="an .npz file with one array per model input (no pickle)")
-    p.add_argument("-o", "--out", metavar="NPZ", help="save the outputs to this .npz file")
+    p.add_argument("-o", "--out", metavar="NPZ", help="save the outputs to this .npz file (bfloat16 outputs as float32, "
+                   "which holds every bfloat16 value exactly: an .npz cannot carry bfloat16 as numbers)")
     p.add_argument("--cpu", action="store_true", help="force the CPU execution provider")
     p.add_argument("--json", action="store_true", help="print providers and outputs as JSON")
     p.set_defaults(func=run)
@@ -33,25 +34,33 @@ def load_feeds(path: str | Path) -> dict:
 
 
 def save_outputs(path: str | Path, arrays: dict) -> None:
-    """``arrays`` as an .npz (what ``np.savez`` writes). Not ``np.savez(f, **arrays)``: an output named ``file``
-    or ``allow_pickle`` would collide with its own parameters."""
+    """``arrays`` as an .npz (what ``np.savez`` writes), bfloat16 arrays as float32 (the same values). Not
+    ``np.savez(f, **arrays)``: an output named ``file`` or ``allow_pickle`` would collide with its own parameters."""
     import zipfile
 
     import numpy as np
 
+    from lora_fx.onnx_adapter import is_bfloat16
+
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, value in arrays.items():
+            value = np.asanyarray(value)
+            if is_bfloat16(value.dtype):
+                # .npy has no bfloat16: it would store bare 2-byte values ('|V2') that read back as bytes, not numbers.
+                value = value.astype(np.float32)
             with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+                np.lib.format.write_array(f, value, allow_pickle=False)
 
 
 def _stats(v) -> dict:
-    """Shape, dtype, mean, std and the first values; no mean/std of an empty or non-numeric output (numpy
-    would warn and give nan, or fail)."""
+    """Shape, dtype, mean, std (in float64) and the first values; no mean/std of an empty or non-numeric output
+    (numpy would warn and give nan, or fail). bfloat16 (numpy kind 'V') counts as numeric."""
     import numpy as np
 
+    from lora_fx.onnx_adapter import is_bfloat16
+
     v = np.asarray(v)
-    numeric = v.size > 0 and v.dtype.kind in "biuf"
+    numeric = v.size > 0 and (v.dtype.kind in "biuf" or is_bfloat16(v.dtype))
     return {"shape": list(v.shape), "dtype": str(v.dtype),
             "mean": float(np.mean(v, dtype=np.float64)) if numeric else None,
             "std": float(np.std(v, dtype=np.float64)) if numeric else None,

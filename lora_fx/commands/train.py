@@ -126,9 +126,15 @@ def read_data(path: str) -> dict[str, Any]:
 
 
 def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int) -> list[dict[str, Any]]:
+    """The data as batches of tensors, each graph input in its declared dtype (float32 data go into a bfloat16
+    input rounded to bfloat16, as ``.to(torch.bfloat16)`` rounds). An .npz entry of bare 2-byte values (np.savez's
+    form of ml_dtypes.bfloat16) is read as bfloat16 for a bfloat16 input and refused elsewhere."""
+    import ml_dtypes
     import numpy as np
+    import onnx_ir as ir
     import torch
 
+    from lora_fx.onnx_adapter import is_bfloat16
     from lora_fx.runtime.onnx_torch import torch_dtype
     from lora_fx.runtime.train import check_feed_shapes
 
@@ -156,15 +162,30 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
     tensors = {}
     for name in names:
         arr = np.asarray(data[name])
-        if arr.dtype.kind not in "biuf":
+        bf16_input = name in inputs and inputs[name].dtype == ir.DataType.BFLOAT16
+        if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and arr.dtype.names is None:
+            # np.savez stores ml_dtypes' bfloat16 as bare 2-byte values ('|V2'): bfloat16 where the graph takes it,
+            # as lora-fx run reads them; elsewhere the bytes could be anything.
+            if not bf16_input:
+                raise ConfigError(
+                    f"array {name!r} holds bare 2-byte values ({arr.dtype.str}), what np.savez writes for "
+                    "ml_dtypes.bfloat16: an .npz cannot carry bfloat16 as numbers. Store it as float32 "
+                    f"({name}.astype(np.float32), exact for bfloat16 values); float32 data are cast to a bfloat16 "
+                    "graph input")
+            arr = arr.view(ml_dtypes.bfloat16)
+        bf16 = is_bfloat16(arr.dtype)
+        if arr.dtype.kind not in "biuf" and not bf16:
             raise ConfigError(f"array {name!r} has dtype {arr.dtype}; only numbers can be fed to the graph")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if (arr.dtype.kind == "f" or bf16) and not np.isfinite(arr).all():
             # Training would stop at the first such batch with "loss is nan ... lower the learning rate".
             where = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise ConfigError(f"array {name!r} holds NaN or inf (first in example {where}); clean the data")
         if not arr.dtype.isnative:  # torch.from_numpy refuses other byte orders (an .npz from a big-endian machine)
             arr = arr.astype(arr.dtype.newbyteorder("="))
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if bf16:  # torch.from_numpy refuses ml_dtypes' bfloat16: its bits
+            t = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint16).copy()).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(arr))
         if name in inputs and inputs[name].dtype is not None:
             t = t.to(torch_dtype(inputs[name].dtype.value))
         tensors[name] = t

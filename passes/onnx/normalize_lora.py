@@ -62,6 +62,21 @@ def _projection(init: ir.Value, what: str) -> tuple[ir.Node, list[ir.Node], ir.V
     raise UnsupportedError(f"{what}: expected Transpose+MatMul or Gemm(transB=1), found {user.op_type}")
 
 
+def _scale_constant(value: ir.Value) -> tuple[np.ndarray | None, list[ir.Node]]:
+    """The constant ``value`` holds, and the Cast to drop with the Mul: a bfloat16/float16 branch multiplies by
+    ``Cast(float32 constant)``, so the scale it applies is that constant rounded to the Cast's dtype."""
+    const = ir.convenience.get_const_tensor(value)
+    if const is not None:
+        return const.numpy(), []
+    cast = value.producer()
+    if cast is None or cast.op_type != "Cast" or not _is_default_domain(cast) or len(value.uses()) != 1:
+        return None, []
+    source = ir.convenience.get_const_tensor(cast.inputs[0])
+    if source is None:
+        return None, []
+    return source.numpy().astype(ir.DataType(_attr(cast, "to", 0)).numpy()), [cast]
+
+
 class NormalizeLora:
     """Rewrite exported LoRA branches (Transpose/Gemm, Mul by the scale, Add) into contract layout.
 
@@ -113,11 +128,11 @@ class NormalizeLora:
         delta = mm_b.outputs[0]
         if after.op_type == "Mul" and _is_default_domain(after):
             other = after.inputs[1] if after.inputs[0] is delta else after.inputs[0]
-            const = ir.convenience.get_const_tensor(other)
-            if const is None or const.numpy().size != 1:
+            const, cast = _scale_constant(other)
+            if const is None or const.size != 1:
                 raise UnsupportedError(f"site {site}: the LoRA scale is not a scalar constant")
-            scale = float(const.numpy().reshape(()))
-            drop_mul = [after]
+            scale = float(const.reshape(()))
+            drop_mul = [after, *cast]
             delta = after.outputs[0]
             after = _single_user(delta, f"site {site}: the scaled branch")
         if after.op_type != "Add" or not _is_default_domain(after):
@@ -125,14 +140,14 @@ class NormalizeLora:
         add = after
         y = add.inputs[1] if add.inputs[0] is delta else add.inputs[0]
 
-        a_t = torch.from_numpy(np.array(a.const_value.numpy()))
-        b_t = torch.from_numpy(np.array(b.const_value.numpy()))
-        # Scale the float64 copy then cast back: folding s into B must not cost precision.
-        a_dep, b_dep = to_deployment_layout(a_t, b_t.double(), scale)
+        a_np, b_np = np.asarray(a.const_value.numpy()), np.asarray(b.const_value.numpy())
+        # Through float64 and back to each stored dtype (bfloat16 as ml_dtypes, which torch.from_numpy refuses):
+        # A's transpose is exact; s is folded into B in float64 before B goes back to its dtype.
+        a_dep, b_dep = to_deployment_layout(*(torch.from_numpy(t.astype(np.float64)) for t in (a_np, b_np)), scale)
         new_a = ir.Value(name=a.name, shape=ir.Shape(list(a_dep.shape)), type=a.type,
-                         const_value=ir.tensor(a_dep.numpy(), name=a.name))
+                         const_value=ir.Tensor(a_dep.numpy().astype(a_np.dtype), name=a.name))
         new_b = ir.Value(name=b.name, shape=ir.Shape(list(b_dep.shape)), type=b.type,
-                         const_value=ir.tensor(b_dep.numpy().astype(b_t.numpy().dtype), name=b.name))
+                         const_value=ir.Tensor(b_dep.numpy().astype(b_np.dtype), name=b.name))
         m1 = ir.node("MatMul", [x, new_a], name=f"{site}/lora_A/MatMul")
         m2 = ir.node("MatMul", [m1.outputs[0], new_b], name=f"{site}/lora_B/MatMul")
         m3 = ir.node("Add", [y, m2.outputs[0]], name=f"{site}/lora/Add")

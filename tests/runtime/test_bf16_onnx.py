@@ -388,12 +388,13 @@ def test_bf16_feeds_and_outputs_run_through_onnx_runtime_on_cpu(tmp_path) -> Non
     # int8 goes into bfloat16 exactly: cast, as int32 ids are for int64 inputs.
     ints = np.arange(-12, 12, dtype=np.int8).reshape(3, 8)
     np.testing.assert_array_equal(session.run({"x": ints}, output_names=["y"])[0], ints.astype(np.float32))
-    # lora-fx run: an .npz keeps bfloat16 as bare 2-byte values ('|V2'), in and out.
+    # lora-fx run: an .npz keeps bfloat16 feeds as bare 2-byte values ('|V2'); -o writes bfloat16 outputs as float32.
     np.savez(tmp_path / "in.npz", x=x)
     assert main(["run", str(tmp_path / "cast.onnx"), "--inputs", str(tmp_path / "in.npz"), "--cpu", "-o", str(tmp_path / "out.npz")]) == 0
     with np.load(tmp_path / "out.npz", allow_pickle=False) as out:
         np.testing.assert_array_equal(out["y"], x.astype(np.float32))
-        np.testing.assert_array_equal(out["z"].view(np.uint16), _bits(x))
+        assert out["z"].dtype == np.float32
+        np.testing.assert_array_equal(out["z"].astype(ml_dtypes.bfloat16).view(np.uint16), _bits(x))
     # The IOBinding path the CUDA provider takes, run on the host.
     session._device = "cpu"
     y, z = session._run_bound({"x": x}, None, None)
@@ -486,3 +487,276 @@ def test_export_adapters_of_a_bf16_prefix_model_writes_bf16_slots_and_a_peft_dir
         ours = OnnxModule(lora_fx.load(tuned))(**batch)["logits"]
         assert _rel(ours, hf(**batch).logits) > 0.1  # the prefixes really change the output
         assert _rel(pm(**batch).logits, ours) <= BF16_TOL
+
+
+def test_lora_fx_run_gives_bf16_output_statistics_and_saves_the_outputs_as_float32(tmp_path, capsys) -> None:
+    """``lora-fx run`` on bfloat16 outputs: mean and std computed in float64, as for other floats (not None), and -o
+    writes them as float32, which holds every bfloat16 value exactly and reads back as numbers without pickle."""
+    import json
+
+    path = lora_fx.save(_cast_bf16_graph(), tmp_path / "cast.onnx")
+    x = np.random.default_rng(2).standard_normal((3, 8)).astype(ml_dtypes.bfloat16)
+    np.savez(tmp_path / "in.npz", x=x)
+    out = tmp_path / "out.npz"
+    capsys.readouterr()
+    assert main(["run", str(path), "--inputs", str(tmp_path / "in.npz"), "--cpu", "--json", "-o", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    exact = x.astype(np.float64)
+    z = summary["outputs"]["z"]
+    assert z["dtype"] == "bfloat16" and z["shape"] == [3, 8]
+    assert z["mean"] == pytest.approx(float(exact.mean()), rel=1e-12, abs=1e-15)
+    assert z["std"] == pytest.approx(float(exact.std()), rel=1e-12)
+    assert z["first"] == exact.reshape(-1)[:8].tolist()
+    with np.load(out, allow_pickle=False) as saved:
+        assert saved["z"].dtype == np.float32 and saved["y"].dtype == np.float32
+        np.testing.assert_array_equal(saved["z"].astype(ml_dtypes.bfloat16).view(np.uint16), _bits(x))
+        np.testing.assert_array_equal(saved["z"], saved["y"])
+    assert main(["run", str(path), "--inputs", str(tmp_path / "in.npz"), "--cpu"]) == 0
+    assert f"z: shape (3, 8) bfloat16  mean {z['mean']:.6g}  std {z['std']:.6g}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "bfloat16 outputs as float32" in " ".join(capsys.readouterr().out.split())
+
+
+def _float32_tiny_graph() -> ir.Model:
+    model = _tiny_bf16_graph()
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        value.dtype = ir.DataType.FLOAT
+    weight = model.graph.initializers["fc.weight"]
+    weight.const_value = ir.tensor(weight.const_value.numpy().astype(np.float32), name="fc.weight")
+    weight.dtype = ir.DataType.FLOAT
+    return model
+
+
+def test_training_on_a_bf16_numpy_batch_equals_the_float32_batch_cast_to_bfloat16() -> None:
+    """lora_fx.train takes ml_dtypes.bfloat16 arrays for a bfloat16 graph input as it takes other numpy float
+    arrays: the losses and trained adapters are those of the same values as torch bfloat16 tensors (the float32
+    batch cast to bfloat16). The dtype must match the input's, as for every ONNX graph input."""
+    from lora_fx.errors import ConfigError
+
+    rng = np.random.default_rng(3)
+    x32 = rng.standard_normal((6, 8)).astype(np.float32)
+    target = rng.standard_normal((6, 4)).astype(np.float32)
+    names = ["fc.lora_A.weight", "fc.lora_B.weight"]
+
+    def loss_fn(out, batch):
+        return torch.nn.functional.mse_loss(out["y"].float(), torch.as_tensor(batch["t"]))
+
+    def trained(feed) -> tuple[list[float], dict[str, np.ndarray]]:
+        torch.manual_seed(0)
+        model = lora_fx.apply(_tiny_bf16_graph(), lora_fx.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False))
+        result = lora_fx.train(model, [{"x": feed, "t": target}], loss_fn, steps=3, lr=1e-2, progress=False)
+        return result.losses, {n: model.graph.initializers[n].const_value.numpy().view(np.uint16) for n in names}
+
+    reference = torch.from_numpy(x32).to(torch.bfloat16)
+    torch.manual_seed(0)
+    fresh = lora_fx.apply(_tiny_bf16_graph(), lora_fx.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False))
+    with torch.no_grad():
+        first = float(loss_fn(OnnxModule(fresh)(x=reference), {"t": target}))
+    losses, weights = trained(x32.astype(ml_dtypes.bfloat16))
+    want_losses, want_weights = trained(reference)
+    assert losses == want_losses and losses[0] == first
+    assert losses[-1] < losses[0]
+    for name in names:
+        np.testing.assert_array_equal(weights[name], want_weights[name])
+
+    model = lora_fx.apply(_tiny_bf16_graph(), lora_fx.LoraConfig(r=2, target_modules=["fc"]))
+    with pytest.raises(ConfigError, match="'x' is float32, but the graph input 'x' is bfloat16"):
+        lora_fx.train(model, [{"x": x32, "t": target}], loss_fn, steps=1, progress=False)
+    with pytest.raises(ConfigError, match=r"holds \|V2 values.*\.view\(ml_dtypes\.bfloat16\)"):
+        lora_fx.train(model, [{"x": x32.astype(ml_dtypes.bfloat16).view("V2"), "t": target}], loss_fn, steps=1, progress=False)
+    plain = lora_fx.apply(_float32_tiny_graph(), lora_fx.LoraConfig(r=2, target_modules=["fc"]))
+    with pytest.raises(ConfigError, match="'x' is bfloat16, but the graph input 'x' is float32"):
+        lora_fx.train(plain, [{"x": x32.astype(ml_dtypes.bfloat16), "t": target}], loss_fn, steps=1, progress=False)
+
+
+def test_cli_train_casts_float32_data_to_a_bf16_input_and_reads_npz_bfloat16(tmp_path, capsys) -> None:
+    """``lora-fx train`` on a bfloat16 model: float32 data arrays are rounded to the bfloat16 input (the adapters come
+    out as lora_fx.train makes them from the data cast by torch); the bare 2-byte values np.savez writes for an
+    ml_dtypes.bfloat16 array are read as bfloat16 for a bfloat16 input, and refused elsewhere with the way out."""
+    from lora_fx.commands.train import Loss, make_loss
+
+    torch.manual_seed(0)
+    path = lora_fx.save(lora_fx.apply(_tiny_bf16_graph(), lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"],
+                                                                           init_lora_weights=False)), tmp_path / "lora.onnx")
+    rng = np.random.default_rng(4)
+    x32 = rng.standard_normal((8, 8)).astype(np.float32)  # not bfloat16 values: the cast rounds them
+    labels = rng.standard_normal((8, 4)).astype(np.float32)
+    options = ["--steps", "3", "--lr", "1e-2", "--batch-size", "4", "--loss", "mse", "--no-progress"]
+    names = ["fc.lora_A.weight", "fc.lora_B.weight"]
+
+    def bits(model: ir.Model) -> dict[str, np.ndarray]:
+        return {n: model.graph.initializers[n].const_value.numpy().view(np.uint16) for n in names}
+
+    np.savez(tmp_path / "f32.npz", x=x32, labels=labels)
+    assert main(["train", str(path), "--data", str(tmp_path / "f32.npz"), "-o", str(tmp_path / "a.onnx"), *options]) == 0
+    reference = lora_fx.load(path)
+    xb = torch.from_numpy(x32).to(torch.bfloat16)
+    batches = [{"x": xb[i:i + 4], "labels": torch.from_numpy(labels[i:i + 4])} for i in (0, 4)]
+    lora_fx.train(reference, batches, make_loss(Loss.MSE, "y", "labels"), steps=3, lr=1e-2, max_grad_norm=1.0, seed=0,
+                  progress=False)
+    got, want = bits(lora_fx.load(tmp_path / "a.onnx")), bits(reference)
+    for name in names:
+        np.testing.assert_array_equal(got[name], want[name])
+        assert not np.array_equal(got[name], bits(lora_fx.load(path))[name])  # training moved it
+
+    np.savez(tmp_path / "bf16.npz", x=x32.astype(ml_dtypes.bfloat16), labels=labels)
+    with np.load(tmp_path / "bf16.npz", allow_pickle=False) as data:
+        assert data["x"].dtype.kind == "V"  # what np.savez makes of bfloat16
+    assert main(["train", str(path), "--data", str(tmp_path / "bf16.npz"), "-o", str(tmp_path / "b.onnx"), *options]) == 0
+    got = bits(lora_fx.load(tmp_path / "b.onnx"))
+    for name in names:
+        np.testing.assert_array_equal(got[name], want[name])
+
+    np.savez(tmp_path / "bad.npz", x=x32, labels=labels.astype(ml_dtypes.bfloat16))
+    capsys.readouterr()
+    assert main(["train", str(path), "--data", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "c.onnx"), *options]) == 2
+    err = capsys.readouterr().err
+    assert "array 'labels' holds bare 2-byte values" in err and "labels.astype(np.float32)" in err and "Traceback" not in err
+    assert not (tmp_path / "c.onnx").exists()
+
+
+class _Branch(torch.nn.Module):
+    """Two linear sites with PEFT-layout LoRA branches as the FX graph writes them, y + s * B(A(x)), all in one dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(8, 4, bias=False)
+        for fc, (i, o) in ((self.fc1, (16, 8)), (self.fc2, (8, 4))):
+            fc.add_module("lora_A", torch.nn.Linear(i, 2, bias=False))
+            fc.add_module("lora_B", torch.nn.Linear(2, o, bias=False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.fc1(x) + self.fc1.lora_B(self.fc1.lora_A(x)) * 2.0
+        return h, self.fc2(h) + self.fc2.lora_B(self.fc2.lora_A(h)) * 0.3
+
+
+def test_normalize_lora_rewrites_bf16_branches_of_a_torch_export(tmp_path) -> None:
+    """A LoRA branch exported in bfloat16 (``torch.onnx.export(dynamo=True, optimize=False)``: its scale is
+    ``Cast(float32 constant)`` to bfloat16, its A and B bfloat16 initializers) goes into contract layout: A' = A^T bit
+    for bit, B' = (s B)^T with s the bfloat16 scale the graph multiplied by; with s = 2 the rewritten site computes
+    the exported one bit for bit. lora_fx's own FX export never writes such a branch (it keeps float32 adapters on a
+    bfloat16 base, as PEFT does); a torch model with bfloat16 adapters does."""
+    from lora_fx.passes.onnx.normalize_lora import normalize_lora
+
+    torch.manual_seed(0)
+    module = _Branch().to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 16).to(torch.bfloat16)
+    path = tmp_path / "branch.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), dynamo=True, optimize=False, input_names=["x"],
+                          output_names=["h", "y"], verbose=False)
+    model = lora_fx.load(path)
+    assert "Cast" in [n.op_type for n in model.graph]
+    before = {k: _bf16(model.graph.initializers[f"{s}.lora_{k[-1]}.weight"]) for s in ("fc1", "fc2") for k in (f"{s}A", f"{s}B")}
+    with torch.no_grad():
+        h0, y0 = (OnnxModule(model)(x=x)[k] for k in ("h", "y"))
+    records = {s: {"r": 2, "alpha": 2 * scale, "scale": scale, "in_features": i, "out_features": o}
+               for s, scale, i, o in (("fc1", 2.0, 16, 8), ("fc2", 0.3, 8, 4))}
+    assert normalize_lora(model, records).changed == ["fc1", "fc2"]
+    assert {n.op_type for n in model.graph} <= {"Transpose", "MatMul", "Add", "Constant"}  # no Mul nor Cast left
+    assert set(read_records(model)) == {"fc1", "fc2"}
+    for site, graph_scale in (("fc1", 2.0), ("fc2", float(np.float32(0.3).astype(ml_dtypes.bfloat16)))):
+        a, b = (model.graph.initializers[f"{site}.lora_{p}.weight"] for p in "AB")
+        assert a.const_value.dtype == b.const_value.dtype == ir.DataType.BFLOAT16
+        assert torch.equal(_bf16(a), before[f"{site}A"].t())
+        assert torch.equal(_bf16(b), (before[f"{site}B"].double() * graph_scale).to(torch.bfloat16).t())
+    with torch.no_grad():
+        h, y = (OnnxModule(model)(x=x)[k] for k in ("h", "y"))
+        assert torch.equal(h, h0) and torch.equal(h, module(x)[0])
+        assert _rel(y, y0) <= BF16_TOL
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A tiny LlamaForSequenceClassification in bfloat16 and its dynamo export (logits bfloat16)."""
+    from tests.lora_fx.test_prefix_modules_to_save import _export, _llama
+
+    model = _llama().to(torch.bfloat16)
+    path = tmp_path_factory.mktemp("bf16cls") / "llama-cls-bf16.onnx"
+    _export(model, path, "dynamo")
+    assert lora_fx.load(path).graph.outputs[0].dtype == ir.DataType.BFLOAT16
+    return model, path
+
+
+def _base_head(path: Path) -> torch.Tensor:
+    """The classifier's score.weight as the export holds it (the optimized export names it only once the head is
+    trained in full: lora_fx.apply gives it its model name)."""
+    from tests.lora_fx.test_prefix_modules_to_save import T
+
+    applied = lora_fx.apply(lora_fx.load(path), lora_fx.PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
+    head = _bf16(applied.graph.initializers["score.weight"])
+    assert head.shape == (3, 32)
+    return head
+
+
+@pytest.mark.slow
+def test_a_bf16_seq_cls_prefix_adapter_saves_its_bf16_head_and_loads_in_peft(classifier, tmp_path) -> None:
+    """Prefix tuning with task_type SEQ_CLS on a bfloat16 ONNX classifier: the trained head (score.weight) is saved in
+    bfloat16, bit for bit, beside prompt_embeddings; PEFT loads the directory and computes the ONNX model's logits to
+    bfloat16 rounding, and the directory loads back onto the export bit for bit."""
+    import peft
+    from safetensors.torch import load_file
+
+    from tests.lora_fx.test_prefix_modules_to_save import T, _peft_logits
+
+    hf, path = classifier
+    model = lora_fx.apply(lora_fx.load(path), lora_fx.PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
+    batch = {**models.inputs(3, 7, pad=2, seed=3), "labels": torch.tensor([0, 2, 1])}
+    lora_fx.train(model, [batch], lambda out, b: torch.nn.functional.cross_entropy(out["logits"].float(), b["labels"]),
+                  steps=3, lr=3e-2, progress=False)
+    head = _bf16(model.graph.initializers["score.weight"])
+    assert not torch.equal(head, _base_head(path))  # the head trained
+    folder = lora_fx.save_adapter(model, tmp_path / "peft")
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert saved["base_model.score.weight"].dtype == torch.bfloat16
+    assert torch.equal(saved["base_model.score.weight"], head)
+
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), folder).eval()
+    b = models.inputs(2, 9, pad=3, seed=7)
+    with torch.no_grad():
+        ours = OnnxModule(model)(**b)["logits"]
+        assert _rel(ours, hf(**b).logits) > 0.1  # prefixes and head really change the output
+        assert _rel(_peft_logits(loaded, b), ours) <= BF16_TOL
+        back = lora_fx.load_adapter(lora_fx.load(path), folder)
+        assert torch.equal(_bf16(back.graph.initializers["score.weight"]), head)
+        assert torch.equal(OnnxModule(back)(**b)["logits"], ours)
+
+
+@pytest.mark.slow
+def test_a_bf16_seq_cls_prefix_file_without_its_head_loads_with_the_base_head(classifier, tmp_path) -> None:
+    """A SEQ_CLS prefix file with no head and modules_to_save unset (an earlier lora_fx's) loads onto the bfloat16
+    classifier with its base head, bit for bit: onto the export itself, and onto a model whose head an adapter moved
+    (back to its recorded base). The logits are PEFT's with the base head, to bfloat16 rounding."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.lora_fx.test_prefix_modules_to_save import _peft, _peft_logits
+
+    hf, path = classifier
+    pm = _peft(hf)
+    pm.save_pretrained(tmp_path / "peft")
+    old = tmp_path / "old"
+    old.mkdir()
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    emb = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))["prompt_embeddings"]
+    save_file({"prompt_embeddings": emb}, str(old / "adapter_model.safetensors"))
+    wrapper = pm.base_model.score
+    wrapper.modules_to_save["default"].load_state_dict(wrapper.original_module.state_dict())
+    base_head = _base_head(path)
+    b = models.inputs(3, 7, pad=2, seed=3)
+    with torch.no_grad():
+        want = _peft_logits(pm, b)
+        fresh = lora_fx.load_adapter(lora_fx.load(path), old)
+        got = OnnxModule(fresh)(**b)["logits"]
+        assert torch.equal(_bf16(fresh.graph.initializers["score.weight"]), base_head)
+        assert _rel(got, want) <= BF16_TOL
+        assert _rel(got, hf(**b).logits) > 0.1  # the prefixes were loaded
+        moved = lora_fx.load_adapter(lora_fx.load(path), tmp_path / "peft")
+        assert not torch.equal(_bf16(moved.graph.initializers["score.weight"]), base_head)
+        lora_fx.load_adapter(moved, old)
+        assert torch.equal(_bf16(moved.graph.initializers["score.weight"]), base_head)
+        assert torch.equal(OnnxModule(moved)(**b)["logits"], got)
