@@ -253,14 +253,11 @@ def load_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Any:
     if _is_onnx(gm):
         from lora_fx.passes.onnx.insert_prefix import prefix_metadata
 
-        # An encoder-decoder layout loads only into the slots of a file lora_fx.export_onnx wrote from a torch graph.
         layout = prefix_metadata(gm).get("num_transformer_submodules", 1) if prefix_metadata(gm) else None
-        if config.num_transformer_submodules == 2 and layout != 2:
-            raise UnsupportedError(
-                f"{directory} is an encoder-decoder (SEQ_2_SEQ_LM, num_transformer_submodules=2) prefix adapter, and this "
-                "ONNX model has no encoder-decoder prefix slots; the ONNX pass does not reproduce PEFT's decoder-only "
-                "prefixes (nor T5's relative position bias over them). Load it onto the torch model (lora_fx.capture, "
-                "lora_fx.load_adapter) and export that with lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters')"
+        if config.num_transformer_submodules == 2 and layout not in (None, 2):
+            raise AdapterError(
+                f"{directory} is an encoder-decoder (SEQ_2_SEQ_LM, num_transformer_submodules=2) prefix adapter, but this "
+                "ONNX model holds decoder-only prefix slots; was the adapter trained on another model?"
             )
         if layout == 2 and config.num_transformer_submodules != 2:
             raise AdapterError(
@@ -341,7 +338,23 @@ def _load_onto_onnx(model: Any, config: PrefixConfig, emb: torch.Tensor) -> Any:
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
     kv, hd = shapes.pop()
-    if record.get("num_transformer_submodules") == 2:
+    if not record and config.num_transformer_submodules == 2:
+        # PEFT's SEQ_2_SEQ_LM layout: the decoder's self-attention sites only, each reading its block of the
+        # embeddings; read as the pass will lay them out, and checked before it changes anything.
+        from lora_fx.passes.onnx.insert_prefix import select_prefix_sites, seq2seq_blocks, seq2seq_roles
+
+        every = find_sites(model)
+        roles = seq2seq_roles(every)
+        if roles is None:
+            raise AdapterError(
+                "this is an encoder-decoder (SEQ_2_SEQ_LM, num_transformer_submodules=2) prefix adapter, but this ONNX "
+                "model has no cross-attention: was the adapter trained on another model?"
+            )
+        found = select_prefix_sites(every, dataclasses.replace(config, target_modules=None))
+        blocks = seq2seq_blocks(roles, found)
+        layout = {"sites": {s.name: {"block": blocks[s.name]} for s in found}, "num_blocks": len(roles.encoder)}
+        pairs = from_peft_blocks(layout, emb, kv, hd)
+    elif record.get("num_transformer_submodules") == 2:
         pairs = from_peft_blocks(record, emb, kv, hd)
     else:
         pairs = dict(zip(sites, from_prompt_embeddings(emb, len(sites), kv, hd)))

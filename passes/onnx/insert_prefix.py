@@ -11,18 +11,29 @@ How the prefix enters each attention form, and which sites are refused, is in
 positions by T is ``prefix_positions``. This module is the pass: it validates every site first,
 then rewrites them and records the prefixes.
 
+Encoder-decoder models (BART, Marian, Pegasus, mBART; roles read from the graph by ``seq2seq_roles``:
+a cross-attention projects its keys from the encoder's output) follow PEFT's SEQ_2_SEQ_LM: only the
+decoder's self-attention takes prefixes, decoder layer l reads block ``2 l mod num_layers`` of PEFT's
+``prompt_embeddings`` (sites reading one block share one initializer, as ``lora_fx.export_onnx`` writes
+them), and only the decoder's positions move. Encoder and cross-attention sites named in
+``target_modules`` are refused; T5's decoder self-attention is refused by ``prefix_forms`` (its relative
+position bias over the prefix keys is not rebuilt).
+
 ONNX layout, read by export and ``fold_lora`` (which refuses to fold prefixes):
 
 * initializers ``<site>.prefix_key`` / ``<site>.prefix_value`` ``[kv_heads, T, head_dim]`` in the
   model's dtype;
 * ``metadata_props["lora_fx.prefix"]``: JSON ``{"num_virtual_tokens": T, "sites": {site: {"kv_heads",
-  "head_dim", "key", "value"}}}`` (``key``/``value`` are the initializer names) and
+  "head_dim", "key", "value"}}}`` (``key``/``value`` are the initializer names; an encoder-decoder's
+  record adds each site's ``block``, ``num_blocks`` and ``num_transformer_submodules: 2``) and
   ``metadata_props["lora_fx.prefix_config"]``: the PrefixConfig JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import onnx_ir as ir
@@ -30,6 +41,7 @@ import torch
 
 from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
+from lora_fx.passes.fx.insert_prefix import _check_submodules
 from lora_fx.passes.onnx.find_sites import _projection_node, attention_parts, const_tensor, find_sites, is_inserted, linear_parts, site_name
 from lora_fx.passes.onnx.prefix_forms import FORMS, forget_widened, refusal
 from lora_fx.passes.onnx.prefix_nodes import MIN_OPSET, lower_to_opset
@@ -67,11 +79,23 @@ def _ancestors(values: Sequence[ir.Value]) -> set[int]:
     return seen
 
 
-def encoder_decoder_roles(sites: Sequence[Site]) -> tuple[list[Site], list[Site]] | None:
-    """(cross-attention sites, encoder self-attention sites) of an encoder-decoder model, or None.
+@dataclass
+class Seq2SeqRoles:
+    """The attention sites of an encoder-decoder graph by role (each in graph order) and ``encoder_values``, the
+    ids of every value the encoder's output is computed from (its positions among them)."""
+
+    encoder: list[Site]
+    decoder: list[Site]
+    cross: list[Site]
+    encoder_values: set[int]
+
+
+def seq2seq_roles(sites: Sequence[Site]) -> Seq2SeqRoles | None:
+    """The roles of an encoder-decoder model's attention sites, or None for a model without cross-attention.
 
     A cross-attention projects its keys from another activation than its queries, one its queries do not
-    depend on (the encoder's output); the encoder's sites are those that output depends on."""
+    depend on (the encoder's output); the encoder's sites are those that output depends on, the decoder's
+    self-attention the rest."""
     attention = [s for s in sites if s.kind is SiteKind.ATTENTION and isinstance(s.handle, ir.Node)]
     sources = {}
     for s in attention:
@@ -90,24 +114,46 @@ def encoder_decoder_roles(sites: Sequence[Site]) -> tuple[list[Site], list[Site]
         return None
     encoder_values = _ancestors([sources[id(s)][1] for s in cross])
     crossing = {id(s) for s in cross}
-    encoder = [s for s in attention if id(s) not in crossing and any(id(o) in encoder_values for o in s.handle.outputs)]
-    return cross, encoder
+    rest = [s for s in attention if id(s) not in crossing]
+    in_encoder = {id(s) for s in rest if any(id(o) in encoder_values for o in s.handle.outputs)}
+    encoder = [s for s in rest if id(s) in in_encoder]
+    decoder = [s for s in rest if id(s) not in in_encoder]
+    return Seq2SeqRoles(encoder, decoder, cross, encoder_values)
 
 
-def _refuse_encoder_decoder(model: ir.Model) -> None:
-    roles = encoder_decoder_roles(find_sites(model))
-    if roles is None:
-        return
-    cross, encoder = roles
-    raise UnsupportedError(
-        f"this ONNX model is an encoder-decoder (cross-attention at {', '.join(s.name for s in cross)}; encoder "
-        f"self-attention at {', '.join(s.name for s in encoder) or 'none found'}). PEFT's prefix-tuning (SEQ_2_SEQ_LM) "
-        "reaches only the decoder's self-attention, reads its prefixes in PEFT's block layout and moves only the "
-        "decoder's positions; the ONNX pass does not reproduce that, and prefixing every site would silently differ "
-        "from PEFT. Apply the PrefixConfig to the torch model instead: gm = lora_fx.capture(model, kwargs=...); "
-        "lora_fx.apply(gm, PrefixConfig(...)) (or lora_fx.load_adapter(gm, peft_dir)); then "
-        "lora_fx.export_onnx(gm, path, kwargs=..., mode='adapters')"
-    )
+def encoder_decoder_roles(sites: Sequence[Site]) -> tuple[list[Site], list[Site]] | None:
+    """(cross-attention sites, encoder self-attention sites) of an encoder-decoder model, or None."""
+    roles = seq2seq_roles(sites)
+    return None if roles is None else (roles.cross, roles.encoder)
+
+
+def seq2seq_blocks(roles: Seq2SeqRoles, chosen: Sequence[Site]) -> dict[str, int]:
+    """The block of PEFT's SEQ_2_SEQ_LM ``prompt_embeddings`` each chosen site reads; refuses, naming the site
+    and its role, a site PEFT's prefix never reaches (the encoder's self-attention, a cross-attention)."""
+    from lora_fx.passes.fx.insert_prefix import seq2seq_block
+
+    # By name: the pass finds the sites again, so the Site objects differ from the chosen ones.
+    decoder = {s.name for s in roles.decoder}
+    others = [s for s in chosen if s.name not in decoder]
+    if others:
+        role = "a cross-attention" if any(s.name == others[0].name for s in roles.cross) else "the encoder's self-attention"
+        raise UnsupportedError(
+            f"attention site {others[0].name} cannot take a prefix: it is {role} in an encoder-decoder model, and PEFT's "
+            "prefix-tuning (SEQ_2_SEQ_LM) reaches only the decoder's self-attention (transformers drops the cache in the "
+            "encoder and PEFT empties the cross-attention cache), so there is no PEFT behaviour to match there. Select "
+            f"decoder self-attention sites only ({', '.join(s.name for s in roles.decoder) or 'none found'}), or use LoRA "
+            "(LoraConfig) on the encoder"
+        )
+    num_layers = len(roles.encoder)
+    if num_layers < len(roles.decoder):
+        raise UnsupportedError(
+            f"this encoder-decoder model has {num_layers} encoder and {len(roles.decoder)} decoder layers; PEFT's "
+            "SEQ_2_SEQ_LM prefix layout sizes the prefixes by the encoder's layer count (num_layers), so decoder layers "
+            f"from {num_layers} on get no prefix and PEFT fails there (IndexError), leaving no PEFT behaviour to match. "
+            "Use LoRA (LoraConfig) on this model"
+        )
+    layers = [s.name for s in roles.decoder]
+    return {s.name: seq2seq_block(layers.index(s.name), num_layers) for s in chosen}
 
 
 _MERGED_BACK = {"Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Reshape"}
@@ -198,7 +244,9 @@ class InsertPrefix:
     ``Cos``/``Sin`` (rotary) or a constant-table ``Gather`` (position embeddings), a ``Slice`` of a
     ``…position_ids`` initializer (BERT), a ``position_ids`` graph input. Refuses, naming the site and
     the reason and before changing anything, sites that already read or write a KV cache; unpacks
-    ``com.microsoft.Attention``'s packed QKV weight into ``MultiHeadAttention`` first.
+    ``com.microsoft.Attention``'s packed QKV weight into ``MultiHeadAttention`` first. Of an
+    encoder-decoder model it takes decoder self-attention sites only (see the module docstring) and leaves
+    the encoder's positions as they are.
     """
 
     def __init__(self, config: PrefixConfig, sites: Sequence[Site],
@@ -217,8 +265,14 @@ class InsertPrefix:
                 f"prefix-tuning inserts ops of ONNX opset {MIN_OPSET} or later (Range), and this model imports opset {opset}: "
                 f"convert it with onnx.version_converter.convert_version(model, {MIN_OPSET}), or re-export it at a newer opset"
             )
-        _refuse_encoder_decoder(model)
         refuse_merged_heads(model)
+        # Encoder-decoder models: PEFT's SEQ_2_SEQ_LM prefix reaches the decoder's self-attention alone, decoder
+        # layers read blocks of prompt_embeddings (sites sharing one share one initializer), and only the decoder's
+        # positions move (the cache is the decoder's).
+        roles = seq2seq_roles(find_sites(model))
+        blocks = seq2seq_blocks(roles, self.sites) if roles is not None else None
+        _check_submodules(self.config, blocks)
+        keep = roles.encoder_values if roles is not None else frozenset()
         plan = []
         for site in self.sites:  # validate everything before the first change
             parts = attention_parts(site.handle)
@@ -245,22 +299,54 @@ class InsertPrefix:
         record: dict[str, Any] = {"num_virtual_tokens": T, "sites": {}}
         changed = []
         plan_dtype = ir.DataType.FLOAT
+        if blocks is not None:
+            self._check_shared(blocks)
+            record["num_transformer_submodules"] = 2
+            record["num_blocks"] = len(roles.encoder)
+        by_block: dict[int, tuple[ir.Value, ir.Value]] = {}
         for site, parts, rewrite, facts in plan:
-            values = self._initializers(graph, site, parts, T)
+            block = blocks[site.name] if blocks is not None else None
+            values = by_block.get(block) if block is not None else None
+            if values is None:
+                values = self._initializers(graph, site, parts, T)
+                if block is not None:
+                    by_block[block] = values
             plan_dtype = values[0].dtype
             rewrite(graph, site, parts, T, values, facts)
             record["sites"][site.name] = {"kv_heads": parts.kv_heads, "head_dim": parts.head_dim,
                                           "key": values[0].name, "value": values[1].name}
+            if block is not None:
+                record["sites"][site.name]["block"] = block
             changed.append(site.name)
         forget_widened(graph)
-        changed += offset_positions(graph, T)
+        changed += offset_positions(graph, T, keep)
         if plan:
             # The builders write opset-15 ops; an older model gets its own opset's spelling of them.
             lower_to_opset(graph, opset, plan_dtype)
         # Not sort_keys: the sites' order is the layer order PEFT's prompt_embeddings blocks follow (h.10 sorts before h.2).
         model.metadata_props[PREFIX_KEY] = json.dumps(record)
-        model.metadata_props[PREFIX_CONFIG_KEY] = self.config.to_json()
+        config = self.config
+        if blocks is not None:
+            # What PEFT records for this model, so the saved config loads in PEFT as SEQ_2_SEQ_LM (the only task whose
+            # PeftModel gives an encoder-decoder this layout). lora_fx.apply guesses FEATURE_EXTRACTION from a
+            # ...ForConditionalGeneration class it does not know, which would load in PEFT without the prefixes.
+            task = config.task_type if config.task_type not in (None, "FEATURE_EXTRACTION") else "SEQ_2_SEQ_LM"
+            config = dataclasses.replace(config, num_transformer_submodules=2, task_type=task)
+        model.metadata_props[PREFIX_CONFIG_KEY] = config.to_json()
         return PassResult(model, True, changed)
+
+    def _check_shared(self, blocks: dict[str, int]) -> None:
+        first: dict[int, str] = {}
+        for site, block in blocks.items():
+            if site not in self.prefixes:
+                continue
+            other = first.setdefault(block, site)
+            if other != site and not all(torch.equal(a, b) for a, b in zip(self.prefixes[other], self.prefixes[site])):
+                raise AdapterError(
+                    f"sites {other} and {site} read the same block {block} of PEFT's SEQ_2_SEQ_LM prompt_embeddings, "
+                    "so they hold one prefix initializer, but the prefixes given for them differ; give both the same "
+                    "values (PEFT's layout ties them)"
+                )
 
     def _initializers(self, graph: ir.Graph, site: Site, parts: Any, T: int) -> tuple[ir.Value, ir.Value]:
         """The site's ``prefix_key`` / ``prefix_value`` initializers ``[kv_heads, T, head_dim]``."""
@@ -287,9 +373,20 @@ def select_attention_sites(sites: Sequence[Site], config: PrefixConfig) -> list[
     return select(sites, config)
 
 
+def select_prefix_sites(sites: Sequence[Site], config: PrefixConfig) -> list[Site]:
+    """The attention sites ``config`` selects that PEFT's prefix-tuning reaches: of an encoder-decoder model, without
+    target_modules, the decoder's self-attention (named encoder or cross-attention sites are refused by the pass)."""
+    chosen = select_attention_sites(sites, config)
+    roles = seq2seq_roles(sites)
+    if roles is None or config.target_modules is not None:
+        return chosen
+    decoder = {s.name for s in roles.decoder}
+    return [s for s in chosen if s.name in decoder]
+
+
 def insert_prefix(model: ir.Model, config: PrefixConfig, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PassResult:
     refuse_merged_heads(model)
-    return InsertPrefix(config, select_attention_sites(find_sites(model), config), prefixes)(model)
+    return InsertPrefix(config, select_prefix_sites(find_sites(model), config), prefixes)(model)
 
 
 def apply_prefix(model: ir.Model, config: PrefixConfig) -> ir.Model:
@@ -305,5 +402,6 @@ def apply_prefix(model: ir.Model, config: PrefixConfig) -> ir.Model:
     return model
 
 
-__all__ = ["InsertPrefix", "PREFIX_KEY", "PREFIX_CONFIG_KEY", "apply_prefix", "encoder_decoder_roles", "insert_prefix", "offset_positions",
-           "merged_heads_attention", "position_sources", "prefix_metadata", "prefix_names", "refuse_merged_heads"]
+__all__ = ["InsertPrefix", "PREFIX_KEY", "PREFIX_CONFIG_KEY", "Seq2SeqRoles", "apply_prefix", "encoder_decoder_roles", "insert_prefix",
+           "offset_positions", "merged_heads_attention", "position_sources", "prefix_metadata", "prefix_names", "refuse_merged_heads",
+           "select_prefix_sites", "seq2seq_blocks", "seq2seq_roles"]

@@ -1,7 +1,8 @@
 """Move the real tokens' positions to ``T .. T+n-1`` after T prefix tokens (as PEFT's KV-cache prefix
 does): finds the values holding positions (a ``Range`` reaching ``Cos``/``Sin`` or a position-embedding
 ``Gather``, a slice of a constant ``position_ids`` table, a ``position_ids`` input) and adds T on the
-edges that lead to positions only, never on those of a causal mask built from the same ``Range``."""
+edges that lead to positions only, never on those of a causal mask built from the same ``Range``, nor on an
+encoder's positions (``keep``) in an encoder-decoder model."""
 
 from __future__ import annotations
 
@@ -86,10 +87,13 @@ def position_sources(graph: ir.Graph) -> list[tuple[ir.Value, list[tuple[ir.Node
     return list(grouped.values())
 
 
-def offset_positions(graph: ir.Graph, T: int) -> list[str]:
-    """Add T to the positions (see the FX pass: PEFT's cache of T prefixes does this)."""
+def offset_positions(graph: ir.Graph, T: int, keep: set[int] | frozenset = frozenset()) -> list[str]:
+    """Add T to the positions (see the FX pass: PEFT's cache of T prefixes does this), but to those of values whose
+    id is in ``keep`` (an encoder's, which PEFT's cache never reaches)."""
     changed = []
     for value, edges in position_sources(graph):
+        if id(value) in keep:
+            continue
         nodes: list[ir.Node] = []
         dtype = value.dtype or ir.DataType.INT64
         t = emit_const(nodes, np.array(T, dtype=dtype.numpy()), f"{value.name}/prefix_offset/T")
