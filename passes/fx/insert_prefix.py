@@ -454,16 +454,23 @@ def peft_prefix_sites(sites: Sequence[Site], chosen: Sequence[Site], explicit: b
             "this encoder-decoder model has no decoder self-attention lora_fx can find, the only place PEFT's "
             "prefix-tuning reaches; use LoRA (LoraConfig) on this model"
         )
-    num_layers = len(roles.encoder)
-    if num_layers < len(roles.decoder):
+    return decoder, seq2seq_layer_blocks([s.name for s in roles.encoder], [s.name for s in roles.decoder],
+                                         [s.name for s in decoder])
+
+
+def seq2seq_layer_blocks(encoder: Sequence[str], decoder: Sequence[str], chosen: Sequence[str]) -> dict[str, int]:
+    """The ``seq2seq_block`` of each chosen decoder self-attention site (by name), for both front ends; refuses a
+    model with more decoder than encoder layers, where PEFT itself fails."""
+    num_layers = len(encoder)
+    if num_layers < len(decoder):
         raise UnsupportedError(
-            f"this encoder-decoder model has {num_layers} encoder and {len(roles.decoder)} decoder layers; PEFT's "
+            f"this encoder-decoder model has {num_layers} encoder and {len(decoder)} decoder layers; PEFT's "
             "SEQ_2_SEQ_LM prefix layout sizes the prefixes by the encoder's layer count (num_layers), so decoder layers "
             f"from {num_layers} on get no prefix and PEFT fails there (IndexError), leaving no PEFT behaviour to match. "
             "Use LoRA (LoraConfig) on this model"
         )
-    layers = [s.name for s in roles.decoder]
-    return decoder, {s.name: seq2seq_block(layers.index(s.name), num_layers) for s in decoder}
+    layers = list(decoder)
+    return {name: seq2seq_block(layers.index(name), num_layers) for name in chosen}
 
 
 def seq2seq_block(layer: int, num_layers: int) -> int:

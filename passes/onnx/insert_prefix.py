@@ -130,7 +130,7 @@ def encoder_decoder_roles(sites: Sequence[Site]) -> tuple[list[Site], list[Site]
 def seq2seq_blocks(roles: Seq2SeqRoles, chosen: Sequence[Site]) -> dict[str, int]:
     """The block of PEFT's SEQ_2_SEQ_LM ``prompt_embeddings`` each chosen site reads; refuses, naming the site
     and its role, a site PEFT's prefix never reaches (the encoder's self-attention, a cross-attention)."""
-    from lora_fx.passes.fx.insert_prefix import seq2seq_block
+    from lora_fx.passes.fx.insert_prefix import seq2seq_layer_blocks
 
     # By name: the pass finds the sites again, so the Site objects differ from the chosen ones.
     decoder = {s.name for s in roles.decoder}
@@ -144,16 +144,7 @@ def seq2seq_blocks(roles: Seq2SeqRoles, chosen: Sequence[Site]) -> dict[str, int
             f"decoder self-attention sites only ({', '.join(s.name for s in roles.decoder) or 'none found'}), or use LoRA "
             "(LoraConfig) on the encoder"
         )
-    num_layers = len(roles.encoder)
-    if num_layers < len(roles.decoder):
-        raise UnsupportedError(
-            f"this encoder-decoder model has {num_layers} encoder and {len(roles.decoder)} decoder layers; PEFT's "
-            "SEQ_2_SEQ_LM prefix layout sizes the prefixes by the encoder's layer count (num_layers), so decoder layers "
-            f"from {num_layers} on get no prefix and PEFT fails there (IndexError), leaving no PEFT behaviour to match. "
-            "Use LoRA (LoraConfig) on this model"
-        )
-    layers = [s.name for s in roles.decoder]
-    return {s.name: seq2seq_block(layers.index(s.name), num_layers) for s in chosen}
+    return seq2seq_layer_blocks([s.name for s in roles.encoder], [s.name for s in roles.decoder], [s.name for s in chosen])
 
 
 _MERGED_BACK = {"Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Reshape"}

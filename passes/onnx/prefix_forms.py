@@ -225,14 +225,7 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
     # The graph repeats K and V to every query head (repeat_kv) when heads != kv; the prefix likewise.
     reps = heads // kv if heads != kv else 1
     # K: scores = MatMul(q, [Mul](kᵀ, s)); the prefix joins kᵀ on its last axis, before the scale.
-    kt_consumer, kt_index = scores, 1
-    producer = scores.inputs[1].producer()
-    if producer is not None and producer.op_type in ("Mul", "Div") and const_tensor(producer.inputs[1]) is not None:
-        kt_consumer, kt_index = producer, 0
-    kt = kt_consumer.inputs[kt_index]
-    _grow_key_axis(scores, sink, T)
-    if kt_consumer is not scores:
-        _grow_key_axis(kt_consumer, scores, T)
+    kt_consumer, kt_index, kt = _key_input(scores, sink, T)
     nodes: list[ir.Node] = []
     pk_b = batched(nodes, values[0], kv, reps, T, hd, kt, "bnhs", f"{tag}/key")
     new_kt = emit(nodes, "Concat", [pk_b, kt], f"{tag}/key/concat", axis=-1)
@@ -696,19 +689,25 @@ def _remove_unused(graph: ir.Graph, value: ir.Value) -> None:
             graph.remove(node, safe=True)
 
 
+def _key_input(scores: ir.Node, sink: ir.Node, T: int) -> tuple[ir.Node, int, ir.Value]:
+    """Where kᵀ enters ``scores = MatMul(q, [Mul|Div](kᵀ, s))``: the node and input index the prefixed kᵀ replaces
+    (the scale's when kᵀ is scaled before the MatMul) and kᵀ itself; the key axis of what lies between grows by T."""
+    consumer, index = scores, 1
+    producer = scores.inputs[1].producer()
+    if producer is not None and producer.op_type in ("Mul", "Div") and const_tensor(producer.inputs[1]) is not None:
+        consumer, index = producer, 0
+    _grow_key_axis(scores, sink, T)
+    if consumer is not scores:
+        _grow_key_axis(consumer, scores, T)
+    return consumer, index, consumer.inputs[index]
+
+
 def _rewrite_merged(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value],
                     facts: dict[str, Any]) -> None:
     heads, tag = parts.num_heads, f"{site.name}/prefix"
     scores, sink = facts["scores"], facts["sink"]
     # K: scores = MatMul(q, [Mul](kᵀ, s)) on [batch*heads, hd, k]; the prefix joins kᵀ on its last axis, before a scale.
-    kt_consumer, kt_index = scores, 1
-    producer = scores.inputs[1].producer()
-    if producer is not None and producer.op_type in ("Mul", "Div") and const_tensor(producer.inputs[1]) is not None:
-        kt_consumer, kt_index = producer, 0
-    kt = kt_consumer.inputs[kt_index]
-    _grow_key_axis(scores, sink, T)
-    if kt_consumer is not scores:
-        _grow_key_axis(kt_consumer, scores, T)
+    kt_consumer, kt_index, kt = _key_input(scores, sink, T)
     nodes: list[ir.Node] = []
     pk = merged_batched(nodes, values[0], heads, kt, True, f"{tag}/key")
     new_kt = emit(nodes, "Concat", [pk, kt], f"{tag}/key/concat", axis=-1)
