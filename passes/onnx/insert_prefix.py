@@ -11,13 +11,14 @@ How the prefix enters each attention form, and which sites are refused, is in
 positions by T is ``prefix_positions``. This module is the pass: it validates every site first,
 then rewrites them and records the prefixes.
 
-Encoder-decoder models (BART, Marian, Pegasus, mBART; roles read from the graph by ``seq2seq_roles``:
+Encoder-decoder models (BART, Marian, Pegasus, mBART, T5; roles read from the graph by ``seq2seq_roles``:
 a cross-attention projects its keys from the encoder's output) follow PEFT's SEQ_2_SEQ_LM: only the
 decoder's self-attention takes prefixes, decoder layer l reads block ``2 l mod num_layers`` of PEFT's
 ``prompt_embeddings`` (sites reading one block share one initializer, as ``lora_fx.export_onnx`` writes
 them), and only the decoder's positions move. Encoder and cross-attention sites named in
-``target_modules`` are refused; T5's decoder self-attention is refused by ``prefix_forms`` (its relative
-position bias over the prefix keys is not rebuilt).
+``target_modules`` are refused. T5's relative position bias (computed once, shared by the decoder layers) is
+computed again over the T prefix keys by ``prefix_forms``, as PEFT's cache makes T5 compute it; a model with such a
+bias and no encoder-decoder roles (a T5 encoder alone), which PEFT never prefixes, is refused.
 
 ONNX layout, read by export and ``fold_lora`` (which refuses to fold prefixes):
 
@@ -43,7 +44,7 @@ from lora_fx.config import PrefixConfig
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 from lora_fx.passes.fx.insert_prefix import _check_submodules
 from lora_fx.passes.onnx.find_sites import _projection_node, attention_parts, const_tensor, find_sites, is_inserted, linear_parts, site_name
-from lora_fx.passes.onnx.prefix_forms import FORMS, forget_widened, refusal
+from lora_fx.passes.onnx.prefix_forms import FORMS, carries_relative_position_bias, forget_widened, refusal
 from lora_fx.passes.onnx.prefix_nodes import MIN_OPSET, lower_to_opset
 from lora_fx.passes.onnx.prefix_positions import offset_positions, position_sources
 from lora_fx.passes.result import PassResult
@@ -276,6 +277,13 @@ class InsertPrefix:
                     f"packed), so the prefix shape is too. Export with the dynamo exporter (torch.onnx.export(..., dynamo=True)), "
                     f"which records the shapes"
                 )
+            if roles is None and carries_relative_position_bias(parts):
+                raise UnsupportedError(refusal(
+                    site, parts, "its scores carry a relative position bias (T5) and the model has no decoder reading an "
+                    "encoder: PEFT's prefix-tuning reaches a T5-style model only through the decoder's self-attention of "
+                    "an encoder-decoder (SEQ_2_SEQ_LM) and never prefixes a T5 encoder, so there is no PEFT behaviour to "
+                    "match here. Export the whole T5ForConditionalGeneration (use_cache=False) and prefix that file, or "
+                    "use LoRA (LoraConfig) on the encoder"))
             how = FORMS.get(parts.op)
             if how is None:
                 raise UnsupportedError(refusal(site, parts, f"lora_fx has no rule for the {parts.op} form"))

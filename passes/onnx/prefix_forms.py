@@ -7,12 +7,18 @@ One rule per form, as onnxscript's rewrite rules: ``check`` reads the site and r
 Attention forms and how the prefix enters each:
 
 * decomposed (``MatMul(q, kᵀ)`` → scale → ``Add(mask)`` → ``Softmax`` → ``MatMul(·, v)``): ``Concat``
-  on kᵀ and V, T zero columns in front of the additive mask;
+  on kᵀ and V, T zero columns in front of the additive mask. A T5 relative position bias added to the scores
+  (a constant table ``Gather``-ed at bucketed ``memory - context`` positions, both numbered by ``Range``) is
+  computed again as PEFT's cache of T prefixes makes T5 compute it: prefix key t at position t seen from query i
+  at T + i gets the bucket of ``t - T - i`` (the real keys' ``j - i`` stay), through a copy of the model's own
+  bucketing nodes, and a mask the bias meets on the way (SDPA exports merge them with ``Where``) gains T visible
+  columns;
 * the opset-23/24 ``Attention`` op (3-D or 4-D Q/K/V): ``Concat`` on its K and V inputs, its ``attn_mask``
   padded with T visible columns, ``is_causal=1`` replaced by an explicit causal mask offset by T
   (without a cache ONNX aligns ``is_causal`` upper-left, which would hide the real keys behind the
   prefix); an opset-24 ``nonpad_kv_seqlen`` grows by T instead, and ``is_causal``, which the op then
-  aligns to it, stays. Opset-25 sliding windows are refused;
+  aligns to it, stays. An ``attn_mask`` carrying a T5 relative position bias is computed again over T + k keys
+  as in the decomposed form. Opset-25 sliding windows are refused;
 * ``com.microsoft.MultiHeadAttention``: ``Concat`` on key and value, the packed ``bias`` added to Q/K/V
   by explicit nodes first (it must not reach the prefix), ``key_padding_mask`` / ``attention_bias``
   padded, ``unidirectional=1`` replaced by an explicit causal bias offset by T;
@@ -33,7 +39,8 @@ Attention forms and how the prefix enters each:
 
 Refused, naming the site and the reason, before anything changes: sites that already take a KV cache
 (past inputs or used present outputs), masks whose visible value or key axis cannot be told from the
-graph, packed QKV inputs of ``MultiHeadAttention``, ``mask_index`` / in-op rotary of
+graph, a relative position bias in a fused op's bias input or one whose positions are not ``[1, keys]`` minus
+``[queries, 1]``, packed QKV inputs of ``MultiHeadAttention``, ``mask_index`` / in-op rotary of
 ``com.microsoft.Attention``, explicit ``position_ids`` of ``GroupQueryAttention``.
 """
 
@@ -101,32 +108,102 @@ def relative_position_bias(value: ir.Value | None, budget: int = 48) -> ir.Node 
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if node.op_type == "Gather" and const_tensor(node.inputs[0]) is not None:
-            inner: set[int] = set()
-            back = [node.inputs[1]]
-            while back and len(inner) < 40:
-                u = back.pop(0)
-                src = u.producer() if u is not None else None
-                if src is None or id(src) in inner:
-                    continue
-                inner.add(id(src))
-                if src.op_type == "Sub" and all(_from_range(i) for i in src.inputs[:2]):
-                    return node
-                back.extend(src.inputs)
+        if node.op_type == "Gather" and const_tensor(node.inputs[0]) is not None and _relative_positions(node) is not None:
+            return node
         if node.op_type not in ("MatMul", "Softmax"):
             queue.extend(node.inputs)
     return None
 
 
+def _relative_positions(gather: ir.Node) -> ir.Node | None:
+    """The ``Sub(memory, context)`` of two ``Range``-numbered positions that ``gather``'s indices are bucketed from."""
+    inner: set[int] = set()
+    back = [gather.inputs[1]]
+    while back and len(inner) < 40:
+        u = back.pop(0)
+        src = u.producer() if u is not None else None
+        if src is None or id(src) in inner:
+            continue
+        inner.add(id(src))
+        if src.op_type == "Sub" and all(_from_range(i) for i in src.inputs[:2]):
+            return src
+        back.extend(src.inputs)
+    return None
+
+
+def carries_relative_position_bias(parts: Any) -> bool:
+    """Whether the site's scores get a T5-style relative position bias (through the scores before its Softmax, or
+    its op's mask and bias inputs)."""
+    node = parts.node
+    inputs = [node.inputs[0]] if parts.op in ("decomposed", "merged_heads") else list(node.inputs[3:])
+    return any(relative_position_bias(v) is not None for v in inputs if v is not None)
+
+
 def _refuse_relative_bias(site: Site, parts: Any, mask: ir.Value | None, what: str) -> None:
     if relative_position_bias(mask) is not None:
-        # PEFT's cache gives prefix keys a real relative-position bias (and prefixes T5's decoder self-attention
-        # only); recovering the bucket computation to extend it over T more keys is done on the FX graph.
+        # Rebuilt where the exporter wrote it (the decomposed scores, the opset-23 Attention op's attn_mask); a fused
+        # op's bias input may have been rearranged by the fusion, so its chain back to the positions is not trusted.
         raise UnsupportedError(refusal(
             site, parts, f"its {what} carries a relative position bias (T5), which PEFT's prefix-tuning extends over "
-            "the prefix keys (and applies to the decoder's self-attention only); the ONNX pass does not rebuild that "
-            "bias. Apply the PrefixConfig to the torch model (lora_fx.capture of T5ForConditionalGeneration) and export "
-            "it with lora_fx.export_onnx"))
+            "the prefix keys; lora_fx rebuilds that bias where torch.onnx writes it (the decomposed scores, or the "
+            f"opset-23 Attention op's attn_mask), not in the {what} of a {parts.op} site. Prefix the file as exported, "
+            "before fusing attention (torch.onnx.export(..., dynamo=True) or the TorchScript exporter), or apply the "
+            "PrefixConfig to the torch model (lora_fx.capture of T5ForConditionalGeneration) and export it with "
+            "lora_fx.export_onnx"))
+
+
+_ELEMENTWISE_MASKS = {"Where": (0,), "And": (0, 1), "Or": (0, 1), "Add": (0, 1), "Sub": (0,)}
+
+
+def _relative_bias_plan(site: Site, parts: Any, term: ir.Value) -> dict[str, Any]:
+    """How ``term``, a score term carrying a relative position bias, is computed again for T prefix keys: the
+    ``Sub(memory, context)`` it buckets and, for every tensor the bias meets on its way to the scores (the mask an
+    SDPA export merges in with ``Where``), the input to widen by T visible columns. Refuses a bias it cannot read."""
+    gather = relative_position_bias(term)
+    sub = _relative_positions(gather)
+
+    def axes(value: ir.Value) -> list[int] | None:
+        node = value.producer()
+        while node is not None and node.op_type in ("Cast", "Add"):
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if node is None or node.op_type != "Unsqueeze":
+            return None
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            t = const_tensor(node.inputs[1])
+            return None if t is None else [int(a) for a in np.asarray(t.numpy()).reshape(-1)]
+        return list(node.attributes.get_ints("axes", [])) or None
+
+    memory, context = axes(sub.inputs[0]), axes(sub.inputs[1])
+    if memory != [0] or context not in ([1], [-1]):
+        raise UnsupportedError(refusal(
+            site, parts, "its relative position bias buckets a Sub of two positions that are not key positions "
+            f"[1, keys] minus query positions [queries, 1] (Unsqueeze axes {memory} and {context}), so lora_fx cannot "
+            "tell which to extend by the T prefix keys"))
+    between = {id(n) for n in _ancestor_nodes(term, 1 << 30)}
+    chain, frontier = [], [sub]
+    seen = {id(sub)}
+    while frontier:  # the nodes from the Sub to the term: those computed from the relative positions
+        for out in frontier.pop().outputs:
+            for user, _ in out.uses():
+                if id(user) in between and id(user) not in seen:
+                    seen.add(id(user))
+                    chain.append(user)
+                    frontier.append(user)
+    computed = {id(o) for n in [sub, *chain] for o in n.outputs}
+    pads = []
+    for node in chain:
+        for i, inp in enumerate(node.inputs):
+            if inp is None or id(inp) in computed or _constant(inp) or rank_of(inp) == 0:
+                continue
+            if node.op_type not in _ELEMENTWISE_MASKS or i not in _ELEMENTWISE_MASKS[node.op_type]:
+                raise UnsupportedError(refusal(
+                    site, parts, f"its relative position bias meets another tensor at {node.op_type} node {node.name!r}, "
+                    "which lora_fx cannot give T prefix columns"))
+            if static_dim(inp, -1) != 1:
+                # Where's condition and And/Or operands are boolean masks: True shows the prefix; added ones are additive.
+                fill = np.array([True]) if node.op_type in ("Where", "And", "Or") else None
+                pads.append((node, i, fill))
+    return {"sub": sub, "pads": pads}
 
 
 def _check_mask(site: Site, parts: Any, mask: ir.Value | None, what: str) -> None:
@@ -204,16 +281,18 @@ def _grow_key_axis(scores: ir.Node, sink: ir.Node, T: int) -> None:
                     frontier.append(user)
 
 
-def _check_decomposed(site: Site, parts: Any, graph: ir.Graph) -> None:
+def _check_decomposed(site: Site, parts: Any, graph: ir.Graph) -> dict[int, dict[str, Any]]:
+    """The plan of each score term carrying a relative position bias, by the term's id."""
     scores, path = _scores_of(parts.node)
     on_path = {id(n) for n in path} | {id(scores)}
+    plans = {}
     for node in path:
         if node.op_type == "Add":
             for inp in node.inputs[:2]:
                 src = inp.producer() if inp is not None else None
-                if inp is not None and (src is None or id(src) not in on_path):
-                    _refuse_relative_bias(site, parts, inp, "score bias")
-    return None
+                if inp is not None and (src is None or id(src) not in on_path) and relative_position_bias(inp) is not None:
+                    plans[id(inp)] = _relative_bias_plan(site, parts, inp)
+    return plans
 
 
 def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values: tuple[ir.Value, ir.Value], facts: Any) -> None:
@@ -248,6 +327,12 @@ def _rewrite_decomposed(graph: ir.Graph, site: Site, parts: Any, T: int, values:
             src = inp.producer() if inp is not None else None
             if inp is None or (src is not None and id(src) in on_path) or const_tensor(inp) is not None:
                 continue
+            if id(inp) in facts:
+                # T5: the relative position bias (with the mask an SDPA export merges in) computed again for the T
+                # prefix keys at positions 0..T-1 in front, seen from queries at T..T+n-1, as PEFT's cache makes it.
+                node.replace_input_with(i, _widened_relative_bias(graph, inp, facts[id(inp)], T))
+                _remove_unused(graph, inp)
+                continue
             nodes = []
             padded = pad_front(nodes, inp, T, f"{tag}/mask" + (f"_{masks}" if masks else ""))
             masks += 1
@@ -277,7 +362,11 @@ def _check_onnx_attention(site: Site, parts: Any, graph: ir.Graph) -> dict[str, 
     if not k_heads or k_heads % parts.kv_heads:
         raise UnsupportedError(refusal(site, parts, f"K carries {k_heads} heads, not a multiple of the site's "
                                         f"{parts.kv_heads} key/value heads"))
-    _check_mask(site, parts, input_at(node, 3), "attn_mask")
+    mask = input_at(node, 3)
+    if mask is not None and relative_position_bias(mask) is not None:
+        # T5 exported at opset 23: its relative position bias (merged with the mask) is the op's attn_mask.
+        return {"rank": rank, "reps": k_heads // parts.kv_heads, "bias": _relative_bias_plan(site, parts, mask)}
+    _check_mask(site, parts, mask, "attn_mask")
     return {"rank": rank, "reps": k_heads // parts.kv_heads}
 
 
@@ -289,7 +378,11 @@ def _rewrite_onnx_attention(graph: ir.Graph, site: Site, parts: Any, T: int, val
     nodes: list[ir.Node] = []
     seq_axis = _concat_key_value(nodes, node, parts, values, T, rank, reps, tag)
     mask = input_at(node, 3)
-    if mask is not None:
+    if mask is not None and "bias" in facts:
+        old_mask, mask = mask, _widened_relative_bias(graph, mask, facts["bias"], T)
+        node.replace_input_with(3, mask)
+        _remove_unused(graph, old_mask)
+    elif mask is not None:
         mask = pad_front(nodes, mask, T, f"{tag}/mask", fill=visible_fill(mask.dtype))
     causal = node.attributes.get_int("is_causal", 0) if "is_causal" in node.attributes else 0
     nonpad = input_at(node, 6)
@@ -660,13 +753,33 @@ def _widened_key_bias(graph: ir.Graph, bias: ir.Value, root: ir.Value, is_mask: 
         else:
             graph.insert_after(producer, nodes)
         memo[id(root)] = (root, new)
+    return _copy_widened(graph, bias, memo, T, {})
+
+
+def _copy_widened(graph: ir.Graph, bias: ir.Value, memo: dict[int, tuple[ir.Value, ir.Value]], T: int,
+                  pads: dict[tuple[int, int], np.ndarray | None]) -> ir.Value:
+    """The nodes between a widened root (in ``memo``) and ``bias`` copied onto the widened values, once per graph;
+    input ``i`` of a copied ``node`` listed in ``pads`` as ``(id(node), i)`` (a mask the bias meets) gains T visible
+    columns in front (the fill, or additive zeros); other inputs not computed from the root are shared as they are."""
+    def widened(value: ir.Value | None) -> ir.Value | None:
+        entry = memo.get(id(value)) if value is not None else None
+        return entry[1] if entry is not None else None
+
     chain = {id(n) for n in _ancestor_nodes(bias, 1 << 30)}
     for node in list(graph):
         if id(node) not in chain or widened(node.outputs[0]) is not None or is_inserted(node):
             continue
         if not any(widened(i) is not None for i in node.inputs):
-            continue  # not computed from the mask: shared as it is
-        copy = ir.Node(node.domain, node.op_type, [widened(i) or i for i in node.inputs],
+            continue  # not computed from the root: shared as it is
+        inputs, nodes = [], []
+        for i, value in enumerate(node.inputs):
+            if widened(value) is not None:
+                inputs.append(widened(value))
+            elif (id(node), i) in pads:
+                inputs.append(pad_front(nodes, value, T, f"{node.name}/prefix_widened/input_{i}", fill=pads[(id(node), i)]))
+            else:
+                inputs.append(value)
+        copy = ir.Node(node.domain, node.op_type, inputs,
                        [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()], num_outputs=len(node.outputs),
                        version=node.version, overload=node.overload, name=f"{node.name}/prefix_widened",
                        metadata_props={INSERTED: "prefix"})
@@ -676,8 +789,33 @@ def _widened_key_bias(graph: ir.Graph, bias: ir.Value, root: ir.Value, is_mask: 
             if old.dtype is not None:
                 new.dtype = old.dtype
             memo[id(old)] = (old, new)
-        graph.insert_after(node, copy)
+        graph.insert_after(node, [*nodes, copy])
     return widened(bias)
+
+
+def _widened_relative_bias(graph: ir.Graph, term: ir.Value, plan: dict[str, Any], T: int) -> ir.Value:
+    """``term`` (a T5 relative position bias, merged with a mask or not) over T prefix keys in front: the relative
+    positions ``memory - context`` gain T columns ``(t - T) - context`` for prefix key t (keys at 0..T-1, queries
+    at T + context; the real keys' ``j - i`` stay), the bucketing and the table lookup run on them as the model's
+    own nodes do (copied once per graph: layers share them), and the masks the bias meets gain T visible columns."""
+    memo: dict[int, tuple[ir.Value, ir.Value]] = graph.meta.setdefault(_WIDENED, {})
+    sub = plan["sub"]
+    rel = sub.outputs[0]
+    if id(rel) not in memo:
+        nodes: list[ir.Node] = []
+        tag = f"{sub.name}/prefix"
+        memory, context = sub.inputs[0], sub.inputs[1]
+        # In the positions' own dtype (T5 numbers them as int64, which an export without types leaves unsaid): no
+        # CastLike, which an opset-14 file would get lowered to a Cast to the attention's float dtype.
+        dtype = (memory.dtype or context.dtype or ir.DataType.INT64).numpy()
+        keys = emit_const(nodes, np.arange(-T, 0).astype(dtype).reshape(1, T), f"{tag}/prefix_keys")
+        front = emit(nodes, "Sub", [keys, context], f"{tag}/prefix_positions")
+        new = emit(nodes, "Concat", [front, rel], f"{tag}/positions", axis=-1)
+        if rel.dtype is not None:
+            new.dtype = rel.dtype
+        graph.insert_after(sub, nodes)
+        memo[id(rel)] = (rel, new)
+    return _copy_widened(graph, term, memo, T, {(id(node), i): fill for node, i, fill in plan["pads"]})
 
 
 def _remove_unused(graph: ir.Graph, value: ir.Value) -> None:

@@ -182,7 +182,8 @@ def test_peft_adapter_loads_onto_an_onnx_file(onnx_corpus, tmp_path, name):
 
 
 def test_two_additive_terms_each_gain_prefix_columns(tmp_path):
-    """A model adding a bias and then the mask to the scores (a hand-built graph; T5 itself is refused): both get T visible columns, with distinct
+    """A model adding a bias and then the mask to the scores (a hand-built graph input, no T5 relative position bias,
+    which is computed again instead: test_insert_prefix_t5.py): both get T visible columns, with distinct
     node names (ONNX Runtime refuses a model with two nodes of one name), and the result is attention over the
     prefix keys/values followed by the real ones."""
     import onnx
