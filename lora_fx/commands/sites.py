@@ -47,15 +47,21 @@ def run(args: argparse.Namespace) -> int:
     # ONNX layers inside If/Loop/Scan subgraphs (passes.onnx.find_sites.Sites.subgraphs): listed, never rewritten.
     groups = [(g, [s for s in g.sites if not args.kind or s.kind.value == args.kind]) for g in getattr(sites, "subgraphs", ())]
     note = getattr(sites, "unreachable_note", None)
+    # Linear layers in If branches on main-graph weights (Optimum's merged decoders): ordinary sites, said where.
+    inside = getattr(sites, "inside", {})
     if args.kind:
         sites = [s for s in sites if s.kind.value == args.kind]
     if args.json:
-        print_json([s.to_dict() for s in sites]
+        print_json([dict(s.to_dict(), inside=inside[s.name]) if s.name in inside else s.to_dict() for s in sites]
                    + [dict(s.to_dict(), rewritable=False, inside=g.where) for g, hidden in groups for s in hidden])
     else:
         print(format_sites(sites))
         n_lin = sum(s.kind.value == "linear" for s in sites)
         print(f"\n{len(sites)} sites: {n_lin} linear, {len(sites) - n_lin} attention")
+        shown = [s.name for s in sites if s.name in inside]
+        for where in dict.fromkeys(inside[n] for n in shown):
+            names = [n for n in shown if inside[n] == where]
+            print(f"{len(names)} of them inside {where}: each is one site (one adapter), rewritten in every branch")
         hidden = [s for _, part in groups for s in part]
         if hidden:
             print(f"\nnot rewritable, inside control-flow subgraphs ({len(hidden)}):\n{format_sites(hidden)}\n\n{note}")

@@ -5,7 +5,10 @@ by name, so each ``<site>.lora_A.weight`` / ``<site>.lora_B.weight`` becomes an 
 same-named initializer as the value used when no adapter is active. The defaults are real zeros of
 rank 1 (never rank 0: onnxruntime issue 21483 on CUDA), so without an adapter the model computes
 exactly the base model. The rank dimension is symbolic (one name per site) so adapters of different
-ranks run in one session.
+ranks run in one session. A site inside ``If`` branches (Optimum's merged decoders) has one A and B in the main
+graph, read by every branch from the outer scope, so one slot pair serves both branches: ONNX Runtime resolves a
+branch's outer-scope read to the fed input or active adapter. (Such overridable inputs are listed by
+``InferenceSession.get_overridable_initializers()``, not ``get_inputs()``.)
 
 The parameters of modules trained in full (``modules_to_save``, the SEQ_CLS head) become slots the
 same way, under their model names (``classifier.weight``), when their base values are given: the
@@ -24,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lora_fx.errors import AdapterError, UnsupportedError
-from lora_fx.passes.onnx.lora_layout import find_branch, read_records
+from lora_fx.passes.onnx.lora_layout import find_branches, read_records
 from lora_fx.passes.result import PassResult
 
 # The rank of the zero defaults: the smallest real (non-empty) tensor.
@@ -57,11 +60,13 @@ class ExposeAdapters:
         records = read_records(model)
         if not records:
             raise AdapterError("this model has no LoRA adapter to expose; call lora_fx.apply(model, LoraConfig(...)) first")
+        found = {site: find_branches(graph, site, rec) for site, rec in records.items()}
         changed = []
-        for site, rec in records.items():
-            branch = find_branch(graph, site, rec)
+        for site, branches in found.items():
+            branch = branches[0]
             r = rank_dim(site)
-            _free_rank(branch.matmul_a.outputs[0], r)
+            for each in branches:  # every If branch's copy plans its buffers from its own x @ A
+                _free_rank(each.matmul_a.outputs[0], r)
             if branch.a in graph.inputs and branch.b in graph.inputs:
                 continue
             in_f, out_f = branch.a.shape[0], branch.b.shape[1]

@@ -23,10 +23,13 @@ optional mask (``Add``/``Where``, torch's ``IsNaN``/``Where`` guards) → ``Soft
 view. ``num_heads`` and ``kv_heads`` come from static shapes or attributes, and for grouped-query models
 from the K projection (so a repeated K still reports the true kv head count).
 
-Only the main graph is searched for sites that passes rewrite. Sites inside control-flow subgraphs (the branches
-of ``If``, the bodies of ``Loop`` and ``Scan``, nested at any depth; Hugging Face Optimum's merged decoders hold the
-whole decoder in an ``If``) are found the same way and reported apart (``Sites.subgraphs``), so that target
-selection can say why a target matching them is not adapted; no pass rewrites them.
+Control-flow subgraphs (the branches of ``If``, the bodies of ``Loop`` and ``Scan``, nested at any depth) are
+searched the same way. A linear layer in ``If`` branches whose weight is an initializer of the main graph (Hugging
+Face Optimum's merged decoders hold the whole decoder in an ``If``, both branches reading one set of weights) is one
+ordinary site, however many branch nodes read that weight: the passes put one adapter in the main graph and a branch
+at every such node (``site_nodes``; ``Sites.inside`` says where each lies). The rest (attention inside subgraphs,
+layers in ``Loop``/``Scan`` bodies, weights stored inside a subgraph) is reported apart (``Sites.subgraphs``), so that
+target selection can say why a target matching it is not adapted; no pass rewrites it.
 
 Names, in order of preference: the dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata (the
 calling module's path), TorchScript node names (``/encoder/layer.0/attention/self/query/MatMul``),
@@ -46,6 +49,7 @@ selection (see its docstring).
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -821,10 +825,56 @@ def _subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
     return found
 
 
+def _nested(node: ir.Node) -> list[tuple[str, ir.Graph, bool]]:
+    """Every graph inside ``node`` (a main-graph node), nested at any depth, depth first, each with the attribute of
+    ``node`` it lies under and whether a ``Loop``/``Scan`` (anything but ``If``) runs it: such a body may run many
+    times per step, each run its own call of the layer."""
+    found: list[tuple[str, ir.Graph, bool]] = []
+    for key, branch in _subgraphs(node):
+        stack = [(branch, node.op_type != "If")]
+        while stack:
+            graph, looped = stack.pop()
+            found.append((key, graph, looped))
+            stack += [(g, looped or n.op_type != "If") for n in graph for _, g in _subgraphs(n)]
+    return found
+
+
+def subgraph_graphs(model: ir.Model) -> list[ir.Graph]:
+    """The model's graphs: the main graph first, then every control-flow subgraph (nested at any depth)."""
+    return [model.graph] + [g for node in model.graph for _, g, _ in _nested(node)]
+
+
+def _branch_weight(site: Site, root: ir.Graph, looped: bool) -> ir.Value | None:
+    """The main-graph initializer a subgraph's linear site reads, where that makes it one site in every branch:
+    an adaptable linear layer, in If branches only, on an outer-scope initializer. None otherwise."""
+    if looped or site.kind is not SiteKind.LINEAR:
+        return None
+    parts = linear_parts(site.handle)
+    weight = parts.weight if parts is not None and parts.adaptable else None
+    if weight is None or not weight.name or root.initializers.get(weight.name) is not weight:
+        return None
+    return weight
+
+
+def site_nodes(model: ir.Model, node: ir.Node) -> list[ir.Node]:
+    """Every node of the site whose ``handle`` is ``node``: the node itself in the main graph; for a site inside If
+    branches (``Sites.inside``), every linear node of the model's subgraphs that reads the same outer-scope weight,
+    in the order ``find_sites`` meets them."""
+    if node.graph is model.graph:
+        return [node]
+    parts = linear_parts(node)
+    if parts is None or parts.weight is None:
+        return [node]
+    return [n for g in subgraph_graphs(model)[1:] for n in g
+            if (p := linear_parts(n)) is not None and p.weight is parts.weight]
+
+
 @dataclass
 class SubgraphLayers:
     """The linear and attention sites inside one main-graph node's subgraphs (an ``If``'s branches, a ``Loop``'s or
-    ``Scan``'s body, and any control flow nested in them), which no lora_fx pass rewrites.
+    ``Scan``'s body, and any control flow nested in them) that no lora_fx pass rewrites: attention, and linear layers
+    in a ``Loop``/``Scan`` body or whose weight is not an initializer of the main graph. (A linear layer in ``If``
+    branches reading a main-graph initializer is an ordinary site, listed in ``Sites.inside``.)
 
     ``sites`` holds each layer once: a layer found under the same name in several branches (Optimum's merged decoder
     holds the whole decoder in both, reading one set of weights) is the same layer. ``subgraphs`` names the node's
@@ -841,14 +891,21 @@ class SubgraphLayers:
 
     @property
     def is_optimum_merged(self) -> bool:
-        node = self.node
-        switch = any(v is not None and v.name == _OPTIMUM_SWITCH for v in node.inputs)
-        return node.op_type == "If" and (node.name == _OPTIMUM_IF or switch)
+        return _is_optimum_merged(self.node)
 
     @property
     def where(self) -> str:
         """``If node 'optimum::if' (else_branch, then_branch)``."""
-        return f"{self.node.op_type} node {self.node.name or '(unnamed)'!r} ({', '.join(self.subgraphs)})"
+        return _where(self.node, self.subgraphs)
+
+
+def _is_optimum_merged(node: ir.Node) -> bool:
+    switch = any(v is not None and v.name == _OPTIMUM_SWITCH for v in node.inputs)
+    return node.op_type == "If" and (node.name == _OPTIMUM_IF or switch)
+
+
+def _where(node: ir.Node, keys: list[str]) -> str:
+    return f"{node.op_type} node {node.name or '(unnamed)'!r} ({', '.join(keys)})"
 
 
 def _site_weight(site: Site) -> ir.Value | None:
@@ -856,26 +913,56 @@ def _site_weight(site: Site) -> ir.Value | None:
     return parts.weight if parts is not None else None
 
 
-def subgraph_layers(model: ir.Model) -> list[SubgraphLayers]:
-    """The linear and attention sites inside control-flow subgraphs, one entry per main-graph node holding any,
-    in graph order. Names are made as ``find_sites`` makes them, unique among the subgraphs of one node."""
+def _control_flow_sites(model: ir.Model, main: list[Site], unique: Callable[[str], str]) -> tuple[list[Site], dict[str, str], list[SubgraphLayers]]:
+    """The sites inside control-flow subgraphs: those passes rewrite (linear layers in If branches on main-graph
+    initializers, one site per weight whatever the number of branch nodes reading it, named by ``unique`` after the
+    main graph's), where each lies, and the rest grouped per main-graph node (``SubgraphLayers``)."""
     root = model.graph
-    found: list[SubgraphLayers] = []
+    # (holder, attribute, looped, the site as its own graph sees it), names unique within one branch.
+    found: list[tuple[ir.Node, str, bool, Site]] = []
     for node in root:
-        branches = _subgraphs(node)
-        if not branches:
+        namers: dict[str, Callable[[str], str]] = {}
+        for key, graph, looped in _nested(node):
+            # per branch: the branches of an If may hold copies of the same layers
+            found += [(node, key, looped, s) for s in _graph_sites(graph, root, namers.setdefault(key, _namer()))]
+    main_weights = {id(w) for s in main if (w := _site_weight(s)) is not None}
+    by_weight: dict[int, list[tuple[ir.Node, str, bool, Site]]] = {}
+    for entry in found:
+        weight = _site_weight(entry[3])
+        if weight is not None:
+            by_weight.setdefault(id(weight), []).append(entry)
+    # A weight is one site only where every linear node reading it can carry the same branch: all in If branches.
+    shared = {key for key, entries in by_weight.items()
+              if key not in main_weights and all(_branch_weight(s, root, looped) is not None for _, _, looped, s in entries)}
+    rewritable: list[Site] = []
+    inside: dict[str, str] = {}
+    done: set[int] = set()
+    for _, _, _, site in found:
+        key = id(_site_weight(site)) if site.kind is SiteKind.LINEAR else None
+        if key not in shared or key in done:
             continue
+        done.add(key)
+        entries = by_weight[key]
+        parts = linear_parts(site.handle)
+        name = unique(site_name(site.handle, parts.weight, parts.bias))
+        rewritable.append(dataclasses.replace(
+            site, name=name, part_of=_whole_module(root, site.handle, name),
+            is_output_layer=any(s.is_output_layer for *_, s in entries)))
+        holders: dict[int, tuple[ir.Node, list[str]]] = {}
+        for holder, attr, _, _ in entries:
+            keys = holders.setdefault(id(holder), (holder, []))[1]
+            if attr not in keys:
+                keys.append(attr)
+        inside[name] = "; ".join(_where(h, keys) for h, keys in holders.values())
+    groups: list[SubgraphLayers] = []
+    for node in root:
         sites: list[Site] = []
         names: set[str] = set()
         weights: set[int] = set()
         holding: list[str] = []
-        for key, branch in branches:
-            unique = _namer()  # per branch: the branches of an If may hold copies of the same layers
-            stack, own = [branch], []
-            while stack:
-                graph = stack.pop()
-                own += _graph_sites(graph, root, unique)
-                stack += [g for n in graph for _, g in _subgraphs(n)]
+        for key in dict.fromkeys(k for k, _ in _subgraphs(node)):
+            own = [s for holder, attr, _, s in found if holder is node and attr == key
+                   and not (s.kind is SiteKind.LINEAR and id(_site_weight(s)) in shared)]
             own_weights = {id(_site_weight(s)) for s in own} - {id(None)}
             # A copy reads the same outer-scope weight, even where the exporter named its node differently.
             new = [s for s in own if s.name not in names and id(_site_weight(s)) not in weights]
@@ -885,8 +972,15 @@ def subgraph_layers(model: ir.Model) -> list[SubgraphLayers]:
             weights |= own_weights
             sites += new
         if sites:
-            found.append(SubgraphLayers(node, holding, sites))
-    return found
+            groups.append(SubgraphLayers(node, holding, sites))
+    return rewritable, inside, groups
+
+
+def subgraph_layers(model: ir.Model) -> list[SubgraphLayers]:
+    """The sites inside control-flow subgraphs that no pass rewrites, one entry per main-graph node holding any, in
+    graph order. Names are made as ``find_sites`` makes them, unique among the subgraphs of one node."""
+    main = _graph_sites(model.graph, model.graph, _namer())
+    return _control_flow_sites(model, main, _namer())[2]
 
 
 def _count(n: int, what: str) -> str:
@@ -906,12 +1000,14 @@ def subgraph_note(groups: list[SubgraphLayers]) -> str | None:
         names = [s.name for s in group.sites]
         example = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         parts.append(f"{what} ({example}) lie{'s' if len(names) == 1 else ''} inside the subgraphs of {group.where}")
-    text = "; ".join(parts) + ", which lora_fx does not rewrite (its passes rewrite the main graph only)."
+    text = "; ".join(parts) + (
+        ", which lora_fx does not rewrite (it adapts linear layers in If branches that read main-graph initializers; "
+        "not attention, Loop/Scan bodies, or weights stored inside a subgraph).")
     if any(g.is_optimum_merged for g in groups):
         text += (
             " This is Hugging Face Optimum's merged decoder (decoder_model_merged.onnx, the decoders with and without "
-            "past key values as the two branches of one If): rewrite decoder_model.onnx and decoder_with_past_model.onnx "
-            "instead, which `optimum-cli export onnx --no-post-process` keeps apart."
+            "past key values as the two branches of one If): for these, rewrite decoder_model.onnx and "
+            "decoder_with_past_model.onnx instead, which `optimum-cli export onnx --no-post-process` keeps apart."
         )
     else:
         text += " Export the model without control flow (layers unrolled into the main graph, no If/Loop/Scan around them)."
@@ -919,17 +1015,23 @@ def subgraph_note(groups: list[SubgraphLayers]) -> str | None:
 
 
 class Sites(list):
-    """``find_sites``' result: a list of the main graph's ``Site`` objects, in graph order, with what lies beyond it.
+    """``find_sites``' result: a list of the model's ``Site`` objects, in graph order, with what lies beyond it.
 
-    ``subgraphs`` lists the sites found inside control-flow subgraphs (``SubgraphLayers``), ``unreachable`` the same
-    sites flat, and ``unreachable_note`` says why no pass rewrites them and the way out (None when there are none).
-    ``lora_fx.targeting.select_targets`` reads ``unreachable`` and ``unreachable_note`` to explain a target that
-    matches only such layers; a list built from this one (filtered, sliced) is a plain list without them.
+    The main graph's sites come first, then the linear layers inside ``If`` branches that read a main-graph
+    initializer (Hugging Face Optimum's merged decoders): each is one site however many branch nodes read its weight
+    (its ``handle`` is the first; ``site_nodes`` gives them all), and ``inside`` maps its name to where it lies
+    (``If node 'optimum::if' (else_branch, then_branch)``). ``subgraphs`` lists the sites inside control-flow subgraphs
+    that no pass rewrites (``SubgraphLayers``), ``unreachable`` the same sites flat, and ``unreachable_note`` says why
+    and the way out (None when there are none). ``lora_fx.targeting.select_targets`` reads ``unreachable`` and
+    ``unreachable_note`` to explain a target that matches only such layers; a list built from this one (filtered,
+    sliced) is a plain list without them.
     """
 
-    def __init__(self, sites: Iterable[Site] = (), subgraphs: Iterable[SubgraphLayers] = ()) -> None:
+    def __init__(self, sites: Iterable[Site] = (), subgraphs: Iterable[SubgraphLayers] = (),
+                 inside: dict[str, str] | None = None) -> None:
         super().__init__(sites)
         self.subgraphs = list(subgraphs)
+        self.inside = dict(inside or {})
         self.unreachable = [s for g in self.subgraphs for s in g.sites]
         self.unreachable_note = subgraph_note(self.subgraphs)
 
@@ -937,17 +1039,21 @@ class Sites(list):
 class FindSites:
     """Collect every linear and attention site of an ONNX model, in graph order (read-only).
 
-    Matches the forms listed in this module's docstring in the main graph; returns them as ``Site`` objects with
-    ``ir = IRKind.ONNX`` and ``handle`` = the ONNX node (the Softmax for decomposed attention), in a ``Sites`` list
-    that also reports the sites inside control-flow subgraphs, which no pass rewrites.
+    Matches the forms listed in this module's docstring in the main graph, and linear layers in ``If`` branches that
+    read main-graph initializers (one site per weight); returns them as ``Site`` objects with ``ir = IRKind.ONNX`` and
+    ``handle`` = the ONNX node (the Softmax for decomposed attention; a branch site's first node), in a ``Sites`` list
+    that also reports the sites inside control-flow subgraphs that no pass rewrites.
     """
 
     def __call__(self, model: ir.Model) -> Sites:
-        return Sites(_graph_sites(model.graph, model.graph, _namer()), subgraph_layers(model))
+        unique = _namer()
+        main = _graph_sites(model.graph, model.graph, unique)
+        branch, inside, groups = _control_flow_sites(model, main, unique)
+        return Sites(main + branch, groups, inside)
 
 
 def find_sites(model: ir.Model) -> Sites:
-    """Every linear and attention site of ``model``'s main graph, in graph order (see ``Sites`` for the others)."""
+    """Every linear and attention site of ``model`` (see ``Sites`` for the sites inside control-flow subgraphs)."""
     return FindSites()(model)
 
 

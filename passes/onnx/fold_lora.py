@@ -11,6 +11,11 @@ MatMul), ``REQUANTIZE`` stores it again in the same format, block size and op (d
 absmaxes stay int8 codes with a factor per ``double_quant_block_size``, decoded by the same nodes), and
 reports the error requantization adds (``FoldLora.errors``, and one line per site in
 ``PassResult.changed``). Without a choice such a site is refused.
+
+A site inside ``If`` branches (one adapter in the main graph, a branch at every node reading the site's outer-scope
+weight: Optimum's merged decoders) folds once: ``W'`` is written to the main-graph weight every branch reads, and
+every branch is removed from every subgraph. Such a site with a quantized W, or whose branches read W through a
+``Transpose`` that other sites share, is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import onnx_ir as ir
 from lora_fx.enums import parse_enum
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
 from lora_fx.passes.onnx.find_sites import const_tensor
-from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branch, has_prefix, read_records, remove_branch, replace_value, write_records
+from lora_fx.passes.onnx.lora_layout import (
+    CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branches, has_prefix, read_records, remove_branch, replace_value, write_records,
+)
 from lora_fx.passes.onnx.quantized_weight import QuantizedWeight, quantized_weight, replace_by_float, write_storage
 from lora_fx.passes.result import PassResult
 
@@ -164,29 +171,53 @@ class FoldLora:
             )
         graph = model.graph
         records = read_records(model)
-        folds = [self._plan(graph, site, rec) for site, rec in records.items()]
+        plans = [self._plan_site(graph, site, rec) for site, rec in records.items()]
         merged = {}
         self.errors = []
-        self.quantized_sites = [f.branch.site for f in folds if f.quant is not None]
+        self.quantized_sites = [folds[0].branch.site for folds in plans if folds[0].quant is not None]
         # Compute and check every new weight before touching the model: a refusal leaves it as it was.
-        for fold in folds:
+        for folds in plans:
+            fold = folds[0]
             merged[fold.branch.site] = self._merged_quantized(fold) if fold.quant is not None else self._merged_weight(fold)
-        for fold in folds:
+        for folds in plans:
+            fold = folds[0]
             if fold.quant is not None:
                 self._apply_quantized(graph, fold, merged[fold.branch.site])
-            else:
+            elif len(folds) == 1:
                 self._apply(graph, fold, merged[fold.branch.site])
-            _drop_precision_casts(graph, fold)
+            else:
+                self._apply_branches(graph, folds, merged[fold.branch.site])
+            for each in folds:
+                _drop_precision_casts(each.branch.graph, each)
         write_records(model, {})
         for key in (CONFIG_KEY, FINGERPRINT_KEY):
             model.metadata_props.pop(key, None)
-        changed = [f.branch.site for f in folds]
+        changed = [folds[0].branch.site for folds in plans]
         changed += [f"{e.site}: requantized ({e.format}), max abs error {e.max_abs:.3g}, relative error {e.relative:.3g}"
                     for e in self.errors]
-        return PassResult(model, bool(folds), changed)
+        return PassResult(model, bool(plans), changed)
 
-    def _plan(self, graph: ir.Graph, site: str, rec: dict) -> _Fold:
-        branch = find_branch(graph, site, rec)
+    def _plan_site(self, graph: ir.Graph, site: str, rec: dict) -> list[_Fold]:
+        """One ``_Fold`` per branch of the site (several for a site inside If branches), all onto one weight."""
+        folds = [self._plan(graph, branch) for branch in find_branches(graph, site, rec)]
+        if len(folds) == 1:
+            return folds
+        first = folds[0]
+        if first.quant is not None:
+            raise UnsupportedError(
+                f"site {site} lies inside If branches and its weight is stored quantized ({first.quant.describe()}); "
+                "lora_fx folds such a site only in float: fold the float model, or export with adapter slots instead")
+        if any((f.weight, f.transposed, f.gemm_alpha) != (first.weight, first.transposed, first.gemm_alpha) for f in folds):
+            raise UnsupportedError(f"site {site}: its If-branch nodes read different weights or layouts, so no one W + A @ B "
+                                   "serves them all; export with adapter slots instead")
+        if any(f.consumer is not f.site_node and len(list(f.consumer.outputs[0].uses())) > 1 for f in folds):
+            raise UnsupportedError(f"site {site}: a branch reads its weight through a Transpose other sites share, which "
+                                   "lora_fx does not split inside If branches; export with adapter slots instead")
+        return folds
+
+    def _plan(self, graph: ir.Graph, branch: Branch) -> _Fold:
+        """``graph`` is the main graph (the weights' home); the branch may lie in one of its If branches."""
+        site = branch.site
         up_cast = _up_cast(branch.y)
         node = up_cast.inputs[0].producer() if up_cast is not None else branch.y.producer()
         if node is not None and node.op_type == "Add":
@@ -293,6 +324,26 @@ class FoldLora:
             write_storage(graph, fold.branch.site, fold.quant, merged)
         else:
             replace_by_float(graph, fold.branch.site, fold.quant, merged)
+
+    @staticmethod
+    def _apply_branches(graph: ir.Graph, folds: list[_Fold], merged: np.ndarray) -> None:
+        """A site inside If branches: every branch goes, and the one weight they all read becomes W + A @ B (a copy
+        of its own where other nodes read W too, a tied embedding)."""
+        weight = folds[0].weight
+        consumers = {id(f.consumer) for f in folds}
+        for fold in folds:
+            remove_branch(graph, fold.branch)
+        if weight in graph.inputs or any(id(use.node) not in consumers for use in weight.uses()):
+            name = f"{folds[0].branch.site}.weight"
+            while name in graph.initializers:
+                name += ".merged"
+            new = ir.Value(name=name, shape=weight.shape, type=weight.type, const_value=ir.tensor(merged, name=name))
+            graph.register_initializer(new)
+            for use in list(weight.uses()):
+                if id(use.node) in consumers:
+                    use.node.replace_input_with(use.idx, new)
+        else:
+            weight.const_value = ir.tensor(merged, name=weight.name)
 
     @staticmethod
     def _apply(graph: ir.Graph, fold: _Fold, merged: np.ndarray) -> None:

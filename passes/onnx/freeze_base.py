@@ -166,6 +166,11 @@ def _site_params(graph: ir.Graph, site: Any, module: str) -> list[HeadParam]:
     node = site.handle
     parts = linear_parts(node)
     where = f"modules_to_save names {module}, whose linear layer {site.name}"
+    if node.graph is not graph:
+        # Its weight is read by a node in each If branch: a rewiring here would reach one of them only.
+        raise UnsupportedError(
+            f"{where} lies inside If branches (an Optimum merged decoder), where lora_fx trains no module in full; "
+            "adapt it with LoRA (target_modules) instead, or train decoder_model.onnx, which has no If")
     if ADAPTED in node.metadata_props:
         from lora_fx.targeting import adapted_and_saved
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lora_fx.passes.onnx.lora_layout import Branch, BranchForm, find_branch, read_records
+from lora_fx.passes.onnx.lora_layout import Branch, BranchForm, find_branches, read_records
 from lora_fx.passes.result import PassResult
 
 
@@ -70,28 +70,29 @@ class FuseLoraAdd:
         self.refused: dict[str, str] = {}
 
     def __call__(self, model: ir.Model) -> PassResult:
-        graph = model.graph
         changed = []
         for site, rec in read_records(model).items():
-            branch = find_branch(graph, site, rec)
-            if branch.form is BranchForm.GEMM:
+            # A site inside If branches has a branch per branch node: all are fused, or all left as they are.
+            branches = [b for b in find_branches(model.graph, site, rec) if b.form is not BranchForm.GEMM]
+            if not branches:
                 continue  # fused already
-            why = _check(model, branch)
+            why = next((w for b in branches if (w := _check(model, b)) is not None), None)
             if why is not None:
                 self.refused[site] = why
                 continue
-            self._rewrite(graph, branch)
+            for i, branch in enumerate(branches):
+                self._rewrite(branch.graph, branch, f".{i}" if i else "")
             changed.append(site)
         return PassResult(model, bool(changed), changed)
 
     @staticmethod
-    def _rewrite(graph: ir.Graph, branch: Branch) -> None:
+    def _rewrite(graph: ir.Graph, branch: Branch, tag: str = "") -> None:
         site, add = branch.site, branch.add
         rank = _rank(branch.x)
 
         def node(op: str, inputs: list[ir.Value], name: str, **attrs: int) -> ir.Value:
             new = ir.node(op, inputs, attributes=attrs, name=f"{site}.lora_{name}")
-            new.outputs[0].name = f"{site}.lora_{name}_out"
+            new.outputs[0].name = f"{site}.lora_{name}_out{tag}"  # value names are unique across graphs
             graph.insert_before(add, new)
             return new.outputs[0]
 

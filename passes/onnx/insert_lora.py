@@ -33,6 +33,11 @@ it as the identity, and ``fold_lora`` removes it with the rest of the branch.
 A second rewrite of a site that already has an adapter is refused with ``AdapterError`` before
 anything is changed.
 
+A site inside ``If`` branches (``find_sites``' ``Sites.inside``, Optimum's merged decoders) keeps that layout with
+its A and B (and a Dropout's ratio) once, in the main graph, and the branch nodes at every node of the site, each in
+the subgraph holding it and reading A and B from the outer scope: whichever branch runs, it runs the same adapter.
+The value names of a site's second and later branches end in ``.1``, ``.2``... (names are unique across graphs).
+
 Modules trained in full (``modules_to_save``, the SEQ_CLS head) are ``freeze_base``'s: ``apply_lora``
 plans them before the graph changes and records them after.
 """
@@ -50,7 +55,9 @@ from lora_fx.adapters import to_deployment_layout
 from lora_fx.config import ALL_LINEAR, InitLoraWeights, LoraConfig
 from lora_fx.errors import AdapterError, TargetNotFoundError, UnsupportedError
 from lora_fx.passes.fx.insert_lora import init_lora
-from lora_fx.passes.onnx.find_sites import INSERTED, LinearParts, dtype_name, find_sites, linear_parts, module_tree
+from lora_fx.passes.onnx.find_sites import (
+    INSERTED, LinearParts, dtype_name, find_sites, linear_parts, module_tree, site_nodes, subgraph_graphs,
+)
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import Target, select_targets
 
@@ -120,8 +127,9 @@ class InsertLora:
         self.dropout = float(dropout)
         self._opset = 18
 
-    def _check(self, model: ir.Model) -> list[tuple[Target, LinearParts]]:
+    def _check(self, model: ir.Model) -> list[tuple[Target, list[LinearParts]]]:
         graph = model.graph
+        graphs = {id(g) for g in subgraph_graphs(model)}
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterError(f"lora_dropout must be in [0, 1), got {self.dropout!r}")
@@ -131,21 +139,27 @@ class InsertLora:
                 f"{self._opset}: convert it with onnx.version_converter, or set lora_dropout=0"
             )
         existing = lora_metadata(model)
-        plan: list[tuple[Target, LinearParts]] = []
+        plan: list[tuple[Target, list[LinearParts]]] = []
         seen: set[str] = set()
         for target in self.targets:
             site, node = target.site, target.site.handle
-            if not isinstance(node, ir.Node) or node.graph is not graph:
+            if not isinstance(node, ir.Node) or id(node.graph) not in graphs:
                 raise AdapterError(f"site {site.name} does not belong to this model; call find_sites on the model you rewrite")
+            nodes = site_nodes(model, node)
             a_name, b_name = lora_names(site.name)
-            if site.name in existing or site.name in seen or ADAPTED in node.metadata_props or a_name in graph.initializers or b_name in graph.initializers:
+            if (site.name in existing or site.name in seen or any(ADAPTED in n.metadata_props for n in nodes)
+                    or a_name in graph.initializers or b_name in graph.initializers):
                 raise AdapterError(
                     f"site {site.name} already has a LoRA adapter; a second one would double the branch. "
                     f"Rewrite the original model, or fold the existing adapter first"
                 )
-            parts = linear_parts(node)
-            if parts is None:
+            every = [linear_parts(n) for n in nodes]
+            if any(p is None for p in every):
                 raise UnsupportedError(f"node {node.name!r} of site {site.name} is no longer a linear site lora_fx can rewrite")
+            parts = every[0]
+            if any((p.in_features, p.out_features) != (parts.in_features, parts.out_features) for p in every):
+                raise UnsupportedError(f"site {site.name}: the If-branch nodes reading its weight compute different shapes; "
+                                       "leave it out with exclude_modules")
             if not parts.adaptable:
                 raise UnsupportedError(
                     f"site {site.name} is the packed QKV projection inside {node.domain}.{node.op_type}, whose output is not "
@@ -160,7 +174,7 @@ class InsertLora:
                         f"A{(target.r, parts.in_features)} B{(parts.out_features, target.r)} (PEFT layout)"
                     )
             seen.add(site.name)
-            plan.append((target, parts))
+            plan.append((target, every))
         return plan
 
     def __call__(self, model: ir.Model) -> PassResult:
@@ -175,8 +189,9 @@ class InsertLora:
             model.metadata_props[LORA_KEY] = json.dumps(record, sort_keys=True)
         return PassResult(model, bool(changed), changed)
 
-    def _rewrite(self, graph: ir.Graph, target: Target, parts: LinearParts) -> dict[str, Any]:
+    def _rewrite(self, graph: ir.Graph, target: Target, every: list[LinearParts]) -> dict[str, Any]:
         site = target.site
+        parts = every[0]
         dtype = _model_dtype(parts)
         if site.name in self.adapters:
             a, b = (t.detach().to(torch.float32) for t in self.adapters[site.name])
@@ -188,24 +203,42 @@ class InsertLora:
         a_name, b_name = lora_names(site.name)
         a_val = _initializer(graph, a_name, to_ir_tensor(a_dep, dtype, a_name))
         b_val = _initializer(graph, b_name, to_ir_tensor(b_dep, dtype, b_name))
+        ratio = None
+        if self.dropout > 0 and self._opset >= 12:  # ratio became an input in opset 12
+            ratio = _initializer(graph, f"{site.name}.lora_dropout.ratio", ir.tensor(np.array(self.dropout, np.float32)))
+        for i, occurrence in enumerate(every):
+            self._branch(occurrence, site.name, a_val, b_val, ratio, dtype, f".{i}" if i else "")
+        record = {
+            "r": target.r, "alpha": target.alpha, "scale": target.scale,
+            "in_features": parts.in_features, "out_features": parts.out_features, "a": a_name, "b": b_name,
+        }
+        if self.dropout > 0:
+            record["dropout"] = self.dropout
+        if target.part_of:  # PEFT files key it under the module it was adapted with (adapters.peft_site_name)
+            record["part_of"] = target.part_of
+        return record
 
+    def _branch(self, parts: LinearParts, site: str, a_val: ir.Value, b_val: ir.Value, ratio: ir.Value | None,
+                dtype: ir.DataType, tag: str) -> None:
+        """The branch nodes at one node of the site, in the graph holding that node; ``tag`` keeps names unique."""
+        graph = parts.node.graph
         y = parts.output
         is_graph_output = any(o is y for o in graph.outputs)
         uses = list(y.uses())  # before the new Add becomes one of them
         # Read the input now, not at planning time: an adapted site just before this one has already
         # redirected it to its own adapted output.
         x = parts.node.inputs[0]
-        meta = {INSERTED: "lora", SITE: site.name}
+        meta = {INSERTED: "lora", SITE: site}
         new_nodes = []
         if self.dropout > 0:
-            drop = self._dropout_node(graph, site.name, x, dtype, meta)
+            drop = self._dropout_node(site, x, ratio, dtype, meta, tag)
             new_nodes.append(drop)
             x = drop.outputs[0]
-        xa = ir.node("MatMul", [x, a_val], name=f"{site.name}/lora_A/MatMul", metadata_props=dict(meta))
-        xab = ir.node("MatMul", [xa.outputs[0], b_val], name=f"{site.name}/lora_B/MatMul", metadata_props=dict(meta))
-        add = ir.node("Add", [y, xab.outputs[0]], name=f"{site.name}/lora/Add", metadata_props=dict(meta))
-        xa.outputs[0].name = f"{site.name}/lora_A/output"
-        xab.outputs[0].name = f"{site.name}/lora_B/output"
+        xa = ir.node("MatMul", [x, a_val], name=f"{site}/lora_A/MatMul", metadata_props=dict(meta))
+        xab = ir.node("MatMul", [xa.outputs[0], b_val], name=f"{site}/lora_B/MatMul", metadata_props=dict(meta))
+        add = ir.node("Add", [y, xab.outputs[0]], name=f"{site}/lora/Add", metadata_props=dict(meta))
+        xa.outputs[0].name = f"{site}/lora_A/output{tag}"
+        xab.outputs[0].name = f"{site}/lora_B/output{tag}"
         for v in (xa.outputs[0], xab.outputs[0], add.outputs[0]):
             v.dtype = dtype
         add.outputs[0].shape = y.shape
@@ -222,27 +255,18 @@ class InsertLora:
             y.name = f"{original_name}/lora_fx_base"
             add.outputs[0].name = original_name
         else:
-            add.outputs[0].name = f"{site.name}/lora/output"
+            add.outputs[0].name = f"{site}/lora/output{tag}"
         parts.node.metadata_props[ADAPTED] = "default"
-        record = {
-            "r": target.r, "alpha": target.alpha, "scale": target.scale,
-            "in_features": parts.in_features, "out_features": parts.out_features, "a": a_name, "b": b_name,
-        }
-        if self.dropout > 0:
-            record["dropout"] = self.dropout
-        if target.part_of:  # PEFT files key it under the module it was adapted with (adapters.peft_site_name)
-            record["part_of"] = target.part_of
-        return record
 
-    def _dropout_node(self, graph: ir.Graph, site: str, x: ir.Value, dtype: ir.DataType, meta: dict[str, str]) -> ir.Node:
+    def _dropout_node(self, site: str, x: ir.Value, ratio: ir.Value | None, dtype: ir.DataType, meta: dict[str, str],
+                      tag: str) -> ir.Node:
         """``Dropout(x, ratio)`` for the branch alone; the site's own node keeps reading ``x``."""
         name = f"{site}/lora_dropout/Dropout"
-        if self._opset >= 12:  # ratio became an input in opset 12
-            ratio = _initializer(graph, f"{site}.lora_dropout.ratio", ir.tensor(np.array(self.dropout, np.float32)))
+        if ratio is not None:
             drop = ir.node("Dropout", [x, ratio], name=name, metadata_props=dict(meta))
         else:
             drop = ir.node("Dropout", [x], attributes={"ratio": self.dropout}, name=name, metadata_props=dict(meta))
-        drop.outputs[0].name = f"{site}/lora_dropout/output"
+        drop.outputs[0].name = f"{site}/lora_dropout/output{tag}"
         drop.outputs[0].dtype = dtype
         drop.outputs[0].shape = x.shape
         return drop

@@ -12,6 +12,11 @@ Dropout feeds nothing but ``MatMul(·, A)`` and ``Branch.x`` is its input, the s
 A served model may hold the same sum in the form ``fuse_lora_add`` writes (``BranchForm.GEMM``):
 ``Reshape(Gemm(Flatten(MatMul(x, A)), B, Flatten(y)), Shape(y))`` (or ``Gemm(MatMul(x, A), B, y)``
 when ``x`` is 2-D). ``find_branch`` reads both, so folding and exposing work on either.
+
+A site inside ``If`` branches (``find_sites``' ``Sites.inside``: Optimum's merged decoders) has its A and B once, in
+the main graph, and one branch at every node of the site, each in the subgraph holding that node and reading A and B
+from the outer scope. ``find_branches`` returns them all (``Branch.graph`` the graph each lies in); ``find_branch``
+reads a site with one branch and refuses one with several.
 """
 
 from __future__ import annotations
@@ -88,6 +93,11 @@ class Branch:
     form: BranchForm = BranchForm.MATMUL_ADD
     nodes: list[ir.Node] = field(default_factory=list)
 
+    @property
+    def graph(self) -> ir.Graph:
+        """The graph the branch's nodes lie in: the main graph, or the If branch holding the site's node."""
+        return self.matmul_a.graph
+
 
 def _only_use(value: ir.Value, op_type: str | tuple[str, ...], what: str) -> ir.Node:
     wanted = (op_type,) if isinstance(op_type, str) else op_type
@@ -149,17 +159,44 @@ def _gemm_branch(graph: ir.Graph, site: str, a: ir.Value, b: ir.Value, mm_a: ir.
     return Branch(site, a, b, mm_a, gemm, reshape, x, y, BranchForm.GEMM, nodes)
 
 
-def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
-    """Locate the MatMul, MatMul, Add of ``site``; anything else is refused with the reason."""
-    names = (rec.get("a") or a_name(site), rec.get("b") or b_name(site))
+def _adapter_values(graph: ir.Graph, site: str, rec: dict[str, Any]) -> tuple[ir.Value, ir.Value]:
     values = []
-    for name in names:
+    for name in (rec.get("a") or a_name(site), rec.get("b") or b_name(site)):
         value = graph.initializers.get(name)
         if value is None:
             raise UnsupportedError(f"site {site}: adapter initializer {name!r} is missing from the graph")
         values.append(value)
-    a, b = values
-    mm_a = _only_use(a, "MatMul", f"site {site}: {a.name}")
+    return values[0], values[1]
+
+
+def find_branch(graph: ir.Graph, site: str, rec: dict[str, Any]) -> Branch:
+    """Locate the MatMul, MatMul, Add of ``site``; anything else is refused with the reason. A site with a branch in
+    several places (inside If branches) is refused: read it with ``find_branches``."""
+    a, b = _adapter_values(graph, site, rec)
+    users = [use.node for use in a.uses()]
+    if len(users) > 1 and any(u.graph is not graph for u in users):
+        raise UnsupportedError(
+            f"site {site} lies inside control-flow subgraphs, with its LoRA branch in {len(users)} places (one per If "
+            "branch reading its weight); read it with lora_layout.find_branches")
+    return _branch_from(site, a, b, _only_use(a, "MatMul", f"site {site}: {a.name}"))
+
+
+def find_branches(graph: ir.Graph, site: str, rec: dict[str, Any]) -> list[Branch]:
+    """Every branch of ``site`` (``graph`` the main graph, holding A and B): one for a main-graph site, one per node
+    of the site for a site inside If branches, each read as ``find_branch`` reads one; anything else is refused."""
+    a, b = _adapter_values(graph, site, rec)
+    users = [use.node for use in a.uses()]
+    if len(users) < 2 or all(u.graph is graph for u in users):
+        return [find_branch(graph, site, rec)]
+    bad = sorted({u.op_type for u in users if u.op_type != "MatMul" or u.domain not in ("", "ai.onnx")})
+    if bad:
+        raise UnsupportedError(f"{a.name} should feed only MatMul nodes (x @ A, one per branch of site {site}), "
+                               f"but feeds {', '.join(bad)}")
+    return [_branch_from(site, a, b, mm_a) for mm_a in users]
+
+
+def _branch_from(site: str, a: ir.Value, b: ir.Value, mm_a: ir.Node) -> Branch:
+    graph = mm_a.graph
     if mm_a.inputs[1] is not a:
         raise UnsupportedError(f"site {site}: {a.name} must be the right operand of its MatMul (x @ A)")
     mm_b = _only_use(mm_a.outputs[0], ("MatMul", "Flatten", "Gemm"), f"site {site}: x @ A")
@@ -187,13 +224,15 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
 
 
 def remove_branch(graph: ir.Graph, branch: Branch) -> None:
-    """Drop the branch's nodes and initializers (A, B, a Dropout's ratio); the Add's users (and a graph
-    output) read ``y`` again."""
-    replace_value(graph, branch.add.outputs[0], branch.y)
+    """Drop the branch's nodes (from the graph holding them) and, once no other branch of the site reads them, its
+    initializers in ``graph`` (A, B, a Dropout's ratio); the Add's users (and a graph output) read ``y`` again."""
+    replace_value(branch.graph, branch.add.outputs[0], branch.y)
     own = [v for node in branch.nodes for v in node.inputs
            if v is not None and v.name in graph.initializers and graph.initializers[v.name] is v and v not in (branch.a, branch.b)]
-    graph.remove(list(reversed(branch.nodes)), safe=True)
+    branch.graph.remove(list(reversed(branch.nodes)), safe=True)
     for value in (branch.a, branch.b):
+        if list(value.uses()):
+            continue  # another branch of the site (inside If branches) still reads it
         graph.initializers.pop(value.name, None)
         if value in graph.inputs:
             graph.inputs.remove(value)

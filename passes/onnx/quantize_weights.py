@@ -28,7 +28,8 @@ name (find_sites reads it from the ``….weight`` prefix); the new node keeps th
 Scales and absmaxes are stored in the model's float type (MatMulBnb4 and MatMulNBits read them in
 the type of their input; so does the MatMul after DequantizeLinear). The numerics are those of the
 FX pass (one implementation). Sites that are already quantized
-(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused.
+(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused, and so are sites inside ``If``
+branches (``find_sites``' ``Sites.inside``: Optimum's merged decoders), before anything changes.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ class QuantizeWeights:
         selector = LoraConfig(r=1, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules)
         targets = select_targets(sites, selector)
         graph = model.graph
+        inside = [t.site.name for t in targets if t.site.name in sites.inside]
+        if inside:
+            # The packed weight would have to replace W in every branch reading it, which this pass does not do.
+            raise UnsupportedError(
+                f"quantize_weights rewrites sites of the main graph only, and {len(inside)} selected site"
+                f"{'s lie' if len(inside) > 1 else ' lies'} inside If branches ({', '.join(inside[:3])}"
+                f"{', ...' if len(inside) > 3 else ''}: {sites.inside[inside[0]]}); leave them out with "
+                "QuantConfig(exclude_modules=[...]), or use LoRA without quant on this file")
         # Every site is checked and quantized before the graph changes: a refusal leaves the model as it was.
         plans = [self._plan(target) for target in targets]
         changed: list[str] = []

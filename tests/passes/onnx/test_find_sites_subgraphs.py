@@ -1,4 +1,5 @@
-"""Linear and attention layers inside control-flow subgraphs (If branches, Loop bodies): found, reported, never rewritten.
+"""Linear and attention layers inside control-flow subgraphs: linear layers in If branches on main-graph weights are
+sites (one adapter, a branch in every If branch); attention and Loop bodies are found and reported, never rewritten.
 
 The models are built by hand the way the exporters that write them lay them out: Hugging Face Optimum's merged decoder
 (``decoder_model_merged.onnx``: one ``If`` named ``optimum::if``, switched by ``use_cache_branch``, the decoder with and
@@ -21,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lora_fx
 from lora_fx.cli import main
 from lora_fx.errors import TargetNotFoundError
-from lora_fx.passes.onnx.find_sites import find_sites
+from lora_fx.passes.onnx.find_sites import find_sites, site_nodes
 from lora_fx.passes.onnx.insert_lora import apply_lora, lora_metadata
 from lora_fx.sites import SiteKind
 
@@ -174,20 +175,17 @@ DECODER_LINEAR = [f"model.layers.{i}.self_attn.{p}" for i in range(LAYERS) for p
 # ---- find_sites -----------------------------------------------------------------------------------
 
 
-def test_merged_decoder_layers_are_found_once_inside_the_if_and_not_as_sites():
-    sites = find_sites(_ir(merged_decoder(np.random.default_rng(0))))
-    assert list(sites) == []
-    (group,) = sites.subgraphs
-    assert (group.node.name, group.node.op_type, group.subgraphs) == ("optimum::if", "If", ["else_branch", "then_branch"])
+def test_merged_decoder_layers_are_one_site_each_with_a_node_in_both_branches():
+    model = _ir(merged_decoder(np.random.default_rng(0)))
+    sites = find_sites(model)
     # Each layer once, though both branches hold it; named and shaped as in the main graph.
-    assert [(s.name, s.in_features, s.out_features, s.has_bias) for s in group.sites] == [
+    assert [(s.name, s.in_features, s.out_features, s.has_bias) for s in sites] == [
         (n, HIDDEN, VOCAB if n == "lm_head" else HIDDEN, n.endswith("v_proj")) for n in DECODER_LINEAR]
-    assert [s.name for s in sites.unreachable if s.is_output_layer] == ["lm_head"]
-    assert group.is_optimum_merged
-    assert sites.unreachable_note.startswith(
-        "5 linear layers (model.layers.0.self_attn.q_proj, model.layers.0.self_attn.v_proj, model.layers.1.self_attn.q_proj, ...) "
-        "lie inside the subgraphs of If node 'optimum::if' (else_branch, then_branch), which lora_fx does not rewrite")
-    assert "decoder_model.onnx" in sites.unreachable_note and "--no-post-process" in sites.unreachable_note
+    assert [s.name for s in sites if s.is_output_layer] == ["lm_head"]
+    assert sites.inside == {n: "If node 'optimum::if' (else_branch, then_branch)" for n in DECODER_LINEAR}
+    for site in sites:
+        assert sorted(n.graph.name for n in site_nodes(model, site.handle)) == ["no_past", "with_past"]
+    assert (sites.subgraphs, sites.unreachable, sites.unreachable_note) == ([], [], None)
 
 
 def test_loop_body_layers_and_nested_control_flow_are_found():
@@ -200,7 +198,7 @@ def test_loop_body_layers_and_nested_control_flow_are_found():
         ("blk.gate", SiteKind.LINEAR),  # in the If nested in the body
     ]
     assert sites.unreachable_note.startswith("4 linear layers and 1 attention site (blk.q, blk.k, blk.v, ...) lie inside the "
-                                             "subgraphs of Loop node 'layer_loop' (body)")
+                                             "subgraphs of Loop node 'layer_loop' (body), which lora_fx does not rewrite")
     assert "Export the model without control flow" in sites.unreachable_note
     assert "Optimum" not in sites.unreachable_note
 
@@ -216,9 +214,11 @@ def test_branch_copies_of_a_layer_with_other_node_names_count_once():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", F, ["b", HIDDEN]),
                                             helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", F, ["b", HIDDEN])], [w])
-    (group,) = find_sites(_ir(helper.make_model(graph, opset_imports=OPSET))).subgraphs
-    assert [s.name for s in group.sites] == ["MatMul_17"]  # else_branch comes first in the node's attributes
-    assert group.subgraphs == ["else_branch", "then_branch"] and not group.is_optimum_merged
+    model = _ir(helper.make_model(graph, opset_imports=OPSET))
+    sites = find_sites(model)
+    assert [s.name for s in sites] == ["MatMul_17"]  # else_branch comes first in the node's attributes
+    assert sites.inside == {"MatMul_17": "If node 'If_0' (else_branch, then_branch)"}
+    assert [n.name for n in site_nodes(model, sites[0].handle)] == ["MatMul_17", "MatMul_3"]
 
 
 def test_a_model_without_control_flow_reports_nothing_beyond_its_sites(onnx_corpus):
@@ -230,16 +230,87 @@ def test_a_model_without_control_flow_reports_nothing_beyond_its_sites(onnx_corp
 # ---- targeting and the rewrite --------------------------------------------------------------------
 
 
+def _folded(proto: onnx.ModelProto, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> onnx.ModelProto:
+    """The reference: ``proto`` with each adapter merged into its ``[in, out]`` weight by hand (PEFT's B @ A is [out, in])."""
+    merged = onnx.ModelProto()
+    merged.CopyFrom(proto)
+    for site, (a, b) in adapters.items():
+        w = next(t for t in merged.graph.initializer if t.name == f"{site}.weight")
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + scale * (b @ a).numpy().T, w.name))
+    return merged
+
+
+def _adapters(names: list[str], r: int = 2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for name in names:
+        n_out = VOCAB if name == "lm_head" else HIDDEN
+        out[name] = (torch.randn(r, HIDDEN, generator=g), torch.randn(n_out, r, generator=g) * 0.3)
+    return out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("target", [["q_proj", "v_proj"], "all-linear", ".*q_proj"])
-def test_merged_decoder_is_refused_naming_the_if_and_the_way_out(target):
+def test_merged_decoder_adapts_both_branches_as_folded_weights_do(target, use_cache):
+    proto = merged_decoder(np.random.default_rng(0))
+    model = _ir(proto)
+    config = lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=target)
+    expected = DECODER_LINEAR[0:4:2] if target == ".*q_proj" else DECODER_LINEAR[:-1]  # all-linear leaves lm_head out
+    adapters = _adapters(expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out, so nothing to warn about
+        apply_lora(model, config, adapters=adapters)
+    assert sorted(lora_metadata(model)) == sorted(expected)
+    # One A and B per site, in the main graph.
+    assert sorted(n for n in model.graph.initializers if ".lora_" in n) == sorted(
+        f"{s}.lora_{ab}.weight" for s in expected for ab in "AB")
+    feeds = _feeds(np.random.default_rng(1), use_cache)
+    got, want, base = _ort(model, feeds), _ort(_folded(proto, adapters, 2.0), feeds), _ort(proto, feeds)
+    assert np.abs(want - base).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_decoder_with_dropout_hoist_and_fold_matches_the_folded_weights():
+    from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.hoist_lora_add import hoist_lora_add
+
+    proto = merged_decoder(np.random.default_rng(0))
+    model = _ir(proto)
+    adapters = _adapters(DECODER_LINEAR)
+    apply_lora(model, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=DECODER_LINEAR, lora_dropout=0.1), adapters=adapters)
+    ratios = [n for n in model.graph.initializers if n.endswith("lora_dropout.ratio")]
+    assert len(ratios) == len(DECODER_LINEAR)  # one per site, as PEFT has one nn.Dropout per layer
+    assert sorted(hoist_lora_add(model).changed) == sorted(DECODER_LINEAR[1:4:2])  # the v_proj biases, in both branches
+    want = _folded(proto, adapters, 2.0)
+    for use_cache in (True, False):
+        feeds = _feeds(np.random.default_rng(1), use_cache)
+        np.testing.assert_allclose(_ort(model, feeds), _ort(want, feeds), rtol=1e-4, atol=1e-4)
+    fold_lora(model)
+    # Exactly the base file's nodes again, in every graph; only the weights differ.
+    counts = lambda m: sorted((g.name, n.op_type) for g in [m.graph, *m.graph.subgraphs()] for n in g)  # noqa: E731
+    assert counts(model) == counts(_ir(proto)) and set(model.graph.initializers) == set(_ir(proto).graph.initializers)
+    for use_cache in (True, False):
+        feeds = _feeds(np.random.default_rng(1), use_cache)
+        np.testing.assert_allclose(_ort(model, feeds), _ort(want, feeds), rtol=1e-4, atol=1e-4)
+
+
+def test_passes_that_cannot_handle_branch_sites_refuse_them_before_any_change():
+    from lora_fx.errors import UnsupportedError
+    from lora_fx.passes.onnx.lora_layout import find_branch, find_branches, read_records
+
     model = _ir(merged_decoder(np.random.default_rng(0)))
-    before = set(model.graph.initializers)
-    with pytest.raises(TargetNotFoundError) as info:
-        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=target))
-    msg = str(info.value)
-    assert "If node 'optimum::if'" in msg and "5 linear layers" in msg, msg
-    assert "decoder_model.onnx" in msg and "optimum-cli export onnx --no-post-process" in msg, msg
-    assert set(model.graph.initializers) == before and not lora_metadata(model)
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(UnsupportedError, match=r"quantize_weights rewrites sites of the main graph only, and 4 selected sites lie "
+                                               r"inside If branches .*If node 'optimum::if'.*exclude_modules"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules="all-linear"), quant=lora_fx.QuantConfig(dtype="int8"))
+    with pytest.raises(UnsupportedError, match=r"modules_to_save names lm_head, whose linear layer lm_head lies inside If branches"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert ir.to_proto(model).SerializeToString() == before
+    apply_lora(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+    site, rec = next(iter(read_records(model).items()))
+    with pytest.raises(UnsupportedError, match=r"with its LoRA branch in 2 places .*lora_layout.find_branches"):
+        find_branch(model.graph, site, rec)
+    assert len(find_branches(model.graph, site, rec)) == 2
 
 
 def test_loop_model_is_refused_with_the_generic_way_out():
@@ -255,34 +326,17 @@ def test_prefix_tuning_on_attention_only_inside_a_loop_is_refused_with_the_note(
     assert set(model.graph.initializers) == before
 
 
-def test_a_target_matching_only_subgraph_layers_is_refused_when_the_main_graph_has_others():
-    model = _ir(mixed_model(np.random.default_rng(0)))
-    with pytest.raises(TargetNotFoundError) as info:
-        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
-    msg = str(info.value)
-    assert msg.startswith("target_modules=['q_proj'] matches no linear site of this model's main graph, only 2 linear layers "
-                          "(model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj) that lora_fx cannot adapt"), msg
-    assert "If node 'optimum::if'" in msg and "\nsites:\n  enc.fc" in msg, msg
-    # A typo still lists the main graph's names, and says what lies beyond them.
-    with pytest.raises(TargetNotFoundError, match=r"(?s)closest to 'enc_fc': .*beyond these: 5 linear layers"):
-        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["enc_fc"]))
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_mixed_model_rewrites_the_main_graph_warns_and_still_runs_in_ort(use_cache):
-    rng = np.random.default_rng(0)
-    proto = mixed_model(rng)
-    feeds = _feeds(np.random.default_rng(1), use_cache)
-    base = _ort(proto, feeds)
+def test_mixed_model_adapts_the_main_graph_and_the_branches(use_cache):
+    proto = mixed_model(np.random.default_rng(0))
     model = _ir(proto)
-    with pytest.warns(UserWarning) as record:
-        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
-    (msg,) = {str(w.message) for w in record if "optimum::if" in str(w.message)}
-    assert msg.startswith("target_modules='all-linear' also matches 4 linear layers (model.layers.0.self_attn.q_proj, "), msg
-    assert "left without an adapter" in msg and "--no-post-process" in msg, msg
-    assert sorted(lora_metadata(model)) == ["enc.fc"]
-    # B starts at zero: the rewritten model computes the base model, in either branch.
-    np.testing.assert_array_equal(_ort(model, feeds), base)
+    adapters = {"enc.fc": _adapters(["enc.fc"])["enc.fc"], **_adapters(DECODER_LINEAR[:-1])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), adapters=adapters)
+    assert sorted(lora_metadata(model)) == sorted(["enc.fc", *DECODER_LINEAR[:-1]])
+    feeds = _feeds(np.random.default_rng(1), use_cache)
+    np.testing.assert_allclose(_ort(model, feeds), _ort(_folded(proto, adapters, 2.0), feeds), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_model_adapter_reaches_the_branches_as_merged_weights_do():
@@ -317,27 +371,35 @@ def test_a_main_graph_target_alone_does_not_warn():
 # ---- lora-fx sites --------------------------------------------------------------------------------
 
 
-def test_sites_command_lists_subgraph_layers_as_not_rewritable(tmp_path, capsys):
+def test_sites_command_lists_branch_layers_as_sites_and_says_where(tmp_path, capsys):
     path = tmp_path / "decoder_model_merged.onnx"
     onnx.save(mixed_model(np.random.default_rng(0)), str(path))
     assert main(["sites", str(path)]) == 0
     out = capsys.readouterr().out
-    table, rest = out.split("\nnot rewritable, inside control-flow subgraphs (5):\n")
-    assert "enc.fc" in table and "q_proj" not in table and "1 sites: 1 linear, 0 attention" in table
-    assert all(name in rest for name in DECODER_LINEAR) and "If node 'optimum::if'" in rest, rest
+    assert all(name in out for name in ["enc.fc", *DECODER_LINEAR]) and "6 sites: 6 linear, 0 attention" in out, out
+    assert "5 of them inside If node 'optimum::if' (else_branch, then_branch)" in out and "not rewritable" not in out, out
     assert main(["sites", str(path), "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
-    assert [(e["name"], e.get("rewritable", True)) for e in entries] == [("enc.fc", True)] + [(n, False) for n in DECODER_LINEAR]
-    assert {e["inside"] for e in entries[1:]} == {"If node 'optimum::if' (else_branch, then_branch)"}
+    assert [(e["name"], e.get("inside")) for e in entries] == [("enc.fc", None)] + [
+        (n, "If node 'optimum::if' (else_branch, then_branch)") for n in DECODER_LINEAR]
 
 
-def test_rewrite_command_refuses_a_merged_decoder_in_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("LORA_FX_DEBUG", raising=False)
+def test_sites_command_still_lists_loop_layers_as_not_rewritable(tmp_path, capsys):
+    path = tmp_path / "looped.onnx"
+    onnx.save(looped_model(np.random.default_rng(0)), str(path))
+    assert main(["sites", str(path), "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert {(e["rewritable"], e["inside"]) for e in entries} == {(False, "Loop node 'layer_loop' (body)")}
+
+
+def test_rewrite_command_adapts_a_merged_decoder(tmp_path, capsys):
     path = tmp_path / "decoder_model_merged.onnx"
-    onnx.save(merged_decoder(np.random.default_rng(0)), str(path))
+    proto = merged_decoder(np.random.default_rng(0))
+    onnx.save(proto, str(path))
     out = tmp_path / "lora.onnx"
-    assert main(["rewrite", str(path), "-o", str(out), "--target-modules", "q_proj,v_proj"]) != 0
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "internal error" not in err, err
-    assert "If node 'optimum::if'" in err and "--no-post-process" in err, err
-    assert not out.exists()
+    assert main(["rewrite", str(path), "-o", str(out), "--target-modules", "q_proj,v_proj", "--init", "gaussian"]) == 0
+    model = lora_fx.load(str(out))
+    assert sorted(lora_metadata(model)) == sorted(DECODER_LINEAR[:-1])
+    for use_cache in (True, False):  # B starts at zero: the base model, in either branch
+        feeds = _feeds(np.random.default_rng(1), use_cache)
+        np.testing.assert_array_equal(_ort(model, feeds), _ort(proto, feeds))
