@@ -68,6 +68,10 @@ def apply(model: Any, config: Any, *, quant: Any = None) -> Any:
             f"apply takes a GraphModule from lora_fx.capture(...) or a model from lora_fx.load(...), got {type(model).__name__}"
         )
     _check_config(config)
+    if isinstance(model, fx.GraphModule):
+        from lora_fx.passes.fx.cast_dtype import castable
+
+        castable(model)  # gm.to(torch.bfloat16) on the result retargets the graph too
     with _gc_paused():
         return _apply(model, config, quant)
 

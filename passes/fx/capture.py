@@ -208,7 +208,9 @@ def capture(
         "training": False,
         "adapters": {},
     }
-    return gm
+    from lora_fx.passes.fx.cast_dtype import castable
+
+    return castable(gm)
 
 
 def meta(gm: torch.fx.GraphModule) -> dict[str, Any]:
