@@ -335,11 +335,7 @@ class FoldLora:
         for fold in folds:
             remove_branch(graph, fold.branch)
         if weight in graph.inputs or any(id(use.node) not in consumers for use in weight.uses()):
-            name = f"{folds[0].branch.site}.weight"
-            while name in graph.initializers:
-                name += ".merged"
-            new = ir.Value(name=name, shape=weight.shape, type=weight.type, const_value=ir.tensor(merged, name=name))
-            graph.register_initializer(new)
+            new = _merged_initializer(graph, folds[0].branch.site, merged, weight.type)
             for use in list(weight.uses()):
                 if id(use.node) in consumers:
                     use.node.replace_input_with(use.idx, new)
@@ -354,27 +350,28 @@ class FoldLora:
         if consumer is not fold.site_node and len(list(consumer.outputs[0].uses())) > 1:
             # One Transpose(W) read by several sites (a layer called twice, exporters' common-subexpression
             # elimination): this site alone reads its merged W, stored [in, out] so no node is added.
-            name = f"{fold.branch.site}.weight"
-            while name in graph.initializers:
-                name += ".merged"
-            new = ir.Value(name=name, shape=ir.Shape(list(merged.T.shape)), type=weight.type,
-                           const_value=ir.tensor(np.ascontiguousarray(merged.T), name=name))
-            graph.register_initializer(new)
+            new = _merged_initializer(graph, fold.branch.site, np.ascontiguousarray(merged.T), weight.type)
             for use in list(consumer.outputs[0].uses()):
                 if use.node is fold.site_node:
                     fold.site_node.replace_input_with(use.idx, new)
         elif len(list(weight.uses())) > 1 or weight in graph.inputs:
             # A tied weight (lm_head = embeddings) keeps its value for its other users.
-            name = f"{fold.branch.site}.weight"
-            while name in graph.initializers:
-                name += ".merged"
-            new = ir.Value(name=name, shape=weight.shape, type=weight.type, const_value=ir.tensor(merged, name=name))
-            graph.register_initializer(new)
+            new = _merged_initializer(graph, fold.branch.site, merged, weight.type)
             for use in list(weight.uses()):
                 if use.node is fold.consumer:
                     fold.consumer.replace_input_with(use.idx, new)
         else:
             weight.const_value = ir.tensor(merged, name=weight.name)
+
+
+def _merged_initializer(graph: ir.Graph, site: str, merged: np.ndarray, type_: ir.TypeProtocol | None) -> ir.Value:
+    """A new initializer ``<site>.weight`` holding ``merged``, for the site alone where others still read the base W."""
+    name = f"{site}.weight"
+    while name in graph.initializers:
+        name += ".merged"
+    new = ir.Value(name=name, shape=ir.Shape(list(merged.shape)), type=type_, const_value=ir.tensor(merged, name=name))
+    graph.register_initializer(new)
+    return new
 
 
 def fold_lora(model: ir.Model, quant_merge: QuantMerge | str | None = None) -> PassResult:
