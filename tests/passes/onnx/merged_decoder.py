@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -171,9 +170,8 @@ def merge(with_past: onnx.ModelProto, no_past: onnx.ModelProto) -> onnx.ModelPro
 
 
 @functools.cache
-def merged_decoder_files() -> tuple[Path, Path]:
-    """``(decoder_model.onnx, decoder_model_merged.onnx)`` of ``build_llama()``, exported once per test process."""
-    tmp = Path(tempfile.mkdtemp(prefix="lora_fx_merged_decoder_"))
+def merged_decoder_files(tmp: Path) -> tuple[Path, Path]:
+    """``(decoder_model.onnx, decoder_model_merged.onnx)`` of ``build_llama()``, exported into the folder ``tmp``."""
     model = build_llama()
     no_past = _export(model, False, tmp / "decoder_model.onnx")
     with_past = _export(model, True, tmp / "decoder_with_past_model.onnx")

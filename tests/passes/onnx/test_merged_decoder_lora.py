@@ -28,8 +28,8 @@ BRANCHES = [True, False]
 
 
 @pytest.fixture(scope="module")
-def files():
-    return md.merged_decoder_files()
+def files(tmp_path_factory):
+    return md.merged_decoder_files(tmp_path_factory.mktemp("merged_decoder"))
 
 
 @pytest.fixture(scope="module")
