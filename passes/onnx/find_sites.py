@@ -678,10 +678,33 @@ def attention_parts(node: ir.Node) -> AttentionParts | None:
 # ---- the pass ------------------------------------------------------------------------------------
 
 
+# Ops that carry token ids unchanged from a graph input to their embedding lookup (BART flattens them first).
+_ID_PATH_OPS = {"Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def _fed_by_graph_input(value: ir.Value | None, max_hops: int = 6) -> bool:
+    for _ in range(max_hops):
+        if value is None:
+            return False
+        if value.is_graph_input():
+            return True
+        node = value.producer()
+        if node is None or node.op_type not in _ID_PATH_OPS or node.domain not in ("", "ai.onnx"):
+            return False
+        value = node.inputs[0]
+    return False
+
+
 def _embedding_tables(graph: ir.Graph) -> tuple[set[int], set[int]]:
-    """The constant tables ``Gather`` looks rows up in (token embeddings): their row counts, and the ids of
-    their stored values (an lm_head tied to the embeddings reads the same one)."""
-    rows: set[int] = set()
+    """The token vocabulary's size and the ids of the stored values of every constant table ``Gather`` looks rows
+    up in (an lm_head tied to the embeddings reads the same one).
+
+    The vocabulary is the largest table looked up by ids the caller feeds: position tables are indexed by ids the
+    graph computes (a range, a slice of a buffer), and a token-type table, also fed, is smaller. Counting every
+    table's rows would make any layer that reaches the output with as many features as positions or token types
+    (a 2-label classifier beside BERT's 2 token types, CLIP's projections beside its position table) the output
+    layer, which ``all-linear`` leaves out where PEFT does not."""
+    fed: set[int] = set()
     tables: set[int] = set()
     for node in graph:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.attributes.get_int("axis", 0) != 0:
@@ -689,15 +712,16 @@ def _embedding_tables(graph: ir.Graph) -> tuple[set[int], set[int]]:
         source, _ = _weight_source(node.inputs[0])
         t = const_tensor(source)
         if t is not None and len(t.shape) == 2:
-            rows.add(int(t.shape[0]))
             tables.add(id(source))
-    return rows, tables
+            if _fed_by_graph_input(node.inputs[1]):
+                fed.add(int(t.shape[0]))
+    return ({max(fed)} if fed else set()), tables
 
 
 def _output_layer_nodes(graph: ir.Graph, linear: list[LinearParts]) -> set[int]:
     """The output-embedding layer (lm_head): a linear site whose result reaches a graph output through
-    shape-only ops and that projects onto the token vocabulary (as many outputs as an embedding table
-    has rows, or that very table, tied). PEFT's ``all-linear`` leaves out ``get_output_embeddings()``
+    shape-only ops and that projects onto the token vocabulary (as many outputs as the vocabulary table
+    has rows, or an embedding table itself, tied). PEFT's ``all-linear`` leaves out ``get_output_embeddings()``
     only; a classifier head reaching the output is an ordinary site, as in PEFT (its SEQ_CLS rule is
     by name, in ``lora_fx.targeting``)."""
     outputs = {id(v) for v in graph.outputs}
