@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "graph with PyTorch autograd, and write the model with the trained adapters.",
     )
     p.add_argument("model", help="the rewritten .onnx file (adapters as initializers)")
-    p.add_argument("--data", required=True, help=".npz (arrays named after graph inputs + target) or .jsonl")
+    p.add_argument("--data", required=True, help=".npz (arrays named after graph inputs + target, first dimension: examples; "
+                   "an input of fixed shape given in that shape is fed whole to every batch) or .jsonl")
     p.add_argument("--target", default="labels", help="name of the target array in the data (default: labels)")
     p.add_argument("--output", dest="output_name", help="graph output the loss reads (default: the first output)")
     p.add_argument("--loss", choices=[m.value for m in Loss], default=Loss.CROSS_ENTROPY.value,
@@ -146,9 +147,19 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
     if target not in data:
         raise ConfigError(f"the data have no target array {target!r}; it has {sorted(data)} (choose one with --target)")
     names = list(inputs) + ([target] if target not in inputs else [])
+    # An input of fixed shape given in exactly that shape, where the other arrays hold another number of examples,
+    # is one value for every batch (Optimum's use_cache_branch, shape [1]), not a set of examples.
+    shared = {n for n, v in inputs.items() if _fixed(v.shape) and tuple(np.shape(data[n])) == tuple(v.shape)}
+    per_example = [n for n in names if n not in shared]
+    if shared and per_example:
+        counts = {len(data[n]) for n in per_example if np.ndim(data[n])}
+        shared = {n for n in shared if not np.ndim(data[n]) or counts != {len(data[n])}}
+    names = [n for n in names if n not in shared]
     scalars = [n for n in names if np.ndim(data[n]) == 0]
     if scalars:  # one value is not a set of examples; len() of it would be a TypeError
         raise ConfigError(f"arrays {scalars} are single values; store one entry per example (first dimension: examples)")
+    if not names:
+        raise ConfigError(f"the data hold no per-example arrays (arrays {sorted(shared)} are one value for every batch)")
     sizes = {n: len(data[n]) for n in names}
     if len(set(sizes.values())) != 1:
         raise ConfigError(f"arrays differ in their first (example) dimension: {sizes}")
@@ -158,9 +169,10 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
     if n == 0:
         raise ConfigError(f"the data hold no examples (arrays {sorted(names)} have length 0)")
     # The same check lora_fx.train makes on each batch, here on whole arrays: before any conversion or training.
-    check_feed_shapes({k: np.asarray(data[k]) for k in inputs}, {k: v.shape for k, v in inputs.items()}, batch_size)
+    check_feed_shapes({k: np.asarray(data[k]) for k in inputs if k not in shared},
+                      {k: v.shape for k, v in inputs.items()}, batch_size)
     tensors = {}
-    for name in names:
+    for name in names + sorted(shared):
         arr = np.asarray(data[name])
         bf16_input = name in inputs and inputs[name].dtype == ir.DataType.BFLOAT16
         if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and arr.dtype.names is None:
@@ -178,8 +190,8 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
             raise ConfigError(f"array {name!r} has dtype {arr.dtype}; only numbers can be fed to the graph")
         if (arr.dtype.kind == "f" or bf16) and not np.isfinite(arr).all():
             # Training would stop at the first such batch with "loss is nan ... lower the learning rate".
-            where = int(np.argwhere(~np.isfinite(arr))[0][0])
-            raise ConfigError(f"array {name!r} holds NaN or inf (first in example {where}); clean the data")
+            where = f" (first in example {int(np.argwhere(~np.isfinite(arr))[0][0])})" if name not in shared else ""
+            raise ConfigError(f"array {name!r} holds NaN or inf{where}; clean the data")
         if not arr.dtype.isnative:  # torch.from_numpy refuses other byte orders (an .npz from a big-endian machine)
             arr = arr.astype(arr.dtype.newbyteorder("="))
         if bf16:  # torch.from_numpy refuses ml_dtypes' bfloat16: its bits
@@ -189,7 +201,11 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
         if name in inputs and inputs[name].dtype is not None:
             t = t.to(torch_dtype(inputs[name].dtype.value))
         tensors[name] = t
-    return [{k: v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
+    return [{k: v if k in shared else v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
+
+
+def _fixed(shape: Any) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
 
 
 def _check_class_targets(y: Any, t: Any, target: str) -> None:

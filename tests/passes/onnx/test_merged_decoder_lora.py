@@ -226,3 +226,33 @@ def test_fusing_the_served_branches_keeps_every_branch_node_in_step(files, peft_
     fold_lora(trained)  # the fused form is read back, and folds to the base's nodes
     assert _op_counts(trained) == _op_counts(_load(files[1]))
     _close(_ort(trained, feeds), want, atol=1e-5)
+
+
+def test_lora_fx_train_command_takes_use_cache_branch_once_for_every_batch(files, tmp_path, capsys):
+    """``use_cache_branch`` is shape [1] whatever the batch: given once in the data, it is fed whole to every batch
+    (before, the command took it for one example and demanded --batch-size 1)."""
+    from lora_fx.cli import main
+    from lora_fx.commands.train import make_batches
+    from lora_fx.errors import ConfigError
+    from lora_fx.passes.onnx.lora_layout import b_name
+
+    lora = tmp_path / "lora.onnx"
+    assert main(["rewrite", str(files[1]), "-o", str(lora), "--target-modules", "q_proj,v_proj", "--r", "2"]) == 0
+    rows = [md.feeds(False, seed=s, seq=5) for s in range(3)]
+    data = {k: np.concatenate([r[k] for r in rows]) for k in rows[0] if k != "use_cache_branch"}
+    data["use_cache_branch"] = np.array([False])
+    data["labels"] = np.roll(data["input_ids"], -1, axis=1)
+    batches = make_batches(_load(lora), data, "labels", 4)
+    assert [len(b["input_ids"]) for b in batches] == [4, 2]
+    assert all(b["use_cache_branch"].tolist() == [False] for b in batches)
+    np.savez(tmp_path / "data.npz", **data)
+    capsys.readouterr()
+    assert main(["train", str(lora), "--data", str(tmp_path / "data.npz"), "--steps", "2", "--batch-size", "4",
+                 "-o", str(tmp_path / "trained.onnx"), "--no-progress"]) == 0
+    trained = _load(tmp_path / "trained.onnx")
+    site = next(iter(read_records(trained)))
+    assert np.abs(trained.graph.initializers[b_name(site)].const_value.numpy()).max() > 0  # B left zero: trained
+    # Given per example (one value for each of the 6), it is sliced as before, and its fixed batch of 1 refuses 4.
+    data["use_cache_branch"] = np.zeros(6, bool)
+    with pytest.raises(ConfigError, match="fixed batch of 1"):
+        make_batches(_load(lora), data, "labels", 4)
