@@ -1,12 +1,11 @@
 """Shared, session-scoped fixtures: each real model is built and captured once per test session.
 
 ``zoo.gm(name)`` hands out a deep copy of the captured GraphModule, so a test may rewrite it freely
-(apply, load_adapter, set_training_mode) without affecting other tests.
+(apply, load_adapter, set_training_mode) without affecting other tests. The captures are those of
+``tests.shared_exports.captured``, which test helpers outside fixtures use too.
 """
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from tests import models
 class Zoo:
     def __init__(self) -> None:
         self._models: dict[str, torch.nn.Module] = {}
-        self._captured: dict[str, torch.fx.GraphModule] = {}
 
     def model(self, name: str) -> torch.nn.Module:
         """The eager model (shared: do not modify it; deep-copy first)."""
@@ -27,11 +25,9 @@ class Zoo:
 
     def gm(self, name: str) -> torch.fx.GraphModule:
         """A fresh copy of the captured, unrewritten GraphModule."""
-        if name not in self._captured:
-            import lora_fx
+        from tests.shared_exports import captured
 
-            self._captured[name] = lora_fx.capture(self.model(name), kwargs=models.inputs(2, 8))
-        return copy.deepcopy(self._captured[name])
+        return captured(name)
 
 
 @pytest.fixture(scope="session")

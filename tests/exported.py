@@ -94,6 +94,15 @@ def exported(name: str, mode: str) -> Any:
     return lora_fx.export_onnx(trained_gm(name), out, kwargs=models.inputs(2, 8), mode=mode)
 
 
+@functools.cache
+def base_exported(name: str) -> Any:
+    """``export_onnx`` of the unrewritten capture of zoo model ``name`` (default mode), once per process."""
+    import lora_fx
+    from tests.shared_exports import captured
+
+    return lora_fx.export_onnx(captured(name), TMP / f"{name}-base.onnx", kwargs=models.inputs(2, 8))
+
+
 def feeds(batch: int, seq: int, pad: int = 0, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     b = models.inputs(batch, seq, pad=pad, seed=seed)
     return b, {k: v.numpy() for k, v in b.items()}

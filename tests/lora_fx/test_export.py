@@ -16,7 +16,7 @@ from lora_fx.export import ExportMode, adapters_dir
 from lora_fx.onnx_adapter import peft_dir_to_onnx_adapter, read_onnx_adapter
 from lora_fx.passes.fx.capture import meta
 from tests import models
-from tests.exported import TMP, eager, exported, feeds, ort_run, rel, trained_gm
+from tests.exported import TMP, base_exported, eager, exported, feeds, ort_run, rel, trained_gm
 
 NAMES = [pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow),
          pytest.param("minilm", marks=pytest.mark.slow)]
@@ -50,9 +50,7 @@ def test_names_survive_and_the_merged_model_is_the_base_graph(name):
     assert set(read_onnx_adapter(exported(name, "adapters").adapter_paths[0]).tensors) == slot_inputs
     merged = ir.load(str(exported(name, "merged").model_path))
     assert not [n for n in merged.graph.initializers if ".lora_" in n]
-    base = lora_fx.export_onnx(copy.deepcopy(lora_fx.capture(eager(name), kwargs=models.inputs(2, 8))), TMP / f"{name}-base.onnx",
-                               kwargs=models.inputs(2, 8))
-    base_model = ir.load(str(base.model_path))
+    base_model = ir.load(str(base_exported(name).model_path))
     assert collections.Counter(n.op_type for n in merged.graph) == collections.Counter(n.op_type for n in base_model.graph)
     assert [i.name for i in merged.graph.inputs] == [i.name for i in base_model.graph.inputs] == ["input_ids", "attention_mask"]
     # dynamic batch and sequence axes
@@ -60,9 +58,9 @@ def test_names_survive_and_the_merged_model_is_the_base_graph(name):
 
 
 @pytest.mark.parametrize("name, outputs", [("bert", ["last_hidden_state", "pooler_output"]), ("gpt2", ["logits"])])
-def test_exported_outputs_are_named_like_the_models_outputs(name, outputs, tmp_path):
+def test_exported_outputs_are_named_like_the_models_outputs(name, outputs):
     batch = models.inputs(2, 8)
-    out = lora_fx.export_onnx(lora_fx.capture(models.build(name), kwargs=batch), tmp_path / "m.onnx", kwargs=batch)
+    out = base_exported(name)  # export_onnx of the plain capture, shared with the test above
     assert [v.name for v in lora_fx.load(out.model_path).graph.outputs] == outputs
     np.testing.assert_allclose(ort_run(out.model_path, {k: v.numpy() for k, v in batch.items()}),
                                models.run(models.build(name), batch).numpy(), rtol=1e-4, atol=1e-5)
@@ -92,9 +90,10 @@ def test_half_precision_models_merge_into_the_base_graph(dtype, tmp_path):
     back down; the merge folds A @ B into the half-precision W and drops those Casts again."""
     model = models.build("llama").to(dtype)
     example = models.inputs(2, 8)
-    base = lora_fx.export_onnx(lora_fx.capture(model, kwargs=example), tmp_path / "base.onnx", kwargs=example)
+    captured = lora_fx.capture(model, kwargs=example)
+    base = lora_fx.export_onnx(copy.deepcopy(captured), tmp_path / "base.onnx", kwargs=example)
     torch.manual_seed(0)
-    gm = lora_fx.apply(lora_fx.capture(model, kwargs=example),
+    gm = lora_fx.apply(captured,
                        lora_fx.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     merged = lora_fx.export_onnx(gm, tmp_path / "merged.onnx", kwargs=example, mode="merged")
     got_model, base_model = ir.load(str(merged.model_path)), ir.load(str(base.model_path))

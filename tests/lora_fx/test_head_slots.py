@@ -416,14 +416,15 @@ def test_onnx_front_end_a_lora_only_adapter_runs_on_the_head_slot_export_of_the_
     """A user's ONNX classifier (Llama, dynamo-optimized: the head a transposed, unnamed constant) rewritten twice,
     with the head trained in full and with LoRA only, each exported with slots (``lora-fx export --adapters``)."""
     from lora_fx.commands.export import export_file
-    from tests.lora_fx.test_onnx_modules_to_save import ARCHS, _export
+    from tests.lora_fx.test_onnx_modules_to_save import ARCHS
+    from tests.shared_exports import user_export
 
     build, _, _, targets = ARCHS["llama"]
-    _export(build(), tmp_path / "user.onnx", "dynamo")
+    user = user_export(build, "dynamo")  # test_onnx_modules_to_save's file of the same classifier
     feeds = {k: v.numpy() for k, v in inputs(2, 8, seed=7).items()}
     out = {}
     for name, task in (("cls", "SEQ_CLS"), ("plain", None)):
-        onnx_model = lora_fx.load(tmp_path / "user.onnx")
+        onnx_model = lora_fx.load(user)
         torch.manual_seed(5)
         lora_fx.apply(onnx_model, LoraConfig(r=2, task_type=task, target_modules=targets, init_lora_weights=False))
         lora_fx.save(onnx_model, tmp_path / f"{name}.onnx")
@@ -432,7 +433,7 @@ def test_onnx_front_end_a_lora_only_adapter_runs_on_the_head_slot_export_of_the_
     adapter = out["plain"]["adapters"][0]
     ref = ort_run(tmp_path / "plain.onnx", feeds)  # the LoRA model itself, before export
     np.testing.assert_allclose(ort_run(tmp_path / "plain_served.onnx", feeds, adapter=adapter), ref, atol=1e-5)
-    assert np.abs(ref - ort_run(tmp_path / "user.onnx", feeds)).max() > 1e-2
+    assert np.abs(ref - ort_run(user, feeds)).max() > 1e-2
     session = Session(tmp_path / "cls_served.onnx", providers=["CPUExecutionProvider"])
     assert session.add_adapter("plain", adapter).default_sites == ["score"]
     np.testing.assert_allclose(session.run(feeds, adapter="plain")[0], ref, atol=1e-5)

@@ -76,18 +76,11 @@ def _export(model, path, exporter: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("onnx_mts")
-    cache = {}
+def exported():
+    """The file of (arch, exporter), exported once per process (test_head_slots and test_onnx_head_forms read them too)."""
+    from tests.shared_exports import user_export
 
-    def get(arch: str, exporter: str):
-        if (arch, exporter) not in cache:
-            path = tmp / f"{arch}-{exporter}.onnx"
-            _export(ARCHS[arch][0](), path, exporter)
-            cache[arch, exporter] = path
-        return cache[arch, exporter]
-
-    return get
+    return lambda arch, exporter: user_export(ARCHS[arch][0], exporter)
 
 
 def _config(arch: str, **extra) -> LoraConfig:

@@ -21,7 +21,7 @@ import lora_fx
 from lora_fx.adapters import WEIGHTS_NAME
 from lora_fx.passes.onnx.lora_layout import read_records
 from tests.exported import ort_run, rel
-from tests.lora_fx.test_multihead_attention import _Block, _merged, _peft_pairs
+from tests.lora_fx.test_multihead_attention import _merged, _peft_pairs
 from tests.models import peft_lora_modules, peft_wrap
 
 
@@ -39,10 +39,11 @@ def export_block(block: torch.nn.Module, out: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    torch.manual_seed(0)
-    block = _Block().eval()
-    return block, export_block(block, tmp_path_factory.mktemp("mha"))
+def exports():
+    """``_Block`` (seed 0) and its two files, made once per process (tests/passes/onnx/test_find_sites.py reads them too)."""
+    from tests.shared_exports import mha_exports
+
+    return mha_exports()
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

@@ -25,7 +25,6 @@ from lora_fx.passes.fx.freeze_base import saved_base
 from lora_fx.prefix_adapters import to_peft_blocks
 from lora_fx.runtime.onnx_torch import OnnxModule
 from tests.models import VOCAB, inputs
-from tests.lora_fx.test_onnx_modules_to_save import _export  # ONNX files as a user exports them
 
 T = 4
 TOL = 1e-5
@@ -256,10 +255,10 @@ def test_a_seq_cls_file_without_a_head_from_an_earlier_lora_fx_loads_with_the_ba
     again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "again").eval()
     with torch.no_grad():
         torch.testing.assert_close(_peft_logits(again, b), want, atol=TOL, rtol=1e-4)
-    # The ONNX front end reads it the same way.
-    onnx_path = tmp_path / "bert.onnx"
-    _export(model, onnx_path, "dynamo")
-    onnx_model = lora_fx.load_adapter(lora_fx.load(onnx_path), old)
+    # The ONNX front end reads it the same way (the user's export of the same base, as the ONNX tests below read it).
+    from tests.shared_exports import user_export
+
+    onnx_model = lora_fx.load_adapter(lora_fx.load(user_export(_bert, "dynamo")), old)
     with torch.no_grad():
         torch.testing.assert_close(OnnxModule(onnx_model)(**b)["logits"], want, atol=TOL, rtol=1e-4)
 
@@ -368,18 +367,11 @@ def test_served_export_makes_head_slots_and_the_adapter_carries_the_trained_head
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("prefix_mts")
-    cache = {}
+def exported():
+    """The file of (arch, exporter), exported once per process."""
+    from tests.shared_exports import user_export
 
-    def get(arch: str, exporter: str):
-        if (arch, exporter) not in cache:
-            path = tmp / f"{arch}-{exporter}.onnx"
-            _export(ARCHS[arch][0](), path, exporter)
-            cache[arch, exporter] = path
-        return cache[arch, exporter]
-
-    return get
+    return lambda arch, exporter: user_export(ARCHS[arch][0], exporter)
 
 
 CASES = [(arch, exporter) for arch in ARCHS for exporter in ("dynamo", "torchscript")]

@@ -671,7 +671,8 @@ def test_normalize_lora_rewrites_bf16_branches_of_a_torch_export(tmp_path) -> No
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A tiny LlamaForSequenceClassification in bfloat16 and its dynamo export (logits bfloat16)."""
-    from tests.lora_fx.test_prefix_modules_to_save import _export, _llama
+    from tests.lora_fx.test_onnx_modules_to_save import _export
+    from tests.lora_fx.test_prefix_modules_to_save import _llama
 
     model = _llama().to(torch.bfloat16)
     path = tmp_path_factory.mktemp("bf16cls") / "llama-cls-bf16.onnx"

@@ -20,6 +20,7 @@ from lora_fx.passes.fx import insert_prefix as insert_prefix_mod
 from lora_fx.passes.fx.capture import meta
 from lora_fx.passes.fx.fold_prefix import fold_prefix
 from tests.models import build, inputs, max_rel, run
+from tests.shared_exports import captured
 
 T = 5
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "minilm": "FEATURE_EXTRACTION",
@@ -60,7 +61,7 @@ def test_peft_adapter_loads_and_gives_peft_outputs(tmp_path, name, attn):
     base = _model(name, attn)
     pm = _peft(base, name)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    gm = captured(name, attn)
     lora_fx.load_adapter(gm, tmp_path)
     rec = meta(gm)["prefix"]
     assert rec["num_virtual_tokens"] == T and len(rec["sites"]) == 2
@@ -78,7 +79,7 @@ def test_a_prefix_adapter_for_another_model_leaves_a_bare_capture_unchanged(tmp_
 
     _peft(_model("gpt2", "sdpa"), "gpt2").save_pretrained(tmp_path)
     assert "prompt_embeddings" in load_file(str(tmp_path / "adapter_model.safetensors"))
-    gm = lora_fx.capture(_model("llama", "sdpa"), kwargs=inputs(2, 8))
+    gm = captured("llama")
     code = gm.code
     with pytest.raises(AdapterError, match="was the adapter trained on another model"):
         lora_fx.load_adapter(gm, tmp_path)
@@ -93,7 +94,7 @@ def test_positions_from_a_table_or_a_running_count_move_by_t(tmp_path, name):
     base = build(name)
     pm = _peft(base, name)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    gm = captured(name)
     lora_fx.load_adapter(gm, tmp_path)
     _assert_parity(gm, pm, base, SHAPES[:3])
 
@@ -103,7 +104,7 @@ def test_minilm_parity(tmp_path):
     base = build("minilm")
     pm = _peft(base, "minilm", num_virtual_tokens=3)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    gm = captured("minilm")
     lora_fx.load_adapter(gm, tmp_path)
     _assert_parity(gm, pm, base, SHAPES[:2])
 
@@ -114,7 +115,7 @@ def test_positions_must_move_by_t(tmp_path, name, monkeypatch):
     base = build(name)
     pm = _peft(base, name)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    gm = captured(name)
     monkeypatch.setattr(insert_prefix_mod, "offset_positions", lambda graph, t, keep=(): [])
     lora_fx.load_adapter(gm, tmp_path)
     b = inputs(2, 8)
@@ -126,7 +127,7 @@ def test_saved_adapter_loads_in_peft(tmp_path, name):
     import peft
 
     base = build(name)
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=4))
+    gm = lora_fx.apply(captured(name), lora_fx.PrefixConfig(num_virtual_tokens=4))
     lora_fx.save_adapter(gm, tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "PREFIX_TUNING" and "target_modules" not in data
@@ -142,7 +143,7 @@ def test_projection_matches_peft_then_folds_and_saves(tmp_path):
     pm.train()  # PEFT runs its prefix encoder outside inference mode; no dropout in it
     base_copy = pm.get_base_model()
     base_copy.eval()
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=inputs(2, 8)),
+    gm = lora_fx.apply(captured("gpt2"),
                        lora_fx.PrefixConfig(num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=24))
     ours_enc, theirs_enc = gm.get_submodule("prefix_encoder"), pm.prompt_encoder["default"]
     ours_enc.load_state_dict(theirs_enc.state_dict())
@@ -164,9 +165,9 @@ def test_projection_matches_peft_then_folds_and_saves(tmp_path):
 
 @pytest.mark.slow
 def test_projection_saves_folded_without_folding_the_graph(tmp_path):
-    gm = lora_fx.apply(lora_fx.capture(build("bert"), kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=3, prefix_projection=True))
+    gm = lora_fx.apply(captured("bert"), lora_fx.PrefixConfig(num_virtual_tokens=3, prefix_projection=True))
     lora_fx.save_adapter(gm, tmp_path)
-    fresh = lora_fx.load_adapter(lora_fx.capture(build("bert"), kwargs=inputs(2, 8)), tmp_path)
+    fresh = lora_fx.load_adapter(captured("bert"), tmp_path)
     b = inputs(3, 9, pad=2)
     keep = b["attention_mask"].bool()
     assert max_rel(run(fresh, b)[keep], run(gm, b)[keep]) <= 1e-5
@@ -174,8 +175,7 @@ def test_projection_saves_folded_without_folding_the_graph(tmp_path):
 
 @pytest.mark.slow
 def test_training_moves_only_the_prefixes():
-    base = build("gpt2")
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=4))
+    gm = lora_fx.apply(captured("gpt2"), lora_fx.PrefixConfig(num_virtual_tokens=4))
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
     assert trainable == {f"transformer.h.{i}.attn.prefix_{w}" for i in (0, 1) for w in ("key", "value")}

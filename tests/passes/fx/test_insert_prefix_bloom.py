@@ -21,6 +21,7 @@ from lora_fx.passes.fx.capture import meta
 from lora_fx.passes.fx.fold_prefix import fold_prefix
 from lora_fx.sites import SiteKind
 from tests.models import VOCAB, inputs, max_rel, run
+from tests.shared_exports import captured_from
 
 T = 5
 SITES = ["transformer.h.0.self_attention", "transformer.h.1.self_attention"]
@@ -63,7 +64,7 @@ def _assert_parity(gm, pm, base, shapes=SHAPES, mask=True):
 
 
 def test_bloom_attention_is_found_with_its_heads():
-    gm = lora_fx.capture(bloom(), kwargs=inputs(2, 8))
+    gm = captured_from(bloom)
     sites = [s for s in lora_fx.find_sites(gm) if s.kind is SiteKind.ATTENTION]
     assert [s.name for s in sites] == SITES
     assert {(s.op, s.num_heads, s.kv_heads, s.head_dim) for s in sites} == {("eager_bmm", 4, 4, 8)}
@@ -89,7 +90,7 @@ def test_peft_adapter_gives_peft_outputs(tmp_path):
     base = bloom()
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    gm = captured_from(bloom)
     lora_fx.load_adapter(gm, tmp_path)
     rec = meta(gm)["prefix"]
     assert list(rec["sites"]) == SITES and {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()} == {(4, 8)}
@@ -100,7 +101,7 @@ def test_without_a_mask_alibi_counts_over_t_plus_n(tmp_path):
     base = bloom()
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs={"input_ids": inputs(2, 8)["input_ids"]})
+    gm = captured_from(bloom, ("input_ids",))
     lora_fx.load_adapter(gm, tmp_path)
     _assert_parity(gm, pm, base, [s for s in SHAPES if not s[2]], mask=False)
 
@@ -110,7 +111,7 @@ def test_alibi_must_number_the_prefix_keys(tmp_path, monkeypatch):
     base = bloom()
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=inputs(2, 8))
+    gm = captured_from(bloom)
 
     def zeros(graph, bias, t, site):
         with graph.inserting_before(bias.next):
@@ -125,7 +126,7 @@ def test_alibi_must_number_the_prefix_keys(tmp_path, monkeypatch):
 
 def test_alibi_cumsum_is_no_position_to_move():
     """Bloom's cumsum of the mask feeds ALiBi only: PEFT moves no positions of Bloom, nor does the pass."""
-    gm = lora_fx.capture(bloom(), kwargs=inputs(2, 8))
+    gm = captured_from(bloom)
     result = insert_prefix_mod.insert_prefix(gm, lora_fx.PrefixConfig(num_virtual_tokens=T))
     assert result.changed == SITES
 
@@ -135,7 +136,7 @@ def test_saved_adapter_loads_in_peft(tmp_path, projection):
     import peft
 
     base = bloom()
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=inputs(2, 8)),
+    gm = lora_fx.apply(captured_from(bloom),
                        lora_fx.PrefixConfig(num_virtual_tokens=T, prefix_projection=projection, encoder_hidden_size=24))
     if projection:
         # A trained encoder (its last layer starts at PEFT's init, not zero here): the prefixes are its output.
@@ -155,7 +156,7 @@ def test_projection_matches_peft_then_folds(tmp_path):
     with torch.no_grad():  # a trained encoder: PEFT's init moves this tiny model's outputs by under 1%
         for p in pm.prompt_encoder["default"].parameters():
             p.normal_()
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=inputs(2, 8)),
+    gm = lora_fx.apply(captured_from(bloom),
                        lora_fx.PrefixConfig(num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=24))
     gm.get_submodule(insert_prefix_mod.ENCODER).load_state_dict(pm.prompt_encoder["default"].state_dict())
     _assert_parity(gm, pm, base, SHAPES[:2])
@@ -174,7 +175,7 @@ def test_export_with_adapter_slots_runs_in_onnx_runtime(tmp_path):
     import onnxruntime as ort
 
     base = bloom()
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=T))
+    gm = lora_fx.apply(captured_from(bloom), lora_fx.PrefixConfig(num_virtual_tokens=T))
     result = lora_fx.export_onnx(gm, tmp_path / "bloom.onnx", kwargs=inputs(2, 8), mode="adapters")
     assert sorted(result.sites) == SITES
     sess = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
@@ -182,7 +183,7 @@ def test_export_with_adapter_slots_runs_in_onnx_runtime(tmp_path):
     assert {f"{s}.prefix_{w}" for s in SITES for w in ("key", "value")} <= slots
     other = _peft(base)
     other.save_pretrained(tmp_path / "other")
-    swapped = lora_fx.load_adapter(lora_fx.capture(base, kwargs=inputs(2, 8)), tmp_path / "other")
+    swapped = lora_fx.load_adapter(captured_from(bloom), tmp_path / "other")
     feeds_other = {f"{s}.prefix_{w}": getattr(swapped.get_submodule(s), f"prefix_{w}").detach().numpy()
                    for s in SITES for w in ("key", "value")}
     for size, seq, pad, left in SHAPES[1:]:
@@ -194,7 +195,7 @@ def test_export_with_adapter_slots_runs_in_onnx_runtime(tmp_path):
             ref = run(model, b).numpy()
             assert np.abs(ours[keep] - ref[keep]).max() / np.abs(ref[keep]).max() <= 1e-4, (size, seq, pad, left)
     # The exported PEFT directory is the same adapter.
-    back = lora_fx.load_adapter(lora_fx.capture(base, kwargs=inputs(2, 8)), result.peft_dirs[0])
+    back = lora_fx.load_adapter(captured_from(bloom), result.peft_dirs[0])
     b = batch(3, 11, 4)
     assert max_rel(run(back, b), run(gm, b)) <= 1e-6
 
@@ -256,7 +257,7 @@ def test_the_replaced_alibi_leaves_no_dead_nodes():
     def dead(gm):
         return {n.name for n in gm.graph.nodes if n.op == "call_function" and not n.users and not n.is_impure()}
 
-    gm = lora_fx.capture(bloom(), kwargs=inputs(2, 8))
+    gm = captured_from(bloom)
     before, nodes = dead(gm), {n.name for n in gm.graph.nodes}
     insert_prefix_mod.insert_prefix(gm, lora_fx.PrefixConfig(num_virtual_tokens=T))
     assert dead(gm) == before

@@ -369,14 +369,12 @@ def test_module_tree_from_dynamo_metadata_trusts_torch_classes_and_checks_the_ot
 
 
 @pytest.fixture(scope="module")
-def mha_exports(tmp_path_factory):
-    """The FX tests' block (Linear, batch-first nn.MultiheadAttention, Linear), exported by both exporters."""
-    from tests.lora_fx.test_multihead_attention import _Block
-    from tests.lora_fx.test_onnx_multihead_attention import export_block
+def mha_exports():
+    """The FX tests' block (Linear, batch-first nn.MultiheadAttention, Linear), exported by both exporters (the files
+    tests/lora_fx/test_onnx_multihead_attention.py reads too)."""
+    from tests.shared_exports import mha_exports
 
-    torch.manual_seed(0)
-    block = _Block().eval()
-    return block, export_block(block, tmp_path_factory.mktemp("mha"))
+    return mha_exports()
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
