@@ -22,7 +22,8 @@ Matches, where the scale is one float per output channel (or one for the whole t
 * ``Gemm(x, DequantizeLinear(q), C)`` with ``alpha = beta = 1`` and no ``transA``, either ``transB``;
 
 for DequantizeLinear where ``q`` is an int8 initializer, the zero point absent or all zeros, and the
-intermediate values feed nothing else. Everything else (blocked or uint8 weights, non-zero zero
+intermediate values feed nothing else; in the main graph or in a subgraph (an If branch) reading main-graph
+initializers. Everything else (blocked or uint8 weights, non-zero zero
 points, a dequantized W read twice, per-block MatMulNBits scales) runs node by node: correct, but
 holding the float W for backward. ``refused`` in the result says why an int8 weight was left alone.
 """
@@ -69,9 +70,10 @@ def _single_use(value: ir.Value) -> bool:
 
 
 def _initializer(graph: ir.Graph, value: ir.Value | None) -> ir.TensorProtocol | None:
-    if value is None or value.name not in graph.initializers or value.is_graph_input():
+    # By identity: a subgraph's value of the same name as one of ``graph``'s initializers is another value.
+    if value is None or graph.initializers.get(value.name) is not value or value.is_graph_input():
         return None
-    return graph.initializers[value.name].const_value
+    return value.const_value
 
 
 def _is_op(node: ir.Node | None, op: str) -> bool:
@@ -217,9 +219,11 @@ def _match_nbits(graph: ir.Graph, node: ir.Node, found: Int8Linears) -> Int8Line
 
 
 def find_int8_linears(graph: ir.Graph) -> Int8Linears:
-    """The int8 weights of ``graph`` that run as ``lora_fx::linear_int8``, and why others do not."""
+    """The int8 weights of ``graph`` and of its subgraphs (If branches, Loop bodies: Optimum's merged decoders hold
+    every layer in an If, reading the main graph's initializers) that run as ``lora_fx::linear_int8``, and why others
+    do not. Storage is looked up among ``graph``'s initializers, which a subgraph reads from the outer scope."""
     found = Int8Linears()
-    for node in graph:
+    for node in (n for g in (graph, *graph.subgraphs()) for n in g):
         hit = None
         if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm"):
             hit = _match(graph, node, found)

@@ -406,15 +406,20 @@ class OnnxModule(torch.nn.Module):
             # The op's own storage: q itself for the DequantizeLinear [N, K] layout, else one int8 copy
             # (transposed, or MatMulNBits' codes - 128 without the row padding).
             names = []
-            for part, t in zip(("qweight", "qscale"), int8_storage(hit, self.tensor)):
-                name = f"{hit.consumer.name or hit.consumer.outputs[0].name}::int8_{part}"
-                self._attr_of[name] = _safe_attr_name(name, taken)
-                self.register_buffer(self._attr_of[name], t, persistent=False)
-                names.append(name)
+            in_body = hit.consumer.graph is not graph
+            for part in ("qweight", "qscale"):
+                # The If branches of a merged decoder read one storage: one copy serves every branch node.
+                names.append(f"{hit.qweight}|{hit.scale}|{hit.block_size}::int8_{part}" if in_body
+                             else f"{hit.consumer.name or hit.consumer.outputs[0].name}::int8_{part}")
+            if names[0] not in self._attr_of:
+                for name, t in zip(names, int8_storage(hit, self.tensor)):
+                    self._attr_of[name] = _safe_attr_name(name, taken)
+                    self.register_buffer(self._attr_of[name], t, persistent=False)
             fused[id(hit.consumer)] = (hit, names)
         for hit in self.int8_linears.matched:
             # Initializers only the fused call's absorbed nodes read (MatMulNBits' B): the int8 copy replaces them.
-            for name in hit.released:
+            # (Not for a subgraph's node: its If or Loop lists what the subgraph reads from outside, B among them.)
+            for name in hit.released if hit.consumer.graph is graph else ():
                 if name in self._attr_of and name not in self.trainable_names:
                     delattr(self, self._attr_of.pop(name))
                     self._init_consts.pop(name, None)
@@ -424,6 +429,7 @@ class OnnxModule(torch.nn.Module):
 
     def _compile(self, graph: Any, const_inits: set[str], fused: dict[int, tuple[Int8Linear, list[str]]]) -> list[_Node]:
         absorbed = {id(s) for hit, _ in fused.values() for s in hit.skipped}
+        self._fused, self._absorbed = fused, absorbed  # int8 weights inside subgraphs too (``_compile_body``)
         return self._compile_nodes(graph, set(const_inits), set(), fused, absorbed, set(self.output_names), body=False)
 
     def _compile_body(self, graph: Any, data_shaped: set[str]) -> _Body:
@@ -431,7 +437,7 @@ class OnnxModule(torch.nn.Module):
         chooses to, so its values are computed each run (those made from constants still come out as ``Const``)."""
         inputs = [v.name for v in graph.inputs]
         outputs = [v.name for v in graph.outputs]
-        nodes = self._compile_nodes(graph, set(), set(data_shaped), {}, set(), set(outputs), body=True)
+        nodes = self._compile_nodes(graph, set(), set(data_shaped), self._fused, self._absorbed, set(outputs), body=True)
         return _Body(nodes, inputs, outputs, graph.name or "<subgraph>")
 
     def _compile_nodes(self, graph: Any, candidates: set[str], data_shaped: set[str],

@@ -14,7 +14,9 @@ reports the error requantization adds (``FoldLora.errors``, and one line per sit
 
 A site inside ``If`` branches (one adapter in the main graph, a branch at every node reading the site's outer-scope
 weight: Optimum's merged decoders) folds once: ``W'`` is written to the main-graph weight every branch reads, and
-every branch is removed from every subgraph. Such a site with a quantized W, or whose branches read W through a
+every branch is removed from every subgraph. A quantized W (``quantize_weights`` stores it once in the main graph,
+every branch node reading it) folds the same way: the requantized storage is written once for all of them, or
+(``FLOAT``) one float W replaces it for all. A site whose branch nodes read different storages, or W through a
 ``Transpose`` that other sites share, is refused before anything changes.
 """
 
@@ -183,7 +185,7 @@ class FoldLora:
             fold = folds[0]
             homes = [each.branch.graph for each in folds]  # read first: a removed node belongs to no graph
             if fold.quant is not None:
-                self._apply_quantized(graph, fold, merged[fold.branch.site])
+                self._apply_quantized(graph, folds, merged[fold.branch.site])
             elif len(folds) == 1:
                 self._apply(graph, fold, merged[fold.branch.site])
             else:
@@ -204,10 +206,9 @@ class FoldLora:
         if len(folds) == 1:
             return folds
         first = folds[0]
-        if first.quant is not None:
-            raise UnsupportedError(
-                f"site {site} lies inside If branches and its weight is stored quantized ({first.quant.describe()}); "
-                "lora_fx folds such a site only in float: fold the float model, or export with adapter slots instead")
+        if first.quant is not None or any(f.quant is not None for f in folds):
+            self._check_shared_storage(site, folds)
+            return folds
         if any((f.weight, f.transposed, f.gemm_alpha) != (first.weight, first.transposed, first.gemm_alpha) for f in folds):
             raise UnsupportedError(f"site {site}: its If-branch nodes read different weights or layouts, so no one W + A @ B "
                                    "serves them all; export with adapter slots instead")
@@ -215,6 +216,26 @@ class FoldLora:
             raise UnsupportedError(f"site {site}: a branch reads its weight through a Transpose other sites share, which "
                                    "lora_fx does not split inside If branches; export with adapter slots instead")
         return folds
+
+    @staticmethod
+    def _check_shared_storage(site: str, folds: list[_Fold]) -> None:
+        """The If-branch nodes of a quantized site must read one storage (``quantize_weights`` makes it so) for one
+        merged W to serve them all."""
+        first = folds[0].quant
+
+        def inputs(q: QuantizedWeight) -> list:
+            # x is each node's own; so is a double-quantized absmax, decoded in each branch from shared constants.
+            own = [v for i, v in enumerate(q.node.inputs)
+                   if (i != 0 or q.node is not q.matmul) and not (i == 2 and q.double_quant is not None)]
+            return own + ([q.double_quant.values[k] for k in sorted(q.double_quant.values)] if q.double_quant else [])
+
+        same = all(f.quant is not None and f.quant.describe() == first.describe() and f.quant.stored_out_in == first.stored_out_in
+                   and (f.quant.out_features, f.quant.in_features) == (first.out_features, first.in_features)
+                   and len(inputs(f.quant)) == len(inputs(first))
+                   and all(a is b for a, b in zip(inputs(f.quant), inputs(first))) for f in folds)
+        if not same:
+            raise UnsupportedError(f"site {site}: its If-branch nodes read different quantized weights or formats, so no "
+                                   "one W + A @ B serves them all; export with adapter slots instead")
 
     def _plan(self, graph: ir.Graph, branch: Branch) -> _Fold:
         """``graph`` is the main graph (the weights' home); the branch may lie in one of its If branches."""
@@ -319,12 +340,18 @@ class FoldLora:
                                         float(np.sqrt((diff ** 2).sum())) / max(norm, 1e-30)))
         return storage
 
-    def _apply_quantized(self, graph: ir.Graph, fold: _Fold, merged: np.ndarray | dict) -> None:
-        remove_branch(graph, fold.branch)
+    def _apply_quantized(self, graph: ir.Graph, folds: list[_Fold], merged: np.ndarray | dict) -> None:
+        """Every branch of the site goes; its node (every If-branch node of a site inside them) reads the requantized
+        storage, written once in the main graph, or one float merged W."""
+        site = folds[0].branch.site
+        for fold in folds:
+            remove_branch(graph, fold.branch)
         if isinstance(merged, dict):
-            write_storage(graph, fold.branch.site, fold.quant, merged)
+            write_storage(graph, site, folds[0].quant, merged, tuple(f.quant for f in folds[1:]))
         else:
-            replace_by_float(graph, fold.branch.site, fold.quant, merged)
+            weight = None
+            for fold in folds:
+                weight = replace_by_float(graph, site, fold.quant, merged, weight)
 
     @staticmethod
     def _apply_branches(graph: ir.Graph, folds: list[_Fold], merged: np.ndarray) -> None:

@@ -28,8 +28,13 @@ name (find_sites reads it from the ``….weight`` prefix); the new node keeps th
 Scales and absmaxes are stored in the model's float type (MatMulBnb4 and MatMulNBits read them in
 the type of their input; so does the MatMul after DequantizeLinear). The numerics are those of the
 FX pass (one implementation). Sites that are already quantized
-(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused, and so are sites inside ``If``
-branches (``find_sites``' ``Sites.inside``: Optimum's merged decoders), before anything changes.
+(MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused before anything changes.
+
+A site inside ``If`` branches (``find_sites``' ``Sites.inside``: Optimum's merged decoders, every branch node of the
+site reading one main-graph W) is quantized once: the packed storage goes into the main graph, where W was, and every
+branch node of the site (``site_nodes``) becomes the quantized op (int8: the DequantizeLinear chain; nf4 with
+``double_quant``: the absmax decode too) in its own branch, reading that storage from the outer scope. W goes once no
+node reads it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 
 from lora_fx.config import LoraConfig, QuantConfig, QuantDType
 from lora_fx.errors import ConfigError, UnsupportedError
-from lora_fx.passes.onnx.find_sites import const_tensor, find_sites, linear_parts
+from lora_fx.passes.onnx.find_sites import const_tensor, find_sites, linear_parts, site_nodes
 from lora_fx.passes.result import PassResult
 from lora_fx.targeting import select_targets
 
@@ -56,19 +61,26 @@ def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[str, torch.Tensor], numel: int,
-                   cfg: QuantConfig, nodes: list[ir.Node], float_type: ir.DataType) -> ir.Value:
+def _absmax_constants(graph: ir.Graph, name: str, storage: dict[str, torch.Tensor], numel: int,
+                      cfg: QuantConfig) -> dict[str, ir.Value]:
+    """The main-graph constants of a double-quantized absmax decode (``_decode_absmax``), made once per site."""
+    n_blocks = -(-numel // cfg.block_size)
+    groups = -(-n_blocks // cfg.double_quant_block_size)
+    consts = {"factor": _init(graph, f"{name}.weight_scale_factor", storage["qscale_factor"].numpy()),
+              "mean": _init(graph, f"{name}.weight_scale_mean", storage["qscale_mean"].numpy())}
+    consts.update({key: _init(graph, f"{name}/absmax/{key}_shape", np.array(v, dtype=np.int64))
+                   for key, v in (("column", [groups, 1]), ("grid", [groups, cfg.double_quant_block_size]), ("flat", [-1]),
+                                  ("start", [0]), ("end", [n_blocks]))})
+    return consts
+
+
+def _decode_absmax(name: str, qscale: ir.Value, consts: dict[str, ir.Value], nodes: list[ir.Node],
+                   float_type: ir.DataType) -> ir.Value:
     """Double-quantized absmaxes stay int8 in the file; a small decode before MatMulBnb4 (which reads float
     absmaxes) computes ``qscale / factor + mean`` with one factor per ``double_quant_block_size`` blocks,
     the arithmetic of ``lora_fx/kernels/quant_formats``, cast to the model's float type last. ONNX Runtime
-    folds it once, at session start."""
-    n_blocks = -(-numel // cfg.block_size)
-    groups = -(-n_blocks // cfg.double_quant_block_size)
-    factor = _init(graph, f"{name}.weight_scale_factor", storage["qscale_factor"].numpy())
-    mean = _init(graph, f"{name}.weight_scale_mean", storage["qscale_mean"].numpy())
-    consts = {key: _init(graph, f"{name}/absmax/{key}_shape", np.array(v, dtype=np.int64))
-              for key, v in (("column", [groups, 1]), ("grid", [groups, cfg.double_quant_block_size]), ("flat", [-1]),
-                             ("start", [0]), ("end", [n_blocks]))}
+    folds it once, at session start. Each reader of a site inside If branches gets a decode of its own, in its
+    own branch, so that the decode feeds one MatMulBnb4 (what ``quantized_weight.DoubleQuant`` rewrites)."""
 
     def add(op: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
         node = ir.node(op, inputs, attributes=attrs or None, name=f"{name}/absmax/{len(nodes)}_{op}")
@@ -77,9 +89,9 @@ def _decode_absmax(graph: ir.Graph, name: str, qscale: ir.Value, storage: dict[s
         return node.outputs[0]
 
     # Reshape/Expand/Slice rather than Unsqueeze so the decode runs at any opset the model has.
-    per_block = add("Slice", [add("Reshape", [add("Expand", [add("Reshape", [factor, consts["column"]]), consts["grid"]]),
+    per_block = add("Slice", [add("Reshape", [add("Expand", [add("Reshape", [consts["factor"], consts["column"]]), consts["grid"]]),
                                                consts["flat"]]), consts["start"], consts["end"]])
-    absmax = add("Add", [add("Div", [add("Cast", [qscale], to=int(ir.DataType.FLOAT)), per_block]), mean])
+    absmax = add("Add", [add("Div", [add("Cast", [qscale], to=int(ir.DataType.FLOAT)), per_block]), consts["mean"]])
     if float_type != ir.DataType.FLOAT:  # MatMulBnb4 reads absmax in the type of its input
         absmax = add("Cast", [absmax], to=int(float_type))
     return absmax
@@ -108,20 +120,10 @@ class QuantizeWeights:
         selector = LoraConfig(r=1, target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules)
         targets = select_targets(sites, selector)
         graph = model.graph
-        inside = [t.site.name for t in targets if t.site.name in sites.inside]
-        if inside:
-            # The packed weight would have to replace W in every branch reading it, which this pass does not do.
-            raise UnsupportedError(
-                f"quantize_weights rewrites sites of the main graph only, and {len(inside)} selected site"
-                f"{'s lie' if len(inside) > 1 else ' lies'} inside If branches ({', '.join(inside[:3])}"
-                f"{', ...' if len(inside) > 3 else ''}: {sites.inside[inside[0]]}); leave them out with "
-                "QuantConfig(exclude_modules=[...]), or use LoRA without quant on this file")
         # Every site is checked and quantized before the graph changes: a refusal leaves the model as it was.
-        plans = [self._plan(target) for target in targets]
+        plans = [self._plan(model, target) for target in targets]
         changed: list[str] = []
-        for target, node, _, weight_tensor, w, s in plans:
-            # Read again: rewriting an earlier site replaced the value this one may read as x.
-            parts = linear_parts(node)
+        for target, nodes_of_site, weight, weight_tensor, w, s in plans:
             dtype = weight_tensor.dtype
             np_type = dtype.numpy()
 
@@ -133,87 +135,96 @@ class QuantizeWeights:
 
             n, k = w.shape
             name = target.site.name
+            # The storage, once per site in the main graph (where W was); ``build`` makes one reader of it in the
+            # graph holding a node of the site, returning its nodes and the one computing x @ W.
             if cfg.dtype is QuantDType.NF4:
                 packed = s["qweight"][: (n * k + 1) // 2]
                 q = _init(graph, f"{name}.weight_q", packed.numpy())
-                nodes = []
                 if cfg.double_quant:
                     scale = _init(graph, f"{name}.weight_scale", s["qscale"].numpy())
-                    absmax = _decode_absmax(graph, name, scale, s, n * k, cfg, nodes, dtype)
+                    consts = _absmax_constants(graph, name, s, n * k, cfg)
                     read = formats.nf4_decoder(s["qweight"], s["qscale"], s["qscale_factor"], s["qscale_mean"], n, k,
                                                cfg.block_size, cfg.double_quant_block_size).scale
                 else:
-                    absmax = scale = _init(graph, f"{name}.weight_scale", as_stored(s["qscale"]))
-                    read = s["qscale"]
-                new = ir.node("MatMulBnb4", [parts.x, q, absmax], attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1}, domain=MS)
+                    scale = _init(graph, f"{name}.weight_scale", as_stored(s["qscale"]))
+                    consts, read = None, s["qscale"]
+
+                def build(x: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Node]:
+                    nodes: list[ir.Node] = []
+                    absmax = _decode_absmax(f"{name}{tag}", scale, consts, nodes, dtype) if consts is not None else scale
+                    new = ir.node("MatMulBnb4", [x, q, absmax], domain=MS,
+                                  attributes={"K": k, "N": n, "block_size": cfg.block_size, "quant_type": 1})
+                    return [*nodes, new], new
+
                 deq = formats.dequantize_nf4(s["qweight"], as_read(as_stored(read)), None, None, n, k, cfg.block_size,
                                              cfg.double_quant_block_size)
                 stored_bytes = packed.numel() + sum(v.const_value.nbytes for key, v in graph.initializers.items()
                                                     if key.startswith(f"{name}.weight_scale"))
-                nodes.append(new)
             elif cfg.dtype is QuantDType.INT4:
                 b = s["qweight"].reshape(n, -(-k // cfg.block_size), cfg.block_size // 2).numpy()
                 scale = as_stored(s["qscale"])
-                ins = [parts.x, _init(graph, f"{name}.weight_q", b), _init(graph, f"{name}.weight_scale", scale)]
+                stored = [_init(graph, f"{name}.weight_q", b), _init(graph, f"{name}.weight_scale", scale)]
                 if "qzero" in s:
-                    ins.append(_init(graph, f"{name}.weight_zero", s["qzero"].numpy()))
-                # accuracy_level 0: ONNX Runtime computes in float, as training does (4 quantizes x to int8).
-                new = ir.node("MatMulNBits", ins, attributes={"K": k, "N": n, "bits": 4, "block_size": cfg.block_size,
-                                                               "accuracy_level": 0}, domain=MS)
+                    stored.append(_init(graph, f"{name}.weight_zero", s["qzero"].numpy()))
+
+                def build(x: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Node]:
+                    # accuracy_level 0: ONNX Runtime computes in float, as training does (4 quantizes x to int8).
+                    new = ir.node("MatMulNBits", [x, *stored], domain=MS, attributes={
+                        "K": k, "N": n, "bits": 4, "block_size": cfg.block_size, "accuracy_level": 0})
+                    return [new], new
+
                 deq = formats.dequantize_int4(s["qweight"], as_read(scale), s.get("qzero"), n, k, cfg.block_size)
-                stored_bytes = sum(v.const_value.nbytes for v in ins[1:])
-                nodes = [new]
+                stored_bytes = sum(v.const_value.nbytes for v in stored)
             else:
                 scale = as_stored(s["qscale"])
                 q = _init(graph, f"{name}.weight_q", s["qweight"].numpy())
                 sc = _init(graph, f"{name}.weight_scale", scale)
-                dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
-                tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
-                new = ir.node("MatMul", [parts.x, tr.outputs[0]])
+
+                def build(x: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Node]:
+                    dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
+                    tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
+                    if tag:  # in a branch: a name the branch would pick may be taken in another of the model's graphs
+                        dq.outputs[0].name, tr.outputs[0].name = f"{name}.weight_dq{tag}", f"{name}.weight_dq_t{tag}"
+                    new = ir.node("MatMul", [x, tr.outputs[0]])
+                    return [dq, tr, new], new
+
                 deq = formats.dequantize_int8(s["qweight"], as_read(scale))
                 stored_bytes = q.const_value.nbytes + sc.const_value.nbytes
-                nodes = [dq, tr, new]
-            # find_sites names a site from its node's name or name-scope metadata: the new node keeps both.
-            new.name = node.name
-            new.metadata_props.update(node.metadata_props)
-            old_name = node.outputs[0].name
-            node.outputs[0].name = f"{old_name}_float"
-            out = new
-            if node.op_type == "Gemm" and parts.bias is not None:
-                # Gemm's C becomes the bias Add that follows a MatMul site (find_sites reads it as the site's bias).
-                new.outputs[0].name = f"{old_name}_matmul"
-                new.outputs[0].dtype = node.outputs[0].dtype or dtype
-                out = ir.node("Add", [new.outputs[0], parts.bias], name=f"{node.name}/bias_add" if node.name else None)
-                nodes.append(out)
-            out.outputs[0].name = old_name  # a graph output keeps its name
-            out.outputs[0].dtype = node.outputs[0].dtype or dtype
-            out.outputs[0].shape = node.outputs[0].shape
-            graph.insert_before(node, nodes)
-            ir.convenience.replace_all_uses_with(node.outputs[0], out.outputs[0], replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            for chain_node in parts.chain:
-                if not any(True for _ in chain_node.outputs[0].uses()):
-                    graph.remove(chain_node, safe=True)
-            if not any(True for _ in parts.weight.uses()) and parts.weight.name in graph.initializers:
-                del graph.initializers[parts.weight.name]
+            for i, node in enumerate(nodes_of_site):
+                # Values in several branches get names of their own (ONNX names are unique across the graphs).
+                _replace(node, build, dtype, "" if node.graph is graph else f"__{i}")
+            if cfg.dtype is not QuantDType.INT8:
+                # Serializing adds the domains of main-graph nodes only; a branch's contrib op needs it said.
+                model.opset_imports.setdefault(MS, 1)
+            if not any(True for _ in weight.uses()) and graph.initializers.get(weight.name) is weight:
+                del graph.initializers[weight.name]
             max_err, rel = formats.quantization_error(w, deq)
+            where = f", in {len(nodes_of_site)} If-branch nodes" if name in sites.inside else ""
             changed.append(f"{name}: {cfg.dtype.value} {n}x{k}, {weight_tensor.nbytes} -> {stored_bytes} bytes, "
-                           f"max abs error {max_err:.3g}, relative rms error {rel:.3g}")
+                           f"max abs error {max_err:.3g}, relative rms error {rel:.3g}{where}")
         return PassResult(model, bool(changed), changed)
 
-    def _plan(self, target: Any) -> tuple:
-        """(target, node, parts, weight tensor, W [out, in] float32, quantized storage) of one site, or the refusal."""
+    def _plan(self, model: ir.Model, target: Any) -> tuple:
+        """(target, the site's nodes, W's initializer, its tensor, W [out, in] float32, quantized storage) of one site, or the
+        refusal. A site inside If branches has a node in each branch reading its W; all must read it alike."""
         from lora_fx.kernels import quant_formats as formats
 
         cfg = self.config
         node = target.site.handle
         name = target.site.name
+        nodes = site_nodes(model, node)
         parts = linear_parts(node)
-        if node.domain == MS or any(n.op_type == "DequantizeLinear" for n in parts.chain):
-            raise ConfigError(f"site {name} is already quantized ({node.op_type}); a weight is quantized once")
-        why = _refusal(node, parts)
-        if why is not None:
-            raise UnsupportedError(f"site {name}: quantize_weights {why}; exclude it with QuantConfig(exclude_modules=[...])")
+        for each in nodes:
+            each_parts = linear_parts(each)
+            if each.domain == MS or any(n.op_type == "DequantizeLinear" for n in each_parts.chain):
+                raise ConfigError(f"site {name} is already quantized ({each.op_type}); a weight is quantized once")
+            why = _refusal(each, each_parts)
+            if why is not None:
+                raise UnsupportedError(f"site {name}: quantize_weights {why}; exclude it with QuantConfig(exclude_modules=[...])")
+            if (each_parts.weight, each_parts.stored_out_in, each_parts.alpha) != (parts.weight, parts.stored_out_in, parts.alpha):
+                raise UnsupportedError(
+                    f"site {name}: its If-branch nodes ({each.name!r}, {node.name!r}) read its weight in different layouts, "
+                    "so no one quantized W serves them all; exclude it with QuantConfig(exclude_modules=[...])")
         weight_tensor = const_tensor(parts.weight)
         # Scales and absmaxes are read in the type of the op's input (ORT binds them to one type T1): a
         # float16 model stores them float16, and the reported error uses the values as stored.
@@ -230,7 +241,37 @@ class QuantizeWeights:
             s = formats.quantize_int4(w, cfg.block_size, cfg.symmetric, pad=cfg.pad, what=what)
         else:
             s = formats.quantize_int8(w, what=what)
-        return target, node, parts, weight_tensor, w, s
+        return target, nodes, parts.weight, weight_tensor, w, s
+
+
+def _replace(node: ir.Node, build: Any, dtype: ir.DataType, tag: str) -> None:
+    """Put the quantized reader ``build`` makes in place of ``node``, in the graph holding it (the main graph, or an
+    If branch reading the storage from the outer scope)."""
+    home = node.graph
+    # Read again: rewriting an earlier site replaced the value this one may read as x.
+    parts = linear_parts(node)
+    nodes, new = build(parts.x, tag)
+    # find_sites names a site from its node's name or name-scope metadata: the new node keeps both.
+    new.name = node.name
+    new.metadata_props.update(node.metadata_props)
+    old_name = node.outputs[0].name
+    node.outputs[0].name = f"{old_name}_float"
+    out = new
+    if node.op_type == "Gemm" and parts.bias is not None:
+        # Gemm's C becomes the bias Add that follows a MatMul site (find_sites reads it as the site's bias).
+        new.outputs[0].name = f"{old_name}_matmul"
+        new.outputs[0].dtype = node.outputs[0].dtype or dtype
+        out = ir.node("Add", [new.outputs[0], parts.bias], name=f"{node.name}/bias_add" if node.name else None)
+        nodes.append(out)
+    out.outputs[0].name = old_name  # a graph output keeps its name
+    out.outputs[0].dtype = node.outputs[0].dtype or dtype
+    out.outputs[0].shape = node.outputs[0].shape
+    home.insert_before(node, nodes)
+    ir.convenience.replace_all_uses_with(node.outputs[0], out.outputs[0], replace_graph_outputs=True)
+    home.remove(node, safe=True)
+    for chain_node in parts.chain:
+        if chain_node.graph is not None and not any(True for _ in chain_node.outputs[0].uses()):
+            chain_node.graph.remove(chain_node, safe=True)
 
 
 def quantize_weights(model: ir.Model, config: QuantConfig) -> PassResult:

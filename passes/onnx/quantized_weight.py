@@ -182,9 +182,10 @@ def _double_quant(node: ir.Node, absmax_read: np.ndarray, n_blocks: int) -> Doub
 
 
 def double_quant_constants(graph: ir.Graph) -> list[ir.Value]:
-    """The initializers holding double-quantized NF4 absmaxes (``DoubleQuant``) of the graph's MatMulBnb4 nodes."""
+    """The initializers holding double-quantized NF4 absmaxes (``DoubleQuant``) of the graph's MatMulBnb4 nodes, and
+    of those in its subgraphs reading them from the outer scope (a site inside If branches: one decode per branch)."""
     out = []
-    for node in graph:
+    for node in (n for g in (graph, *graph.subgraphs()) for n in g):
         n, k, block = (_attr(node, key, 0) for key in ("N", "K", "block_size"))
         if node.domain != MS or node.op_type != "MatMulBnb4" or len(node.inputs) < 3 or not (n and k and block):
             continue
@@ -419,7 +420,8 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def prune(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Remove what only fed ``values`` (now unused): their producers, upstream, and unused initializers."""
+    """Remove what only fed ``values`` (now unused): their producers, upstream, and unused initializers of
+    ``graph`` (the main graph). Producers in If branches (a site inside them) go from the branch holding them."""
     work = [v for v in values if v is not None]
     while work:
         value = work.pop()
@@ -429,10 +431,11 @@ def prune(graph: ir.Graph, values: list[ir.Value]) -> None:
             del graph.initializers[value.name]
             continue
         node = value.producer()
-        if node is None or node.graph is not graph or any(any(True for _ in o.uses()) or o in graph.outputs for o in node.outputs):
+        home = node.graph if node is not None else None
+        if home is None or any(any(True for _ in o.uses()) or o in home.outputs for o in node.outputs):
             continue
         inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
+        home.remove(node, safe=True)
         work.extend(inputs)
 
 
@@ -440,36 +443,49 @@ def prune(graph: ir.Graph, values: list[ir.Value]) -> None:
 _NAMES = {MS: {1: "weight_q", 2: "weight_scale", 3: "weight_zero"}, "": {0: "weight_q", 1: "weight_scale", 2: "weight_zero"}}
 
 
-def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict[int | str, np.ndarray]) -> None:
+def write_storage(graph: ir.Graph, site: str, qw: QuantizedWeight, storage: dict[int | str, np.ndarray],
+                  others: tuple[QuantizedWeight, ...] = ()) -> None:
     """Give ``qw.node`` new storage (same shapes and dtypes), double-quantized absmaxes into the constants of
-    their decode; an initializer only its reader reads is updated in place."""
+    their decode; an initializer only its readers read is updated in place. ``others``: the site's other nodes (a
+    site inside If branches, every branch node reading the one storage in the main graph), given the same."""
     old = []
     for key, array in storage.items():
-        if isinstance(key, str):
-            value, (reader, index) = qw.double_quant.values[key], qw.double_quant.reads[key]
-            name = _DQ_NAMES[key]
-        else:
-            value, reader, index = qw.node.inputs[key], qw.node, key
-            name = _NAMES[MS if qw.node.domain == MS else ""][key]
-        direct = value.name in graph.initializers and graph.initializers[value.name] is value
-        if direct and len(list(value.uses())) == 1 and value not in graph.inputs:
-            value.const_value = ir.tensor(array, name=value.name)
-            continue
-        new = new_initializer(graph, f"{site}.{name}", array)
-        reader.replace_input_with(index, new)
-        old.append(value)
+        readers: dict[int, list[tuple[ir.Node, int]]] = {}
+        values: dict[int, ir.Value] = {}
+        for each in (qw, *others):
+            if isinstance(key, str):
+                value, reader = each.double_quant.values[key], each.double_quant.reads[key]
+            else:
+                value, reader = each.node.inputs[key], (each.node, key)
+            values[id(value)] = value
+            readers.setdefault(id(value), []).append(reader)
+        name = _DQ_NAMES[key] if isinstance(key, str) else _NAMES[MS if qw.node.domain == MS else ""][key]
+        new = None
+        for vid, value in values.items():
+            direct = value.name in graph.initializers and graph.initializers[value.name] is value
+            mine = {(id(node), index) for node, index in readers[vid]}
+            if direct and value not in graph.inputs and {(id(u.node), u.idx) for u in value.uses()} == mine:
+                value.const_value = ir.tensor(array, name=value.name)
+                continue
+            new = new if new is not None else new_initializer(graph, f"{site}.{name}", array)
+            for node, index in readers[vid]:
+                node.replace_input_with(index, new)
+            old.append(value)
     prune(graph, old)
 
 
-def replace_by_float(graph: ir.Graph, site: str, qw: QuantizedWeight, w: np.ndarray) -> None:
-    """The site computes ``x @ W`` with a float initializer ``<site>.weight`` ``[in, out]`` (bias kept)."""
-    weight = new_initializer(graph, f"{site}.weight", np.ascontiguousarray(w.T.astype(qw.float_dtype)))
+def replace_by_float(graph: ir.Graph, site: str, qw: QuantizedWeight, w: np.ndarray, weight: ir.Value | None = None) -> ir.Value:
+    """The site computes ``x @ W`` with a float initializer ``<site>.weight`` ``[in, out]`` (bias kept), made here or,
+    for the other nodes of a site inside If branches, the ``weight`` the first one got. Returns that initializer."""
+    if weight is None:
+        weight = new_initializer(graph, f"{site}.weight", np.ascontiguousarray(w.T.astype(qw.float_dtype)))
     node = qw.matmul
+    home = node.graph  # the main graph, or the If branch holding this node of the site
     if node.domain in ("", "ai.onnx"):  # int8: MatMul(x, Transpose(DequantizeLinear(...)))
         old = node.inputs[1]
         node.replace_input_with(1, weight)
         prune(graph, [old])
-        return
+        return weight
     bias = node.inputs[5] if node.op_type == "MatMulNBits" and len(node.inputs) > 5 else None
     matmul = ir.node("MatMul", [node.inputs[0], weight], name=node.name)
     matmul.metadata_props.update(node.metadata_props)
@@ -485,8 +501,9 @@ def replace_by_float(graph: ir.Graph, site: str, qw: QuantizedWeight, w: np.ndar
     name = old_out.name
     old_out.name = None
     out.name = name  # a graph output keeps its name
-    graph.insert_before(node, nodes)
+    home.insert_before(node, nodes)
     ir.convenience.replace_all_uses_with(old_out, out, replace_graph_outputs=True)
     old_inputs = [v for v in node.inputs[1:] if v is not None and v is not bias]
-    graph.remove(node, safe=True)
+    home.remove(node, safe=True)
     prune(graph, old_inputs)
+    return weight

@@ -300,9 +300,6 @@ def test_passes_that_cannot_handle_branch_sites_refuse_them_before_any_change():
 
     model = _ir(merged_decoder(np.random.default_rng(0)))
     before = ir.to_proto(model).SerializeToString()
-    with pytest.raises(UnsupportedError, match=r"quantize_weights rewrites sites of the main graph only, and 4 selected sites lie "
-                                               r"inside If branches .*If node 'optimum::if'.*exclude_modules"):
-        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules="all-linear"), quant=lora_fx.QuantConfig(dtype="int8"))
     with pytest.raises(UnsupportedError, match=r"modules_to_save names lm_head, whose linear layer lm_head lies inside If branches"):
         lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     assert ir.to_proto(model).SerializeToString() == before
@@ -311,6 +308,99 @@ def test_passes_that_cannot_handle_branch_sites_refuse_them_before_any_change():
     with pytest.raises(UnsupportedError, match=r"with its LoRA branch in 2 places .*lora_layout.find_branches"):
         find_branch(model.graph, site, rec)
     assert len(find_branches(model.graph, site, rec)) == 2
+
+
+def branch_alone(rng: np.random.Generator, use_cache: bool) -> onnx.ModelProto:
+    """One branch of ``merged_decoder`` as a model of its own (the unmerged file), on the same weights."""
+    nodes, out = _decoder_nodes("with_past", "input_ids", extra="past") if use_cache else _decoder_nodes("no_past", "input_ids")
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])]
+    if use_cache:
+        inputs.append(helper.make_tensor_value_info("past", F, ["b", "s", HIDDEN]))
+    graph = helper.make_graph(nodes, "alone", inputs, [helper.make_tensor_value_info(out, F, ["b", "s", VOCAB])], _weights(rng))
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=10)
+
+
+QUANTS = {"nf4": dict(dtype="nf4", block_size=16, double_quant=True, double_quant_block_size=2),
+          "int4": dict(dtype="int4", block_size=16, symmetric=False), "int8": dict(dtype="int8")}
+
+
+def _qlora(proto: onnx.ModelProto, quant: str, adapters: dict) -> ir.Model:
+    from lora_fx.passes.onnx.quantize_weights import quantize_weights
+
+    model = _ir(proto)
+    quantize_weights(model, lora_fx.QuantConfig(target_modules=DECODER_LINEAR, **QUANTS[quant]))
+    apply_lora(model, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=DECODER_LINEAR), adapters=adapters)
+    return model
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_qlora_stores_a_branch_site_once_and_each_branch_computes_what_it_does_alone(quant):
+    """quantize_weights on a site inside If branches: the storage once in the main graph, the quantized op at every
+    branch node; each branch (and, folded with requantize or in float, each folded branch) computes what the same
+    decoder does quantized as a file of its own."""
+    from lora_fx.passes.onnx.fold_lora import fold_lora
+
+    adapters = _adapters(DECODER_LINEAR)
+    proto = merged_decoder(np.random.default_rng(0))
+    model = _qlora(proto, quant, adapters)
+    assert not [n for n in model.graph.initializers if n in {f"{s}.weight" for s in DECODER_LINEAR}]  # float W gone
+    assert sorted(n for n in model.graph.initializers if n.endswith(".weight_q")) == sorted(f"{s}.weight_q" for s in DECODER_LINEAR)
+    op = {"nf4": "MatMulBnb4", "int4": "MatMulNBits", "int8": "DequantizeLinear"}[quant]
+    branches = list(model.graph.subgraphs())
+    assert len(branches) == 2 and all(sum(n.op_type == op for n in g) == len(DECODER_LINEAR) and not g.initializers
+                                      for g in branches)
+    assert sorted(find_sites(model).inside) == sorted(DECODER_LINEAR)  # still one site each, adapters included
+    folded = {how: _qlora(proto, quant, adapters) for how in ("requantize", "float")}
+    for how, m in folded.items():
+        fold_lora(m, how)
+    for use_cache in (True, False):
+        alone = branch_alone(np.random.default_rng(0), use_cache)
+        feeds = _feeds(np.random.default_rng(1), use_cache)
+        got, want = _ort(model, feeds), _ort(_qlora(alone, quant, adapters), feeds)
+        assert np.abs(got - _ort(alone, feeds)).max() > 1e-2  # quantization and adapter count
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for how, m in folded.items():
+            reference = _qlora(alone, quant, adapters)
+            fold_lora(reference, how)
+            np.testing.assert_allclose(_ort(m, feeds), _ort(reference, feeds), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_ort(folded["float"], feeds), got, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_refuses_a_branch_site_whose_nodes_read_its_weight_in_different_layouts():
+    from lora_fx.errors import UnsupportedError
+    from lora_fx.passes.onnx.quantize_weights import quantize_weights
+
+    proto = merged_decoder(np.random.default_rng(0))
+    then = next(a.g for a in proto.graph.node[0].attribute if a.name == "then_branch")
+    # The with-past branch reads the (square) q_proj weight transposed: one weight, two layouts.
+    w = "model.layers.0.self_attn.q_proj.weight"
+    mm = next(n for n in then.node if w in n.input)
+    mm.input[1] = "wt_with_past"
+    then.node.insert(0, helper.make_node("Transpose", [w], ["wt_with_past"], perm=[1, 0], name="/model/layers.0/self_attn/q_proj/T"))
+    model = _ir(proto)
+    assert "model.layers.0.self_attn.q_proj" in find_sites(model).inside
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(UnsupportedError, match=r"site model.layers.0.self_attn.q_proj: its If-branch nodes .* read its weight "
+                                               r"in different layouts.*exclude_modules"):
+        quantize_weights(model, lora_fx.QuantConfig(dtype="int4", block_size=16, target_modules=DECODER_LINEAR))
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_folding_refuses_a_quantized_branch_site_whose_nodes_read_different_storage():
+    from lora_fx.errors import UnsupportedError
+    from lora_fx.passes.onnx.fold_lora import fold_lora
+    from lora_fx.passes.onnx.quantized_weight import new_initializer
+
+    model = _qlora(merged_decoder(np.random.default_rng(0)), "int4", _adapters(DECODER_LINEAR))
+    # One branch's q_proj reads a copy of the packed W of its own: no one W + A @ B is right for both nodes.
+    q = model.graph.initializers["model.layers.0.self_attn.q_proj.weight_q"]
+    node = next(n for g in model.graph.subgraphs() for n in g if n.op_type == "MatMulNBits" and n.inputs[1] is q)
+    node.replace_input_with(1, new_initializer(model.graph, "copy.weight_q", q.const_value.numpy().copy()))
+    before = ir.to_proto(model).SerializeToString()
+    with pytest.raises(UnsupportedError, match=r"site model.layers.0.self_attn.q_proj: its If-branch nodes read different "
+                                               r"quantized weights.*adapter slots"):
+        fold_lora(model, "requantize")
+    assert ir.to_proto(model).SerializeToString() == before
 
 
 def test_loop_model_is_refused_with_the_generic_way_out():
