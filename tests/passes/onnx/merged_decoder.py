@@ -10,7 +10,6 @@ union of both decoders' inputs.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import warnings
 from pathlib import Path
@@ -169,7 +168,6 @@ def merge(with_past: onnx.ModelProto, no_past: onnx.ModelProto) -> onnx.ModelPro
     return helper.make_model(graph, opset_imports=list(no_past.opset_import), ir_version=no_past.ir_version)
 
 
-@functools.cache
 def merged_decoder_files(tmp: Path) -> tuple[Path, Path]:
     """``(decoder_model.onnx, decoder_model_merged.onnx)`` of ``build_llama()``, exported into the folder ``tmp``."""
     model = build_llama()
@@ -192,3 +190,16 @@ def feeds(use_cache: bool, seed: int = 0, past_len: int = 4, seq: int = 3) -> di
         **{n: rng.standard_normal((2, KV_HEADS, past_len, HEAD_DIM)).astype(np.float32) for n in PAST},
         "use_cache_branch": np.array([use_cache]),
     }
+
+
+def train_briefly(model, steps: int = 4):
+    """``lora_fx.train`` on ``model`` (a merged decoder file rewritten by lora_fx) for a few steps, the batches
+    alternating between the If's branches, towards a fixed random target."""
+    import lora_fx
+
+    batches = [{k: torch.from_numpy(v) for k, v in feeds(bool(i % 2), seed=i).items()} for i in range(4)]
+    target = torch.randn(2, 3, VOCAB, generator=torch.Generator().manual_seed(9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lora_fx.train(model, batches, lambda out, batch: ((out["logits"] - target) ** 2).mean(), steps=steps,
+                             lr=1e-2, progress=False)
