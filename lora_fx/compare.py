@@ -222,7 +222,11 @@ def _collect(proc: Any, queue: Any) -> tuple[str, Any]:
     """The child's report, and the child ended whatever happens while waiting (Ctrl-C, an error here): a
     training process left running after its parent stopped keeps the CPUs and memory busy for minutes."""
     try:
-        return _result_of(proc, queue)
+        result = _result_of(proc, queue)
+        # A child that has reported exits by itself: let it, so it releases what it holds (terminated while
+        # exiting, it leaves a semaphore the resource tracker warns about at the parent's exit).
+        proc.join(timeout=30)
+        return result
     finally:
         if proc.is_alive():
             proc.terminate()
