@@ -132,6 +132,8 @@ def session_options(threads: int = THREADS) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # Each session has its own pool; spinning workers of the session that ran last would take cores from the next one.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
