@@ -183,15 +183,14 @@ class FoldLora:
             merged[fold.branch.site] = self._merged_quantized(fold) if fold.quant is not None else self._merged_weight(fold)
         for folds in plans:
             fold = folds[0]
-            homes = [each.branch.graph for each in folds]  # read first: a removed node belongs to no graph
             if fold.quant is not None:
                 self._apply_quantized(graph, folds, merged[fold.branch.site])
             elif len(folds) == 1:
                 self._apply(graph, fold, merged[fold.branch.site])
             else:
                 self._apply_branches(graph, folds, merged[fold.branch.site])
-            for each, home in zip(folds, homes):
-                _drop_precision_casts(home, each)
+            for each in folds:
+                _drop_precision_casts(each.branch.graph, each)
         write_records(model, {})
         for key in (CONFIG_KEY, FINGERPRINT_KEY):
             model.metadata_props.pop(key, None)

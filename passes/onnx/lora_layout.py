@@ -92,11 +92,12 @@ class Branch:
     y: ir.Value
     form: BranchForm = BranchForm.MATMUL_ADD
     nodes: list[ir.Node] = field(default_factory=list)
+    # The graph the branch's nodes lie in: the main graph, or the If branch holding the site's node.
+    # Kept from construction: once the branch is removed its nodes belong to no graph.
+    graph: ir.Graph = field(init=False)
 
-    @property
-    def graph(self) -> ir.Graph:
-        """The graph the branch's nodes lie in: the main graph, or the If branch holding the site's node."""
-        return self.matmul_a.graph
+    def __post_init__(self) -> None:
+        self.graph = self.matmul_a.graph
 
 
 def _only_use(value: ir.Value, op_type: str | tuple[str, ...], what: str) -> ir.Node:
