@@ -365,13 +365,27 @@ class Session:
             raise ConfigError(f"unknown output names {unknown}; {self.path.name} has outputs {self.outputs}")
         return names
 
-    def run(self, feeds: Mapping[str, Any], adapter: str | None = None, output_names: str | Sequence[str] | None = None) -> list[np.ndarray]:
+    def run(
+        self,
+        feeds: Mapping[str, Any],
+        adapter: str | Sequence[str | None] | None = None,
+        output_names: str | Sequence[str] | None = None,
+    ) -> list[np.ndarray]:
         """Run with ``adapter`` active for this call only (``None``: the base model); ``output_names``
-        (one name or a list) selects outputs, in that order. Feeds are arrays, lists or torch tensors."""
-        import onnxruntime as ort
+        (one name or a list) selects outputs, in that order. Feeds are arrays, lists or torch tensors.
 
+        ``adapter`` may also be a list with one entry per batch row (an adapter name, or ``None`` for the
+        base model): a mixed-adapter batch, as PEFT's ``adapter_names``. ONNX Runtime activates one adapter
+        per run, so the rows of each adapter run as one call and the outputs come back in the rows' order."""
         feeds = self._check_feeds(feeds)
         names = self._check_outputs(output_names)
+        if adapter is not None and not isinstance(adapter, str):
+            return self._run_mixed(feeds, list(adapter), names)
+        return self._run_one(feeds, adapter, names)
+
+    def _run_one(self, feeds: dict[str, np.ndarray], adapter: str | None, names: list[str] | None) -> list[np.ndarray]:
+        import onnxruntime as ort
+
         loaded = self._get(adapter) if adapter is not None else None
         try:
             if self.on_cuda:
@@ -390,6 +404,62 @@ class Session:
             if isinstance(exc, (AdapterError, ConfigError)):
                 raise
             raise ConfigError(f"ONNX Runtime refused the run ({self.path.name}, adapter {adapter!r}): {ort_message(exc)}") from None
+
+    def _batch_inputs(self, feeds: Mapping[str, np.ndarray], rows: int) -> list[str]:
+        """The inputs whose first axis is the batch: the symbolic dim the inputs share at axis 0. Fixed-shape
+        inputs (a merged decoder's ``use_cache_branch``) are whole in every call."""
+        firsts = {name: (spec.shape or (None,))[0] for name, spec in self._inputs.items() if spec.shape != ()}
+        symbols = {d for d in firsts.values() if isinstance(d, str)}
+        if len(symbols) != 1 or None in firsts.values():  # an axis of unknown size might be the batch, or not
+            found = ", ".join(f"{k}: {v!r}" for k, v in firsts.items()) or "no inputs"
+            raise ConfigError(
+                f"a per-row adapter list needs the batch as the first axis of the inputs, one named dim they share; "
+                f"{self.path.name}'s first axes are {found}. Run each adapter's rows as its own call instead"
+            )
+        (batch,) = symbols
+        batched = [k for k, d in firsts.items() if d == batch]
+        sizes = {feeds[k].shape[0] for k in batched}
+        if sizes != {rows}:
+            raise ConfigError(
+                f"the adapter list has {rows} entries but the batch ({', '.join(batched)}, axis 0) has "
+                f"{' / '.join(map(str, sorted(sizes)))} rows; give one adapter name (or None) per row"
+            )
+        return batched
+
+    def _run_mixed(self, feeds: dict[str, np.ndarray], adapters: list[str | None], names: list[str] | None) -> list[np.ndarray]:
+        bad = [a for a in adapters if a is not None and not isinstance(a, str)]
+        if bad:
+            raise ConfigError(f"adapter list entries are names or None, not {type(bad[0]).__name__} ({bad[0]!r})")
+        for name in dict.fromkeys(a for a in adapters if a is not None):
+            self._get(name)  # every name is known before any call runs
+        batched = self._batch_inputs(feeds, len(adapters))
+        groups: dict[str | None, np.ndarray] = {}
+        for adapter in dict.fromkeys(adapters):
+            groups[adapter] = np.array([i for i, a in enumerate(adapters) if a == adapter])
+        if len(groups) == 1:
+            return self._run_one(feeds, adapters[0] if adapters else None, names)
+        results = {a: self._run_one({k: (v[rows] if k in batched else v) for k, v in feeds.items()}, a, names)
+                   for a, rows in groups.items()}
+        out_names = names or self.outputs
+        merged = []
+        for i, out_name in enumerate(out_names):
+            parts = {a: r[i] for a, r in results.items()}
+            if any(p.ndim == 0 or p.shape[0] != len(groups[a]) for a, p in parts.items()):
+                raise ConfigError(
+                    f"output {out_name!r} does not have the batch as its first axis (shapes "
+                    f"{', '.join(str(p.shape) for p in parts.values())} for {', '.join(str(len(r)) for r in groups.values())} rows), "
+                    "so the rows of a mixed-adapter batch cannot be put back in order; run each adapter's rows as its own call"
+                )
+            first = next(iter(parts.values()))
+            rest = {p.shape[1:] for p in parts.values()}
+            if len(rest) != 1:
+                raise ConfigError(f"output {out_name!r} has shapes {sorted(rest)} past the batch axis in different adapters' rows; "
+                                  "run each adapter's rows as its own call")
+            out = np.empty((len(adapters), *first.shape[1:]), dtype=first.dtype)
+            for a, p in parts.items():
+                out[groups[a]] = p
+            merged.append(out)
+        return merged
 
     def _takes_bfloat16(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None) -> bool:
         from lora_fx.onnx_adapter import is_bfloat16

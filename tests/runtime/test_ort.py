@@ -403,3 +403,50 @@ def test_a_non_finite_adapter_is_refused_by_add_adapter_and_keeps_the_old_one(se
     with pytest.raises(AdapterError, match="NaN or inf"):
         sess.add_adapter("legal", tmp_path / "inf.onnx_adapter", replace=True)
     assert rel(sess.run(feeds_, adapter="legal")[0], wants["legal"]) <= 1e-5
+
+
+def test_a_mixed_adapter_batch_gives_each_row_its_own_adapters_output(served):
+    """``run(adapter=[...])``, one entry per row (PEFT's ``adapter_names``): every row equals the row of a whole-batch
+    run with that row's adapter (or the base), in the rows' order; bad lists are refused before anything runs."""
+    path, paths, wants, feeds_ = served
+    sess = Session(path, providers=["CPUExecutionProvider"])
+    for name, p in paths.items():
+        sess.add_adapter(name, p)
+    base = ort_run(corpus().get(ENTRY).path, feeds_)
+    rows = feeds_["x"].shape[0]
+    for adapters in (["medical", None, "legal", "medical"][:rows], ["legal"] * rows, [None] * rows):
+        (got,) = sess.run(feeds_, adapter=adapters)
+        assert got.shape == wants["legal"].shape
+        for i, name in enumerate(adapters):
+            want = wants[name][i] if name else base[i]
+            np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=rf"adapter list has {rows - 1} entries but the batch \(x, axis 0\) has {rows} rows"):
+        sess.run(feeds_, adapter=["legal"] * (rows - 1))
+    with pytest.raises(AdapterError, match="no adapter named 'tax'.*registered: legal, medical"):
+        sess.run(feeds_, adapter=["legal"] * (rows - 1) + ["tax"])
+    with pytest.raises(ConfigError, match="names or None, not int"):
+        sess.run(feeds_, adapter=[0] * rows)
+
+
+@pytest.mark.slow
+def test_a_mixed_adapter_batch_of_an_exported_gpt2_matches_peft_adapter_names():
+    """The reference is PEFT's own mixed batch: a PeftModel holding our adapter (from the export's PEFT dir) and a
+    PEFT-trained one, called with ``adapter_names`` per row, left padding included."""
+    import peft
+
+    served = exported("gpt2", "adapters")
+    torch.manual_seed(12)
+    pm = models.peft_wrap(eager("gpt2"), r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    pm.save_pretrained(str(TMP / "ort-mixed-peft"))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(eager("gpt2")), str(TMP / "ort-mixed-peft"), adapter_name="peft").eval()
+    pm.load_adapter(str(served.peft_dirs[0]), adapter_name="ours")
+    sess = Session(served.model_path)
+    sess.add_adapter("ours", served.adapter_paths[0])
+    sess.add_adapter("peft", peft_dir_to_onnx_adapter(TMP / "ort-mixed-peft", served.model_path, TMP / "ort-mixed-peft.onnx_adapter"))
+    tb, nb = feeds(4, 9, pad=2)
+    names = ["peft", None, "ours", "peft"]
+    with torch.no_grad():
+        want = models.main_output(pm(**tb, adapter_names=[n or "__base__" for n in names])).numpy()
+    (got,) = sess.run(nb, adapter=names)
+    assert rel(want, models.run(pm.get_base_model(), tb).numpy()) > 1e-2  # the adapters do change the rows
+    assert rel(got, want) <= 1e-4
