@@ -19,6 +19,7 @@ from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError, TargetNotFoundError, UnsupportedError
 from lora_fx.passes.fx.freeze_base import saved_base
 from tests.models import VOCAB, inputs, main_output, peft_lora_modules
+from tests.shared_exports import captured_from
 
 TOL = 1e-5
 
@@ -109,7 +110,7 @@ def test_trainable_parameters_and_lora_sites_equal_peft(case):
 
     model = _bert_cls()
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, **copy.deepcopy(case)))
-    gm = lora_fx.capture(model, kwargs=inputs(2, 8))
+    gm = captured_from(_bert_cls)  # the capture of the same seeded model at inputs(2, 8), made once per process
     lora_fx.apply(gm, LoraConfig(r=2, **case))
     ours = {n for n, p in gm.named_parameters() if p.requires_grad}
     assert ours == _peft_names(pm)
@@ -129,7 +130,7 @@ def test_peft_seq_cls_adapter_loads_with_its_head(name, tmp_path):
     want = _logits(pm, batch)
     base = _logits(model, batch)
 
-    gm = lora_fx.capture(model, kwargs=batch)
+    gm = captured_from(build)  # at inputs(2, 8), as batch
     lora_fx.load_adapter(gm, tmp_path / "peft")
     got = _logits(gm, batch)
     assert (got - want).abs().max() < TOL
@@ -150,7 +151,7 @@ def test_lora_fx_trained_head_loads_in_peft(name, tmp_path):
     model = build()
     batch = inputs(4, 8)
     labels = torch.tensor([0, 1, 2, 1])
-    gm = lora_fx.capture(model, kwargs=inputs(2, 8))
+    gm = captured_from(build)
     lora_fx.apply(gm, LoraConfig(r=4, task_type="SEQ_CLS", target_modules=targets))
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
 
@@ -185,7 +186,7 @@ def test_loading_an_adapter_without_the_head_restores_and_freezes_the_base_head(
     plain.save_pretrained(tmp_path / "plain")
     batch = inputs(2, 8)
 
-    gm = lora_fx.capture(model, kwargs=batch)
+    gm = captured_from(_bert_cls)
     lora_fx.load_adapter(gm, tmp_path / "head")
     lora_fx.load_adapter(gm, tmp_path / "plain")
     assert (_logits(gm, batch) - _logits(plain.eval(), batch)).abs().max() < TOL
@@ -204,14 +205,14 @@ def test_head_of_another_shape_is_refused_and_leaves_the_model_as_it_was(tmp_pat
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, num_labels=5)).eval()
     peft.get_peft_model(other, peft.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"])).save_pretrained(tmp_path / "p")
-    gm = lora_fx.capture(_bert_cls(), kwargs=inputs(2, 8))
+    gm = captured_from(_bert_cls)
     with pytest.raises(AdapterError, match=r"base_model.model.classifier.(weight|bias) has shape \(5.*this model.s classifier.(weight|bias) is \(3"):
         lora_fx.load_adapter(gm, tmp_path / "p")
     assert not lora_fx.passes.fx.capture.meta(gm).get("lora_sites")
 
 
 def test_a_module_to_save_that_matches_nothing_is_refused_before_any_change():
-    gm = lora_fx.capture(_bert_cls(), kwargs=inputs(2, 8))
+    gm = captured_from(_bert_cls)
     with pytest.raises(TargetNotFoundError, match=r"modules_to_save entry 'clasifier'.*closest: classifier"):
         lora_fx.apply(gm, LoraConfig(target_modules=["query"], modules_to_save=["clasifier"]))
     assert not lora_fx.passes.fx.capture.meta(gm).get("lora_sites")
@@ -232,7 +233,7 @@ def test_merged_export_writes_the_trained_head_and_the_onnx_front_end_trains_it(
 
     model = _bert_cls()
     batch = inputs(2, 8)
-    gm = lora_fx.capture(model, kwargs=batch)
+    gm = captured_from(_bert_cls)
     lora_fx.apply(gm, LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
     params = dict(gm.named_parameters())
     with torch.no_grad():  # a trained head and adapter, as lora_fx.train leaves them
@@ -245,7 +246,7 @@ def test_merged_export_writes_the_trained_head_and_the_onnx_front_end_trains_it(
     lora_fx.export_onnx(gm, tmp_path / "merged.onnx", kwargs=batch)
     np.testing.assert_allclose(ort_run(tmp_path / "merged.onnx", feeds), want, atol=TOL)
 
-    lora_fx.export_onnx(lora_fx.capture(model, kwargs=batch), tmp_path / "base.onnx", kwargs=batch)
+    lora_fx.export_onnx(captured_from(_bert_cls), tmp_path / "base.onnx", kwargs=batch)
     onnx_model = lora_fx.load(tmp_path / "base.onnx")
     lora_fx.apply(onnx_model, LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
     module = OnnxModule(onnx_model)
@@ -260,7 +261,7 @@ def test_merged_export_writes_the_trained_head_and_the_onnx_front_end_trains_it(
 def test_qlora_refuses_to_quantize_the_head_before_changing_the_model():
     from lora_fx.config import QuantConfig
 
-    gm = lora_fx.capture(_bert_cls(), kwargs=inputs(2, 8))
+    gm = captured_from(_bert_cls)
     config = LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"])
     with pytest.raises(ConfigError, match=r"would store classifier quantized.*QuantConfig\(exclude_modules=\['classifier'\]\)"):
         lora_fx.apply(gm, config, quant=QuantConfig())

@@ -25,6 +25,7 @@ from lora_fx.passes.fx.freeze_base import saved_base
 from lora_fx.prefix_adapters import to_peft_blocks
 from lora_fx.runtime.onnx_torch import OnnxModule
 from tests.models import VOCAB, inputs
+from tests.shared_exports import captured_from
 
 T = 4
 TOL = 1e-5
@@ -130,7 +131,7 @@ def test_apply_trains_the_head_beside_the_prefixes_as_peft(arch):
     build, head, params = ARCHS[arch]
     model = build()
     pm = _peft(model)
-    gm = lora_fx.apply(lora_fx.capture(model, kwargs=inputs(2, 8)), PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
+    gm = lora_fx.apply(captured_from(build), PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
     prefixes = {n for n in trainable if ".prefix_" in n}
     assert trainable - prefixes == set(params)
@@ -154,7 +155,7 @@ def test_a_peft_adapter_loads_with_its_head_and_one_step_has_peft_gradients(arch
     pm.save_pretrained(tmp_path / "peft")
     assert set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))) == {
         "prompt_embeddings", *(f"base_model.{p}" for p in params)}
-    gm = lora_fx.load_adapter(lora_fx.capture(model, kwargs=inputs(2, 8)), tmp_path / "peft")
+    gm = lora_fx.load_adapter(captured_from(build), tmp_path / "peft")
     batch = inputs(**BATCH)
     want = _peft_logits(pm, batch)
     got = _logits(gm, batch)
@@ -186,7 +187,7 @@ def test_the_trained_head_is_saved_under_peft_keys_and_loads_in_peft(arch, tmp_p
 
     build, head, params = ARCHS[arch]
     model = build()
-    gm = lora_fx.apply(lora_fx.capture(model, kwargs=inputs(2, 8)), PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
+    gm = lora_fx.apply(captured_from(build), PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
     batch = {**inputs(**BATCH), "labels": LABELS}
 
     def loss_fn(out, b):
@@ -214,7 +215,7 @@ def test_a_classifier_without_task_type_trains_its_head_as_the_saved_seq_cls_con
     import peft
 
     model = _bert()
-    gm = lora_fx.apply(lora_fx.capture(model, kwargs=inputs(2, 8)), PrefixConfig(num_virtual_tokens=T))
+    gm = lora_fx.apply(captured_from(_bert), PrefixConfig(num_virtual_tokens=T))
     assert {n for n, p in gm.named_parameters() if p.requires_grad and ".prefix_" not in n} == {"classifier.weight", "classifier.bias"}
     with torch.no_grad():
         dict(gm.named_parameters())["classifier.weight"].add_(1.0)
@@ -247,7 +248,7 @@ def test_a_seq_cls_file_without_a_head_from_an_earlier_lora_fx_loads_with_the_ba
     b = inputs(**BATCH)
     with torch.no_grad():
         want = _peft_logits(pm, b)
-        gm = lora_fx.load_adapter(lora_fx.capture(model, kwargs=inputs(2, 8)), old)
+        gm = lora_fx.load_adapter(captured_from(_bert), old)
         torch.testing.assert_close(_logits(gm, b), want, atol=TOL, rtol=1e-4)
         assert (_logits(model, b) - want).abs().max() > 1e-3  # the prefixes were loaded
     lora_fx.save_adapter(gm, tmp_path / "again")
@@ -267,7 +268,7 @@ def test_refusals_name_the_problem_and_leave_the_model_as_it_was(tmp_path):
     from safetensors.torch import load_file, save_file
 
     _peft(_bert(num_labels=2)).save_pretrained(tmp_path / "two")
-    gm = lora_fx.capture(_bert(), kwargs=inputs(2, 8))
+    gm = captured_from(_bert)
     code, trainable = gm.code, [p.requires_grad for p in gm.parameters()]
     with pytest.raises(AdapterError, match=r"base_model\.classifier\.(weight|bias) has shape \(2.*another number of labels"):
         lora_fx.load_adapter(gm, tmp_path / "two")
@@ -293,7 +294,7 @@ def test_refusals_name_the_problem_and_leave_the_model_as_it_was(tmp_path):
 
 
 def test_qlora_refuses_to_quantize_the_head_before_changing_the_model():
-    gm = lora_fx.capture(_bert(), kwargs=inputs(2, 8))
+    gm = captured_from(_bert)
     code = gm.code
     # The task type found from the model class (SEQ_CLS) trains the head too.
     with pytest.raises(ConfigError, match=r"would store classifier quantized.*QuantConfig\(exclude_modules=\['classifier'\]\)"):
@@ -306,7 +307,7 @@ def test_qlora_refuses_to_quantize_the_head_before_changing_the_model():
 def test_merged_export_stays_refused_with_the_way_out(tmp_path):
     from lora_fx.export import export_onnx
 
-    gm = lora_fx.apply(lora_fx.capture(_bert(), kwargs=inputs(2, 8)), PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
+    gm = lora_fx.apply(captured_from(_bert), PrefixConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
     with pytest.raises(UnsupportedError, match="cannot be folded into weights; export with mode='adapters'"):
         export_onnx(gm, tmp_path / "m.onnx", kwargs=inputs(2, 8), mode="merged")
     assert not (tmp_path / "m.onnx").exists()
@@ -324,7 +325,7 @@ def test_served_export_makes_head_slots_and_the_adapter_carries_the_trained_head
     model = build()
     pm = _peft(model)
     pm.save_pretrained(tmp_path / "peft")
-    gm = lora_fx.load_adapter(lora_fx.capture(model, kwargs=inputs(2, 8)), tmp_path / "peft")
+    gm = lora_fx.load_adapter(captured_from(build), tmp_path / "peft")
     result = export_onnx(gm, tmp_path / "served.onnx", kwargs=inputs(2, 8), mode="adapters")
     sess = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
     slots = {i.name for i in sess.get_overridable_initializers()}

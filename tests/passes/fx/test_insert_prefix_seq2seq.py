@@ -20,6 +20,7 @@ from lora_fx.passes.fx import insert_prefix as insert_prefix_mod
 from lora_fx.passes.fx.capture import meta
 from lora_fx.passes.fx.fold_prefix import fold_prefix
 from tests.models import VOCAB, max_rel
+from tests.shared_exports import captured, captured_with
 
 T = 3
 SHAPES = [(2, 8, 5), (3, 11, 7), (1, 4, 9)]
@@ -63,6 +64,13 @@ def batch(b: int, seq: int, dec: int, masks: str = "both", seed: int = 0) -> dic
     return out
 
 
+def _captured(family: str = "bart", attn: str = "sdpa", masks: str = "both", encoder_layers: int = 2,
+              decoder_layers: int = 2) -> torch.fx.GraphModule:
+    """A fresh copy of the capture of ``seq2seq(...)`` at ``batch(2, 8, 5, masks)``: several tests start from the
+    same one, captured once per process (tests/shared_exports.py)."""
+    return captured_with(seq2seq, batch, 2, 8, 5, masks, build_args=(family, attn, encoder_layers, decoder_layers))
+
+
 def _logits(model, b):
     with torch.no_grad():
         out = model(**b)
@@ -91,7 +99,7 @@ def test_peft_bart_adapter_gives_peft_outputs(tmp_path, attn, masks):
     base = seq2seq("bart", attn)
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=batch(2, 8, 5, masks))
+    gm = _captured("bart", attn, masks)
     lora_fx.load_adapter(gm, tmp_path)
     rec = meta(gm)["prefix"]
     # The decoder's self-attention only: neither the encoder nor the cross-attention (encoder_attn).
@@ -106,7 +114,7 @@ def test_other_families_match_peft(tmp_path, family):
     base = seq2seq(family)
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=batch(2, 8, 5))
+    gm = _captured(family)
     lora_fx.load_adapter(gm, tmp_path)
     assert list(meta(gm)["prefix"]["sites"]) == DECODER
     _assert_parity(gm, pm, base)
@@ -117,7 +125,7 @@ def test_encoder_positions_stay(tmp_path, monkeypatch):
     base = seq2seq("bart")
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=batch(2, 8, 5))
+    gm = _captured()
     real = insert_prefix_mod.offset_positions
     monkeypatch.setattr(insert_prefix_mod, "offset_positions", lambda graph, t, keep=frozenset(): real(graph, t))
     lora_fx.load_adapter(gm, tmp_path)
@@ -132,7 +140,7 @@ def test_saved_adapter_loads_in_peft(tmp_path, projection):
 
     base = seq2seq("bart")
     extra = {"prefix_projection": True, "encoder_hidden_size": 16} if projection else {}
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=batch(2, 8, 5)), lora_fx.PrefixConfig(num_virtual_tokens=T, **extra))
+    gm = lora_fx.apply(_captured(), lora_fx.PrefixConfig(num_virtual_tokens=T, **extra))
     a, b = (gm.get_submodule(s) for s in DECODER) if not projection else (None, None)
     if projection:
         pm = _peft(base, **extra)
@@ -150,7 +158,7 @@ def test_saved_adapter_loads_in_peft(tmp_path, projection):
 
 
 def test_encoder_or_cross_attention_sites_are_refused_by_name():
-    gm = lora_fx.capture(seq2seq("bart"), kwargs=batch(2, 8, 5))
+    gm = _captured()
     code = gm.code
     for site, role in (("model.encoder.layers.0.self_attn", "the encoder's self-attention"),
                        ("model.decoder.layers.1.encoder_attn", "a cross-attention")):
@@ -165,7 +173,7 @@ def test_encoder_or_cross_attention_sites_are_refused_by_name():
 def test_roles_come_from_the_graph():
     from lora_fx.passes.fx.find_sites import find_sites
 
-    gm = lora_fx.capture(seq2seq("bart", "eager"), kwargs=batch(2, 8, 5))
+    gm = _captured("bart", "eager")
     roles = insert_prefix_mod.seq2seq_roles(find_sites(gm))
     assert [s.name for s in roles.encoder] == [f"model.encoder.layers.{i}.self_attn" for i in range(2)]
     assert [s.name for s in roles.decoder] == DECODER
@@ -175,9 +183,8 @@ def test_roles_come_from_the_graph():
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_models_without_cross_attention_have_no_roles(name):
     from lora_fx.passes.fx.find_sites import find_sites
-    from tests.models import build, inputs
 
-    gm = lora_fx.capture(build(name), kwargs=inputs(2, 8))
+    gm = captured(name)  # the zoo's capture of build(name) at inputs(2, 8), shared with the other modules
     assert insert_prefix_mod.seq2seq_roles(find_sites(gm)) is None
 
 
@@ -191,7 +198,7 @@ def test_fewer_decoder_than_encoder_layers_match_peft(tmp_path, projection):
     base = seq2seq("bart", encoder_layers=3, decoder_layers=2)
     extra = {"prefix_projection": True, "encoder_hidden_size": 16} if projection else {}
     pm = _peft(base, **extra)
-    gm = lora_fx.capture(base, kwargs=batch(2, 8, 5))
+    gm = _captured(encoder_layers=3, decoder_layers=2)
     if projection:
         lora_fx.apply(gm, lora_fx.PrefixConfig(num_virtual_tokens=T, **extra))
         gm.get_submodule(insert_prefix_mod.ENCODER).load_state_dict(pm.prompt_encoder["default"].state_dict())
@@ -208,7 +215,7 @@ def test_fewer_decoder_than_encoder_layers_match_peft(tmp_path, projection):
 
 def test_more_decoder_than_encoder_layers_are_refused():
     """PEFT's cache then has no entry for decoder layer 2 and fails (IndexError): nothing to match."""
-    gm = lora_fx.capture(seq2seq("bart", encoder_layers=2, decoder_layers=3), kwargs=batch(2, 8, 5))
+    gm = _captured(encoder_layers=2, decoder_layers=3)
     with pytest.raises(UnsupportedError, match="2 encoder and 3 decoder layers"):
         lora_fx.apply(gm, lora_fx.PrefixConfig(num_virtual_tokens=T))
     assert not meta(gm).get("prefix")

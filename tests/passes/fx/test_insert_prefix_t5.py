@@ -18,6 +18,7 @@ from lora_fx.errors import AdapterError, UnsupportedError
 from lora_fx.passes.fx import insert_prefix as insert_prefix_mod
 from lora_fx.passes.fx.capture import meta
 from tests.models import VOCAB, max_rel
+from tests.shared_exports import captured, captured_with
 
 T = 3
 SHAPES = [(2, 8, 5), (3, 11, 7), (1, 4, 9)]
@@ -40,6 +41,12 @@ def t5_inputs(batch: int, seq: int, dec: int, seed: int = 0) -> dict[str, torch.
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[-1, seq - 2:] = 0
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(1, VOCAB, (batch, dec), generator=gen)}
+
+
+def _captured(layers: int = 2, attn: str = "sdpa") -> torch.fx.GraphModule:
+    """A fresh copy of the capture of ``t5(layers=layers, attn=attn)`` at ``t5_inputs(2, 8, 5)``: several tests start
+    from the same one, captured once per process (tests/shared_exports.py)."""
+    return captured_with(t5, t5_inputs, 2, 8, 5, build_args=("T5ForConditionalGeneration", layers, attn))
 
 
 def _logits(model, b):
@@ -68,7 +75,7 @@ def test_peft_seq2seq_adapter_gives_peft_outputs(tmp_path, attn, layers):
     base = t5(layers=layers, attn=attn)
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=t5_inputs(2, 8, 5))
+    gm = _captured(layers, attn)
     lora_fx.load_adapter(gm, tmp_path)
     rec = meta(gm)["prefix"]
     # Only the decoder's self-attention: not the encoder, not the cross-attention.
@@ -82,7 +89,7 @@ def test_prefix_keys_get_their_relative_position_bias(tmp_path, monkeypatch):
     base = t5()
     pm = _peft(base)
     pm.save_pretrained(tmp_path)
-    gm = lora_fx.capture(base, kwargs=t5_inputs(2, 8, 5))
+    gm = _captured()
     real = insert_prefix_mod._prefix_bias
 
     def zero_bias(graph, anchor, rb, t, like):
@@ -98,7 +105,7 @@ def test_saved_adapter_loads_in_peft_and_tied_layers_train_together(tmp_path):
     import peft
 
     base = t5()
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=t5_inputs(2, 8, 5)), lora_fx.PrefixConfig(num_virtual_tokens=T))
+    gm = lora_fx.apply(_captured(), lora_fx.PrefixConfig(num_virtual_tokens=T))
     # Two decoder layers read PEFT's block 0: one parameter, as PEFT trains it.
     a, b = (gm.get_submodule(f"decoder.block.{i}.layer.0.SelfAttention") for i in (0, 1))
     assert a.prefix_key is b.prefix_key and a.prefix_value is b.prefix_value
@@ -121,8 +128,7 @@ def test_projection_matches_peft_then_folds_tied(tmp_path):
 
     base = t5()
     pm = _peft(base, prefix_projection=True, encoder_hidden_size=16)
-    gm = lora_fx.apply(lora_fx.capture(base, kwargs=t5_inputs(2, 8, 5)),
-                       lora_fx.PrefixConfig(num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=16))
+    gm = lora_fx.apply(_captured(), lora_fx.PrefixConfig(num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=16))
     gm.get_submodule(insert_prefix_mod.ENCODER).load_state_dict(pm.prompt_encoder["default"].state_dict())
     _assert_parity(gm, pm, base)
     assert fold_prefix(gm).modified
@@ -155,7 +161,7 @@ def test_t5_encoder_is_refused(attn):
 
 
 def test_encoder_or_cross_attention_sites_are_refused_by_name():
-    gm = lora_fx.capture(t5(), kwargs=t5_inputs(2, 8, 5))
+    gm = _captured()
     for site in ("encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.1.EncDecAttention"):
         with pytest.raises(UnsupportedError, match=f"{site} cannot take a prefix"):
             lora_fx.apply(gm, lora_fx.PrefixConfig(num_virtual_tokens=T, target_modules=[site]))
@@ -163,9 +169,7 @@ def test_encoder_or_cross_attention_sites_are_refused_by_name():
 
 
 def test_layout_of_the_adapter_must_match_the_model(tmp_path):
-    from tests.models import build, inputs
-
     lora_fx.PrefixConfig(num_virtual_tokens=T, num_transformer_submodules=2).save_pretrained(tmp_path)
-    gm = lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8))
+    gm = captured("gpt2")  # the zoo's capture of build("gpt2") at inputs(2, 8), shared with the other modules
     with pytest.raises(AdapterError, match="num_transformer_submodules=2"):
         lora_fx.apply(gm, lora_fx.PrefixConfig.from_pretrained(tmp_path))

@@ -23,11 +23,11 @@ import torch
 
 import lora_fx
 from lora_fx.passes.onnx.insert_prefix import insert_prefix, prefix_metadata
-from lora_fx.prefix_adapters import to_peft_blocks
 from lora_fx.runtime.onnx_torch import OnnxModule
 from lora_fx.sites import SiteKind
 from tests.models import inputs, run
 from tests.passes.fx.test_insert_prefix_bloom import SHAPES, T, _peft, batch, bloom
+from tests.passes.onnx.prefix_grads import assert_peft_prefix_gradients
 from tests.runtime.onnx_models import _Positional
 
 pytestmark = pytest.mark.slow  # each export of the tiny Bloom takes ~5 s
@@ -141,25 +141,7 @@ def test_one_step_has_peft_prefix_gradients(exported, peft_adapter, exporter):
     module = OnnxModule(model)
     assert sorted(module.trainable_names) == sorted(f"{s}.prefix_{w}" for s in _names(exporter) for w in ("key", "value"))
     b = batch(3, 9, 3, left=True)
-    keep = b["attention_mask"].bool()
-    labels = torch.randint(0, 64, keep.shape, generator=torch.Generator().manual_seed(0))
-
-    def loss(logits):
-        return torch.nn.functional.cross_entropy(logits[keep], labels[keep])
-
-    ours = loss(module(**b)["logits"])
-    ours.backward()
-    theirs_model = copy.deepcopy(pm)
-    embedding = theirs_model.prompt_encoder["default"].embedding.weight
-    embedding.requires_grad_(True)
-    theirs = loss(theirs_model(**b).logits)
-    theirs.backward()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    rec = prefix_metadata(model)
-    grads = {site: (module.tensor(r["key"]).grad, module.tensor(r["value"]).grad) for site, r in rec["sites"].items()}
-    got = to_peft_blocks(rec, grads)
-    assert float(embedding.grad.abs().max()) > 0
-    torch.testing.assert_close(got, embedding.grad, rtol=1e-4, atol=1e-5 * float(embedding.grad.abs().max()))
+    assert_peft_prefix_gradients(model, module, pm, b, keep=b["attention_mask"].bool())
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

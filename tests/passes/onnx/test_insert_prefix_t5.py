@@ -27,10 +27,10 @@ import lora_fx
 from lora_fx.errors import UnsupportedError
 from lora_fx.passes.onnx.find_sites import find_sites
 from lora_fx.passes.onnx.insert_prefix import insert_prefix, prefix_metadata, seq2seq_roles
-from lora_fx.prefix_adapters import to_peft_blocks
 from lora_fx.runtime.onnx_torch import OnnxModule
 from tests.models import max_rel
 from tests.passes.fx.test_insert_prefix_t5 import SHAPES, T, t5, t5_inputs
+from tests.passes.onnx.prefix_grads import assert_peft_prefix_gradients
 
 # Each export of the tiny T5 takes ~10 s on 2 cores.
 pytestmark = pytest.mark.slow
@@ -184,27 +184,10 @@ def test_one_step_has_peft_prefix_gradients(exported, peft_adapter, name):
     module = OnnxModule(model)
     rec = prefix_metadata(model)
     key, value = rec["sites"][DECODER[0]]["key"], rec["sites"][DECODER[0]]["value"]
+    # Both layers read one tensor: its gradient is their sum, as PEFT's block 0 sums it.
     assert sorted(module.trainable_names) == sorted([key, value])
     x = _batch(3, 9, 6, seed=1)
-    keep = x["decoder_attention_mask"].bool()
-    labels = torch.randint(0, 64, keep.shape, generator=torch.Generator().manual_seed(0))
-
-    def loss(logits):
-        return torch.nn.functional.cross_entropy(logits[keep], labels[keep])
-
-    ours = loss(module(**x)["logits"])
-    ours.backward()
-    theirs_model = copy.deepcopy(pm)
-    embedding = theirs_model.prompt_encoder["default"].embedding.weight
-    embedding.requires_grad_(True)
-    theirs = loss(theirs_model(**x).logits)
-    theirs.backward()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    # Both layers read one tensor: its gradient is their sum, as PEFT's block 0 sums it.
-    grads = {site: (module.tensor(r["key"]).grad, module.tensor(r["value"]).grad) for site, r in rec["sites"].items()}
-    got = to_peft_blocks(rec, grads)
-    assert float(embedding.grad.abs().max()) > 0
-    torch.testing.assert_close(got, embedding.grad, rtol=1e-4, atol=1e-5 * float(embedding.grad.abs().max()))
+    assert_peft_prefix_gradients(model, module, pm, x, keep=x["decoder_attention_mask"].bool())
 
 
 def test_saved_adapter_and_served_export_load_in_peft_and_onnx_runtime(exported, peft_adapter, tmp_path):
