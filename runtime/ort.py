@@ -406,23 +406,24 @@ class Session:
             raise ConfigError(f"ONNX Runtime refused the run ({self.path.name}, adapter {adapter!r}): {ort_message(exc)}") from None
 
     def _batch_inputs(self, feeds: Mapping[str, np.ndarray], rows: int) -> list[str]:
-        """The inputs whose first axis is the batch: the symbolic dim the inputs share at axis 0. Fixed-shape
-        inputs (a merged decoder's ``use_cache_branch``) are whole in every call."""
+        """The inputs whose first axis is the batch: those whose first axis is free (named). Exporters do not always
+        give one name to the batch of every input (torch.export names ``input_ids``'s and ``attention_mask``'s
+        apart when it cannot prove them equal), so the sizes decide: each must have a row per adapter entry.
+        Fixed-shape inputs (a merged decoder's ``use_cache_branch``) are whole in every call."""
         firsts = {name: (spec.shape or (None,))[0] for name, spec in self._inputs.items() if spec.shape != ()}
-        symbols = {d for d in firsts.values() if isinstance(d, str)}
-        if len(symbols) != 1 or None in firsts.values():  # an axis of unknown size might be the batch, or not
+        batched = [k for k, d in firsts.items() if isinstance(d, str)]
+        unknown = [k for k, d in firsts.items() if d is None]  # might be the batch, or not
+        if not batched or unknown:
             found = ", ".join(f"{k}: {v!r}" for k, v in firsts.items()) or "no inputs"
             raise ConfigError(
-                f"a per-row adapter list needs the batch as the first axis of the inputs, one named dim they share; "
-                f"{self.path.name}'s first axes are {found}. Run each adapter's rows as its own call instead"
+                f"a per-row adapter list needs the batch as the first, free axis of the inputs; {self.path.name}'s "
+                f"first axes are {found}. Run each adapter's rows as its own call instead"
             )
-        (batch,) = symbols
-        batched = [k for k, d in firsts.items() if d == batch]
-        sizes = {feeds[k].shape[0] for k in batched}
-        if sizes != {rows}:
+        wrong = {k: feeds[k].shape[0] for k in batched if feeds[k].shape[0] != rows}
+        if wrong:
             raise ConfigError(
-                f"the adapter list has {rows} entries but the batch ({', '.join(batched)}, axis 0) has "
-                f"{' / '.join(map(str, sorted(sizes)))} rows; give one adapter name (or None) per row"
+                f"the adapter list has {rows} entries but the batch has "
+                f"{', '.join(f'{n} rows ({k}, axis 0)' for k, n in wrong.items())}; give one adapter name (or None) per row"
             )
         return batched
 

@@ -420,7 +420,7 @@ def test_a_mixed_adapter_batch_gives_each_row_its_own_adapters_output(served):
         for i, name in enumerate(adapters):
             want = wants[name][i] if name else base[i]
             np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ConfigError, match=rf"adapter list has {rows - 1} entries but the batch \(x, axis 0\) has {rows} rows"):
+    with pytest.raises(ConfigError, match=rf"adapter list has {rows - 1} entries but the batch has {rows} rows \(x, axis 0\)"):
         sess.run(feeds_, adapter=["legal"] * (rows - 1))
     with pytest.raises(AdapterError, match="no adapter named 'tax'.*registered: legal, medical"):
         sess.run(feeds_, adapter=["legal"] * (rows - 1) + ["tax"])
@@ -429,20 +429,23 @@ def test_a_mixed_adapter_batch_gives_each_row_its_own_adapters_output(served):
 
 
 @pytest.mark.slow
-def test_a_mixed_adapter_batch_of_an_exported_gpt2_matches_peft_adapter_names():
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_mixed_adapter_batch_of_an_exported_model_matches_peft_adapter_names(name):
     """The reference is PEFT's own mixed batch: a PeftModel holding our adapter (from the export's PEFT dir) and a
-    PEFT-trained one, called with ``adapter_names`` per row, left padding included."""
+    PEFT-trained one, called with ``adapter_names`` per row, left padding included. The exported Llama names the
+    batch of ``input_ids`` and ``attention_mask`` apart (s72, s43): the rows are found by size."""
     import peft
 
-    served = exported("gpt2", "adapters")
+    served = exported(name, "adapters")
     torch.manual_seed(12)
-    pm = models.peft_wrap(eager("gpt2"), r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
-    pm.save_pretrained(str(TMP / "ort-mixed-peft"))
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(eager("gpt2")), str(TMP / "ort-mixed-peft"), adapter_name="peft").eval()
+    pm = models.peft_wrap(eager(name), r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    pm.save_pretrained(str(TMP / f"ort-mixed-peft-{name}"))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(eager(name)), str(TMP / f"ort-mixed-peft-{name}"), adapter_name="peft").eval()
     pm.load_adapter(str(served.peft_dirs[0]), adapter_name="ours")
     sess = Session(served.model_path)
     sess.add_adapter("ours", served.adapter_paths[0])
-    sess.add_adapter("peft", peft_dir_to_onnx_adapter(TMP / "ort-mixed-peft", served.model_path, TMP / "ort-mixed-peft.onnx_adapter"))
+    sess.add_adapter("peft", peft_dir_to_onnx_adapter(TMP / f"ort-mixed-peft-{name}", served.model_path,
+                                                      TMP / f"ort-mixed-peft-{name}.onnx_adapter"))
     tb, nb = feeds(4, 9, pad=2)
     names = ["peft", None, "ours", "peft"]
     with torch.no_grad():
