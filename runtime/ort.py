@@ -135,6 +135,9 @@ class Session:
         from lora_fx.passes.onnx.lora_layout import FINGERPRINT_KEY
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ModelLoadError(f"{self.path} is a directory; Session takes the .onnx model file (adapters, such as a PEFT "
+                                 "directory, go to add_adapter)")
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path}: no such ONNX model file")
         options = session_options or ort.SessionOptions()

@@ -453,3 +453,10 @@ def test_a_mixed_adapter_batch_of_an_exported_model_matches_peft_adapter_names(n
     (got,) = sess.run(nb, adapter=names)
     assert rel(want, models.run(pm.get_base_model(), tb).numpy()) > 1e-2  # the adapters do change the rows
     assert rel(got, want) <= 1e-4
+
+
+def test_a_directory_is_refused_as_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="is a directory; Session takes the .onnx model file"):
+        Session(tmp_path)
+    with pytest.raises(ModelLoadError, match="no such ONNX model file"):
+        Session(tmp_path / "missing.onnx")
