@@ -539,8 +539,16 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             hint = (f". If it comes from an export of the same base without modules_to_save, export {where} again "
                     "with this lora_fx (it then takes such adapters, with the base head), or convert the adapter's PEFT "
                     "directory for it: peft_dir_to_onnx_adapter")
-        raise AdapterError(f"this adapter was trained on a different base model than {where} ({theirs} vs {ours}); "
-                           f"use the model it was trained on, or retrain it{hint}")
+        # The fingerprint hashes the file's initializers as its exporter stored them, so another export of the same
+        # checkpoint (TorchScript vs dynamo, which keeps biases and norms as Constant nodes) differs too; the
+        # adapter's PEFT directory names sites by module path and loads onto any export.
+        raise AdapterError(
+            f"this adapter was trained on a different base model than {where} ({theirs} vs {ours}), or on another "
+            "export of the same checkpoint (TorchScript and dynamo exports store the same weights differently, so their "
+            "fingerprints differ). Ways out: use the model it was trained on; or load the adapter's PEFT directory "
+            "instead, which loads onto any export of the same checkpoint: the one written beside it by lora-fx export "
+            "--adapters (<model>.adapters/<adapter name>/) or by lora_fx.save_adapter, with "
+            f"Session.add_adapter(name, peft_dir) (CLI: lora-fx run --adapter DIR); or retrain it{hint}")
     if not slots:
         raise AdapterError(f"{where} has no adapter slots; export it with mode='adapters' (CLI: lora-fx export --adapters)")
     if not adapter.tensors:

@@ -643,13 +643,19 @@ class OnnxModule(torch.nn.Module):
 
     @staticmethod
     def _call(n: _Node, ctx: Ctx, args: list) -> Sequence[Any]:
-        if n.attrs_checked:
-            out = n.fn(ctx, args, n.attrs)
-        else:  # first call: which attributes does the op function read?
-            attrs = _ReadAttrs(n.attrs)
-            out = n.fn(ctx, args, attrs)
-            _check_ignored_attrs(n, attrs)
-            n.attrs_checked = True
+        try:
+            if n.attrs_checked:
+                out = n.fn(ctx, args, n.attrs)
+            else:  # first call: which attributes does the op function read?
+                attrs = _ReadAttrs(n.attrs)
+                out = n.fn(ctx, args, attrs)
+                _check_ignored_attrs(n, attrs)
+                n.attrs_checked = True
+        except (ConfigError, UnsupportedError) as exc:
+            # Op functions are not handed their node: the refusal names it here, where the node is known.
+            if n.label in str(exc):
+                raise
+            raise type(exc)(f"{n.label}: {exc}") from None
         return out if isinstance(out, tuple) else (out,)  # a list is one value: a sequence
 
 

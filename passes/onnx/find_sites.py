@@ -302,10 +302,12 @@ def _longer_path(traced: str | None, stored: str | None) -> str | None:
     return stored if traced and stored and stored.endswith("." + traced) else None
 
 
-def site_name(node: ir.Node, weight: ir.Value | None = None, bias: ir.Value | None = None) -> str:
-    """The source module path of a node, by the best evidence the exporter left."""
+def site_name(node: ir.Node, weight: ir.Value | None = None, bias: ir.Value | None = None,
+              leads: CallPathLeads | None = None) -> str:
+    """The source module path of a node, by the best evidence the exporter left. ``leads``: what the file's
+    TorchScript call paths lack in front (``call_path_leads``), for a node whose parameters have no stored name."""
     traced, stored = _torchscript_name(node), _initializer_name(weight) or _bias_name(bias)
-    caller = _scope_name(node) or _longer_path(traced, stored) or traced
+    caller = _scope_name(node) or _longer_path(traced, stored) or (leads.full(traced) if leads is not None and traced else traced)
     if caller and stored and stored.startswith(f"{caller}."):
         # A parent running a linear on its child's weight (nn.MultiheadAttention's out_proj): named after the
         # child, as FX and PEFT name it, or two linears of different shapes would share the parent's name.
@@ -765,28 +767,30 @@ def _projection_node(value: ir.Value | None, max_hops: int = 14) -> ir.Node | No
     return None
 
 
-def _attention_name(att: AttentionParts) -> str:
+def _attention_name(att: AttentionParts, leads: CallPathLeads | None = None) -> str:
     # The module that owns the Q projection (``…attention.self`` for ``…attention.self.query``) is the attention block.
     node = att.node
     proj = _projection_node(att.q)
     owner = None
     if proj is not None:
         parts = linear_parts(proj)
-        name = site_name(proj, parts.weight, parts.bias)
+        name = site_name(proj, parts.weight, parts.bias, leads)
         owner = name.rsplit(".", 1)[0] if "." in name else None
     if node.domain == MS and owner:
         # Fusions copy metadata from whichever node they replaced.
         return owner
-    own = site_name(node)
+    own = site_name(node, leads=leads)
     return _longer_path(own, owner) or own
 
 
-def _graph_sites(graph: ir.Graph, root: ir.Graph, unique: Callable[[str], str]) -> list[Site]:
+def _graph_sites(graph: ir.Graph, root: ir.Graph, unique: Callable[[str], str], leads: CallPathLeads | None = None) -> list[Site]:
     """The linear and attention sites among ``graph``'s own nodes (not those of its subgraphs), in graph order.
 
-    ``root`` is the model's main graph (a subgraph reads its weights from there); ``unique`` makes a name unique.
+    ``root`` is the model's main graph (a subgraph reads its weights from there); ``unique`` makes a name unique;
+    ``leads``: ``call_path_leads(root)``, computed here unless given.
     """
     nodes = list(graph)
+    leads = leads if leads is not None else call_path_leads(root)
     linear = [p for p in (linear_parts(n) for n in nodes) if p is not None]
     by_node = {id(p.node): p for p in linear}
     output_layers = _output_layer_nodes(graph, linear)
@@ -794,7 +798,7 @@ def _graph_sites(graph: ir.Graph, root: ir.Graph, unique: Callable[[str], str]) 
     for node in nodes:
         parts = by_node.get(id(node))
         if parts is not None:
-            name = site_name(node, parts.weight, parts.bias)
+            name = site_name(node, parts.weight, parts.bias, leads)
             sites.append(Site(
                 # com.microsoft.Attention's packed projection shares the node with its attention site.
                 name=unique(name if parts.adaptable else f"{name}.qkv"), kind=SiteKind.LINEAR, ir=IRKind.ONNX,
@@ -810,7 +814,7 @@ def _graph_sites(graph: ir.Graph, root: ir.Graph, unique: Callable[[str], str]) 
         if att is not None:
             hidden = att.num_heads * att.head_dim if att.num_heads and att.head_dim else None
             sites.append(Site(
-                name=unique(_attention_name(att)), kind=SiteKind.ATTENTION, ir=IRKind.ONNX,
+                name=unique(_attention_name(att, leads)), kind=SiteKind.ATTENTION, ir=IRKind.ONNX,
                 num_heads=att.num_heads, kv_heads=att.kv_heads, head_dim=att.head_dim,
                 in_features=hidden, out_features=hidden,
                 dtype=dtype_name(att.output.dtype), op=att.op, handle=node,
@@ -942,13 +946,14 @@ def _control_flow_sites(model: ir.Model, main: list[Site], unique: Callable[[str
     initializers, one site per weight whatever the number of branch nodes reading it, named by ``unique`` after the
     main graph's), where each lies, and the rest grouped per main-graph node (``SubgraphLayers``)."""
     root = model.graph
+    leads = call_path_leads(root)
     # (holder, attribute, looped, the site as its own graph sees it), names unique within one branch.
     found: list[tuple[ir.Node, str, bool, Site]] = []
     for node in root:
         namers: dict[str, Callable[[str], str]] = {}
         for key, graph, looped in _nested(node):
             # per branch: the branches of an If may hold copies of the same layers
-            found += [(node, key, looped, s) for s in _graph_sites(graph, root, namers.setdefault(key, _namer()))]
+            found += [(node, key, looped, s) for s in _graph_sites(graph, root, namers.setdefault(key, _namer()), leads)]
     main_weights = {id(w) for s in main if (w := _site_weight(s)) is not None}
     by_weight: dict[int, list[tuple[ir.Node, str, bool, Site]]] = {}
     for entry in found:
@@ -968,7 +973,7 @@ def _control_flow_sites(model: ir.Model, main: list[Site], unique: Callable[[str
         done.add(key)
         entries = by_weight[key]
         parts = linear_parts(site.handle)
-        name = unique(site_name(site.handle, parts.weight, parts.bias))
+        name = unique(site_name(site.handle, parts.weight, parts.bias, leads))
         rewritable.append(dataclasses.replace(
             site, name=name, part_of=_whole_module(root, site.handle, name),
             is_output_layer=any(s.is_output_layer for *_, s in entries)))
@@ -1199,18 +1204,64 @@ def _torch_classes(name: str | None) -> tuple[str, ...] | None:
     return tuple(f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if issubclass(c, torch.nn.Module) and c is not torch.nn.Module)
 
 
-def _call_path_leads(nodes: list[ir.Node]) -> dict[str, str]:
-    """What TorchScript's call paths lack in front (``decoder`` -> ``model.``), learnt from the linear sites whose
-    parameter names are longer (see ``_longer_path``): keyed by the call path's first part."""
-    leads: dict[str, str] = {}
+@dataclass(frozen=True)
+class CallPathLeads:
+    """What a TorchScript file's call paths lack in front of the module paths its parameters are stored under.
+
+    TorchScript names a module by its last name part (``model.model.decoder`` -> ``decoder``), so a module its
+    caller reaches into (an Optimum-style decoder wrapper's ``self.model.model.decoder(...)``, ``self.model.lm_head``)
+    loses the levels between. ``by_first``: learnt from linear sites whose parameter names are longer (see
+    ``_longer_path``), keyed by the call path's first part (``decoder`` -> ``model.model.``). ``wrapped``: where
+    some call path is known to skip levels, the module every stored parameter lies under (``model.``): the root
+    only wraps it, so a root call with nothing learnt (``lm_head``, whose weight TorchScript leaves anonymous) is
+    placed right under it, where a task model holds its head (``model.lm_head``, the path PEFT keys it by)."""
+
+    by_first: dict[str, str]
+    wrapped: str = ""
+
+    def full(self, traced: str) -> str:
+        first = traced.split(".", 1)[0]
+        if first in self.by_first:
+            return self.by_first[first] + traced
+        if self.wrapped and first != self.wrapped.split(".", 1)[0]:
+            return self.wrapped + traced
+        return traced
+
+
+def call_path_leads(graph: ir.Graph) -> CallPathLeads:
+    """``CallPathLeads`` of a graph (empty where no TorchScript call path is shorter than its parameter names)."""
+    nodes = [n for n in graph if not is_inserted(n)]
+    by_first: dict[str, str] = {}
     for node in nodes:
         traced = _torchscript_name(node)
         parts = linear_parts(node) if traced else None
         if parts is not None:
             longer = _longer_path(traced, _initializer_name(parts.weight) or _bias_name(parts.bias))
             if longer:
-                leads.setdefault(traced.split(".", 1)[0], longer[: -len(traced)])
-    return leads
+                by_first.setdefault(traced.split(".", 1)[0], longer[: -len(traced)])
+    if not by_first:
+        return CallPathLeads(by_first)
+    wrapped = _common_module(name for name in graph.initializers if not _ANON.match(name))
+    if not all(lead.startswith(wrapped) for lead in by_first.values()):
+        wrapped = ""
+    return CallPathLeads(by_first, wrapped)
+
+
+def _common_module(names: Iterable[str]) -> str:
+    """The deepest module path (with a trailing dot) that every parameter name lies under; "" for none."""
+    common: list[str] | None = None
+    for name in names:
+        module = name.split(".")[:-1]
+        if common is None:
+            common = module
+        else:
+            same = 0
+            while same < min(len(common), len(module)) and common[same] == module[same]:
+                same += 1
+            common = common[:same]
+        if not common:
+            return ""
+    return ".".join(common) + "." if common else ""
 
 
 def module_tree(model: ir.Model) -> dict[str, tuple[str, ...]] | None:
@@ -1232,7 +1283,7 @@ def module_tree(model: ir.Model) -> dict[str, tuple[str, ...]] | None:
     adapts, and targeting refuses only where it is sure.
     """
     nodes = [n for n in model.graph if not is_inserted(n)]
-    leads = _call_path_leads(nodes)
+    leads = call_path_leads(model.graph)
     classes: dict[str, str | None] = {}
     own: dict[str, set[str]] = {}
     below: dict[str, set[str]] = {}
@@ -1243,7 +1294,7 @@ def module_tree(model: ir.Model) -> dict[str, tuple[str, ...]] | None:
         if chain is None and (node.name or "").startswith("/"):
             parts = [p for p in node.name.strip("/").split("/")[:-1] if p]
             if parts:
-                parts[0] = leads.get(parts[0], "") + parts[0]
+                parts[0] = leads.full(parts[0])
             chain = [(".".join(parts[: i + 1]), None) for i in range(len(parts))]
         if not chain:
             continue

@@ -124,7 +124,8 @@ def _ms_multi_head_attention(ctx, x, a):
     if past_k is not None:
         k, v = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
     scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    attn_bias = _ms_key_padding_bias(kpm, q, k.shape[2], a.get("mask_filter_value", -10000.0))
+    attn_bias = _ms_key_padding_bias("MultiHeadAttention", kpm, q, k.shape[2], a.get("mask_filter_value", -10000.0),
+                                     end_start=False)
     if rel is not None:
         attn_bias = rel if attn_bias is None else attn_bias + rel
     if a.get("unidirectional", 0):
@@ -134,17 +135,49 @@ def _ms_multi_head_attention(ctx, x, a):
     return out, k, v
 
 
-def _ms_key_padding_bias(mask: torch.Tensor | None, q: torch.Tensor, kv_len: int, filter_value: float) -> torch.Tensor | None:
-    """com.microsoft masks: 1 keeps, 0 masks (with mask_filter_value, not -inf)."""
+def _ms_key_padding_bias(op_name: str, mask: torch.Tensor | None, q: torch.Tensor, kv_len: int, filter_value: float,
+                         *, end_start: bool) -> torch.Tensor | None:
+    """com.microsoft masks as an additive bias: kept keys 0, masked ones mask_filter_value (not -inf, as ONNX
+    Runtime does, so a row masked everywhere is uniform). Raw masks (2-D [B, kv], 3-D [B, q, kv]) hold 1 to
+    keep and 0 to mask; 1-D ones are positions (``_ms_mask_index_keep``). ``end_start``: the op also defines
+    the [2*B] end-and-start form (Attention's mask_index; MultiHeadAttention's key_padding_mask does not)."""
     if mask is None:
         return None
-    if mask.dim() == 2:  # [B, kv]
+    if mask.dim() == 1:
+        m = _ms_mask_index_keep(op_name, mask, q.shape[0], kv_len, end_start=end_start)
+    elif mask.dim() == 2:  # [B, kv]
         m = mask.view(mask.shape[0], 1, 1, mask.shape[1])
     elif mask.dim() == 3:  # [B, q, kv]
         m = mask.unsqueeze(1)
     else:
-        raise UnsupportedError(f"com.microsoft attention mask of rank {mask.dim()} is not supported")
+        raise UnsupportedError(
+            f"com.microsoft.{op_name}: a {mask.dim()}-D mask of shape {list(mask.shape)} is not supported (the 4-D "
+            "Megatron form, which ONNX Runtime's CPU kernel refuses too); lora_fx runs 1-D mask indices and 2-D / 3-D "
+            "raw masks. Way out: optimize the model with a raw 2-D attention mask (onnxruntime.transformers "
+            "FusionOptions.use_raw_attention_mask(True), or --use_raw_attention_mask)")
     return torch.where(m.to(torch.bool), 0.0, filter_value).to(q.dtype)
+
+
+def _ms_mask_index_keep(op_name: str, index: torch.Tensor, batch: int, kv_len: int, *, end_start: bool) -> torch.Tensor:
+    """A 1-D com.microsoft mask index as a [B, 1, 1, kv] keep mask. [B]: each row's end position (its key
+    length; keys from it on are padding, right padding). [2*B]: end positions, then start positions (keys
+    before the start are padding too, left padding). Per ONNX Runtime's ContribOperators.md; its CPU kernel
+    clips an end past kv to kv, as the comparison here does."""
+    n = index.shape[0]
+    keys = torch.arange(kv_len, device=index.device).view(1, 1, 1, -1)
+    if n == batch:
+        return keys < index.view(-1, 1, 1, 1)
+    if n == 2 * batch and end_start:
+        end, start = index[:batch].view(-1, 1, 1, 1), index[batch:].view(-1, 1, 1, 1)
+        return (keys < end) & (keys >= start)
+    forms = "[batch] (key lengths)" + (" and [2*batch] (end then start positions)" if end_start else "")
+    packed = ""
+    if n == 3 * batch + 2:
+        packed = " (likely the [3*batch+2] form: key lengths with cumulative query/key offsets, read by ONNX Runtime's CUDA kernels)"
+    raise UnsupportedError(
+        f"com.microsoft.{op_name}: a 1-D mask of length {n} for a batch of {batch}{packed} is not supported; "
+        f"lora_fx runs the 1-D forms {forms}, and 2-D / 3-D raw masks. Way out: optimize the model with a raw 2-D "
+        "attention mask (onnxruntime.transformers FusionOptions.use_raw_attention_mask(True), or --use_raw_attention_mask)")
 
 
 @op("Attention", domain="com.microsoft")
@@ -161,7 +194,8 @@ def _ms_attention(ctx, x, a):
     q, k, v = torch.split(qkv, sizes, dim=-1)
     q, k, v = _heads(q, n), _heads(k, n), _heads(v, n)
     scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    attn_bias = _ms_key_padding_bias(mask, q, k.shape[2], a.get("mask_filter_value", -10000.0))
+    attn_bias = _ms_key_padding_bias("Attention", mask, q, k.shape[2], a.get("mask_filter_value", -10000.0),
+                                     end_start=True)
     if rel is not None:
         attn_bias = rel if attn_bias is None else attn_bias + rel
     if a.get("unidirectional", 0):

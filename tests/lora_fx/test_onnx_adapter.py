@@ -347,3 +347,38 @@ def test_a_file_that_is_no_adapter_is_named_by_its_content_not_its_name(tmp_path
         with pytest.raises(AdapterError, match=rf"{name} is not a readable .onnx_adapter file \({hint}; ONNX Runtime: ") as info:
             read_onnx_adapter(tmp_path / name)
         assert "ONNX model" not in str(info.value) or name == "model.onnx_adapter", (name, info.value)
+
+
+def _another_export(served, path):
+    """``served`` as another exporter writes the same checkpoint: one base initializer held by a Constant node
+    (TorchScript keeps biases and norm weights so, where dynamo stores initializers), fingerprint stamped anew."""
+    import onnx_ir as ir
+
+    model = lora_fx.load(served)
+    graph = model.graph
+    name = next(n for n, v in graph.initializers.items() if v.const_value is not None and "lora" not in n)
+    value = graph.initializers.pop(name)
+    graph.insert_before(next(iter(graph)), ir.node("Constant", [], {"value": value.const_value}, outputs=[value]))
+    stamp_fingerprint(model)
+    ir.save(model, str(path))
+    return path
+
+
+def test_an_adapter_from_another_export_of_its_checkpoint_is_refused_naming_its_peft_directory(tmp_path):
+    """The fingerprint hashes initializers as stored, so two exports of one checkpoint differ: the refusal says so
+    and names the adapter's PEFT directory, which does load onto the other export and reproduces the adapter."""
+    from lora_fx.runtime.ort import Session
+
+    served, path, feeds, want = _served_adapter(tmp_path)
+    other = _another_export(served, tmp_path / "other.onnx")
+    np.testing.assert_allclose(ort_run(other, feeds), ort_run(served, feeds), rtol=0, atol=0)  # the same base
+    session = Session(other, providers=["CPUExecutionProvider"])
+    with pytest.raises(AdapterError) as refused:
+        session.add_adapter("a", path)
+    message = str(refused.value)
+    assert "different base model than" in message and "another export of the same checkpoint" in message
+    assert "PEFT directory" in message and "lora-fx export --adapters" in message and "lora_fx.save_adapter" in message
+    assert "Session.add_adapter(name, peft_dir)" in message and "lora-fx run --adapter DIR" in message
+    # The way out it names works: the adapter's PEFT directory on the other export gives the adapter's outputs.
+    session.add_adapter("a", onnx_adapter_to_peft_dir(path, tmp_path / "peft"))
+    assert rel(session.run(feeds, adapter="a")[0], want) <= 1e-5

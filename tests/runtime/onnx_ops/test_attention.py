@@ -99,3 +99,38 @@ MS_CASES = {
 def test_contrib_op_matches_onnxruntime(case: str, tmp_path: Path) -> None:
     node, inputs = MS_CASES[case]
     check_against_ort(single_op_model(node, inputs), inputs, tmp_path, tol=1e-5)
+
+
+# com.microsoft 1-D mask indices (ContribOperators.md): [B] end positions (key lengths, right padding);
+# Attention's mask_index also [2*B], end then start positions (left padding). Ends past the keys mask nothing.
+MASK_INDEX_CASES = {
+    "attention-key-lengths": ("Attention", np.array([3, 5], np.int32)),
+    "attention-end-past-the-keys": ("Attention", np.array([7, 1], np.int32)),
+    "attention-ends-then-starts": ("Attention", np.array([5, 4, 2, 0], np.int32)),
+    "multi-head-attention-key-lengths": ("MultiHeadAttention", np.array([2, 5], np.int32)),
+}
+
+
+def _mask_index_case(op_type: str, index: np.ndarray) -> tuple:
+    if op_type == "Attention":
+        return (ms_node("Attention", ["x", "w", "b", "m"], ["y"], num_heads=2),
+                {"x": randn(2, 5, 8), "w": randn(8, 24), "b": randn(24), "m": index})
+    return (ms_node("MultiHeadAttention", ["q", "k", "v", "", "m"], ["y"], num_heads=2),
+            {"q": randn(2, 4, 8), "k": randn(2, 5, 8), "v": randn(2, 5, 8), "m": index})
+
+
+@pytest.mark.parametrize("case", list(MASK_INDEX_CASES))
+def test_contrib_attention_mask_index_matches_onnxruntime(case: str, tmp_path: Path) -> None:
+    node, inputs = _mask_index_case(*MASK_INDEX_CASES[case])
+    check_against_ort(single_op_model(node, inputs), inputs, tmp_path, tol=1e-5)
+
+
+@pytest.mark.parametrize("op_type,index,form", [
+    ("Attention", np.array([3, 5, 0, 0, 0, 3, 5, 0], np.int32), r"length 8 for a batch of 2 \(likely the \[3\*batch\+2\] form"),
+    ("MultiHeadAttention", np.array([5, 4, 2, 0], np.int32), r"length 4 for a batch of 2 is not supported; lora_fx runs the 1-D forms \[batch\] \(key lengths\), and"),
+    ("Attention", np.ones((2, 1, 5, 5), np.int32), r"4-D mask of shape \[2, 1, 5, 5\]"),
+])
+def test_contrib_attention_masks_it_cannot_run_are_refused_naming_the_form(op_type: str, index: np.ndarray, form: str) -> None:
+    node, inputs = _mask_index_case(op_type, index)
+    with pytest.raises(UnsupportedError, match=rf"com\.microsoft\.{op_type}: .*{form}.*use_raw_attention_mask"):
+        OnnxModule(single_op_model(node, inputs), trainable=[])(**{k: torch.from_numpy(v) for k, v in inputs.items()})
