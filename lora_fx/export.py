@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,24 +83,45 @@ def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict |
 
     import warnings
 
+    from lora_fx.passes.fx.capture import _has_size_one, _widen
+
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    try:
+
+    def export(example: dict[str, Any]) -> Any:
         # The exporter warns that an exported GraphModule is "in training mode": dropout is baked in the
         # graph instead (set_training_mode), so the flag means nothing here.
         with torch.no_grad(), contextlib.redirect_stdout(quiet), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
             ignore_leafspec_warning()
-            program = torch.onnx.export(
-                gm, (), kwargs=kwargs, dynamo=True, optimize=False, opset_version=MODEL_OPSET,
-                dynamic_shapes=_dynamic_shapes(kwargs), verbose=False, report=False,
+            return torch.onnx.export(
+                gm, (), kwargs=example, dynamo=True, optimize=False, opset_version=MODEL_OPSET,
+                dynamic_shapes=_dynamic_shapes(example), verbose=False, report=False,
                 custom_translation_table=custom_translation_table,
             )
-    except LoraFxError:
-        raise
-    except Exception as exc:  # the exporter raises many kinds; the user needs the first line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UnsupportedError(f"torch.onnx.export could not export this graph: {type(exc).__name__}: {first}") from None
+
+    # A batch or sequence of 1 in the example is fixed at 1 by the exporter (0/1 specialization), though the file
+    # still names the dim: it then fails in ONNX Runtime at any other size. As capture does, trace repeated rows
+    # (tokens) instead; where the graph refuses that (a dim that really is 1), only the batch, then the example.
+    widenings = [(0, 1), (0,)] if _has_size_one((), kwargs) else []
+    for dims in widenings:
+        try:
+            program = export(_widen(kwargs, dims))
+            break
+        except Exception:  # not an input this graph takes: try the next
+            continue
+    else:
+        try:
+            program = export(kwargs)
+        except LoraFxError:
+            raise
+        except Exception as exc:  # the exporter raises many kinds; the user needs what failed, not its advice
+            raise UnsupportedError(f"torch.onnx.export could not export this graph: {type(exc).__name__}: "
+                                   f"{exporter_reason(exc)}") from None
+        if widenings:
+            warnings.warn("export_onnx: the example has batch or sequence size 1 and the graph takes no larger one, so "
+                          "the ONNX model may only run at size 1 there; pass a batch of 2 and a sequence of 2 or more",
+                          stacklevel=3)
     _name_outputs(program.model, getattr(gm, "_out_spec", None))
     return program.model
 
@@ -142,6 +164,9 @@ def optimize_keeping_slots(model: Any) -> Any:
     from lora_fx.onnx_adapter import read_saved
     from lora_fx.passes.onnx.lora_layout import adapter_names, read_records
 
+    # The graph as it was, tensors shared: onnxscript 0.7.2 leaves a TorchScript BART with a node reading a value
+    # nothing defines, a file ONNX Runtime refuses; such a result is dropped for this copy.
+    unoptimized = model.clone()
     graph = model.graph
     names = adapter_names(read_records(model)) | set(read_saved(model.metadata_props))
     before = {n for n in names if n in graph.initializers}
@@ -178,10 +203,41 @@ def optimize_keeping_slots(model: Any) -> Any:
                 graph.register_initializer(value)
         for value in stored:
             graph.inputs.remove(value)
+    undefined = undefined_inputs(model.graph)
+    if undefined:
+        _restore(model, unoptimized)
+        warnings.warn(
+            f"the ONNX optimizer (onnxscript {onnxscript.__version__}) broke this graph ({undefined[0]}), so the model is "
+            "written unoptimized: it runs the same, without the optimizer's constant folding", stacklevel=2)
+        return model
     lost = sorted(before - set(model.graph.initializers))
     if lost:  # a regression in the optimizer would silently drop slots: refuse rather than ship it
         raise UnsupportedError(f"the ONNX optimizer removed adapter initializers {lost[:3]}; export with optimize=False")
     return model
+
+
+def undefined_inputs(graph: Any, outer: frozenset[int] = frozenset()) -> list[str]:
+    """Node inputs of ``graph`` (and its subgraphs) that no graph input, initializer, outer-scope value or earlier
+    node defines, as ``"node N reads V"``: ONNX Runtime refuses such a file. One pass over the nodes, where the
+    ONNX checker would first copy every weight into a protobuf."""
+    defined = set(outer) | {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    found: list[str] = []
+    for node in graph:
+        found += [f"node {node.name or node.op_type} reads {v.name!r}" for v in node.inputs
+                  if v is not None and id(v) not in defined]
+        for attr in node.attributes.values():
+            subgraphs = [attr.value] if attr.type.name == "GRAPH" else attr.value if attr.type.name == "GRAPHS" else []
+            for sub in subgraphs:
+                found += undefined_inputs(sub, frozenset(defined))
+        defined.update(id(o) for o in node.outputs)
+    return found
+
+
+def _restore(model: Any, saved: Any) -> None:
+    """Put ``saved`` (``model.clone()`` from before a pass) back into ``model``, which callers hold."""
+    model.graph = saved.graph
+    model.functions.clear()
+    model.functions.update(saved.functions)
 
 
 def serve_slots(model: Any, *, optimize: bool = True, saved: dict[str, tuple[str, Any]] | None = None) -> Any:
@@ -223,7 +279,9 @@ def export_onnx(
     become slots too (graph inputs under their model names, ``classifier.weight``), whose defaults are the
     base values, so no active adapter is the base model; their trained values go into the adapter files
     (under PEFT's keys in the PEFT directory), and the base fingerprint leaves them out. ``kwargs`` are
-    example inputs, as for ``capture``; batch and sequence dims stay dynamic. Every file is written whole or not at all.
+    example inputs, as for ``capture`` (the names, dtypes and ranks it was captured with: others are refused before the
+    export); batch and sequence dims stay dynamic, also for an example of size 1 there. Output paths and
+    ``adapter_name`` (one plain name) are checked before the export. Every file is written whole or not at all.
     ``custom_translation_table`` goes to ``torch.onnx.export`` (custom ops such as a dequantize step).
     ``quant_merge`` (``QuantMerge.FLOAT`` / ``REQUANTIZE``, or "float" / "requantize"): how ``mode="merged"``
     folds into a quantized (QLoRA) W; required when an adapted site's W is quantized. With REQUANTIZE the
@@ -243,6 +301,8 @@ def export_onnx(
         raise ConfigError(f"export_onnx takes a GraphModule from lora_fx.capture(...) (+ lora_fx.apply), got {type(gm).__name__}")
     if not kwargs:
         raise ConfigError("export_onnx needs example inputs: export_onnx(gm, path, kwargs={'input_ids': ..., 'attention_mask': ...})")
+    _check_outputs(Path(path), mode, adapter_name, peft_dir)  # before the export: found after it, a bad path costs it all
+    check_example(gm, kwargs)
     info = meta(gm)
     configs = info.get("adapters", {})
     if info.get("quant"):  # QLoRA: packed weights export as ONNX Runtime's quantized matmuls, still packed
@@ -313,6 +373,16 @@ def export_onnx(
     return result
 
 
+def _check_outputs(path: Path, mode: ExportMode, adapter_name: str, peft_dir: bool) -> None:
+    """Every path ``export_onnx`` writes, refused now if it could not be written (``lora_fx.files``' checks)."""
+    from lora_fx.files import check_adapter_name, check_adapter_outputs, check_output
+    from lora_fx.onnx_adapter import SUFFIX
+
+    check_output(path)
+    if mode is ExportMode.ADAPTERS:
+        check_adapter_outputs(adapters_dir(path), check_adapter_name(adapter_name, "adapter_name"), SUFFIX, peft_dir=peft_dir)
+
+
 def _saved_slots(gm: Any) -> dict[str, tuple[str, Any]]:
     """``{parameter name: (module, base value as numpy)}`` of the modules ``gm`` trains in full."""
     from lora_fx.passes.fx.capture import meta
@@ -326,6 +396,60 @@ def _saved_slots(gm: Any) -> dict[str, tuple[str, Any]]:
         # numpy has no bfloat16; float32 holds it exactly, and the slot takes the graph's dtype when exposed.
         out[name] = (module, (base.float() if base.dtype.is_floating_point and base.itemsize < 4 else base).numpy())
     return out
+
+
+def check_example(gm: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse example ``kwargs`` that do not match what ``gm`` was captured with: a missing or unknown name, a
+    tensor of another dtype or rank. The exporter finds these too, deep in its tracing, and says so in a
+    page of its own diagnostics; here the message names the input and what the capture takes."""
+    import difflib
+
+    import torch
+
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or spec.num_children != 2 or spec.children()[0].num_children or not isinstance(spec.children()[1].context, list):
+        return  # not a keyword-only capture (positional example inputs): the exporter checks those itself
+    taken_spec = spec.children()[1]
+    taken = list(taken_spec.context)
+    given = list(kwargs)
+    where = f"the capture takes {', '.join(taken)}: pass export_onnx the inputs passed to lora_fx.capture"
+    unknown = [k for k in given if k not in taken]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], taken, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"export_onnx kwargs have {', '.join(map(repr, unknown))}{hint}, which the captured graph does not take; {where}")
+    missing = [k for k in taken if k not in kwargs]
+    if missing:
+        raise ConfigError(f"export_onnx kwargs lack {', '.join(map(repr, missing))}; {where}")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != taken_spec.num_leaves:
+        return  # lora_fx passes added inputs: the leaves no longer line up with the names
+    start = 0
+    for name, child in zip(taken, taken_spec.children()):
+        node, start = (placeholders[start] if child.is_leaf() else None), start + child.num_leaves
+        want, value = node.meta.get("val") if node is not None else None, kwargs[name]
+        if not (isinstance(want, torch.Tensor) and isinstance(value, torch.Tensor)):
+            continue
+        if value.dtype != want.dtype or value.dim() != want.dim():
+            raise ConfigError(
+                f"export_onnx kwargs[{name!r}] is a {value.dim()}-d {str(value.dtype).removeprefix('torch.')} tensor, but the "
+                f"capture took a {want.dim()}-d {str(want.dtype).removeprefix('torch.')} one; pass an example of the "
+                "dtype and rank passed to lora_fx.capture (the exported model takes those)")
+
+
+def exporter_reason(exc: BaseException) -> str:
+    """The exporter's message without terminal colours and without its advice that leads nowhere here (the
+    ``Next steps:`` list, ``report=True`` hints): its first line and its exception summary, in a few lines."""
+    import re
+
+    lines = [line.rstrip() for line in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip().splitlines()]
+    if not lines:
+        return type(exc).__name__
+    head = re.sub(r"\s*Next steps:\s*$", "", lines[0])
+    summary = next((i for i, line in enumerate(lines) if line.lstrip("# ").lower().startswith("exception summary")), 0)
+    rest = [line for line in lines[summary + 1:] if line.strip() and not line.lstrip().startswith(("- ", "#"))
+            and not line.strip().lower().startswith(("next steps", "(refer to")) and "report=True" not in line]
+    return "\n".join([head] + rest[:5])
 
 
 def _refuse_shared_sites(gm: Any) -> None:
@@ -352,4 +476,8 @@ def save_model(model: Any, path: str | os.PathLike) -> Path:
     """Save an onnx_ir Model atomically (weights beside it when large): ``lora_fx.save``."""
     from lora_fx.onnx_model import save
 
+    undefined = undefined_inputs(model.graph)
+    if undefined:  # a pass left a dangling value: ONNX Runtime would refuse the file, so none is written
+        raise UnsupportedError(f"the exported graph is invalid ({'; '.join(undefined[:3])}), a file ONNX Runtime would "
+                               f"refuse, so nothing was written to {path}; this is a lora_fx bug: please report it with the model")
     return save(model, path)

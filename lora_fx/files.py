@@ -74,6 +74,28 @@ def check_output(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike]
     return path
 
 
+def check_adapter_name(name: Any, label: str) -> str:
+    """``name`` when it can name an adapter's files (``<name>.onnx_adapter`` and the PEFT folder ``<name>/``) inside
+    the adapters folder: one plain path component. ``..`` or ``a/b`` would put them elsewhere, under names the
+    result does not report. ``label`` is how the caller spells the option (``--name``, ``adapter_name``)."""
+    if not isinstance(name, str) or name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{label} {name!r} names the adapter's files inside the adapters folder (<name>.onnx_adapter, "
+                          "<name>/); use a plain name with no / or \\, not . or .., such as legal")
+    return name
+
+
+def check_adapter_outputs(directory: str | os.PathLike, name: str, suffix: str, *, peft_dir: bool) -> None:
+    """Refuse, before any work, adapter outputs that could not be written: ``directory`` (``<stem>.adapters``)
+    a file or unwritable, ``<name><suffix>`` a folder, the PEFT folder ``<name>/`` (with ``peft_dir``) a file."""
+    directory = Path(directory)
+    check_output_dir(directory)
+    check_output(directory / f"{name}{suffix}")
+    peft = directory / name
+    if peft_dir and peft.exists() and not peft.is_dir():
+        raise ConfigError(f"{peft} is a file; the PEFT adapter folder goes there: move the file, or write no PEFT folder "
+                          "(export_onnx(..., peft_dir=False); CLI: --no-peft)")
+
+
 def refuse_special(path: str | os.PathLike) -> None:
     """Refuse an output path that exists and is no regular file or folder (a device such as /dev/null, a pipe,
     a socket): a finished file is renamed onto the path, which would replace the device itself (as root)."""

@@ -53,6 +53,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         )
     _check_external_data(model, path)
     _own_tensor_data(model)
+    model.meta[SOURCE] = os.path.abspath(path)  # so that save refuses to write over the files this model reads
     return model
 
 
@@ -145,16 +146,53 @@ def external_data_files(model: ir.Model) -> list[Path]:
     return sorted({Path(os.path.abspath(Path(t.base_dir or ".") / t.location)) for _, t in _external_tensors(model)})
 
 
-def check_not_external_data(model: ir.Model, path: str | os.PathLike) -> None:
-    """Refuse ``path`` when it is one of the files ``model`` reads its weights from: the model file it was loaded
-    from keeps pointing there, and would read a protobuf as its weights."""
-    target = os.path.realpath(path)
-    for data in external_data_files(model):
-        if os.path.realpath(data) == target:
-            from lora_fx.errors import ConfigError
+# ``model.meta`` key (kept in memory, never written): the .onnx file ``load`` read the model from.
+SOURCE = "lora_fx.source"
 
-            raise ConfigError(f"{path} is the external data file the input model reads its weights from; writing the "
-                              f"output there would break the input model: write it to another path")
+
+def check_not_external_data(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None,
+                            source: str | os.PathLike | None = None) -> None:
+    """Refuse, before anything is written, an output that would replace a file ``model`` reads: the .onnx at
+    ``path`` or, where ``save(model, path, external_data=external_data)`` writes one, its ``<name>.data``, against
+    each external data file of ``model`` and the .onnx it was loaded from (``source``, by default what ``load``
+    recorded). Replaced, the input model would read the new bytes (or a protobuf) as its weights: the input is lost.
+    Saving over the loaded .onnx itself replaces the input whole, model and data together, and is allowed.
+    Resolved paths, so links and ``..`` do not hide a match."""
+    from lora_fx.errors import ConfigError
+
+    path = Path(path)
+    source = source if source is not None else model.meta.get(SOURCE)
+    if source is not None and os.path.realpath(source) == os.path.realpath(path):
+        return
+    reads = {os.path.realpath(f): "the external data file the input model reads its weights from"
+             for f in external_data_files(model)}
+    if source is not None:
+        reads[os.path.realpath(source)] = "the input model"
+    what = reads.get(os.path.realpath(path))
+    if what is not None:
+        raise ConfigError(f"{path} is {what}; writing the output there would break the input model: write it to "
+                          f"another path")
+    data = data_file(path)
+    what = reads.get(os.path.realpath(data)) if writes_external_data(model, external_data) else None
+    if what is not None:
+        raise ConfigError(f"{path} stores its weights in {data.name} beside it, and {data} is {what}; writing the output "
+                          f"there would break the input model: write it to another folder or under another name")
+
+
+def data_file(path: str | os.PathLike) -> Path:
+    """Where ``save`` puts the external data of a model written to ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
+
+
+def writes_external_data(model: ir.Model, external_data: bool | None) -> bool:
+    """Whether ``save(model, ..., external_data=external_data)`` writes a ``<name>.data`` file."""
+    if external_data is not None:
+        return external_data
+    # A tensor still stored in another file's external data would be written as a reference to that
+    # file, relative to the new location: such weights are copied into our own data file instead.
+    return _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
@@ -164,21 +202,17 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     exceed ``EXTERNAL_DATA_THRESHOLD``; ``True``/``False`` force the choice. Both files are written
     under a temporary directory next to ``path`` and renamed into place (data first) only when
     both are complete. A ``path`` that is a folder, a device or pipe, a file whose folder cannot be
-    written, or one of the external data files ``model`` reads its weights from raises ``ConfigError``
-    before anything is written.
+    written, or whose .onnx or ``.data`` would replace one of the external data files ``model`` reads its
+    weights from raises ``ConfigError`` before anything is written.
     """
     path = Path(path)
     if not isinstance(model, ir.Model):
         from lora_fx.errors import ConfigError
 
         raise ConfigError(f"save takes an onnx_ir Model (from lora_fx.load), got {type(model).__name__}")
-    check_not_external_data(model, path)
+    check_not_external_data(model, path, external_data=external_data)
     if external_data is None:
-        # A tensor still stored in another file's external data would be written as a reference to that
-        # file, relative to the new location: copy such weights into our own data file instead.
-        external_data = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or any(
-            isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
-        )
+        external_data = writes_external_data(model, None)
     elif not external_data and any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
         from onnx_ir import external_data as ext
 

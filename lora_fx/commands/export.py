@@ -86,21 +86,13 @@ def run(args: argparse.Namespace) -> int:
 def check_outputs(out: Path, args: argparse.Namespace) -> None:
     """Every path the command will write, checked before any work is done: found only when the files are
     written, a bad adapter path would cost the whole export."""
-    from lora_fx.errors import ConfigError
     from lora_fx.export import adapters_dir
-    from lora_fx.files import check_output
-
-    check_output(out, inputs=[args.adapter] if args.adapter else [])
-    if not args.adapters:
-        return
-    if not args.name or args.name in (".", "..") or any(sep in args.name for sep in "/\\"):
-        raise ConfigError(f"--name {args.name!r} names the adapter's files inside {adapters_dir(out)}; use a plain name such as legal")
+    from lora_fx.files import check_adapter_name, check_adapter_outputs, check_output
     from lora_fx.onnx_adapter import SUFFIX
 
-    directory = adapters_dir(out)
-    check_output(directory / f"{args.name}{SUFFIX}")
-    if not args.no_peft and (directory / args.name).exists() and not (directory / args.name).is_dir():
-        raise ConfigError(f"{directory / args.name} is a file; the PEFT adapter folder goes there (move it, or pass --no-peft)")
+    check_output(out, inputs=[args.adapter] if args.adapter else [])
+    if args.adapters:
+        check_adapter_outputs(adapters_dir(out), check_adapter_name(args.name, "--name"), SUFFIX, peft_dir=not args.no_peft)
 
 
 def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None, name: str = "default", peft_dir: bool = True,
@@ -119,11 +111,13 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     from lora_fx.files import Staging, write_with_adapters
     from lora_fx.onnx_adapter import (SUFFIX, check_writable, current_adapter, model_fingerprints, model_slots,
                                       read_adapter_for, to_peft, write_onnx_adapter)
-    from lora_fx.onnx_model import load
+    from lora_fx.onnx_model import check_not_external_data, load
     from lora_fx.passes.onnx.fold_lora import FoldLora
     from lora_fx.passes.onnx.lora_layout import read_records
 
     model = load(src)
+    # Before any work: the output's .onnx or .data must not replace a file the input model reads.
+    check_not_external_data(model, out, source=src)
     records = read_records(model)
     from lora_fx.passes.onnx.insert_prefix import prefix_metadata
 

@@ -163,6 +163,7 @@ def rewrite(args: argparse.Namespace) -> dict[str, Any]:
     import lora_fx
     from lora_fx.errors import ConfigError
     from lora_fx.files import check_output
+    from lora_fx.onnx_model import check_not_external_data
 
     src, dst = Path(args.model), Path(args.output)
     if src.resolve() == dst.resolve():
@@ -170,8 +171,11 @@ def rewrite(args: argparse.Namespace) -> dict[str, Any]:
     check_options(args)
     check_output(dst)  # before the rewrite: a path that cannot be written is found now, not after the work
     model = lora_fx.load(src)
+    external_data = True if args.external_data else None
+    # Now that the files the input reads are known, before the rewrite: the output's .onnx or .data must not replace them.
+    check_not_external_data(model, dst, external_data=external_data, source=src)
     summary = METHODS[Method(args.method)](model, args)
-    lora_fx.save(model, dst, external_data=True if args.external_data else None)
+    lora_fx.save(model, dst, external_data=external_data)
     summary["output"] = str(dst)
     return summary
 

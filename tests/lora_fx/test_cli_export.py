@@ -249,3 +249,20 @@ def test_a_prefix_tuned_onnx_file_exports_as_slots_and_refuses_merge(tmp_path, c
     with torch.no_grad():
         logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     assert rel(logits, want) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["--merge", "--adapters"])
+def test_an_output_that_would_replace_the_inputs_external_data_is_refused(lora_file, tmp_path, capsys, mode):
+    # lora.onnx with its weights in model.onnx.data: -o model.onnx beside it wrote the output's weights over them.
+    import onnx
+
+    path, feeds, want = lora_file
+    vendor = tmp_path / "vendor.onnx"
+    onnx.save(onnx.load(str(path)), str(vendor), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    data = tmp_path / "model.onnx.data"
+    before, files = data.read_bytes(), _files(tmp_path)
+    assert main(["export", str(vendor), "-o", str(tmp_path / "model.onnx"), mode]) == 2
+    err = capsys.readouterr().err
+    assert "model.onnx.data is the external data file the input model reads its weights from" in err and "Traceback" not in err, err
+    assert data.read_bytes() == before and _files(tmp_path) == files
+    assert rel(ort_run(vendor, feeds), want) <= 1e-6  # the input still runs as before

@@ -228,3 +228,48 @@ def test_save_onto_the_inputs_external_data_file_is_refused_and_in_place_save_st
     want = _run(path, x)
     save(load(path), path, external_data=True)
     np.testing.assert_array_equal(_run(path, x), want)
+
+
+def _vendor_file(tmp_path):
+    """The test model with its weights in ``model.onnx.data``, as vendors ship models: the data file's name is
+    the one ``save`` gives ``model.onnx``'s own weights."""
+    folder = tmp_path / "vendor"
+    folder.mkdir()
+    onnx.save(_model_proto(), str(folder / "vendor.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    return folder / "vendor.onnx"
+
+
+@pytest.mark.parametrize("external_data", [True, None])
+def test_an_output_whose_data_file_would_replace_the_inputs_is_refused_before_writing(tmp_path, external_data):
+    # -o model.onnx --external-data beside a vendor.onnx reading model.onnx.data replaced the input's weights
+    # with the output's (exit 0): the input model was lost. None copies external weights into a data file too.
+    src = _vendor_file(tmp_path)
+    data = src.parent / "model.onnx.data"
+    before = data.read_bytes()
+    with pytest.raises(lora_fx.ConfigError, match=r"model.onnx stores its weights in model.onnx.data beside it, and .* is the "
+                                                  r"external data file the input model reads its weights from"):
+        save(load(src), src.parent / "model.onnx", external_data=external_data)
+    # Through a symlinked folder too: the paths are compared resolved.
+    (tmp_path / "link").symlink_to(src.parent)
+    with pytest.raises(lora_fx.ConfigError, match="the input model reads its weights from"):
+        save(load(src), tmp_path / "link" / "model.onnx", external_data=external_data)
+    assert data.read_bytes() == before and sorted(p.name for p in src.parent.iterdir()) == ["model.onnx.data", "vendor.onnx"]
+
+
+def test_outputs_that_write_no_clashing_file_are_written_and_run_as_the_input(tmp_path):
+    src = _vendor_file(tmp_path)
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    want = _run(src, x)
+    # Weights inline: no model.onnx.data is written, so model.onnx beside the input is fine.
+    inline = save(load(src), src.parent / "model.onnx", external_data=False)
+    other = save(load(src), tmp_path / "elsewhere" / "model.onnx", external_data=True)
+    for path in (src, inline, other):
+        np.testing.assert_array_equal(_run(path, x), want)
+    # An output whose data file would be the input model file itself (an input named like a data file).
+    named = tmp_path / "w.data"
+    onnx.save(_model_proto(), str(named))
+    kept = named.read_bytes()
+    with pytest.raises(lora_fx.ConfigError, match=r"w stores its weights in w.data beside it, and .* is the input model"):
+        save(load(named), tmp_path / "w", external_data=True)
+    assert named.read_bytes() == kept and not (tmp_path / "w").exists()

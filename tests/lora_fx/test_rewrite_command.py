@@ -243,3 +243,33 @@ def test_prefix_rewrite_saves_a_task_type_peft_applies_the_prefixes_with(tmp_pat
     with torch.no_grad():
         base = entry.model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     assert np.abs(base - want).max() / np.abs(want).max() > 1e-3  # the prefixes matter: the comparison can fail
+
+
+def test_an_output_that_would_replace_the_inputs_external_data_is_refused_before_the_rewrite(tmp_path, capsys, monkeypatch):
+    # vendor.onnx reads its weights from model.onnx.data; -o model.onnx beside it wrote its own weights there
+    # (exit 0), and the input model was lost.
+    from lora_fx.commands import rewrite
+
+    entry = corpus().get("gemm-mlp")
+    folder = tmp_path / "vendor"
+    folder.mkdir()
+    onnx.save(onnx.load(str(entry.path)), str(folder / "vendor.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    data = folder / "model.onnx.data"
+    before = data.read_bytes()
+
+    def no_rewrite(model, args):
+        raise AssertionError("the rewrite ran although the output was to be refused before it")
+
+    monkeypatch.setitem(rewrite.METHODS, rewrite.Method.LORA, no_rewrite)
+    for extra in (["--external-data"], []):  # without the flag the input's external weights go to a data file too
+        assert main(["rewrite", str(folder / "vendor.onnx"), "-o", str(folder / "model.onnx"), "--target-modules", "fc1"] + extra) == 2
+        err = capsys.readouterr().err
+        assert "model.onnx.data is the external data file the input model reads its weights from" in err, err
+        assert "Traceback" not in err
+    assert data.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["model.onnx.data", "vendor.onnx"]
+    monkeypatch.undo()
+    # Written elsewhere, the same rewrite works and keeps the input's outputs (B starts at zero).
+    out = tmp_path / "out" / "model.onnx"
+    assert main(["rewrite", str(folder / "vendor.onnx"), "-o", str(out), "--target-modules", "fc1", "--external-data"]) == 0
+    np.testing.assert_array_equal(_ort(out, entry.feeds())[0], _ort(entry.path, entry.feeds())[0])
