@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from lora_fx.errors import ConfigError, TrainingDivergedError
+from lora_fx.errors import AdapterError, ConfigError, TrainingDivergedError
 
 Batch = dict[str, Any]
 
@@ -206,6 +206,44 @@ def _plain_dims(dims: Any) -> list[int | str]:
     return out
 
 
+def check_data_dtype(name: str, arr: Any, want: torch.dtype) -> None:
+    """Refuse a data array whose values the graph input's dtype ``want`` cannot hold, before it is cast.
+
+    As ``lora-fx run`` feeds (``runtime.ort.Session``), a cast happens only where nothing is lost, here judged
+    on the values, since training data are whole arrays: integers that fit an integer input, 0/1 for a bool
+    input, integers a floating input holds exactly. Floating data go into a floating input of any precision
+    (rounded, as ``.to(dtype)`` rounds: float64 data of a float32 model, float32 data of a bfloat16 one); into an
+    integer or bool input never (``torch`` would truncate 3.9 to 3, silently)."""
+    import numpy as np
+
+    from lora_fx.onnx_adapter import is_bfloat16
+
+    arr = np.asarray(arr)
+    floating = arr.dtype.kind == "f" or is_bfloat16(arr.dtype)
+    short = str(want).removeprefix("torch.")
+    module = "ml_dtypes" if want == torch.bfloat16 else "np"
+    fix = f"store it as {short}: np.savez(..., {name}=<array>.astype({module}.{short}))"
+    if want.is_floating_point:
+        if floating or arr.size == 0:
+            return
+        exact = round(2 / torch.finfo(want).eps)  # 2**(mantissa bits + 1): every integer up to it is exact
+        peak = int(np.abs(arr.astype(np.int64 if arr.dtype.kind != "u" else np.uint64)).max())
+        if peak <= exact:
+            return
+        raise ConfigError(f"array {name!r} holds integers up to {peak}, but graph input {name!r} is {short}, which holds "
+                          f"integers exactly only up to {exact}: casting would change them; {fix}, if that is meant")
+    if floating:
+        raise ConfigError(f"array {name!r} is {arr.dtype}, but graph input {name!r} takes {short}: casting would "
+                          f"truncate the values (3.9 -> 3); {fix} (ids and masks are integers)")
+    if arr.size == 0 or arr.dtype.kind == "b":
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    low, high = (0, 1) if want == torch.bool else (int(torch.iinfo(want).min), int(torch.iinfo(want).max))
+    if lo < low or hi > high:
+        raise ConfigError(f"array {name!r} holds values from {lo} to {hi}, but graph input {name!r} is {short} "
+                          f"({low}..{high}): casting would change them; fix the data")
+
+
 def check_feed_shapes(arrays: dict[str, Any], inputs: dict[str, Any], batch_size: int | None = None,
                       *, step: int | None = None) -> None:
     """Each array has its input's rank and fixed dims, and dims the input shapes name alike (a sequence length
@@ -342,14 +380,56 @@ def _check_loss(loss: Any, step: int) -> None:
 
 def _torch_module(model: Any) -> torch.nn.Module:
     if isinstance(model, torch.nn.Module):
+        if isinstance(model, fx.GraphModule):
+            _check_graph_has_adapters(model)
+        if hasattr(model, "trainable_names"):  # perhaps an OnnxModule (import it only then: onnx_torch is heavy)
+            from lora_fx.runtime.onnx_torch import OnnxModule
+
+            if isinstance(model, OnnxModule):
+                _check_no_slots(model._model)
         return model
     from lora_fx.api import _is_onnx
 
     if _is_onnx(model):
         from lora_fx.runtime.onnx_torch import trainable_module  # ONNX graphs train through torch
 
-        return trainable_module(model)
+        _check_no_slots(model)
+        return trainable_module(model)  # refuses a graph without adapters ("apply one first")
     raise ConfigError(f"train takes a rewritten GraphModule or ONNX model, got {type(model).__name__}")
+
+
+def _check_graph_has_adapters(gm: fx.GraphModule) -> None:
+    """A captured graph without LoRA or prefix parameters and without modules trained in full (``apply``
+    forgotten) would fine-tune every base weight, and those are the tensors of the user's own nn.Module."""
+    from lora_fx.passes.fx.freeze_base import is_adapter_parameter, saved_base
+
+    if any(is_adapter_parameter(n) for n, _ in gm.named_parameters()) or saved_base(gm):
+        return
+    raise ConfigError(
+        "the model has no adapter (no LoRA or prefix site, no modules_to_save): training it would change every base "
+        "weight, which are the tensors of the nn.Module it was captured from. Apply a LoraConfig or PrefixConfig "
+        "first: gm = lora_fx.apply(gm, lora_fx.LoraConfig(target_modules=[...]))"
+    )
+
+
+def _check_no_slots(model: Any) -> None:
+    """A served export (``lora-fx export --adapters``) holds adapter slots: graph inputs whose initializers are
+    the defaults ONNX Runtime runs without an adapter (LoRA's A and B both zero, so every gradient is zero), and
+    what moved would change the file's "no adapter" run, which must stay the base model (``lora-fx export``
+    refuses such a file the same way)."""
+    from lora_fx.runtime.onnx_torch import trainable_initializers
+
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    slots = [n for n in trainable_initializers(model) if n in inputs]
+    if slots:
+        raise AdapterError(
+            f"the model has adapter slots ({len(slots)}, e.g. {slots[0]!r}): it was exported for serving (lora-fx "
+            "export --adapters), and its adapter initializers are the defaults run without an adapter (LoRA's are "
+            "zero: every gradient would be zero), not weights to train. Train the rewritten model it was exported "
+            "from (the file lora-fx rewrite or lora_fx.apply wrote), loading the adapter to continue into it first "
+            "if needed: lora_fx.load_adapter(model, '<served>.adapters/<name>'), the PEFT folder export wrote"
+        )
 
 
 def train(
@@ -387,6 +467,10 @@ def train(
     adapters, and the result counts ``steps_this_run`` apart from the ``steps`` trained in all.
     An ONNX model's trained adapters are written back into its initializers when train returns.
 
+    A model with nothing to train as an adapter is refused before the first step: a captured graph without
+    LoRA or prefix sites or modules_to_save (``ConfigError``: it would fine-tune the captured nn.Module's own
+    weights; apply a LoraConfig or PrefixConfig first), an ONNX model without adapter initializers
+    (``ConfigError``), and a served export with adapter slots (``AdapterError``; train the file it came from).
     Bad arguments (``batches``, ``loss_fn``, a ``checkpoint_dir`` that is a file) raise ``ConfigError``
     before the first step; a batch or loss that does not fit, at the step it comes in, before its update.
 
@@ -569,4 +653,4 @@ def cross_entropy_on(output_key: str, target_key: str = "labels") -> Callable[[A
     return loss_fn
 
 
-__all__ = ["TrainResult", "check_feed_shapes", "cross_entropy_on", "train"]
+__all__ = ["TrainResult", "check_data_dtype", "check_feed_shapes", "cross_entropy_on", "train"]

@@ -128,7 +128,8 @@ def read_data(path: str) -> dict[str, Any]:
 
 def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int) -> list[dict[str, Any]]:
     """The data as batches of tensors, each graph input in its declared dtype (float32 data go into a bfloat16
-    input rounded to bfloat16, as ``.to(torch.bfloat16)`` rounds). An .npz entry of bare 2-byte values (np.savez's
+    input rounded to bfloat16, as ``.to(torch.bfloat16)`` rounds; float data into an integer input, or values an
+    input's dtype cannot hold, are refused: ``check_data_dtype``). An .npz entry of bare 2-byte values (np.savez's
     form of ml_dtypes.bfloat16) is read as bfloat16 for a bfloat16 input and refused elsewhere."""
     import ml_dtypes
     import numpy as np
@@ -137,7 +138,7 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
 
     from lora_fx.onnx_adapter import is_bfloat16
     from lora_fx.runtime.onnx_torch import torch_dtype
-    from lora_fx.runtime.train import check_feed_shapes
+    from lora_fx.runtime.train import check_data_dtype, check_feed_shapes
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs if v.name not in graph.initializers}
@@ -199,7 +200,9 @@ def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int)
         else:
             t = torch.from_numpy(np.ascontiguousarray(arr))
         if name in inputs and inputs[name].dtype is not None:
-            t = t.to(torch_dtype(inputs[name].dtype.value))
+            want = torch_dtype(inputs[name].dtype.value)
+            check_data_dtype(name, arr, want)  # float ids would be truncated; only casts that keep the values
+            t = t.to(want)
         tensors[name] = t
     return [{k: v if k in shared else v[i : i + batch_size] for k, v in tensors.items()} for i in range(0, n, batch_size)]
 

@@ -176,13 +176,22 @@ def capture(
     """Export ``model`` with ``torch.export`` (non-strict) and return the trainable GraphModule.
 
     The batch and sequence dims (dims 0 and 1 of every tensor input) stay dynamic unless
-    ``dynamic=False``. The model is captured in eval mode; ``set_training_mode`` switches dropout on
-    the captured graph. Call the result as you called the model: ``gm(input_ids=..., ...)``.
+    ``dynamic=False``. The model is captured in eval mode; ``gm.train()`` / ``gm.eval()`` (or the
+    ``set_training_mode`` pass) switch dropout on the captured graph. Positional ``args`` are bound to
+    forward()'s parameter names, so the graph takes every input by keyword (as ``lora_fx.train`` and
+    ``export_onnx`` pass them); a forward taking ``*args`` or positional-only inputs is refused. Call the
+    result as you called the model: ``gm(input_ids=..., ...)``, or positionally where you captured so.
     """
     kwargs = dict(kwargs or {})
     args = tuple(args)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    positional = _positional_names(model, len(args))
+    if args:
+        # Everything downstream (train's batches, export_onnx, apply's passes) passes inputs by keyword: capture with
+        # the positional examples bound to forward()'s parameter names, so the graph takes them by name.
+        kwargs = _bind(model, args, kwargs)
+        args = ()
     was_training = model.training
     model.eval()
     try:
@@ -198,6 +207,9 @@ def capture(
     finally:
         model.train(was_training)
     gm = ep.module()
+    if positional:
+        # Called as the model was (gm(x)): positional inputs go to the names the graph was captured with.
+        _Positional(positional).attach(gm)
     config = getattr(model, "config", None)
     gm.meta[META_KEY] = {
         "model_class": type(model).__name__,
@@ -209,8 +221,85 @@ def capture(
         "adapters": {},
     }
     from lora_fx.passes.fx.cast_dtype import castable
+    from lora_fx.passes.fx.set_training_mode import bind_mode_methods
 
-    return castable(gm)
+    return bind_mode_methods(castable(gm))
+
+
+def _positional_names(model: torch.nn.Module, count: int) -> list[str]:
+    """The names of forward()'s first ``count`` positional parameters (empty when ``count`` is 0)."""
+    if not count:
+        return []
+    params = _signature(model).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds][:count]
+
+
+def _signature(model: torch.nn.Module) -> inspect.Signature:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError) as exc:
+        raise CaptureError(f"capture cannot read the parameters of {type(model).__name__}.forward ({exc}); pass the "
+                           "example inputs by keyword: capture(model, kwargs={...})") from None
+
+
+def _bind(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``args`` and ``kwargs`` as keywords of ``model.forward``, in its parameter order. A forward whose inputs
+    cannot be named (``*args``, positional-only parameters) is refused: the captured graph could not take
+    them by keyword, as training and export pass them."""
+    name = type(model).__name__
+    sig = _signature(model)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise CaptureError(f"the example inputs do not fit {name}.forward{sig}: {exc}; pass what forward() takes, "
+                           "preferably by keyword: capture(model, kwargs={...})") from None
+    out: dict[str, Any] = {}
+    for param_name, value in bound.arguments.items():
+        kind = sig.parameters[param_name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise CaptureError(
+                f"{name}.forward{sig} takes *{param_name}, and {len(value)} example input(s) went there: inputs "
+                "without names cannot be passed by keyword, as lora_fx.train and export_onnx pass them; give forward() "
+                f"named parameters (or wrap the model in a module whose forward names its inputs)")
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise CaptureError(
+                f"{name}.forward{sig} takes {param_name!r} positional-only: it cannot be passed by keyword, as "
+                "lora_fx.train and export_onnx pass inputs; drop the '/' from forward() (or wrap the model in a module "
+                "whose forward takes its inputs by name)")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[param_name] = value
+    return out
+
+
+class _Positional:
+    """A forward pre-hook giving positional inputs their names (those of the model's forward at capture).
+
+    Holds no reference to the GraphModule: a deep copy of the module gets a copy of it, attached to the copy."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+
+    def attach(self, gm: torch.fx.GraphModule) -> None:
+        """On ``gm`` and, through a deepcopy hook, on its copies (a GraphModule's deep copy drops forward hooks)."""
+        gm.register_forward_pre_hook(self, with_kwargs=True, prepend=True)  # before torch's own input check
+        # A copy inherits (a copy of) the deepcopy hook already: register it on the captured graph only.
+        if not any(isinstance(getattr(hook, "__self__", None), _Positional) for hook in gm._deepcopy_hooks):
+            gm._register_deepcopy_hook(self.attach)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not args:
+            return None
+        if len(args) > len(self.names):
+            raise TypeError(f"the captured graph takes at most {len(self.names)} positional inputs "
+                            f"({', '.join(self.names)}), got {len(args)}")
+        named = dict(zip(self.names, args))
+        both = sorted(set(named) & set(kwargs))
+        if both:
+            raise TypeError(f"the captured graph got {both} both by position and by keyword")
+        return (), {**named, **kwargs}
 
 
 def meta(gm: torch.fx.GraphModule) -> dict[str, Any]:

@@ -331,3 +331,139 @@ def test_prefix_rewritten_onnx_file_trains_from_the_command_line(tmp_path: Path,
     prefixes = [n for n in before if "prefix" in n]
     assert prefixes and all(not np.array_equal(before[n].const_value.numpy(), after[n].const_value.numpy())
                             for n in prefixes)
+
+
+VOCAB = 10
+
+
+def _embedding_classifier(path: Path, ids_type: int = 7) -> Path:
+    """ids [batch, seq] -> Gather over a 10-row embedding -> mean -> Gemm with LoRA on it (zero B): the shape of a
+    token classifier, tiny. ``ids_type``: the ONNX type of the ids input (7: int64, 6: int32)."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
+    inits = {"embed": f(VOCAB, 8), "axes": np.array([1], np.int64), "w": f(3, 8), "b": f(3),
+             "fc.lora_A.weight": f(8, 2), "fc.lora_B.weight": np.zeros((2, 3), np.float32)}
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["e"], name="embed_lookup"),
+             helper.make_node("ReduceMean", ["e", "axes"], ["m"], keepdims=0),
+             helper.make_node("Gemm", ["m", "w", "b"], ["h"], transB=1),
+             helper.make_node("MatMul", ["m", "fc.lora_A.weight"], ["ma"]),
+             helper.make_node("MatMul", ["ma", "fc.lora_B.weight"], ["mab"]),
+             helper.make_node("Add", ["h", "mab"], ["logits"])]
+    graph = helper.make_graph(nodes, "emb", [helper.make_tensor_value_info("ids", ids_type, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    ir.save(ir.serde.deserialize_model(model), str(path))
+    return path
+
+
+def _ids_data(path: Path, ids: np.ndarray) -> Path:
+    np.savez(path, ids=ids, labels=(ids[:, 0] % 3).astype(np.int64))
+    return path
+
+
+def _ids(n: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, VOCAB, (n, 6))
+
+
+def _train_argv(model: Path, data: Path, out: Path, steps: int = 3) -> list[str]:
+    return ["train", str(model), "--data", str(data), "--steps", str(steps), "--lr", "1e-2", "-o", str(out),
+            "--no-progress", "--json"]
+
+
+@pytest.mark.parametrize("ids_type, dtype, shift, match", [
+    (7, np.float32, 0.9, r"array 'ids' is float32, but graph input 'ids' takes int64: casting would truncate"),
+    (7, np.float64, 0.0, r"array 'ids' is float64, but graph input 'ids' takes int64: casting would truncate"),
+    (6, np.int64, 2**31, r"array 'ids' holds values from 2147483648 to 2147483657, but graph input 'ids' is int32"),
+])
+def test_data_the_input_dtype_cannot_hold_is_refused(tmp_path: Path, capsys, ids_type: int, dtype, shift: float,
+                                                     match: str) -> None:
+    """Float ids used to be truncated into the int64 input (3.9 -> 3) and trained on silently, as int64 values
+    beyond int32 would wrap; `lora-fx run` refuses such feeds, and train does too, naming the array and the fix."""
+    import re
+
+    model = _embedding_classifier(tmp_path / "emb.onnx", ids_type)
+    data = _ids_data(tmp_path / "train.npz", (_ids() + shift).astype(dtype))
+    out = tmp_path / "t.onnx"
+    assert main(_train_argv(model, data, out)) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err, err
+    assert not out.exists()
+    if dtype is np.float32:  # lora_fx.train on the ONNX model refuses such a batch too
+        import lora_fx
+        import torch
+
+        from lora_fx.errors import ConfigError
+
+        ids = torch.from_numpy((_ids() + shift).astype(dtype))
+        with pytest.raises(ConfigError, match="'ids' is float32, but the graph input 'ids' is int64"):
+            lora_fx.train(lora_fx.load(model), [{"ids": ids, "labels": torch.zeros(len(ids), dtype=torch.long)}],
+                          lambda o, b: o["logits"].sum(), steps=1, progress=False)
+
+
+def test_lossless_casts_train_as_the_declared_dtype(tmp_path: Path, capsys) -> None:
+    """int32 ids for an int64 input (and int64 ids in int32's range for an int32 input) lose nothing: they train
+    on the same loss curve as ids stored in the input's own dtype (the reference)."""
+    for ids_type in (7, 6):
+        model = _embedding_classifier(tmp_path / f"emb{ids_type}.onnx", ids_type)
+        own = np.int64 if ids_type == 7 else np.int32
+        other = np.int32 if ids_type == 7 else np.int64
+        want = _run_json(capsys, _train_argv(model, _ids_data(tmp_path / "own.npz", _ids().astype(own)), tmp_path / "a.onnx"))
+        got = _run_json(capsys, _train_argv(model, _ids_data(tmp_path / "other.npz", _ids().astype(other)), tmp_path / "b.onnx"))
+        assert got["losses"] == want["losses"] and want["grad_norms"][0] > 0
+
+
+def test_integer_data_into_a_float_input_only_where_exact(tmp_path: Path, capsys) -> None:
+    """Integers go into a float32 input where float32 holds them exactly (the mlp's x, fed 0/1 as int64: the same
+    curve as the float32 data); beyond 2**24 they would change, and are refused."""
+    model, _ = _files(tmp_path)
+    d = _data()
+    bits = (d["x"] > 0).astype(np.int64)
+    np.savez(tmp_path / "int.npz", x=bits, labels=d["labels"])
+    np.savez(tmp_path / "float.npz", x=bits.astype(np.float32), labels=d["labels"])
+    want = _run_json(capsys, _train_argv(model, tmp_path / "float.npz", tmp_path / "a.onnx"))
+    assert _run_json(capsys, _train_argv(model, tmp_path / "int.npz", tmp_path / "b.onnx"))["losses"] == want["losses"]
+    np.savez(tmp_path / "big.npz", x=bits + 2**24, labels=d["labels"])
+    assert main(_train_argv(model, tmp_path / "big.npz", tmp_path / "c.onnx")) == 2
+    err = capsys.readouterr().err
+    assert "array 'x' holds integers up to 16777217, but graph input 'x' is float32" in err, err
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_data_error(tmp_path: Path, capsys) -> None:
+    """An id >= the vocabulary size used to end in "internal error, IndexError" (exit 1, "a bug in lora-fx"); it is
+    a data error (exit 2) naming the Gather node, the ids found and the table size, as ONNX Runtime refuses it."""
+    model = _embedding_classifier(tmp_path / "emb.onnx")
+    ids = _ids()
+    ids[3, 2] = VOCAB
+    data = _ids_data(tmp_path / "train.npz", ids)
+    with pytest.raises(Exception, match="out of data bounds"):  # the reference: ONNX Runtime refuses these ids
+        om.ort_run(model, {"ids": ids})
+    out = tmp_path / "t.onnx"
+    assert main(_train_argv(model, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "Gather node 'embed_lookup': indices range from 0 to 10, but axis 0 of its data has size 10" in err, err
+    assert "internal error" not in err and not out.exists()
+
+
+def test_a_served_export_is_refused_naming_what_to_train(tmp_path: Path, capsys) -> None:
+    """`lora-fx train served.onnx` (export --adapters: slots defaulting to zero A and B) used to exit 0 having
+    trained nothing (every gradient zero). Refused before training; the rewritten file it came from trains."""
+    import lora_fx
+    from tests.exported import lora_onnx
+    from tests.onnx_corpus import corpus
+
+    lora = tmp_path / "lora.onnx"
+    lora_fx.save(lora_onnx("gemm-mlp"), lora)
+    assert main(["export", str(lora), "-o", str(tmp_path / "served.onnx"), "--adapters"]) == 0
+    x = corpus().get("gemm-mlp").feeds()["x"]
+    np.savez(tmp_path / "train.npz", x=x, labels=np.zeros((len(x), 5), np.float32))
+    argv = ["--data", str(tmp_path / "train.npz"), "--loss", "mse", "--output", "y", "--steps", "2", "--no-progress"]
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "served.onnx"), "-o", str(tmp_path / "t.onnx"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "has adapter slots" in err and "Train the rewritten model it was exported from" in err, err
+    assert not (tmp_path / "t.onnx").exists()
+    result = _run_json(capsys, ["train", str(lora), "-o", str(tmp_path / "t.onnx"), *argv, "--json"])
+    assert min(result["grad_norms"]) > 0

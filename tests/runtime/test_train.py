@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,8 +97,44 @@ def test_bad_arguments_are_refused(zoo):
         lora_fx.train(gm, _counting_batches(1), loss, steps=0, progress=False)
     with pytest.raises(ConfigError, match="batches is empty"):
         lora_fx.train(gm, [], loss, steps=1, progress=False)
-    with pytest.raises(ConfigError, match="no trainable parameters"):
+    with pytest.raises(ConfigError, match="no adapter"):
         plain = zoo.gm("llama")
         for p in plain.parameters():
             p.requires_grad_(False)
         lora_fx.train(plain, _counting_batches(1), loss, steps=1, progress=False)
+
+
+def test_a_graph_without_adapters_is_refused_and_the_users_model_kept(zoo):
+    """``apply`` forgotten: the captured graph shares its parameters with the user's nn.Module, and training it
+    would fine-tune all of them. Refused before any step, with the way out; the same graph with an adapter trains."""
+    from tests.models import build, inputs
+
+    model = build("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gm = lora_fx.capture(model, kwargs=inputs(2, 8))
+    assert any(p1 is p2 for p1, p2 in zip(gm.parameters(), model.parameters()))  # what makes this matter
+    ran = []
+    with pytest.raises(ConfigError, match=r"no adapter \(no LoRA or prefix site, no modules_to_save\).*"
+                                          r"Apply a LoraConfig or PrefixConfig first"):
+        lora_fx.train(gm, _counting_batches(1), cross_entropy_on("logits"), steps=2, progress=False,
+                      on_step=lambda s, v: ran.append(s))
+    assert ran == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in gm.parameters())
+    # With an adapter the same graph trains, and the user's base weights still stay as they were.
+    gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules=["q_proj"]))
+    result = lora_fx.train(gm, _counting_batches(1), cross_entropy_on("logits"), steps=2, progress=False)
+    assert result.steps == 2 and result.trainable_parameters < sum(p.numel() for p in before.values()) // 10
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_an_onnx_model_without_adapters_is_refused_the_same_way():
+    """The ONNX route follows the same rule: a graph without adapter initializers trains nothing, with the way out."""
+    from tests.runtime import onnx_models as om
+    from tests.runtime.test_train_onnx import _mlp_batches
+
+    model = om.mlp(lora=False)
+    before = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    with pytest.raises(ConfigError, match=r"no adapter initializers to train; apply one first: lora_fx\.apply"):
+        lora_fx.train(model, _mlp_batches(1), cross_entropy_on("logits"), steps=1, progress=False)
+    assert all(np.array_equal(v.const_value.numpy(), before[n]) for n, v in model.graph.initializers.items())

@@ -306,3 +306,29 @@ def test_phi3_unoptimized_export_with_sequence_ops_matches_onnxruntime(tmp_path:
     got.logsumexp(-1).mean().backward()
     assert len(module.trainable_names) == 8
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in module.named_adapters().values())
+
+
+def test_a_served_export_with_adapter_slots_is_refused_and_its_source_trains(tmp_path: Path) -> None:
+    """``export --adapters`` output: its adapter initializers are graph inputs defaulting to zero A and B, so every
+    gradient is zero and a "trained" file's no-adapter run would stop being the base. Refused, naming what to train
+    instead, through the ONNX model and through an OnnxModule of it; the rewritten file it came from trains."""
+    from lora_fx.cli import main
+    from lora_fx.errors import AdapterError
+    from tests.exported import lora_onnx
+    from tests.onnx_corpus import corpus
+
+    lora = tmp_path / "lora.onnx"
+    lora_fx.save(lora_onnx("gemm-mlp"), lora)
+    assert main(["export", str(lora), "-o", str(tmp_path / "served.onnx"), "--adapters"]) == 0
+    x = torch.from_numpy(corpus().get("gemm-mlp").feeds()["x"])
+    batches = [{"x": x, "t": torch.zeros(len(x), 5)}]
+    loss = lambda out, b: ((out["y"] - b["t"]) ** 2).mean()  # noqa: E731
+    served = lora_fx.load(tmp_path / "served.onnx")
+    before = {n: v.const_value.numpy().copy() for n, v in served.graph.initializers.items()}
+    for model in (served, OnnxModule(served)):
+        with pytest.raises(AdapterError, match=r"has adapter slots .*export --adapters.*Train the rewritten model it "
+                                               r"was exported from.*lora_fx\.load_adapter"):
+            lora_fx.train(model, batches, loss, steps=2, progress=False)
+    assert all(np.array_equal(v.const_value.numpy(), before[n]) for n, v in served.graph.initializers.items())
+    result = lora_fx.train(lora_fx.load(lora), batches, loss, steps=2, progress=False)
+    assert min(result.grad_norms) > 0

@@ -153,3 +153,71 @@ def test_encoder_decoder_with_its_own_decoder_config_captures_without_cache():
     for b, s, pad in [(2, 8, 0), (3, 11, 4), (1, 5, 0)]:
         x = batch(b, s, pad)
         assert max_rel(run(gm, x), run(model, x)) <= 1e-6
+
+
+def _mlp() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
+
+
+def test_positional_inputs_are_bound_to_forwards_names_so_the_graph_trains_and_exports(tmp_path):
+    """capture(net, (x,)) used to give a graph that took x positionally only: train (batches by keyword) failed with
+    torch's "kwarg keyword mismatch" and export_onnx with an opaque error. The positional example is bound to
+    forward()'s name (nn.Sequential: ``input``); the graph trains and exports as the kwargs capture does, and is
+    still called as the model was (gm(x))."""
+    import copy
+
+    from tests.exported import ort_run
+
+    x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 4)
+    net = _mlp()
+    config = lora_fx.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    graphs = {}
+    for how in ("args", "kwargs"):
+        torch.manual_seed(1)
+        gm = lora_fx.capture(copy.deepcopy(net), (x,)) if how == "args" else lora_fx.capture(copy.deepcopy(net), kwargs={"input": x})
+        graphs[how] = lora_fx.apply(gm, config)
+    by_args = graphs["args"]
+    assert [n.target for n in by_args.graph.nodes if n.op == "placeholder"] == ["input"]
+    x2 = torch.randn(3, 7, 16)
+    assert torch.equal(by_args(x2), by_args(input=x2)) and torch.equal(by_args(x2), graphs["kwargs"](input=x2))
+    assert torch.equal(copy.deepcopy(copy.deepcopy(by_args))(x2), by_args(x2))  # copies take x positionally too
+    losses = {}
+    for how, gm in graphs.items():
+        result = lora_fx.train(gm, [{"input": x, "y": y}], lambda o, b: ((o - b["y"]) ** 2).mean(), steps=3, progress=False)
+        losses[how] = result.losses
+    assert losses["args"] == losses["kwargs"]  # the reference: the same model captured by keyword
+    path = tmp_path / "m.onnx"
+    lora_fx.export_onnx(by_args, str(path), kwargs={"input": x})
+    with torch.no_grad():
+        assert max_rel(torch.from_numpy(ort_run(path, {"input": x2.numpy()})), by_args(x2)) <= 1e-5
+
+
+class _VarArgs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, *xs):
+        return self.fc(sum(xs))
+
+
+class _PositionalOnly(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, /):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("model, match", [(_VarArgs(), r"forward\(\*xs\) takes \*xs, and 2 example input\(s\) went there"),
+                                          (_PositionalOnly(), r"takes 'x' positional-only")])
+def test_a_forward_whose_inputs_cannot_be_named_is_refused(model, match):
+    with pytest.raises(CaptureError, match=match):
+        lora_fx.capture(model, (torch.randn(2, 4), torch.randn(2, 4)) if isinstance(model, _VarArgs) else (torch.randn(2, 4),))
+
+
+def test_example_inputs_that_do_not_fit_forward_are_named():
+    with pytest.raises(CaptureError, match=r"do not fit Sequential.forward\(input\).*too many positional"):
+        lora_fx.capture(_mlp(), (torch.randn(2, 16), torch.randn(2, 16)))
