@@ -3,7 +3,11 @@
 Every subcommand has ``--help``; ``--json`` prints machine-readable output; errors print one clear
 message to stderr and exit non-zero (no traceback unless ``LORA_FX_DEBUG=1``): 2 for bad input
 (``LoraFxError``, or an ``OSError`` naming a path), 130 when interrupted, 1 for any other exception (a bug).
-The error goes to stderr, with or without ``--json``.
+The error goes to stderr, with or without ``--json``. Output piped into a reader that stops early
+(``lora-fx sites --json | head -1``) ends quietly with 141, as a Unix tool killed by SIGPIPE does.
+
+This module imports nothing heavy (``lora_fx`` loads its public names on first use), so Ctrl-C is handled from
+the moment ``main`` starts, before a command imports torch or onnx (seconds).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import select
 import sys
 import warnings
 from pathlib import Path
@@ -80,7 +85,31 @@ def _package_dirs() -> list[str]:
     return [*lora_fx.__path__, *lora_fx.passes.__path__, *lora_fx.runtime.__path__]
 
 
+# What a shell reports for a command killed by SIGPIPE (128 + 13): a reader that stopped early is no error of the
+# user's (2) nor a bug (1), and the output was cut short, so not 0 either.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``lora-fx`` console script. Ctrl-C anywhere, while the parser loads the subcommands or a command
+    imports torch, is one line and exit 130; a reader that closed the pipe on stdout, exit 141 and no message."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # What stdout still buffers, written here, where a closed pipe is caught (--help too, which exits by
+            # SystemExit), not at interpreter exit ("Exception ignored ... BrokenPipeError", exit 120).
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -89,20 +118,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _warnings_as_cli_lines():
             return int(args.func(args) or 0)
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            raise  # main's: the reader went away
+        return _user_error(exc)  # another pipe (a training process's): an OSError like any other
     # OSError: a file or folder the user named could not be read or written (exists, is a file, disk full,
     # read-only): its message names the path. FloatingPointError: training diverged (runtime.train says so).
     except (LoraFxError, OSError, FloatingPointError) as exc:
-        if os.environ.get("LORA_FX_DEBUG"):
-            raise
-        return fail(str(exc))
-    except KeyboardInterrupt:
-        return fail("interrupted", 130)
+        return _user_error(exc)
     except Exception as exc:  # noqa: BLE001 - a bug: still one line, not a traceback from deep inside torch or onnx
         if os.environ.get("LORA_FX_DEBUG"):
             raise
         text = " ".join(str(exc).split())
         return fail(f"internal error, {type(exc).__name__}: {text[:500]}{'...' if len(text) > 500 else ''} (a bug in "
                     f"lora-fx: rerun with LORA_FX_DEBUG=1 for the traceback and report it)", 1)
+
+
+def _user_error(exc: BaseException) -> int:
+    """Bad input: its message and exit 2 (the traceback with LORA_FX_DEBUG=1)."""
+    if os.environ.get("LORA_FX_DEBUG"):
+        raise exc
+    return fail(str(exc))
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone: a flush of what is still buffered fails, or (nothing
+    buffered) poll reports the error POSIX gives a pipe with no reader."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):  # closed, or no real stream
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or a stdout with no file descriptor
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull (Python's documented recipe for SIGPIPE): what is still buffered would fail again
+    when the interpreter flushes at exit, printing "Exception ignored ... BrokenPipeError" and exiting 120."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout with no file descriptor (a test's capture)
+        pass
 
 
 def print_json(obj: object) -> None:

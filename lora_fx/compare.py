@@ -329,6 +329,9 @@ def check_config(cfg: CompareConfig) -> None:
         # found inside each training process in turn otherwise, each failing the same way
         raise ConfigError(f"{hf} is not a transformers model folder with safetensors weights (config.json, *.safetensors, "
                           "tokenizer files); pass such a folder")
+    # The tokenizer (no files: AutoTokenizer builds an empty vocabulary, every method would train on [UNK] tokens)
+    # and the inputs the model takes, refused here rather than inside every training process.
+    _task(cfg)
     check_numbers(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed)
     if cfg.export and cfg.latency_runs < 1:
         raise ConfigError(f"latency_runs must be at least 1 (CLI: --latency-runs), got {cfg.latency_runs}; or skip timing with --no-export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lora_fx.errors import ModelLoadError
+from lora_fx.errors import ModelLoadError, UnsupportedError
 
 
 def load_hf_model(directory: str | os.PathLike) -> torch.nn.Module:
@@ -24,11 +25,7 @@ def load_hf_model(directory: str | os.PathLike) -> torch.nn.Module:
         raise ModelLoadError(f"{directory} is not a transformers model folder: config.json not found")
     if not any(directory.glob("*.safetensors")):
         raise ModelLoadError(f"{directory} has no .safetensors weights; lora_fx reads only safetensors, never pickle (.bin)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    arch = (_read_config(config_path).get("architectures") or ["AutoModel"])[0]
-    cls = getattr(transformers, arch, None) or transformers.AutoModel
+    arch, cls = model_class(directory)
     try:
         model, info = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
                                           output_loading_info=True)
@@ -42,6 +39,31 @@ def load_hf_model(directory: str | os.PathLike) -> torch.nn.Module:
         raise ModelLoadError(f"could not load {directory} as {arch}: {exc}") from None
     _check_loaded(directory, arch, model, info)
     return model.eval()
+
+
+def model_class(directory: str | os.PathLike) -> tuple[str, Any]:
+    """The architecture ``config.json`` names and the transformers class that builds it (``AutoModel`` for a
+    name transformers lacks, or none given)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    arch = (_read_config(Path(directory) / "config.json").get("architectures") or ["AutoModel"])[0]
+    return arch, getattr(transformers, arch, None) or transformers.AutoModel
+
+
+def forward_inputs(model: Any) -> list[str]:
+    """The inputs a model (or model class) names in ``forward``, in order: what example inputs may hold. A
+    catch-all ``**kwargs`` (transformers 5 forwards attention options through it) accepts no input by name:
+    ``torch.export`` refuses a dynamic shape keyed by a name it took."""
+    forward = getattr(model, "forward", None)
+    if forward is None or not callable(forward):
+        return []
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: no signature to read
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in params if p.kind in kinds and p.name != "self"]
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -90,11 +112,39 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16) -> dict[str, Any]:
-    """input_ids and attention_mask that fit the model's vocabulary, for capture."""
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000) or 1000)
+    """Example inputs for ``capture``, built from the model's config and ``forward``: ``input_ids`` (within the
+    vocabulary) and ``attention_mask`` for a text model, with ``decoder_input_ids`` for an encoder-decoder (T5, BART),
+    or ``pixel_values`` of ``config.image_size`` and ``num_channels`` for an image model (ViT).
+
+    Raises ``UnsupportedError`` for a model that takes neither (audio, say): the command line cannot know its
+    inputs, the Python API takes any (``capture(model, kwargs=...)``)."""
+    config = getattr(model, "config", None)
+    names = forward_inputs(model)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, min(vocab, 1000), (batch, seq), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if "input_ids" in names:
+        vocab = int(getattr(config, "vocab_size", 1000) or 1000)
+        ids = torch.randint(1, min(vocab, 1000), (batch, seq), generator=gen)
+        out: dict[str, Any] = {"input_ids": ids}
+        if "attention_mask" in names:
+            out["attention_mask"] = torch.ones(batch, seq, dtype=torch.long)
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in names:
+            # a shorter target than source: torch.export must not take the two sequence lengths for one
+            out["decoder_input_ids"] = torch.randint(1, min(vocab, 1000), (batch, max(seq // 2, 2)), generator=gen)
+        return out
+    if "pixel_values" in names and getattr(config, "image_size", None):
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = int(getattr(config, "num_channels", 3) or 3)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return {"pixel_values": torch.randn(batch, channels, int(height), int(width), generator=gen).to(dtype)}
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    raise UnsupportedError(
+        f"cannot build example inputs for a {model_type} model ({type(model).__name__}, forward takes "
+        f"{', '.join(names[:6]) or 'no named inputs'}{', ...' if len(names) > 6 else ''}): the command line supports "
+        f"text encoders and decoders (input_ids), encoder-decoders (input_ids, decoder_input_ids) and image models "
+        f"(pixel_values, with image_size in config.json). Capture it from Python with the inputs it takes: "
+        f"lora_fx.capture(model, kwargs={{...}}), then lora_fx.find_sites(gm)"
+    )
 
 
 def minilm_dir() -> Path:

@@ -452,4 +452,29 @@ def select_targets(
             f"adapter: {note}",
             stacklevel=2,
         )
+    _warn_unused_exclude(config, sites, modules)
     return out
+
+
+def _warn_unused_exclude(config: LoraConfig, sites: Sequence[Site], modules: ModuleTree | None) -> None:
+    """Warn, in PEFT's words, when ``exclude_modules`` excludes no module (a typo: 'quary'), and only when something
+    was adapted (nothing adapted is an error already). As PEFT's ``inject_adapter`` counts it, a module is excluded
+    when ``is_excluded`` holds for its name, whether targeted or not (a module to save counts too); the names are
+    the module tree's where known, else those the sites give (their modules and every module above them)."""
+    ex = config.exclude_modules
+    if not ex:
+        return
+    names = {s.name for s in sites} | {s.part_of for s in sites if s.part_of} | set(modules or ())
+    names |= {n.rsplit(".", i)[0] for n in list(names) for i in range(1, n.count(".") + 1)}
+    names.discard("")
+    if any(is_excluded(config, n) for n in names):
+        return
+    # As PEFT prints it: a list as the set its LoraConfig keeps, {'quary'} (sorted here, for a stable message), a
+    # regex bare
+    shown = "{" + ", ".join(repr(e) for e in sorted(ex)) + "}" if isinstance(ex, (list, set, tuple)) else str(ex)
+    close = [] if isinstance(ex, str) else sorted({c for e in ex for c in _closest(str(e), sorted(names))})
+    warnings.warn(
+        f"You have passed exclude_modules={shown} but no modules were excluded. Please check that exclude_modules "
+        "was set correctly." + (f" Module names close to it: {', '.join(close[:5])}" if close else ""),
+        stacklevel=3,
+    )

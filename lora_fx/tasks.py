@@ -51,6 +51,43 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
+# A model folder's tokenizer is one of these: a fast tokenizer's tokenizer.json, or a slow tokenizer's vocabulary
+# (WordPiece, BPE, SentencePiece). tokenizer_config.json alone has none: transformers then builds a tokenizer with
+# an empty vocabulary, and every word becomes [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model (SentencePiece: spiece.model, tokenizer.model)")
+_TOKENIZER_GLOBS = ("tokenizer.json", "vocab.*", "*.model", "*.spm")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def check_tokenizer_files(directory: str | Path) -> None:
+    """Refuse a model folder without a tokenizer vocabulary (``model.save_pretrained`` alone writes none)."""
+    directory = Path(directory)
+    if any(p.is_file() for pattern in _TOKENIZER_GLOBS for p in directory.glob(pattern)):
+        return
+    present = sorted(p.name for p in directory.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))) if directory.is_dir() else []
+    raise ConfigError(
+        f"{directory} has no tokenizer files: none of {', '.join(TOKENIZER_FILES)}"
+        + (f" (only {', '.join(present)}, which holds no vocabulary)" if present else "")
+        + "; transformers would build a tokenizer with an empty vocabulary and every word would become [UNK]. Save the "
+        f"model's tokenizer beside it: tokenizer.save_pretrained({str(directory)!r})"
+    )
+
+
+def _check_vocabulary(directory: str | Path, tokenizer: Any) -> None:
+    """Refuse a tokenizer that reads the label prompts as unknown tokens only (an empty or foreign vocabulary)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ()) - {unk}
+    ids = [i for text in LABEL_PROMPTS for i in tokenizer(text)["input_ids"] if i not in special]
+    if ids and all(i == unk for i in ids):
+        raise ConfigError(
+            f"the tokenizer in {directory} reads every word as {tokenizer.unk_token} (its vocabulary has "
+            f"{len(tokenizer)} tokens): it is not the model's tokenizer. Save the model's tokenizer beside it: "
+            f"tokenizer.save_pretrained({str(directory)!r})"
+        )
+
+
 @dataclass
 class TenseTask:
     """Tokenized batches, the loss and the accuracy metric of the tense task."""
@@ -60,16 +97,34 @@ class TenseTask:
     batch_size: int = 16
     data: str | None = None  # a JSONL file of {"text", "label", "split"}; None = the shipped tense set
     label_prompts: tuple[str, ...] = tuple(LABEL_PROMPTS)
+    # The inputs the model's forward names (hf.forward_inputs); None: every text input the tokenizer returns.
+    input_names: tuple[str, ...] | None = None
 
     @classmethod
     def from_model_dir(cls, directory: Any, **kw: Any) -> "TenseTask":
+        """The task over the model folder's own tokenizer, feeding the model only the inputs its forward takes
+        (DistilBERT and RoBERTa take no token_type_ids, whatever their tokenizer returns)."""
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(directory), local_files_only=True), **kw)
+        from lora_fx.hf import forward_inputs, model_class
+
+        check_tokenizer_files(directory)
+        arch, model_cls = model_class(directory)
+        names = tuple(forward_inputs(model_cls))
+        missing = [k for k in ("input_ids", "attention_mask") if k not in names]
+        if missing:
+            raise ConfigError(f"{arch}'s forward takes no {' or '.join(missing)}: the tense task feeds token ids and "
+                              "pools the embeddings over the attention mask; pass a text encoder (BERT, MiniLM, RoBERTa)")
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        _check_vocabulary(directory, tokenizer)
+        return cls(tokenizer, input_names=names, **kw)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts + list(self.label_prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "token_type_ids": enc["token_type_ids"]}
+        wanted = self.input_names if self.input_names is not None else TEXT_INPUTS
+        # Only what the model takes (a key it does not name fails forward() or torch.export's dynamic shapes), in
+        # the order its forward names them, not the tokenizer's: exports name their inputs in this order.
+        return {k: enc[k] for k in wanted if k in enc}
 
     def batches(self, split: str = "train", seed: int = 0) -> list[dict[str, torch.Tensor]]:
         rows = load_rows(split, self.data)
@@ -109,4 +164,5 @@ class TenseTask:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    """A batch's model inputs: everything but the labels (``TenseTask.encode`` keeps only what the model takes)."""
+    return {k: v for k, v in batch.items() if k != "labels"}

@@ -12,11 +12,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "run",
         help="run an ONNX model in ONNX Runtime, with an adapter active",
         description="Run an ONNX model (e.g. one exported with --adapters) on the inputs in an .npz file, with an "
-        ".onnx_adapter or a PEFT LoRA adapter directory active (or none: the base model). Prints each output's shape and summary statistics; "
+        ".onnx_adapter or a PEFT LoRA adapter directory active. Without --adapter the file runs as saved: its own weights "
+        "(a trained, merged file runs trained), and a file with adapter slots its slot defaults (the base model at LoRA "
+        "slots and head slots, the exported prefixes at prefix slots). Prints each output's shape and summary statistics; "
         "-o saves the outputs as .npz. The execution providers chosen are reported.",
     )
     p.add_argument("model", help="the .onnx model")
-    p.add_argument("--adapter", metavar="FILE", help="an .onnx_adapter (or a PEFT LoRA adapter directory) to activate for the run")
+    p.add_argument("--adapter", metavar="FILE", help="an .onnx_adapter (or a PEFT LoRA adapter directory) to activate for the run; without it the file "
+                   "runs as saved (see above)")
     p.add_argument("--inputs", metavar="NPZ", required=True, help="an .npz file with one array per model input (no pickle)")
     p.add_argument("-o", "--out", metavar="NPZ", help="save the outputs to this .npz file (bfloat16 outputs as float32, "
                    "which holds every bfloat16 value exactly: an .npz cannot carry bfloat16 as numbers)")
@@ -67,6 +70,22 @@ def _stats(v) -> dict:
             "first": v.reshape(-1)[:8].tolist()}
 
 
+def without_adapter(slots: dict) -> str:
+    """What a session runs with no adapter active, by the file's adapter slots (``Session.slots``). With none the
+    file's own weights run: the base model only if the file is one (a trained or merged file runs trained). With
+    slots, ONNX Runtime runs their defaults: zeros at LoRA slots and the base head at head slots (the base model
+    there), but the exported prefixes at prefix slots, which are trained."""
+    from lora_fx.onnx_adapter import site_of
+
+    if not slots:
+        return "none (the file's own weights)"
+    prefixed = sorted({site_of(n) for n in slots if ".prefix_" in n})
+    if not prefixed:
+        return "none (slot defaults: the base model)"
+    return (f"none (slot defaults: the exported prefixes at {len(prefixed)} prefix site{'s' if len(prefixed) != 1 else ''}, "
+            "not the base model)")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -104,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "providers": session.providers,
         "adapter": args.adapter,
+        "runs": args.adapter or without_adapter(session.slots),
         "default_sites": default_sites,
         "outputs": {k: _stats(v) for k, v in named.items()},
     }
@@ -112,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     else:
-        print(f"providers: {', '.join(session.providers)}; adapter: {args.adapter or 'none (base model)'}")
+        print(f"providers: {', '.join(session.providers)}; adapter: {summary['runs']}")
         for k, v in summary["outputs"].items():
             stats = f"  mean {v['mean']:.6g}  std {v['std']:.6g}" if v["mean"] is not None else ""
             print(f"{k}: shape {tuple(v['shape'])} {v['dtype']}{stats}")

@@ -14,7 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "or an ONNX file: name (the source module path), kind, op and shapes.",
     )
     p.add_argument("model", nargs="?", help="an .onnx file")
-    p.add_argument("--hf", metavar="DIR", help="a local transformers model folder (config.json + *.safetensors)")
+    p.add_argument("--hf", metavar="DIR", help="a local transformers model folder (config.json + *.safetensors): a text "
+                   "encoder or decoder, an encoder-decoder or an image model, captured with example inputs built "
+                   "from its config")
     p.add_argument("--kind", choices=["linear", "attention"], help="only sites of this kind")
     p.add_argument("--json", action="store_true", help="print a JSON list of site objects")
     p.set_defaults(func=run)
@@ -22,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_sites(args: argparse.Namespace) -> list:
     import lora_fx
-    from lora_fx.errors import ConfigError
+    from lora_fx.errors import CaptureError, ConfigError
 
     if args.hf and args.model:
         raise ConfigError("give either an .onnx file or --hf DIR, not both")
@@ -30,7 +32,16 @@ def load_sites(args: argparse.Namespace) -> list:
         from lora_fx.hf import example_inputs, load_hf_model
 
         model = load_hf_model(args.hf)
-        gm = lora_fx.capture(model, kwargs=example_inputs(model))
+        inputs = example_inputs(model)
+        try:
+            gm = lora_fx.capture(model, kwargs=inputs)
+        except CaptureError as exc:
+            # capture's ways out (other example inputs, dynamic=False) are the Python API's: say so, and what ran
+            raise CaptureError(
+                f"{exc}\nlora-fx sites --hf captured {type(model).__name__} with {', '.join(inputs)} built from its "
+                "config, and dynamic batch and sequence; to capture it otherwise use the Python API: "
+                "gm = lora_fx.capture(model, kwargs={...}, dynamic=...); lora_fx.find_sites(gm)"
+            ) from None
         return lora_fx.find_sites(gm)
     if args.model:
         if not Path(args.model).exists():

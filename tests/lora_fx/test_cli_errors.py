@@ -3,11 +3,18 @@ bad input, 130 when interrupted, 1 for a bug; the traceback only with LORA_FX_DE
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
+import lora_fx
 from lora_fx.cli import main
+from tests.exported import lora_onnx
 
 
 def test_a_bug_is_one_line_exit_1_and_the_traceback_only_in_debug(tmp_path, capsys, monkeypatch):
@@ -82,3 +89,82 @@ class _ParserRunning:
         import argparse
 
         return argparse.Namespace(command="x", func=self.func)
+
+
+# ---- Ctrl-C before the commands load, a reader that closes the pipe --------------------------------------------
+
+LORA_FX = Path(sys.executable).parent / "lora-fx"
+
+
+def _cli() -> list[str]:
+    return [str(LORA_FX)] if LORA_FX.exists() else [sys.executable, "-c", "import sys; from lora_fx.cli import main; sys.exit(main())"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("LORA_FX_DEBUG", None)
+    return env
+
+
+def test_the_console_entry_point_imports_nothing_heavy():
+    # `import lora_fx.cli` imported torch and onnx through the package (seconds), before main could catch Ctrl-C.
+    code = "import sys, lora_fx.cli; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+    # The public names still load on first use.
+    code = "import lora_fx; from lora_fx import LoraConfig; print(lora_fx.capture.__module__, LoraConfig.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env())
+    assert out.stdout.split() == ["lora_fx.passes.fx.capture", "lora_fx.config"], out.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_ctrl_c_while_a_command_imports_torch_is_one_line_and_130(tmp_path, delay):
+    # Ctrl-C in the first seconds of any command printed a Python traceback and the process died of SIGINT.
+    lora_fx.save(lora_onnx("gemm-mlp"), tmp_path / "m.onnx")
+    proc = subprocess.Popen(_cli() + ["sites", str(tmp_path / "m.onnx")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == "lora-fx: error: interrupted" and out == "", (proc.returncode, err)
+
+
+def test_ctrl_c_while_the_parser_loads_the_commands_is_one_line_and_130(capsys, monkeypatch):
+    from lora_fx import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["sites", "--help"]) == 130
+    assert capsys.readouterr().err == "lora-fx: error: interrupted\n"
+
+
+@pytest.mark.parametrize("argv", [["sites", "{m}", "--json"], ["sites", "{m}"]])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly_with_141(tmp_path, argv):
+    # `lora-fx sites --json | head -1` printed "lora-fx: error: [Errno 32] Broken pipe" and exited 2 (or Python's
+    # "Exception ignored ... BrokenPipeError" and 120): a reader that stopped early is no error of the user's.
+    lora_fx.save(lora_onnx("gemm-mlp"), tmp_path / "m.onnx")
+    cmd = _cli() + [a.format(m=tmp_path / "m.onnx") for a in argv]
+    whole = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert whole.returncode == 0 and whole.stdout, whole.stderr  # there is output to write
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte: every write fails, deterministically
+    try:
+        closed = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, env=_env())
+    finally:
+        os.close(write)
+    assert closed.returncode == 141 and closed.stderr == "", (closed.returncode, closed.stderr)
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_an_error(tmp_path, capsys, monkeypatch):
+    # Only a closed stdout is quiet: a training process's pipe that breaks is reported as before.
+    from lora_fx.commands import sites
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sites, "load_sites", broken)
+    monkeypatch.delenv("LORA_FX_DEBUG", raising=False)
+    assert main(["sites", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == "lora-fx: error: [Errno 32] Broken pipe\n"

@@ -201,3 +201,51 @@ def test_an_empty_output_path_is_refused(served, tmp_path, capsys, monkeypatch):
     assert main(["run", str(model), "--adapter", str(adapter), "--inputs", str(tmp_path / "feeds.npz"), "-o", "out.npz"]) == 0
     with np.load(tmp_path / "out.npz", allow_pickle=False) as got:
         assert rel(got["y"], want) <= 1e-5
+
+
+def _run_line(argv: list[str], capsys) -> tuple[str, np.ndarray]:
+    """The adapter line ``lora-fx run`` prints and the first output it saved."""
+    capsys.readouterr()
+    assert main(argv) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    out = argv[argv.index("-o") + 1]
+    with np.load(out) as saved:
+        return line, saved[saved.files[0]]
+
+
+def test_without_an_adapter_run_says_what_the_file_runs(served, tmp_path, capsys):
+    # It said "adapter: none (base model)" for every file, also for a trained file that runs its own LoRA.
+    model, _, _, lora_out = served
+    base = corpus().get(ENTRY).path
+    feeds = str(tmp_path / "feeds.npz")
+    want_base = ort_run(base, corpus().get(ENTRY).feeds())
+    assert rel(lora_out, want_base) > 1e-3  # the LoRA file is no base model: the checks below can fail
+
+    line, got = _run_line(["run", str(tmp_path / "lora.onnx"), "--inputs", feeds, "-o", str(tmp_path / "a.npz")], capsys)
+    assert line.endswith("adapter: none (the file's own weights)"), line
+    assert rel(got, lora_out) < 1e-6
+    line, got = _run_line(["run", str(model), "--inputs", feeds, "-o", str(tmp_path / "b.npz")], capsys)
+    assert line.endswith("adapter: none (slot defaults: the base model)"), line
+    assert rel(got, want_base) < 1e-5  # what ONNX Runtime runs at zeroed LoRA slots
+    capsys.readouterr()
+    assert main(["run", str(model), "--inputs", feeds, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["adapter"] is None and summary["runs"] == "none (slot defaults: the base model)"
+
+
+@pytest.mark.slow
+def test_a_served_prefix_file_without_an_adapter_runs_its_exported_prefixes_and_says_so(tmp_path, capsys):
+    # A served prefix file's slots default to the exported prefixes: "none (base model)" was false there.
+    entry = corpus().get("gpt2-dynamo18")
+    rewritten, served = tmp_path / "p.onnx", tmp_path / "served.onnx"
+    assert main(["rewrite", str(entry.path), "-o", str(rewritten), "--method", "prefix", "--num-virtual-tokens", "4"]) == 0
+    assert main(["export", str(rewritten), "-o", str(served), "--adapters"]) == 0
+    ids = np.random.default_rng(0).integers(0, 50, (2, 6)).astype(np.int64)
+    names = {v.name for v in ir.load(str(entry.path)).graph.inputs}
+    feeds = {k: v for k, v in {"input_ids": ids, "attention_mask": np.ones_like(ids)}.items() if k in names}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    line, got = _run_line(["run", str(served), "--inputs", str(tmp_path / "feeds.npz"), "-o", str(tmp_path / "o.npz")], capsys)
+    assert "adapter: none (slot defaults: the exported prefixes at " in line and "not the base model" in line, line
+    assert rel(got, ort_run(rewritten, feeds)) < 1e-5
+    assert rel(got, ort_run(entry.path, feeds)) > 1e-3  # the prefixes change the output: not the base model
+

@@ -155,3 +155,80 @@ def test_a_pickle_beside_the_safetensors_is_never_read(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
                                    rtol=0, atol=0)
+
+
+def _save_t5(path: Path) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
+    model.save_pretrained(path)
+    return model
+
+
+def _save_vit(path: Path) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.ViTForImageClassification(tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_labels=3))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("save", [_save_t5, _save_vit], ids=["t5-encoder-decoder", "vit-image"])
+def test_sites_of_an_encoder_decoder_and_an_image_folder(tmp_path, capsys, save):
+    # Both failed: the command captured every model with input_ids and attention_mask, and its advice (other example
+    # inputs, dynamic=False) could only be followed from Python.
+    model = save(tmp_path)
+    assert main(["sites", "--hf", str(tmp_path), "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)
+    linear = {s["name"] for s in sites if s["kind"] == "linear"}
+    # Every nn.Linear of the model runs in its forward: each is a site, under its module name.
+    assert linear == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert any(s["kind"] == "attention" for s in sites)
+
+
+def test_example_inputs_follow_the_config(tmp_path):
+    from lora_fx.hf import example_inputs, load_hf_model
+
+    _save_t5(tmp_path / "t5")
+    t5 = example_inputs(load_hf_model(tmp_path / "t5"))
+    assert sorted(t5) == ["attention_mask", "decoder_input_ids", "input_ids"] and int(t5["input_ids"].max()) < 100
+    _save_vit(tmp_path / "vit")
+    assert {k: tuple(v.shape) for k, v in example_inputs(load_hf_model(tmp_path / "vit")).items()} == {"pixel_values": (2, 3, 32, 32)}
+
+
+def test_a_model_the_command_line_cannot_feed_is_refused_with_the_way_out(tmp_path, capsys):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tf.Wav2Vec2Model(tf.Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                       conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                       num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)).save_pretrained(tmp_path)
+    capsys.readouterr()  # transformers' progress bars
+    assert main(["sites", "--hf", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("lora-fx")]  # not transformers' loading bar
+    assert captured.out == "" and len(err) == 1, captured.err
+    assert "cannot build example inputs for a wav2vec2 model (Wav2Vec2Model, forward takes input_values" in err[0]
+    assert "encoder-decoders" in err[0] and "image models" in err[0] and "lora_fx.capture(model, kwargs=" in err[0]
+
+
+def test_a_capture_failure_says_which_inputs_the_command_used_and_the_python_way_out(tmp_path, capsys, monkeypatch):
+    # capture's own ways out (other example inputs, dynamic=False) are arguments the command line does not have.
+    import lora_fx
+    from lora_fx.errors import CaptureError
+
+    _tiny_bert_folder(tmp_path)
+
+    def refuse(model, **kwargs):
+        raise CaptureError("torch.export could not capture BertModel: data-dependent control flow")
+
+    monkeypatch.setattr(lora_fx, "capture", refuse)
+    capsys.readouterr()
+    assert main(["sites", "--hf", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "lora-fx: error: torch.export could not capture BertModel: data-dependent control flow" in err
+    assert "lora-fx sites --hf captured BertModel with input_ids, attention_mask built from its config" in err
+    assert "lora_fx.capture(model, kwargs={...}, dynamic=...)" in err

@@ -296,3 +296,76 @@ def test_latency_runs_reach_the_config_only_with_the_export(tmp_path, monkeypatc
     assert seen == [(True, 30), (True, 7), (False, 30)]
     assert main(argv + ["--no-export", "--latency-runs", "30"]) == 2  # even the default count, given, is refused
     assert len(seen) == 3
+
+
+# ---- the model folder's tokenizer and the inputs its model takes ------------------------------------------------
+
+def _tiny_distilbert(path, tokenizer_inputs):
+    """A tiny DistilBERT from a config, with MiniLM's tokenizer saved beside it returning ``tokenizer_inputs``."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    model = DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, hidden_dim=64, n_layers=2, n_heads=4)).eval()
+    model.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    tokenizer.model_input_names = list(tokenizer_inputs)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("tokenizer_inputs", [["input_ids", "attention_mask"], ["input_ids", "token_type_ids", "attention_mask"]],
+                         ids=["no-token-type-ids", "token-type-ids"])
+def test_the_task_feeds_distilbert_only_the_inputs_its_forward_takes(tmp_path, tokenizer_inputs):
+    # Without token_type_ids every method failed with KeyError 'token_type_ids'; with them (a BERT tokenizer beside
+    # a DistilBERT) torch.export refused the input DistilBERT's forward does not name.
+    import lora_fx
+    from lora_fx.tasks import TenseTask, model_inputs
+
+    model = _tiny_distilbert(tmp_path, tokenizer_inputs)
+    task = TenseTask.from_model_dir(tmp_path, max_length=16, batch_size=4)
+    batch = task.batches("train")[0]
+    assert sorted(model_inputs(batch)) == ["attention_mask", "input_ids"] and "labels" in batch
+    gm = lora_fx.capture(model, kwargs=task.example())
+    with torch.no_grad():
+        want = model(**model_inputs(batch)).last_hidden_state
+        got = gm(**model_inputs(batch))["last_hidden_state"]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert 0.0 <= task.accuracy(lambda b: gm(**model_inputs(b))["last_hidden_state"]) <= 1.0
+
+
+def test_the_task_keeps_token_type_ids_for_a_model_that_takes_them(tiny_bert_dir):
+    from lora_fx.tasks import TenseTask, model_inputs
+
+    batch = TenseTask.from_model_dir(tiny_bert_dir, max_length=16, batch_size=4).batches("train")[0]
+    assert sorted(model_inputs(batch)) == ["attention_mask", "input_ids", "token_type_ids"]
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_before_any_method_trains(tmp_path, capsys):
+    # AutoTokenizer built an empty vocabulary there: every method trained on [UNK] tokens and the report said exit 0.
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["compare", "--hf", str(tmp_path / "m"), "--methods", "lora", "--steps", "1", "--no-export",
+                 "-o", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer files: none of tokenizer.json, vocab.txt" in err and "[1/1]" not in err, err
+    assert f"tokenizer.save_pretrained({str(tmp_path / 'm')!r})" in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_tokenizer_that_reads_every_word_as_unknown_is_refused(tmp_path):
+    # transformers 5 builds BertTokenizerFast() (and DistilBertTokenizerFast(vocab_file=...)) with a 5-token
+    # vocabulary; saved beside a model it has a tokenizer.json, yet every word is [UNK].
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from lora_fx.compare import CompareConfig, check_config
+
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(tmp_path / "m")
+    BertTokenizerFast().save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.json").is_file()  # the file check alone would pass it
+    cfg = CompareConfig(hf_dir=str(tmp_path / "m"), out_dir=str(tmp_path / "report"), methods=[Method.LORA], steps=1)
+    with pytest.raises(ConfigError, match=r"reads every word as \[UNK\] \(its vocabulary has 5 tokens\).*tokenizer\.save_pretrained"):
+        check_config(cfg)

@@ -360,3 +360,70 @@ def test_onnx_refusal_is_checked_before_quantizing(tmp_path):
     with pytest.raises(ConfigError, match=r"transformer.ln_f \(LayerNorm\), not a linear layer"):
         lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["c_attn", "ln_f"]), quant=QuantConfig(dtype="int8"))
     assert _onnx_state(model) == before
+
+
+# exclude_modules that excludes nothing: PEFT warns (once something is adapted), so a typo does not pass silently.
+EXCLUDE_CASES = [
+    ("bert", dict(target_modules=["query", "value"], exclude_modules=["quary"])),  # the typo: warns
+    ("bert", dict(target_modules=["query", "value"], exclude_modules=r".*quary.*")),  # a regex matching nothing
+    ("bert", dict(target_modules=["query", "value"], exclude_modules=["pooler.dense"])),  # no target, yet excluded
+    ("bert", dict(target_modules=["query", "value"], exclude_modules=["attention"])),  # a module above the sites
+    ("bert", dict(target_modules=["query", "value"], exclude_modules=["encoder.layer.0.attention.self.query"])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["mlp.dwon_proj", "o_proj"])),  # one of two used
+    ("llama", dict(target_modules="all-linear", exclude_modules=["mlp.dwon_proj", "o_prj"])),
+]
+
+
+def _set_sorted(message: str) -> str:
+    """The message with a printed set's items sorted: PEFT prints its set in hash order, which varies by process."""
+    import re
+
+    return re.sub(r"\{([^{}]*)\}", lambda m: "{" + ", ".join(sorted(m.group(1).split(", "))) + "}", message)
+
+
+def _peft_exclude_warnings(model, kwargs) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_wrap(model, r=2, **kwargs)
+    return [str(w.message) for w in caught if "exclude_modules" in str(w.message)]
+
+
+@pytest.mark.parametrize("with_tree", [True, False], ids=["module-tree", "sites-only"])
+@pytest.mark.parametrize("name,kwargs", EXCLUDE_CASES, ids=_ids(EXCLUDE_CASES))
+def test_exclude_modules_that_excludes_nothing_warns_as_peft_does(zoo, name, kwargs, with_tree):
+    import warnings
+
+    from lora_fx.passes.fx.find_sites import module_tree
+
+    theirs = _peft_exclude_warnings(zoo.model(name), kwargs)
+    gm = zoo.gm(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        targets = lora_fx.select_targets(lora_fx.find_sites(gm), lora_fx.LoraConfig(**kwargs),
+                                         modules=module_tree(gm) if with_tree else None)
+    ours = [str(w.message) for w in caught if "exclude_modules" in str(w.message)]
+    assert targets and len(ours) == len(theirs) <= 1, (ours, theirs)
+    if theirs:  # PEFT's sentence, then the names close to the typo
+        assert _set_sorted(ours[0]).startswith(_set_sorted(theirs[0])), (ours, theirs)
+        if "quary" in str(kwargs["exclude_modules"]) and isinstance(kwargs["exclude_modules"], list):
+            assert ours[0].endswith("Module names close to it: query"), ours
+
+
+def test_an_unused_exclude_warns_on_the_command_line(tmp_path, capsys):
+    import sys
+    import warnings
+
+    from lora_fx.cli import main
+    from tests.onnx_corpus import corpus
+
+    argv = ["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(tmp_path / "o.onnx"), "--target-modules", "fc1",
+            "--exclude-modules", "fc3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # Python's own printing (pytest records warnings instead): format with formatwarning, write to stderr.
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+        assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "lora-fx: warning: You have passed exclude_modules={'fc3'} but no modules were excluded." in err, err
