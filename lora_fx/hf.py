@@ -26,6 +26,11 @@ def load_hf_model(directory: str | os.PathLike) -> torch.nn.Module:
     if not any(directory.glob("*.safetensors")):
         raise ModelLoadError(f"{directory} has no .safetensors weights; lora_fx reads only safetensors, never pickle (.bin)")
     arch, cls = model_class(directory)
+    from transformers.utils import logging as hf_logging
+
+    # A local load takes a second; transformers' "Loading weights" bar would print into every command's and the demo's output.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True,
                                           output_loading_info=True)
@@ -37,6 +42,9 @@ def load_hf_model(directory: str | os.PathLike) -> torch.nn.Module:
                 f"come from different models: restore the folder's config.json or its weights"
             ) from None
         raise ModelLoadError(f"could not load {directory} as {arch}: {exc}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     _check_loaded(directory, arch, model, info)
     return model.eval()
 
