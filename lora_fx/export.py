@@ -83,7 +83,7 @@ def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict |
 
     import warnings
 
-    from lora_fx.passes.fx.capture import _has_size_one, _widen
+    from lora_fx.passes.fx.capture import widened_examples
 
     quiet = io.StringIO()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -103,10 +103,10 @@ def to_onnx_ir(gm: Any, kwargs: dict[str, Any], custom_translation_table: dict |
     # A batch or sequence of 1 in the example is fixed at 1 by the exporter (0/1 specialization), though the file
     # still names the dim: it then fails in ONNX Runtime at any other size. As capture does, trace repeated rows
     # (tokens) instead; where the graph refuses that (a dim that really is 1), only the batch, then the example.
-    widenings = [(0, 1), (0,)] if _has_size_one((), kwargs) else []
-    for dims in widenings:
+    widenings = [wide for _, wide in widened_examples((), kwargs)]
+    for wide in widenings:
         try:
-            program = export(_widen(kwargs, dims))
+            program = export(wide)
             break
         except Exception:  # not an input this graph takes: try the next
             continue

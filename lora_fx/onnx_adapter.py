@@ -604,6 +604,17 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
             raise AdapterError(f"site {site}: lora_A has rank {a.shape[1]} but lora_B has rank {b.shape[0]}; they must agree")
 
 
+def exposed_slots(model: Any) -> list[str]:
+    """The adapter tensors (LoRA, prefix, modules_to_save) of an onnx_ir Model that are graph inputs keeping a
+    same-named initializer as their default: the slots ``expose_adapters`` / ``expose_prefixes`` made (``lora-fx
+    export --adapters``). Their values are the defaults run without an adapter, not weights to fold, export or
+    train. Other initializers listed as inputs (as files of IR version < 4 list them all) are not slots."""
+    from lora_fx.runtime.onnx_torch import trainable_initializers
+
+    inputs = {v.name for v in model.graph.inputs}
+    return [name for name in trainable_initializers(model) if name in inputs]
+
+
 def model_slots(model: Any) -> dict[str, Slot]:
     """The adapter slots of an onnx_ir Model (graph inputs that are adapter initializers), with the parameters of
     modules trained in full its metadata lists."""

@@ -417,11 +417,9 @@ def _check_no_slots(model: Any) -> None:
     the defaults ONNX Runtime runs without an adapter (LoRA's A and B both zero, so every gradient is zero), and
     what moved would change the file's "no adapter" run, which must stay the base model (``lora-fx export``
     refuses such a file the same way)."""
-    from lora_fx.runtime.onnx_torch import trainable_initializers
+    from lora_fx.onnx_adapter import exposed_slots
 
-    graph = model.graph
-    inputs = {v.name for v in graph.inputs}
-    slots = [n for n in trainable_initializers(model) if n in inputs]
+    slots = exposed_slots(model)
     if slots:
         raise AdapterError(
             f"the model has adapter slots ({len(slots)}, e.g. {slots[0]!r}): it was exported for serving (lora-fx "

@@ -109,7 +109,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     from lora_fx.errors import AdapterError, ConfigError
     from lora_fx.export import adapters_dir, optimize_keeping_slots, save_model, serve_slots
     from lora_fx.files import Staging, write_with_adapters
-    from lora_fx.onnx_adapter import (SUFFIX, check_writable, current_adapter, model_fingerprints, model_slots,
+    from lora_fx.onnx_adapter import (SUFFIX, check_writable, current_adapter, exposed_slots, model_fingerprints, model_slots,
                                       read_adapter_for, to_peft, write_onnx_adapter)
     from lora_fx.onnx_model import check_not_external_data, load
     from lora_fx.passes.onnx.fold_lora import FoldLora
@@ -125,7 +125,7 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
         return _export_prefix_file(src, out, model, merge=merge, adapter=adapter, name=name, peft_dir=peft_dir)
     if not records:
         raise AdapterError(f"{src} has no LoRA adapters (no lora_fx.lora metadata); rewrite it first: lora-fx rewrite {src} -o lora.onnx")
-    exposed = any(v.name in model.graph.initializers for v in model.graph.inputs)
+    exposed = bool(exposed_slots(model))
     summary: dict = {"model": str(out), "sites": sorted(records)}
     if merge:
         if exposed and not adapter:

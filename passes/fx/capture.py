@@ -133,30 +133,36 @@ def _widen(x: Any, dims: tuple[int, ...]) -> Any:
     return x
 
 
-def _export_keeping_dims(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool) -> torch.export.ExportedProgram:
-    """``torch.export`` with batch and sequence dynamic even when the example has batch or sequence 1.
+def widened_examples(args: tuple, kwargs: dict[str, Any]) -> list[tuple[tuple, dict[str, Any]]]:
+    """The examples to trace in place of one with a batch or sequence of size 1, in the order to try them.
 
     torch.export fixes a dim whose example size is 1 (0/1 specialization), and the graph then refuses
     every other size with a bare "Guard failed". A batch of repeated rows (a sequence of repeated
     tokens) is as valid an example, so size-1 dims are traced at 2; where the model refuses that (a
-    dim that really is 1, such as a single channel), only the batch is widened, then neither.
+    dim that really is 1, such as a single channel), only the batch is widened. Empty when no leading
+    dim is 1: the example itself is the one to trace. Both ``capture`` and ``export_onnx`` use it.
     """
-    if not dynamic or not _has_size_one(args, kwargs):
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    if not any(isinstance(x, torch.Tensor) and 1 in tuple(x.shape[:2]) for x in leaves):
+        return []
+    return [(_widen(args, dims), _widen(kwargs, dims)) for dims in ((0, 1), (0,))]
+
+
+def _export_keeping_dims(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], dynamic: bool) -> torch.export.ExportedProgram:
+    """``torch.export`` with batch and sequence dynamic even when the example has batch or sequence 1
+    (see ``widened_examples``); where the model takes no widened example, the example itself, with a warning."""
+    widenings = widened_examples(args, kwargs) if dynamic else []
+    if not widenings:
         return _export(model, args, kwargs, dynamic)
-    for dims in ((0, 1), (0,)):
+    for wide_args, wide_kwargs in widenings:
         try:
-            return _export(model, _widen(args, dims), _widen(kwargs, dims), dynamic)
+            return _export(model, wide_args, wide_kwargs, dynamic)
         except Exception:  # this widening is not a valid input for the model: try the next
             continue
     warnings.warn("capture: the example has batch or sequence size 1 and the model accepts no larger example, "
                   "so those dims are fixed at 1 in the captured graph; pass a batch of 2 and a sequence of 2 or more "
                   "to keep them dynamic", stacklevel=3)
     return _export(model, args, kwargs, dynamic)
-
-
-def _has_size_one(args: tuple, kwargs: dict[str, Any]) -> bool:
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    return any(isinstance(x, torch.Tensor) and 1 in tuple(x.shape[:2]) for x in leaves)
 
 
 def _output_hint(reason: str) -> str:

@@ -266,3 +266,23 @@ def test_an_output_that_would_replace_the_inputs_external_data_is_refused(lora_f
     assert "model.onnx.data is the external data file the input model reads its weights from" in err and "Traceback" not in err, err
     assert data.read_bytes() == before and _files(tmp_path) == files
     assert rel(ort_run(vendor, feeds), want) <= 1e-6  # the input still runs as before
+
+
+def test_base_initializers_listed_as_inputs_are_not_taken_for_adapter_slots(tmp_path, capsys):
+    """Files of IR version < 4 (and exporters' keep_initializers_as_inputs) list every initializer as an input;
+    only adapter tensors that are inputs make a served file."""
+    model = lora_onnx(ENTRY)
+    for name, value in model.graph.initializers.items():
+        if "lora_" not in name:
+            model.graph.inputs.append(value)
+    path = tmp_path / "lora.onnx"
+    lora_fx.save(model, path)
+    feeds = corpus().get(ENTRY).feeds()
+    want = ort_run(path, feeds)
+    served = tmp_path / "served.onnx"
+    assert main(["export", str(path), "-o", str(served), "--adapters", "--name", "a"]) == 0
+    assert main(["export", str(served), "-o", str(tmp_path / "m.onnx"), "--merge", "--adapter",
+                 str(tmp_path / "served.adapters" / "a.onnx_adapter")]) == 0
+    assert rel(ort_run(tmp_path / "m.onnx", feeds), want) <= 1e-5
+    assert main(["export", str(path), "-o", str(tmp_path / "merged.onnx"), "--merge"]) == 0
+    assert rel(ort_run(tmp_path / "merged.onnx", feeds), want) <= 1e-5
