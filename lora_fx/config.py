@@ -1,18 +1,23 @@
 """Typed configs with PEFT's field names and meanings, round-tripping to JSON.
 
 ``LoraConfig`` reads and writes PEFT's ``adapter_config.json`` so an adapter trained in PEFT loads
-here and ours loads in PEFT. Fields PEFT has that lora_fx does not implement are refused when they
-are set to a non-default value, rather than silently ignored.
+here and ours loads in PEFT. Every field of PEFT's config class is known: fields lora_fx does not
+implement are accepted at PEFT's default and refused (ConfigError) when set to anything else, rather
+than silently ignored; fields that describe the file or the run (``inference_mode``, ``revision``, ...)
+are accepted with any value. A key that is no PEFT field at all is dropped with a warning naming the
+nearest known field, as PEFT warns about keys it does not know.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,27 +55,30 @@ ALL_LINEAR = "all-linear"
 # The classification heads PeftModelForSequenceClassification adds to modules_to_save, in its order.
 SEQ_CLS_MODULES_TO_SAVE = ("classifier", "score")
 
-# PEFT fields with the value under which lora_fx behaves exactly like PEFT. Anything else is refused.
-_PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
-    "use_dora": False,
-    "bias": "none",
-    "layer_replication": None,
-    "use_qalora": False,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "lora_bias": False,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "megatron_config": None,
-    "loftq_config": {},
-    "eva_config": None,
-    "corda_config": None,
-    # These change what the adapter computes (KaSA truncates W and scales by learned singular values,
-    # MonteCLoRA samples, BD-LoRA's factors are block-diagonal): loading one as plain LoRA would be wrong.
-    "kasa_config": None,
-    "monteclora_config": None,
-    "use_bdlora": None,
-}
+# How a PEFT field that lora_fx does not implement is treated, kept in the field's metadata.
+_PEFT = "peft"
+_UNIMPLEMENTED = "unimplemented"  # accepted at PEFT's default only: any other value changes what the adapter is
+_FILE_INFO = "file_info"  # describes the file or the run, not the adapter: accepted with any value
+
+
+def _unimplemented(default: Any) -> Any:
+    """A PEFT field lora_fx does not implement, accepted at ``default`` (PEFT's default) and refused otherwise.
+
+    Keyword-only and out of ``repr`` and ``==``: it always holds ``default``, so ``LoraConfig(bias="none")`` is
+    ``LoraConfig()``. It is stored (and written by ``to_dict``) so code reading PEFT's attributes finds them.
+    """
+    if isinstance(default, dict):
+        return field(default_factory=dict, repr=False, compare=False, kw_only=True, metadata={_PEFT: _UNIMPLEMENTED})
+    return field(default=default, repr=False, compare=False, kw_only=True, metadata={_PEFT: _UNIMPLEMENTED})
+
+
+def _file_info(default: Any = None) -> Any:
+    """A PEFT field about the file or the run (PEFT's version, the base model's revision): any value is accepted."""
+    return field(default=default, repr=False, compare=False, kw_only=True, metadata={_PEFT: _FILE_INFO})
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -85,6 +93,11 @@ class LoraConfig:
     matches them (a module whose path ends with the text, ``"classifier"`` matching ``classifier``);
     LoRA never targets them or anything inside them. ``task_type="SEQ_CLS"`` adds PEFT's head names
     (``SEQ_CLS_MODULES_TO_SAVE``: ``classifier`` and ``score``) as PEFT's sequence-classification model does.
+    PEFT's other fields are keyword-only: those lora_fx does not implement (``bias``, ``use_dora``, ...) are
+    accepted at PEFT's default, so a PEFT-style ``LoraConfig(..., bias="none", task_type="CAUSAL_LM")`` works
+    verbatim, and any other value is a ConfigError; ``inference_mode``, ``revision``, ``auto_mapping``,
+    ``peft_version`` and ``runtime_config`` describe the file or the run and take any value, as do
+    ``qalora_group_size`` and ``megatron_core``, settings of refused features that do nothing without them.
     """
 
     r: int = 8
@@ -103,7 +116,43 @@ class LoraConfig:
     task_type: str | None = None
     modules_to_save: list[str] | None = None
 
+    # PEFT 0.21's LoraConfig fields lora_fx does not implement, at PEFT's defaults (any other value is refused).
+    bias: str = _unimplemented("none")
+    use_dora: bool = _unimplemented(False)
+    lora_bias: bool = _unimplemented(False)
+    layer_replication: list[list[int]] | None = _unimplemented(None)
+    use_qalora: bool = _unimplemented(False)
+    target_parameters: list[str] | None = _unimplemented(None)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = _unimplemented(None)
+    alora_invocation_tokens: list[int] | None = _unimplemented(None)
+    arrow_config: dict[str, Any] | None = _unimplemented(None)
+    megatron_config: dict[str, Any] | None = _unimplemented(None)
+    loftq_config: dict[str, Any] = _unimplemented({})
+    eva_config: dict[str, Any] | None = _unimplemented(None)
+    corda_config: dict[str, Any] | None = _unimplemented(None)
+    lora_ga_config: dict[str, Any] | None = _unimplemented(None)
+    # These change what the adapter computes or how it trains (KaSA truncates W and scales by learned singular
+    # values, MonteCLoRA samples, BD-LoRA's factors are block-diagonal, VeLoRA compresses the activations the
+    # backward pass keeps, ensure_weight_tying ties adapters across tied weights): read as plain LoRA they are wrong.
+    kasa_config: dict[str, Any] | None = _unimplemented(None)
+    monteclora_config: dict[str, Any] | None = _unimplemented(None)
+    use_bdlora: dict[str, Any] | None = _unimplemented(None)
+    velora_config: dict[str, Any] | None = _unimplemented(None)
+    ensure_weight_tying: bool = _unimplemented(False)
+    # About the file or the run, not the adapter. ``to_dict`` writes inference_mode=True as PeftModel.save_pretrained
+    # does, and leaves runtime_config out as PEFT does.
+    inference_mode: bool = _file_info(False)
+    revision: str | None = _file_info()
+    auto_mapping: dict[str, Any] | None = _file_info()
+    peft_version: str | None = _file_info()
+    runtime_config: Any = _file_info()
+    # Settings of a refused feature (use_qalora, megatron_config): without it they change nothing, so any value
+    # is plain LoRA in PEFT too.
+    qalora_group_size: int = _file_info(16)
+    megatron_core: str = _file_info("megatron.core")
+
     def __post_init__(self) -> None:
+        check_unimplemented(self)
         self.init_lora_weights = InitLoraWeights.parse(self.init_lora_weights)
         self.task_type = task_type_name(self.task_type)
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -164,11 +213,9 @@ class LoraConfig:
     # ---- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """PEFT's ``adapter_config.json`` content (loads with ``peft.LoraConfig.from_pretrained``)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = peft_fields_dict(self)
         out["init_lora_weights"] = self.init_lora_weights.to_peft()
         out["peft_type"] = "LORA"
-        out.update({k: v for k, v in _PEFT_FIELDS_AT_DEFAULT.items()})
-        out["inference_mode"] = True
         return out
 
     def to_json(self) -> str:
@@ -180,12 +227,7 @@ class LoraConfig:
         peft_type = _peft_type(data, "LORA")
         if peft_type != "LORA":
             raise ConfigError(f"this is a {peft_type} adapter config, not LoRA; use the config class for {peft_type}")
-        for key, default in _PEFT_FIELDS_AT_DEFAULT.items():
-            value = data.pop(key, default)
-            if value not in (default, None, {}, [], False) and value != default:
-                raise ConfigError(f"PEFT option {key}={value!r} is not supported by lora_fx; only {default!r} is")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**known_fields(cls, data, "LoraConfig"))
 
     @classmethod
     def from_json(cls, text: str) -> "LoraConfig":
@@ -202,10 +244,6 @@ class LoraConfig:
         path = Path(directory) / ADAPTER_CONFIG_NAME
         atomic_write_text(path, self.to_json())
         return path
-
-
-# PromptLearningConfig/PrefixTuningConfig fields with the value lora_fx implements; others are refused.
-_PEFT_PREFIX_FIELDS_AT_DEFAULT: dict[str, Any] = {}
 
 
 def with_task_heads(task_type: Any, modules_to_save: list[str] | None) -> list[str] | None:
@@ -251,6 +289,12 @@ class PrefixConfig:
     num_transformer_submodules: int | None = None
     modules_to_save: list[str] | None = None
 
+    # PEFT's PrefixTuningConfig fields about the file or the run, as in LoraConfig.
+    inference_mode: bool = _file_info(False)
+    revision: str | None = _file_info()
+    auto_mapping: dict[str, Any] | None = _file_info()
+    peft_version: str | None = _file_info()
+
     def __post_init__(self) -> None:
         self.task_type = task_type_name(self.task_type)
         if isinstance(self.target_modules, (set, tuple)):
@@ -285,14 +329,12 @@ class PrefixConfig:
     # ---- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """PEFT's ``adapter_config.json`` content (loads with ``peft.PrefixTuningConfig.from_pretrained``)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = peft_fields_dict(self)
         if out["target_modules"] is None:
             # Not a PEFT field: written only when set, so PEFT reads our files unchanged.
             del out["target_modules"]
         out["num_transformer_submodules"] = out["num_transformer_submodules"] or 1
         out["peft_type"] = "PREFIX_TUNING"
-        out.update(_PEFT_PREFIX_FIELDS_AT_DEFAULT)
-        out["inference_mode"] = True
         return out
 
     def to_json(self) -> str:
@@ -304,17 +346,10 @@ class PrefixConfig:
         peft_type = _peft_type(data, "PREFIX_TUNING")
         if peft_type != "PREFIX_TUNING":
             raise ConfigError(f"this is a {peft_type} adapter config, not prefix-tuning; use the config class for {peft_type}")
-        for key, default in _PEFT_PREFIX_FIELDS_AT_DEFAULT.items():
-            value = data.pop(key, default)
-            if value is not None and value != default:
-                raise ConfigError(
-                    f"PEFT option {key}={value!r} is not supported by lora_fx prefix-tuning (only {default!r})"
-                )
         if data.get("num_transformer_submodules") == 1:
             # PEFT writes 1 for every model that is no encoder-decoder: the same as "from the model" (None).
             data["num_transformer_submodules"] = None
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**known_fields(cls, data, "PrefixTuningConfig"))
 
     @classmethod
     def from_json(cls, text: str) -> "PrefixConfig":
@@ -331,6 +366,52 @@ class PrefixConfig:
         path = Path(directory) / ADAPTER_CONFIG_NAME
         atomic_write_text(path, self.to_json())
         return path
+
+
+def check_unimplemented(config: Any) -> None:
+    """Refuse a PEFT field lora_fx does not implement unless it holds PEFT's default, then store that default.
+
+    An unset value (None, {}, [], False) means "not used" in PEFT too and is accepted; it is stored as PEFT's
+    default so the written file reads back in PEFT as written by PEFT (PEFT refuses bias=None, for one).
+    """
+    for f in dataclasses.fields(config):
+        if f.metadata.get(_PEFT) != _UNIMPLEMENTED:
+            continue
+        default, value = _default_of(f), getattr(config, f.name)
+        if value != default and not _is_unset(value):
+            raise ConfigError(f"PEFT option {f.name}={value!r} is not supported by lora_fx; only {default!r} is")
+        setattr(config, f.name, default)
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
+
+
+def peft_fields_dict(config: Any) -> dict[str, Any]:
+    """``config``'s fields as PEFT writes them in ``adapter_config.json``: ``inference_mode`` true (as
+    PeftModel.save_pretrained writes it), no ``runtime_config`` (PEFT drops it from files), ``peft_version`` only when
+    known (PEFT fills in its own version when it reads a file without one)."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "runtime_config"}
+    out["inference_mode"] = True
+    if out.get("peft_version") is None:
+        out.pop("peft_version", None)
+    return out
+
+
+def known_fields(cls: type, data: dict[str, Any], peft_class: str) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of ``cls``; each other key is dropped with a warning naming the nearest
+    field, as PEFT drops (and warns about) keys its config class does not have."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in sorted(set(data) - set(names), key=str):
+        # cutoff=0: always name the nearest field, however far, so a misspelling is seen even when it is a poor one.
+        near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.0)
+        warnings.warn(
+            f"{key!r} is not a field of PEFT's {peft_class} that lora_fx knows, so it is ignored (the nearest known "
+            f"field is {near[0]!r}); check the spelling, or whether the config comes from a newer PEFT than lora_fx "
+            f"supports",
+            stacklevel=3,
+        )
+    return {k: v for k, v in data.items() if k in names}
 
 
 def check_patterns(field_name: str, value: Any) -> None:

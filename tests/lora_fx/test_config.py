@@ -207,3 +207,169 @@ def test_peft_task_type_enum_becomes_its_name():
     assert PrefixConfig(task_type=peft.TaskType.CAUSAL_LM).task_type == "CAUSAL_LM"
     sites = [Site(name=n, kind=SiteKind.LINEAR, ir=IRKind.FX, in_features=16, out_features=16) for n in ("dense", "classifier")]
     assert [t.site.name for t in select_targets(sites, LoraConfig(task_type=peft.TaskType.SEQ_CLS, target_modules="all-linear"))] == ["dense"]
+
+
+# ---- every PEFT field is known: accepted at PEFT's default, refused otherwise, unknown keys warned about --------------
+
+def _peft_defaults(peft_cls) -> dict:
+    """PEFT's own default for each field of its config class, read from the installed PEFT (the reference)."""
+    out = {}
+    for f in dataclasses.fields(peft_cls):
+        out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return out
+
+
+def _peft_lora_fields() -> list[str]:
+    import peft
+
+    # peft_type names the config class: from_dict reads it, the constructor has no use for it (PEFT overwrites it).
+    return sorted(set(_peft_defaults(peft.LoraConfig)) - {"peft_type"})
+
+
+@pytest.mark.parametrize("peft_cls_name,ours", [("LoraConfig", LoraConfig), ("PrefixTuningConfig", lora_fx.PrefixConfig)])
+def test_every_field_of_the_installed_peft_config_is_known(peft_cls_name, ours):
+    # Fails when a PEFT release adds a field lora_fx has not decided about: it would be dropped as unknown, and
+    # a field like velora_config or ensure_weight_tying changes what an imported adapter means.
+    import peft
+
+    theirs = set(_peft_defaults(getattr(peft, peft_cls_name))) - {"peft_type"}
+    assert sorted(theirs - {f.name for f in dataclasses.fields(ours)}) == []
+
+
+@pytest.mark.parametrize("name", _peft_lora_fields())
+def test_constructor_takes_every_peft_field_at_peft_default(name):
+    import peft
+
+    default = _peft_defaults(peft.LoraConfig)[name]
+    cfg = LoraConfig(**{name: default})
+    assert cfg == LoraConfig()
+    assert cfg.to_dict() == LoraConfig().to_dict()
+
+
+def test_peft_style_call_works_verbatim():
+    import peft
+
+    kwargs = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(**kwargs)
+    assert cfg == LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05, task_type="CAUSAL_LM")
+    assert (cfg.bias, cfg.use_dora) == (peft.LoraConfig(**kwargs).bias, peft.LoraConfig(**kwargs).use_dora)
+    assert "bias" not in repr(cfg)  # PEFT's unimplemented fields always hold the default: repr shows lora_fx's own
+
+
+# A value PEFT would act on for each PEFT field lora_fx does not implement.
+NON_DEFAULTS = {
+    "bias": ["all", "lora_only"],
+    "use_dora": [True],
+    "lora_bias": [True],
+    "layer_replication": [[[0, 1]]],
+    "use_qalora": [True],
+    "target_parameters": [["mlp.experts.gate_up_proj"]],
+    "trainable_token_indices": [[0, 1]],
+    "alora_invocation_tokens": [[5, 6]],
+    "arrow_config": [{"top_k": 3}],
+    "megatron_config": [{"tensor_model_parallel_size": 2}],
+    "loftq_config": [{"loftq_bits": 4}],
+    "eva_config": [{"rho": 2.0}],
+    "corda_config": [{"cache_file": "c.pt"}],
+    "lora_ga_config": [{"bsz": 4}],
+    "kasa_config": [{"kasa_rank": 4}],
+    "monteclora_config": [{"monteclora_n": 8}],
+    "use_bdlora": [{"nblocks": 2}],
+    "velora_config": [{"rank": 2}],
+    "ensure_weight_tying": [True],
+}
+
+
+@pytest.mark.parametrize("name,value", [("qalora_group_size", 32), ("megatron_core", "my.megatron")])
+def test_settings_of_a_refused_feature_are_plain_lora_without_it(name, value):
+    import peft
+
+    # PEFT reads them only with use_qalora / megatron_config, which lora_fx refuses: alone they are plain LoRA.
+    assert LoraConfig.from_dict({**peft.LoraConfig(r=4, target_modules=["q_proj"]).to_dict(), name: value}) == LoraConfig(
+        r=4, target_modules=["q_proj"])
+
+
+def test_every_unimplemented_field_has_a_refusal_case():
+    unimplemented = {f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("peft") == "unimplemented"}
+    assert unimplemented == set(NON_DEFAULTS)
+
+
+@pytest.mark.parametrize("name,value", [(n, v) for n, vs in NON_DEFAULTS.items() for v in vs])
+def test_unimplemented_peft_fields_are_refused_by_constructor_and_from_dict(name, value):
+    import peft
+
+    message = f"PEFT option {name}=.* is not supported by lora_fx; only .* is"
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(target_modules=["q_proj"], **{name: value})
+    data = {**peft.LoraConfig(r=4, target_modules=["q_proj"]).to_dict(), name: value}
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(task_type="CAUSAL_LM"),
+    dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05, bias="none", task_type="CAUSAL_LM"),
+    dict(target_modules="all-linear", use_rslora=True, init_lora_weights="gaussian", exclude_modules=["lm_head"]),
+    dict(r=2, target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h", fan_in_fan_out=True,
+         rank_pattern={"c_attn": 4}, base_model_name_or_path="gpt2", revision="main"),
+])
+def test_peft_config_dicts_round_trip(tmp_path, kwargs):
+    import warnings
+
+    import peft
+
+    theirs = peft.LoraConfig(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no key of PEFT's own config may count as unknown
+        ours = LoraConfig.from_dict(theirs.to_dict())
+        assert LoraConfig.from_json(ours.to_json()) == ours
+        assert LoraConfig.from_json(ours.to_json()).to_json() == ours.to_json()  # exact, nothing grows
+    expected = json.loads(json.dumps(theirs.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    expected["inference_mode"] = True  # as PeftModel.save_pretrained writes it
+    expected["peft_type"] = "LORA"
+    got = json.loads(ours.to_json())
+    if isinstance(got["target_modules"], list):
+        got["target_modules"] = sorted(got["target_modules"])
+    assert got == expected  # the same keys and values as PEFT's adapter_config.json
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warns about keys it does not know: there must be none
+        back = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert back.to_dict() == {**theirs.to_dict(), "inference_mode": True}
+
+
+@pytest.mark.parametrize("key,nearest", [("use_magic", None), ("lora_alpah", "lora_alpha"), ("target_module", "target_modules")])
+def test_unknown_keys_are_warned_about_and_ignored_as_peft_does(tmp_path, key, nearest):
+    import peft
+
+    data = {**peft.LoraConfig(r=4, target_modules=["q_proj"]).to_dict(), key: 7}
+    # PEFT itself (from_pretrained -> from_peft_type) warns about a key it does not know and drops it.
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "peft_type": "LORA", "target_modules": ["q_proj"]}))
+    with pytest.warns(UserWarning, match=rf"Unexpected keyword arguments \['{key}'\]"):
+        peft.LoraConfig.from_pretrained(str(tmp_path))
+    near = nearest or ".+"
+    with pytest.warns(UserWarning, match=rf"'{key}' is not a field of PEFT's LoraConfig .* nearest known field is '{near}'"):
+        ours = LoraConfig.from_dict(data)
+    assert ours == LoraConfig(r=4, target_modules=["q_proj"])
+    with pytest.warns(UserWarning, match=rf"'{key}' is not a field of PEFT's LoraConfig"):
+        LoraConfig.from_pretrained(tmp_path)
+
+
+def test_prefix_config_takes_peft_file_fields():
+    import warnings
+
+    import peft
+
+    from lora_fx.config import PrefixConfig
+
+    cfg = PrefixConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", inference_mode=False, revision=None)
+    assert cfg == PrefixConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    theirs = peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", revision="v1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = PrefixConfig.from_dict(theirs.to_dict())
+    assert set(ours.to_dict()) == set(theirs.to_dict()) and ours.to_dict()["revision"] == "v1"
+    assert PrefixConfig.from_json(ours.to_json()).to_json() == ours.to_json()
+    with pytest.warns(UserWarning, match="'num_virtual_token' is not a field of PEFT's PrefixTuningConfig .* 'num_virtual_tokens'"):
+        PrefixConfig.from_dict({**theirs.to_dict(), "num_virtual_token": 8})
