@@ -188,6 +188,11 @@ class LoraConfig:
                 raise ConfigError(f"{name} must be a number (the scale is alpha / r), got {alpha!r}")
             if not math.isfinite(alpha):  # a NaN or inf scale turns every output of the site into NaN
                 raise ConfigError(f"{name} must be a finite number (the scale is alpha / r), got {alpha!r}")
+            if alpha == 0:
+                # A zero scale makes the adapter a no-op that still trains; the ONNX form keeps the scale inside B
+                # (B * scale), so a PEFT folder written from it would hold B / 0.
+                raise ConfigError(f"{name} is 0: the scale alpha / r would be 0 and the adapter would change nothing; "
+                                  "use a non-zero alpha (PEFT's default is 8; r or 2 * r are common)")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only applies together with layers_to_transform")
         if isinstance(self.target_modules, list) and not self.target_modules:

@@ -76,6 +76,14 @@ def test_a_non_finite_alpha_is_refused(field, value):
         lora_fx.LoraConfig(r=2, target_modules=["query"], **kw)
 
 
+@pytest.mark.parametrize("field", ["lora_alpha", "alpha_pattern"])
+def test_a_zero_alpha_is_refused(field):
+    # Accepted before: a no-op adapter that trained anyway, and the ONNX form (scale kept in B) exported B / 0 to PEFT.
+    kw = {"lora_alpha": 0} if field == "lora_alpha" else {"alpha_pattern": {"query": 0.0}}
+    with pytest.raises(ConfigError, match="the scale alpha / r would be 0"):
+        lora_fx.LoraConfig(r=2, target_modules=["query"], **kw)
+
+
 def test_an_adapter_config_with_alpha_nan_is_refused(zoo, tmp_path):
     folder, _ = _saved_adapter(zoo, tmp_path)
     config = folder / "adapter_config.json"
