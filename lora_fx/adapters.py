@@ -237,7 +237,10 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     """Load a PEFT LoRA adapter directory onto ``model``.
 
     If the model has no adapter yet, the adapter's config is applied first. Every tensor must fit
-    its site; a mismatch names the site, the expected and the found shape.
+    its site; a mismatch names the site, the expected and the found shape. Onto a model that has an
+    adapter, the loaded config must adapt the same sites with the same ranks, and its scales and
+    ``lora_dropout`` replace the graph's, as PEFT builds the loaded adapter from its config.
+    Copies of base weights PEFT saves with an adapter (embedding layers) load when they are the model's.
     """
     import torch.fx as fx
 
@@ -251,18 +254,24 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         from lora_fx.api import _is_onnx
 
         if _is_onnx(model):
-            from lora_fx.onnx_adapter import load_onnx_adapter
-            from lora_fx.passes.onnx.freeze_base import check_saved_tensors, load_saved_tensors
+            from lora_fx.onnx_adapter import load_onnx_adapter, onnx_base_weight
+            from lora_fx.passes.onnx.freeze_base import check_saved_tensors, load_saved_tensors, selected_modules
 
+            saved = drop_base_copies(saved, selected_modules(model, config), lambda name: onnx_base_weight(model, name), directory)
             check_saved_tensors(model, config, saved, directory)  # before the LoRA load changes anything
             load_onnx_adapter(model, config, tensors)
             return load_saved_tensors(model, config, saved)  # the head, trained in full (modules_to_save)
         raise ConfigError(f"load_adapter takes a GraphModule or onnx_ir Model, got {type(model).__name__}")
     from lora_fx.api import apply
     from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.find_sites import module_tree
+    from lora_fx.targeting import select_modules_to_save
 
     info = meta(model)
-    if not info.get("lora_sites"):
+    # PEFT's copies of base weights (saved embedding layers): checked to be the model's, then left out.
+    saved = drop_base_copies(saved, select_modules_to_save(config, module_tree(model)), lambda name: _fx_base_weight(model, name), directory)
+    reloading = bool(info.get("lora_sites"))
+    if not reloading:
         # Checked against the sites the config would adapt before apply changes anything: a refused
         # adapter leaves the model as it was.
         _check_tensors(tensors, _planned_shapes(model, config), directory)
@@ -277,6 +286,8 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
         for site, rec in lora_sites.items()
     }
     _check_tensors(tensors, {site: {w: tuple(p.shape) for w, p in ps.items()} for site, ps in params.items()}, directory)
+    if reloading:
+        _check_config_fits_graph(model, config, directory)  # the tensors fit: so must the config recorded with them
     updates = []
     for key, value in tensors.items():
         site, which = parse_peft_key(key)
@@ -285,7 +296,8 @@ def load_adapter(model: Any, directory: str | os.PathLike) -> Any:
     with torch.no_grad():
         for param, value in updates:
             param.copy_(value.to(param.dtype))
-    # Scales come from the loaded config: refresh them in the graph.
+    # Scales and dropout come from the loaded config, as PEFT builds the adapter from it: refresh them in the graph.
+    _refresh_dropout(model, config.lora_dropout)
     _refresh_scales(model, config)
     return model
 
@@ -301,7 +313,7 @@ def _check_saved(gm: Any, config: Any, saved: dict[str, Any], directory: Any, ke
     for name, value in saved.items():
         if name not in params:
             raise AdapterError(
-                f"adapter tensor {key_prefix}{name!r} is neither {'a LoRA matrix' if key_prefix == PEFT_PREFIX else 'a prefix'} "
+                f"adapter tensor {key_prefix + name!r} is neither {'a LoRA matrix' if key_prefix == PEFT_PREFIX else 'a prefix'} "
                 f"nor a parameter of a module its config's modules_to_save={config.modules_to_save!r} names in this model"
                 + (f" (those hold: {', '.join(sorted(params)[:6])})" if params else "")
                 + "; was it saved from another model?"
@@ -387,6 +399,7 @@ def _refresh_scales(gm: Any, config: LoraConfig) -> None:
         r = int(pattern_value(config.rank_pattern, key, config.r))
         alpha = float(pattern_value(config.alpha_pattern, key, config.lora_alpha))
         new_scales[site] = config.scaling(r, alpha)
+        info["lora_sites"][site].update(r=r, alpha=alpha)  # the record says what runs, as save_adapter reads it
     changed = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor and node.meta.get("lora_fx_inserted"):
@@ -402,3 +415,135 @@ def _refresh_scales(gm: Any, config: LoraConfig) -> None:
     if changed:
         gm.recompile()
     info.setdefault("adapters", {})["default"] = config
+
+
+def _refresh_dropout(gm: Any, p: float) -> None:
+    """Every LoRA branch of ``gm`` drops its input with probability ``p`` (the loaded config's ``lora_dropout``), as
+    ``insert_lora`` builds it: ``dropout(x, p, training)`` read by ``linear(·, A)`` alone. A branch without dropout
+    gains one, a branch whose ``p`` becomes 0 loses it, so a graph that loaded an adapter trains as one that applied
+    that adapter's config would (PEFT's ``load_adapter`` builds the adapter's dropout from the loaded config)."""
+    from lora_fx.passes.fx.capture import meta
+    from lora_fx.passes.fx.find_sites import INSERTED
+
+    aten = torch.ops.aten
+    graph = gm.graph
+    training = bool(meta(gm).get("training", False))
+    changed = False
+    for node in list(graph.nodes):
+        if not (node.op == "get_attr" and isinstance(node.target, str) and node.target.endswith(".lora_A.weight")):
+            continue
+        for lin in list(node.users):  # linear(h, A), one per call of the site
+            if lin.target is not aten.linear.default or lin.args[1] is not node:
+                continue
+            h = lin.args[0]
+            drop = h if getattr(h, "target", None) is aten.dropout.default and h.meta.get(INSERTED) else None
+            if drop is not None and p > 0:
+                if drop.args[1] != p:
+                    drop.args = (drop.args[0], p, *drop.args[2:])
+                    changed = True
+            elif drop is not None:
+                lin.args = (drop.args[0], *lin.args[1:])
+                if not drop.users:
+                    graph.erase_node(drop)
+                changed = True
+            elif p > 0:
+                with graph.inserting_before(lin):
+                    new = graph.call_function(aten.dropout.default, (h, p, training))
+                new.meta[INSERTED] = True
+                new.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
+                lin.args = (new, *lin.args[1:])
+                changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+
+
+def _check_config_fits_graph(gm: Any, config: LoraConfig, directory: Any) -> None:
+    """Loading onto a graph that has adapters keeps its sites and ranks: refuse a config that would adapt other sites
+    or give them other ranks (its ``target_modules``, ``r``, ``rank_pattern``) than the graph has, rather than record
+    a config the graph does not run. The tensors are checked against the graph's own slots apart."""
+    from lora_fx.passes.fx.capture import meta
+
+    have = {peft_site_name(site, rec.get("part_of")): rec for site, rec in meta(gm)["lora_sites"].items()}
+    try:
+        planned = _planned_shapes(gm, config)
+    except (AdapterError, ConfigError) as exc:
+        raise AdapterError(
+            f"the adapter in {directory} does not fit this model's adapter ({exc}); load it onto the model without "
+            "adapters (lora_fx.capture again), which applies its config first"
+        ) from None
+    extra, lacking = sorted(set(planned) - set(have)), sorted(set(have) - set(planned))
+    ranks = sorted(f"{s} (r={planned[s]['A'][0]} in the config, {have[s]['r']} here)" for s in set(planned) & set(have)
+                   if planned[s]["A"][0] != have[s]["r"])
+    if extra or lacking or ranks:
+        what = "; ".join(part for part in (
+            f"it adapts {', '.join(extra[:4])}, which this model's adapter lacks" if extra else "",
+            f"it leaves out {', '.join(lacking[:4])}" if lacking else "",
+            f"other ranks: {', '.join(ranks[:4])}" if ranks else "",
+        ) if part)
+        raise AdapterError(
+            f"the config in {directory} (target_modules={config.target_modules!r}, r={config.r}, rank_pattern="
+            f"{config.rank_pattern!r}) does not describe the adapter this model has: {what}. Load it onto the model "
+            "without adapters (lora_fx.capture again), which applies its config first"
+        )
+
+
+def _fx_base_weight(gm: Any, name: str) -> torch.Tensor | None:
+    """The base value of ``gm``'s parameter or buffer ``name`` (a tied alias such as ``lm_head.weight`` included);
+    for a module trained in full, the base copy ``record_modules_to_save`` kept."""
+    from lora_fx.passes.fx.freeze_base import saved_base
+
+    base = saved_base(gm).get(name)
+    if base is None:
+        base = gm.state_dict(keep_vars=True).get(name)
+    return None if base is None else base.detach()
+
+
+def drop_base_copies(saved: dict[str, Any], trained: list[str], base_weight: Any, directory: Any) -> dict[str, Any]:
+    """``saved`` (an adapter's non-LoRA tensors by model name) without the copies of base weights PEFT saves with an
+    adapter: with ``save_embedding_layers`` it saves the embedding layers, a targeted one's as
+    ``<module>.base_layer.weight`` (``lm_head.base_layer.weight``), an untargeted one's under its own name (a resized
+    vocabulary). lora_fx never changes base weights, so a copy equal to the model's (``base_weight(name)``) is left
+    out and one that differs is refused. Parameters of the modules at ``trained`` (``modules_to_save``) are kept, and
+    so are names this model lacks (the caller refuses them)."""
+    kept = {}
+    for name, value in saved.items():
+        module, sep, rest = name.partition(".base_layer.")
+        model_name = f"{module}.{rest}" if sep else name
+        if not sep and any(name.startswith(f"{path}.") for path in trained):
+            kept[name] = value
+            continue
+        base = base_weight(model_name)
+        if base is None:
+            if sep:
+                raise AdapterError(
+                    f"adapter tensor {PEFT_PREFIX + name!r} is PEFT's copy of the base weight {model_name}, which this "
+                    f"model lacks (or holds in no form lora_fx can compare); was it saved from another model?"
+                )
+            kept[name] = value
+            continue
+        _check_same_as_base(PEFT_PREFIX + name, torch.as_tensor(value), torch.as_tensor(base), model_name, directory)
+    return kept
+
+
+def _check_same_as_base(key: str, value: torch.Tensor, base: torch.Tensor, model_name: str, directory: Any) -> None:
+    """Refuse a saved copy of ``model_name`` that differs from the model's base value beyond rounding to the coarser
+    of the two dtypes (PEFT saves float32 copies of a float16 model's weights, and the other way round)."""
+    way_out = (f"lora_fx never changes base weights: load the base model with that weight (a resized vocabulary: "
+               f"resize the model's embeddings and load its trained weights before capture), then load the adapter; "
+               f"or load the adapter with PEFT")
+    why = (f"PEFT saves base weights with an adapter whose embedding layers it saves (save_embedding_layers: a "
+           f"targeted embedding or lm_head, or a resized vocabulary)")
+    if tuple(value.shape) != tuple(base.shape):
+        raise AdapterError(f"adapter tensor {key!r} in {directory} has shape {tuple(value.shape)}, but this model's "
+                           f"{model_name} is {tuple(base.shape)}: {why}, and this one is not the model's. {way_out}")
+    if not (value.is_floating_point() and base.is_floating_point()):
+        raise AdapterError(f"adapter tensor {key!r} in {directory} is a copy of {model_name}, which this model holds as "
+                           f"{base.dtype} (quantized?), so lora_fx cannot check it is the model's; load the adapter onto "
+                           f"the float model")
+    eps = max(torch.finfo(value.dtype).eps, torch.finfo(base.dtype).eps)
+    base32, value32 = base.float(), value.float()
+    worst = float((value32 - base32).abs().max()) if value.numel() else 0.0
+    if worst > eps * max(float(base32.abs().max()), torch.finfo(torch.float32).tiny):
+        raise AdapterError(f"adapter tensor {key!r} in {directory} differs from this model's {model_name} (max "
+                           f"difference {worst:.3g}): {why}, and this one was changed (trained or resized). {way_out}")

@@ -904,7 +904,8 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved
             "that module has it as slots: convert the adapter with peft_dir_to_onnx_adapter and serve it with runtime.Session"
         )
 
-    if not read_records(model):
+    reloading = bool(read_records(model))
+    if not reloading:
         from lora_fx.adapters import _check_tensors
         from lora_fx.api import apply
         from lora_fx.passes.onnx.insert_lora import select_onnx_targets
@@ -925,6 +926,127 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved
     missing = sorted(n for n, slot in slots.items() if not slot.module and n not in adapter.tensors)
     if missing:
         raise AdapterError(f"the adapter lacks tensors for: {', '.join(missing[:10])}")
+    # PEFT builds the adapter from the loaded config: its dropout, as its scales (folded into B), become the graph's.
+    dropout = _plan_dropout(model, float(config.lora_dropout)) if reloading else []
     for name, arr in adapter.tensors.items():
         model.graph.initializers[name].const_value = ir.tensor(arr, name=name)
+    if reloading:
+        _set_dropout(model, dropout, float(config.lora_dropout))
+        _record_loaded(model, config, adapter)
     return model
+
+
+def _record_loaded(model: Any, config: Any, adapter: OnnxAdapter) -> None:
+    """The site records and the config of an ONNX model that loaded ``adapter`` onto its adapter: what runs now (the
+    loaded ranks, alphas and scales, its dropout), so save_adapter writes the loaded config, not the one applied."""
+    from lora_fx.passes.onnx.lora_layout import CONFIG_KEY, read_records, write_records
+
+    records = read_records(model)
+    for site, rec in records.items():
+        rec.update({k: v for k, v in adapter.sites.get(site, {}).items() if k in ("r", "alpha", "scale")})
+        rec.pop("dropout", None)
+        if config.lora_dropout > 0:
+            rec["dropout"] = float(config.lora_dropout)
+    write_records(model, records)
+    model.metadata_props[CONFIG_KEY] = config.to_json()
+
+
+def _plan_dropout(model: Any, p: float) -> list[tuple[str, Any, Any]]:
+    """The branches whose Dropout must change for ``p``: ``(site, branch, its Dropout or None)``, found before anything
+    changes; a branch lora_fx cannot rewrite (an optimizer fused it) is refused naming both rates."""
+    from lora_fx.errors import UnsupportedError
+    from lora_fx.passes.onnx.lora_layout import find_branches, read_records
+
+    plan = []
+    for site, rec in read_records(model).items():
+        was = float(rec.get("dropout", 0.0))
+        if was == p:
+            continue
+        way_out = (f"load the adapter onto the model without adapters (lora_fx.load the original file again), which "
+                   f"applies its config first")
+        try:
+            branches = find_branches(model.graph, site, rec)
+        except UnsupportedError as exc:
+            raise AdapterError(f"the adapter's lora_dropout={p} cannot replace this model's {was} at site {site}: its "
+                               f"LoRA branch is not in the form lora_fx rewrites ({exc}); {way_out}") from None
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        if p > 0 and opset < 7:
+            raise AdapterError(f"the adapter's lora_dropout={p} cannot replace this model's {was}: ONNX's Dropout needs "
+                               f"opset 7 or later and this model imports opset {opset}; convert it with "
+                               f"onnx.version_converter, or {way_out}")
+        for branch in branches:
+            drop = branch.nodes[0] if branch.nodes and branch.nodes[0].op_type == "Dropout" else None
+            plan.append((site, branch, drop))
+    return plan
+
+
+def _set_dropout(model: Any, plan: list[tuple[str, Any, Any]], p: float) -> None:
+    """Give the planned branches ``Dropout(x, p)`` in front of ``MatMul(x, A)``, in ``insert_lora``'s layout (ratio a
+    scalar initializer ``<site>.lora_dropout.ratio``, an attribute below opset 12), or none when ``p`` is 0."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    tags: dict[str, int] = {}
+    for site, branch, drop in plan:
+        tag = tags.get(site, 0)
+        tags[site] = tag + 1
+        ratio_name = f"{site}.lora_dropout.ratio"
+        if drop is not None:  # replaced whole: a ratio attribute (below opset 12) changes with it
+            branch.matmul_a.replace_input_with(0, drop.inputs[0])
+            branch.graph.remove(drop, safe=True)
+        if p == 0:
+            continue
+        x = branch.matmul_a.inputs[0]
+        meta = {k: v for k, v in branch.matmul_a.metadata_props.items() if k.startswith("lora_fx.")}
+        name = f"{site}/lora_dropout/Dropout"
+        if opset >= 12:  # ratio became an input in opset 12
+            ratio = graph.initializers.get(ratio_name)
+            if ratio is None:
+                ratio = ir.Value(name=ratio_name, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                                 const_value=ir.tensor(np.array(p, np.float32), name=ratio_name))
+                graph.register_initializer(ratio)
+            new = ir.node("Dropout", [x, ratio], name=name, metadata_props=meta)
+        else:
+            new = ir.node("Dropout", [x], attributes={"ratio": p}, name=name, metadata_props=meta)
+        new.outputs[0].name = f"{site}/lora_dropout/output{f'.{tag}' if tag else ''}"
+        new.outputs[0].dtype, new.outputs[0].shape = x.dtype, x.shape
+        branch.graph.insert_before(branch.matmul_a, new)
+        branch.matmul_a.replace_input_with(0, new.outputs[0])
+    for site in tags:  # a site's ratio, read by each of its branches: the new rate, or gone with them
+        ratio = graph.initializers.get(f"{site}.lora_dropout.ratio")
+        if ratio is None:
+            continue
+        if list(ratio.uses()):
+            ratio.const_value = ir.tensor(np.array(p, np.float32), name=ratio.name)
+        elif not ratio.is_graph_input():
+            graph.initializers.pop(ratio.name)
+
+
+def onnx_base_weight(model: Any, name: str) -> Any:
+    """The base value of parameter ``name`` of an ONNX model in torch's layout (numpy), or None where lora_fx cannot
+    read it: a module trained in full's base copy, an initializer of that name, or the weight or bias a linear site of
+    the module reads (a tied ``lm_head.weight`` is the embedding's, read through a Transpose)."""
+    from lora_fx.passes.onnx.find_sites import const_tensor, find_sites, linear_parts
+    from lora_fx.passes.onnx.freeze_base import saved_base
+    from lora_fx.sites import SiteKind
+
+    base = saved_base(model).get(name)
+    if base is not None:
+        return base[1]
+    value = model.graph.initializers.get(name)
+    if value is not None and value.const_value is not None and not value.is_graph_input():
+        return np.array(value.const_value.numpy())
+    module, _, param = name.rpartition(".")
+    site = next((s for s in find_sites(model) if s.kind is SiteKind.LINEAR and s.name == module), None)
+    parts = linear_parts(site.handle) if site is not None and param in ("weight", "bias") else None
+    if parts is None or any(n.op_type != "Transpose" for n in parts.chain):
+        return None
+    if param == "bias":
+        bias = const_tensor(parts.bias)
+        return None if bias is None else np.array(bias.numpy()).reshape(-1)
+    stored = const_tensor(parts.weight)
+    if stored is None:
+        return None
+    arr = np.array(stored.numpy())
+    return arr if parts.stored_out_in else arr.T
