@@ -148,6 +148,7 @@ class Session:
             # Also into the caller's own options (set for threads, say): the numerics must stay the trained ones.
             options.add_session_config_entry(_ACCURACY_LEVEL, "0")
         self.device_id = device_id
+        self._run_log_level = _run_log_level(options, session_options is not None)
         self._session = self._create(ort, options, providers)
         self._saved = self._read_saved()
         self.providers: list[str] = list(self._session.get_providers())
@@ -391,9 +392,11 @@ class Session:
 
         loaded = self._get(adapter) if adapter is not None else None
         try:
-            if self.on_cuda:
-                return self._run_bound(feeds, loaded, names)
             options = ort.RunOptions()
+            if self._run_log_level is not None:
+                options.log_severity_level = self._run_log_level
+            if self.on_cuda:
+                return self._run_bound(feeds, loaded, names, options)
             if loaded is not None:
                 options.add_active_adapter(loaded.host)
             if self._takes_bfloat16(feeds, names):
@@ -473,7 +476,8 @@ class Session:
     # Where ``_run_bound`` puts the outputs; the tests run it on the CPU.
     _device = "cuda"
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], loaded: _Loaded | None, output_names: Sequence[str] | None) -> list[np.ndarray]:
+    def _run_bound(self, feeds: dict[str, np.ndarray], loaded: _Loaded | None, output_names: Sequence[str] | None,
+                   options: Any = None) -> list[np.ndarray]:
         from lora_fx.onnx_adapter import is_bfloat16, ort_value, ort_value_to_numpy
 
         binding = self._session.io_binding()
@@ -493,7 +497,7 @@ class Session:
         host = bool(self._bf16_outputs & set(names))
         for name in names:
             binding.bind_output(name, "cpu" if host else self._device, 0 if host else self.device_id)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, options)
         if not host:
             return binding.copy_outputs_to_cpu()
         return [ort_value_to_numpy(v) for v in binding.get_outputs()]
@@ -587,6 +591,30 @@ def _dims(shape: Any) -> tuple[int | str | None, ...] | None:
     if shape is None:
         return None
     return tuple(d if isinstance(d, (int, str)) or d is None else None for d in shape)
+
+
+# ORT's log_severity_level: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal; -1 (unset) falls back to the
+# session's level for a run (RunOptions) and to the environment's, warning, for a session (SessionOptions).
+_FATAL = 4
+_ERROR = 3
+
+
+def _run_log_level(options: Any, callers: bool) -> int | None:
+    """The ``RunOptions.log_severity_level`` for runs, or None to leave runs at the session's level.
+
+    A failed run makes ORT log an ERROR line ("[E:onnxruntime:, sequential_executor.cc ... ExecuteKernel]") on
+    the C-level stderr, and ``run`` raises a ConfigError carrying the same message: printed twice, the first
+    in red before lora_fx's own. Runs therefore log FATAL only. Nothing a user needs is lost: at the
+    session's own level (ERROR, which Session sets where it makes the options) warnings were not
+    printed anyway, and what a run logs as an error comes back in the exception. The knob is per run
+    (RunOptions), not per session: the session's level still shows ORT's messages while loading, and
+    lora_fx's own log lines (providers chosen, a provider that did not load) go through Python's logging,
+    untouched. A caller's options asking for more than errors (0-2: debugging) keep their level for runs.
+    """
+    level = options.log_severity_level
+    if callers and 0 <= level < _ERROR:
+        return None
+    return _FATAL
 
 
 def _has_config_entry(options: Any, key: str) -> bool:

@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
         # Latency is measured on the exported ONNX models: with --no-export the count was silently ignored.
         raise ConfigError(f"--latency-runs {args.latency_runs} times the exported ONNX models, and --no-export exports "
                           "none; drop --latency-runs, or --no-export to measure latency")
+    # An empty --label-prompts is refused by CompareConfig's check, not taken for the default prompts.
     cfg = CompareConfig(
         hf_dir=args.hf, out_dir=args.out, methods=Method.parse_list(args.methods), data=args.data,
-        label_prompts=args.label_prompts.split("|") if args.label_prompts else None, steps=args.steps, lr=args.lr,
+        label_prompts=args.label_prompts.split("|") if args.label_prompts is not None else None, steps=args.steps, lr=args.lr,
         seed=args.seed, r=args.r, num_virtual_tokens=args.num_virtual_tokens, export=not args.no_export,
     )
     if args.latency_runs is not None:

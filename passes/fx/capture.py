@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -188,10 +189,9 @@ def capture(
     ``export_onnx`` pass them); a forward taking ``*args`` or positional-only inputs is refused. Call the
     result as you called the model: ``gm(input_ids=..., ...)``, or positionally where you captured so.
     """
-    kwargs = dict(kwargs or {})
-    args = tuple(args)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = _example_inputs(args, kwargs)
     positional = _positional_names(model, len(args))
     if args:
         # Everything downstream (train's batches, export_onnx, apply's passes) passes inputs by keyword: capture with
@@ -230,6 +230,25 @@ def capture(
     from lora_fx.passes.fx.set_training_mode import bind_mode_methods
 
     return bind_mode_methods(castable(gm))
+
+
+def _example_inputs(args: Any, kwargs: Any) -> tuple[tuple, dict[str, Any]]:
+    """``args`` as a tuple and ``kwargs`` as a dict, or a CaptureError naming the fix.
+
+    ``tuple(args)`` would turn a bare tensor into its rows, each bound to a different parameter of forward(),
+    and a number into a bare "not iterable" TypeError; torch.export takes no bare tensor either, so it is
+    refused rather than wrapped, with the wrapping named. A list is taken as the tuple it stands for.
+    """
+    if args is None:  # as kwargs=None: no positional inputs
+        args = ()
+    if not isinstance(args, (tuple, list)):
+        keywords = "; to pass inputs by name use kwargs={...}" if isinstance(args, Mapping) else ""
+        raise CaptureError(f"capture: args must be a tuple of example inputs, got {type(args).__name__}; "
+                           f"for a single tensor x pass args=(x,){keywords}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise CaptureError(f"capture: kwargs must be a dict of example inputs by forward()'s parameter names "
+                           f"(kwargs={{'input_ids': ids}}), got {type(kwargs).__name__}")
+    return tuple(args), dict(kwargs or {})
 
 
 def _positional_names(model: torch.nn.Module, count: int) -> list[str]:

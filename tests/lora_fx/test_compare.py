@@ -96,6 +96,13 @@ def test_compare_cli_bad_folder_exits_nonzero(tmp_path, capsys):
     # The count was silently ignored: latency is measured on the exported models, which --no-export skips.
     (None, ["--no-export", "--latency-runs", "5"], "--latency-runs 5 times the exported ONNX models, and --no-export exports none"),
     (None, ["-o", "{tmp}/a_file"], "a_file is a file, not a folder"),
+    # Ran every method to completion: an empty prompt, or two labels with one prompt, told apart by nothing.
+    (None, ["--label-prompts", "a||c"], "label prompt 1 of ['a', '', 'c'] is empty: label 1 would be matched against no text"),
+    (None, ["--label-prompts", "a|b|"], "label prompt 2 of ['a', 'b', ''] is empty"),
+    (None, ["--label-prompts", "a| |c"], "label prompt 1 of ['a', ' ', 'c'] is only whitespace"),
+    (None, ["--label-prompts", "past|past|future"], "label prompts 0 and 1 are the same ('past'): labels 0 and 1 would be indistinguishable"),
+    (None, ["--label-prompts", "past|future| past "], "label prompts 0 and 2 are the same ('past')"),
+    (None, ["--label-prompts", ""], "needs one prompt per label, two or more"),
 ])
 def test_compare_refuses_bad_input_before_any_method_trains(tmp_path, capsys, rows, extra, match):
     # These used to surface from a training process as a traceback (missing file, label 7 for 3 prompts),
@@ -369,3 +376,23 @@ def test_a_tokenizer_that_reads_every_word_as_unknown_is_refused(tmp_path):
     cfg = CompareConfig(hf_dir=str(tmp_path / "m"), out_dir=str(tmp_path / "report"), methods=[Method.LORA], steps=1)
     with pytest.raises(ConfigError, match=r"reads every word as \[UNK\] \(its vocabulary has 5 tokens\).*tokenizer\.save_pretrained"):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (["past", "", "future"], r"label prompt 1 of \['past', '', 'future'\] is empty"),
+    (("past", "\t", "future"), "label prompt 1 of .* is only whitespace"),
+    (["past", "future", "past"], r"label prompts 0 and 2 are the same \('past'\)"),
+    ("past|future", "label_prompts must be a list of prompts, one per label .*got str"),
+    ([], r"label prompts \[\]: .* two or more"),
+    (["past", 3], r"label prompt 1 is int \(3\), not a string"),
+])
+def test_the_api_refuses_the_label_prompts_the_cli_refuses(tmp_path, prompts, match):
+    from lora_fx.compare import CompareConfig, check_config, compare
+
+    cfg = CompareConfig(hf_dir=str(minilm_dir()), out_dir=str(tmp_path / "report"), methods=[Method.LORA], steps=1,
+                        label_prompts=prompts)
+    with pytest.raises(ConfigError, match=match):
+        compare(cfg)
+    assert not (tmp_path / "report").exists()
+    cfg.label_prompts = ["past", "present", "future"]  # distinct prompts, one per label of the tense set, pass
+    check_config(cfg)

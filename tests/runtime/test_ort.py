@@ -460,3 +460,68 @@ def test_a_directory_is_refused_as_a_model(tmp_path):
         Session(tmp_path)
     with pytest.raises(ModelLoadError, match="no such ONNX model file"):
         Session(tmp_path / "missing.onnx")
+
+
+def _gather_model(tmp_path) -> str:
+    """A Gather over a 4-row table: an index out of range passes Session's checks and fails in ORT's kernel."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(4, 2), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "gather",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], initializer=[table])
+    path = tmp_path / "gather.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    return path
+
+
+@pytest.mark.parametrize("caller_level", [None, -1, 3])
+def test_a_failed_run_is_said_once_by_the_exception_not_also_by_onnxruntimes_log(tmp_path, capfd, caller_level):
+    """ORT logged "[E:onnxruntime:, sequential_executor.cc ... ExecuteKernel] ..." on the C-level stderr before
+    Session raised the same message as a ConfigError (lora-fx run printed it twice, in red first)."""
+    import onnxruntime as ort
+
+    options = None
+    if caller_level is not None:
+        options = ort.SessionOptions()
+        options.log_severity_level = caller_level
+    sess = Session(_gather_model(tmp_path), providers=["CPUExecutionProvider"], session_options=options)
+    np.testing.assert_array_equal(sess.run({"ids": np.array([3, 0])})[0], [[6, 7], [0, 1]])
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match=r"ONNX Runtime refused the run .*Gather.*idx=9"):
+        sess.run({"ids": np.array([9])})
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err and "ExecuteKernel" not in err, err
+
+
+def test_a_callers_verbose_log_level_is_kept_for_runs(tmp_path, capfd):
+    """Options asking for warnings or more (debugging) keep ORT's run log, the failed kernel's line included."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 2
+    sess = Session(_gather_model(tmp_path), providers=["CPUExecutionProvider"], session_options=options)
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match=r"idx=9"):
+        sess.run({"ids": np.array([9])})
+    assert "ExecuteKernel" in capfd.readouterr().err
+
+
+def test_the_bound_run_logs_no_onnxruntime_error_either(tmp_path, capfd):
+    """The IOBinding path (CUDA's) takes the same RunOptions; run on the CPU here, as test_bf16_onnx does."""
+    sess = Session(_gather_model(tmp_path), providers=["CPUExecutionProvider"])
+    sess.on_cuda, sess._device = True, "cpu"
+    np.testing.assert_array_equal(sess.run({"ids": np.array([1])})[0], [[2, 3]])
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match=r"idx=9"):
+        sess.run({"ids": np.array([9])})
+    assert "ExecuteKernel" not in capfd.readouterr().err
+
+
+def test_the_provider_fallback_warning_is_still_logged(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="lora_fx.runtime"):
+        sess = Session(_gather_model(tmp_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" in sess.providers:
+        pytest.skip("CUDA loads here: nothing falls back")
+    assert "could not load CUDAExecutionProvider here; running on CPUExecutionProvider" in caplog.text

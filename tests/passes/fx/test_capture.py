@@ -221,3 +221,25 @@ def test_a_forward_whose_inputs_cannot_be_named_is_refused(model, match):
 def test_example_inputs_that_do_not_fit_forward_are_named():
     with pytest.raises(CaptureError, match=r"do not fit Sequential.forward\(input\).*too many positional"):
         lora_fx.capture(_mlp(), (torch.randn(2, 16), torch.randn(2, 16)))
+
+
+@pytest.mark.parametrize("args", [5, torch.randn(2, 16), {"input": torch.randn(2, 16)}, "x"])
+def test_example_args_that_are_not_a_tuple_are_refused_with_the_fix(args):
+    # A bare tensor used to be split into its rows (tuple(x)), each bound to its own parameter; a number raised
+    # a bare "not iterable" TypeError.
+    with pytest.raises(CaptureError, match=rf"args must be a tuple of example inputs, got {type(args).__name__}; "
+                                           r"for a single tensor x pass args=\(x,\)"):
+        lora_fx.capture(_mlp(), args=args)
+
+
+@pytest.mark.parametrize("kwargs", [5, [("input", torch.randn(2, 16))], (torch.randn(2, 16),)])
+def test_example_kwargs_that_are_not_a_dict_are_refused_with_the_fix(kwargs):
+    with pytest.raises(CaptureError, match=rf"kwargs must be a dict of example inputs .*got {type(kwargs).__name__}"):
+        lora_fx.capture(_mlp(), kwargs=kwargs)
+
+
+def test_example_args_as_a_list_or_none_are_taken():
+    x = torch.randn(2, 16)
+    model = _mlp()
+    for gm in (lora_fx.capture(model, [x]), lora_fx.capture(model, None, {"input": x})):
+        torch.testing.assert_close(gm(input=x), model(x))
