@@ -4,7 +4,11 @@ Everything that decides the rest of a run is in ``checkpoint.safetensors`` (tens
 small JSON state — step, losses, optimizer hyper-parameters, scheduler counters — in its
 metadata), written atomically, so a run killed at any moment resumes from the last complete
 checkpoint and continues the same loss curve. ``checkpoint.json`` beside it is a human-readable
-summary only. No pickle: the optimizer state is flattened into named tensors.
+summary naming the tensor file, written after it (also atomically): a run killed between the two
+writes leaves the new tensor file beside the summary of the one before (or none), and resumes from
+the tensor file, which holds the step. A summary whose tensor file is missing is refused, never
+taken for "no checkpoint": that would start the run over, silently. No pickle: the optimizer state
+is flattened into named tensors.
 """
 
 from __future__ import annotations
@@ -69,6 +73,37 @@ def has_checkpoint(directory: str | os.PathLike | None) -> bool:
     return directory is not None and (Path(directory) / CHECKPOINT_NAME).is_file()
 
 
+def find_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The tensor file to resume from in ``directory``; None where it holds no checkpoint at all.
+
+    The tensor file alone decides (the summary of a run killed between the two writes is a step behind, or
+    absent); a summary without it is a ``ConfigError``: it says a checkpoint was written, and starting over
+    instead would lose the run without a word."""
+    directory = Path(directory)
+    path = directory / CHECKPOINT_NAME
+    if path.is_file():
+        return path
+    summary = directory / SUMMARY_NAME
+    if not summary.exists():
+        return None
+    way = (f"Restore {path.name} to resume, or start over: remove {summary} (or the whole folder), or train without "
+           "resuming (resume=False; lora-fx train: without --resume), whose checkpoints then replace this one")
+    what = _summary_says(summary)
+    if path.exists():  # a folder, or something else that is no file
+        raise ConfigError(f"{summary} {what}, but {path} is not a file. {way}")
+    raise ConfigError(f"{summary} {what}, but {path}, which holds its adapters and optimizer state, is missing: "
+                      f"the run cannot be resumed. {way}")
+
+
+def _summary_says(summary: Path) -> str:
+    """What a summary records, for a message: its step, or that it cannot be read."""
+    try:
+        step = json.loads(summary.read_text()).get("step")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # AttributeError: JSON but not an object
+        return "is there (unreadable as a checkpoint summary)"
+    return f"records a checkpoint of step {step}" if isinstance(step, int) else "records a checkpoint"
+
+
 def load_checkpoint(
     directory: str | os.PathLike,
     *,
@@ -85,9 +120,11 @@ def load_checkpoint(
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"{path} is not a readable checkpoint ({exc}); delete it to start over") from None
+        raise ConfigError(f"{path} is not a readable checkpoint ({exc}); to start over, delete it and the "
+                          f"{SUMMARY_NAME} beside it (or the whole folder)") from None
     if _META_KEY not in meta:
-        raise ConfigError(f"{path} is not a lora_fx training checkpoint (no {_META_KEY} metadata)")
+        raise ConfigError(f"{path} is not a lora_fx training checkpoint (no {_META_KEY} metadata); to start over, "
+                          f"delete it and the {SUMMARY_NAME} beside it (or the whole folder), or use another folder")
     state = json.loads(meta[_META_KEY])
     _check_same_parameters(path, state["param_names"], tensors, params)  # first: another model explains all else
     _check_same_run(path, state, optimizer)
@@ -122,8 +159,8 @@ def _check_same_parameters(path: Path, saved_names: list[str], tensors: dict[str
 
     absent = [n for n in saved_names if f"param.{n}" not in tensors]
     if absent:
-        raise ConfigError(f"{path} lists parameters it holds no tensor for ({few(absent)}); it is damaged: delete it "
-                          "to start over")
+        raise ConfigError(f"{path} lists parameters it holds no tensor for ({few(absent)}); it is damaged: to start "
+                          f"over, delete it and the {SUMMARY_NAME} beside it (or the whole folder)")
     saved = set(saved_names)
     missing = [n for n in params if n not in saved]
     extra = [n for n in saved_names if n not in params]
@@ -162,4 +199,4 @@ def _check_same_run(path: Path, state: dict[str, Any], optimizer: torch.optim.Op
                 )
 
 
-__all__ = ["CHECKPOINT_NAME", "has_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "find_checkpoint", "has_checkpoint", "load_checkpoint", "save_checkpoint"]

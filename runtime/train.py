@@ -378,6 +378,137 @@ def _check_loss(loss: Any, step: int) -> None:
                           f"gradient: detached, .item() made into a tensor again, or computed from the batch alone); {want}")
 
 
+# torch's words for an embedding (or index_select) lookup past its table; on CPU an IndexError.
+_OUT_OF_RANGE = "index out of range in self"
+# Ops that pass a tensor's values on unchanged: an embedding's ids reached through them are still a model input's.
+_SAME_VALUES = {"view", "reshape", "_unsafe_view", "_to_copy", "to", "clone", "contiguous", "unsqueeze", "squeeze",
+                "expand", "flatten", "alias", "long", "int"}
+
+
+@dataclass
+class _Table:
+    """An embedding table of the model: its weight's name, its rows, and the model input whose values index it
+    directly (None where the ids are computed, such as positions, or not traceable)."""
+
+    name: str
+    rows: int
+    feed: str | None
+
+
+def _forward(module: torch.nn.Module, inputs: Batch, step: int) -> Any:
+    """``module(**inputs)``, with torch's bare IndexError of an out-of-range lookup said in the data's terms.
+
+    The check costs nothing on a good step: the tables and the batch's ids are looked at only once torch has
+    refused the lookup (checking every batch's ids against every table would be a device sync per step)."""
+    try:
+        return module(**inputs)
+    except IndexError as exc:
+        if _OUT_OF_RANGE not in str(exc):
+            raise
+        raise _out_of_range(module, inputs, step) from None
+
+
+def _out_of_range(module: torch.nn.Module, inputs: Batch, step: int) -> ConfigError:
+    """Which input holds ids its embedding table lacks, and the table's size; failing that, every table and the
+    range of every integer input, so the user can match them."""
+    tables = _embedding_tables(module)
+    ranges = _integer_ranges(inputs)
+    way = ("tokenize the data with the model's own tokenizer (another tokenizer's ids can run past this vocabulary), "
+           "and check padding and special-token ids")
+    for table in tables:
+        if table.feed in ranges:
+            lo, hi = ranges[table.feed]
+            if lo < 0 or hi >= table.rows:
+                bad = hi if hi >= table.rows else lo
+                # input_ids index the vocabulary (Hugging Face's name); other inputs (token_type_ids) smaller tables.
+                tokens = table.feed == "input_ids"
+                return ConfigError(
+                    f"batch {step + 1}: index out of range: {table.feed!r} holds the id {bad} (its values run from {lo} "
+                    f"to {hi}), but it indexes the embedding {table.name} of {table.rows} rows"
+                    + (f" (a vocabulary of {table.rows})" if tokens else "")
+                    + f": ids must be in 0..{table.rows - 1}; "
+                    + (way if tokens else f"check the data's {table.feed!r} values"))
+    known = "; ".join(f"{t.name}: {t.rows} rows" + (f" (indexed by {t.feed!r})" if t.feed else "") for t in tables)
+    seen = ", ".join(f"{n} {lo}..{hi}" for n, (lo, hi) in ranges.items())
+    return ConfigError(
+        f"batch {step + 1}: index out of range in the model's forward (torch: {_OUT_OF_RANGE!r}): an input holds an "
+        f"id at or beyond the size of the table it indexes, or a negative one"
+        + (f". The model's embedding tables: {known}" if known else "")
+        + (f". The batch's integer inputs: {seen}" if seen else "")
+        + f"; ids must be below the size of their table: {way}")
+
+
+def _integer_ranges(inputs: Batch) -> dict[str, tuple[int, int]]:
+    return {name: (int(value.min()), int(value.max())) for name, value in inputs.items()
+            if isinstance(value, torch.Tensor) and value.numel() and not value.dtype.is_floating_point
+            and not value.dtype.is_complex and value.dtype != torch.bool}
+
+
+def _embedding_tables(module: torch.nn.Module) -> list[_Table]:
+    """The embedding lookups of a captured graph (aten.embedding or F.embedding nodes), each with the input
+    feeding it; of any other module, its nn.Embedding layers (their inputs unknown)."""
+    if not isinstance(module, fx.GraphModule):
+        return [_Table(name + ".weight", m.num_embeddings, None) for name, m in module.named_modules()
+                if isinstance(m, torch.nn.Embedding)]
+    tables = []
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.embedding.default,
+                                                              torch.nn.functional.embedding):
+            continue
+        weight, ids = (node.args + (None, None))[:2]
+        shape = _node_shape(module, weight)
+        if shape:
+            tables.append(_Table(_weight_name(module, weight), int(shape[0]), _input_of(ids)))
+    return tables
+
+
+def _weight_name(module: fx.GraphModule, node: fx.Node) -> str:
+    """The name a user knows the table by: a weight tied to the output head (GPT-2's wte and lm_head) is
+    captured under one of its names, not always the embedding's; the first registered is the embedding's."""
+    if node.op != "get_attr":
+        return str(node.target) if node.op == "placeholder" else node.name
+    try:
+        tensor = _attribute(module, str(node.target))
+    except AttributeError:
+        return str(node.target)
+    names = [n for n, p in module.named_parameters(remove_duplicate=False) if p is tensor]
+    return names[0] if names else str(node.target)
+
+
+def _node_shape(module: fx.GraphModule, node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        try:
+            return tuple(_attribute(module, str(node.target)).shape)
+        except AttributeError:
+            pass
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _input_of(node: Any) -> str | None:
+    """The model input whose values reach ``node`` unchanged (through views and casts), if any."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            return str(node.target)
+        # aten overloads are named "view.default", call_method targets "view", torch functions "reshape".
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op not in ("call_function", "call_method") or not node.args or op not in _SAME_VALUES:
+            return None
+        node = node.args[0]
+    return None
+
+
 def _torch_module(model: Any) -> torch.nn.Module:
     if isinstance(model, torch.nn.Module):
         if isinstance(model, fx.GraphModule):
@@ -470,7 +601,8 @@ def train(
     weights; apply a LoraConfig or PrefixConfig first), an ONNX model without adapter initializers
     (``ConfigError``), and a served export with adapter slots (``AdapterError``; train the file it came from).
     Bad arguments (``batches``, ``loss_fn``, a ``checkpoint_dir`` that is a file) raise ``ConfigError``
-    before the first step; a batch or loss that does not fit, at the step it comes in, before its update.
+    before the first step; a batch or loss that does not fit, at the step it comes in, before its update (ids
+    past an embedding table too: the ``ConfigError`` names the input, the table and its size).
 
     Raises ``TrainingDivergedError`` (a FloatingPointError) at the first step whose loss or gradient
     norm is nan/inf or whose update would make an adapter weight non-finite (or overflows float32 in
@@ -496,9 +628,9 @@ def train(
     first_step = 0
     trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
     if resume:
-        from lora_fx.runtime.checkpoint import has_checkpoint, load_checkpoint
+        from lora_fx.runtime.checkpoint import find_checkpoint, load_checkpoint
 
-        if has_checkpoint(checkpoint_dir):
+        if find_checkpoint(checkpoint_dir) is not None:  # refuses a summary whose tensor file is missing
             state = load_checkpoint(checkpoint_dir, params=trained, optimizer=opt, scheduler=sched)
             first_step, losses, norms, tokens = state["step"], state["losses"], state["grad_norms"], state["tokens"]
             if first_step > steps:
@@ -540,7 +672,7 @@ def train(
             inputs = {k: v for k, v in batch.items() if names is None or k in names}
             # enable_grad: a caller's torch.no_grad() would otherwise leave the loss without a graph to train on.
             with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = module(**inputs)
+                out = _forward(module, inputs, step)
                 loss = loss_fn(out, batch)
             _check_loss(loss, step)
             value = float(loss.detach())

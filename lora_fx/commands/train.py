@@ -12,6 +12,7 @@ import enum
 import json
 import math
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 from lora_fx.errors import ConfigError, ModelLoadError, TrainingDivergedError
@@ -85,8 +86,11 @@ def save_model(model: Any, path: str) -> None:
         ir.save(model, str(tmp))
 
 
-def read_data(path: str) -> dict[str, Any]:
-    """Arrays by name from .npz or JSON lines; never unpickles."""
+def read_data(path: str, needed: Collection[str] | None = None) -> dict[str, Any]:
+    """Arrays by name from .npz or JSON lines; never unpickles.
+
+    ``needed``: the JSON keys the run feeds (graph inputs, target; None: every key). A null, an object or a
+    string among their values is named with its line; other keys (an example's text, an id) may hold anything."""
     import numpy as np
 
     from lora_fx.files import require_file
@@ -102,6 +106,7 @@ def read_data(path: str) -> dict[str, Any]:
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path} is not UTF-8 text ({exc}); JSON lines are text, one object per line") from None
         rows = []
+        lines = []  # the file line of each example, for messages (blank lines are skipped)
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -113,17 +118,59 @@ def read_data(path: str) -> dict[str, Any]:
                 raise ConfigError(f"{path} line {i} is a JSON {type(row).__name__}; each line must be an object "
                                   '{"<input name>": ..., "<target>": ...}')
             rows.append(row)
+            lines.append(i)
         if not rows:
             raise ConfigError(f"{path} holds no examples")
         keys = set(rows[0])
         for i, row in enumerate(rows, 1):
             if set(row) != keys:
                 raise ConfigError(f"{path}: example {i} has keys {sorted(row)}, the first has {sorted(keys)}")
-        try:
-            return {k: np.asarray([r[k] for r in rows]) for k in keys}
-        except ValueError as exc:
-            raise ConfigError(f"{path}: examples of different lengths ({exc}); pad them to one length") from None
+        arrays = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            try:
+                arrays[key] = np.asarray(values)
+            except ValueError as exc:
+                _check_json_numbers(path, key, values, lines)  # a null beside lists is "inhomogeneous" to numpy
+                raise ConfigError(f"{path}: examples of different lengths ({exc}); pad them to one length") from None
+            if arrays[key].dtype.kind not in "biuf" and (needed is None or key in needed):
+                # Only then (the walk costs as much as the parse): numpy keeps a null, an object or a string as an
+                # array of objects (or of text) whose shape the graph input check would blame instead.
+                _check_json_numbers(path, key, values, lines)
+        return arrays
     raise ConfigError(f"{path}: unknown data format {p.suffix!r}; use .npz or .jsonl")
+
+
+def _check_json_numbers(path: str, key: str, values: list[Any], lines: list[int]) -> None:
+    """Refuse the first value under ``key`` that is no number nor list of numbers, naming its line and what it is."""
+    for value, line in zip(values, lines):
+        found = _first_non_number(value)
+        if found is not None:
+            what, where = found
+            at = f" at {where}" if where else ""
+            raise ConfigError(f"{path} line {line}: {key!r} holds {what}{at}; each value must be a number or a list of "
+                              "numbers (token ids and masks: integers), the same length in every example")
+
+
+def _first_non_number(value: Any, where: str = "") -> tuple[str, str] | None:
+    """What the first leaf of ``value`` that is no number is (and its position, as [i][j]), or None."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_non_number(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, bool) or isinstance(value, float):
+        return None
+    if isinstance(value, int):  # JSON integers are unbounded; numpy keeps one past 64 bits as an object
+        return None if -(2**63) <= value < 2**64 else (f"the integer {value} (beyond 64 bits)", where)
+    if value is None:
+        return "null", where
+    if isinstance(value, dict):
+        return "an object", where
+    if isinstance(value, str):
+        return f"the string {value[:20]!r}" + ("..." if len(value) > 20 else ""), where
+    return f"a {type(value).__name__}", where
 
 
 def make_batches(model: Any, data: dict[str, Any], target: str, batch_size: int) -> list[dict[str, Any]]:
@@ -286,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
     output = args.output_name or outputs[0]
     if output not in outputs:
         raise ConfigError(f"the graph has no output {output!r}; its outputs are {outputs}")
-    batches = make_batches(model, read_data(args.data), args.target, args.batch_size)
+    fed = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers] + [args.target]
+    batches = make_batches(model, read_data(args.data, fed), args.target, args.batch_size)
     try:
         result = lora_fx.train(
             model, batches, make_loss(Loss(args.loss), output, args.target), steps=args.steps, lr=args.lr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,6 +178,47 @@ def test_jsonl_that_is_not_objects_of_text_is_named(tmp_path: Path, capsys, text
     (tmp_path / "bad.jsonl").write_bytes(text)
     assert main(["train", str(model), "--data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "t.onnx")]) == 2
     assert match in capsys.readouterr().err
+
+
+def _jsonl_rows(n: int = 8) -> list[dict]:
+    d = _data(n)
+    return [{"x": x.tolist(), "labels": int(y)} for x, y in zip(d["x"], d["labels"])]
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("x", None, "'x' holds null;"),
+    ("x", [0.5] * 7 + [None], r"'x' holds null at \[7\];"),
+    ("x", {"values": [0.5] * 8}, "'x' holds an object;"),
+    ("x", [[0.5]] * 7 + [[{"a": 1}]], r"'x' holds an object at \[7\]\[0\];"),
+    ("labels", None, "'labels' holds null;"),
+    ("labels", "1", "'labels' holds the string '1';"),
+    ("labels", 2**70, r"'labels' holds the integer 1180591620717411303424 \(beyond 64 bits\);"),
+])
+def test_jsonl_values_that_are_no_numbers_are_named_with_their_line(tmp_path: Path, capsys, key, value, match) -> None:
+    # A null or an object used to reach the graph input check as an array of objects: "array 'x' has shape (8,),
+    # but graph input 'x' is ('batch', 8)". The line counts blank lines, as an editor does.
+    model, _ = _files(tmp_path)
+    rows = [json.dumps(r) for r in _jsonl_rows()]
+    rows[2] = json.dumps(dict(json.loads(rows[2]), **{key: value}))
+    (tmp_path / "bad.jsonl").write_text(rows[0] + "\n\n" + "\n".join(rows[1:]) + "\n")
+    out = tmp_path / "t.onnx"
+    assert main(["train", str(model), "--data", str(tmp_path / "bad.jsonl"), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"bad.jsonl line 4: {match} each value must be a number or a list of numbers", err), err
+    assert "shape" not in err and "Traceback" not in err and not out.exists()
+
+
+def test_jsonl_keys_the_run_does_not_feed_may_hold_anything(tmp_path: Path, capsys) -> None:
+    # Only the graph inputs and the target must be numbers: an example's text or a null note stays beside them.
+    model, _ = _files(tmp_path)
+    plain, extra = tmp_path / "plain.jsonl", tmp_path / "extra.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in _jsonl_rows()))
+    extra.write_text("\n".join(json.dumps(dict(r, text="a b c", note=None, meta={"i": i}))
+                               for i, r in enumerate(_jsonl_rows())))
+    runs = [_run_json(capsys, ["train", str(model), "--data", str(path), "--steps", "2", "--batch-size", "4",
+                               "-o", str(tmp_path / f"{path.stem}.onnx"), "--json", "--no-progress"])["losses"]
+            for path in (plain, extra)]
+    assert runs[0] == runs[1] and len(runs[0]) == 2
 
 
 @pytest.mark.parametrize("extra,match", [
