@@ -110,9 +110,12 @@ def write_peft_dir(directory: str | os.PathLike, config: LoraConfig, tensors: di
     from safetensors.torch import save_file
 
     from lora_fx.files import _UMASK, check_output_dir
+    from lora_fx.onnx_adapter import check_finite_to_write
 
     directory = Path(directory)
     check_output_dir(directory)  # a file of that name: FileExistsError named neither the problem nor the way out
+    # Before anything is written: PEFT would load such a folder and make every output of its sites NaN (exit status 0).
+    check_finite_to_write(tensors)
 
     def write(into: Path) -> None:
         with atomic_path(into / WEIGHTS_NAME) as tmp:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from lora_fx.errors import AdapterError, ort_message
+from lora_fx.errors import AdapterError, TargetNotFoundError, ort_message
 from lora_fx.files import atomic_path, atomic_write_text
 
 FORMAT = "lora_fx.onnx_adapter/1"
@@ -269,10 +269,16 @@ def is_bfloat16(dtype: Any) -> bool:
     return np.dtype(dtype).name == "bfloat16"
 
 
-def non_finite(tensors: Mapping[str, np.ndarray]) -> tuple[str, int, int] | None:
+def non_finite(tensors: Mapping[str, Any]) -> tuple[str, int, int] | None:
     """The first float tensor (bfloat16 included) holding NaN or inf: ``(name, how many, of how many)``; None when
-    all are finite."""
+    all are finite. numpy arrays or torch tensors (a torch bfloat16 tensor has no numpy form)."""
     for name, arr in tensors.items():
+        if hasattr(arr, "is_floating_point"):  # torch, without importing it here
+            if arr.is_floating_point() or arr.is_complex():
+                finite = arr.detach().isfinite()
+                if not bool(finite.all()):
+                    return name, int((~finite).sum()), int(arr.numel())
+            continue
         arr = np.asarray(arr)
         if (arr.dtype.kind in "fc" or is_bfloat16(arr.dtype)) and not np.isfinite(arr).all():
             return name, int((~np.isfinite(arr)).sum()), int(arr.size)
@@ -296,9 +302,16 @@ def check_writable(adapter: OnnxAdapter) -> None:
     if not adapter.tensors:
         raise AdapterError("refusing to write an empty adapter: it holds no tensors")
     check_nonempty(adapter.tensors, "refusing to write the adapter")
-    bad = non_finite(adapter.tensors)
+    check_finite_to_write(adapter.tensors)
+
+
+def check_finite_to_write(tensors: Mapping[str, Any]) -> None:
+    """Refuse NaN/inf in adapter tensors about to be written (an ``.onnx_adapter`` file, a PEFT directory): such a
+    file runs every output of the sites it adapts as NaN, with exit status 0, wherever it is loaded."""
+    bad = non_finite(tensors)
     if bad is not None:
-        raise AdapterError(f"adapter tensor {bad[0]} holds NaN or inf (training diverged?); nothing was written")
+        raise AdapterError(f"adapter tensor {bad[0]} holds NaN or inf (training diverged?); nothing was written: "
+                           "train again (lower the learning rate) or save from an earlier checkpoint")
 
 
 def write_onnx_adapter(path: str | os.PathLike, adapter: OnnxAdapter) -> Path:
@@ -501,6 +514,41 @@ def _check_heads_have_slots(adapter: OnnxAdapter, slots: Mapping[str, Slot], acc
     )
 
 
+def _kinds(names: Iterable[str]) -> set[str]:
+    """The adapter kinds tensors or slots of these names are for: "LoRA" (``lora_A``/``lora_B``), "prefix"."""
+    kinds = set()
+    for name in names:
+        if name.endswith((".lora_A.weight", ".lora_B.weight")):
+            kinds.add("LoRA")
+        elif name.endswith((".prefix_key", ".prefix_value")):
+            kinds.add("prefix")
+    return kinds
+
+
+def _check_same_kind(adapter: OnnxAdapter, slots: Mapping[str, Slot], where: str) -> None:
+    """Refuse a prefix-tuning adapter on a model with LoRA slots, and a LoRA adapter on one with prefix slots, before
+    the fingerprints are compared: the two exports of one base store it differently, so their fingerprints differ
+    too, and "a different base model" would send the user the wrong way."""
+    theirs, ours = _kinds(adapter.tensors), _kinds(slots)
+    foreign = sorted(theirs - ours)
+    if not foreign or not ours:  # no slots of either kind: refused below as a model without adapter slots
+        return
+    kind, have = foreign[0], " and ".join(sorted(ours))
+    shown = sorted(n for n in adapter.tensors if _kinds([n]) == {kind})
+    way_out = (
+        "export the prefix-tuned model with adapter slots (lora_fx.export_onnx(..., mode='adapters'); CLI: lora-fx "
+        "export PREFIX_MODEL.onnx --adapters -o served_prefix.onnx) and serve this adapter with that file"
+        if kind == "prefix" else
+        "serve it with the model exported from its LoRA model with adapter slots (lora_fx.export_onnx(..., "
+        "mode='adapters'); CLI: lora-fx export LORA_MODEL.onnx --adapters -o served.onnx)"
+    )
+    raise AdapterError(
+        f"this is a {'prefix-tuning' if kind == 'prefix' else 'LoRA'} adapter ({', '.join(shown[:2])}"
+        f"{', …' if len(shown) > 2 else ''}), but {where} has {have} adapter slots only, which do not take it: "
+        f"{way_out}"
+    )
+
+
 @dataclass
 class Slot:
     """One adapter input of a model: dtype name (numpy) and shape, ``None`` for the symbolic rank;
@@ -526,6 +574,7 @@ def check_fits(adapter: OnnxAdapter, slots: Mapping[str, Slot], fingerprint: str
     then for a model with head slots those of an export of the same base without them)."""
     accepted = (fingerprint,) if isinstance(fingerprint, str) else tuple(fp for fp in fingerprint or () if fp)
     if slots:
+        _check_same_kind(adapter, slots, where)
         _check_heads_have_slots(adapter, slots, accepted, where)
     theirs = None
     if accepted and adapter.fingerprint and adapter.fingerprint not in accepted:
@@ -864,7 +913,47 @@ def read_adapter_for(path: str | os.PathLike, slots: Mapping[str, Slot], fingerp
         dtypes = {name: slot.dtype for name, slot in slots.items()}
         adapter = from_peft(config, tensors, fingerprints[0] if fingerprints else None, dtypes)
     check_fits(adapter, slots, fingerprints, where=where)
+    if path.is_dir():  # its tensors fit the slots: so must the config PEFT builds the adapter from
+        lora_sites = sorted({site_of(n) for n in slots if n.endswith((".lora_A.weight", ".lora_B.weight"))})
+        check_config_targets(config, adapter.sites, lora_sites, config_path, where)
     return adapter
+
+
+def check_config_targets(config: Any, sites: Mapping[str, Mapping[str, Any]], available: Iterable[str],
+                         config_path: Any, where: str) -> None:
+    """Refuse a PEFT directory whose config does not target the sites its tensors are for (``sites``: from_peft's
+    records, with ``part_of``). PEFT builds the adapter from ``target_modules`` first and loads the tensors into it:
+    a config matching no module is refused ("Target modules ... not found in the base model"), and tensors for
+    modules it does not target are left unloaded without a word, so serving them would run an adapter PEFT never
+    runs. A targeted site without tensors is accepted: PEFT leaves its B at zero, as the slot's default does.
+    ``available``: the sites the model takes LoRA at, named as the way out."""
+    from lora_fx.config import ALL_LINEAR
+    from lora_fx.sites import IRKind, Site, SiteKind
+    from lora_fx.targeting import matches_target, unmatched_error
+
+    tm = config.target_modules
+    if tm is None or isinstance(tm, str) and tm.lower() == ALL_LINEAR:
+        return  # resolved by the model's type or its linear layers, which a served file does not record
+    # A site adapted as part of a module PEFT wraps whole (nn.MultiheadAttention's out_proj) is targeted by that module.
+    missed = sorted(site for site, rec in sites.items() if not matches_target(config, tm, rec.get("part_of") or site))
+    if not missed:
+        return
+    trained = sorted({(sites[s].get("part_of") or s).rsplit(".", 1)[-1] for s in sites})
+    fix = f"set target_modules in {config_path} to the modules the adapter was trained on (its tensors name {trained!r})"
+    names = sorted(set(available) | set(sites))
+    if not any(matches_target(config, tm, n) for n in names + [r["part_of"] for r in sites.values() if r.get("part_of")]):
+        listing = str(unmatched_error(config, [Site(n, SiteKind.LINEAR, IRKind.ONNX) for n in names])).split("\n", 1)[-1]
+        raise TargetNotFoundError(
+            f"target_modules={tm!r} in {config_path} matches none of the sites its tensors are for, nor any site {where} "
+            f"has adapter slots for. PEFT builds the adapter from target_modules before it loads the tensors: it refuses "
+            f"a config that matches no module (Target modules not found in the base model), and leaves tensors of "
+            f"modules it does not target unloaded: {fix}.\n{listing}"
+        )
+    raise AdapterError(
+        f"target_modules={tm!r} in {config_path} leaves out sites its tensors are for: {', '.join(missed[:4])}"
+        f"{', …' if len(missed) > 4 else ''}. PEFT builds the adapter from target_modules and would leave those tensors "
+        f"unloaded, so serving them would run another adapter than PEFT runs: {fix}, or remove those tensors"
+    )
 
 
 def _peft_type_of(config_path: Path) -> str | None:
@@ -926,6 +1015,8 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved
     missing = sorted(n for n, slot in slots.items() if not slot.module and n not in adapter.tensors)
     if missing:
         raise AdapterError(f"the adapter lacks tensors for: {', '.join(missing[:10])}")
+    if reloading:
+        _check_config_fits_graph(model, config)  # the tensors fit: so must the config recorded with them
     # PEFT builds the adapter from the loaded config: its dropout, as its scales (folded into B), become the graph's.
     dropout = _plan_dropout(model, float(config.lora_dropout)) if reloading else []
     for name, arr in adapter.tensors.items():
@@ -934,6 +1025,37 @@ def load_onnx_adapter(model: Any, config: Any, tensors: Mapping[str, Any], saved
         _set_dropout(model, dropout, float(config.lora_dropout))
         _record_loaded(model, config, adapter)
     return model
+
+
+def _check_config_fits_graph(model: Any, config: Any) -> None:
+    """Loading onto an ONNX model that has adapters keeps its sites and ranks (as ``adapters._check_config_fits_graph``
+    does for FX): refuse a config that would adapt other sites, or give them other ranks, than the graph has, rather
+    than record a config the graph does not run. The sites are the graph's base linear layers, which ``find_sites``
+    still finds under the LoRA branches, selected as ``apply`` selects them."""
+    from lora_fx.adapters import peft_site_name
+    from lora_fx.errors import ConfigError, UnsupportedError
+    from lora_fx.passes.onnx.insert_lora import select_onnx_targets
+    from lora_fx.passes.onnx.lora_layout import read_records
+
+    way_out = "load it onto the model without adapters (lora_fx.load the original file again), which applies its config first"
+    have = {peft_site_name(site, rec.get("part_of")): rec for site, rec in read_records(model).items()}
+    try:
+        planned = {peft_site_name(t.site.name, t.part_of): t.r for t in select_onnx_targets(model, config)}
+    except (AdapterError, ConfigError, TargetNotFoundError, UnsupportedError) as exc:
+        raise AdapterError(f"the adapter's config does not fit this model's adapter ({exc}); {way_out}") from None
+    extra, lacking = sorted(set(planned) - set(have)), sorted(set(have) - set(planned))
+    ranks = sorted(f"{s} (r={planned[s]} in the config, {have[s]['r']} here)" for s in set(planned) & set(have)
+                   if planned[s] != int(have[s]["r"]))
+    if extra or lacking or ranks:
+        what = "; ".join(part for part in (
+            f"it adapts {', '.join(extra[:4])}, which this model's adapter lacks" if extra else "",
+            f"it leaves out {', '.join(lacking[:4])}" if lacking else "",
+            f"other ranks: {', '.join(ranks[:4])}" if ranks else "",
+        ) if part)
+        raise AdapterError(
+            f"the adapter's config (target_modules={config.target_modules!r}, r={config.r}, rank_pattern="
+            f"{config.rank_pattern!r}) does not describe the adapter this model has: {what}. {way_out[0].upper()}{way_out[1:]}"
+        )
 
 
 def _record_loaded(model: Any, config: Any, adapter: OnnxAdapter) -> None:

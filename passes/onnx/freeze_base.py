@@ -370,7 +370,7 @@ def check_saved_tensors(model: ir.Model, config: LoraConfig, saved: dict[str, An
     for name, value in saved.items():
         if name not in params:
             raise AdapterError(
-                f"adapter tensor {key_prefix}{name!r} is neither {'a LoRA matrix' if lora else 'a prefix'} nor a parameter of a module its config's "
+                f"adapter tensor {key_prefix + name!r} is neither {'a LoRA matrix' if lora else 'a prefix'} nor a parameter of a module its config's "
                 f"modules_to_save={config.modules_to_save!r} names in this ONNX model"
                 + (f" (those hold: {', '.join(sorted(params)[:6])})" if params else "") + "; was it saved from another model?"
             )
