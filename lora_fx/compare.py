@@ -318,36 +318,6 @@ def check_numbers(*, steps: Any, lr: Any, seed: Any) -> None:
     _check_numbers(steps=steps, lr=lr, weight_decay=0.0, max_grad_norm=1.0, warmup_steps=0, seed=seed)
 
 
-def check_label_prompts(prompts: Any) -> None:
-    """``CompareConfig.label_prompts``: None (the tense prompts) or one distinct, non-blank prompt per label, two or more.
-
-    The task labels a text by its nearest prompt, so an empty prompt ("a||c" on the command line) and two equal
-    prompts ("past|past|future": the second label could never be told from the first) ran to completion as if
-    nothing were wrong. A string would be read as one prompt per character.
-    """
-    if prompts is None:
-        return
-    where = "(CLI: --label-prompts 'P0|P1|...')"
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ConfigError(f"label_prompts must be a list of prompts, one per label {where}, or None for the tense prompts; "
-                          f"got {type(prompts).__name__}")
-    if len(prompts) < 2:
-        raise ConfigError(f"label prompts {list(prompts)!r}: the task labels each text by its nearest prompt, so it needs one "
-                          f"prompt per label, two or more {where}")
-    seen: dict[str, int] = {}
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise ConfigError(f"label prompt {i} is {type(prompt).__name__} ({prompt!r}), not a string; give one text per label")
-        if not prompt.strip():
-            raise ConfigError(f"label prompt {i} of {list(prompts)!r} is {'empty' if not prompt else 'only whitespace'}: "
-                              f"label {i} would be matched against no text; give every label a prompt {where}, with no "
-                              "empty part ('a||c' or a '|' at either end)")
-        first = seen.setdefault(prompt.strip(), i)
-        if first != i:
-            raise ConfigError(f"label prompts {first} and {i} are the same ({prompt.strip()!r}): labels {first} and {i} would be "
-                              f"indistinguishable; give each label its own prompt {where}")
-
-
 def check_config(cfg: CompareConfig) -> None:
     """What would otherwise fail inside a training process (a traceback, after minutes) or after every method
     has trained (no latency runs, an output folder that is a file): checked before any of them starts."""
@@ -359,6 +329,8 @@ def check_config(cfg: CompareConfig) -> None:
         # found inside each training process in turn otherwise, each failing the same way
         raise ConfigError(f"{hf} is not a transformers model folder with safetensors weights (config.json, *.safetensors, "
                           "tokenizer files); pass such a folder")
+    from lora_fx.tasks import check_label_prompts
+
     check_label_prompts(cfg.label_prompts)
     # The tokenizer (no files: AutoTokenizer builds an empty vocabulary, every method would train on [UNK] tokens)
     # and the inputs the model takes, refused here rather than inside every training process.

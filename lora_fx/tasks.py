@@ -88,6 +88,36 @@ def _check_vocabulary(directory: str | Path, tokenizer: Any) -> None:
         )
 
 
+def check_label_prompts(prompts: Any) -> None:
+    """``CompareConfig.label_prompts``: None (the tense prompts) or one distinct, non-blank prompt per label, two or more.
+
+    The task labels a text by its nearest prompt, so an empty prompt ("a||c" on the command line) and two equal
+    prompts ("past|past|future": the second label could never be told from the first) ran to completion as if
+    nothing were wrong. A string would be read as one prompt per character.
+    """
+    if prompts is None:
+        return
+    where = "(CLI: --label-prompts 'P0|P1|...')"
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ConfigError(f"label_prompts must be a list of prompts, one per label {where}, or None for the tense prompts; "
+                          f"got {type(prompts).__name__}")
+    if len(prompts) < 2:
+        raise ConfigError(f"label prompts {list(prompts)!r}: the task labels each text by its nearest prompt, so it needs one "
+                          f"prompt per label, two or more {where}")
+    seen: dict[str, int] = {}
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ConfigError(f"label prompt {i} is {type(prompt).__name__} ({prompt!r}), not a string; give one text per label")
+        if not prompt.strip():
+            raise ConfigError(f"label prompt {i} of {list(prompts)!r} is {'empty' if not prompt else 'only whitespace'}: "
+                              f"label {i} would be matched against no text; give every label a prompt {where}, with no "
+                              "empty part ('a||c' or a '|' at either end)")
+        first = seen.setdefault(prompt.strip(), i)
+        if first != i:
+            raise ConfigError(f"label prompts {first} and {i} are the same ({prompt.strip()!r}): labels {first} and {i} would be "
+                              f"indistinguishable; give each label its own prompt {where}")
+
+
 @dataclass
 class TenseTask:
     """Tokenized batches, the loss and the accuracy metric of the tense task."""
@@ -99,6 +129,9 @@ class TenseTask:
     label_prompts: tuple[str, ...] = tuple(LABEL_PROMPTS)
     # The inputs the model's forward names (hf.forward_inputs); None: every text input the tokenizer returns.
     input_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_label_prompts(self.label_prompts)
 
     @classmethod
     def from_model_dir(cls, directory: Any, **kw: Any) -> "TenseTask":

@@ -396,3 +396,11 @@ def test_the_api_refuses_the_label_prompts_the_cli_refuses(tmp_path, prompts, ma
     assert not (tmp_path / "report").exists()
     cfg.label_prompts = ["past", "present", "future"]  # distinct prompts, one per label of the tense set, pass
     check_config(cfg)
+
+
+def test_the_task_itself_refuses_prompts_labels_cannot_be_told_apart_by(tiny_bert_dir):
+    from lora_fx.tasks import TenseTask
+
+    with pytest.raises(ConfigError, match=r"label prompts 0 and 1 are the same \('past'\)"):
+        TenseTask.from_model_dir(tiny_bert_dir, label_prompts=("past", "past ", "future"))
+    assert TenseTask.from_model_dir(tiny_bert_dir, label_prompts=("past", "present", "future")).label_prompts[1] == "present"
