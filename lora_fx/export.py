@@ -6,7 +6,9 @@ optimizer renames weights and folds transposes, losing the adapter names), then 
 optimizer, or ``serve_slots``: ``expose_adapters`` + ``hoist_lora_add``, the optimizer (which cannot
 touch the adapter slots because they are graph inputs), and ``fuse_lora_add`` last. Modules trained in
 full (``modules_to_save``, the SEQ_CLS head) are written as they are trained (merged) or become slots too,
-defaulting to their base values (adapters).
+defaulting to their base values (adapters). A graph holding prefixes (and no LoRA) goes to
+``prefix_export.export_prefix_onnx`` instead (``expose_prefixes``: the prefixes become slots); prefixes
+cannot be folded into weights, so ``mode="merged"`` refuses it with an UnsupportedError.
 """
 
 from __future__ import annotations
