@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--steps", type=int, default=40, help="training steps per method (default: 40)")
     p.add_argument("--quick", action="store_true", help="a reduced run for CI (at most 8 steps, fewer latency runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every method, the same for each: initialisation, data order (default: 0)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 

@@ -35,10 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "rewrite",
         help="insert adapters (LoRA, QLoRA or prefix-tuning) at the sites of an ONNX model",
         description="Insert LoRA branches at the selected linear sites of an ONNX file (--method lora, the default; "
-        "with --quant the frozen weights are stored quantized: QLoRA), or learned key/value prefixes at its attention "
-        "sites (--method prefix), and write the rewritten model. Each LoRA site gains <site>.lora_A.weight [in, r] "
-        "and <site>.lora_B.weight [r, out] (scale folded into B; B starts at zero, so outputs are unchanged until "
-        "training).",
+        "with --quant the frozen linear weights are stored quantized: QLoRA), or learned key/value prefixes at its "
+        "attention sites (--method prefix), and write the rewritten model. Each LoRA site gains <site>.lora_A.weight "
+        "[in, r] and <site>.lora_B.weight [r, out] (scale folded into B). With --init kaiming (the default) or "
+        "gaussian, B starts at zero, so the LoRA branches add nothing until trained; the quantized weights of --quant, "
+        "--init random and the prefixes of --method prefix change the outputs at once.",
     )
     p.add_argument("model", help="the input .onnx file")
     p.add_argument("-o", "--output", required=True, help="where to write the rewritten .onnx file")
@@ -51,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-modules", default=None,
                    help="comma-separated module names or suffixes (query,value), a regex, or all-linear; required "
                    "for lora; for prefix it selects attention sites (default: all)")
-    p.add_argument("--exclude-modules", default=None, help="lora: comma-separated names or suffixes, or a regex, to leave out")
+    p.add_argument("--exclude-modules", default=None,
+                   help="lora: comma-separated names or suffixes, or a regex, to leave out of the LoRA targets and, "
+                   "with --quant, out of quantization (kept in float)")
     p.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(r)")
     p.add_argument("--lora-dropout", type=float, default=None,
                    help="dropout on each LoRA branch's input while training (a Dropout node that inference skips; default 0)")
@@ -65,10 +68,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: for prefix, from the model class a dynamo export records; else none)")
     p.add_argument("--external-data", action="store_true", help="store the weights in <output>.data")
     p.add_argument("--quant", choices=["nf4", "int4", "int8"], default=None,
-                   help="lora: store every frozen linear weight quantized (QLoRA): nf4 (MatMulBnb4), int4 (MatMulNBits), "
-                   "int8 (DequantizeLinear)")
+                   help="lora: store the frozen weights of the linear layers quantized (QLoRA): every linear layer but "
+                   "the output layer (lm_head) and the --exclude-modules ones; nf4 runs them with MatMulBnb4, int4 with "
+                   "MatMulNBits, int8 with DequantizeLinear (one scale per output channel) before a MatMul")
     # None, not 64: so that a block size given without --quant is refused rather than silently dropped.
-    p.add_argument("--quant-block-size", type=int, default=None, help="with --quant nf4/int4: weights per scale block (default 64)")
+    p.add_argument("--quant-block-size", type=int, default=None,
+                   help="with --quant nf4/int4: weights per scale block (default 64); int8 has one scale per output "
+                   "channel, no blocks")
     p.add_argument("--double-quant", action="store_true",
                    help="nf4: store the block scales in 8 bits too (QLoRA's double quantization; about 4.13 bits a weight)")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the adapted sites")
@@ -97,12 +103,50 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         block = 64 if block is None else block
         qconfig = QuantConfig(dtype=args.quant, block_size=block, double_quant=args.double_quant,
                               exclude_modules=_csv(args.exclude_modules))
+        if config.modules_to_save:
+            _refuse_quantized_heads(model, config, qconfig, args)
         quant = {"config": qconfig.to_dict(), "sites": apply_quant(model, qconfig, None).changed}
     apply_lora(model, config)
     summary = {"method": "lora", "config": config.to_dict(), "sites": lora_metadata(model)}
     if quant is not None:
         summary["quant"] = quant
     return summary
+
+
+def _refuse_quantized_heads(model: Any, config: Any, qconfig: Any, args: argparse.Namespace) -> None:
+    """--task-type SEQ_CLS trains the classification head in full (PEFT's modules_to_save), which needs float weights,
+    and --quant's default selection (every linear layer but the output layer) would pack it. Refused before quantizing,
+    with the CLI's way out: the LoRA pass would refuse it only afterwards, in the Python API's words (QuantConfig)."""
+    import warnings
+
+    import lora_fx
+    from lora_fx.config import LoraConfig
+    from lora_fx.errors import ConfigError, LoraFxError
+    from lora_fx.passes.onnx.find_sites import module_tree
+    from lora_fx.passes.onnx.freeze_base import saved_module_paths
+    from lora_fx.targeting import select_modules_to_save
+
+    heads = select_modules_to_save(config, saved_module_paths(model))
+    selector = LoraConfig(r=1, target_modules=qconfig.target_modules, exclude_modules=qconfig.exclude_modules)
+    try:
+        with warnings.catch_warnings():  # the quantization pass says its selection's warnings itself
+            warnings.simplefilter("ignore")
+            packed = [t.site.name for t in lora_fx.select_targets(lora_fx.find_sites(model), selector,
+                                                                   modules=module_tree(model))]
+    except LoraFxError:
+        return  # the quantization pass reports its own selection errors
+    hit = sorted(n for n in packed if any(n == h or n.startswith(f"{h}.") for h in heads))
+    if not hit:
+        return
+    given = _csv(args.exclude_modules)
+    if isinstance(given, str):  # a regex: the user's to extend
+        way = f"an --exclude-modules regex that also matches {', '.join(heads)}"
+    else:
+        way = "--exclude-modules " + ",".join((given or []) + [h for h in heads if h not in (given or [])])
+    raise ConfigError(
+        f"--task-type {args.task_type} trains {', '.join(heads)} in full (as PEFT does), which needs float weights, "
+        f"but --quant {args.quant} would store {', '.join(hit[:4])} quantized; keep it in float with {way}"
+    )
 
 
 def _rewrite_prefix(model: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +196,9 @@ def check_options(args: argparse.Namespace) -> None:
     quant = getattr(args, "quant", None)
     if quant and method is not Method.LORA:
         raise ConfigError(f"--quant {quant} quantizes the weights under LoRA branches (QLoRA); it goes with --method lora")
+    if quant == "int8" and getattr(args, "quant_block_size", None) is not None:
+        raise ConfigError("--quant-block-size: --quant int8 stores one scale per output channel (DequantizeLinear on "
+                          "axis 0), not per block; drop --quant-block-size or use --quant nf4|int4")
     if not quant:
         given = [flag for flag, on in (("--double-quant", getattr(args, "double_quant", False)),
                                        ("--quant-block-size", getattr(args, "quant_block_size", None) is not None)) if on]

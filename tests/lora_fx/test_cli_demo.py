@@ -22,3 +22,12 @@ def test_a_seed_torch_cannot_take_is_refused_before_anything_is_written(tmp_path
     assert main(["demo", "-o", str(out), f"--seed={2**64}"]) == 2
     assert "seed must be an integer in [-2**63, 2**64)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_help_describes_the_seed(capsys):
+    # --seed showed no description.
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED seed of every method, the same for each: initialisation, data order (default: 0)" in text

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 import lora_fx
 from lora_fx.cli import main
 from lora_fx.passes.onnx.insert_lora import lora_metadata
+from lora_fx.sites import SiteKind
 from tests.onnx_corpus import corpus
 
 
@@ -107,6 +108,64 @@ def test_help(command, capsys):
     assert "usage: lora-fx " + command in capsys.readouterr().out
 
 
+def _help_text(argv, capsys) -> str:
+    """``lora-fx ... --help`` with argparse's line wrapping undone, so that phrases match across lines."""
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_rewrite_help_says_what_quant_selects_and_when_outputs_change(capsys):
+    # --quant said "every frozen linear weight", but the output layer and the --exclude-modules ones stay float; the
+    # description said outputs are unchanged until training, untrue with --quant, --init random and --method prefix.
+    text = _help_text(["rewrite"], capsys)
+    assert "every linear layer but the output layer (lm_head) and the --exclude-modules ones" in text
+    assert "nf4 runs them with MatMulBnb4, int4 with MatMulNBits, int8 with DequantizeLinear" in text
+    assert "to leave out of the LoRA targets and, with --quant, out of quantization (kept in float)" in text
+    assert "With --init kaiming (the default) or gaussian, B starts at zero, so the LoRA branches add nothing until " \
+           "trained; the quantized weights of --quant, --init random and the prefixes of --method prefix change the " \
+           "outputs at once." in text
+    assert "every frozen linear weight" not in text and "outputs are unchanged until training" not in text
+
+
+@pytest.mark.parametrize("dtype, op", [("nf4", "MatMulBnb4"), ("int4", "MatMulNBits"), ("int8", "DequantizeLinear")])
+def test_quant_leaves_the_output_layer_and_excluded_modules_in_float_as_the_help_says(tmp_path, capsys, dtype, op):
+    entry = corpus().get("llama-dynamo18")
+    out = tmp_path / "q.onnx"
+    assert main(["rewrite", str(entry.path), "-o", str(out), "--target-modules", "q_proj", "--quant", dtype,
+                 "--exclude-modules", "down_proj", "--json"]) == 0
+    quantized = sorted(s.split(":")[0] for s in json.loads(capsys.readouterr().out)["quant"]["sites"])
+    linear = sorted(s.name for s in lora_fx.find_sites(lora_fx.load(entry.path)) if s.kind is SiteKind.LINEAR)
+    assert "lm_head" in linear and quantized == [n for n in linear if n != "lm_head" and not n.endswith(".down_proj")]
+    ops = [n.op_type for n in lora_fx.load(out).graph]
+    assert ops.count(op) == len(quantized)
+
+
+def test_a_quantized_classification_head_is_refused_with_the_cli_way_out(tmp_path, capsys):
+    # --task-type SEQ_CLS trains the head in full; --quant packed it and the LoRA pass refused it in the Python API's
+    # words ("QuantConfig(exclude_modules=['classifier']) or start from the float model", for a float input).
+    from tests.lora_fx.test_onnx_modules_to_save import _bert
+    from tests.shared_exports import user_export
+
+    src = str(user_export(_bert, "torchscript"))
+    argv = ["rewrite", src, "--target-modules", "query", "--quant", "nf4", "--task-type", "SEQ_CLS"]
+    for given, way in ((None, "--exclude-modules classifier"), ("key", "--exclude-modules key,classifier"),
+                       (".*key", "an --exclude-modules regex that also matches classifier")):
+        out = tmp_path / "o.onnx"
+        extra = ["--exclude-modules", given] if given else []
+        assert main(argv + ["-o", str(out)] + extra) == 2
+        err = capsys.readouterr().err
+        assert ("--task-type SEQ_CLS trains classifier in full (as PEFT does), which needs float weights, but --quant "
+                f"nf4 would store classifier quantized; keep it in float with {way}") in err, err
+        assert "QuantConfig" not in err and "float model" not in err and not out.exists()
+    # The way out it names works: the head stays float and is trained in full, the other layers are quantized.
+    assert main(argv + ["-o", str(out), "--exclude-modules", "key,classifier", "--json"]) == 0
+    quantized = [s.split(":")[0] for s in json.loads(capsys.readouterr().out)["quant"]["sites"]]
+    assert quantized and not any(n.startswith("classifier") or n.endswith(".key") for n in quantized)
+    assert lora_fx.load(out).graph.initializers["classifier.weight"].const_value.dtype.name == "FLOAT"
+
+
 @pytest.mark.slow
 def test_sites_json_reports_heads(capsys):
     entry = corpus().get("llama-dynamo18")
@@ -141,6 +200,22 @@ def test_options_the_method_would_ignore_are_refused(tmp_path, capsys, extra, ma
     # Asked-for quantization that silently did not happen would be found out only in the file sizes.
     out = tmp_path / "o.onnx"
     _expect_failure(["rewrite", str(corpus().get("gemm-mlp").path), "-o", str(out)] + extra, out, capsys, match)
+
+
+def test_a_block_size_int8_would_ignore_is_refused_and_nf4_int4_take_it(tmp_path, capsys):
+    # int8 stores one scale per output channel: --quant-block-size 32 was accepted, recorded and silently ignored.
+    src = str(corpus().get("gemm-mlp").path)
+    out = tmp_path / "o.onnx"
+    argv = ["rewrite", src, "-o", str(out), "--target-modules", "fc1", "--quant-block-size", "32", "--json"]
+    assert main(argv + ["--quant", "int8"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()
+    assert ("--quant-block-size: --quant int8 stores one scale per output channel (DequantizeLinear on axis 0), not per "
+            "block; drop --quant-block-size or use --quant nf4|int4") in captured.err
+    for dtype in ("nf4", "int4"):
+        assert main(argv + ["--quant", dtype]) == 0
+        assert json.loads(capsys.readouterr().out)["quant"]["config"]["block_size"] == 32
+        out.unlink()
 
 
 def test_unwritable_output_is_refused_before_the_rewrite(tmp_path, capsys):
