@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lora-fx demo
 
+# One pytest-xdist worker per core, whole files per worker so module fixtures are built once.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_step

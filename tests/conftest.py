@@ -7,10 +7,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tests import models
+
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    # make test runs one pytest-xdist worker per core: each worker, and the processes its tests start, keeps to its
+    # share of the cores, so torch's thread pools do not contend with the other worker's.
+    _THREADS = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
 
 
 class Zoo:
