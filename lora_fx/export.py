@@ -300,7 +300,7 @@ def export_onnx(
     mode = ExportMode.parse(mode)
     quant_merge = QuantMerge.parse(quant_merge)
     if not isinstance(gm, fx.GraphModule):
-        raise ConfigError(f"export_onnx takes a GraphModule from lora_fx.capture(...) (+ lora_fx.apply), got {type(gm).__name__}")
+        raise ConfigError(_not_a_graph_module(gm))
     if not kwargs:
         raise ConfigError("export_onnx needs example inputs: export_onnx(gm, path, kwargs={'input_ids': ..., 'attention_mask': ...})")
     _check_outputs(Path(path), mode, adapter_name, peft_dir)  # before the export: found after it, a bad path costs it all
@@ -373,6 +373,25 @@ def export_onnx(
     if peft is not None:
         result.peft_dirs.append(out_dir / adapter_name)
     return result
+
+
+def _not_a_graph_module(model: Any) -> str:
+    """The refusal of what is no GraphModule. An ONNX model (``lora_fx.load`` + ``lora_fx.apply``) is ONNX already:
+    its merge and adapter slots are the ``lora-fx export`` command's work on the saved file, which the message names."""
+    import onnx
+    import onnx_ir as ir
+
+    got = type(model).__name__
+    if isinstance(model, ir.Model):
+        save = "lora_fx.save(model, 'lora.onnx')"
+    elif isinstance(model, onnx.ModelProto):
+        save = "onnx.save(model, 'lora.onnx')"
+    else:
+        return f"export_onnx takes a GraphModule from lora_fx.capture(...) (+ lora_fx.apply), got {got}"
+    return (f"export_onnx exports a GraphModule from lora_fx.capture(...) (+ lora_fx.apply) to ONNX, and this {got} is an "
+            f"ONNX model already. Save it ({save}), then merge its adapters into the weights with "
+            "`lora-fx export lora.onnx -o merged.onnx --merge` (a quantized base: add --float or --requantize), or "
+            "export it with adapter slots and its adapter files with `lora-fx export lora.onnx -o served.onnx --adapters`")
 
 
 def _check_outputs(path: Path, mode: ExportMode, adapter_name: str, peft_dir: bool) -> None:

@@ -1,6 +1,10 @@
 """Fold LoRA branches into the frozen weights: ``W' = W + A @ B`` in the weight's own layout.
 
-After the pass the model has exactly the base model's nodes and op types; only weight values differ.
+After the pass the model has exactly the base model's nodes and op types; only weight values differ. No LoRA adapter
+is claimed any more: the LoRA record, config and base fingerprint go from the model's metadata, and the marker
+``insert_lora`` left on each adapted node (``lora_fx.adapted``, which refuses a second adapter there) from its
+nodes, so a merged model can be rewritten again like any plain model. The record of modules trained in full
+(``modules_to_save``) is the caller's to settle (``lora-fx export --merge`` merges them as trained).
 Non-finite results are refused before anything changes (PEFT's ``safe_merge``); prefix adapters
 cannot be folded into weights and are refused with the way out (export with adapters instead).
 
@@ -30,7 +34,8 @@ import onnx_ir as ir
 
 from lora_fx.enums import parse_enum
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedError
-from lora_fx.passes.onnx.find_sites import const_tensor
+from lora_fx.passes.onnx.find_sites import INSERTED, const_tensor, subgraph_graphs
+from lora_fx.passes.onnx.insert_lora import ADAPTED, SITE
 from lora_fx.passes.onnx.lora_layout import (
     CONFIG_KEY, FINGERPRINT_KEY, Branch, find_branches, has_prefix, read_records, remove_branch, replace_value, write_records,
 )
@@ -123,6 +128,20 @@ def _drop_precision_casts(graph: ir.Graph, fold: _Fold) -> None:
     graph.remove(up, safe=True)
 
 
+def _drop_lora_markers(model: ir.Model) -> None:
+    """Drop the per-node LoRA markers from every graph: the fold removed every branch of every recorded site, so no
+    node is adapted any more. Left behind, ``lora_fx.adapted`` made ``insert_lora`` refuse the merged model's sites
+    ("already has a LoRA adapter"). The branch nodes' own ``lora_fx.inserted``/``lora_fx.site`` went with them; a
+    surviving one is dropped too. Prefix markers cannot occur: prefix models are refused before the fold."""
+    for graph in subgraph_graphs(model):
+        for node in graph:
+            props = node.metadata_props
+            props.pop(ADAPTED, None)
+            props.pop(SITE, None)
+            if props.get(INSERTED) == "lora":
+                props.pop(INSERTED)
+
+
 def _weight_origin(graph: ir.Graph, value: ir.Value | None) -> str:
     """Where a weight that is no initializer comes from, in the words of the refusal."""
     node = value.producer() if value is not None else None
@@ -191,8 +210,13 @@ class FoldLora:
                 self._apply_branches(graph, folds, merged[fold.branch.site])
             for each in folds:
                 _drop_precision_casts(each.branch.graph, each)
+        from lora_fx.onnx_adapter import HEADS_AS_BASE_KEY
+
         write_records(model, {})
-        for key in (CONFIG_KEY, FINGERPRINT_KEY):
+        if plans:
+            _drop_lora_markers(model)
+        # HEADS_AS_BASE_KEY only qualifies the fingerprint (onnx_adapter.model_fingerprints), which goes.
+        for key in (CONFIG_KEY, FINGERPRINT_KEY, HEADS_AS_BASE_KEY):
             model.metadata_props.pop(key, None)
         changed = [folds[0].branch.site for folds in plans]
         changed += [f"{e.site}: requantized ({e.format}), max abs error {e.max_abs:.3g}, relative error {e.relative:.3g}"

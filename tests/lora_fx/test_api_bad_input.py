@@ -116,3 +116,47 @@ def test_load_and_save_refuse_what_they_cannot_use(tmp_path):
     with pytest.raises(ConfigError, match="is a directory; give the output a file name"):
         lora_fx.save(lora_fx.load(tmp_path / "m.onnx"), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("form", ["onnx_ir", "proto"])
+def test_export_onnx_of_an_onnx_model_names_the_route_and_the_route_works(tmp_path, monkeypatch, capsys, form):
+    # Before: "export_onnx takes a GraphModule ..., got Model", with no word of how an ONNX model (lora_fx.load +
+    # lora_fx.apply) is merged or given adapter slots. The test follows the route the message names, as written.
+    import re
+    import shlex
+
+    import onnx_ir as ir
+
+    from lora_fx.cli import main
+    from tests.exported import lora_onnx, ort_run, rel
+    from tests.onnx_corpus import corpus
+
+    lora = lora_onnx("gemm-mlp")
+    model = lora if form == "onnx_ir" else ir.to_proto(lora)
+    with pytest.raises(ConfigError, match=r"is an ONNX model already") as info:
+        lora_fx.export_onnx(model, tmp_path / "x.onnx", mode="merged")
+    assert not (tmp_path / "x.onnx").exists()
+    message = str(info.value)
+    save_call = re.search(r"Save it \(((lora_fx|onnx)\.save)\(model, '([^']+)'\)\)", message)
+    assert save_call and save_call.group(1) == ("lora_fx.save" if form == "onnx_ir" else "onnx.save")
+    commands = re.findall(r"`(lora-fx export [^`]+)`", message)
+    assert [c.split()[-1] for c in commands] == ["--merge", "--adapters"]
+
+    monkeypatch.chdir(tmp_path)
+    if form == "onnx_ir":
+        lora_fx.save(model, save_call.group(3))
+    else:
+        import onnx
+
+        onnx.save(model, save_call.group(3))
+    feeds = corpus().get("gemm-mlp").feeds()
+    want = ort_run(save_call.group(3), feeds)
+    for command in commands:
+        args = shlex.split(command)
+        assert args[0] == "lora-fx" and main(args[1:]) == 0
+    capsys.readouterr()
+    merged, served = (args[args.index("-o") + 1] for args in map(shlex.split, commands))
+    assert rel(ort_run(merged, feeds), want) <= 1e-5  # the adapters merged into the weights
+    assert not [n for n in ir.load(merged).graph.initializers if ".lora_" in n]
+    adapter = tmp_path / f"{served.removesuffix('.onnx')}.adapters" / "default.onnx_adapter"
+    assert rel(ort_run(served, feeds, adapter=adapter), want) <= 1e-5  # slots serving the exported adapter

@@ -198,3 +198,114 @@ def test_a_weight_held_by_a_constant_node_is_refused_by_name_and_folds_once_lift
     fold_lora(model)
     assert "MatMul" in _ops(model) and not any("lora" in n for n in model.graph.initializers)
     assert rel(ort_run(save(model, "fold-const-folded.onnx"), feeds), want) <= 1e-5
+
+
+# ---- a merged model is a plain model: it can be rewritten again ------------------------------------------------------
+# Before: each adapted node kept insert_lora's ``lora_fx.adapted`` marker through the fold, so rewriting the merged
+# model refused every site it had merged ("already has a LoRA adapter ... fold the existing adapter first").
+def _lora_keys(model: ir.Model) -> list[str]:
+    """The ``lora_fx.`` keys of the model's metadata and of its nodes' in every graph (If branches too)."""
+    from lora_fx.passes.onnx.find_sites import subgraph_graphs
+
+    keys = set(model.metadata_props) | {k for g in subgraph_graphs(model) for n in g for k in n.metadata_props}
+    return sorted(k for k in keys if k.startswith("lora_fx."))
+
+
+def _round_trip(model: ir.Model) -> ir.Model:
+    """As written to a file and read back: what a second ``lora-fx rewrite`` of the merged file reads."""
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _rewrite(model: ir.Model, targets) -> ir.Model:
+    import torch
+
+    torch.manual_seed(1)  # the same random (non-zero) adapters for the model and its reference
+    return lora_fx.apply(model, lora_fx.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+
+
+def _holding(model: ir.Model, weights: dict[str, np.ndarray]) -> ir.Model:
+    """``model`` (the float base, never adapted) with ``weights`` written into its initializers of those names."""
+    for name, array in weights.items():
+        value = model.graph.initializers[name]
+        value.const_value = ir.tensor(np.ascontiguousarray(array.astype(value.const_value.numpy().dtype)), name=name)
+    return model
+
+
+def _ort_model(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # quantized matmuls in float
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _rewritten_again(merged: ir.Model, reference: ir.Model, targets, run) -> float:
+    """Rewrite the merged model again and ``reference`` (the float model holding the merged weights) with the same
+    adapters; returns how far apart their ORT outputs are. The new adapters change the outputs, so it can fail."""
+    assert _lora_keys(merged) == []  # neither the model nor any node says it was adapted
+    merged = _round_trip(merged)
+    before = run(merged)
+    again, want = _rewrite(merged, targets), _rewrite(reference, targets)
+    assert sorted(json.loads(again.metadata_props[LORA_KEY])) == sorted(json.loads(want.metadata_props[LORA_KEY]))
+    for name in (n for n in want.graph.initializers if ".lora_" in n):
+        np.testing.assert_array_equal(again.graph.initializers[name].const_value.numpy(),
+                                      want.graph.initializers[name].const_value.numpy())
+    out = run(again)
+    assert rel(out, before) > 1e-2
+    return rel(out, run(want))
+
+
+def _decoder_case():
+    from tests.passes.onnx.test_find_sites_subgraphs import _feeds, merged_decoder
+
+    base = lambda: ir.from_proto(merged_decoder(np.random.default_rng(0)))  # noqa: E731
+    feeds = [_feeds(np.random.default_rng(2), use_cache) for use_cache in (True, False)]  # both If branches
+    return base, ["q_proj", "v_proj"], lambda m: np.concatenate([_ort_model(m, f) for f in feeds])
+
+
+def _corpus_case(entry: str):
+    from tests.exported import SEED_TARGETS
+
+    feeds = corpus().get(entry).feeds()
+    return lambda: lora_fx.load(corpus().get(entry).path), SEED_TARGETS[entry], lambda m: _ort_model(m, feeds)
+
+
+@pytest.mark.parametrize("case", ["gemm-mlp", "fp16-mlp", "merged-decoder"])
+def test_a_merged_model_is_rewritten_again_as_the_base_model_holding_its_merged_weights(case):
+    import torch
+
+    base, targets, run = _decoder_case() if case == "merged-decoder" else _corpus_case(case)
+    torch.manual_seed(0)
+    merged = lora_fx.apply(base(), lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    assert fold_lora(merged).modified
+    assert sorted(merged.graph.initializers) == sorted(base().graph.initializers)  # merged in place: same names
+    reference = _holding(base(), {n: v.const_value.numpy() for n, v in merged.graph.initializers.items()})
+    assert _rewritten_again(merged, reference, targets, run) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "int4", "int8"])
+@pytest.mark.parametrize("mode", ["float", "requantize"])
+def test_a_merged_qlora_model_is_rewritten_again_as_the_float_model_of_its_merged_weights(name, mode):
+    """``--merge --float`` (merged sites plain MatMuls) and ``--merge --requantize`` (stored quantized again, in their
+    format): rewritten again, each computes what the float MLP holding the merged weights does with the same adapters."""
+    from lora_fx.passes.onnx.fold_lora import QuantMerge
+    from tests.passes.onnx.test_fold_lora_quantized import X, _decode, _qlora
+    from tests.passes.onnx.test_quantize_weights import _mlp
+
+    merged = _qlora(name)
+    fold_lora(merged, QuantMerge(mode))
+
+    def weight(site: str) -> np.ndarray:
+        """The site's merged W [in, out]: decoded from its storage (independently), or the float W the fold wrote."""
+        if f"{site}.weight_q" in merged.graph.initializers:
+            return _decode(merged, site).T
+        matmul = next(n for n in merged.graph if n.op_type == "MatMul" and n.inputs[1].name.startswith(f"{site}."))
+        return matmul.inputs[1].const_value.numpy()
+
+    stored = any(n.endswith(".weight_q") for n in merged.graph.initializers)
+    assert stored == (mode == "requantize")
+    reference = _holding(_mlp()[0], {f"{s}.weight": weight(s) for s in ("fc1", "fc2")})
+    assert _rewritten_again(merged, reference, ".*", lambda m: _ort_model(m, {"x": X})) <= 1e-5
