@@ -528,6 +528,9 @@ class QuantConfig:
     row (int4) that is not a whole number of blocks gets a zero-padded last block; with
     ``pad=False`` it is refused. ``target_modules`` / ``exclude_modules`` select the
     sites with LoraConfig's language; the default is every linear site except the output layer.
+    int8 stores one scale per output channel: ``block_size`` and ``pad`` do not apply to it (nor
+    ``symmetric=False`` to nf4 and int8, nor ``double_quant_block_size`` without ``double_quant``), and
+    are refused at other than their defaults rather than ignored.
     """
 
     dtype: QuantDType = QuantDType.NF4
@@ -561,8 +564,27 @@ class QuantConfig:
             )
         if self.double_quant and self.dtype is not QuantDType.NF4:
             raise ConfigError(f"double_quant applies to nf4 block absmaxes only, not to {self.dtype.value}; drop double_quant")
+        self._refuse_inapplicable()
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("target_modules is an empty list: name at least one module, a regex or 'all-linear'")
+
+    def _refuse_inapplicable(self) -> None:
+        """An option the dtype has no use for would be ignored without a word: refused, naming the way out. Its default
+        is accepted (``to_dict`` writes every field, so a saved int8 config holds ``block_size=64``)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        dtype = self.dtype.value
+        if self.dtype is QuantDType.INT8 and self.block_size != defaults["block_size"]:
+            raise ConfigError(f"block_size applies to nf4 and int4 blocks only, not to int8, which stores one scale per "
+                              f"output channel (DequantizeLinear on axis 0); drop block_size={self.block_size} or use "
+                              f"dtype='nf4' or 'int4'")
+        if self.dtype is QuantDType.INT8 and self.pad != defaults["pad"]:
+            raise ConfigError("pad applies to nf4 and int4 blocks only, not to int8, which has no blocks to pad; drop pad=False")
+        if self.symmetric != defaults["symmetric"] and self.dtype is not QuantDType.INT4:
+            raise ConfigError(f"symmetric=False (zero points) applies to int4 only, not to {dtype}, whose codes are "
+                              f"symmetric around 0; drop symmetric=False or use dtype='int4'")
+        if self.double_quant_block_size != defaults["double_quant_block_size"] and not self.double_quant:
+            raise ConfigError(f"double_quant_block_size applies with double_quant only (nf4); add double_quant=True or "
+                              f"drop double_quant_block_size={self.double_quant_block_size}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -10,7 +10,7 @@ Matches, where the scale is one float per output channel (or one for the whole t
 
 * ``DequantizeLinear(q [N, K], axis=0) -> Transpose -> MatMul(x, ·)``: lora_fx's ONNX int8 layout
   (``passes/onnx/quantize_weights``), also with ``CastLike(·, x)`` before the Transpose, as lora_fx's
-  FX export writes it (``lora_fx/quant_export``);
+  FX export writes it (``lora_fx/quant_export``), or ``Cast`` to a float type (quantize_weights below opset 15);
 * ``com.microsoft.MatMulNBits`` with bits 8 and one scale a row (as other tools write it, e.g. ONNX
   Runtime's MatMulNBits quantizer with one block a row; ``quant_formats.int8_from_nbits``: codes + 128
   in rows padded to whole blocks, every block of a row with the row's scale, zero point 128), optional
@@ -129,8 +129,10 @@ def _match(graph: ir.Graph, consumer: ir.Node, found: Int8Linears) -> Int8Linear
         transposed = True
         b = producer.inputs[0]
         producer = b.producer()
-    if _is_op(producer, "CastLike") and producer.inputs[1] is consumer.inputs[0] and _single_use(b):
-        # W cast to x's type (lora_fx's FX export writes it so): what linear_int8 computes for that x anyway.
+    cast = _is_op(producer, "Cast") and producer.attributes.get_int("to", 0) in {int(t) for t in _FLOATS}
+    if (cast or _is_op(producer, "CastLike") and producer.inputs[1] is consumer.inputs[0]) and _single_use(b):
+        # W cast to x's type (lora_fx's FX export writes CastLike; quantize_weights, below opset 15, Cast to the type
+        # MatMul/Gemm then binds x to): what linear_int8 computes for that x anyway.
         chain.append(producer)
         b = producer.inputs[0]
         producer = b.producer()

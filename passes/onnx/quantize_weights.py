@@ -12,7 +12,11 @@ becomes an ``Add`` after the quantized op, the form a ``MatMul`` site with a bia
 * int4 -> ``com.microsoft.MatMulNBits`` (bits 4, blocks along K, each row padded to whole blocks
   unless ``pad=False``, ``accuracy_level=0``), zero point 8 or packed affine zero points.
 * int8 -> ``DequantizeLinear`` (int8, one scale per output channel) -> ``Transpose`` -> ``MatMul``
-  (training runs this chain as ``lora_fx::linear_int8``: ``runtime/int8_linear``).
+  (training runs this chain as ``lora_fx::linear_int8``: ``runtime/int8_linear``). The per-channel
+  ``axis`` needs opset 13: a model importing an older default-domain opset is refused (nf4 and int4 use
+  com.microsoft ops, which run at any opset). A float16 or bfloat16 scale needs DequantizeLinear-19: below
+  opset 19 such a model's scales are stored float32 and the dequantized W is cast to the model's type
+  before the Transpose, by ``CastLike(W, x)`` (opset 15+, the form lora_fx's FX export writes) or ``Cast``.
 
 Why int8 is not ``MatMulNBits(bits=8)``, which ONNX Runtime computes exactly under any session options:
 ONNX Runtime 1.31's CPU kernel for it decodes W on every call and runs 2-4x slower than this form (four
@@ -26,7 +30,7 @@ plain ONNX Runtime set the same option. bits=8 MatMulNBits files other tools wri
 New initializers are named ``<site>.weight_q`` / ``.weight_scale`` / ``.weight_zero`` so the site keeps its
 name (find_sites reads it from the ``….weight`` prefix); the new node keeps the old one's name and metadata.
 Scales and absmaxes are stored in the model's float type (MatMulBnb4 and MatMulNBits read them in
-the type of their input; so does the MatMul after DequantizeLinear). The numerics are those of the
+the type of their input; so does the MatMul after DequantizeLinear), but for int8 below opset 19 (above). The numerics are those of the
 FX pass (one implementation). Sites that are already quantized
 (MatMulNBits, MatMulBnb4, a weight through DequantizeLinear) are refused before anything changes.
 
@@ -97,6 +101,92 @@ def _decode_absmax(name: str, qscale: ir.Value, consts: dict[str, ir.Value], nod
     return absmax
 
 
+# The default-domain opsets the int8 form needs: DequantizeLinear's ``axis`` (per-channel scales), a float16 or
+# bfloat16 scale, and CastLike (which casts W to x's type, what runtime/int8_linear recognises as its op's own cast).
+INT8_MIN_OPSET, INT8_NARROW_SCALE_OPSET, CASTLIKE_OPSET = 13, 19, 15
+
+
+def default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def _int8_scale_type(float_type: ir.DataType, opset: int) -> ir.DataType:
+    """The type int8 scales are stored in: the model's float type where DequantizeLinear reads it, else float32."""
+    return float_type if float_type == ir.DataType.FLOAT or opset >= INT8_NARROW_SCALE_OPSET else ir.DataType.FLOAT
+
+
+def _int8_reader(q: ir.Value, scale: ir.Value, x: ir.Value, float_type: ir.DataType, opset: int,
+                 names: tuple[str, str, str] | None = None) -> tuple[list[ir.Node], ir.Node]:
+    """``MatMul(x, Transpose(DequantizeLinear(q, scale, axis=0)))``, with W cast to ``float_type`` when the scale is
+    stored in another type; ``names``: the values' names (dequantized, cast, transposed) where they must be unique."""
+    dq = ir.node("DequantizeLinear", [q, scale], attributes={"axis": 0})
+    nodes, w = [dq], dq.outputs[0]
+    if scale.dtype != float_type:
+        cast = (ir.node("CastLike", [w, x]) if opset >= CASTLIKE_OPSET
+                else ir.node("Cast", [w], attributes={"to": int(float_type)}))
+        nodes.append(cast)
+        w = cast.outputs[0]
+    tr = ir.node("Transpose", [w], attributes={"perm": [1, 0]})
+    nodes.append(tr)
+    if names is not None:
+        dq.outputs[0].name, tr.outputs[0].name = names[0], names[2]
+        if len(nodes) == 3:
+            nodes[1].outputs[0].name = names[1]
+    new = ir.node("MatMul", [x, tr.outputs[0]])
+    return [*nodes, new], new
+
+
+def _onnx_type(dtype: ir.DataType) -> str:
+    import onnx
+
+    return f"tensor({onnx.TensorProto.DataType.Name(int(dtype)).lower()})"
+
+
+def _schema_problem(nodes: list[ir.Node], opset: int) -> str | None:
+    """Why ``nodes`` (default domain) would not be valid ONNX at ``opset``: an op without a schema there, an attribute
+    it lacks, an input of a type it does not take; else None. A guard on the forms above, as onnx.checker would judge
+    them, before the graph changes."""
+    import onnx
+
+    for node in nodes:
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            return f"{node.op_type} has no schema at opset {opset}"
+        extra = sorted(set(node.attributes) - set(schema.attributes))
+        if extra:
+            return f"{node.op_type}-{schema.since_version} has no attribute {', '.join(extra)}"
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        for i, value in enumerate(node.inputs):
+            if value is None or value.dtype is None or not schema.inputs:
+                continue
+            formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+            if _onnx_type(value.dtype) not in allowed.get(formal.type_str, {formal.type_str}):
+                return f"{node.op_type}-{schema.since_version} does not take {_onnx_type(value.dtype)} as {formal.name}"
+    return None
+
+
+def _check_int8_form(model: ir.Model, float_types: set[ir.DataType]) -> int:
+    """The model's default-domain opset, once the int8 form is known to be valid ONNX there (else the refusal)."""
+    opset = default_opset(model)
+    if opset < INT8_MIN_OPSET:
+        raise UnsupportedError(
+            f"int8 quantization stores each weight behind DequantizeLinear with one scale per output channel (its axis "
+            f"attribute), which ONNX has from opset {INT8_MIN_OPSET}; this model imports opset {opset} of the default "
+            f"domain. Quantize it with nf4 or int4 (com.microsoft ops, any opset), or export it again at opset "
+            f"{INT8_MIN_OPSET} or later")
+    for float_type in sorted(float_types, key=int):
+        probe = ir.Value(name="x", type=ir.TensorType(float_type))
+        q = ir.Value(name="q", type=ir.TensorType(ir.DataType.INT8))
+        scale = ir.Value(name="scale", type=ir.TensorType(_int8_scale_type(float_type, opset)))
+        nodes, _ = _int8_reader(q, scale, probe, float_type, opset)
+        why = _schema_problem(nodes, opset)
+        if why is not None:  # a lora_fx bug, were it to happen: said before anything changes
+            raise UnsupportedError(f"int8 quantization of {float_type.name} weights at opset {opset} would write invalid "
+                                   f"ONNX ({why}); quantize with nf4 or int4 instead")
+    return opset
+
+
 def _refusal(node: ir.Node, parts: Any) -> str | None:
     """Why the site's float matmul cannot become a quantized one, or None."""
     if node.op_type not in ("MatMul", "Gemm") or any(n.op_type != "Transpose" for n in parts.chain):
@@ -122,6 +212,7 @@ class QuantizeWeights:
         graph = model.graph
         # Every site is checked and quantized before the graph changes: a refusal leaves the model as it was.
         plans = [self._plan(model, target) for target in targets]
+        opset = _check_int8_form(model, {p[3].dtype for p in plans}) if cfg.dtype is QuantDType.INT8 and plans else 0
         changed: list[str] = []
         for target, nodes_of_site, weight, weight_tensor, w, s in plans:
             dtype = weight_tensor.dtype
@@ -176,17 +267,15 @@ class QuantizeWeights:
                 deq = formats.dequantize_int4(s["qweight"], as_read(scale), s.get("qzero"), n, k, cfg.block_size)
                 stored_bytes = sum(v.const_value.nbytes for v in stored)
             else:
-                scale = as_stored(s["qscale"])
+                # float32 where DequantizeLinear reads no float16/bfloat16 scale (below opset 19): W is cast after it.
+                scale = s["qscale"].float().numpy().astype(_int8_scale_type(dtype, opset).numpy())
                 q = _init(graph, f"{name}.weight_q", s["qweight"].numpy())
                 sc = _init(graph, f"{name}.weight_scale", scale)
 
                 def build(x: ir.Value, tag: str) -> tuple[list[ir.Node], ir.Node]:
-                    dq = ir.node("DequantizeLinear", [q, sc], attributes={"axis": 0})
-                    tr = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]})
-                    if tag:  # in a branch: a name the branch would pick may be taken in another of the model's graphs
-                        dq.outputs[0].name, tr.outputs[0].name = f"{name}.weight_dq{tag}", f"{name}.weight_dq_t{tag}"
-                    new = ir.node("MatMul", [x, tr.outputs[0]])
-                    return [dq, tr, new], new
+                    # In a branch: a name the branch would pick may be taken in another of the model's graphs.
+                    names = (f"{name}.weight_dq{tag}", f"{name}.weight_dq_cast{tag}", f"{name}.weight_dq_t{tag}") if tag else None
+                    return _int8_reader(q, sc, x, dtype, opset, names)
 
                 deq = formats.dequantize_int8(s["qweight"], as_read(scale))
                 stored_bytes = q.const_value.nbytes + sc.const_value.nbytes

@@ -224,9 +224,12 @@ class QuantizedWeight:
 
     @property
     def float_dtype(self) -> np.dtype:
-        """The float dtype the site computes in (the matmul's input)."""
-        x = self.matmul.inputs[0]
-        return np.dtype(x.dtype.numpy()) if x.dtype is not None and x.dtype.is_floating_point() else np.dtype(np.float32)
+        """The float dtype the site computes in: the matmul's input's, else its output's (a file may record neither
+        for an inner value, e.g. a Relu's output; quantize_weights records the output's)."""
+        for value in (self.matmul.inputs[0], self.matmul.outputs[0]):
+            if value is not None and value.dtype is not None and value.dtype.is_floating_point():
+                return np.dtype(value.dtype.numpy())
+        return np.dtype(np.float32)
 
     def describe(self) -> str:
         op = self.node.op_type

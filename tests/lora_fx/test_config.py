@@ -373,3 +373,40 @@ def test_prefix_config_takes_peft_file_fields():
     assert PrefixConfig.from_json(ours.to_json()).to_json() == ours.to_json()
     with pytest.warns(UserWarning, match="'num_virtual_token' is not a field of PEFT's PrefixTuningConfig .* 'num_virtual_tokens'"):
         PrefixConfig.from_dict({**theirs.to_dict(), "num_virtual_token": 8})
+
+
+def test_quant_options_a_dtype_has_no_use_for_are_refused_not_ignored():
+    """int8 has one scale per output channel: a block size (or pad=False) would be ignored, and so would symmetric=False
+    for nf4/int8 and a double_quant_block_size without double_quant. Each is refused with the way out."""
+    from lora_fx.config import QuantConfig, QuantDType
+
+    with pytest.raises(ConfigError, match=r"block_size applies to nf4 and int4 blocks only, not to int8.*"
+                                          r"one scale per output channel.*drop block_size=32 or use dtype='nf4' or 'int4'"):
+        QuantConfig(dtype="int8", block_size=32)
+    with pytest.raises(ConfigError, match=r"block_size applies to nf4 and int4 blocks only, not to int8"):
+        QuantConfig.from_dict({"dtype": "int8", "block_size": 128})
+    with pytest.raises(ConfigError, match=r"pad applies to nf4 and int4 blocks only, not to int8.*drop pad=False"):
+        QuantConfig(dtype="int8", pad=False)
+    for dtype in ("nf4", "int8"):
+        with pytest.raises(ConfigError, match=rf"symmetric=False \(zero points\) applies to int4 only, not to {dtype}.*use dtype='int4'"):
+            QuantConfig(dtype=dtype, symmetric=False)
+    for dtype in ("nf4", "int4", "int8"):
+        with pytest.raises(ConfigError, match=r"double_quant_block_size applies with double_quant only.*add double_quant=True"):
+            QuantConfig(dtype=dtype, double_quant_block_size=16)
+    # The options where they apply, and every default, still hold.
+    assert QuantConfig(dtype="int4", block_size=32, symmetric=False, pad=False).symmetric is False
+    assert QuantConfig(dtype="nf4", block_size=32, double_quant=True, double_quant_block_size=16, pad=False).pad is False
+    assert QuantConfig(dtype="int8").dtype is QuantDType.INT8
+
+
+@pytest.mark.parametrize("cfg", [dict(dtype="int8"), dict(dtype="int4", block_size=32, symmetric=False),
+                                 dict(dtype="nf4", double_quant=True, double_quant_block_size=16)])
+def test_saved_quant_configs_load_again(cfg, tmp_path):
+    """to_dict writes every field, int8's unused block_size=64 too: a saved config loads again, the same."""
+    from lora_fx.config import QuantConfig
+
+    saved = QuantConfig(**cfg)
+    assert json.loads(saved.to_json())["block_size"] == cfg.get("block_size", 64)
+    (tmp_path / "quant.json").write_text(saved.to_json())
+    assert QuantConfig.from_json((tmp_path / "quant.json").read_text()) == saved
+    assert QuantConfig.from_dict(saved.to_dict()) == saved

@@ -66,7 +66,7 @@ def _dequantized_model(model: torch.nn.Module, gm: torch.fx.GraphModule) -> torc
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_zero_adapters_on_quantized_base_equal_dequantized_model(zoo, name, dtype):
     gm = zoo.gm(name)
-    quant = QuantConfig(dtype=dtype, double_quant=dtype is QuantDType.NF4, symmetric=name != "bert")
+    quant = QuantConfig(dtype=dtype, double_quant=dtype is QuantDType.NF4, symmetric=name != "bert" or dtype is not QuantDType.INT4)
     gm = lora_fx.apply(gm, lora_fx.LoraConfig(r=4, target_modules="all-linear"), quant=quant)
     sites = [s for s in lora_fx.find_sites(gm) if s.kind.value == "linear"]
     quantized = [s for s in sites if s.op.startswith("lora_fx.linear_")]
@@ -336,7 +336,8 @@ def test_quant_config_round_trip_and_validation(zoo):
         for dtype in ("nf4", "int4"):
             with pytest.raises(ConfigError, match=rf"block_size={bad} is not one ONNX Runtime's 4-bit matmuls .* run; use one of 16, 32, 64, 128, 256"):
                 QuantConfig(dtype=dtype, block_size=bad)
-    assert QuantConfig(dtype="int8", block_size=48).dtype is QuantDType.INT8  # int8 has no blocks
+    with pytest.raises(ConfigError, match="block_size applies to nf4 and int4 blocks only, not to int8"):
+        QuantConfig(dtype="int8", block_size=48)  # int8 has no blocks
     with pytest.raises(ConfigError, match="double_quant_block_size must be an even integer"):
         QuantConfig(double_quant=True, double_quant_block_size=0)
     with pytest.raises(ConfigError, match="double_quant applies to nf4"):
@@ -445,7 +446,7 @@ def test_weights_of_one_module_keep_their_own_storage(dtype):
     torch.manual_seed(0)
     model = _TwoWeights().eval()
     gm = lora_fx.capture(model, (torch.randn(2, 5, 16),))
-    quantize_weights(gm, QuantConfig(dtype=dtype, block_size=16, target_modules="all-linear"))
+    quantize_weights(gm, QuantConfig(dtype=dtype, target_modules="all-linear", **({} if dtype is QuantDType.INT8 else {"block_size": 16})))
     assert set(quantized_nodes(gm)) == {"w1", "w2", "attn", "attn.out_proj"}
     ref = copy.deepcopy(model)
     with torch.no_grad():

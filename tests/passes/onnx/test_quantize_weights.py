@@ -17,17 +17,19 @@ from lora_fx.passes.onnx.quantize_weights import quantize_weights
 IN, OUT = 128, 64
 
 
-def _mlp() -> tuple[ir.Model, np.ndarray, np.ndarray]:
-    """x [b, 128] @ W1 [128, 64] + b1 -> Relu -> @ W2 [64, 64] (torch's [in, out] MatMul layout)."""
+def _mlp(dtype: type = np.float32, opset: int = 21) -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    """x [b, 128] @ W1 [128, 64] + b1 -> Relu -> @ W2 [64, 64] (torch's [in, out] MatMul layout), in ``dtype``,
+    importing ``opset`` of the default domain."""
     rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((IN, OUT)).astype(np.float32) * 0.1
-    w2 = rng.standard_normal((OUT, OUT)).astype(np.float32) * 0.1
-    b1 = rng.standard_normal(OUT).astype(np.float32)
-    x = ir.Value(name="x", shape=ir.Shape(["batch", IN]), type=ir.TensorType(ir.DataType.FLOAT))
-    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="mlp")
+    w1 = (rng.standard_normal((IN, OUT)) * 0.1).astype(dtype)
+    w2 = (rng.standard_normal((OUT, OUT)) * 0.1).astype(dtype)
+    b1 = rng.standard_normal(OUT).astype(dtype)
+    float_type = ir.DataType.from_numpy(np.dtype(dtype))
+    x = ir.Value(name="x", shape=ir.Shape(["batch", IN]), type=ir.TensorType(float_type))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": opset}, name="mlp")
     inits = {}
     for name, arr in (("fc1.weight", w1), ("fc1.bias", b1), ("fc2.weight", w2)):
-        v = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.Tensor(arr, name=name))
+        v = ir.Value(name=name, shape=ir.Shape(list(arr.shape)), type=ir.TensorType(float_type), const_value=ir.Tensor(arr, name=name))
         graph.register_initializer(v)
         inits[name] = v
     m1 = ir.node("MatMul", [x, inits["fc1.weight"]], name="fc1/MatMul")
@@ -37,7 +39,8 @@ def _mlp() -> tuple[ir.Model, np.ndarray, np.ndarray]:
     for n in (m1, a1, r, m2):
         graph.append(n)
     m2.outputs[0].name = "y"
-    m2.outputs[0].dtype = ir.DataType.FLOAT
+    m2.outputs[0].dtype = float_type
+    m2.outputs[0].shape = ir.Shape(["batch", OUT])  # a graph output's type has a shape (onnx.checker)
     graph.outputs.append(m2.outputs[0])
     return ir.Model(graph, ir_version=10), w1, w2
 
@@ -199,3 +202,126 @@ def test_gemm_with_a_scaled_bias_is_refused_before_anything_changes():
     with pytest.raises(lora_fx.errors.UnsupportedError, match=r"site fc1: quantize_weights handles Gemm with beta = 1 only.*exclude_modules"):
         quantize_weights(model, QuantConfig(dtype="int8", target_modules=["fc1"]))
     assert [n.op_type for n in model.graph] == before
+
+
+def _stored_int8_weight(model: ir.Model, site: str, dtype: type) -> np.ndarray:
+    """W [in, out] as the file holds it: the stored int8 codes times their per-output-channel scales, in the model's type
+    (read from the initializers, not from lora_fx's decoder)."""
+    q = model.graph.initializers[f"{site}.weight_q"].const_value.numpy().astype(np.float64)
+    scale = model.graph.initializers[f"{site}.weight_scale"].const_value.numpy().astype(np.float64)
+    return (q * scale[:, None]).astype(dtype).T
+
+
+# DequantizeLinear takes a per-channel axis from opset 13 and a float16 scale from opset 19; CastLike exists from 15.
+INT8_FORMS = [(np.float16, 13), (np.float16, 14), (np.float16, 17), (np.float16, 19), (np.float16, 21), (np.float32, 13)]
+
+
+@pytest.mark.parametrize("dtype, opset", INT8_FORMS, ids=[f"{np.dtype(d).name}-opset{o}" for d, o in INT8_FORMS])
+def test_int8_writes_valid_onnx_at_the_model_s_opset_and_runs_like_its_stored_weights(dtype, opset):
+    """Below opset 19 a float16 model's int8 scales are stored float32 and W is cast back to float16 (DequantizeLinear
+    takes no float16 scale there): the file passes onnx.checker, and ONNX Runtime and lora_fx's torch runtime compute
+    x times the weights the file stores."""
+    import onnx
+
+    from lora_fx.runtime.onnx_torch import OnnxModule
+
+    model, w1, w2 = _mlp(dtype, opset)
+    quantize_weights(model, QuantConfig(dtype="int8", target_modules=".*"))
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    narrow = dtype is np.float16 and opset < 19
+    scale_type = np.float32 if narrow else dtype
+    assert {model.graph.initializers[f"{s}.weight_scale"].const_value.numpy().dtype for s in ("fc1", "fc2")} == {np.dtype(scale_type)}
+    casts = [n.op_type for n in model.graph if n.op_type in ("Cast", "CastLike")]
+    assert casts == ([] if not narrow else ["CastLike" if opset >= 15 else "Cast"] * 2)
+    d1, d2 = _stored_int8_weight(model, "fc1", dtype), _stored_int8_weight(model, "fc2", dtype)
+    assert np.abs(d1.astype(np.float64) - w1).max() > 1e-4  # quantized for real, so the comparisons can fail
+    x = np.random.default_rng(1).standard_normal((3, IN)).astype(dtype)
+    b1 = model.graph.initializers["fc1.bias"].const_value.numpy().astype(np.float64)
+    want = np.maximum(x.astype(np.float64) @ d1 + b1, 0) @ d2.astype(np.float64)
+    tol = 4e-3 if dtype is np.float16 else 1e-5
+    got = _run(model, x)
+    assert got.dtype == dtype and np.abs(got - want).max() / np.abs(want).max() <= tol
+    module = OnnxModule(model, trainable=[])
+    assert len(module.int8_linears.matched) == 2 and not module.int8_linears.refused  # fused: no float W kept
+    ours = module(x=torch.from_numpy(x))["y"].double().numpy()
+    assert np.abs(ours - want).max() / np.abs(want).max() <= tol
+
+
+@pytest.mark.parametrize("opset", [14, 17, 21])
+def test_float16_int8_trains_and_merges(opset, tmp_path):
+    """The cast int8 form (Cast at opset 14, CastLike at 17) takes LoRA as the float16-scale form (21) does: the
+    adapters' gradients are those of the float model holding the stored weights, a float merge computes what the
+    adapted file computed (in float16, though fc2's input, a Relu's output, has no recorded type), and a requantizing
+    merge keeps the form (float32 scales below opset 19) and stays valid ONNX."""
+    import onnx
+
+    from lora_fx.passes.onnx.fold_lora import FoldLora, QuantMerge, fold_lora
+    from lora_fx.runtime.onnx_torch import trainable_module
+
+    lora = lora_fx.LoraConfig(r=2, target_modules=["fc1", "fc2"], init_lora_weights=False)
+    model, _, _ = _mlp(np.float16, opset)
+    torch.manual_seed(0)
+    lora_fx.apply(model, lora, quant=QuantConfig(dtype="int8", target_modules=".*"))
+    path = lora_fx.save(model, tmp_path / "qlora.onnx")
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    plain, _, _ = _mlp(np.float16, opset)
+    for site in ("fc1", "fc2"):
+        w = np.ascontiguousarray(_stored_int8_weight(model, site, np.float16))
+        plain.graph.initializers[f"{site}.weight"].const_value = ir.tensor(w, name=f"{site}.weight")
+    lora_fx.apply(plain, lora)
+    mq, mf = trainable_module(lora_fx.load(path)), trainable_module(plain)
+    assert len(mq.int8_linears.matched) == 2
+    with torch.no_grad():
+        for name, p in mf.named_adapters().items():
+            p.copy_(mq.named_adapters()[name])
+    x = np.random.default_rng(2).standard_normal((3, IN)).astype(np.float16)
+    for module in (mq, mf):
+        module(x=torch.from_numpy(x))["y"].float().pow(2).mean().backward()
+    for name, p in mq.named_adapters().items():
+        assert p.grad.abs().sum() > 0
+        torch.testing.assert_close(p.grad, mf.named_adapters()[name].grad, rtol=2e-2, atol=1e-4)
+    want = _run(lora_fx.load(path), x).astype(np.float64)
+    merged = fold_lora(lora_fx.load(path), QuantMerge.FLOAT).model
+    assert "DequantizeLinear" not in {n.op_type for n in merged.graph}
+    assert np.abs(_run(merged, x) - want).max() / np.abs(want).max() <= 4e-3
+    folder = FoldLora(QuantMerge.REQUANTIZE)
+    requant = folder(lora_fx.load(path)).model
+    onnx.checker.check_model(ir.to_proto(requant), full_check=True)
+    assert [n.op_type for n in requant.graph].count("DequantizeLinear") == 2
+    scale_type = ir.DataType.FLOAT if opset < 19 else ir.DataType.FLOAT16
+    assert {requant.graph.initializers[f"{s}.weight_scale"].const_value.dtype for s in ("fc1", "fc2")} == {scale_type}
+    assert sorted(e.site for e in folder.errors) == ["fc1", "fc2"] and all(0 < e.relative < 0.05 for e in folder.errors)
+    assert np.abs(_run(requant, x) - want).max() / np.abs(want).max() <= 0.05
+
+
+def test_int8_below_opset_13_is_refused_with_the_way_out_before_anything_changes(tmp_path):
+    """DequantizeLinear's per-channel axis is opset 13: an opset-12 model is refused (naming its opset, nf4/int4 and
+    re-exporting), left as it was, and nf4 and int4, com.microsoft ops, quantize it into a valid file."""
+    import onnx
+
+    from lora_fx.errors import UnsupportedError
+
+    model, _, _ = _mlp(np.float32, 12)
+    before = [(n.op_type, [v.name for v in n.inputs]) for n in model.graph]
+    with pytest.raises(UnsupportedError, match=r"opset 13; this model imports opset 12 .*nf4 or int4.*opset 13 or later"):
+        lora_fx.apply(model, lora_fx.LoraConfig(r=2, target_modules=["fc1"]), quant=QuantConfig(dtype="int8", target_modules=".*"))
+    assert [(n.op_type, [v.name for v in n.inputs]) for n in model.graph] == before
+    assert {"fc1.weight", "fc2.weight"} <= set(model.graph.initializers)
+    x = np.random.default_rng(1).standard_normal((3, IN)).astype(np.float32)
+    for cfg in (QuantConfig(dtype="nf4"), QuantConfig(dtype="int4", block_size=32)):
+        model, w1, w2 = _mlp(np.float32, 12)
+        quantize_weights(model, QuantConfig(**{**cfg.to_dict(), "target_modules": ".*"}))
+        onnx.checker.check_model(ir.to_proto(model), full_check=True)
+        b1 = model.graph.initializers["fc1.bias"].const_value.numpy()
+        want = np.maximum(x @ _dequantized(cfg, w1) + b1, 0) @ _dequantized(cfg, w2)
+        assert np.abs(_run(model, x) - want).max() / np.abs(want).max() <= 1e-4
+
+
+def test_cli_rewrite_int8_of_an_opset_12_file_fails_and_writes_nothing(tmp_path, capsys):
+    from lora_fx.cli import main
+
+    model, _, _ = _mlp(np.float32, 12)
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "q.onnx"
+    lora_fx.save(model, src)
+    assert main(["rewrite", str(src), "-o", str(dst), "--target-modules", ".*", "--quant", "int8"]) != 0
+    assert "opset 12" in capsys.readouterr().err and not dst.exists()
