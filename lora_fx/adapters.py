@@ -475,20 +475,25 @@ def _check_config_fits_graph(gm: Any, config: LoraConfig, directory: Any) -> Non
             f"the adapter in {directory} does not fit this model's adapter ({exc}); load it onto the model without "
             "adapters (lora_fx.capture again), which applies its config first"
         ) from None
-    extra, lacking = sorted(set(planned) - set(have)), sorted(set(have) - set(planned))
-    ranks = sorted(f"{s} (r={planned[s]['A'][0]} in the config, {have[s]['r']} here)" for s in set(planned) & set(have)
-                   if planned[s]["A"][0] != have[s]["r"])
-    if extra or lacking or ranks:
-        what = "; ".join(part for part in (
-            f"it adapts {', '.join(extra[:4])}, which this model's adapter lacks" if extra else "",
-            f"it leaves out {', '.join(lacking[:4])}" if lacking else "",
-            f"other ranks: {', '.join(ranks[:4])}" if ranks else "",
-        ) if part)
+    what = site_rank_mismatch({s: shapes["A"][0] for s, shapes in planned.items()}, {s: int(rec["r"]) for s, rec in have.items()})
+    if what:
         raise AdapterError(
             f"the config in {directory} (target_modules={config.target_modules!r}, r={config.r}, rank_pattern="
             f"{config.rank_pattern!r}) does not describe the adapter this model has: {what}. Load it onto the model "
             "without adapters (lora_fx.capture again), which applies its config first"
         )
+
+
+def site_rank_mismatch(planned: dict[str, int], have: dict[str, int]) -> str | None:
+    """How the sites and ranks a loaded config would adapt (``planned``: PEFT site name -> r) differ from those the
+    model's adapter has (``have``), in words, or None when they agree. Both front ends refuse a reload on it."""
+    extra, lacking = sorted(set(planned) - set(have)), sorted(set(have) - set(planned))
+    ranks = sorted(f"{s} (r={planned[s]} in the config, {have[s]} here)" for s in set(planned) & set(have) if planned[s] != have[s])
+    return "; ".join(part for part in (
+        f"it adapts {', '.join(extra[:4])}, which this model's adapter lacks" if extra else "",
+        f"it leaves out {', '.join(lacking[:4])}" if lacking else "",
+        f"other ranks: {', '.join(ranks[:4])}" if ranks else "",
+    ) if part) or None
 
 
 def _fx_base_weight(gm: Any, name: str) -> torch.Tensor | None:

@@ -1032,7 +1032,7 @@ def _check_config_fits_graph(model: Any, config: Any) -> None:
     does for FX): refuse a config that would adapt other sites, or give them other ranks, than the graph has, rather
     than record a config the graph does not run. The sites are the graph's base linear layers, which ``find_sites``
     still finds under the LoRA branches, selected as ``apply`` selects them."""
-    from lora_fx.adapters import peft_site_name
+    from lora_fx.adapters import peft_site_name, site_rank_mismatch
     from lora_fx.errors import ConfigError, UnsupportedError
     from lora_fx.passes.onnx.insert_lora import select_onnx_targets
     from lora_fx.passes.onnx.lora_layout import read_records
@@ -1043,15 +1043,8 @@ def _check_config_fits_graph(model: Any, config: Any) -> None:
         planned = {peft_site_name(t.site.name, t.part_of): t.r for t in select_onnx_targets(model, config)}
     except (AdapterError, ConfigError, TargetNotFoundError, UnsupportedError) as exc:
         raise AdapterError(f"the adapter's config does not fit this model's adapter ({exc}); {way_out}") from None
-    extra, lacking = sorted(set(planned) - set(have)), sorted(set(have) - set(planned))
-    ranks = sorted(f"{s} (r={planned[s]} in the config, {have[s]['r']} here)" for s in set(planned) & set(have)
-                   if planned[s] != int(have[s]["r"]))
-    if extra or lacking or ranks:
-        what = "; ".join(part for part in (
-            f"it adapts {', '.join(extra[:4])}, which this model's adapter lacks" if extra else "",
-            f"it leaves out {', '.join(lacking[:4])}" if lacking else "",
-            f"other ranks: {', '.join(ranks[:4])}" if ranks else "",
-        ) if part)
+    what = site_rank_mismatch(planned, {s: int(rec["r"]) for s, rec in have.items()})
+    if what:
         raise AdapterError(
             f"the adapter's config (target_modules={config.target_modules!r}, r={config.r}, rank_pattern="
             f"{config.rank_pattern!r}) does not describe the adapter this model has: {what}. {way_out[0].upper()}{way_out[1:]}"
