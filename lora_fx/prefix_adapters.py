@@ -117,27 +117,107 @@ def current_prefixes(gm: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads."""
-    from lora_fx.adapters import write_peft_dir
-    from lora_fx.passes.fx.capture import meta
+# How a prefix adapter on some attention layers only is served: its .onnx_adapter, which holds any subset.
+ONNX_ADAPTER_WAY_OUT = (
+    "serve these prefixes through the .onnx_adapter export instead (lora_fx.export_onnx(gm, path, kwargs=..., "
+    "mode='adapters', peft_dir=False); an ONNX file: lora-fx export FILE -o served.onnx --adapters --no-peft)"
+)
+BOTH_KINDS = (
+    "holds both prefix-tuning prefixes and LoRA adapters (one method applied on top of the other), and PEFT has no "
+    "adapter format holding both (a PEFT directory is one method's adapter)"
+)
+
+
+def subset_reason(missing: list[str], covered: int, total: int) -> str | None:
+    """Why PEFT cannot hold prefixes on ``covered`` of the ``total`` attention layers PEFT's prefix-tuning reaches
+    (``missing``: those left out, by name where known), or None when they cover all of them.
+
+    PEFT's prefix-tuning has no per-layer targets: ``prompt_embeddings`` holds a block for every layer, ``num_layers``
+    is the model's layer count, and ``target_modules`` is not one of its fields (PEFT ignores it, then its forward
+    fails on the missing layers). A directory for a subset would not load in PEFT as this adapter."""
+    if covered >= total:
+        return None
+    shown = f" (attention sites {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} have none)" if missing else ""
+    return (
+        f"PEFT's prefix-tuning format holds a prefix for every layer (it has no per-layer targets), but the prefixes "
+        f"cover {covered} of the model's {total} attention layers{shown}: target_modules selected a subset, so a PEFT "
+        "directory would not load in PEFT as this adapter"
+    )
+
+
+def fx_subset_reason(gm: Any) -> str | None:
+    """``subset_reason`` for a prefix-tuned GraphModule: the sites PEFT's prefix-tuning would prefix that it does not."""
     from lora_fx.passes.fx.find_sites import find_sites
+    from lora_fx.passes.fx.insert_prefix import select_prefix_sites
     from lora_fx.sites import SiteKind
 
     rec = _record(gm)
+    reachable, _ = select_prefix_sites(find_sites(gm), PrefixConfig(num_virtual_tokens=rec["num_virtual_tokens"]))
+    every = [s.name for s in reachable if s.kind is SiteKind.ATTENTION]
+    missing = [name for name in every if name not in rec["sites"]]
+    return subset_reason(missing, len(every) - len(missing), len(every))
+
+
+def onnx_subset_reason(model: Any) -> str | None:
+    """``subset_reason`` for an ONNX model with prefixes (``lora_fx.prefix`` record).
+
+    Only a config with ``target_modules`` (``lora-fx rewrite --target-modules``, ``lora_fx.apply``) prefixes a subset:
+    a PEFT adapter loaded onto the file prefixes every site. The sites are counted, not matched by name, as a file
+    exported from a torch graph names them after its modules rather than after its ONNX nodes."""
+    from lora_fx.passes.onnx.find_sites import find_sites
+    from lora_fx.passes.onnx.insert_prefix import select_prefix_sites
+
+    config = _onnx_config(model)
+    if config is None or config.target_modules is None:
+        return None
+    record = _onnx_record(model)
+    every = select_prefix_sites(find_sites(model), dataclasses.replace(config, target_modules=None))
+    missing = [s.name for s in every if s.name not in record["sites"]]
+    covered = len(record["sites"])
+    # Names that do not match the record's (a file exported from a torch graph) are not listed as missing.
+    return subset_reason(missing if len(missing) == len(every) - covered else [], covered, len(every))
+
+
+def _onnx_record(model: Any) -> dict[str, Any]:
+    from lora_fx.passes.onnx.insert_prefix import prefix_metadata
+
+    record = prefix_metadata(model)
+    if not record:
+        raise AdapterError("this model has no prefixes; call lora_fx.apply(model, PrefixConfig(...)) first")
+    return record
+
+
+def _onnx_config(model: Any) -> PrefixConfig | None:
+    """The PrefixConfig the ONNX model's prefixes were inserted with (``lora_fx.prefix_config``), if recorded."""
+    import json
+
+    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY
+
+    text = model.metadata_props.get(PREFIX_CONFIG_KEY)
+    return PrefixConfig.from_dict(json.loads(text)) if text else None
+
+
+def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads.
+
+    Refused (``subset_reason``) for prefixes on some layers only, which PEFT's format cannot hold, and for a graph
+    that also holds LoRA adapters."""
+    from lora_fx.adapters import write_peft_dir
+    from lora_fx.passes.fx.capture import meta
+
+    rec = _record(gm)
+    if meta(gm).get("lora_sites"):
+        raise AdapterError(
+            f"this model {BOTH_KINDS}; save_adapter would drop one of them. Apply PrefixConfig and LoraConfig to "
+            "separate captures of the model, and train and save each on its own"
+        )
     config = meta(gm).get("adapters", {}).get("default")
     if not isinstance(config, PrefixConfig):
         raise AdapterError("this model's prefixes have no PrefixConfig recorded; apply them with lora_fx.apply(model, PrefixConfig(...))")
-    from lora_fx.passes.fx.insert_prefix import select_prefix_sites
-
-    reachable, _ = select_prefix_sites(find_sites(gm), PrefixConfig(num_virtual_tokens=rec["num_virtual_tokens"]))
-    all_attention = [s.name for s in reachable if s.kind is SiteKind.ATTENTION]
-    missing = [s for s in all_attention if s not in rec["sites"]]
-    if missing:
-        raise AdapterError(
-            f"PEFT's prefix-tuning format holds a prefix for every layer, but attention sites {', '.join(missing)} have none "
-            "(target_modules selected a subset); apply PrefixConfig without target_modules to save in PEFT's format"
-        )
+    reason = fx_subset_reason(gm)
+    if reason:
+        raise AdapterError(f"{reason}; {ONNX_ADAPTER_WAY_OUT}, or apply PrefixConfig without target_modules to save in "
+                           "PEFT's format")
     shapes = {(s["kv_heads"], s["head_dim"]) for s in rec["sites"].values()}
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
@@ -145,6 +225,9 @@ def save_prefix_adapter(gm: Any, directory: str | os.PathLike) -> Path:
     emb = to_peft_blocks(rec, prefixes)
     kv, hd = shapes.pop()
     saved = PrefixConfig.from_dict(config.to_dict())
+    # Every layer has its prefix (checked above): the directory says so as PEFT reads it, without lora_fx's
+    # target_modules, which PEFT ignores and which names sites as this graph does (not as an ONNX file does).
+    saved.target_modules = None
     saved.num_transformer_submodules = rec.get("num_transformer_submodules", 1)
     saved.token_dim, saved.num_attention_heads, saved.num_layers = kv * hd, kv, num_blocks(rec)
     saved.encoder_hidden_size = saved.encoder_hidden_size or saved.token_dim
@@ -372,12 +455,20 @@ def _load_onto_onnx(model: Any, config: PrefixConfig, emb: torch.Tensor) -> Any:
 
 def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
     """The prefixes of an ONNX model (``lora_fx.prefix`` record) as a PEFT prefix-tuning directory."""
-    import json
-
     from lora_fx.adapters import write_peft_dir
-    from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
+    from lora_fx.passes.onnx.lora_layout import read_records
 
-    record = prefix_metadata(model)
+    record = _onnx_record(model)
+    if read_records(model):
+        raise AdapterError(
+            f"this model {BOTH_KINDS}; save_adapter would drop one of them. Apply PrefixConfig and LoraConfig to "
+            "separate loads of the original model (lora-fx rewrite with one --method each), and train and save each on "
+            "its own"
+        )
+    reason = onnx_subset_reason(model)
+    if reason:
+        raise AdapterError(f"{reason}; {ONNX_ADAPTER_WAY_OUT}, or rewrite the original model without target_modules to "
+                           "save in PEFT's format")
     shapes = {(r["kv_heads"], r["head_dim"]) for r in record["sites"].values()}
     if len(shapes) != 1:
         raise AdapterError(f"PEFT's prefix-tuning format needs one prefix shape for all layers; this model has {sorted(shapes)}")
@@ -385,9 +476,9 @@ def save_onnx_prefix_adapter(model: Any, directory: str | os.PathLike) -> Path:
     pairs = {}
     for site, rec in record["sites"].items():
         pairs[site] = tuple(torch.from_numpy(model.graph.initializers[rec[w]].const_value.numpy().astype(np.float32)) for w in ("key", "value"))
-    text = model.metadata_props.get(PREFIX_CONFIG_KEY)
-    config = PrefixConfig.from_dict(json.loads(text)) if text else PrefixConfig(num_virtual_tokens=record["num_virtual_tokens"])
-    config.prefix_projection = False
+    config = _onnx_config(model) or PrefixConfig(num_virtual_tokens=record["num_virtual_tokens"])
+    # Every layer has its prefix (onnx_subset_reason): saved as PEFT reads it, without the ONNX site names.
+    config.prefix_projection, config.target_modules = False, None
     if config.task_type is None and record.get("num_transformer_submodules") != 2:
         import warnings
 

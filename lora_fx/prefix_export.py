@@ -5,7 +5,8 @@ prefixes. A reparameterized model (``prefix_projection``) is exported with its p
 (the export runs on a copy; ``gm`` keeps training its encoder). The file gets the prefixes as graph
 inputs with their trained values as defaults (``passes/onnx/expose_prefixes``); beside it,
 ``<stem>.adapters/<name>.onnx_adapter`` holds the same tensors for ONNX Runtime's adapter API and
-``<stem>.adapters/<name>/`` the PEFT-format adapter. Modules trained in full beside the prefixes
+``<stem>.adapters/<name>/`` the PEFT-format adapter (not written, with a warning, for prefixes on some layers
+only: PEFT's prefix-tuning has no per-layer targets). Modules trained in full beside the prefixes
 (``modules_to_save``, the SEQ_CLS head) become slots too, under their model names and defaulting to their
 base values, as in LoRA's served export; their trained values go into both adapter files.
 
@@ -48,6 +49,16 @@ def export_prefix_onnx(
 
     info = meta(gm)
     config = info.get("adapters", {}).get("default")
+    if peft_dir:
+        from lora_fx.prefix_adapters import fx_subset_reason
+
+        skipped = fx_subset_reason(gm)
+        if skipped:
+            # The exported model and its .onnx_adapter hold any subset of layers; only PEFT's format cannot.
+            warnings.warn(f"no PEFT directory written: {skipped}. The exported model and {adapter_name}.onnx_adapter "
+                          "hold the prefixes (peft_dir=False says this is wanted); for a PEFT adapter, apply "
+                          "PrefixConfig without target_modules", stacklevel=3)
+            peft_dir = False
     work = gm
     if info["prefix"].get("projection") or info.get("training"):
         with warnings.catch_warnings():

@@ -121,6 +121,8 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     records = read_records(model)
     from lora_fx.passes.onnx.insert_prefix import prefix_metadata
 
+    if records and prefix_metadata(model):
+        _refuse_both_kinds(src, model, records)
     if not records and prefix_metadata(model):
         return _export_prefix_file(src, out, model, merge=merge, adapter=adapter, name=name, peft_dir=peft_dir)
     if not records:
@@ -184,11 +186,33 @@ def export_file(src: Path, out: Path, *, merge: bool, adapter: str | None = None
     return summary
 
 
+def _refuse_both_kinds(src: Path, model, records: dict) -> None:
+    """A file with prefixes and LoRA (``rewrite --method lora`` on a prefix-rewritten file, or the reverse) has no
+    export: the LoRA export would bake the prefixes into constants (no slots, adapter files without them, "no
+    adapter" not the base model), prefixes cannot be folded (--merge), and one PEFT adapter cannot hold both kinds."""
+    from lora_fx.errors import AdapterError
+    from lora_fx.passes.onnx.insert_prefix import prefix_metadata
+
+    prefixes = len(prefix_metadata(model)["sites"])
+    raise AdapterError(
+        f"{src} holds both prefix-tuning prefixes (at {prefixes} attention site{'s' if prefixes != 1 else ''}) and LoRA "
+        f"adapters (at {len(records)} site{'s' if len(records) != 1 else ''}), made by rewriting with one method on top "
+        "of the other; lora-fx export serves one kind: prefixes cannot be folded "
+        "into weights (--merge), and one adapter cannot hold both (--adapters: PEFT has no format for it, and the "
+        "prefixes would be baked into the served model). Rewrite the original model once per method (lora-fx rewrite "
+        "BASE.onnx -o p.onnx --method prefix ...; lora-fx rewrite BASE.onnx -o l.onnx --method lora ...), then train "
+        "and export each on its own"
+    )
+
+
 def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: str | None, name: str, peft_dir: bool) -> dict:
     """``export --adapters`` of a prefix-tuned ONNX file (``lora-fx rewrite --method prefix``, then train): the
     prefixes become slots defaulting to their trained values (``expose_prefixes``), a head trained in full
     (``modules_to_save``) slots defaulting to the base head; the adapter files hold the prefixes and the trained
-    head. Prefixes cannot be folded into weights, so ``--merge`` is refused with the way out."""
+    head. Prefixes cannot be folded into weights, so ``--merge`` is refused with the way out. Prefixes on some layers
+    only (``--target-modules``) get no PEFT directory, with a warning: PEFT's prefix-tuning has no per-layer targets."""
+    import warnings
+
     import numpy as np
     import onnx_ir as ir
 
@@ -199,6 +223,7 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
     from lora_fx.passes.onnx.expose_prefixes import expose_prefixes
     from lora_fx.passes.onnx.freeze_base import drop_saved_base
     from lora_fx.passes.onnx.insert_prefix import PREFIX_CONFIG_KEY, prefix_metadata
+    from lora_fx.prefix_adapters import onnx_subset_reason
 
     if merge or adapter:
         raise UnsupportedError(
@@ -210,6 +235,13 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
     graph = model.graph
     if any(graph.initializers.get(rec[w]) in graph.inputs for rec in record["sites"].values() for w in ("key", "value")):
         raise AdapterError(f"{src} already has prefix slots; export the model it was made from")
+    skipped = onnx_subset_reason(model) if peft_dir else None  # read before expose_prefixes changes the graph
+    if skipped:
+        # The served model and its .onnx_adapter hold any subset; only the PEFT directory cannot.
+        warnings.warn(f"{src.name}: no PEFT directory written: {skipped}. The served model and {name}{SUFFIX} hold "
+                      "the prefixes (--no-peft says this is wanted); for a PEFT adapter, rewrite the original model "
+                      "without --target-modules", stacklevel=2)
+        peft_dir = False
     saved = drop_saved_base(model)
     # The trained values, read before the head's slots take the base head as their defaults.
     trained = trained_values(model, read_saved(model.metadata_props), "export the model lora_fx.apply wrote")
@@ -248,4 +280,6 @@ def _export_prefix_file(src: Path, out: Path, model, *, merge: bool, adapter: st
     write_with_adapters(model, out, directory, write_adapters, save_model)
     if peft_dir:
         summary["peft_dirs"] = [str(directory / name)]
+    if skipped:
+        summary["peft_skipped"] = skipped
     return summary

@@ -286,3 +286,107 @@ def test_base_initializers_listed_as_inputs_are_not_taken_for_adapter_slots(tmp_
     assert rel(ort_run(tmp_path / "m.onnx", feeds), want) <= 1e-5
     assert main(["export", str(path), "-o", str(tmp_path / "merged.onnx"), "--merge"]) == 0
     assert rel(ort_run(tmp_path / "merged.onnx", feeds), want) <= 1e-5
+
+
+def _prefix_file(tmp_path, capsys, *targets, entry_name="gpt2-torchscript"):
+    """The corpus GPT-2 rewritten with 3 prefix tokens at ``targets`` (every attention site when none), its feeds and
+    the rewritten file's ORT output."""
+    entry = corpus().get(entry_name)
+    path = tmp_path / "p.onnx"
+    flags = ["--target-modules", ",".join(targets)] if targets else []
+    assert main(["rewrite", str(entry.path), "-o", str(path), "--method", "prefix", "--num-virtual-tokens", "3",
+                 "--task-type", "CAUSAL_LM", *flags]) == 0
+    capsys.readouterr()
+    feeds = {k: v for k, v in entry.feeds().items() if k in {i.name for i in ir.load(str(path)).graph.inputs}}
+    return entry, path, feeds, ort_run(path, feeds)
+
+
+def _attention_sites(entry):
+    from lora_fx.passes.onnx.find_sites import find_sites
+    from lora_fx.sites import SiteKind
+
+    return [s.name for s in find_sites(lora_fx.load(entry.path)) if s.kind is SiteKind.ATTENTION]
+
+
+def test_prefixes_on_some_layers_export_their_onnx_adapter_and_no_peft_directory(tmp_path, capsys):
+    """PEFT's prefix-tuning gives every layer a prefix: a PEFT directory for one of two layers (num_layers 1, plus a
+    target_modules key PEFT ignores) crashed PEFT's forward, and export wrote it with exit 0. It is now skipped with a
+    warning saying why; the served model and its .onnx_adapter, which hold any subset, are written as before."""
+    sites = _attention_sites(corpus().get("gpt2-torchscript"))
+    assert len(sites) == 2
+    entry, path, feeds, want = _prefix_file(tmp_path, capsys, sites[0])
+    served = tmp_path / "served.onnx"
+    # The CLI prints it as a "lora-fx: warning:" line.
+    with pytest.warns(UserWarning, match="^p.onnx: no PEFT directory written") as caught:
+        assert main(["export", str(path), "-o", str(served), "--adapters", "--json"]) == 0
+    said = str(caught[0].message)
+    assert "no per-layer targets" in said and "1 of the model's 2 attention layers" in said and sites[1] in said
+    assert "--no-peft" in said and "without --target-modules" in said
+    summary = json.loads(capsys.readouterr().out)
+    assert "peft_dirs" not in summary and "no per-layer targets" in summary["peft_skipped"]
+    assert _files(tmp_path / "served.adapters") == ["default.onnx_adapter", "default.onnx_adapter.json"]
+    assert summary["sites"] == [sites[0]]
+    # The served model, without and with its adapter, computes what the rewritten file computes.
+    assert rel(ort_run(served, feeds), want) < 1e-5
+    assert rel(ort_run(served, feeds, summary["adapters"][0]), want) < 1e-5
+    assert rel(want, ort_run(entry.path, feeds)) > 1e-3  # the prefixes change the outputs: the checks above can fail
+    # --no-peft asks for what was done: no warning.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(path), "-o", str(tmp_path / "quiet.onnx"), "--adapters", "--no-peft"]) == 0
+    assert not [w for w in caught if "PEFT" in str(w.message)]
+
+
+def test_prefixes_on_every_layer_named_in_target_modules_give_a_peft_directory_peft_runs(tmp_path, capsys):
+    """target_modules naming every attention site is PEFT's layout: the PEFT directory is written, without lora_fx's
+    target_modules (not a PEFT field; it named ONNX sites, which a torch capture names otherwise), and PEFT's model
+    gives the served model's logits."""
+    import copy
+
+    import peft
+    import torch
+
+    entry = corpus().get("gpt2-torchscript")
+    entry, path, feeds, want = _prefix_file(tmp_path, capsys, *_attention_sites(entry))
+    served = tmp_path / "served.onnx"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(path), "-o", str(served), "--adapters", "--json"]) == 0
+    assert not [w for w in caught if "PEFT" in str(w.message)]
+    directory = json.loads(capsys.readouterr().out)["peft_dirs"][0]
+    config = json.loads((tmp_path / "served.adapters" / "default" / "adapter_config.json").read_text())
+    assert "target_modules" not in config and config["num_layers"] == 2
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(entry.model).eval(), directory).eval()
+    with torch.no_grad():
+        logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    assert rel(logits, want) < 1e-5
+
+
+@pytest.mark.parametrize("order", ["lora-on-prefix", "prefix-on-lora"])
+def test_a_file_with_prefixes_and_lora_is_refused_by_export_and_save_adapter(tmp_path, capsys, order):
+    """export --adapters of a file holding both took the LoRA path: the prefixes were baked into the served model as
+    constants (no slots, not in the adapter files, "no adapter" not the base model), with exit 0. Neither export mode
+    nor save_adapter (which wrote the prefixes alone) can serve both kinds: refused, nothing written."""
+    entry = corpus().get("gpt2-torchscript")
+    first, both = tmp_path / "one.onnx", tmp_path / "both.onnx"
+    prefix = ["--method", "prefix", "--num-virtual-tokens", "3"]
+    lora = ["--method", "lora", "--r", "2", "--target-modules", "all-linear"]
+    steps = (prefix, lora) if order == "lora-on-prefix" else (lora, prefix)
+    assert main(["rewrite", str(entry.path), "-o", str(first), *steps[0]]) == 0
+    assert main(["rewrite", str(first), "-o", str(both), *steps[1]]) == 0
+    capsys.readouterr()
+    for mode in ("--adapters", "--merge"):
+        assert main(["export", str(both), "-o", str(tmp_path / "out.onnx"), mode]) == 2
+        err = capsys.readouterr().err
+        assert "holds both prefix-tuning prefixes (at 2 attention sites) and LoRA adapters" in err, err
+        assert "cannot be folded" in err and "PEFT has no format for it" in err and "once per method" in err
+        assert _files(tmp_path) == ["both.onnx", "one.onnx"]
+    from lora_fx.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="holds both prefix-tuning prefixes and LoRA adapters .*PEFT has no adapter"):
+        lora_fx.save_adapter(lora_fx.load(both), tmp_path / "peft")
+    assert _files(tmp_path) == ["both.onnx", "one.onnx"]

@@ -87,3 +87,45 @@ def test_a_non_finite_prefix_adapter_leaves_an_onnx_model_as_it_was(peft_prefix,
     b = inputs(2, 8, seed=3)
     got = sess.run(None, {i.name: b[i.name].numpy() for i in sess.get_inputs()})[0]
     assert np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max() <= 1e-5
+
+
+def _attention_sites(model):
+    from lora_fx.passes.onnx.find_sites import find_sites
+    from lora_fx.sites import SiteKind
+
+    return [s.name for s in find_sites(model) if s.kind is SiteKind.ATTENTION]
+
+
+def test_save_adapter_refuses_onnx_prefixes_on_some_layers(tmp_path):
+    """save_adapter of an ONNX file prefixed at one of two layers wrote num_layers 1 and a target_modules key PEFT ignores;
+    PEFT's forward then failed (its prefix-tuning has no per-layer targets). Refused, naming the .onnx_adapter way out."""
+    model = lora_fx.load(corpus().get("gpt2-torchscript").path)
+    first, second = _attention_sites(model)
+    lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=3, task_type="CAUSAL_LM", target_modules=[first]))
+    with pytest.raises(AdapterError, match=rf"no per-layer targets.*1 of the model's 2 attention layers.*{second}.*"
+                                           r"\.onnx_adapter export.*--adapters --no-peft"):
+        lora_fx.save_adapter(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_onnx_prefixes_on_every_layer_named_in_target_modules_save_as_peft_reads_them(tmp_path):
+    """target_modules naming every attention site: the directory leaves it out (PEFT ignores it, and it named the ONNX
+    file's sites, which a torch capture names otherwise): it loads onto a fresh capture with the file's outputs."""
+    import onnxruntime as ort
+
+    from lora_fx.config import read_adapter_config
+
+    entry = corpus().get("gpt2-torchscript")
+    model = lora_fx.load(entry.path)
+    lora_fx.apply(model, lora_fx.PrefixConfig(num_virtual_tokens=3, task_type="CAUSAL_LM", target_modules=_attention_sites(model)))
+    lora_fx.save_adapter(model, tmp_path / "peft")
+    assert "target_modules" not in read_adapter_config(tmp_path / "peft")
+    lora_fx.save(model, tmp_path / "p.onnx")
+    x = inputs(2, 8, seed=3)
+    sess = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    want = sess.run(None, {k: v.numpy() for k, v in x.items() if k in names})[0]
+    gm = lora_fx.load_adapter(lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8)), tmp_path / "peft")
+    got = run(gm, x).numpy()
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+    assert np.abs(run(lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8)), x).numpy() - want).max() > 1e-3

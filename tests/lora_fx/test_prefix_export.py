@@ -46,3 +46,56 @@ def test_projected_prefixes_export_as_slots_with_adapter_files(tmp_path):
     # The PEFT-format directory written with it reloads onto a fresh capture with the same outputs.
     fresh = lora_fx.load_adapter(lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8)), result.peft_dirs[0])
     assert max_rel(run(fresh, b)[torch.from_numpy(keep)], torch.from_numpy(ref[keep])) <= 1e-5
+
+
+def test_prefixes_on_some_layers_export_with_their_onnx_adapter_and_no_peft_directory(tmp_path):
+    """export_onnx wrote the PEFT directory through save_adapter, which refuses prefixes on a subset of layers (PEFT's
+    prefix-tuning has no per-layer targets), so the whole export failed though the model and its .onnx_adapter hold
+    any subset. It now skips the PEFT directory with a warning saying why; save_adapter's refusal names the way out."""
+    import warnings
+
+    from lora_fx.errors import AdapterError
+    from lora_fx.export import export_onnx
+
+    gm = lora_fx.apply(lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8)),
+                       lora_fx.PrefixConfig(num_virtual_tokens=4, target_modules=["transformer.h.0.attn"]))
+    with pytest.raises(AdapterError, match=r"no per-layer targets.*1 of the model's 2 attention layers.*transformer\.h\.1\.attn"
+                                           r".*\.onnx_adapter export instead.*peft_dir=False"):
+        lora_fx.save_adapter(gm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+    with pytest.warns(UserWarning, match=r"^no PEFT directory written: .*no per-layer targets.*peft_dir=False"):
+        result = export_onnx(gm, tmp_path / "p.onnx", kwargs=inputs(2, 8), mode="adapters")
+    assert result.peft_dirs == [] and result.sites == ["transformer.h.0.attn"]
+    assert sorted(p.name for p in (tmp_path / "p.adapters").iterdir()) == ["default.onnx_adapter", "default.onnx_adapter.json"]
+    # The file, by default and with the .onnx_adapter active, computes what the torch graph computes.
+    sess = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_overridable_initializers()} == {f"transformer.h.0.attn.prefix_{w}" for w in ("key", "value")}
+    b = inputs(3, 10, pad=3, seed=2)
+    keep = b["attention_mask"].bool().numpy()
+    feeds = {"input_ids": b["input_ids"].numpy(), "attention_mask": b["attention_mask"].numpy()}
+    ref = run(gm, b).numpy()
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(result.adapter_paths[0]))
+    opts = ort.RunOptions()
+    opts.add_active_adapter(adapter)
+    zero = {name: np.zeros((4, 4, 8), np.float32) for name in ("transformer.h.0.attn.prefix_key", "transformer.h.0.attn.prefix_value")}
+    for out in (sess.run(None, feeds)[0], sess.run(None, {**feeds, **zero}, opts)[0]):
+        assert np.abs(out[keep] - ref[keep]).max() / np.abs(ref).max() <= 1e-5
+    assert np.abs(sess.run(None, {**feeds, **zero})[0][keep] - ref[keep]).max() > 1e-4  # the checks above can fail
+    # peft_dir=False asks for what is done: no warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(gm, tmp_path / "q.onnx", kwargs=inputs(2, 8), mode="adapters", peft_dir=False)
+    assert not [w for w in caught if "PEFT" in str(w.message)]
+
+
+def test_save_adapter_of_a_graph_with_prefixes_and_lora_says_both_are_there(tmp_path):
+    """LoRA applied on top of prefix-tuning: save_adapter said the prefixes had "no PrefixConfig recorded" (the
+    LoraConfig replaced it); it now says the graph holds both kinds, which no PEFT directory holds."""
+    from lora_fx.errors import AdapterError
+
+    gm = lora_fx.apply(lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=4))
+    lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(AdapterError, match="holds both prefix-tuning prefixes and LoRA adapters .*separate captures"):
+        lora_fx.save_adapter(gm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
