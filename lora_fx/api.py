@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch.fx as fx
 
 from lora_fx.config import LoraConfig, PrefixConfig
-from lora_fx.errors import ConfigError, LoraFxError
+from lora_fx.errors import AdapterError, ConfigError, LoraFxError
 from lora_fx.sites import Site
 from lora_fx.targeting import select_targets
 
@@ -90,8 +90,35 @@ def _check_config(config: Any) -> None:
     raise ConfigError(f"apply takes a lora_fx.LoraConfig or lora_fx.PrefixConfig, got {type(config).__name__}")
 
 
+def refuse_second_method(model: Any, config: Any) -> None:
+    """One parameter-efficient method per model: LoRA onto a model that holds prefixes, or prefixes onto one that holds
+    LoRA, is refused before anything changes (quantization included). No export holds both (prefixes cannot be
+    folded into weights, and one adapter file or PEFT folder holds one method), so such a model could be trained but
+    never saved or served."""
+    if isinstance(model, fx.GraphModule):
+        from lora_fx.passes.fx.capture import meta
+
+        info = meta(model)
+        prefixes, lora = bool(info.get("prefix")), bool(info.get("lora_sites"))
+        fresh = "a fresh capture (lora_fx.capture)"
+    else:
+        from lora_fx.passes.onnx.insert_prefix import prefix_metadata
+        from lora_fx.passes.onnx.lora_layout import read_records
+
+        prefixes, lora = bool(prefix_metadata(model)), bool(read_records(model))
+        fresh = "the original file (lora_fx.load / lora-fx rewrite of the model before this rewrite)"
+    held = "prefix-tuning prefixes" if prefixes and isinstance(config, LoraConfig) else (
+        "LoRA adapters" if lora and isinstance(config, PrefixConfig) else None)
+    if held is not None:
+        wanted = "LoRA" if isinstance(config, LoraConfig) else "prefix-tuning"
+        raise AdapterError(f"this model already holds {held}: {wanted} on top of them could be trained but never exported "
+                           "or saved (prefixes cannot be folded into weights, and one adapter holds one method); apply "
+                           f"{wanted} to {fresh} instead")
+
+
 def _apply(model: Any, config: Any, quant: Any) -> Any:
     ir_name = "fx" if isinstance(model, fx.GraphModule) else "onnx"
+    refuse_second_method(model, config)
     if quant is not None and isinstance(config, LoraConfig) and config.target_modules is not None:
         # Quantizing changes the model in place: a target that matches nothing (a typo) must be refused
         # before, not after, or the caller is left with a quantized model and no adapter. Site names

@@ -94,6 +94,9 @@ def _rewrite_lora(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         target_modules=_csv(args.target_modules), exclude_modules=_csv(args.exclude_modules),
         use_rslora=args.use_rslora, init_lora_weights=args.init, lora_dropout=args.lora_dropout,
     )
+    from lora_fx.api import refuse_second_method
+
+    refuse_second_method(model, config)  # before --quant changes the weights
     quant = None
     if getattr(args, "quant", None):  # QLoRA: quantize first, so the adapters attach to the quantized sites
         from lora_fx.config import QuantConfig

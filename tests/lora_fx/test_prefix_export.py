@@ -94,8 +94,12 @@ def test_save_adapter_of_a_graph_with_prefixes_and_lora_says_both_are_there(tmp_
     LoraConfig replaced it); it now says the graph holds both kinds, which no PEFT directory holds."""
     from lora_fx.errors import AdapterError
 
+    from lora_fx.api import _apply_fx
+
     gm = lora_fx.apply(lora_fx.capture(build("gpt2"), kwargs=inputs(2, 8)), lora_fx.PrefixConfig(num_virtual_tokens=4))
-    lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
+    with pytest.raises(AdapterError, match="this model already holds prefix-tuning prefixes: LoRA on top of them"):
+        lora_fx.apply(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"))
+    _apply_fx(gm, lora_fx.LoraConfig(r=2, target_modules="all-linear"))  # as an earlier version allowed
     with pytest.raises(AdapterError, match="holds both prefix-tuning prefixes and LoRA adapters .*separate captures"):
         lora_fx.save_adapter(gm, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
