@@ -139,6 +139,9 @@ class InsertLora:
                 f"{self._opset}: convert it with onnx.version_converter, or set lora_dropout=0"
             )
         existing = lora_metadata(model)
+        # A node's ADAPTED mark counts while the graph still holds adapter tensors: files merged before fold_lora
+        # dropped the marks keep stale ones on plain weights, and those are rewritten like any plain model.
+        marks_count = any(".lora_A" in name or ".lora_B" in name for name in graph.initializers)
         plan: list[tuple[Target, list[LinearParts]]] = []
         seen: set[str] = set()
         for target in self.targets:
@@ -147,7 +150,7 @@ class InsertLora:
                 raise AdapterError(f"site {site.name} does not belong to this model; call find_sites on the model you rewrite")
             nodes = site_nodes(model, node)
             a_name, b_name = lora_names(site.name)
-            if (site.name in existing or site.name in seen or any(ADAPTED in n.metadata_props for n in nodes)
+            if (site.name in existing or site.name in seen or (marks_count and any(ADAPTED in n.metadata_props for n in nodes))
                     or a_name in graph.initializers or b_name in graph.initializers):
                 raise AdapterError(
                     f"site {site.name} already has a LoRA adapter; a second one would double the branch. "

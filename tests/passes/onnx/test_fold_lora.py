@@ -309,3 +309,23 @@ def test_a_merged_qlora_model_is_rewritten_again_as_the_float_model_of_its_merge
     assert stored == (mode == "requantize")
     reference = _holding(_mlp()[0], {f"{s}.weight": weight(s) for s in ("fc1", "fc2")})
     assert _rewritten_again(merged, reference, ".*", lambda m: _ort_model(m, {"x": X})) <= 1e-5
+
+
+def test_a_file_merged_before_the_marks_were_dropped_is_rewritten_too():
+    """Merged files written before fold_lora dropped insert_lora's node marks keep stale ``lora_fx.adapted`` marks on
+    plain weights; with no adapter tensor left in the graph they no longer refuse a rewrite."""
+    import torch
+
+    from lora_fx.passes.onnx.insert_lora import ADAPTED
+
+    base, targets, run = _corpus_case("gemm-mlp")
+    torch.manual_seed(0)
+    merged = lora_fx.apply(base(), lora_fx.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    fold_lora(merged)
+    reference = _holding(base(), {n: v.const_value.numpy() for n, v in merged.graph.initializers.items()})
+    marked = [n for n in merged.graph if n.op_type == "Gemm"]
+    for node in marked:
+        node.metadata_props[ADAPTED] = "1"  # as the fold left them before
+    assert marked
+    again, want = _rewrite(merged, targets), _rewrite(reference, targets)
+    assert rel(run(again), run(want)) <= 1e-6
